@@ -1,0 +1,26 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test test-fast demo bench clean
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+
+setup: $(VENV)/.installed
+
+# All tests, the real-model (slow) ones included.
+test: setup
+	$(PY) -m pytest -q -ra
+
+# Unit tests on tiny random models only.
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow"
+
+demo: setup
+	$(PY) examples/demo.py
+
+bench: setup
+	$(PY) bench/train_vs_peft.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,3 @@
+from qlora_rt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""Adapters on disk, in PEFT's layout, so they move freely between PEFT and qlora-rt.
+
+    adapter/adapter_config.json        PEFT LoraConfig fields (r, lora_alpha, target_modules, ...)
+    adapter/adapter_model.safetensors  base_model.model.<module>.lora_A.weight (r, in)
+                                       base_model.model.<module>.lora_B.weight (out, r)
+
+What PEFT has no field for (the base's 4-bit format, a fingerprint of the base weights) rides in the
+safetensors header metadata, which PEFT ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qlora_rt import __version__
+from qlora_rt.errors import QloraError
+from qlora_rt.files import atomic_dir, write_json
+from qlora_rt.load import Loaded, load
+from qlora_rt.lora import LoraConfig, lora_layers, quantize_model
+from qlora_rt.quant import QuantConfig
+
+PREFIX = "base_model.model."
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+@dataclass
+class AdapterInfo:
+    path: Path
+    config: dict
+    metadata: dict[str, str]
+    modules: list[str] = field(default_factory=list)
+
+
+def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names, on the CPU."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        if layer.rank:
+            out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().float().cpu().contiguous()
+            out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().float().cpu().contiguous()
+    return out
+
+
+def peft_config(model: torch.nn.Module, cfg: LoraConfig, base: str) -> dict:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in lora_layers(model).items() if m.rank})
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
+        "target_modules": leaves, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+        "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "revision": None,
+    }
+
+
+def save_adapter(model: torch.nn.Module, out: str | Path, cfg: LoraConfig, quant_cfg: QuantConfig,
+                 base: str, fingerprint: str) -> Path:
+    """Write the adapter folder atomically (a previous one stays intact until the new one is complete)."""
+    meta = {"format": "pt", "qlora_rt.version": __version__, "base.fingerprint": fingerprint,
+            **quant_cfg.as_metadata()}
+    with atomic_dir(out) as tmp:
+        save_file(adapter_tensors(model), str(tmp / WEIGHTS), metadata=meta)
+        write_json(tmp / CONFIG, peft_config(model, cfg, base))
+    return Path(out)
+
+
+def read_adapter(path: str | Path) -> tuple[dict, dict[str, str]]:
+    """adapter_config.json and the safetensors metadata, after checking the folder is an adapter."""
+    p = Path(path)
+    if not (p / CONFIG).is_file():
+        raise QloraError(f"--adapter: {p} has no {CONFIG} (expected a PEFT/qlora-rt adapter folder)")
+    if not (p / WEIGHTS).is_file():
+        hint = " (adapter_model.bin is not read: it is a pickle; re-save with safetensors)" if (
+            p / "adapter_model.bin").exists() else ""
+        raise QloraError(f"--adapter: {p} has no {WEIGHTS}{hint}")
+    try:
+        config = json.loads((p / CONFIG).read_text())
+    except ValueError as e:
+        raise QloraError(f"{p / CONFIG}: not valid JSON ({e})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise QloraError(f"{p / CONFIG}: peft_type {config.get('peft_type')!r} is not supported; expected LORA")
+    for key, ok in (("use_dora", False), ("bias", "none")):
+        if config.get(key, ok) != ok:
+            raise QloraError(f"{p / CONFIG}: {key}={config[key]!r} is not supported; expected {ok!r}")
+    if config.get("modules_to_save"):
+        raise QloraError(f"{p / CONFIG}: modules_to_save {config['modules_to_save']} is not supported")
+    try:
+        with safe_open(str(p / WEIGHTS), framework="pt") as h:
+            meta = h.metadata() or {}
+    except Exception as e:
+        raise QloraError(f"{p / WEIGHTS}: corrupt or unreadable safetensors file ({str(e).splitlines()[0]})") from None
+    return config, meta
+
+
+def _pattern_value(patterns: dict, name: str, default: float) -> float:
+    for key, value in patterns.items():  # PEFT's rule: the key matches a suffix of the module name
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _pairs(p: Path) -> dict[str, dict[str, torch.Tensor]]:
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(p / WEIGHTS), framework="pt") as h:
+        for key in h.keys():
+            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+            if not m:
+                raise QloraError(f"{p / WEIGHTS}: tensor {key!r} is not a LoRA A/B weight (only Linear LoRA is supported)")
+            pairs.setdefault(m.group(1), {})[m.group(2)] = h.get_tensor(key)
+    return pairs
+
+
+def load_adapter(model: torch.nn.Module, path: str | Path, fingerprint: str | None = None) -> AdapterInfo:
+    """Attach the adapter at `path` to a quantized model, checking it fits before touching any layer."""
+    p = Path(path)
+    config, meta = read_adapter(p)
+    layers = lora_layers(model)
+    pairs = _pairs(p)
+    if not pairs:
+        raise QloraError(f"{p / WEIGHTS}: holds no LoRA weights")
+    for name, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise QloraError(f"{p / WEIGHTS}: {name} has lora_{''.join(pair)} but not its partner")
+        layer = layers.get(name)
+        if layer is None:
+            raise QloraError(f"--adapter {p}: targets {name}, which is not a Linear of this base model "
+                             f"(is the adapter for another architecture?)")
+        A, B = pair["A"], pair["B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != layer.in_features or B.shape[0] != layer.out_features \
+                or A.shape[0] != B.shape[1]:
+            raise QloraError(f"--adapter {p}: {name} has A {tuple(A.shape)}, B {tuple(B.shape)}; the base layer "
+                             f"needs A (r, {layer.in_features}) and B ({layer.out_features}, r)")
+    stored = meta.get("base.fingerprint")
+    if fingerprint and stored and stored != fingerprint:
+        raise QloraError(f"--adapter {p}: was trained on a different base model (fingerprint {stored}, "
+                         f"this base {fingerprint}); pass the base it was trained on")
+    rslora = bool(config.get("use_rslora", False))
+    for name, pair in pairs.items():
+        layer, rank = layers[name], pair["A"].shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+        layer.attach(rank, alpha, float(config.get("lora_dropout", 0.0)), rslora)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(pair["A"])
+            layer.lora_B.weight.copy_(pair["B"])
+    return AdapterInfo(path=p, config=config, metadata=meta, modules=sorted(pairs))
+
+
+
+def open_trained(model_path: str | Path, adapter: str | Path | None = None, quant_format: str | None = None,
+                 device: torch.device | str = "cpu") -> tuple[Loaded, QuantConfig, AdapterInfo | None]:
+    """The quantized base with its adapter, exactly as it was trained: what merge and export start from.
+
+    The base's 4-bit format comes from the adapter's metadata; `quant_format` overrides it (needed for
+    adapters from PEFT, which do not record it; those default to NF4 with double quantization).
+    """
+    meta = read_adapter(adapter)[1] if adapter else {}
+    cfg = QuantConfig.from_metadata(meta) or QuantConfig()
+    if quant_format and quant_format != cfg.format:
+        if "quant.format" in meta:
+            raise QloraError(f"--quant {quant_format}: the adapter was trained on a {cfg.format} base; "
+                             f"merging it onto another base would not give the trained model")
+        cfg = QuantConfig(format=quant_format)
+    loaded = load(model_path)
+    quantize_model(loaded.model, cfg, torch.device(device))
+    info = load_adapter(loaded.model, adapter, loaded.fingerprint) if adapter else None
+    return loaded, cfg, info

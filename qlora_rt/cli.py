@@ -1,0 +1,111 @@
+"""`qlora-rt VERB [flags]`: each verb is a typed function whose flags come from its config dataclass.
+
+Precedence: the dataclass defaults, then `--config run.yaml`, then flags given on the command line.
+A `QloraError` prints as one line, `qlora-rt VERB: error: ...`, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+from qlora_rt.config import MergeConfig, TrainConfig
+from qlora_rt.errors import QloraError
+
+
+def _flag_type(annotation) -> type:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if isinstance(annotation, types.UnionType) and args else annotation
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        kind = _flag_type(hints[f.name])
+        shown = "" if f.default in ("", None) else f" (default: {f.default})"
+        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "") + shown}
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+            kw["metavar"] = f.name.upper() if "choices" not in f.metadata else None
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def _build(cls: type, args: argparse.Namespace):
+    """The config: defaults < --config YAML < flags given."""
+    values: dict = {}
+    if getattr(args, "config", None):
+        import yaml
+
+        path = Path(args.config)
+        if not path.is_file():
+            raise QloraError(f"--config: {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise QloraError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise QloraError(f"--config: {path}: unknown field(s) {', '.join(unknown)}")
+    values.update({f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+    return cls(**values)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from qlora_rt.train import train
+
+    train(_build(TrainConfig, args))
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from qlora_rt.merge import merge
+
+    cfg = _build(MergeConfig, args)
+    cfg.check()
+    out = merge(cfg.model, cfg.adapter, cfg.out, cfg.quant, cfg.overwrite)
+    print(f"merged checkpoint written to {out}", file=sys.stderr)
+
+
+VERBS = {
+    "train": (_train, TrainConfig, "fine-tune LoRA adapters on a 4-bit frozen base",
+              "Train LoRA adapters (fp32) on a frozen 4-bit base. Writes OUT/adapter (PEFT layout), "
+              "OUT/checkpoint, OUT/metrics.jsonl and OUT/run.yaml."),
+    "merge": (_merge, MergeConfig, "fold an adapter into its base: an fp32 HF checkpoint",
+              "Dequantize the 4-bit base exactly as trained, add (alpha/r)*B@A in fp32, check for NaN, "
+              "and write a plain Hugging Face checkpoint (safetensors)."),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    from qlora_rt import __version__
+
+    p = argparse.ArgumentParser(prog="qlora-rt", description="Fine-tune a 4-bit base with LoRA, export to "
+                                "ONNX, run offline.")
+    p.add_argument("--version", action="version", version=f"qlora-rt {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, (func, cls, short, long) in VERBS.items():
+        sp = sub.add_parser(name, help=short, description=long)
+        sp.add_argument("--config", help="YAML file of settings (a run.yaml works); flags given override it")
+        _add_fields(sp, cls)
+        sp.set_defaults(func=func)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except QloraError as e:
+        print(f"qlora-rt {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,80 @@
+"""The settings of each verb, as dataclasses: each field is a command-line flag.
+
+`grad_accum` is `--grad-accum`, a bool is `--x/--no-x`, the field's metadata is its help text, and a
+run's `run.yaml` is a dump of its `TrainConfig`. Nothing here imports torch, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from qlora_rt.errors import QloraError
+
+QUANT_FORMATS = ("nf4", "fp4", "none")
+
+
+def option(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    model: str = option("", "base model: a Hugging Face checkpoint folder or a .gguf file")
+    data: str = option("", "training data, JSONL: text | prompt+completion | messages")
+    out: str = option("", "run folder: adapter/, checkpoint/, metrics.jsonl, run.yaml")
+    eval_data: str | None = option(None, "held-out JSONL for eval loss and perplexity")
+    quant: str = option("nf4", "4-bit format of the frozen base (none = plain LoRA)", choices=QUANT_FORMATS)
+    double_quant: bool = option(True, "quantize the per-block absmax too (QLoRA's double quantization)")
+    block_size: int = option(64, "weights per quantization block")
+    rank: int = option(16, "LoRA rank r")
+    alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha/r")
+    dropout: float = option(0.05, "dropout on the adapter's input")
+    rslora: bool = option(False, "rank-stabilized scaling alpha/sqrt(r)")
+    targets: str = option("all-linear", "all-linear | attention | comma list of module names (q_proj,v_proj)")
+    steps: int | None = option(None, "optimizer steps (default: --epochs 1)")
+    epochs: float | None = option(None, "passes over the data, instead of --steps")
+    batch_size: int = option(4, "examples per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    seq_len: int = option(512, "truncate examples to this many tokens")
+    lr: float = option(2e-4, "peak learning rate")
+    warmup: float = option(0.03, "warm-up: a fraction of the steps (<1) or a number of steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = off)")
+    optim: str = option("adamw", "optimizer (paged_adamw_8bit needs CUDA)", choices=("adamw", "paged_adamw_8bit"))
+    seed: int = option(0, "seed for adapter init, data order and dropout")
+    grad_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% slower")
+    eval_every: int = option(50, "evaluate every N steps (0 = only at start and end)")
+    checkpoint_every: int = option(50, "checkpoint every N steps (0 = never)")
+    log_every: int = option(10, "when not on a terminal, print a progress line every N steps")
+    device: str = option("auto", "cuda | cpu | auto", choices=("auto", "cuda", "cpu"))
+    dtype: str = option("auto", "compute dtype; auto = bfloat16 on CUDA, float32 on CPU",
+                    choices=("auto", "float32", "bfloat16"))
+    resume: bool = option(False, "continue the run in --out from its last checkpoint")
+
+    def check(self) -> None:
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise QloraError(f"--{name} is required")
+        if self.steps is not None and self.epochs is not None:
+            raise QloraError("--steps and --epochs: give one, not both")
+        for name in ("batch_size", "grad_accum", "seq_len", "rank"):
+            if getattr(self, name) < 1:
+                raise QloraError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+    def saved(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "resume"}
+
+
+@dataclass
+class MergeConfig:
+    model: str = option("", "base model: the checkpoint folder or .gguf the adapter was trained on")
+    adapter: str = option("", "adapter folder (qlora-rt or PEFT layout)")
+    out: str = option("", "output folder for the merged fp32 Hugging Face checkpoint")
+    quant: str | None = option(None, "base format for adapters that do not record one (PEFT): default nf4",
+                               choices=QUANT_FORMATS)
+    overwrite: bool = option(False, "replace --out if it exists")
+
+    def check(self) -> None:
+        for name in ("model", "adapter", "out"):
+            if not getattr(self, name):
+                raise QloraError(f"--{name} is required")

@@ -1,0 +1,183 @@
+"""Training data: JSONL in, token ids and loss masks out.
+
+One example a line, in one of three shapes:
+    {"text": "..."}                                   loss on every token
+    {"prompt": "...", "completion": "..."}            loss on the completion only
+    {"messages": [{"role": ..., "content": ...}, ...]} rendered with the model's chat template,
+                                                      loss on the assistant turns only
+Labels use -100 for "no loss" (the convention transformers' loss functions share).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora_rt.errors import QloraError
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Parse and validate every line; errors name file:line and what was expected."""
+    p = Path(path)
+    if not p.is_file():
+        raise QloraError(f"--data: {p} does not exist")
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise QloraError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            _validate(row, f"{p}:{n}")
+            rows.append(row)
+    if not rows:
+        raise QloraError(f"{p}: no examples (the file is empty)")
+    return rows
+
+
+def _validate(row: object, where: str) -> None:
+    if not isinstance(row, dict):
+        raise QloraError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise QloraError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise QloraError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise QloraError(f"{where}: 'messages' has no assistant turn, so there is nothing to learn")
+    elif "prompt" in row or "completion" in row:
+        for key in ("prompt", "completion"):
+            if not isinstance(row.get(key), str):
+                raise QloraError(f"{where}: '{key}' must be a string (prompt/completion examples need both)")
+        if not row["completion"]:
+            raise QloraError(f"{where}: 'completion' is empty, so there is nothing to learn")
+    elif "text" in row:
+        if not isinstance(row["text"], str) or not row["text"]:
+            raise QloraError(f"{where}: 'text' must be a non-empty string")
+    else:
+        raise QloraError(f"{where}: expected a 'text', 'prompt'+'completion' or 'messages' field, "
+                         f"got {', '.join(sorted(row)) or 'an empty object'}")
+
+
+def _eos(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def _assistant_spans(tokenizer, msgs: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """Render the conversation; return it and the character spans of the assistant turns.
+
+    Each assistant turn i spans from the end of render(msgs[:i], generation prompt) to the end of
+    render(msgs[:i+1]): the template's own turn-closing tokens fall inside, so the model learns to stop.
+    """
+    def render(m: list[dict], gen: bool) -> str:
+        return tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise QloraError(f"{where}: 'messages' examples need a chat template, and this tokenizer has none")
+    full = render(msgs, False)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start, end = render(msgs[:i], True), render(msgs[: i + 1], False)
+        if not (full.startswith(start) and full.startswith(end)):
+            raise QloraError(f"{where}: the chat template renders earlier turns differently once later ones "
+                             "are added, so assistant tokens cannot be located; use prompt/completion instead")
+        spans.append((len(start), len(end)))
+    return full, spans
+
+
+def tokenize(row: dict, tokenizer, seq_len: int, where: str = "example") -> Example:
+    """Token ids and labels for one validated row, truncated to seq_len."""
+    if "messages" in row:
+        text, spans = _assistant_spans(tokenizer, row["messages"], where)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        labels = [t if any(s <= a < e for s, e in spans) else IGNORE
+                  for t, (a, _) in zip(ids, enc["offset_mapping"])]
+    elif "prompt" in row:
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + _eos(tokenizer)
+        ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
+    else:
+        ids = tokenizer(row["text"])["input_ids"] + _eos(tokenizer)
+        labels = list(ids)
+    return Example(ids[:seq_len], labels[:seq_len])
+
+
+def load_examples(path: str | Path, tokenizer, seq_len: int) -> tuple[list[Example], int]:
+    """Tokenized examples with at least one label token after truncation, and how many were dropped."""
+    rows = read_jsonl(path)
+    examples = [tokenize(r, tokenizer, seq_len, f"{path}:{i + 1}") for i, r in enumerate(rows)]
+    kept = [e for e in examples if sum(t != IGNORE for t in e.labels[1:]) > 0]
+    if not kept:
+        raise QloraError(f"{path}: no example has a token to learn from after truncation to --seq-len {seq_len}")
+    return kept, len(examples) - len(kept)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels, each (B, T)."""
+    T = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry loss after the causal shift (label t is predicted from position t-1)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+class Order:
+    """A reproducible stream of example indices: a fresh seeded permutation per epoch.
+
+    The position in the stream is two integers (epoch, index), which is all a checkpoint needs to
+    continue exactly where an interrupted run stopped.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, index: int = 0) -> None:
+        self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
+        self._perm = self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            if self.index == self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+            out.append(self._perm[self.index])
+            self.index += 1
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+def steps_for_epochs(epochs: float, n_examples: int, batch_size: int, grad_accum: int) -> int:
+    return max(1, math.ceil(epochs * n_examples / (batch_size * grad_accum)))

@@ -1,0 +1,125 @@
+"""Open a base model: a local Hugging Face checkpoint folder or a GGUF file, never a hub download.
+
+The checks here run before transformers sees the files, so that a missing folder, a corrupt
+safetensors file or an unsupported architecture becomes one clear line instead of a deep stack trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora_rt.errors import QloraError
+
+# Decoder-only causal LMs whose transformers definition is the Llama block (RMSNorm, rotary, GQA, SwiGLU).
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str            # what the user passed, for adapter_config.json's base_model_name_or_path
+    fingerprint: str       # identifies the base weights, so an adapter for another model is caught
+
+
+def _offline() -> None:
+    # Nothing is fetched at run time: make transformers fail fast instead of trying a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _check_safetensors(folder: Path) -> None:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError) as e:
+            raise QloraError(f"{index}: not a valid safetensors index ({e})") from None
+        missing = sorted(s for s in shards if not (folder / s).exists())
+        if missing:
+            raise QloraError(f"{index}: names shard(s) that are missing: {', '.join(missing)}")
+        files = [folder / s for s in sorted(shards)]
+    if not files:
+        raise QloraError(f"{folder}: no *.safetensors weights found (only safetensors checkpoints are read)")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                h.keys()
+        except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+            raise QloraError(f"{f}: corrupt or unreadable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def _check_architecture(model_type: str, where: str) -> None:
+    if model_type not in SUPPORTED:
+        raise QloraError(f"{where}: architecture {model_type!r} is not supported yet; "
+                         f"supported: {', '.join(SUPPORTED)}")
+
+
+def _gguf_architecture(path: Path) -> str:
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise QloraError(f"{path}: not a GGUF file (bad magic bytes)")
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        return reader.fields["general.architecture"].contents()
+    except Exception as e:
+        raise QloraError(f"{path}: corrupt GGUF file ({str(e).splitlines()[0]})") from None
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """Hash of the architecture and a slice of the input embedding: cheap, and differs between models."""
+    emb = model.get_input_embeddings().weight.detach().float().flatten()[:65536].cpu().numpy()
+    cfg = model.config
+    dims = f"{cfg.model_type}/{cfg.hidden_size}/{cfg.num_hidden_layers}/{cfg.vocab_size}"
+    return hashlib.sha256(dims.encode() + emb.tobytes()).hexdigest()[:16]
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load model + tokenizer from a local HF folder or a .gguf file, after checking the files."""
+    _offline()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    p = Path(path)
+    if not p.exists():
+        raise QloraError(f"--model: {p} does not exist (expected a Hugging Face checkpoint folder or a .gguf file)")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise QloraError(f"--model: {p} is a file but not a .gguf; pass the checkpoint folder instead")
+        _check_architecture(_gguf_architecture(p), str(p))
+        kwargs = {"gguf_file": p.name}
+        folder = p.parent
+    else:
+        if not (p / "config.json").exists():
+            raise QloraError(f"--model: {p} has no config.json (expected a Hugging Face checkpoint folder)")
+        try:
+            model_type = json.loads((p / "config.json").read_text()).get("model_type", "?")
+        except ValueError as e:
+            raise QloraError(f"{p / 'config.json'}: not valid JSON ({e})") from None
+        _check_architecture(model_type, str(p / "config.json"))
+        _check_safetensors(p)
+        kwargs, folder = {}, p
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        raise QloraError(f"--model: could not load {p}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return Loaded(model=model, tokenizer=tokenizer, source=str(p), fingerprint=fingerprint(model))

@@ -1,0 +1,162 @@
+"""One LoRA layer class, and the walk that puts it into a transformers model.
+
+    y = base(x) + s · B(A(dropout(x)))        s = alpha / r   (rsLoRA: alpha / √r)
+
+`LoRALinear` replaces every `nn.Linear` of the decoder (the output head excepted, as QLoRA does). Its
+`weight` is the frozen base in whatever format `qlora_rt.quant` gave it, under the base's own
+state-dict key; a layer that is not targeted simply has no adapter (rank 0). A and B are ordinary fp32
+`nn.Linear`s named `lora_A` / `lora_B`, so parameter names already match PEFT's saved keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qlora_rt import quant
+from qlora_rt.errors import QloraError
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    rslora: bool = False
+    targets: str = "all-linear"
+
+    def scale(self, rank: int | None = None) -> float:
+        return lora_scale(self.alpha, rank or self.rank, self.rslora)
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+class LoRALinear(nn.Module):
+    """A frozen (possibly 4-bit) Linear with an optional trainable low-rank update."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = weight
+        self.bias = bias
+        self.rank = 0
+        self.scale = 0.0
+        self.lora_A: nn.Linear | None = None
+        self.lora_B: nn.Linear | None = None
+        self.dropout: nn.Module = nn.Identity()
+
+    def attach(self, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+               dtype: torch.dtype = torch.float32) -> None:
+        """Give this layer a fresh adapter: A Kaiming-uniform (as PEFT and nn.Linear), B zero, so s·B·A = 0."""
+        if rank <= 0:
+            raise QloraError(f"--rank must be a positive integer, got {rank}")
+        device = self.weight.device
+        self.rank, self.scale = rank, lora_scale(alpha, rank, rslora)
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = quant.linear(x, self.weight, self.bias)
+        if self.lora_A is None:
+            return y
+        # The adapter runs in its own (fp32) dtype even when the base computes in bf16.
+        h = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))  # (..., r)
+        return y + (self.lora_B(h) * self.scale).to(y.dtype)  # (..., out)
+
+    def extra_repr(self) -> str:
+        fmt = getattr(self.weight, "quant_type", None) or str(self.weight.dtype).removeprefix("torch.")
+        return f"in={self.in_features}, out={self.out_features}, base={fmt}, rank={self.rank}, scale={self.scale:g}"
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if get else None
+
+
+def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.device) -> nn.Module:
+    """Freeze the model, move it to `device`, and turn every decoder Linear into a quantized LoRALinear.
+
+    The output head (and the tied embedding) stay in the compute dtype, as in QLoRA: they are the
+    layers most sensitive to quantization and, tied, they are also the input embedding.
+    """
+    head = _output_head(model)
+    model.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear) or child is head:
+                continue
+            weight = quant.quantize(child.weight.data, cfg, device)
+            bias = None if child.bias is None else nn.Parameter(
+                child.bias.data.to(device, cfg.compute_dtype), requires_grad=False)
+            setattr(module, child_name, LoRALinear(weight, bias, child.in_features, child.out_features))
+            del child  # drop the full-precision copy as we go: peak memory stays ~ one model
+    return _move_unquantized(model, device, cfg.compute_dtype)
+
+
+def _move_unquantized(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move embeddings, norms and head to device and compute dtype; shared (tied) weights stay shared."""
+    moved: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for key, p in module.named_parameters(recurse=False):
+            if not quant.is_quantized(p):
+                if id(p) not in moved:
+                    moved[id(p)] = nn.Parameter(p.data.to(device, dtype), requires_grad=False)
+                module._parameters[key] = moved[id(p)]
+        for key, b in module.named_buffers(recurse=False):
+            # rotary inverse frequencies stay fp32, as transformers keeps them
+            keep = not b.is_floating_point() or "inv_freq" in key
+            module._buffers[key] = b.to(device) if keep else b.to(device, dtype)
+    return model
+
+
+def resolve_targets(model: nn.Module, spec: str) -> list[str]:
+    """Module names an adapter goes on: `all-linear`, `attention`, or a comma list of leaf names."""
+    layers = lora_layers(model)
+    leaf = {name: name.rsplit(".", 1)[-1] for name in layers}
+    if spec == "all-linear":
+        return list(layers)
+    wanted = set(ATTENTION) if spec == "attention" else {s.strip() for s in spec.split(",") if s.strip()}
+    available = sorted(set(leaf.values()))
+    unknown = sorted(wanted - set(available))
+    if unknown or not wanted:
+        raise QloraError(f"--targets: {', '.join(unknown) or repr(spec)} not found in the model; "
+                         f"expected all-linear, attention, or names among {', '.join(available)}")
+    return [name for name in layers if leaf[name] in wanted]
+
+
+def add_adapters(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Attach fresh adapters to the layers `cfg.targets` names; returns their module names."""
+    names = resolve_targets(model, cfg.targets)
+    layers = lora_layers(model)
+    for name in names:
+        layers[name].attach(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
+    return names
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) where a 4-bit weight counts its logical (unpacked) size."""
+    trainable = sum(p.numel() for p in trainable_parameters(model))
+    total = 0
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            total += module.in_features * module.out_features if (
+                isinstance(module, LoRALinear) and p is module.weight) else p.numel()
+    return trainable, total

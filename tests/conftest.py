@@ -1,0 +1,80 @@
+"""Tiny random models, saved as real Hugging Face checkpoint folders, and small JSONL files.
+
+The tokenizer is a byte-level BPE trained here on a few sentences, with a ChatML template, so the
+tests go through the same loading, chat-template and offset paths as a real model does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CORPUS = ["the quick brown fox jumps over the lazy dog", "what is the capital of france? paris.",
+          "rewrite the date 5 march 2021 as 2021-03-05", "hello world, how are you today?",
+          "one two three four five six seven eight nine ten"] * 4
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_model(model_type: str = "llama", vocab: int = 320, seed: int = 0, tie: bool = False, **over):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              tie_word_embeddings=tie, head_dim=16)
+    kw.update(over)
+    config = AutoConfig.for_model(model_type, **kw)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def save_checkpoint(folder: Path, **kw) -> Path:
+    model = make_model(**kw)
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small mixed-format training file and an eval file."""
+    d = tmp_path_factory.mktemp("data")
+    rows = []
+    for i in range(24):
+        rows.append({"messages": [{"role": "user", "content": f"count to {i % 5 + 2}"},
+                                  {"role": "assistant", "content": " ".join(["one", "two", "three", "four",
+                                                                             "five", "six"][: i % 5 + 2])}]})
+        rows.append({"prompt": f"the capital of france? ", "completion": "paris."})
+        rows.append({"text": CORPUS[i % 5]})
+    write_jsonl(d / "train.jsonl", rows)
+    write_jsonl(d / "eval.jsonl", rows[:9])
+    return d
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
