@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from conftest import make_model
+from qlora_rt import quant
+from qlora_rt.errors import QloraError
+from qlora_rt.lora import LoraConfig, LoRALinear, add_adapters, lora_layers, quantize_model, resolve_targets
+
+CPU = torch.device("cpu")
+
+
+def quantized(fmt="nf4", **kw):
+    return quantize_model(make_model(**kw), quant.QuantConfig(fmt), CPU)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_zero_B_gives_exactly_the_quantized_base(model_type):
+    ids = torch.randint(0, 320, (2, 12))
+    base = quantized(model_type=model_type)
+    with torch.no_grad():
+        before = base(ids).logits
+    add_adapters(base, LoraConfig(rank=8, targets="all-linear", dropout=0.0))
+    with torch.no_grad():
+        after = base(ids).logits
+    assert torch.equal(before, after)
+
+
+def test_every_decoder_linear_is_quantized_and_head_is_not():
+    model = quantized(tie=False)
+    layers = lora_layers(model)
+    assert len(layers) == 2 * 7
+    assert all(quant.is_quantized(m.weight) for m in layers.values())
+    assert not isinstance(model.lm_head, LoRALinear)
+    assert "model.layers.0.self_attn.q_proj.weight" in dict(model.named_parameters())
+
+
+def test_only_A_and_B_get_gradients():
+    model = quantized()
+    add_adapters(model, LoraConfig(rank=4))
+    ids = torch.randint(0, 320, (2, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == trainable and with_grad
+    assert all(n.endswith(("lora_A.weight", "lora_B.weight")) for n in with_grad)
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B.weight"))
+
+
+def test_lora_output_is_base_plus_scaled_BA():
+    torch.manual_seed(0)
+    w = quant.quantize(torch.randn(24, 32), quant.QuantConfig("nf4"), CPU)
+    layer = LoRALinear(w, None, 32, 24)
+    layer.attach(rank=4, alpha=8, dropout=0.0)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 32)
+    expected = x @ quant.dequantize(w).T + 2.0 * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+    layer.attach(rank=4, alpha=8, rslora=True)
+    assert layer.scale == 8 / math.sqrt(4)
+
+
+@pytest.mark.parametrize("spec,leaves", [
+    ("all-linear", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ("attention", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    ("q_proj, v_proj", {"q_proj", "v_proj"}),
+])
+def test_targets(spec, leaves):
+    names = resolve_targets(quantized(), spec)
+    assert {n.rsplit(".", 1)[-1] for n in names} == leaves and len(names) == 2 * len(leaves)
+
+
+def test_unknown_target_names_what_exists():
+    with pytest.raises(QloraError, match=r"--targets: qkv_proj not found.*down_proj"):
+        resolve_targets(quantized(), "qkv_proj")

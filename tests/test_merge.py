@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from qlora_rt import quant
+from qlora_rt.adapters import save_adapter
+from qlora_rt.errors import QloraError
+from qlora_rt.lora import LoraConfig, lora_layers
+from qlora_rt.merge import merge, merge_weight, merged_state_dict
+from test_adapters import IDS, logits, ours_with_random_adapter
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_merged_checkpoint_equals_unmerged_lora_model(tmp_path, tie):
+    from conftest import save_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    base = save_checkpoint(tmp_path / "base", tie=tie)
+    ours = ours_with_random_adapter(base)
+    save_adapter(ours.model, tmp_path / "a", LoraConfig(rank=4, alpha=8), quant.QuantConfig(), str(base),
+                 ours.fingerprint)
+    before = {n: p.clone() for n, p in ours.model.named_parameters()}
+    merged_state_dict(ours.model)
+    assert all(torch.equal(before[n], p) for n, p in ours.model.named_parameters())  # pure: no mutation
+
+    merge(str(base), str(tmp_path / "a"), str(tmp_path / "merged"))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    diff = (logits(plain) - logits(ours.model.eval())).abs().max().item()
+    assert diff <= 1e-4
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+
+
+def test_merge_refuses_nan_and_existing_output(tmp_path, tiny_llama):
+    a, b = torch.randn(2, 8), torch.randn(4, 2)
+    b[0, 0] = float("nan")
+    with pytest.raises(QloraError, match="layer.x: merged weight has NaN"):
+        merge_weight(torch.zeros(4, 8), a, b, 1.0, "layer.x")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(QloraError, match="already exists"):
+        merge(str(tiny_llama), str(tmp_path / "a"), str(tmp_path / "out"))
+
+
+def test_nan_adapter_leaves_previous_merge_intact(tmp_path, tiny_llama):
+    ours = ours_with_random_adapter(tiny_llama)
+    good = tmp_path / "good"
+    save_adapter(ours.model, good, LoraConfig(rank=4), quant.QuantConfig(), str(tiny_llama), ours.fingerprint)
+    merge(str(tiny_llama), str(good), str(tmp_path / "merged"))
+    first = (tmp_path / "merged" / "model.safetensors").read_bytes()
+    next(iter(l for l in lora_layers(ours.model).values() if l.rank)).lora_B.weight.data[0, 0] = float("inf")
+    save_adapter(ours.model, tmp_path / "bad", LoraConfig(rank=4), quant.QuantConfig(), str(tiny_llama),
+                 ours.fingerprint)
+    with pytest.raises(QloraError, match="NaN/inf"):
+        merge(str(tiny_llama), str(tmp_path / "bad"), str(tmp_path / "merged"), overwrite=True)
+    assert (tmp_path / "merged" / "model.safetensors").read_bytes() == first

@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from qlora_rt import quant
+from qlora_rt.errors import QloraError
+
+CASES = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
+
+
+@pytest.mark.parametrize("fmt,dq", CASES)
+def test_quantized_linear_equals_matmul_with_bitsandbytes_dequantization(fmt, dq):
+    import bitsandbytes.functional as bnbf
+
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 128), torch.randn(3, 5, 128)
+    qw = quant.quantize(w, quant.QuantConfig(fmt, dq), torch.device("cpu"))
+    reference = bnbf.dequantize_4bit(qw.data, qw.quant_state)
+    assert torch.equal(quant.dequantize(qw), reference)
+    torch.testing.assert_close(quant.linear(x, qw), x @ reference.T, rtol=0, atol=1e-5)
+    # the 4-bit weight is an approximation of w, not w itself
+    err = (reference - w).abs().mean() / w.abs().mean()
+    assert 0.01 < err < 0.2
+
+
+@pytest.mark.parametrize("fmt,dq", CASES)
+def test_quantize_is_deterministic(fmt, dq):
+    torch.manual_seed(1)
+    w = torch.randn(64, 64)
+    cfg = quant.QuantConfig(fmt, dq)
+    a, b = quant.quantize(w, cfg, torch.device("cpu")), quant.quantize(w.clone(), cfg, torch.device("cpu"))
+    assert torch.equal(a.data, b.data) and torch.equal(quant.dequantize(a), quant.dequantize(b))
+
+
+def test_double_quant_stores_fewer_bytes_and_none_keeps_weight():
+    w = torch.randn(256, 256)
+    cpu = torch.device("cpu")
+    dq = quant.storage_bytes(quant.quantize(w, quant.QuantConfig("nf4", True), cpu))
+    plain = quant.storage_bytes(quant.quantize(w, quant.QuantConfig("nf4", False), cpu))
+    assert dq < plain < w.numel() * 4 / 7
+    none = quant.quantize(w, quant.QuantConfig("none"), cpu)
+    assert torch.equal(quant.dequantize(none), w) and not none.requires_grad
+
+
+def test_bad_format_and_block_size():
+    with pytest.raises(QloraError, match="--quant"):
+        quant.QuantConfig("int3")
+    with pytest.raises(QloraError, match="--block-size"):
+        quant.QuantConfig("nf4", block_size=48)
