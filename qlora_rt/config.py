@@ -19,7 +19,7 @@ def option(default, help: str, **kw):
 
 @dataclass
 class TrainConfig:
-    model: str = option("", "base model: a Hugging Face checkpoint folder or a .gguf file")
+    model: str = option("", "base model: a Hugging Face checkpoint folder, a .gguf file, or smollm2-135m (bundled)")
     data: str = option("", "training data, JSONL: text | prompt+completion | messages")
     out: str = option("", "run folder: adapter/, checkpoint/, metrics.jsonl, run.yaml")
     eval_data: str | None = option(None, "held-out JSONL for eval loss and perplexity")

