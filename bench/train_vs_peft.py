@@ -27,11 +27,12 @@ DATA = ROOT / "examples" / "data" / "dates-train.jsonl"
 
 
 def export_fp32(folder: Path) -> None:
+    """The GGUF as an fp32 HF checkpoint (transformers will not save a GGUF-loaded model itself)."""
     from qlora_rt.load import load
+    from qlora_rt.merge import save_merged
 
     loaded = load("smollm2-135m")
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
+    save_merged(loaded.model, loaded.tokenizer, folder)
 
 
 def batches(tokenizer, steps: int, batch_size: int, seq_len: int, seed: int = 0):
@@ -109,6 +110,7 @@ def main() -> None:
     if args.side:
         return child(args)
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = str(Path(tmp) / "smollm2-fp32")
         export_fp32(Path(tmp))
         results = {}
         for side in ("ours", "peft"):

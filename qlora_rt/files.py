@@ -43,8 +43,8 @@ def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     aside = _aside(final)
-    shutil.rmtree(aside, ignore_errors=True)
-    if final.exists():
+    if final.exists():  # only then is an older aside copy redundant
+        shutil.rmtree(aside, ignore_errors=True)
         os.replace(final, aside)
     os.replace(tmp, final)
     shutil.rmtree(aside, ignore_errors=True)
