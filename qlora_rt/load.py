@@ -67,17 +67,50 @@ def _check_architecture(model_type: str, where: str) -> None:
                          f"supported: {', '.join(SUPPORTED)}")
 
 
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+
+
 def _gguf_architecture(path: Path) -> str:
+    """`general.architecture` from the GGUF header, reading only the key-values before it.
+
+    gguf.GGUFReader parses the whole vocabulary first (~7 s for a 49k-token model) just to answer this.
+    """
+    import struct
+
+    def read(n: int) -> bytes:
+        b = f.read(n)
+        if len(b) != n:
+            raise QloraError(f"{path}: corrupt GGUF file (truncated header)")
+        return b
+
+    def skip_value(kind: int) -> None:
+        if kind == 8:  # string: u64 length, bytes
+            f.seek(struct.unpack("<Q", read(8))[0], 1)
+        elif kind == 9:  # array: u32 element type, u64 count, elements
+            elem, count = struct.unpack("<IQ", read(12))
+            if elem in _GGUF_SCALAR:
+                f.seek(_GGUF_SCALAR[elem] * count, 1)
+            else:
+                for _ in range(count):
+                    skip_value(elem)
+        elif kind in _GGUF_SCALAR:
+            f.seek(_GGUF_SCALAR[kind], 1)
+        else:
+            raise QloraError(f"{path}: corrupt GGUF file (unknown value type {kind})")
+
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise QloraError(f"{path}: not a GGUF file (bad magic bytes)")
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-        return reader.fields["general.architecture"].contents()
-    except Exception as e:
-        raise QloraError(f"{path}: corrupt GGUF file ({str(e).splitlines()[0]})") from None
+        version, _, n_kv = struct.unpack("<IQQ", read(20))
+        if version < 2:
+            raise QloraError(f"{path}: GGUF version {version} is too old; re-convert it with a recent llama.cpp")
+        for _ in range(n_kv):
+            key = read(struct.unpack("<Q", read(8))[0]).decode("utf-8", "replace")
+            kind = struct.unpack("<I", read(4))[0]
+            if key == "general.architecture" and kind == 8:
+                return read(struct.unpack("<Q", read(8))[0]).decode()
+            skip_value(kind)
+    raise QloraError(f"{path}: GGUF header has no general.architecture")
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -104,7 +137,7 @@ def resolve(path: str | os.PathLike) -> Path:
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loaded:
     """Load model + tokenizer from a local HF folder or a .gguf file, after checking the files."""
     _offline()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -131,8 +164,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loaded:
         kwargs, folder = {}, p
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        config = AutoConfig.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
         raise QloraError(f"--model: could not load {p}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:

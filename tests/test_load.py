@@ -42,3 +42,19 @@ def test_not_a_gguf(tmp_path):
     f.write_bytes(b"NOPE" + b"\0" * 64)
     with pytest.raises(QloraError, match="not a GGUF file"):
         load(f)
+
+
+def test_gguf_header_architecture(tmp_path):
+    import gguf
+
+    from qlora_rt.load import _gguf_architecture
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "gpt2")
+    w.add_array("tokenizer.ggml.tokens", ["a", "b"])  # a string array before it must be skipped
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.close()
+    assert _gguf_architecture(tmp_path / "m.gguf") == "gpt2"
+    with pytest.raises(QloraError, match="architecture 'gpt2' is not supported yet"):
+        load(tmp_path / "m.gguf")
+    (tmp_path / "t.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(QloraError, match="truncated header"):
+        load(tmp_path / "t.gguf")
