@@ -112,16 +112,17 @@ def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.devic
     """
     head = _output_head(model)
     model.requires_grad_(False)
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if not isinstance(child, nn.Linear) or child is head:
-                continue
-            weight = quant.quantize(child.weight.data, cfg, device)
-            bias = None if child.bias is None else nn.Parameter(
-                child.bias.data.to(device, cfg.compute_dtype), requires_grad=False)
-            layer = LoRALinear(weight, bias, child.in_features, child.out_features).train(child.training)
-            setattr(module, child_name, layer)
-            del child  # drop the full-precision copy as we go: peak memory stays ~ one model
+    # names only: holding the modules themselves would keep every fp32 weight alive until the end
+    targets = [(parent_name, child_name) for parent_name, parent in model.named_modules()
+               for child_name, child in parent.named_children() if isinstance(child, nn.Linear) and child is not head]
+    for parent_name, child_name in targets:
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, child_name)
+        weight = quant.quantize(child.weight.data, cfg, device)
+        bias = None if child.bias is None else nn.Parameter(
+            child.bias.data.to(device, cfg.compute_dtype), requires_grad=False)
+        setattr(parent, child_name, LoRALinear(weight, bias, child.in_features, child.out_features).train(child.training))
+        del child  # the last reference: its fp32 weight is freed now, so peak memory stays ~ one model
     return _move_unquantized(model, device, cfg.compute_dtype)
 
 

@@ -114,7 +114,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     qcfg = QuantConfig(cfg.quant, cfg.double_quant, cfg.block_size, dtype)
     lcfg = LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.targets)
     quantize_model(model, qcfg, device)
-    add_adapters(model, lcfg)
+    targets = add_adapters(model, lcfg)
     train_set, dropped = load_examples(cfg.data, tok, cfg.seq_len)
     eval_set = load_examples(cfg.eval_data, tok, cfg.seq_len)[0] if cfg.eval_data else []
     total_steps = cfg.steps or steps_for_epochs(cfg.epochs or 1.0, len(train_set), cfg.batch_size, cfg.grad_accum)
@@ -128,6 +128,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     if cfg.resume:
         progress = checkpoint.load(out / "checkpoint", model, optimizer, scheduler)
         step, order = progress["step"], Order(len(train_set), cfg.seed, **progress["order"])
+        _drop_metrics_after(out / "metrics.jsonl", step)
     else:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.yaml").write_text(yaml.safe_dump(cfg.saved(), sort_keys=False))
@@ -135,11 +136,19 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
     print(f"base {loaded.source}: {total / 1e6:.1f}M params, {cfg.quant} base; adapters on "
-          f"{sum(1 for p in params) // 2} layers, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
+          f"{len(targets)} layers, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
           f"{len(train_set)} examples{f' ({dropped} dropped: no target token left after truncation)' if dropped else ''}; "
           f"{total_steps} steps on {device.type}", file=sys.stderr)
     loop = _Loop(cfg, model, optimizer, scheduler, params, device, tok.pad_token_id, out, on_step)
+    loop.last_checkpoint = step if cfg.resume else None
     return loop.run(train_set, eval_set, order, step, total_steps, loaded, qcfg, lcfg, trainable, total)
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: forget their first, abandoned records."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        path.write_text("".join(l + "\n" for l in lines))
 
 
 class _Loop:

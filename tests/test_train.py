@@ -48,6 +48,9 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_llama, tiny
         train(config(tiny_llama, tiny_data, tmp_path / "cut"), on_step=interrupt)
     assert not (tmp_path / "cut" / "adapter").exists() and (tmp_path / "cut" / "checkpoint").exists()
     train(config(tiny_llama, tiny_data, tmp_path / "cut", resume=True))
+    records = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 9))  # steps 4-5 of the abandoned attempt are not recorded twice
     full, resumed = adapter(tmp_path / "full"), adapter(tmp_path / "cut")
     assert full.keys() == resumed.keys()
     assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
