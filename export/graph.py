@@ -1,0 +1,176 @@
+"""The Llama-family decoder as an ONNX graph, built op by op from the weights (no tracing).
+
+Llama, Mistral, Qwen2, Qwen3 and SmolLM share one block: RMSNorm, rotary position embedding,
+grouped-query attention with a KV cache, a SwiGLU MLP, a tied or untied head. Qwen2 adds q/k/v biases,
+and Qwen3 adds per-head RMSNorm on q and k. The I/O follows onnxruntime-genai and Optimum:
+
+    inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64, position_ids (B, T) int64,
+             past_key_values.N.key / .value (B, kv_heads, P, head_dim)
+    outputs  logits (B, T, vocab), present.N.key / .value (B, kv_heads, P+T, head_dim)
+
+Every Linear goes through a `LinearWriter` (export/weights.py), which decides how the weight is stored
+(fp32, fp16, MatMulNBits int4, MatMulBnb4 NF4) and whether a LoRA pair rides beside it as graph
+inputs. This file knows nothing about weight formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 21
+MS = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    qk_norm: bool  # Qwen3
+
+
+class Graph:
+    """A thin helper over onnx.helper: nodes with generated names, initializers from numpy."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._n = 0
+        self._consts: dict[tuple, str] = {}
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> str | list[str]:
+        self._n += 1
+        names = outputs if isinstance(outputs, list) else [f"{op_type.lower()}_{self._n}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=f"{op_type}_{self._n}", domain=domain, **attrs))
+        return names[0] if len(names) == 1 else names
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.asarray(array, order="C"), name))  # keeps 0-d
+        return name
+
+    def const(self, values: list | float | int, dtype=np.int64) -> str:
+        key = (str(values), np.dtype(dtype).str)
+        if key not in self._consts:
+            self._consts[key] = self.init(f"const_{len(self._consts)}", np.array(values, dtype=dtype))
+        return self._consts[key]
+
+    def model(self, producer: str) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, "decoder", self.inputs, self.outputs, self.initializers)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name=producer)
+        m.ir_version = 10
+        return m
+
+
+def _rms_norm(g: Graph, x: str, weight: str, eps: float) -> str:
+    return g.op("SimplifiedLayerNormalization", [x, weight], axis=-1, epsilon=eps, stash_type=1)
+
+
+def _heads(g: Graph, x: str, n: int, hd: int) -> str:
+    """(B, T, n*hd) -> (B, n, T, hd)"""
+    return g.op("Transpose", [g.op("Reshape", [x, g.const([0, 0, n, hd])])], perm=[0, 2, 1, 3])
+
+
+def _rope(g: Graph, x: str, cos: str, sin: str, hd: int) -> str:
+    """x*cos + rotate_half(x)*sin on (B, n, T, hd), with cos/sin (B, 1, T, hd), as transformers does."""
+    x1, x2 = g.op("Split", [x, g.const([hd // 2, hd // 2])], outputs=2, axis=-1)
+    rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+
+
+def _attention_bias(g: Graph, attention_mask: str, input_ids: str) -> str:
+    """(B, 1, T, P+T) additive bias: 0 where query t may see key s (causal and not padding), else -inf-ish."""
+    total = g.op("Shape", [attention_mask], start=1, end=2)  # (1,) P+T
+    length = g.op("Shape", [input_ids], start=1, end=2)  # (1,) T
+    past = g.op("Sub", [total, length])
+    zero, one = g.const(0), g.const(1)
+    scalar = lambda t: g.op("Squeeze", [t, g.const([0])])  # noqa: E731
+    rows = g.op("Add", [g.op("Range", [zero, scalar(length), one]), past])  # (T,) absolute query positions
+    cols = g.op("Range", [zero, scalar(total), one])  # (P+T,)
+    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [cols, g.const([0])]),
+                                  g.op("Unsqueeze", [rows, g.const([1])])])  # (T, P+T)
+    keep = g.op("Cast", [g.op("Unsqueeze", [attention_mask, g.const([1, 2])])], to=TensorProto.BOOL)  # (B,1,1,P+T)
+    allowed = g.op("And", [keep, causal])  # (B, 1, T, P+T)
+    return g.op("Where", [allowed, g.const(0.0, np.float32), g.const(np.finfo(np.float32).min, np.float32)])
+
+
+def _repeat_kv(g: Graph, x: str, kv: int, groups: int, hd: int) -> str:
+    """(B, kv, S, hd) -> (B, kv*groups, S, hd): each key/value head serves `groups` query heads."""
+    if groups == 1:
+        return x
+    shape = g.op("Shape", [x])
+    b, s = g.op("Gather", [shape, g.const(0)]), g.op("Gather", [shape, g.const(2)])
+    u = g.op("Unsqueeze", [x, g.const([2])])  # (B, kv, 1, S, hd)
+    target = g.op("Concat", [g.op("Unsqueeze", [b, g.const([0])]), g.const([kv, groups]),
+                             g.op("Unsqueeze", [s, g.const([0])]), g.const([hd])], axis=0)
+    return g.op("Reshape", [g.op("Expand", [u, target]), g.const([0, kv * groups, -1, hd])])
+
+
+def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, cos: str, sin: str, bias: str) -> str:
+    p = f"model.layers.{i}.self_attn"
+    q = _heads(g, lin(f"{p}.q_proj", x), spec.heads, spec.head_dim)
+    k = _heads(g, lin(f"{p}.k_proj", x), spec.kv_heads, spec.head_dim)
+    v = _heads(g, lin(f"{p}.v_proj", x), spec.kv_heads, spec.head_dim)
+    if spec.qk_norm:
+        q = _rms_norm(g, q, f"{p}.q_norm.weight", spec.eps)
+        k = _rms_norm(g, k, f"{p}.k_norm.weight", spec.eps)
+    q, k = _rope(g, q, cos, sin, spec.head_dim), _rope(g, k, cos, sin, spec.head_dim)
+    k = g.op("Concat", [f"past_key_values.{i}.key", k], [f"present.{i}.key"], axis=2)  # (B, kv, P+T, hd)
+    v = g.op("Concat", [f"past_key_values.{i}.value", v], [f"present.{i}.value"], axis=2)
+    groups = spec.heads // spec.kv_heads
+    k, v = _repeat_kv(g, k, spec.kv_heads, groups, spec.head_dim), _repeat_kv(g, v, spec.kv_heads, groups, spec.head_dim)
+    scores = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])  # (B, H, T, P+T)
+    scores = g.op("Add", [g.op("Mul", [scores, g.const(spec.head_dim ** -0.5, np.float32)]), bias])
+    out = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])  # (B, H, T, hd)
+    out = g.op("Reshape", [g.op("Transpose", [out], perm=[0, 2, 1, 3]), g.const([0, 0, spec.heads * spec.head_dim])])
+    return lin(f"{p}.o_proj", out)
+
+
+def _mlp(g: Graph, lin, i: int, x: str) -> str:
+    p = f"model.layers.{i}.mlp"
+    gate = lin(f"{p}.gate_proj", x)
+    silu = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
+    return lin(f"{p}.down_proj", g.op("Mul", [silu, lin(f"{p}.up_proj", x)]))
+
+
+def _io(g: Graph, spec: DecoderSpec) -> None:
+    i64, f32 = TensorProto.INT64, TensorProto.FLOAT
+    g.inputs += [helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
+                 helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_sequence"]),
+                 helper.make_tensor_value_info("position_ids", i64, ["batch", "sequence"])]
+    g.outputs.append(helper.make_tensor_value_info("logits", f32, ["batch", "sequence", spec.vocab]))
+    for i in range(spec.layers):
+        for kv in ("key", "value"):
+            g.inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32,
+                                                          ["batch", spec.kv_heads, "past_sequence", spec.head_dim]))
+            g.outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", f32,
+                                                           ["batch", spec.kv_heads, "total_sequence", spec.head_dim]))
+
+
+def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
+    """Wire the whole decoder into `g`. `lin(name, x)` emits a Linear; `head(x)` emits the output head.
+
+    Norm weights (`model.layers.N.input_layernorm.weight`, ...), `model.embed_tokens.weight` and the
+    rotary tables `rope.cos` / `rope.sin` (max_positions, head_dim) must already be initializers.
+    """
+    _io(g, spec)
+    h = g.op("Gather", ["model.embed_tokens.weight", "input_ids"])  # (B, T, d)
+    cos = g.op("Unsqueeze", [g.op("Gather", ["rope.cos", "position_ids"]), g.const([1])])  # (B, 1, T, hd)
+    sin = g.op("Unsqueeze", [g.op("Gather", ["rope.sin", "position_ids"]), g.const([1])])
+    bias = _attention_bias(g, "attention_mask", "input_ids")
+    for i in range(spec.layers):
+        p = f"model.layers.{i}"
+        h = g.op("Add", [h, _attention(g, spec, lin, i, _rms_norm(g, h, f"{p}.input_layernorm.weight", spec.eps),
+                                       cos, sin, bias)])
+        h = g.op("Add", [h, _mlp(g, lin, i, _rms_norm(g, h, f"{p}.post_attention_layernorm.weight", spec.eps))])
+    head(_rms_norm(g, h, "model.norm.weight", spec.eps), "logits")

@@ -1,0 +1,107 @@
+"""How each Linear of the trained model becomes ONNX: the weight format, and LoRA as graph inputs.
+
+    merged         W' = dequantize(W4) + s·B·A (fp32, NaN-checked), stored as fp32 | fp16
+    adapter-aware  the base stays as trained (dequantized to fp32 | fp16 here), and each adapted
+                   Linear gets two graph inputs, `<name>.lora_A` (in, r) and `<name>.lora_B` (r, out)
+                   with s folded into B, whose rank-0 initializers mean "no adapter" by default.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from export.graph import Graph
+from qlora_rt import quant
+from qlora_rt.errors import QloraError
+from qlora_rt.lora import LoRALinear, lora_layers
+from qlora_rt.merge import merge_weight
+
+MODES = ("merged", "adapter-aware")
+WEIGHTS = ("fp32", "fp16")
+
+
+def lora_input_names(name: str) -> tuple[str, str]:
+    return f"{name}.lora_A", f"{name}.lora_B"
+
+
+def lora_arrays(layer: LoRALinear) -> tuple[np.ndarray, np.ndarray]:
+    """A as (in, r) and s·B as (r, out), fp32: the layout the graph's MatMuls take."""
+    a = layer.lora_A.weight.detach().float().T.contiguous().numpy()
+    b = (layer.lora_B.weight.detach().float() * layer.scale).T.contiguous().numpy()
+    return a, b
+
+
+class LinearWriter:
+    """Called as `lin(name, x)` by the graph builder; emits the nodes of one Linear and returns y."""
+
+    def __init__(self, g: Graph, model: torch.nn.Module, mode: str, weights: str, adapted: set[str]) -> None:
+        if mode not in MODES or weights not in WEIGHTS:
+            raise QloraError(f"--mode {mode} --weights {weights}: not supported; modes {', '.join(MODES)}, "
+                             f"weights {', '.join(WEIGHTS)}")
+        self.g, self.mode, self.weights = g, mode, weights
+        self.layers = lora_layers(model)
+        self.adapted = adapted  # the Linears that get LoRA inputs in adapter-aware mode
+
+    def _weight(self, name: str, w: torch.Tensor) -> str:
+        """A (out, in) fp32 weight stored as (in, out) for MatMul, in the chosen float format."""
+        wt = w.detach().T.contiguous().numpy()
+        if self.weights == "fp16":
+            return self.g.op("Cast", [self.g.init(f"{name}.weight_fp16", wt.astype(np.float16))], to=1)
+        return self.g.init(f"{name}.weight", wt)
+
+    def __call__(self, name: str, x: str) -> str:
+        layer = self.layers[name]
+        w = quant.dequantize(layer.weight)
+        if self.mode == "merged" and layer.rank:
+            w = merge_weight(w, layer.lora_A.weight, layer.lora_B.weight, layer.scale, name)
+        y = self.g.op("MatMul", [x, self._weight(name, w)])
+        if layer.bias is not None:
+            y = self.g.op("Add", [y, self.g.init(f"{name}.bias", layer.bias.detach().float().numpy())])
+        if self.mode == "adapter-aware" and name in self.adapted:
+            y = self.g.op("Add", [y, self._lora(name, x, layer)])
+        return y
+
+    def _lora(self, name: str, x: str, layer: LoRALinear) -> str:
+        """x @ A @ (s·B) with A and B as overridable graph inputs; rank-0 defaults give zeros."""
+        from onnx import TensorProto, helper
+
+        a_name, b_name = lora_input_names(name)
+        self.g.init(a_name, np.zeros((layer.in_features, 0), np.float32))
+        self.g.init(b_name, np.zeros((0, layer.out_features), np.float32))
+        # one rank symbol per Linear: an adapter may target some layers (rank r) and not others (rank 0),
+        # and a shared symbol lets onnxruntime's memory planner assume they are equal
+        rank = f"{name}.rank"
+        self.g.inputs.append(helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [layer.in_features, rank]))
+        self.g.inputs.append(helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [rank, layer.out_features]))
+        return self.g.op("MatMul", [self.g.op("MatMul", [x, a_name]), b_name])
+
+
+def add_shared_tensors(g: Graph, model: torch.nn.Module, max_positions: int) -> None:
+    """Embedding, norms and the rotary tables, as initializers the graph refers to by name."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or name == "model.embed_tokens.weight":
+            g.init(name, p.detach().float().numpy())
+    rotary = model.model.rotary_emb
+    positions = torch.arange(max_positions)[None]  # (1, P)
+    with torch.no_grad():  # the model's own rotary module: every rope type/scaling it knows is honoured
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    g.init("rope.cos", cos[0].float().numpy())  # (P, head_dim)
+    g.init("rope.sin", sin[0].float().numpy())
+
+
+def head_writer(g: Graph, model: torch.nn.Module, weights: str):
+    """The output head: tied heads reuse the embedding (transposed once, at session load)."""
+    head = model.get_output_embeddings()
+    tied = head.weight is model.get_input_embeddings().weight
+
+    def emit(x: str, out: str) -> str:
+        if tied:
+            w = g.op("Transpose", ["model.embed_tokens.weight"], perm=[1, 0])
+        else:
+            wt = head.weight.detach().float().T.contiguous().numpy()
+            w = g.init("lm_head.weight", wt) if weights == "fp32" else g.op(
+                "Cast", [g.init("lm_head.weight_fp16", wt.astype(np.float16))], to=1)
+        return g.op("MatMul", [x, w], [out])
+
+    return emit

@@ -1,0 +1,103 @@
+"""The op-by-op decoder graph against the PyTorch model it was built from."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import make_model
+from export.graph import DecoderSpec, Graph, build_decoder
+from export.weights import LinearWriter, add_shared_tensors, head_writer, lora_arrays, lora_input_names
+from qlora_rt import quant
+from qlora_rt.lora import LoraConfig, add_adapters, lora_layers, quantize_model
+
+
+def trained(model_type="llama", tie=False, rank=4, seed=0, targets="all-linear"):
+    m = make_model(model_type, tie=tie).eval()
+    quantize_model(m, quant.QuantConfig("nf4"), torch.device("cpu"))
+    names = add_adapters(m, LoraConfig(rank=rank, dropout=0.0, targets=targets))
+    torch.manual_seed(seed)
+    for layer in lora_layers(m).values():
+        if layer.rank:
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    return m.eval(), names
+
+
+def session(m, names, mode, weights="fp32"):
+    c = m.config
+    spec = DecoderSpec(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                       c.head_dim, c.vocab_size, c.rms_norm_eps, c.model_type == "qwen3")
+    g = Graph()
+    add_shared_tensors(g, m, 256)
+    build_decoder(spec, g, LinearWriter(g, m, mode, weights, set(names)), head_writer(g, m, weights))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # the LoRA inputs' rank-0 defaults are initializers on purpose
+    return ort.InferenceSession(g.model("test").SerializeToString(), opts, providers=["CPUExecutionProvider"]), spec
+
+
+def feed(spec, ids, mask, pos, past=None, lora=None):
+    f = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+    for i in range(spec.layers):
+        for j, kv in enumerate(("key", "value")):
+            f[f"past_key_values.{i}.{kv}"] = past[2 * i + j] if past else np.zeros(
+                (ids.shape[0], spec.kv_heads, 0, spec.head_dim), np.float32)
+    return {**f, **(lora or {})}
+
+
+def adapter_feed(m, names):
+    out = {}
+    for n in names:
+        a, b = lora_arrays(lora_layers(m)[n])
+        out.update(zip(lora_input_names(n), (a, b)))
+    return out
+
+
+@pytest.mark.parametrize("model_type,tie", [("llama", False), ("llama", True), ("mistral", False),
+                                            ("qwen2", False), ("qwen3", True)])
+@pytest.mark.parametrize("mode", ["merged", "adapter-aware"])
+def test_logits_match_pytorch_with_left_padding(model_type, tie, mode):
+    m, names = trained(model_type, tie)
+    s, spec = session(m, names, mode)
+    ids = torch.randint(0, 320, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = m(input_ids=ids, attention_mask=mask, position_ids=pos).logits.numpy()
+    lora = adapter_feed(m, names) if mode == "adapter-aware" else None
+    logits = s.run(["logits"], feed(spec, ids, mask, pos, lora=lora))[0]
+    assert np.abs(logits - ref)[mask.numpy().astype(bool)].max() <= 1e-4
+
+
+def test_kv_cache_decoding_step_by_step_equals_full_forward():
+    m, names = trained()
+    s, spec = session(m, names, "merged")
+    ids = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(2))
+    full = s.run(["logits"], feed(spec, ids, torch.ones_like(ids), torch.arange(10)[None]))[0]
+    outputs = [o.name for o in s.get_outputs()]
+    res = s.run(None, feed(spec, ids[:, :6], torch.ones(1, 6, dtype=torch.long), torch.arange(6)[None]))
+    steps = [res[0]]
+    for t in range(6, 10):
+        res = s.run(None, feed(spec, ids[:, t:t + 1], torch.ones(1, t + 1, dtype=torch.long),
+                               torch.tensor([[t]]), past=res[1:]))
+        steps.append(res[0])
+    assert outputs[1:3] == ["present.0.key", "present.0.value"] and res[1].shape == (1, spec.kv_heads, 10, 16)
+    assert np.abs(np.concatenate(steps, axis=1) - full).max() <= 1e-5
+
+
+def test_rank0_default_is_the_base_and_adapters_of_different_ranks_share_a_session():
+    m4, names = trained(rank=4, seed=0)
+    s, spec = session(m4, names, "adapter-aware")
+    ids = torch.randint(0, 320, (1, 6), generator=torch.Generator().manual_seed(3))
+    mask, pos = torch.ones_like(ids), torch.arange(6)[None]
+    from qlora_rt.lora import disabled
+
+    with torch.no_grad(), disabled(m4):
+        base = m4(input_ids=ids).logits.numpy()
+    assert np.abs(s.run(["logits"], feed(spec, ids, mask, pos))[0] - base).max() <= 1e-4
+    m8, names8 = trained(rank=8, seed=5, targets="q_proj,v_proj")
+    for model, n in ((m4, names), (m8, names8)):
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits.numpy()
+        got = s.run(["logits"], feed(spec, ids, mask, pos, lora=adapter_feed(model, n)))[0]
+        assert np.abs(got - ref).max() <= 1e-4
