@@ -25,11 +25,10 @@ def lora_input_names(name: str) -> tuple[str, str]:
     return f"{name}.lora_A", f"{name}.lora_B"
 
 
-def lora_arrays(layer: LoRALinear) -> tuple[np.ndarray, np.ndarray]:
-    """A as (in, r) and s·B as (r, out), fp32: the layout the graph's MatMuls take."""
-    a = layer.lora_A.weight.detach().float().T.contiguous().numpy()
-    b = (layer.lora_B.weight.detach().float() * layer.scale).T.contiguous().numpy()
-    return a, b
+def lora_arrays(A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """A (r, in) and B (out, r) as the graph's MatMuls take them: A^T (in, r) and (s·B)^T (r, out), fp32."""
+    return (A.detach().float().T.contiguous().numpy(),
+            (B.detach().float() * scale).T.contiguous().numpy())
 
 
 class LinearWriter:

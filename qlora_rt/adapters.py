@@ -23,7 +23,7 @@ from qlora_rt import __version__
 from qlora_rt.errors import QloraError
 from qlora_rt.files import atomic_dir, write_json
 from qlora_rt.load import Loaded, load
-from qlora_rt.lora import LoraConfig, lora_layers, quantize_model
+from qlora_rt.lora import LoraConfig, lora_layers, lora_scale, quantize_model
 from qlora_rt.quant import QuantConfig
 
 PREFIX = "base_model.model."
@@ -116,40 +116,52 @@ def _pairs(p: Path) -> dict[str, dict[str, torch.Tensor]]:
     return pairs
 
 
-def load_adapter(model: torch.nn.Module, path: str | Path, fingerprint: str | None = None) -> AdapterInfo:
-    """Attach the adapter at `path` to a quantized model, checking it fits before touching any layer."""
+def read_lora(path: str | Path) -> tuple[dict, dict[str, str], dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
+    """config, metadata, and per module (A (r, in), B (out, r), scale), checked for pairing and shape."""
     p = Path(path)
     config, meta = read_adapter(p)
-    layers = lora_layers(model)
     pairs = _pairs(p)
     if not pairs:
         raise QloraError(f"{p / WEIGHTS}: holds no LoRA weights")
+    rslora = bool(config.get("use_rslora", False))
+    out = {}
     for name, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise QloraError(f"{p / WEIGHTS}: {name} has lora_{''.join(pair)} but not its partner")
+        A, B = pair["A"], pair["B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise QloraError(f"{p / WEIGHTS}: {name} has A {tuple(A.shape)} and B {tuple(B.shape)}; "
+                             "expected A (r, in) and B (out, r)")
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+        out[name] = (A, B, lora_scale(alpha, A.shape[0], rslora))
+    return config, meta, out
+
+
+def load_adapter(model: torch.nn.Module, path: str | Path, fingerprint: str | None = None) -> AdapterInfo:
+    """Attach the adapter at `path` to a quantized model, checking it fits before touching any layer."""
+    p = Path(path)
+    config, meta, lora = read_lora(p)
+    layers = lora_layers(model)
+    for name, (A, B, _) in lora.items():
         layer = layers.get(name)
         if layer is None:
             raise QloraError(f"--adapter {p}: targets {name}, which is not a Linear of this base model "
                              f"(is the adapter for another architecture?)")
-        A, B = pair["A"], pair["B"]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != layer.in_features or B.shape[0] != layer.out_features \
-                or A.shape[0] != B.shape[1]:
+        if A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
             raise QloraError(f"--adapter {p}: {name} has A {tuple(A.shape)}, B {tuple(B.shape)}; the base layer "
                              f"needs A (r, {layer.in_features}) and B ({layer.out_features}, r)")
     stored = meta.get("base.fingerprint")
     if fingerprint and stored and stored != fingerprint:
         raise QloraError(f"--adapter {p}: was trained on a different base model (fingerprint {stored}, "
                          f"this base {fingerprint}); pass the base it was trained on")
-    rslora = bool(config.get("use_rslora", False))
-    for name, pair in pairs.items():
-        layer, rank = layers[name], pair["A"].shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
-        layer.attach(rank, alpha, float(config.get("lora_dropout", 0.0)), rslora)
+    for name, (A, B, scale) in lora.items():
+        layer = layers[name]
+        layer.attach(A.shape[0], 1.0, float(config.get("lora_dropout", 0.0)))
+        layer.scale = scale
         with torch.no_grad():
-            layer.lora_A.weight.copy_(pair["A"])
-            layer.lora_B.weight.copy_(pair["B"])
-    return AdapterInfo(path=p, config=config, metadata=meta, modules=sorted(pairs))
-
+            layer.lora_A.weight.copy_(A)
+            layer.lora_B.weight.copy_(B)
+    return AdapterInfo(path=p, config=config, metadata=meta, modules=sorted(lora))
 
 
 def open_trained(model_path: str | Path, adapter: str | Path | None = None, quant_format: str | None = None,

@@ -13,7 +13,7 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from qlora_rt.config import MergeConfig, TrainConfig
+from qlora_rt.config import ExportAdapterConfig, ExportConfig, MergeConfig, TrainConfig
 from qlora_rt.errors import QloraError
 
 
@@ -74,6 +74,20 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged checkpoint written to {out}", file=sys.stderr)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from export.exporter import export
+
+    export(_build(ExportConfig, args))
+
+
+def _export_adapter(args: argparse.Namespace) -> None:
+    from export.adapters import export_adapter
+
+    cfg = _build(ExportAdapterConfig, args)
+    cfg.check()
+    print(f"adapter written to {export_adapter(cfg.adapter, cfg.onnx, cfg.name, cfg.overwrite)}", file=sys.stderr)
+
+
 VERBS = {
     "train": (_train, TrainConfig, "fine-tune LoRA adapters on a 4-bit frozen base",
               "Train LoRA adapters (fp32) on a frozen 4-bit base. Writes OUT/adapter (PEFT layout), "
@@ -81,6 +95,11 @@ VERBS = {
     "merge": (_merge, MergeConfig, "fold an adapter into its base: an fp32 HF checkpoint",
               "Dequantize the 4-bit base exactly as trained, add (alpha/r)*B@A in fp32, check for NaN, "
               "and write a plain Hugging Face checkpoint (safetensors)."),
+    "export": (_export, ExportConfig, "export to ONNX (merged or adapter-aware), verified against PyTorch",
+               "Build the decoder graph op by op from the trained weights, write a self-contained folder, "
+               "and check it against the PyTorch model (export_report.json); fails above --tolerance."),
+    "export-adapter": (_export_adapter, ExportAdapterConfig, "add an adapter to an adapter-aware export",
+                       "Write another trained adapter as OUT/adapters/NAME.onnx_adapter, without re-exporting."),
 }
 
 

@@ -78,3 +78,37 @@ class MergeConfig:
         for name in ("model", "adapter", "out"):
             if not getattr(self, name):
                 raise QloraError(f"--{name} is required")
+
+
+@dataclass
+class ExportConfig:
+    model: str = option("", "base model the adapter was trained on (folder, .gguf, or smollm2-135m)")
+    out: str = option("", "output folder: model.onnx, tokenizer, adapters/, export_report.json")
+    adapter: str | None = option(None, "trained adapter folder (qlora-rt or PEFT layout); none = the base")
+    mode: str = option("adapter-aware", "merged: fold the adapter into the weights; adapter-aware: base + "
+                       "LoRA graph inputs, adapters as .onnx_adapter files", choices=("merged", "adapter-aware"))
+    weights: str = option("fp32", "how the weights are stored", choices=("fp32", "fp16"))
+    name: str = option("default", "file name for the adapter under adapters/ (adapter-aware)")
+    tolerance: float | None = option(None, "max |logit difference| vs PyTorch before the export fails "
+                                     "(default: 1e-3 for fp32, 5e-2 for fp16)")
+    overwrite: bool = option(False, "replace --out if it exists (only after the new export verified)")
+
+    def check(self) -> None:
+        for name in ("model", "out"):
+            if not getattr(self, name):
+                raise QloraError(f"--{name} is required")
+        if self.mode == "merged" and self.adapter is None:
+            raise QloraError("--mode merged needs --adapter (merging nothing is just the base: use adapter-aware)")
+
+
+@dataclass
+class ExportAdapterConfig:
+    adapter: str = option("", "trained adapter folder to add")
+    onnx: str = option("", "an existing adapter-aware export folder")
+    name: str = option("", "name of the adapter file under adapters/")
+    overwrite: bool = option(False, "replace an adapter of the same name")
+
+    def check(self) -> None:
+        for name in ("adapter", "onnx", "name"):
+            if not getattr(self, name):
+                raise QloraError(f"--{name} is required")

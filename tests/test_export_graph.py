@@ -47,7 +47,8 @@ def feed(spec, ids, mask, pos, past=None, lora=None):
 def adapter_feed(m, names):
     out = {}
     for n in names:
-        a, b = lora_arrays(lora_layers(m)[n])
+        layer = lora_layers(m)[n]
+        a, b = lora_arrays(layer.lora_A.weight, layer.lora_B.weight, layer.scale)
         out.update(zip(lora_input_names(n), (a, b)))
     return out
 

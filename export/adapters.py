@@ -1,0 +1,83 @@
+"""LoRA adapters as onnxruntime `.onnx_adapter` files, bound to the graph's LoRA inputs by name.
+
+An adapter file holds `<module>.lora_A` (in, r) and `<module>.lora_B` (r, out, scale folded in) for
+the modules it adapts; the graph's other LoRA inputs keep their rank-0 defaults. Activated per run
+with `RunOptions.add_active_adapter`, so switching adapters never reloads the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from export.weights import lora_arrays, lora_input_names
+from qlora_rt.adapters import read_lora
+from qlora_rt.errors import QloraError
+
+ADAPTER_DIR = "adapters"
+SUFFIX = ".onnx_adapter"
+
+
+def adapter_arrays(adapter: str | Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """An adapter folder's metadata, and its tensors named and laid out as the graph's LoRA inputs."""
+    _, meta, lora = read_lora(adapter)
+    arrays: dict[str, np.ndarray] = {}
+    for name, (A, B, scale) in lora.items():
+        arrays.update(zip(lora_input_names(name), lora_arrays(A, B, scale)))
+    return meta, arrays
+
+
+def check_fits(arrays: dict[str, np.ndarray], lora_inputs: dict[str, list[int]], where: str) -> None:
+    """Every array must name a LoRA input of the exported graph and fit its fixed dimension."""
+    for key, arr in arrays.items():
+        if key not in lora_inputs:
+            raise QloraError(f"{where}: adapts {key.rsplit('.', 1)[0]}, which has no LoRA input in this export "
+                             "(was it exported for other target modules?)")
+        fixed = lora_inputs[key]  # (in, None) for A, (None, out) for B
+        if any(f is not None and f != d for f, d in zip(fixed, arr.shape)):
+            raise QloraError(f"{where}: {key} has shape {arr.shape}, the export expects {fixed}")
+
+
+def check_base(adapter_meta: dict[str, str], export_meta: dict, where: str) -> None:
+    """The adapter must have been trained on this export's base: same weights, same 4-bit format."""
+    stored = adapter_meta.get("base.fingerprint")
+    if stored and stored != export_meta["base_fingerprint"]:
+        raise QloraError(f"{where}: was trained on a different base model than this export's "
+                         f"({export_meta['base_model']})")
+    fmt = adapter_meta.get("quant.format")
+    if fmt and fmt != export_meta["base_quant"]:
+        raise QloraError(f"{where}: was trained on a {fmt} base; this export's base was trained as "
+                         f"{export_meta['base_quant']}")
+
+
+def write_adapter(arrays: dict[str, np.ndarray], path: Path) -> Path:
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt.export_adapter(str(path))
+    return path
+
+
+def export_adapter(adapter: str, onnx_dir: str, name: str, overwrite: bool = False) -> Path:
+    """Add another trained adapter to an existing adapter-aware export, without re-exporting the model."""
+    folder = Path(onnx_dir)
+    meta_path = folder / "qlora_rt_export.json"
+    if not meta_path.exists():
+        raise QloraError(f"--onnx: {folder} is not a qlora-rt export (no qlora_rt_export.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta["mode"] != "adapter-aware":
+        raise QloraError(f"--onnx: {folder} is a merged export; adapters need an adapter-aware export")
+    target = folder / ADAPTER_DIR / f"{name}{SUFFIX}"
+    if target.exists() and not overwrite:
+        raise QloraError(f"--name: an adapter named {name!r} already exists in {folder}; pick another name "
+                         "or pass --overwrite")
+    adapter_meta, arrays = adapter_arrays(adapter)
+    check_base(adapter_meta, meta, f"--adapter {adapter}")
+    check_fits(arrays, meta["lora_inputs"], f"--adapter {adapter}")
+    return write_adapter(arrays, target)

@@ -1,0 +1,121 @@
+"""`qlora-rt export`: the trained model as a self-contained, self-verified ONNX folder.
+
+    OUT/model.onnx (+ model.onnx.data)   the decoder graph (export/graph.py)
+    OUT/tokenizer.json, tokenizer_config.json (chat template), generation_config.json
+    OUT/qlora_rt_export.json             I/O names, dimensions, eos ids, mode, the LoRA inputs
+    OUT/adapters/NAME.onnx_adapter       adapter-aware exports: one file per adapter
+    OUT/export_report.json               parity vs PyTorch, file sizes, export time
+
+The folder is built under a temporary name and renamed into place only after it verified, so a
+failed export never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import onnx
+
+from export.adapters import ADAPTER_DIR, SUFFIX, adapter_arrays, write_adapter
+from export.graph import DecoderSpec, Graph, build_decoder
+from export.verify import verify
+from export.weights import LinearWriter, add_shared_tensors, head_writer, lora_input_names
+from qlora_rt import __version__
+from qlora_rt.adapters import open_trained
+from qlora_rt.config import ExportConfig
+from qlora_rt.errors import QloraError
+from qlora_rt.files import atomic_dir, write_json
+from qlora_rt.load import SUPPORTED
+from qlora_rt.lora import lora_layers
+from qlora_rt.report import table
+
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
+MAX_ROPE_TABLE = 32768  # positions; longer contexts need a larger table (recorded as max_context)
+
+
+def spec_of(config) -> DecoderSpec:
+    if config.model_type not in SUPPORTED:
+        raise QloraError(f"architecture {config.model_type!r} is not supported by the exporter yet; "
+                         f"supported: {', '.join(SUPPORTED)}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return DecoderSpec(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+                       config.num_key_value_heads, head_dim, config.vocab_size, config.rms_norm_eps,
+                       config.model_type == "qwen3")
+
+
+def _metadata(cfg: ExportConfig, loaded, spec: DecoderSpec, quant_format: str, lora_inputs: dict,
+              max_context: int) -> dict:
+    gen = loaded.model.generation_config
+    eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else loaded.tokenizer.eos_token_id
+    return {"format": "qlora-rt-onnx", "version": __version__, "mode": cfg.mode, "weights": cfg.weights,
+            "model_type": loaded.model.config.model_type, "layers": spec.layers, "hidden": spec.hidden,
+            "heads": spec.heads, "kv_heads": spec.kv_heads, "head_dim": spec.head_dim, "vocab": spec.vocab,
+            "max_context": max_context, "eos_token_ids": eos if isinstance(eos, list) else [eos],
+            "pad_token_id": loaded.tokenizer.pad_token_id, "base_model": loaded.source,
+            "base_fingerprint": loaded.fingerprint, "base_quant": quant_format,
+            "inputs": ["input_ids", "attention_mask", "position_ids", "past_key_values.N.key", "past_key_values.N.value"],
+            "outputs": ["logits", "present.N.key", "present.N.value"], "lora_inputs": lora_inputs}
+
+
+def _lora_inputs(model, adapted: set[str]) -> dict[str, list]:
+    out = {}
+    for name, layer in lora_layers(model).items():
+        if name in adapted:
+            a, b = lora_input_names(name)
+            out[a], out[b] = [layer.in_features, None], [None, layer.out_features]
+    return out
+
+
+def export(cfg: ExportConfig) -> dict:
+    cfg.check()
+    if Path(cfg.out).exists() and not cfg.overwrite:
+        raise QloraError(f"--out: {cfg.out} already exists; choose another folder or pass --overwrite")
+    t0 = time.perf_counter()
+    loaded, qcfg, info = open_trained(cfg.model, cfg.adapter)
+    model = loaded.model.eval()
+    spec = spec_of(model.config)
+    layers = lora_layers(model)
+    # adapter-aware: LoRA inputs on the trained adapter's modules, or on every Linear for a bare base
+    adapted = set(info.modules) if info else set(layers)
+    max_context = min(model.config.max_position_embeddings, MAX_ROPE_TABLE)
+    g = Graph()
+    add_shared_tensors(g, model, max_context)
+    build_decoder(spec, g, LinearWriter(g, model, cfg.mode, cfg.weights, adapted), head_writer(g, model, cfg.weights))
+    lora_inputs = _lora_inputs(model, adapted) if cfg.mode == "adapter-aware" else {}
+    meta = _metadata(cfg, loaded, spec, qcfg.format, lora_inputs, max_context)
+    with atomic_dir(cfg.out, overwrite=True) as tmp:
+        onnx.save_model(g.model(f"qlora-rt {__version__}"), str(tmp / "model.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+        loaded.tokenizer.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        write_json(tmp / "qlora_rt_export.json", meta)
+        adapter_file = None
+        if cfg.mode == "adapter-aware" and cfg.adapter:
+            adapter_file = write_adapter(adapter_arrays(cfg.adapter)[1], tmp / ADAPTER_DIR / f"{cfg.name}{SUFFIX}")
+        export_s = time.perf_counter() - t0
+        report = {**verify(tmp, meta, model, loaded.tokenizer, adapter_file), "export_seconds": export_s,
+                  "mode": cfg.mode, "weights": cfg.weights, "adapter": cfg.adapter,
+                  "files_bytes": {p.name: p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}}
+        tolerance = cfg.tolerance if cfg.tolerance is not None else TOLERANCE[cfg.weights]
+        report["tolerance"] = tolerance
+        write_json(tmp / "export_report.json", report)
+        if report["max_abs_logit_diff"] > tolerance:
+            raise QloraError(f"export check failed: max |logit difference| vs PyTorch {report['max_abs_logit_diff']:.2e} "
+                             f"exceeds --tolerance {tolerance:g}; nothing was written to {cfg.out}")
+    print(_summary(report, cfg), flush=True)
+    return report
+
+
+def _summary(r: dict, cfg: ExportConfig) -> str:
+    size = sum(v for k, v in r["files_bytes"].items() if k.startswith("model.onnx")) / 2**20
+    return table(f"export {cfg.out}", [
+        ("mode / weights", f"{cfg.mode} / {cfg.weights}"),
+        ("max |dlogit| vs PyTorch", f"{r['max_abs_logit_diff']:.2e} (tolerance {r['tolerance']:g})"),
+        ("mean |dlogit|", f"{r['mean_abs_logit_diff']:.2e}"),
+        ("greedy agreement", f"{100 * r['greedy_agreement']:.1f}% over {r['greedy_new_tokens']} tokens, "
+                             f"{r['greedy_identical_prompts']}/{r['prompts']} prompts identical"),
+        ("model size", f"{size:,.1f} MiB"), ("export time", f"{r['export_seconds']:.1f} s (load included)"),
+    ])
+

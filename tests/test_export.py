@@ -1,0 +1,98 @@
+"""`qlora-rt export` / `export-adapter` end to end on a tiny trained model."""
+
+import json
+
+import numpy as np
+import pytest
+
+from qlora_rt.cli import main
+from qlora_rt.config import ExportConfig, TrainConfig
+from qlora_rt.errors import QloraError
+from qlora_rt.train import train
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama, tiny_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    out = {}
+    for name, rank, targets, seed in (("a", 4, "all-linear", 0), ("b", 8, "q_proj,v_proj", 1)):
+        out[name] = train(TrainConfig(model=str(tiny_llama), data=str(tiny_data / "train.jsonl"), out=str(tmp / name),
+                                      steps=6, rank=rank, targets=targets, seed=seed, lr=1e-2, batch_size=2,
+                                      seq_len=64, checkpoint_every=0, eval_every=0)).adapter
+    return tmp, out
+
+
+@pytest.mark.parametrize("mode,weights", [("merged", "fp32"), ("merged", "fp16"), ("adapter-aware", "fp32"),
+                                          ("adapter-aware", "fp16")])
+def test_export_verifies_itself(tiny_llama, runs, mode, weights):
+    from export.exporter import export
+
+    tmp, adapters = runs
+    out = tmp / f"{mode}-{weights}"
+    report = export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(out), mode=mode,
+                                 weights=weights))
+    assert report["max_abs_logit_diff"] <= (1e-4 if weights == "fp32" else 5e-2)
+    assert report["greedy_agreement"] == 1.0
+    assert json.loads((out / "export_report.json").read_text())["max_abs_logit_diff"] == report["max_abs_logit_diff"]
+    meta = json.loads((out / "qlora_rt_export.json").read_text())
+    assert meta["layers"] == 2 and meta["kv_heads"] == 2 and (out / "tokenizer.json").exists()
+    assert (out / "adapters" / "default.onnx_adapter").exists() == (mode == "adapter-aware")
+
+
+def test_two_adapters_of_different_ranks_switch_per_run(tiny_llama, runs):
+    import onnxruntime as ort
+    import torch
+
+    from export.exporter import export
+    from export.verify import OrtDecoder
+    from qlora_rt.adapters import open_trained
+
+    tmp, adapters = runs
+    out = tmp / "multi"
+    # a bare base export gets LoRA inputs on every Linear, so any adapter of this base fits
+    export(ExportConfig(model=str(tiny_llama), out=str(out)))
+    for name in ("a", "b"):
+        assert main(["export-adapter", "--adapter", str(adapters[name]), "--onnx", str(out), "--name", name]) == 0
+    meta = json.loads((out / "qlora_rt_export.json").read_text())
+    ids = np.array([[5, 17, 42, 99, 7]], np.int64)
+    results = {}
+    for name in ("a", "b", None):
+        dec = OrtDecoder(out, meta, out / "adapters" / f"{name}.onnx_adapter" if name else None)
+        results[name] = dec.forward(ids, 5, None)[0]
+        loaded, _, _ = open_trained(str(tiny_llama), adapters[name] if name else None)
+        with torch.no_grad():
+            ref = loaded.model.eval()(input_ids=torch.from_numpy(ids)).logits.numpy()
+        assert np.abs(results[name] - ref).max() <= 1e-4, name
+    assert np.abs(results["a"] - results["b"]).max() > 1e-3
+
+
+def test_export_errors(tiny_llama, runs, tmp_path, capsys):
+    from export.exporter import export
+
+    _, adapters = runs
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(QloraError, match="already exists"):
+        export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / "exists")))
+    with pytest.raises(QloraError, match="--mode merged needs --adapter"):
+        export(ExportConfig(model=str(tiny_llama), out=str(tmp_path / "m"), mode="merged"))
+    with pytest.raises(SystemExit) as exit_info:  # argparse rejects an unknown --weights itself
+        main(["export", "--model", str(tiny_llama), "--out", str(tmp_path / "x"), "--weights", "int3"])
+    assert exit_info.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
+    good = tmp_path / "good"
+    export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(good)))
+    before = (good / "model.onnx.data").read_bytes()
+    with pytest.raises(QloraError, match="exceeds --tolerance"):
+        export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["b"]), out=str(good), overwrite=True,
+                            tolerance=0.0, weights="fp16"))
+    assert (good / "model.onnx.data").read_bytes() == before  # the failed export replaced nothing
+    merged = tmp_path / "merged"
+    export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(merged), mode="merged"))
+    assert main(["export-adapter", "--adapter", str(adapters["b"]), "--onnx", str(merged), "--name", "b"]) == 2
+    assert "merged export" in capsys.readouterr().err
+    assert main(["export-adapter", "--adapter", str(adapters["b"]), "--onnx", str(good), "--name", "default"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export-adapter", "--adapter", str(adapters["b"]), "--onnx", str(good), "--name", "b"]) == 0
+    narrow = tmp_path / "narrow"  # LoRA inputs on q_proj/v_proj only: an all-linear adapter does not fit
+    export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["b"]), out=str(narrow)))
+    assert main(["export-adapter", "--adapter", str(adapters["a"]), "--onnx", str(narrow), "--name", "a"]) == 2
+    assert "no LoRA input in this export" in capsys.readouterr().err
