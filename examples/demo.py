@@ -56,14 +56,15 @@ def main() -> None:
     prompts, refs = [prompt_messages(r) for r in rows], [reference_answer(r) for r in rows]
     t0 = time.perf_counter()
     with disabled(loaded.model):
-        base = answer(loaded.model, loaded.tokenizer, prompts, max_new_tokens=16)
-    tuned = answer(loaded.model, loaded.tokenizer, prompts, max_new_tokens=16)
+        base = answer(loaded.model, loaded.tokenizer, prompts, max_new_tokens=12)
+    tuned = answer(loaded.model, loaded.tokenizer, prompts, max_new_tokens=12)
     answer_s = time.perf_counter() - t0
 
     print(f"\n{'date as written':<44}{'base (NF4)':<26}{'fine-tuned (NF4 + LoRA)':<24}")
     for row, b, t in list(zip(rows, base, tuned))[: args.show]:
         question = prompt_messages(row)[-1]["content"].splitlines()[-1]
-        print(f"{question[:42]:<44}{b[:24]:<26}{t[:24]:<24}")
+        b, t = (" ".join(a.split())[:24] for a in (b, t))  # one line each, however the model answered
+        print(f"{question[:42]:<44}{b:<26}{t:<24}")
     print()
     print(table("demo: held-out date rewriting (exact match)", [
         ("held-out prompts", len(rows)),

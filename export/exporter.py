@@ -30,7 +30,7 @@ from qlora_rt.load import SUPPORTED
 from qlora_rt.lora import lora_layers
 from qlora_rt.report import table
 
-TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
+TOLERANCE = {"fp32": 1e-3, "nf4": 1e-3, "fp16": 5e-2, "int4": float("inf")}
 MAX_ROPE_TABLE = 32768  # positions; longer contexts need a larger table (recorded as max_context)
 
 
@@ -81,7 +81,8 @@ def export(cfg: ExportConfig) -> dict:
     max_context = min(model.config.max_position_embeddings, MAX_ROPE_TABLE)
     g = Graph()
     add_shared_tensors(g, model, max_context)
-    build_decoder(spec, g, LinearWriter(g, model, cfg.mode, cfg.weights, adapted), head_writer(g, model, cfg.weights))
+    writer = LinearWriter(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size)
+    build_decoder(spec, g, writer, head_writer(g, model, cfg.weights))
     lora_inputs = _lora_inputs(model, adapted) if cfg.mode == "adapter-aware" else {}
     meta = _metadata(cfg, loaded, spec, qcfg.format, lora_inputs, max_context)
     with atomic_dir(cfg.out, overwrite=True) as tmp:
@@ -99,7 +100,9 @@ def export(cfg: ExportConfig) -> dict:
                   "mode": cfg.mode, "weights": cfg.weights, "adapter": cfg.adapter,
                   "files_bytes": {p.name: p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}}
         tolerance = cfg.tolerance if cfg.tolerance is not None else TOLERANCE[cfg.weights]
-        report["tolerance"] = tolerance
+        report["tolerance"] = tolerance if tolerance != float("inf") else None
+        if writer.requant_err:
+            report["int4_relative_weight_error_mean"] = sum(writer.requant_err) / len(writer.requant_err)
         write_json(tmp / "export_report.json", report)
         if report["max_abs_logit_diff"] > tolerance:
             raise QloraError(f"export check failed: max |logit difference| vs PyTorch {report['max_abs_logit_diff']:.2e} "
@@ -112,7 +115,9 @@ def _summary(r: dict, cfg: ExportConfig) -> str:
     size = sum(v for k, v in r["files_bytes"].items() if k.startswith("model.onnx")) / 2**20
     return table(f"export {cfg.out}", [
         ("mode / weights", f"{cfg.mode} / {cfg.weights}"),
-        ("max |dlogit| vs PyTorch", f"{r['max_abs_logit_diff']:.2e} (tolerance {r['tolerance']:g})"),
+        ("max |dlogit| vs PyTorch", f"{r['max_abs_logit_diff']:.2e} (tolerance {r['tolerance'] or 'not enforced'})"),
+        ("int4 requantization", f"{100 * r['int4_relative_weight_error_mean']:.2f}% mean relative weight error"
+         if "int4_relative_weight_error_mean" in r else "-"),
         ("mean |dlogit|", f"{r['mean_abs_logit_diff']:.2e}"),
         ("greedy agreement", f"{100 * r['greedy_agreement']:.1f}% over {r['greedy_new_tokens']} tokens, "
                              f"{r['greedy_identical_prompts']}/{r['prompts']} prompts identical"),

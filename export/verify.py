@@ -46,37 +46,42 @@ class OrtDecoder:
         return self.session.run(None, feed, self.run_options)
 
     def greedy(self, ids: np.ndarray, n: int) -> tuple[np.ndarray, list[int]]:
+        """Prompt logits, and up to n greedy tokens (stopping after an end-of-sequence token)."""
         out = self.forward(ids, ids.shape[1], None)
         first_logits, tokens = out[0], []
-        for _ in range(n):
+        while len(tokens) < n:
             tokens.append(int(out[0][0, -1].argmax()))
-            total = ids.shape[1] + len(tokens)
-            out = self.forward(np.array([[tokens[-1]]], np.int64), total, out[1:])
+            if tokens[-1] in self.meta["eos_token_ids"]:
+                break
+            out = self.forward(np.array([[tokens[-1]]], np.int64), ids.shape[1] + len(tokens), out[1:])
         return first_logits, tokens
 
 
 @torch.no_grad()
-def _torch_greedy(model, ids: np.ndarray, n: int) -> tuple[np.ndarray, list[int]]:
+def _torch_greedy(model, ids: np.ndarray, n: int, eos: list[int]) -> tuple[np.ndarray, list[int]]:
     x = torch.from_numpy(ids)
     logits = model(input_ids=x).logits.float().numpy()
-    seq = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, pad_token_id=0)
-    return logits, seq[0, ids.shape[1]:].tolist()
+    seq = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                         eos_token_id=eos, pad_token_id=eos[0])[0, ids.shape[1]:].tolist()
+    stop = next((i + 1 for i, t in enumerate(seq) if t in eos), len(seq))
+    return logits, seq[:stop]
 
 
 def verify(folder: Path, meta: dict, model, tokenizer, adapter: Path | None, new_tokens: int = 32) -> dict:
-    """max/mean |dlogit| over the prompts' positions, and greedy agreement over `new_tokens` tokens."""
+    """max/mean |dlogit| over the prompts' positions, and greedy agreement over up to `new_tokens` tokens."""
     dec = OrtDecoder(folder, meta, adapter)
     diffs, agree, identical = [], [], 0
     for text in PROMPTS:
         ids = _prompt_ids(tokenizer, text)
-        ref_logits, ref_tokens = _torch_greedy(model, ids, new_tokens)
+        ref_logits, ref_tokens = _torch_greedy(model, ids, new_tokens, meta["eos_token_ids"])
         logits, tokens = dec.greedy(ids, new_tokens)
         diffs.append(np.abs(logits - ref_logits))
-        prefix = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), new_tokens)
-        agree.append(prefix)
-        identical += prefix == new_tokens
+        # both stop at end-of-sequence: agreement is the shared prefix over the longer continuation
+        longest = max(len(tokens), len(ref_tokens))
+        prefix = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), min(len(tokens), len(ref_tokens)))
+        agree.append(prefix / longest)
+        identical += tokens == ref_tokens
     return {"max_abs_logit_diff": float(max(d.max() for d in diffs)),
             "mean_abs_logit_diff": float(np.mean([d.mean() for d in diffs])),
             "greedy_new_tokens": new_tokens, "greedy_identical_prompts": identical, "prompts": len(PROMPTS),
-            "greedy_agreement": float(np.mean(agree) / new_tokens)}
+            "greedy_agreement": float(np.mean(agree))}

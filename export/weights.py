@@ -1,7 +1,9 @@
 """How each Linear of the trained model becomes ONNX: the weight format, and LoRA as graph inputs.
 
-    merged         W' = dequantize(W4) + s·B·A (fp32, NaN-checked), stored as fp32 | fp16
-    adapter-aware  the base stays as trained (dequantized to fp32 | fp16 here), and each adapted
+    merged         W' = dequantize(W4) + s·B·A (fp32, NaN-checked), stored as fp32 | fp16 | int4
+    adapter-aware  the base as trained: nf4 = the very NF4/FP4 bytes in com.microsoft.MatMulBnb4
+                   (bit-identical base), int4 = requantized to MatMulNBits, fp32 | fp16 = dequantized;
+                   each adapted
                    Linear gets two graph inputs, `<name>.lora_A` (in, r) and `<name>.lora_B` (r, out)
                    with s folded into B, whose rank-0 initializers mean "no adapter" by default.
 """
@@ -11,14 +13,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from export.graph import Graph
+from export import int4
+from export.graph import MS, Graph
 from qlora_rt import quant
 from qlora_rt.errors import QloraError
 from qlora_rt.lora import LoRALinear, lora_layers
 from qlora_rt.merge import merge_weight
 
 MODES = ("merged", "adapter-aware")
-WEIGHTS = ("fp32", "fp16")
+WEIGHTS = ("fp32", "fp16", "int4", "nf4")
+INT4_ACCURACY = 4  # MatMulNBits computes with int8-quantized activations: the fast CPU path
 
 
 def lora_input_names(name: str) -> tuple[str, str]:
@@ -34,11 +38,16 @@ def lora_arrays(A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[np.ndar
 class LinearWriter:
     """Called as `lin(name, x)` by the graph builder; emits the nodes of one Linear and returns y."""
 
-    def __init__(self, g: Graph, model: torch.nn.Module, mode: str, weights: str, adapted: set[str]) -> None:
+    def __init__(self, g: Graph, model: torch.nn.Module, mode: str, weights: str, adapted: set[str],
+                 block_size: int = 32) -> None:
         if mode not in MODES or weights not in WEIGHTS:
             raise QloraError(f"--mode {mode} --weights {weights}: not supported; modes {', '.join(MODES)}, "
                              f"weights {', '.join(WEIGHTS)}")
-        self.g, self.mode, self.weights = g, mode, weights
+        if mode == "merged" and weights == "nf4":
+            raise QloraError("--mode merged --weights nf4: a merged weight is no longer the trained NF4 base; "
+                             "use --weights int4|fp16|fp32, or --mode adapter-aware to keep the NF4 base")
+        self.g, self.mode, self.weights, self.block_size = g, mode, weights, block_size
+        self.requant_err: list[float] = []  # int4: relative Frobenius error of each requantized weight
         self.layers = lora_layers(model)
         self.adapted = adapted  # the Linears that get LoRA inputs in adapter-aware mode
 
@@ -49,12 +58,31 @@ class LinearWriter:
             return self.g.op("Cast", [self.g.init(f"{name}.weight_fp16", wt.astype(np.float16))], to=1)
         return self.g.init(f"{name}.weight", wt)
 
+    def _int4(self, name: str, x: str, w: torch.Tensor) -> str:
+        B, scales, zp = int4.quantize(w, self.block_size)
+        w = w.detach()
+        err = (int4.dequantize(B, scales, zp, w.shape[1]) - w).norm() / w.norm().clamp(min=1e-12)
+        self.requant_err.append(float(err))
+        g = self.g
+        return g.op("MatMulNBits", [x, g.init(f"{name}.qweight", B), g.init(f"{name}.scales", scales),
+                                    g.init(f"{name}.zero_points", zp)], domain=MS, K=w.shape[1], N=w.shape[0],
+                    bits=4, block_size=self.block_size, accuracy_level=INT4_ACCURACY)
+
+    def _nf4(self, name: str, x: str, layer: LoRALinear) -> str:
+        packed, absmax, quant_type, block = quant.bnb4_export(layer.weight)
+        g = self.g
+        return g.op("MatMulBnb4", [x, g.init(f"{name}.qweight", packed.numpy()), g.init(f"{name}.absmax", absmax.numpy())],
+                    domain=MS, K=layer.in_features, N=layer.out_features, block_size=block, quant_type=quant_type)
+
     def __call__(self, name: str, x: str) -> str:
         layer = self.layers[name]
-        w = quant.dequantize(layer.weight)
-        if self.mode == "merged" and layer.rank:
-            w = merge_weight(w, layer.lora_A.weight, layer.lora_B.weight, layer.scale, name)
-        y = self.g.op("MatMul", [x, self._weight(name, w)])
+        if self.weights == "nf4":
+            y = self._nf4(name, x, layer)
+        else:
+            w = quant.dequantize(layer.weight)
+            if self.mode == "merged" and layer.rank:
+                w = merge_weight(w, layer.lora_A.weight, layer.lora_B.weight, layer.scale, name)
+            y = self._int4(name, x, w) if self.weights == "int4" else self.g.op("MatMul", [x, self._weight(name, w)])
         if layer.bias is not None:
             y = self.g.op("Add", [y, self.g.init(f"{name}.bias", layer.bias.detach().float().numpy())])
         if self.mode == "adapter-aware" and name in self.adapted:
@@ -99,7 +127,7 @@ def head_writer(g: Graph, model: torch.nn.Module, weights: str):
             w = g.op("Transpose", ["model.embed_tokens.weight"], perm=[1, 0])
         else:
             wt = head.weight.detach().float().T.contiguous().numpy()
-            w = g.init("lm_head.weight", wt) if weights == "fp32" else g.op(
+            w = g.init("lm_head.weight", wt) if weights != "fp16" else g.op(
                 "Cast", [g.init("lm_head.weight_fp16", wt.astype(np.float16))], to=1)
         return g.op("MatMul", [x, w], [out])
 

@@ -87,10 +87,13 @@ class ExportConfig:
     adapter: str | None = option(None, "trained adapter folder (qlora-rt or PEFT layout); none = the base")
     mode: str = option("adapter-aware", "merged: fold the adapter into the weights; adapter-aware: base + "
                        "LoRA graph inputs, adapters as .onnx_adapter files", choices=("merged", "adapter-aware"))
-    weights: str = option("fp32", "how the weights are stored", choices=("fp32", "fp16"))
+    weights: str = option("fp32", "weight format: fp32 | fp16 | int4 (MatMulNBits, requantized, error reported) | "
+                          "nf4 (adapter-aware: the trained NF4 bytes in MatMulBnb4)",
+                          choices=("fp32", "fp16", "int4", "nf4"))
+    block_size: int = option(32, "int4 block size (weights per scale)")
     name: str = option("default", "file name for the adapter under adapters/ (adapter-aware)")
     tolerance: float | None = option(None, "max |logit difference| vs PyTorch before the export fails "
-                                     "(default: 1e-3 for fp32, 5e-2 for fp16)")
+                                     "(default: 1e-3 for fp32 and nf4, 5e-2 for fp16; int4 is reported, not enforced)")
     overwrite: bool = option(False, "replace --out if it exists (only after the new export verified)")
 
     def check(self) -> None:

@@ -101,3 +101,18 @@ def storage_bytes(weight: torch.Tensor) -> int:
         if state.nested:
             n += state.state2.absmax.numel() * state.state2.absmax.element_size()
     return n
+
+
+def bnb4_export(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The trained 4-bit bytes as onnxruntime's MatMulBnb4 takes them.
+
+    Returns (packed uint8 (N*K/2,), fp32 absmax (blocks,), quant_type (0 fp4, 1 nf4), block size).
+    Double-quantized absmax is folded to fp32 here, exactly as bitsandbytes' own dequantization does.
+    """
+    if not is_quantized(weight):
+        raise QloraError("--weights nf4 needs a base trained in nf4 or fp4 (this one is not 4-bit)")
+    bnbf = _bnb().functional
+    state = weight.quant_state
+    absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+    return (weight.data.reshape(-1).cpu(), absmax.float().cpu(), {"fp4": 0, "nf4": 1}[state.quant_type],
+            state.blocksize)
