@@ -67,3 +67,16 @@ def test_real_adapter_loads_in_peft(run):
         diff = (peft(input_ids=x).logits - loaded.model(x).logits).abs().max().item()
     print(f"SmolLM2-135M qlora-rt vs PEFT+bitsandbytes: max |dlogit| = {diff:.2e}")
     assert diff <= 1e-4
+
+
+def test_adapter_aware_nf4_export_of_the_real_model_verifies(run):
+    from export.exporter import export
+    from qlora_rt.config import ExportConfig
+
+    tmp, result, _ = run
+    report = export(ExportConfig(model="smollm2-135m", adapter=str(result.adapter), out=str(tmp / "onnx"),
+                                 mode="adapter-aware", weights="nf4"))
+    print(f"SmolLM2-135M adapter-aware NF4 export: max |dlogit| {report['max_abs_logit_diff']:.2e}, "
+          f"greedy {report['greedy_identical_prompts']}/{report['prompts']} identical, {report['export_seconds']:.0f} s")
+    assert report["max_abs_logit_diff"] <= 1e-3
+    assert report["greedy_identical_prompts"] == report["prompts"]
