@@ -43,9 +43,6 @@ class LinearWriter:
         if mode not in MODES or weights not in WEIGHTS:
             raise QloraError(f"--mode {mode} --weights {weights}: not supported; modes {', '.join(MODES)}, "
                              f"weights {', '.join(WEIGHTS)}")
-        if mode == "merged" and weights == "nf4":
-            raise QloraError("--mode merged --weights nf4: a merged weight is no longer the trained NF4 base; "
-                             "use --weights int4|fp16|fp32, or --mode adapter-aware to keep the NF4 base")
         self.g, self.mode, self.weights, self.block_size = g, mode, weights, block_size
         self.requant_err: list[float] = []  # int4: relative Frobenius error of each requantized weight
         self.layers = lora_layers(model)

@@ -102,6 +102,9 @@ class ExportConfig:
                 raise QloraError(f"--{name} is required")
         if self.mode == "merged" and self.adapter is None:
             raise QloraError("--mode merged needs --adapter (merging nothing is just the base: use adapter-aware)")
+        if self.mode == "merged" and self.weights == "nf4":
+            raise QloraError("--mode merged --weights nf4: a merged weight is no longer the trained NF4 base; use "
+                             "--weights int4|fp16|fp32, or --mode adapter-aware to keep the NF4 base")
 
 
 @dataclass

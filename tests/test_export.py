@@ -79,6 +79,9 @@ def test_export_errors(tiny_llama, runs, tmp_path, capsys):
         export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / "exists")))
     with pytest.raises(QloraError, match="--mode merged needs --adapter"):
         export(ExportConfig(model=str(tiny_llama), out=str(tmp_path / "m"), mode="merged"))
+    with pytest.raises(QloraError, match="no longer the trained NF4 base"):
+        export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / "m"),
+                            mode="merged", weights="nf4"))
     with pytest.raises(SystemExit) as exit_info:  # argparse rejects an unknown --weights itself
         main(["export", "--model", str(tiny_llama), "--out", str(tmp_path / "x"), "--weights", "int3"])
     assert exit_info.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
