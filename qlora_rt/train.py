@@ -20,9 +20,9 @@ from qlora_rt.adapters import save_adapter
 from qlora_rt.data import IGNORE, Order, collate, count_targets, load_examples, steps_for_epochs
 from qlora_rt.errors import QloraError
 from qlora_rt.load import load
-from qlora_rt.lora import LoraConfig, add_adapters, count_parameters, quantize_model, trainable_parameters
+from qlora_rt.lora import LoraConfig, add_adapters, count_parameters, lora_layers, quantize_model, trainable_parameters
 from qlora_rt.config import TrainConfig
-from qlora_rt.quant import QuantConfig
+from qlora_rt.quant import QuantConfig, storage_bytes
 from qlora_rt.report import peak_memory, table
 
 
@@ -135,7 +135,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
-    print(f"base {loaded.source}: {total / 1e6:.1f}M params, {cfg.quant} base; adapters on "
+    base_mib = sum(storage_bytes(m.weight) for m in lora_layers(model).values()) / 2**20
+    print(f"base {loaded.source}: {total / 1e6:.1f}M params, {cfg.quant} linears in {base_mib:,.1f} MiB; adapters on "
           f"{len(targets)} layers, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
           f"{len(train_set)} examples{f' ({dropped} dropped: no target token left after truncation)' if dropped else ''}; "
           f"{total_steps} steps on {device.type}", file=sys.stderr)
