@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from onnx import TensorProto, helper
 
 from export import int4
 from export.graph import MS, Graph
@@ -88,8 +89,6 @@ class LinearWriter:
 
     def _lora(self, name: str, x: str, layer: LoRALinear) -> str:
         """x @ A @ (s·B) with A and B as overridable graph inputs; rank-0 defaults give zeros."""
-        from onnx import TensorProto, helper
-
         a_name, b_name = lora_input_names(name)
         self.g.init(a_name, np.zeros((layer.in_features, 0), np.float32))
         self.g.init(b_name, np.zeros((0, layer.out_features), np.float32))

@@ -1,6 +1,6 @@
 """Training checkpoints: everything needed to continue a run as if it had never stopped.
 
-    runs/X/checkpoint/adapter_model.safetensors   A and B (module names as in the model)
+    runs/X/checkpoint/adapter_model.safetensors   A and B, under PEFT's key names as in adapter/
     runs/X/checkpoint/trainer_state.pt            optimizer, scheduler, RNG states, data position, step
 
 The state file holds tensors and plain Python values only and is read with `weights_only=True`:
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from qlora_rt.adapters import PREFIX, adapter_tensors
 from qlora_rt.errors import QloraError
 from qlora_rt.files import atomic_dir, resolve
 from qlora_rt.lora import lora_layers
@@ -36,11 +37,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save(folder: Path, model: torch.nn.Module, optimizer, scheduler, progress: dict) -> None:
-    tensors = {}
-    for name, layer in lora_layers(model).items():
-        if layer.rank:
-            tensors[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
-            tensors[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+    tensors = adapter_tensors(model)  # the same tensors and PEFT key names as the final adapter
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": _rng_state(), "progress": progress}
     with atomic_dir(folder) as tmp:
@@ -59,13 +56,12 @@ def load(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
     except Exception as e:
         raise QloraError(f"{found}: checkpoint is unreadable ({str(e).splitlines()[0]})") from None
     layers = lora_layers(model)
-    expected = {f"{n}.lora_{ab}.weight" for n, m in layers.items() if m.rank for ab in "AB"}
-    if set(tensors) != expected:
+    if set(tensors) != set(adapter_tensors(model)):
         raise QloraError(f"{found}: checkpoint adapter does not match this run's targets/rank; "
                          "was the run's config changed?")
     with torch.no_grad():
         for key, t in tensors.items():
-            owner, ab = key.rsplit(".lora_", 1)
+            owner, ab = key.removeprefix(PREFIX).rsplit(".lora_", 1)
             target = getattr(layers[owner], f"lora_{ab[0]}").weight
             if target.shape != t.shape:
                 raise QloraError(f"{found}: {key} has shape {tuple(t.shape)}, this run expects {tuple(target.shape)}")
