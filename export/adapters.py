@@ -15,10 +15,7 @@ import numpy as np
 from export.weights import lora_arrays, lora_input_names
 from qlora_rt.adapters import read_lora
 from qlora_rt.errors import QloraError
-
-ADAPTER_DIR = "adapters"
-SUFFIX = ".onnx_adapter"
-
+from qlora_rt.runtime import ADAPTER_DIR, ADAPTER_SUFFIX as SUFFIX, adapter_model_version, check_fits
 
 def adapter_arrays(adapter: str | Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """An adapter folder's metadata, and its tensors named and laid out as the graph's LoRA inputs."""
@@ -27,17 +24,6 @@ def adapter_arrays(adapter: str | Path) -> tuple[dict[str, str], dict[str, np.nd
     for name, (A, B, scale) in lora.items():
         arrays.update(zip(lora_input_names(name), lora_arrays(A, B, scale)))
     return meta, arrays
-
-
-def check_fits(arrays: dict[str, np.ndarray], lora_inputs: dict[str, list[int]], where: str) -> None:
-    """Every array must name a LoRA input of the exported graph and fit its fixed dimension."""
-    for key, arr in arrays.items():
-        if key not in lora_inputs:
-            raise QloraError(f"{where}: adapts {key.rsplit('.', 1)[0]}, which has no LoRA input in this export "
-                             "(was it exported for other target modules?)")
-        fixed = lora_inputs[key]  # (in, None) for A, (None, out) for B
-        if any(f is not None and f != d for f, d in zip(fixed, arr.shape)):
-            raise QloraError(f"{where}: {key} has shape {arr.shape}, the export expects {fixed}")
 
 
 def check_base(adapter_meta: dict[str, str], export_meta: dict, where: str) -> None:
@@ -52,12 +38,13 @@ def check_base(adapter_meta: dict[str, str], export_meta: dict, where: str) -> N
                          f"{export_meta['base_quant']}")
 
 
-def write_adapter(arrays: dict[str, np.ndarray], path: Path) -> Path:
+def write_adapter(arrays: dict[str, np.ndarray], path: Path, export_meta: dict) -> Path:
+    """The file's model version identifies the base it was trained on, so the runtime can refuse a wrong one."""
     import onnxruntime as ort
 
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
-    fmt.set_model_version(1)
+    fmt.set_model_version(adapter_model_version(export_meta))
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt.export_adapter(str(path))
@@ -79,5 +66,5 @@ def export_adapter(adapter: str, onnx_dir: str, name: str, overwrite: bool = Fal
                          "or pass --overwrite")
     adapter_meta, arrays = adapter_arrays(adapter)
     check_base(adapter_meta, meta, f"--adapter {adapter}")
-    check_fits(arrays, meta["lora_inputs"], f"--adapter {adapter}")
-    return write_adapter(arrays, target)
+    check_fits({k: v.shape for k, v in arrays.items()}, meta["lora_inputs"], f"--adapter {adapter}")
+    return write_adapter(arrays, target, meta)

