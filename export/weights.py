@@ -2,7 +2,8 @@
 
     merged         W' = dequantize(W4) + s·B·A (fp32, NaN-checked), stored as fp32 | fp16 | int4
     adapter-aware  the base as trained: nf4 = the very NF4/FP4 bytes in com.microsoft.MatMulBnb4
-                   (bit-identical base), int4 = requantized to MatMulNBits, fp32 | fp16 = dequantized;
+                   (bit-identical base), int4 = an int4-trained base's own bytes in MatMulNBits (any other
+                   base requantized, error reported), fp32 | fp16 = dequantized;
                    each adapted
                    Linear gets two graph inputs, `<name>.lora_A` (in, r) and `<name>.lora_B` (r, out)
                    with s folded into B, whose rank-0 initializers mean "no adapter" by default.
@@ -48,6 +49,7 @@ class LinearWriter:
         self.requant_err: list[float] = []  # int4: relative Frobenius error of each requantized weight
         self.layers = lora_layers(model)
         self.adapted = adapted  # the Linears that get LoRA inputs in adapter-aware mode
+        self._sums: dict = {}  # block sums of an input, for GGUF Q4_1 corrections
 
     def _weight(self, name: str, w: torch.Tensor) -> str:
         """A (out, in) fp32 weight stored as (in, out) for MatMul, in the chosen float format."""
@@ -56,15 +58,33 @@ class LinearWriter:
             return self.g.op("Cast", [self.g.init(f"{name}.weight_fp16", wt.astype(np.float16))], to=1)
         return self.g.init(f"{name}.weight", wt)
 
-    def _int4(self, name: str, x: str, w: torch.Tensor) -> str:
-        B, scales, zp = int4.quantize(w, self.block_size)
-        w = w.detach()
-        err = (int4.dequantize(B, scales, zp, w.shape[1]) - w).norm() / w.norm().clamp(min=1e-12)
-        self.requant_err.append(float(err))
+    def _int4(self, name: str, x: str, w: torch.Tensor | None, layer: LoRALinear) -> str:
+        """MatMulNBits: the trained int4 bytes as they are (w None), or a float weight requantized."""
+        if w is None:
+            inputs, s, accuracy = int4.nbits_inputs(layer.weight.data, layer.weight.int4), layer.weight.int4, \
+                {"int8": 4, "fp32": 0}[layer.weight.int4.compute]
+        else:
+            inputs, s, err = int4.requantize(w, self.block_size)
+            self.requant_err.append(err)
+            accuracy = INT4_ACCURACY
         g = self.g
-        return g.op("MatMulNBits", [x, g.init(f"{name}.qweight", B), g.init(f"{name}.scales", scales),
-                                    g.init(f"{name}.zero_points", zp)], domain=MS, K=w.shape[1], N=w.shape[0],
-                    bits=4, block_size=self.block_size, accuracy_level=INT4_ACCURACY)
+        args = [x, g.init(f"{name}.qweight", inputs["qweight"]), g.init(f"{name}.scales", inputs["scales"])]
+        if "zero_points" in inputs:
+            args.append(g.init(f"{name}.zero_points", inputs["zero_points"]))
+        y = g.op("MatMulNBits", args, domain=MS, K=s.K, N=layer.out_features, bits=4, block_size=s.block,
+                 accuracy_level=accuracy)
+        if "correction" in inputs:  # GGUF Q4_1: + (block sums of x) @ (8·scale + min)
+            y = g.op("Add", [y, g.op("MatMul", [self._block_sums(x, s), g.init(f"{name}.correction", inputs["correction"])])])
+        return y
+
+    def _block_sums(self, x: str, s) -> str:
+        """(B, T, K) -> (B, T, k_blocks), once per input (q/k/v and gate/up share theirs)."""
+        key = (x, s.block)
+        if key not in self._sums:
+            g = self.g
+            blocks = g.op("Reshape", [x, g.const([0, 0, -1, s.block])])  # (B, T, kb, block)
+            self._sums[key] = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)
+        return self._sums[key]
 
     def _nf4(self, name: str, x: str, layer: LoRALinear) -> str:
         packed, absmax, quant_type, block = quant.bnb4_export(layer.weight)
@@ -76,11 +96,13 @@ class LinearWriter:
         layer = self.layers[name]
         if self.weights == "nf4":
             y = self._nf4(name, x, layer)
+        elif self.weights == "int4" and self.mode == "adapter-aware" and quant.is_int4(layer.weight):
+            y = self._int4(name, x, None, layer)  # the trained bytes: no requantization
         else:
             w = quant.dequantize(layer.weight)
             if self.mode == "merged" and layer.rank:
                 w = merge_weight(w, layer.lora_A.weight, layer.lora_B.weight, layer.scale, name)
-            y = self._int4(name, x, w) if self.weights == "int4" else self.g.op("MatMul", [x, self._weight(name, w)])
+            y = self._int4(name, x, w, layer) if self.weights == "int4" else self.g.op("MatMul", [x, self._weight(name, w)])
         if layer.bias is not None:
             y = self.g.op("Add", [y, self.g.init(f"{name}.bias", layer.bias.detach().float().numpy())])
         if self.mode == "adapter-aware" and name in self.adapted:

@@ -179,6 +179,6 @@ def open_trained(model_path: str | Path, adapter: str | Path | None = None, quan
                              f"merging it onto another base would not give the trained model")
         cfg = QuantConfig(format=quant_format)
     loaded = load(model_path)
-    quantize_model(loaded.model, cfg, torch.device(device))
+    quantize_model(loaded.model, cfg, torch.device(device), loaded.gguf)
     info = load_adapter(loaded.model, adapter, loaded.fingerprint) if adapter else None
     return loaded, cfg, info

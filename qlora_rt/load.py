@@ -29,6 +29,7 @@ class Loaded:
     tokenizer: object
     source: str            # what the user passed, for adapter_config.json's base_model_name_or_path
     fingerprint: str       # identifies the base weights, so an adapter for another model is caught
+    gguf: Path | None = None  # the .gguf file the weights came from: int4 imports its Q4 blocks as they are
 
 
 def _offline() -> None:
@@ -170,4 +171,5 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loaded:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return Loaded(model=model, tokenizer=tokenizer, source=str(path), fingerprint=fingerprint(model))
+    return Loaded(model=model, tokenizer=tokenizer, source=str(path), fingerprint=fingerprint(model),
+                  gguf=p if p.is_file() else None)

@@ -78,7 +78,8 @@ class LoRALinear(nn.Module):
         return y + (self.lora_B(h) * self.scale).to(y.dtype)  # (..., out)
 
     def extra_repr(self) -> str:
-        fmt = getattr(self.weight, "quant_type", None) or str(self.weight.dtype).removeprefix("torch.")
+        fmt = "int4" if quant.is_int4(self.weight) else (
+            getattr(self.weight, "quant_type", None) or str(self.weight.dtype).removeprefix("torch."))
         return f"in={self.in_features}, out={self.out_features}, base={fmt}, rank={self.rank}, scale={self.scale:g}"
 
 
@@ -104,13 +105,15 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return get() if get else None
 
 
-def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.device) -> nn.Module:
+def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.device, gguf=None) -> nn.Module:
     """Freeze the model, move it to `device`, and turn every decoder Linear into a quantized LoRALinear.
 
     The output head (and the tied embedding) stay in the compute dtype, as in QLoRA: they are the
     layers most sensitive to quantization and, tied, they are also the input embedding.
+    gguf: the file the weights came from; with int4 (block 32) its Q4_0/Q4_1 tensors are used as stored.
     """
     head = _output_head(model)
+    imported = _gguf_int4(gguf, model, cfg) if gguf is not None and cfg.format == "int4" else {}
     model.requires_grad_(False)
     # names only: holding the modules themselves would keep every fp32 weight alive until the end
     targets = [(parent_name, child_name) for parent_name, parent in model.named_modules()
@@ -118,12 +121,28 @@ def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.devic
     for parent_name, child_name in targets:
         parent = model.get_submodule(parent_name)
         child = getattr(parent, child_name)
-        weight = quant.quantize(child.weight.data, cfg, device)
+        weight = quant.quantize(child.weight.data, cfg, device, imported.pop(f"{parent_name}.{child_name}", None))
         bias = None if child.bias is None else nn.Parameter(
             child.bias.data.to(device, cfg.compute_dtype), requires_grad=False)
         setattr(parent, child_name, LoRALinear(weight, bias, child.in_features, child.out_features).train(child.training))
         del child  # the last reference: its fp32 weight is freed now, so peak memory stays ~ one model
     return _move_unquantized(model, device, cfg.compute_dtype)
+
+
+def _gguf_int4(path, model: nn.Module, cfg: quant.QuantConfig) -> dict:
+    import warnings
+
+    from qlora_rt import int4
+
+    if cfg.block_size != 32:
+        warnings.warn(f"--block-size {cfg.block_size}: GGUF Q4 blocks hold 32 weights, so the base is requantized "
+                      "from its dequantized weights; use --block-size 32 to train on the file's own int4 weights")
+        return {}
+    imported, other = int4.read_gguf_linears(path, model.config, cfg.int4_compute)
+    if other:
+        warnings.warn(f"{len(other)} Linear weights of {path.name} are not Q4_0/Q4_1 (e.g. {other[0]}): they are "
+                      "dequantized and requantized to int4 by rounding")
+    return imported
 
 
 def _move_unquantized(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

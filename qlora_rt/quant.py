@@ -7,6 +7,9 @@ new branch here and nowhere else.
 Formats:
   nf4 / fp4  bitsandbytes 4-bit, block-wise absmax (blocksize 64 by default); with double quantization
              the absmax values are themselves 8-bit quantized (bitsandbytes' `compress_statistics`).
+  int4       the project's own format (qlora_rt/int4.py): laid out and computed as onnxruntime's
+             MatMulNBits, so the adapter-aware int4 export is the trained model, byte for byte.
+             A GGUF base's Q4_0/Q4_1 tensors are imported as they are, never requantized.
   none       the weight stays a plain floating-point tensor (useful for plain LoRA and for tests).
 """
 
@@ -17,35 +20,50 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qlora_rt import int4
+from qlora_rt.config import QUANT_FORMATS as FORMATS
 from qlora_rt.errors import QloraError
 
-from qlora_rt.config import QUANT_FORMATS as FORMATS
+DEFAULT_BLOCK = {"nf4": 64, "fp4": 64, "int4": 32, "none": 64}
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     format: str = "nf4"
     double_quant: bool = True
-    block_size: int = 64
+    block_size: int | None = None  # None: the format's default (DEFAULT_BLOCK)
     compute_dtype: torch.dtype = torch.float32
+    symmetric: bool = False  # int4: zero point 8 (as GGUF Q4_0) instead of one per block
+    int4_compute: str = "int8"  # int4: activations as MatMulNBits accuracy_level 4 (int8) or 0 (fp32)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise QloraError(f"--quant: unknown format {self.format!r}; expected one of {', '.join(FORMATS)}")
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", DEFAULT_BLOCK[self.format])
         if self.format in ("nf4", "fp4") and self.block_size not in (64, 128, 256, 512, 1024, 2048, 4096):
             raise QloraError(f"--block-size: {self.block_size} is not a bitsandbytes block size (64..4096, powers of 2)")
+        if self.format == "int4" and self.block_size not in (16, 32, 64, 128, 256):
+            raise QloraError(f"--block-size: {self.block_size} is not a MatMulNBits block size (16, 32, 64, 128, 256)")
+        if self.int4_compute not in int4.COMPUTE:
+            raise QloraError(f"--int4-compute: expected one of {', '.join(int4.COMPUTE)}, got {self.int4_compute!r}")
 
     def as_metadata(self) -> dict[str, str]:
         """String-only description, stored with adapters so merge/export rebuild the very same base."""
-        return {"quant.format": self.format, "quant.double_quant": str(self.double_quant).lower(),
+        meta = {"quant.format": self.format, "quant.double_quant": str(self.double_quant).lower(),
                 "quant.block_size": str(self.block_size)}
+        if self.format == "int4":
+            meta.update({"quant.symmetric": str(self.symmetric).lower(), "quant.int4_compute": self.int4_compute})
+        return meta
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], compute_dtype: torch.dtype = torch.float32) -> "QuantConfig | None":
         if "quant.format" not in meta:
             return None
         return cls(format=meta["quant.format"], double_quant=meta.get("quant.double_quant", "true") == "true",
-                   block_size=int(meta.get("quant.block_size", "64")), compute_dtype=compute_dtype)
+                   block_size=int(meta.get("quant.block_size", "64")), compute_dtype=compute_dtype,
+                   symmetric=meta.get("quant.symmetric", "false") == "true",
+                   int4_compute=meta.get("quant.int4_compute", "int8"))
 
 
 def _bnb():
@@ -55,15 +73,29 @@ def _bnb():
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
-    return getattr(weight, "quant_state", None) is not None
+    return getattr(weight, "quant_state", None) is not None or is_int4(weight)
 
 
-def quantize(weight: torch.Tensor, cfg: QuantConfig, device: torch.device) -> torch.nn.Parameter:
+def is_int4(weight: torch.Tensor) -> bool:
+    return getattr(weight, "int4", None) is not None
+
+
+def quantize(weight: torch.Tensor, cfg: QuantConfig, device: torch.device,
+             imported: tuple[torch.Tensor, int4.Int4] | None = None) -> torch.nn.Parameter:
     """Quantize an (out, in) weight to the configured format, frozen, on `device`.
 
     Deterministic: the same fp32 weight always gives the same bytes, which is what lets merge and export
     rebuild the trained base from the original checkpoint instead of storing a copy of it.
+    `imported`: int4 bytes taken as they are from the source file (GGUF Q4_0/Q4_1) instead of rounding.
     """
+    if cfg.format == "int4":
+        packed, state = imported or int4.quantize(weight, cfg.block_size, cfg.symmetric, cfg.int4_compute)
+        state.scales = state.scales.to(device)
+        state.zeros = None if state.zeros is None else state.zeros.to(device)
+        state.mins = None if state.mins is None else state.mins.to(device)
+        param = torch.nn.Parameter(packed.to(device), requires_grad=False)
+        param.int4 = state
+        return param
     if cfg.format == "none":
         return torch.nn.Parameter(weight.detach().to(device=device, dtype=cfg.compute_dtype), requires_grad=False)
     bnb = _bnb()
@@ -79,6 +111,8 @@ def quantize(weight: torch.Tensor, cfg: QuantConfig, device: torch.device) -> to
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T + b for a weight in any format; gradients flow to x only (the base is frozen)."""
+    if is_int4(weight):
+        return int4.linear(x, weight, weight.int4, bias)
     if is_quantized(weight):
         return _bnb().matmul_4bit(x, weight.t(), bias=bias, quant_state=weight.quant_state)
     return F.linear(x, weight, bias)
@@ -86,6 +120,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def dequantize(weight: torch.Tensor) -> torch.Tensor:
     """The weight as the forward pass sees it, in fp32, shape (out, in). Double-quant absmax is folded."""
+    if is_int4(weight):
+        return int4.dequantize(weight.data, weight.int4)
     if is_quantized(weight):
         bnb = _bnb()
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
@@ -95,6 +131,9 @@ def dequantize(weight: torch.Tensor) -> torch.Tensor:
 def storage_bytes(weight: torch.Tensor) -> int:
     """Bytes the weight occupies, quantization statistics included."""
     n = weight.numel() * weight.element_size()
+    if is_int4(weight):
+        s = weight.int4
+        return n + sum(t.numel() * t.element_size() for t in (s.scales, s.zeros, s.mins) if t is not None)
     state = getattr(weight, "quant_state", None)
     if state is not None:
         n += state.absmax.numel() * state.absmax.element_size()
@@ -109,7 +148,7 @@ def bnb4_export(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, 
     Returns (packed uint8 (N*K/2,), fp32 absmax (blocks,), quant_type (0 fp4, 1 nf4), block size).
     Double-quantized absmax is folded to fp32 here, exactly as bitsandbytes' own dequantization does.
     """
-    if not is_quantized(weight):
+    if not is_quantized(weight) or is_int4(weight):
         raise QloraError("--weights nf4 needs a base trained in nf4 or fp4 (this one is not 4-bit)")
     bnbf = _bnb().functional
     state = weight.quant_state

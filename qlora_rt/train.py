@@ -111,9 +111,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     torch.manual_seed(cfg.seed)
     loaded = load(cfg.model)
     model, tok = loaded.model, loaded.tokenizer
-    qcfg = QuantConfig(cfg.quant, cfg.double_quant, cfg.block_size, dtype)
+    qcfg = QuantConfig(cfg.quant, cfg.double_quant, cfg.block_size, dtype, cfg.symmetric, cfg.int4_compute)
     lcfg = LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.targets)
-    quantize_model(model, qcfg, device)
+    quantize_model(model, qcfg, device, loaded.gguf)
     targets = add_adapters(model, lcfg)
     train_set, dropped = load_examples(cfg.data, tok, cfg.seq_len)
     eval_set = load_examples(cfg.eval_data, tok, cfg.seq_len)[0] if cfg.eval_data else []

@@ -1,0 +1,189 @@
+"""The project's int4 format: stored as onnxruntime's MatMulNBits stores it, computed as it computes.
+
+    packed  uint8 (N, k_blocks, block/2)   two 4-bit codes a byte, the even index in the low nibble
+    scales  fp32  (N, k_blocks)
+    zeros   uint8 (N, k_blocks) codes       asymmetric: w = (q - zero) * scale
+            None                            symmetric:  w = (q - 8) * scale   (GGUF Q4_0 too)
+    mins    fp32  (N, k_blocks)             GGUF Q4_1:  w = q * scale + min
+
+Q4_1's min is no integer zero point, so it runs as symmetric MatMulNBits plus a per-block correction
+c = 8·scale + min applied to the block sums of x: exact, and still the fast kernel (float zero points
+make onnxruntime's CPU kernel ~20x slower, measured).
+
+compute="int8" reproduces MatMulNBits with accuracy_level 4, the fast CPU path: x is quantized to int8
+per block of `block` values (scale = max|x|/127, q = round-half-even(x · (1/scale))) before the product. Measured
+against onnxruntime 1.32 on AVX2: max relative difference 4.5e-7, i.e. float rounding only, versus an
+error of the order of 1 when the fp32 product is compared with it. So the trained model is the one the
+device runs. Gradients pass straight through the activation rounding (STE). compute="fp32" matches
+accuracy_level 0.
+
+The product never keeps a dequantized weight: forward and backward each rebuild it from the bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+COMPUTE = ("int8", "fp32")
+
+
+@dataclass
+class Int4:
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    mins: torch.Tensor | None
+    K: int
+    block: int
+    compute: str = "int8"
+    source: str = "rtn"  # rtn | gguf-q4_0 | gguf-q4_1
+
+    @property
+    def correction(self) -> torch.Tensor | None:
+        """(N, k_blocks) per-block offsets of a Q4_1 weight over its symmetric part: 8·scale + min."""
+        return None if self.mins is None else 8 * self.scales + self.mins
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """(..., m) bytes -> (..., 2m) uint8 codes."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """(..., 2m) uint8 codes < 16 -> (..., m) bytes, even index in the low nibble."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+
+
+def _blocks(w: torch.Tensor, block: int) -> torch.Tensor:
+    """(N, K) -> (N, k_blocks, block), zero-padded along K."""
+    N, K = w.shape
+    kb = -(-K // block)
+    return torch.nn.functional.pad(w.float(), (0, kb * block - K)).view(N, kb, block)
+
+
+def quantize(w: torch.Tensor, block: int = 32, symmetric: bool = False, compute: str = "int8"
+             ) -> tuple[torch.Tensor, Int4]:
+    """Round-to-nearest: (N, K) float -> (packed, Int4). Asymmetric keeps 0 in range so padding is exact."""
+    blocks = _blocks(w.detach(), block)  # (N, kb, block)
+    if symmetric:  # as GGUF Q4_0: the largest-magnitude value maps to code 0 exactly
+        idx = blocks.abs().argmax(-1, keepdim=True)
+        scale = (torch.gather(blocks, -1, idx) / -8).squeeze(-1)  # (N, kb)
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        codes = torch.clamp(torch.round(blocks / safe[..., None]) + 8, 0, 15).to(torch.uint8)
+        return pack(codes), Int4(scale, None, None, w.shape[1], block, compute)
+    lo, hi = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
+    scale = (hi - lo) / 15  # (N, kb)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zeros = torch.round(-lo / safe).clamp(0, 15)
+    codes = torch.clamp(torch.round(blocks / safe[..., None]) + zeros[..., None], 0, 15).to(torch.uint8)
+    return pack(codes), Int4(scale, zeros.to(torch.uint8), None, w.shape[1], block, compute)
+
+
+def dequantize(packed: torch.Tensor, s: Int4, symmetric_part: bool = False) -> torch.Tensor:
+    """The (N, K) fp32 weight. symmetric_part: for Q4_1, only (q - 8)·scale (what MatMulNBits holds)."""
+    q = unpack(packed).float()  # (N, kb, block)
+    if s.mins is not None and not symmetric_part:
+        w = q * s.scales[..., None] + s.mins[..., None]  # gguf's own formula, bit for bit
+    else:
+        w = (q - (8 if s.zeros is None else s.zeros[..., None].float())) * s.scales[..., None]
+    return w.flatten(1)[:, : s.K]
+
+
+def quantize_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x as MatMulNBits' int8 path sees it: per block of K, scale = max|x|/127, q = round(x · (1/scale)).
+
+    The order of the float operations matters: x·(127/max|x|) rounds differently often enough to be
+    seen (224 of 1M outputs off by up to 0.09 in a test), x·(1/scale) matches onnxruntime exactly.
+    """
+    K = x.shape[-1]
+    pad = (-K) % block
+    xb = torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, block))  # (..., kb, block)
+    scale = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return (torch.round(xb * inv) * scale).flatten(-2)[..., :K]
+
+
+def block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(..., K) -> (..., k_blocks): the sums the Q4_1 correction multiplies."""
+    pad = (-x.shape[-1]) % block
+    return torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, block)).sum(-1)
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, s: Int4) -> torch.Tensor:
+        ctx.packed, ctx.s = packed, s  # the frozen bytes only; backward rebuilds the weight
+        w = dequantize(packed, s, symmetric_part=True).to(x.dtype)
+        xq = quantize_activations(x, s.block) if s.compute == "int8" else x
+        y = xq @ w.T
+        if s.mins is not None:
+            y = y + block_sums(x, s.block) @ s.correction.to(x.dtype).T
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # straight-through the activation rounding: d/dx of x @ W.T with W the full dequantized weight
+        w = dequantize(ctx.packed, ctx.s).to(grad.dtype)
+        return grad @ w, None, None
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, s: Int4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    y = _Linear.apply(x, packed, s)
+    return y if bias is None else y + bias
+
+
+# ---- GGUF Q4_0 / Q4_1 blocks, imported without dequantizing ----------------------------------------
+GGUF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"}
+
+
+def from_gguf_blocks(raw, kind: str, K: int, compute: str = "int8") -> tuple[torch.Tensor, Int4]:
+    """One tensor's raw GGUF blocks (N, k_blocks * bytes) -> our format, bytes reordered but never rounded.
+
+    Q4_0 block: fp16 d, 16 bytes; Q4_1 block: fp16 d, fp16 m, 16 bytes. In a GGUF byte j the low
+    nibble is element j and the high nibble element j + 16; MatMulNBits pairs elements 2j and 2j + 1.
+    """
+    import numpy as np
+
+    head = 2 if kind == "q4_0" else 4
+    blocks = np.ascontiguousarray(raw).reshape(raw.shape[0], -1, head + 16)  # (N, kb, bytes)
+    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+    qs = torch.from_numpy(blocks[..., head:].copy())  # (N, kb, 16)
+    codes = torch.cat([qs & 0xF, qs >> 4], dim=-1)  # (N, kb, 32) in element order
+    mins = None
+    if kind == "q4_1":
+        mins = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+    return pack(codes), Int4(d, None, mins, K, 32, compute, f"gguf-{kind}")
+
+
+def unpermute_rows(n_rows: int, heads: int) -> torch.Tensor:
+    """llama.cpp stores q/k rows interleaved for its RoPE; the index that puts them back in HF order."""
+    src = torch.arange(n_rows).view(heads, 2, n_rows // heads // 2).transpose(1, 2).reshape(-1)
+    return torch.argsort(src)
+
+
+def read_gguf_linears(path, config, compute: str = "int8") -> tuple[dict[str, tuple[torch.Tensor, Int4]], list[str]]:
+    """The decoder Linears stored as Q4_0/Q4_1 in a GGUF file, by HF module name; and the names of the
+    other Linears (other GGUF types), which the caller quantizes from their float weights instead."""
+    from gguf import GGUFReader
+
+    out, other = {}, []
+    permute = config.model_type in ("llama", "mistral")
+    for t in GGUFReader(str(path)).tensors:
+        parts = t.name.split(".")
+        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in GGUF_LINEARS or parts[3] != "weight":
+            continue
+        name = f"model.layers.{parts[1]}.{GGUF_LINEARS[parts[2]]}"
+        kind = t.tensor_type.name.lower()
+        if kind not in ("q4_0", "q4_1"):
+            other.append(name)
+            continue
+        packed, s = from_gguf_blocks(t.data, kind, int(t.shape[0]), compute)
+        if permute and parts[2] in ("attn_q", "attn_k"):
+            heads = config.num_attention_heads if parts[2] == "attn_q" else config.num_key_value_heads
+            idx = unpermute_rows(packed.shape[0], heads)
+            packed, s.scales, s.mins = packed[idx], s.scales[idx], None if s.mins is None else s.mins[idx]
+        out[name] = (packed.contiguous(), s)
+    return out, other

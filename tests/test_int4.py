@@ -1,0 +1,118 @@
+"""The int4 training format: packing, onnxruntime's MatMulNBits on the same bytes, gradients, GGUF Q4 import."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from export.int4 import nbits_inputs
+from qlora_rt import int4, quant
+from qlora_rt.errors import QloraError
+
+
+def test_pack_unpack_round_trip():
+    codes = torch.randint(0, 16, (5, 3, 32), dtype=torch.uint8)
+    packed = int4.pack(codes)
+    assert packed.shape == (5, 3, 16) and torch.equal(int4.unpack(packed), codes)
+    assert int(packed[0, 0, 0]) == int(codes[0, 0, 0]) | int(codes[0, 0, 1]) << 4  # even index: low nibble
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("K,block", [(64, 32), (96, 64), (72, 16)])  # 96/64: a padded last block
+def test_rounding_error_is_at_most_half_a_step(symmetric, K, block):
+    w = torch.randn(24, K)
+    packed, s = int4.quantize(w, block, symmetric)
+    assert packed.shape == (24, -(-K // block), block // 2)
+    step = s.scales.abs().repeat_interleave(block, 1)[:, :K]
+    err = (int4.dequantize(packed, s) - w).abs()
+    assert (err <= step / 2 + 1e-6).all() or symmetric and (err <= step + 1e-6).all()
+
+
+def _matmul_nbits(x: np.ndarray, packed, s: int4.Int4, accuracy: int) -> np.ndarray:
+    inputs = nbits_inputs(packed, s)
+    names = ["x", "B", "s"] + (["z"] if "zero_points" in inputs else [])
+    inits = [numpy_helper.from_array(inputs[k], n) for k, n in (("qweight", "B"), ("scales", "s"), ("zero_points", "z"))
+             if k in inputs]
+    node = helper.make_node("MatMulNBits", names, ["y"], domain="com.microsoft", K=s.K, N=packed.shape[0], bits=4,
+                            block_size=s.block, accuracy_level=accuracy)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, list(x.shape))],
+                              [helper.make_tensor_value_info("y", 1, [x.shape[0], packed.shape[0]])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("compute,accuracy", [("fp32", 0), ("int8", 4)])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("N,K,block,M", [(64, 64, 32, 1), (192, 576, 32, 7), (96, 160, 64, 3), (128, 256, 128, 2)])
+def test_torch_linear_equals_matmulnbits_on_the_same_bytes(compute, accuracy, symmetric, N, K, block, M):
+    torch.manual_seed(0)
+    packed, s = int4.quantize(torch.randn(N, K) * 0.05, block, symmetric, compute)
+    x = torch.randn(M, K) * 2
+    ours = int4.linear(x, packed, s).numpy()
+    theirs = _matmul_nbits(x.numpy(), packed, s, accuracy)
+    assert np.abs(ours - theirs).max() <= 1e-4
+    if compute == "int8":  # and the emulation matters: the fp32 product is far from the kernel's result
+        fp32 = (x @ int4.dequantize(packed, s).T).numpy()
+        assert np.abs(fp32 - theirs).max() > 100 * np.abs(ours - theirs).max()
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
+def test_gradients_match_an_fp32_reference_on_the_dequantized_weight(kind):
+    from gguf import GGMLQuantizationType, quants
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    raw = quants.quantize(w.numpy(), GGMLQuantizationType[kind.upper()])
+    packed, s = int4.from_gguf_blocks(raw, kind, 64, compute="fp32")
+    lora_a, lora_b = torch.randn(4, 64, requires_grad=True), torch.randn(48, 4, requires_grad=True)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    y = int4.linear(x, packed, s) + x @ lora_a.T @ lora_b.T
+    y.square().sum().backward()
+    got = (x.grad.clone(), lora_a.grad.clone(), lora_b.grad.clone())
+    for t in (x, lora_a, lora_b):
+        t.grad = None
+    ref_w = int4.dequantize(packed, s)
+    (x @ ref_w.T + x @ lora_a.T @ lora_b.T).square().sum().backward()
+    for a, b in zip(got, (x.grad, lora_a.grad, lora_b.grad)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
+def test_gguf_q4_import_equals_ggufs_own_dequantization_bit_for_bit(kind):
+    from gguf import GGMLQuantizationType, quants
+
+    w = np.random.default_rng(0).standard_normal((40, 96)).astype(np.float32)
+    raw = quants.quantize(w, GGMLQuantizationType[kind.upper()])
+    packed, s = int4.from_gguf_blocks(raw, kind, 96)
+    theirs = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[kind.upper()]))
+    assert torch.equal(int4.dequantize(packed, s), theirs)
+    assert s.source == f"gguf-{kind}" and s.block == 32 and (s.mins is None) == (kind == "q4_0")
+
+
+def test_q4_1_runs_as_symmetric_matmulnbits_plus_a_block_correction():
+    """The export's form of a Q4_1 weight (kernel + correction on x's block sums) is the same product."""
+    from gguf import GGMLQuantizationType, quants
+
+    w = np.random.default_rng(1).standard_normal((64, 128)).astype(np.float32) * 0.05
+    packed, s = int4.from_gguf_blocks(quants.quantize(w, GGMLQuantizationType.Q4_1), "q4_1", 128, compute="fp32")
+    x = torch.randn(4, 128)
+    kernel = _matmul_nbits(x.numpy(), packed, s, accuracy=0)  # no zero points: (q - 8)·scale
+    onnx_form = kernel + int4.block_sums(x, 32).numpy() @ nbits_inputs(packed, s)["correction"]
+    assert np.abs(onnx_form - (x @ int4.dequantize(packed, s).T).numpy()).max() <= 1e-4
+    assert np.abs(int4.linear(x, packed, s).numpy() - onnx_form).max() <= 1e-4
+
+
+def test_unpermute_rows_inverts_llama_cpp_permutation():
+    heads, hd = 3, 8
+    w = torch.arange(heads * hd)[:, None].float()
+    permuted = w.view(heads, 2, hd // 2, 1).transpose(1, 2).reshape(heads * hd, 1)  # llama.cpp's convert
+    assert torch.equal(permuted[int4.unpermute_rows(heads * hd, heads)], w)
+
+
+def test_int4_config_errors():
+    with pytest.raises(QloraError, match="not a MatMulNBits block size"):
+        quant.QuantConfig("int4", block_size=48)
+    assert quant.QuantConfig("int4").block_size == 32 and quant.QuantConfig("nf4").block_size == 64
+    meta = quant.QuantConfig("int4", symmetric=True, int4_compute="fp32").as_metadata()
+    assert quant.QuantConfig.from_metadata(meta) == quant.QuantConfig("int4", symmetric=True, int4_compute="fp32")
