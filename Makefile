@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench bench-decode clean
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -21,6 +21,11 @@ demo: setup
 
 bench: setup
 	$(PY) bench/train_vs_peft.py
+
+# Decode speed of our exports vs PyTorch and onnxruntime-genai's int4 build (installs genai's builder).
+bench-decode: setup
+	$(PY) -m pip install -q onnxruntime-genai onnx_ir
+	$(PY) bench/decode.py
 
 clean:
 	rm -rf runs .pytest_cache

