@@ -61,8 +61,8 @@ class LinearWriter:
     def _int4(self, name: str, x: str, w: torch.Tensor | None, layer: LoRALinear) -> str:
         """MatMulNBits: the trained int4 bytes as they are (w None), or a float weight requantized."""
         if w is None:
-            inputs, s, accuracy = int4.nbits_inputs(layer.weight.data, layer.weight.int4), layer.weight.int4, \
-                {"int8": 4, "fp32": 0}[layer.weight.int4.compute]
+            s = layer.weight.int4
+            inputs, accuracy = int4.nbits_inputs(layer.weight.data, s), {"int8": 4, "fp32": 0}[s.compute]
         else:
             inputs, s, err = int4.requantize(w, self.block_size)
             self.requant_err.append(err)

@@ -130,47 +130,45 @@ class ExportAdapterConfig:
 
 
 @dataclass
-class GenerateConfig:
+class RuntimeConfig:
+    """What `generate` and `chat` share: the export folder, the adapter, and how to decode."""
     folder: str = option("", "an export folder (written by `qlora-rt export`)", positional=True)
-    prompt: list[str] = option(None, "the prompt; repeat --prompt for a batch (left-padded, one run)")
     adapter: str | None = option(None, "adapter: a NAME under FOLDER/adapters/ or a PATH.onnx_adapter; "
                                  "none = the base (adapter-aware exports)")
-    chat: bool = option(False, "wrap the prompt in the folder's chat template as a user message")
-    system: str | None = option(None, "system message (with --chat)")
+    system: str | None = option(None, "system message (chat template)")
     max_new_tokens: int = option(128, "stop after this many new tokens")
     temperature: float = option(0.0, "sampling temperature; 0 = greedy")
     top_k: int = option(0, "sample from the k most likely tokens (0 = all)")
     top_p: float = option(1.0, "sample from the smallest set of tokens with this much probability")
     seed: int | None = option(None, "random seed: the same seed gives the same sample")
-    stop: list[str] = option(None, "stop when the text contains this string (repeatable)")
-    stream: bool = option(True, "print tokens as they come (one prompt)")
     threads: int = option(0, "CPU threads for onnxruntime (0 = its default)")
     verbose: bool = option(False, "print time to first token and decode tokens/s")
 
     def check(self) -> None:
         if not self.folder:
             raise QloraError("FOLDER is required: an export folder written by `qlora-rt export`")
+
+    def sampling(self) -> dict:
+        return {"adapter": self.adapter, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed}
+
+
+@dataclass
+class GenerateConfig(RuntimeConfig):
+    prompt: list[str] = option(None, "the prompt; repeat --prompt for a batch (left-padded, one run)")
+    chat: bool = option(False, "wrap the prompt in the folder's chat template as a user message")
+    stop: list[str] = option(None, "stop when the text contains this string (repeatable)")
+    stream: bool = option(True, "print tokens as they come (one prompt)")
+
+    def check(self) -> None:
+        super().check()
         if not self.prompt:
             raise QloraError("--prompt is required")
 
     def sampling(self) -> dict:
-        return {"adapter": self.adapter, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed, "stop": self.stop or ()}
+        return {**super().sampling(), "stop": self.stop or ()}
 
 
 @dataclass
-class ChatConfig:
-    folder: str = option("", "an export folder (written by `qlora-rt export`)", positional=True)
-    adapter: str | None = option(None, "adapter NAME or PATH.onnx_adapter to start with (/adapter NAME switches)")
-    system: str | None = option(None, "system message")
+class ChatConfig(RuntimeConfig):
     max_new_tokens: int = option(256, "longest reply, in tokens")
-    temperature: float = option(0.0, "sampling temperature; 0 = greedy")
-    top_k: int = option(0, "sample from the k most likely tokens (0 = all)")
-    top_p: float = option(1.0, "sample from the smallest set of tokens with this much probability")
-    seed: int | None = option(None, "random seed")
-    threads: int = option(0, "CPU threads for onnxruntime (0 = its default)")
-    verbose: bool = option(False, "print time to first token and decode tokens/s after each reply")
-
-    def check(self) -> None:
-        if not self.folder:
-            raise QloraError("FOLDER is required: an export folder written by `qlora-rt export`")

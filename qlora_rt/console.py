@@ -81,8 +81,7 @@ def _reply(model: Model, cfg: ChatConfig, messages: list[dict], adapter: str | N
     # keep room for the reply: drop the oldest exchanges until the prompt fits
     while len(convo) > 1 and len(model.encode(convo)) + cfg.max_new_tokens > model.meta["max_context"]:
         convo.pop(1 if cfg.system else 0)
-    stream = model.stream(convo, adapter=adapter, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                          top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)
+    stream = model.stream(convo, **{**cfg.sampling(), "adapter": adapter})
     for piece in stream:
         out.write(piece)
         out.flush()

@@ -112,6 +112,7 @@ class Model:
         self._check_session()
         self.tokenizer = _tokenizer(self.folder)
         self.template = _chat_template(self.folder)
+        self._template_vars = _special_tokens(self.folder)  # bos_token etc., as chat templates expect
         self.eos = set(self.meta["eos_token_ids"])
         pad = self.meta.get("pad_token_id")
         self.pad = pad if pad is not None else self.meta["eos_token_ids"][0]
@@ -124,6 +125,8 @@ class Model:
 
     def load_adapter(self, name_or_path: str | Path) -> ort.LoraAdapter:
         """Load (once) and check an adapter: a name under adapters/, or a path to an .onnx_adapter file."""
+        if self.meta["mode"] != "adapter-aware":
+            raise QloraError(f"--adapter: {self.folder} is a merged export; its adapter is already in the weights")
         path = Path(name_or_path)
         if not str(name_or_path).endswith(ADAPTER_SUFFIX):
             path = self.folder / ADAPTER_DIR / f"{name_or_path}{ADAPTER_SUFFIX}"
@@ -133,8 +136,6 @@ class Model:
         path = path.resolve()
         if path in self._adapters:
             return self._adapters[path]
-        if self.meta["mode"] != "adapter-aware":
-            raise QloraError(f"--adapter: {self.folder} is a merged export; its adapter is already in the weights")
         if not path.is_file():
             raise QloraError(f"--adapter: {path} does not exist")
         self._check_adapter(path)
@@ -165,14 +166,9 @@ class Model:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
             if system:
                 messages.insert(0, {"role": "system", "content": system})
-            text = self.template.render(messages=messages, add_generation_prompt=True, **self._special_tokens())
+            text = self.template.render(messages=messages, add_generation_prompt=True, **self._template_vars)
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         return self.tokenizer.encode(prompt).ids
-
-    def _special_tokens(self) -> dict:
-        cfg_path = self.folder / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        return {k: cfg.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
     # ---- generation -----------------------------------------------------------------------------
     def generate(self, prompts: str | list, *, chat: bool = False, system: str | None = None,
@@ -193,8 +189,8 @@ class Model:
                      stop: list[str] | tuple = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                      seed: int | None = None, ignore_eos: bool = False) -> list[Completion]:
         """Completions of token-id prompts; ignore_eos decodes exactly max_new_tokens (benchmarks)."""
-        steps = self._steps(ids, adapter, max_new_tokens, tuple(stop), Sampling(temperature, top_k, top_p, seed))
-        steps.eos = set() if ignore_eos else self.eos
+        steps = self._steps(ids, adapter, max_new_tokens, tuple(stop), Sampling(temperature, top_k, top_p, seed),
+                            ignore_eos=ignore_eos)
         for _ in steps:
             pass
         return steps.result
@@ -209,7 +205,8 @@ class Model:
         """Like generate() for one prompt, but iterate to get the text as it is produced; .result at the end."""
         return Stream(self, prompt, **kw)
 
-    def _steps(self, ids: list[list[int]], adapter, max_new: int, stop: tuple, sampling: Sampling) -> "_Steps":
+    def _steps(self, ids: list[list[int]], adapter, max_new: int, stop: tuple, sampling: Sampling,
+               ignore_eos: bool = False, live_text: bool = False) -> "_Steps":
         sampling.check()
         if max_new < 1:
             raise QloraError(f"--max-new-tokens must be at least 1, got {max_new}")
@@ -219,7 +216,8 @@ class Model:
         run_options = ort.RunOptions()
         if adapter is not None:
             run_options.add_active_adapter(self.load_adapter(adapter))
-        return _Steps(self, ids, run_options, min(max_new, ctx - longest), stop, sampling)
+        return _Steps(self, ids, run_options, min(max_new, ctx - longest), stop, sampling,
+                      set() if ignore_eos else self.eos, live_text or bool(stop))
 
     def _check_session(self) -> None:
         names = {i.name for i in self.session.get_inputs()}
@@ -232,16 +230,20 @@ class Model:
 
 
 class _Steps:
-    """The decode loop as an iterator: each step yields the batch's new tokens (B,), until all rows finish."""
+    """The decode loop as an iterator: each step yields the batch's new tokens (B,), until all rows finish.
 
-    def __init__(self, model: Model, ids: list[list[int]], run_options, max_new: int, stop: tuple, sampling: Sampling):
+    live_text: keep each row's text decoded as it grows (streaming, stop strings); otherwise the text
+    is decoded once at the end, off the per-token path."""
+
+    def __init__(self, model: Model, ids: list[list[int]], run_options, max_new: int, stop: tuple, sampling: Sampling,
+                 eos: set[int], live_text: bool):
         self.m, self.run_options, self.max_new, self.stop, self.sampling = model, run_options, max_new, stop, sampling
+        self.eos, self.live_text = eos, live_text
         self.prompt_lens = [len(x) for x in ids]
         width = max(self.prompt_lens)
         self.ids = np.array([[model.pad] * (width - len(x)) + x for x in ids], np.int64)  # (B, T) left-padded
         self.mask = np.array([[0] * (width - len(x)) + [1] * len(x) for x in ids], np.int64)  # (B, T)
         self.rows = [_Row() for _ in ids]
-        self.eos = model.eos
         self.rng = np.random.default_rng(sampling.seed)
         self.result: list[Completion] = []
 
@@ -273,6 +275,8 @@ class _Steps:
         t_end = time.perf_counter()
         for row, n_prompt in zip(self.rows, self.prompt_lens):
             n = len(row.tokens)
+            if not self.live_text:
+                row.text = self.m.tokenizer.decode(row.tokens)
             self.result.append(Completion(row.text, row.tokens, row.finish or "length", n_prompt, t_first - t0,
                                           (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else 0.0))
 
@@ -284,11 +288,13 @@ class _Steps:
                 row.finish = "eos"
                 continue
             row.tokens.append(t)
-            row.text = self.m.tokenizer.decode(row.tokens)
-            cut = min((row.text.find(s) for s in self.stop if s and s in row.text), default=-1)
-            if cut >= 0:
-                row.text, row.finish = row.text[:cut], "stop"
-            elif last:
+            if self.live_text:
+                row.text = self.m.tokenizer.decode(row.tokens)
+                cut = min((row.text.find(s) for s in self.stop if s and s in row.text), default=-1)
+                if cut >= 0:
+                    row.text, row.finish = row.text[:cut], "stop"
+                    continue
+            if last:
                 row.finish = "length"
 
 
@@ -300,7 +306,7 @@ class Stream:
                  seed: int | None = None) -> None:
         self.stop = tuple(stop)
         self._steps = model._steps([model.encode(prompt, chat, system)], adapter, max_new_tokens, self.stop,
-                                   Sampling(temperature, top_k, top_p, seed))
+                                   Sampling(temperature, top_k, top_p, seed), live_text=True)
         self.result: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -339,6 +345,12 @@ def _read_meta(folder: Path) -> dict:
         raise QloraError(f"{path} is not a qlora-rt export description"
                          + (f" (missing {', '.join(missing)})" if missing else ""))
     return meta
+
+
+def _special_tokens(folder: Path) -> dict:
+    path = folder / "tokenizer_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    return {k: cfg.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
 
 def _tokenizer(folder: Path) -> Tokenizer:
