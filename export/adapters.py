@@ -32,6 +32,13 @@ def check_base(adapter_meta: dict[str, str], export_meta: dict, where: str) -> N
     if stored and stored != export_meta["base_fingerprint"]:
         raise QloraError(f"{where}: was trained on a different base model than this export's "
                          f"({export_meta['base_model']})")
+    mine, theirs = adapter_meta.get("base.residual"), export_meta.get("base_residual")
+    if mine and mine != theirs:
+        raise QloraError(f"{where}: was initialised with {adapter_meta.get('init', 'PiSSA/LoftQ')} and belongs to its "
+                         "own residual base, not this export's; export it with `qlora-rt export --adapter` instead")
+    if theirs and not mine:
+        raise QloraError(f"{where}: this export's base is a PiSSA/LoftQ residual base; an adapter trained on the "
+                         "plain base does not fit it")
     fmt = adapter_meta.get("quant.format")
     if fmt and fmt != export_meta["base_quant"]:
         raise QloraError(f"{where}: was trained on a {fmt} base; this export's base was trained as "

@@ -12,16 +12,18 @@ failed export never replaces a good one.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import onnx
 
 from export.adapters import ADAPTER_DIR, SUFFIX, adapter_arrays, write_adapter
+from export.calibration import default_data, hessians
 from export.graph import DecoderSpec, Graph, build_decoder
 from export.verify import verify
-from export.weights import LinearWriter, add_shared_tensors, head_writer, lora_input_names
-from qlora_rt import __version__
+from export.weights import HeadWriter, LinearWriter, add_shared_tensors, lora_input_names
+from qlora_rt import __version__, quant
 from qlora_rt.adapters import open_trained
 from qlora_rt.config import ExportConfig
 from qlora_rt.errors import QloraError
@@ -44,7 +46,7 @@ def spec_of(config) -> DecoderSpec:
                        config.model_type == "qwen3")
 
 
-def _metadata(cfg: ExportConfig, loaded, spec: DecoderSpec, quant_format: str, lora_inputs: dict,
+def _metadata(cfg: ExportConfig, loaded, info, spec: DecoderSpec, quant_format: str, lora_inputs: dict,
               max_context: int) -> dict:
     gen = loaded.model.generation_config
     eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else loaded.tokenizer.eos_token_id
@@ -54,6 +56,8 @@ def _metadata(cfg: ExportConfig, loaded, spec: DecoderSpec, quant_format: str, l
             "max_context": max_context, "eos_token_ids": eos if isinstance(eos, list) else [eos],
             "pad_token_id": loaded.tokenizer.pad_token_id, "base_model": loaded.source,
             "base_fingerprint": loaded.fingerprint, "base_quant": quant_format,
+            # PiSSA/LoftQ: the digest of the residual base the adapter was trained on (qlora_rt/svdinit.py)
+            "base_residual": info.metadata.get("base.residual") if info else None,
             "inputs": ["input_ids", "attention_mask", "position_ids", "past_key_values.N.key", "past_key_values.N.value"],
             "outputs": ["logits", "present.N.key", "present.N.value"], "lora_inputs": lora_inputs}
 
@@ -65,6 +69,23 @@ def _lora_inputs(model, adapted: set[str]) -> dict[str, list]:
             a, b = lora_input_names(name)
             out[a], out[b] = [layer.in_features, None], [None, layer.out_features]
     return out
+
+
+def _calibrate(cfg: ExportConfig, writer: LinearWriter, model, tokenizer) -> str:
+    """GPTQ statistics for the Linears this export requantizes to int4; returns how they are rounded."""
+    names = {n for n in writer.layers if writer.requantizes(n)}
+    if not names or cfg.int4_rounding == "rtn":
+        return "rtn"
+    data = Path(cfg.calibration) if cfg.calibration else default_data(cfg.adapter)
+    if cfg.calibration and not data.is_file():
+        raise QloraError(f"--calibration: {data} not found")
+    if data is None:
+        print("int4: no calibration data (--calibration, or a run.yaml beside the adapter): rounding to nearest",
+              file=sys.stderr)
+        return "rtn (no calibration data)"
+    t0 = time.perf_counter()
+    writer.hessians, tokens = hessians(model, tokenizer, data, names)
+    return f"gptq ({tokens} tokens of {data.name}, {time.perf_counter() - t0:.0f} s)"
 
 
 def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
@@ -84,9 +105,13 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
     g = Graph()
     add_shared_tensors(g, model, max_context)
     writer = LinearWriter(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size)
-    build_decoder(spec, g, writer, head_writer(g, model, cfg.weights))
+    rounding = _calibrate(cfg, writer, model, loaded.tokenizer)
+    approximate = any(map(writer.requantizes, writer.layers)) or any(
+        quant.is_int4(m.weight) and m.weight.int4.compute == "int8" for m in writer.layers.values())
+    head = HeadWriter(g, model, cfg.weights, cfg.head, approximate and cfg.weights == "int4")
+    build_decoder(spec, g, writer, head)
     lora_inputs = _lora_inputs(model, adapted) if cfg.mode == "adapter-aware" else {}
-    meta = _metadata(cfg, loaded, spec, qcfg.format, lora_inputs, max_context)
+    meta = _metadata(cfg, loaded, info, spec, qcfg.format, lora_inputs, max_context)
     with atomic_dir(cfg.out, overwrite=True) as tmp:
         onnx.save_model(g.model(f"qlora-rt {__version__}"), str(tmp / "model.onnx"), save_as_external_data=True,
                         all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
@@ -99,7 +124,7 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
             adapter_file = write_adapter(adapter_arrays(cfg.adapter)[1], tmp / ADAPTER_DIR / f"{cfg.name}{SUFFIX}", meta)
         export_s = time.perf_counter() - t0
         report = {**verify(tmp, meta, model, loaded.tokenizer, adapter_file), "export_seconds": export_s,
-                  "base_quant": qcfg.format,
+                  "base_quant": qcfg.format, "head": head.report,
                   "mode": cfg.mode, "weights": cfg.weights, "adapter": cfg.adapter,
                   "files_bytes": {p.name: p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}}
         # int4 is held to the fp32 tolerance when nothing was requantized (an int4-trained base) and the
@@ -110,6 +135,7 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
         report["tolerance"] = tolerance if tolerance != float("inf") else None
         if writer.requant_err:
             report["int4_relative_weight_error_mean"] = sum(writer.requant_err) / len(writer.requant_err)
+            report["int4_rounding"] = rounding
         write_json(tmp / "export_report.json", report)
         if report["max_abs_logit_diff"] > tolerance:
             raise QloraError(f"export check failed: max |logit difference| vs PyTorch {report['max_abs_logit_diff']:.2e} "
@@ -123,9 +149,9 @@ def _summary(r: dict, cfg: ExportConfig) -> str:
     return table(f"export {cfg.out}", [
         ("mode / weights", f"{cfg.mode} / {cfg.weights}"),
         ("max |dlogit| vs PyTorch", f"{r['max_abs_logit_diff']:.2e} (tolerance {r['tolerance'] or 'not enforced'})"),
-        ("int4 requantization", f"{100 * r['int4_relative_weight_error_mean']:.2f}% mean relative weight error"
-         if "int4_relative_weight_error_mean" in r else "-"),
-        ("mean |dlogit|", f"{r['mean_abs_logit_diff']:.2e}"),
+        ("int4 requantization", f"{r['int4_rounding']}: {100 * r['int4_relative_weight_error_mean']:.2f}% mean "
+         "relative weight error" if "int4_relative_weight_error_mean" in r else "-"),
+        ("mean |dlogit|", f"{r['mean_abs_logit_diff']:.2e}"), ("output head", r["head"]),
         ("greedy agreement", f"{100 * r['greedy_agreement']:.1f}% over {r['greedy_new_tokens']} tokens, "
                              f"{r['greedy_identical_prompts']}/{r['prompts']} prompts identical"),
         ("model size", f"{size:,.1f} MiB"), ("export time", f"{r['export_seconds']:.1f} s"),

@@ -81,15 +81,14 @@ def _heads(g: Graph, x: str, n: int, hd: int) -> str:
     return g.op("Transpose", [g.op("Reshape", [x, g.const([0, 0, n, hd])])], perm=[0, 2, 1, 3])
 
 
-def _rope(g: Graph, x: str, cos: str, sin: str, hd: int) -> str:
-    """x*cos + rotate_half(x)*sin on (B, n, T, hd), with cos/sin (B, 1, T, hd), as transformers does."""
-    x1, x2 = g.op("Split", [x, g.const([hd // 2, hd // 2])], outputs=2, axis=-1)
-    rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
-    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+def _rope(g: Graph, x: str, table: str) -> str:
+    """Rotary embedding on (B, n, T, hd) at `position_ids`, rotate-half style as transformers does; `table`
+    names a (max_positions, hd/2) cos/sin pair (com.microsoft.RotaryEmbedding: one op, not six)."""
+    return g.op("RotaryEmbedding", [x, "position_ids", f"{table}.cos", f"{table}.sin"], domain=MS, interleaved=0)
 
 
 def _attention_bias(g: Graph, attention_mask: str, input_ids: str) -> str:
-    """(B, 1, T, P+T) additive bias: 0 where query t may see key s (causal and not padding), else -inf-ish."""
+    """(B, 1, 1, T, P+T) additive bias: 0 where query t may see key s (causal, not padding), else -inf-ish."""
     total = g.op("Shape", [attention_mask], start=1, end=2)  # (1,) P+T
     length = g.op("Shape", [input_ids], start=1, end=2)  # (1,) T
     past = g.op("Sub", [total, length])
@@ -101,22 +100,11 @@ def _attention_bias(g: Graph, attention_mask: str, input_ids: str) -> str:
                                   g.op("Unsqueeze", [rows, g.const([1])])])  # (T, P+T)
     keep = g.op("Cast", [g.op("Unsqueeze", [attention_mask, g.const([1, 2])])], to=TensorProto.BOOL)  # (B,1,1,P+T)
     allowed = g.op("And", [keep, causal])  # (B, 1, T, P+T)
-    return g.op("Where", [allowed, g.const(0.0, np.float32), g.const(np.finfo(np.float32).min, np.float32)])
+    bias = g.op("Where", [allowed, g.const(0.0, np.float32), g.const(np.finfo(np.float32).min, np.float32)])
+    return g.op("Unsqueeze", [bias, g.const([1])])  # (B, 1, 1, T, P+T): broadcast over kv heads and groups
 
 
-def _repeat_kv(g: Graph, x: str, kv: int, groups: int, hd: int) -> str:
-    """(B, kv, S, hd) -> (B, kv*groups, S, hd): each key/value head serves `groups` query heads."""
-    if groups == 1:
-        return x
-    shape = g.op("Shape", [x])
-    b, s = g.op("Gather", [shape, g.const(0)]), g.op("Gather", [shape, g.const(2)])
-    u = g.op("Unsqueeze", [x, g.const([2])])  # (B, kv, 1, S, hd)
-    target = g.op("Concat", [g.op("Unsqueeze", [b, g.const([0])]), g.const([kv, groups]),
-                             g.op("Unsqueeze", [s, g.const([0])]), g.const([hd])], axis=0)
-    return g.op("Reshape", [g.op("Expand", [u, target]), g.const([0, kv * groups, -1, hd])])
-
-
-def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, cos: str, sin: str, bias: str) -> str:
+def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, bias: str) -> str:
     p = f"model.layers.{i}.self_attn"
     q = _heads(g, lin(f"{p}.q_proj", x), spec.heads, spec.head_dim)
     k = _heads(g, lin(f"{p}.k_proj", x), spec.kv_heads, spec.head_dim)
@@ -124,15 +112,17 @@ def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, cos: str, sin: 
     if spec.qk_norm:
         q = _rms_norm(g, q, f"{p}.q_norm.weight", spec.eps)
         k = _rms_norm(g, k, f"{p}.k_norm.weight", spec.eps)
-    q, k = _rope(g, q, cos, sin, spec.head_dim), _rope(g, k, cos, sin, spec.head_dim)
+    q, k = _rope(g, q, "rope_q"), _rope(g, k, "rope")  # rope_q has 1/sqrt(hd) folded in
     k = g.op("Concat", [f"past_key_values.{i}.key", k], [f"present.{i}.key"], axis=2)  # (B, kv, P+T, hd)
     v = g.op("Concat", [f"past_key_values.{i}.value", v], [f"present.{i}.value"], axis=2)
+    # grouped-query attention without copying k/v: each kv head's `groups` query heads are one batch dim
     groups = spec.heads // spec.kv_heads
-    k, v = _repeat_kv(g, k, spec.kv_heads, groups, spec.head_dim), _repeat_kv(g, v, spec.kv_heads, groups, spec.head_dim)
-    scores = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])  # (B, H, T, P+T)
-    scores = g.op("Add", [g.op("Mul", [scores, g.const(spec.head_dim ** -0.5, np.float32)]), bias])
-    out = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])  # (B, H, T, hd)
-    out = g.op("Reshape", [g.op("Transpose", [out], perm=[0, 2, 1, 3]), g.const([0, 0, spec.heads * spec.head_dim])])
+    q = g.op("Reshape", [q, g.const([0, spec.kv_heads, groups, -1, spec.head_dim])])  # (B, kv, g, T, hd)
+    k = g.op("Unsqueeze", [g.op("Transpose", [k], perm=[0, 1, 3, 2]), g.const([2])])  # (B, kv, 1, hd, P+T)
+    v = g.op("Unsqueeze", [v, g.const([2])])  # (B, kv, 1, P+T, hd)
+    scores = g.op("Add", [g.op("MatMul", [q, k]), bias])  # (B, kv, g, T, P+T)
+    out = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])  # (B, kv, g, T, hd)
+    out = g.op("Reshape", [g.op("Transpose", [out], perm=[0, 3, 1, 2, 4]), g.const([0, 0, spec.heads * spec.head_dim])])
     return lin(f"{p}.o_proj", out)
 
 
@@ -161,16 +151,15 @@ def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
     """Wire the whole decoder into `g`. `lin(name, x)` emits a Linear; `head(x)` emits the output head.
 
     Norm weights (`model.layers.N.input_layernorm.weight`, ...), `model.embed_tokens.weight` and the
-    rotary tables `rope.cos` / `rope.sin` (max_positions, head_dim) must already be initializers.
+    rotary tables `rope.cos` / `rope.sin` and `rope_q.cos` / `rope_q.sin` (max_positions, head_dim/2; the
+    query's scaled by 1/sqrt(head_dim)) must already be initializers.
     """
     _io(g, spec)
     h = g.op("Gather", ["model.embed_tokens.weight", "input_ids"])  # (B, T, d)
-    cos = g.op("Unsqueeze", [g.op("Gather", ["rope.cos", "position_ids"]), g.const([1])])  # (B, 1, T, hd)
-    sin = g.op("Unsqueeze", [g.op("Gather", ["rope.sin", "position_ids"]), g.const([1])])
     bias = _attention_bias(g, "attention_mask", "input_ids")
     for i in range(spec.layers):
         p = f"model.layers.{i}"
         h = g.op("Add", [h, _attention(g, spec, lin, i, _rms_norm(g, h, f"{p}.input_layernorm.weight", spec.eps),
-                                       cos, sin, bias)])
+                                       bias)])
         h = g.op("Add", [h, _mlp(g, lin, i, _rms_norm(g, h, f"{p}.post_attention_layernorm.weight", spec.eps))])
     head(_rms_norm(g, h, "model.norm.weight", spec.eps), "logits")

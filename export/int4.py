@@ -28,9 +28,24 @@ def nbits_inputs(packed: torch.Tensor, s: Int4) -> dict[str, np.ndarray]:
     return out
 
 
-def requantize(w: torch.Tensor, block: int) -> tuple[dict[str, np.ndarray], Int4, float]:
-    """A float weight rounded to asymmetric int4: its MatMulNBits inputs, and the relative error it costs."""
-    packed, s = int4.quantize(w, block)
+def requantize(w: torch.Tensor, block: int, H: torch.Tensor | None = None) -> tuple[dict[str, np.ndarray], Int4, float]:
+    """A float weight rounded to asymmetric int4 (GPTQ when the inputs' H is given, else to nearest): its
+    MatMulNBits inputs, and the relative weight error it costs."""
+    packed, s = int4.quantize(w, block) if H is None else int4.gptq(w, H, block)
     w = w.detach().float()
     err = (int4.dequantize(packed, s) - w).norm() / w.norm().clamp(min=1e-12)
     return nbits_inputs(packed, s), s, float(err)
+
+
+def int8_head(w: torch.Tensor, block: int = 32) -> tuple[dict[str, np.ndarray], bool, float]:
+    """An (N, K) head as 8-bit symmetric MatMulNBits (code = round(w/scale) + 128, scale = max|w|/127 per
+    block): its inputs, whether it is lossless (a GGUF Q8_0 weight comes back exactly), and its error."""
+    blocks = int4._blocks(w.detach(), block)  # (N, kb, block)
+    scale = blocks.abs().amax(-1) / 127  # (N, kb)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    codes = torch.clamp(torch.round(blocks / safe[..., None]), -127, 127)
+    back = (codes * scale[..., None]).flatten(1)[:, : w.shape[1]]
+    w = w.detach().float()
+    lossless = torch.allclose(back, w, rtol=1e-6, atol=0)
+    err = float((back - w).norm() / w.norm().clamp(min=1e-12))
+    return {"qweight": (codes + 128).to(torch.uint8).numpy(), "scales": scale.float().numpy()}, lossless, err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,10 @@ from qlora_rt.files import atomic_dir, write_json
 from qlora_rt.load import Loaded, load
 from qlora_rt.lora import LoraConfig, lora_layers, lora_scale, quantize_model
 from qlora_rt.quant import QuantConfig
+from qlora_rt.svdinit import RESIDUAL, load_residual
 
 PREFIX = "base_model.model."
+CHANGES_BASE = ("pissa", "loftq", "olora", "corda")  # PEFT inits that rewrite the base weights
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
@@ -48,25 +51,37 @@ def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def peft_config(model: torch.nn.Module, cfg: LoraConfig, base: str) -> dict:
+def peft_config(model: torch.nn.Module, cfg: LoraConfig, base: str, init: str = "default") -> dict:
     leaves = sorted({n.rsplit(".", 1)[-1] for n, m in lora_layers(model).items() if m.rank})
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
         "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
         "target_modules": leaves, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+        "init_lora_weights": True if init == "default" else init, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
         "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "revision": None,
     }
 
 
 def save_adapter(model: torch.nn.Module, out: str | Path, cfg: LoraConfig, quant_cfg: QuantConfig,
-                 base: str, fingerprint: str) -> Path:
-    """Write the adapter folder atomically (a previous one stays intact until the new one is complete)."""
+                 base: str, fingerprint: str, residual: Path | None = None) -> Path:
+    """Write the adapter folder atomically (a previous one stays intact until the new one is complete).
+
+    residual: a PiSSA/LoftQ run's frozen base (qlora_rt/svdinit.py); it is copied into the folder and
+    its digest recorded, because the adapter means nothing on any other base.
+    """
     meta = {"format": "pt", "qlora_rt.version": __version__, "base.fingerprint": fingerprint,
             **quant_cfg.as_metadata()}
+    init = "default"
+    if residual is not None:
+        with safe_open(str(residual), framework="pt") as h:
+            saved = h.metadata() or {}
+        init = saved["init.method"]
+        meta.update({"init": saved["init"], "base.residual": saved["residual.digest"]})
     with atomic_dir(out) as tmp:
         save_file(adapter_tensors(model), str(tmp / WEIGHTS), metadata=meta)
-        write_json(tmp / CONFIG, peft_config(model, cfg, base))
+        write_json(tmp / CONFIG, peft_config(model, cfg, base, init))
+        if residual is not None:
+            shutil.copyfile(residual, tmp / residual.name)
     return Path(out)
 
 
@@ -171,7 +186,9 @@ def open_trained(model_path: str | Path, adapter: str | Path | None = None, quan
     The base's 4-bit format comes from the adapter's metadata; `quant_format` overrides it (needed for
     adapters from PEFT, which do not record it; those default to NF4 with double quantization).
     """
-    meta = read_adapter(adapter)[1] if adapter else {}
+    config, meta = read_adapter(adapter) if adapter else ({}, {})
+    if adapter:
+        check_own_base(adapter, config, meta)
     cfg = QuantConfig.from_metadata(meta) or QuantConfig()
     if quant_format and quant_format != cfg.format:
         if "quant.format" in meta:
@@ -181,4 +198,22 @@ def open_trained(model_path: str | Path, adapter: str | Path | None = None, quan
     loaded = load(model_path)
     quantize_model(loaded.model, cfg, torch.device(device), loaded.gguf)
     info = load_adapter(loaded.model, adapter, loaded.fingerprint) if adapter else None
+    if "base.residual" in meta:  # PiSSA/LoftQ: the run's residual base replaces quantize(W)
+        load_residual(loaded.model, Path(adapter) / RESIDUAL, cfg, torch.device(device), meta["base.residual"],
+                      loaded.fingerprint)
     return loaded, cfg, info
+
+
+def check_own_base(path: str | Path, config: dict, meta: dict[str, str]) -> None:
+    """A PiSSA/LoftQ adapter needs its residual base beside it; say so before any model is loaded."""
+    if "base.residual" in meta:
+        if not (Path(path) / RESIDUAL).is_file():
+            raise QloraError(f"--adapter {path}: {RESIDUAL} is missing: this adapter was initialised with "
+                             f"{meta.get('init', 'PiSSA/LoftQ')} and belongs to its own residual base, which the run "
+                             "saved in its adapter folder; copy the whole folder")
+        return
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(CHANGES_BASE):
+        raise QloraError(f"--adapter {path}: init_lora_weights={init!r} means the adapter belongs to its own "
+                         f"residual base, and the folder has no qlora-rt {RESIDUAL} holding it; on the original "
+                         "base the adapter would give wrong answers")

@@ -38,6 +38,13 @@ class TrainConfig:
     dropout: float = option(0.05, "dropout on the adapter's input")
     rslora: bool = option(False, "rank-stabilized scaling alpha/sqrt(r)")
     targets: str = option("all-linear", "all-linear | attention | comma list of module names (q_proj,v_proj)")
+    init: str = option("default", "adapter init: default (B=0, base = quantize(W)); pissa (A, B = top-r singular "
+                       "triplets of W, base = quantize(W - s·B·A)); loftq (alternate quantizing and a rank-r SVD "
+                       "of the error). pissa/loftq adapters belong to their own residual base, saved with the run",
+                       choices=("default", "pissa", "loftq"))
+    loftq_iters: int = option(1, "loftq: alternating steps, 1..5")
+    svd: str = option("auto", "pissa/loftq: exact SVD, lowrank (randomized, torch.svd_lowrank), or auto (exact up "
+                      "to 2048 rows/columns)", choices=("auto", "exact", "lowrank"))
     steps: int | None = option(None, "optimizer steps (default: --epochs 1)")
     epochs: float | None = option(None, "passes over the data, instead of --steps")
     batch_size: int = option(4, "examples per micro-batch")
@@ -99,6 +106,14 @@ class ExportConfig:
                           "nf4 (adapter-aware: the trained NF4 bytes in MatMulBnb4)",
                           choices=("fp32", "fp16", "int4", "nf4"))
     block_size: int = option(32, "int4 block size for requantized weights (an int4-trained base keeps its own)")
+    head: str = option("auto", "output head: fp32, int8 (8-bit MatMulNBits with int8 activations: ~1.7x faster "
+                       "head, approximate), or auto (int8 where the int4 export is approximate anyway: requantized "
+                       "or int8 compute; fp32 where it is exact)",
+                       choices=("auto", "fp32", "int8"))
+    int4_rounding: str = option("gptq", "requantized int4 weights: gptq (error feedback on calibration inputs, keeps "
+                                "the layer outputs close) or rtn (round to nearest)", choices=("gptq", "rtn"))
+    calibration: str | None = option(None, "JSONL for gptq rounding (default: the training data named in the "
+                                     "adapter's run.yaml; none found = round to nearest, said in the report)")
     name: str = option("default", "file name for the adapter under adapters/ (adapter-aware)")
     tolerance: float | None = option(None, "max |logit difference| vs PyTorch before the export fails "
                                      "(default: 1e-3 for fp32, nf4 and int4-trained int4, 5e-2 for fp16; requantized "

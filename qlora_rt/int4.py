@@ -74,12 +74,58 @@ def quantize(w: torch.Tensor, block: int = 32, symmetric: bool = False, compute:
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         codes = torch.clamp(torch.round(blocks / safe[..., None]) + 8, 0, 15).to(torch.uint8)
         return pack(codes), Int4(scale, None, None, w.shape[1], block, compute)
-    lo, hi = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
-    scale = (hi - lo) / 15  # (N, kb)
+    scale, zeros = _asymmetric_grid(blocks)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    zeros = torch.round(-lo / safe).clamp(0, 15)
     codes = torch.clamp(torch.round(blocks / safe[..., None]) + zeros[..., None], 0, 15).to(torch.uint8)
     return pack(codes), Int4(scale, zeros.to(torch.uint8), None, w.shape[1], block, compute)
+
+
+def _asymmetric_grid(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., block) values -> per-block scale and integer zero point (float) spanning [min, max] ∋ 0."""
+    lo, hi = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
+    scale = (hi - lo) / 15
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale, torch.round(-lo / safe).clamp(0, 15)
+
+
+def gptq(w: torch.Tensor, H: torch.Tensor, block: int = 32, damp: float = 0.01, batch: int = 128
+         ) -> tuple[torch.Tensor, Int4]:
+    """Asymmetric int4 with GPTQ's error feedback (Frantar et al., 2022) instead of round-to-nearest.
+
+    Columns are rounded one at a time, left to right; each one's rounding error is spread over the
+    columns not yet rounded, weighted by the inverse of H = Σ xᵀx over calibration inputs, so the
+    layer's *outputs* on such inputs stay close: ‖X(W − Ŵ)‖ rather than ‖W − Ŵ‖. A block's scale and
+    zero point come from its columns as updated when the block is reached. Same layout as `quantize`.
+    """
+    W = w.detach().float().clone()  # (N, K)
+    N, K = W.shape
+    H = H.float().clone()
+    dead = torch.diag(H) == 0  # inputs never seen: nothing to preserve, round them plainly
+    H[dead, dead] = 1
+    H += damp * torch.diag(H).mean() * torch.eye(K)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # H⁻¹ = UᵀU
+    kb = -(-K // block)
+    batch = max(batch // block, 1) * block  # a block's columns always lie in one batch
+    codes = torch.zeros(N, kb * block, dtype=torch.uint8)
+    scales, zeros = torch.zeros(N, kb), torch.zeros(N, kb)
+    for i1 in range(0, K, batch):  # lazy batches: the rest of W is updated once per batch
+        i2 = min(i1 + batch, K)
+        W1, E1, U1 = W[:, i1:i2].clone(), torch.zeros(N, i2 - i1), U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % block == 0:
+                b = col // block
+                scales[:, b], zeros[:, b] = _asymmetric_grid(W1[:, i:i + block])
+                safe = torch.where(scales[:, b] == 0, torch.ones(N), scales[:, b])
+            q = torch.clamp(torch.round(W1[:, i] / safe) + zeros[:, b], 0, 15)
+            codes[:, col] = q.to(torch.uint8)
+            err = (W1[:, i] - (q - zeros[:, b]) * scales[:, b]) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    codes[:, K:] = zeros[:, -1:].to(torch.uint8)  # padding decodes to 0, as in `quantize`
+    packed = pack(codes.view(N, kb, block))
+    return packed, Int4(scales, zeros.to(torch.uint8), None, K, block)
 
 
 def dequantize(packed: torch.Tensor, s: Int4, symmetric_part: bool = False) -> torch.Tensor:

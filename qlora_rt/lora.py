@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -105,23 +105,33 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return get() if get else None
 
 
-def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.device, gguf=None) -> nn.Module:
+def linear_names(model: nn.Module) -> list[str]:
+    """The decoder Linears `quantize_model` turns into LoRALinears (every nn.Linear but the output head)."""
+    head = _output_head(model)
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+
+
+def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.device, gguf=None,
+                   split: Callable[[str, torch.Tensor], nn.Parameter | None] | None = None) -> nn.Module:
     """Freeze the model, move it to `device`, and turn every decoder Linear into a quantized LoRALinear.
 
     The output head (and the tied embedding) stay in the compute dtype, as in QLoRA: they are the
     layers most sensitive to quantization and, tied, they are also the input embedding.
     gguf: the file the weights came from; with int4 (block 32) its Q4_0/Q4_1 tensors are used as stored.
+    split: called with each Linear's name and full-precision weight before it is freed; a Parameter it
+    returns is the frozen base instead of quantize(W) (PiSSA/LoftQ residuals, qlora_rt/svdinit.py).
     """
-    head = _output_head(model)
     imported = _gguf_int4(gguf, model, cfg) if gguf is not None and cfg.format == "int4" else {}
     model.requires_grad_(False)
     # names only: holding the modules themselves would keep every fp32 weight alive until the end
-    targets = [(parent_name, child_name) for parent_name, parent in model.named_modules()
-               for child_name, child in parent.named_children() if isinstance(child, nn.Linear) and child is not head]
-    for parent_name, child_name in targets:
+    for name in linear_names(model):
+        parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         child = getattr(parent, child_name)
-        weight = quant.quantize(child.weight.data, cfg, device, imported.pop(f"{parent_name}.{child_name}", None))
+        own = imported.pop(name, None)
+        weight = split(name, child.weight.data) if split else None
+        if weight is None:
+            weight = quant.quantize(child.weight.data, cfg, device, own)
         bias = None if child.bias is None else nn.Parameter(
             child.bias.data.to(device, cfg.compute_dtype), requires_grad=False)
         setattr(parent, child_name, LoRALinear(weight, bias, child.in_features, child.out_features).train(child.training))
@@ -163,17 +173,20 @@ def _move_unquantized(model: nn.Module, device: torch.device, dtype: torch.dtype
 
 def resolve_targets(model: nn.Module, spec: str) -> list[str]:
     """Module names an adapter goes on: `all-linear`, `attention`, or a comma list of leaf names."""
-    layers = lora_layers(model)
-    leaf = {name: name.rsplit(".", 1)[-1] for name in layers}
+    return select_targets(list(lora_layers(model)) or linear_names(model), spec)
+
+
+def select_targets(names: list[str], spec: str) -> list[str]:
+    leaf = {name: name.rsplit(".", 1)[-1] for name in names}
     if spec == "all-linear":
-        return list(layers)
+        return list(names)
     wanted = set(ATTENTION) if spec == "attention" else {s.strip() for s in spec.split(",") if s.strip()}
     available = sorted(set(leaf.values()))
     unknown = sorted(wanted - set(available))
     if unknown or not wanted:
         raise QloraError(f"--targets: {', '.join(unknown) or repr(spec)} not found in the model; "
                          f"expected all-linear, attention, or names among {', '.join(available)}")
-    return [name for name in layers if leaf[name] in wanted]
+    return [name for name in names if leaf[name] in wanted]
 
 
 def add_adapters(model: nn.Module, cfg: LoraConfig) -> list[str]:

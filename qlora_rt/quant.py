@@ -155,3 +155,36 @@ def bnb4_export(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, 
     absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
     return (weight.data.reshape(-1).cpu(), absmax.float().cpu(), {"fp4": 0, "nf4": 1}[state.quant_type],
             state.blocksize)
+
+
+def state_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors that rebuild a frozen weight exactly (`from_state_tensors`), for saving a base that
+    cannot be regenerated from the checkpoint (a PiSSA/LoftQ residual). Keys are relative: prefix them."""
+    if is_int4(weight):
+        s = weight.int4
+        out = {"weight": weight.data, "scales": s.scales, "K": torch.tensor([s.K, s.block])}
+        out.update({k: v for k, v in (("zeros", s.zeros), ("mins", s.mins)) if v is not None})
+    elif is_quantized(weight):
+        out = {"weight": weight.data, **{f"qs.{k}": v for k, v in weight.quant_state.as_dict(packed=True).items()}}
+    else:
+        out = {"weight": weight.detach().float()}
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def from_state_tensors(t: dict[str, torch.Tensor], cfg: QuantConfig, device: torch.device) -> torch.nn.Parameter:
+    """Inverse of `state_tensors` for a base of format `cfg.format`."""
+    if cfg.format == "int4":
+        K, block = (int(v) for v in t["K"])
+        state = int4.Int4(t["scales"].to(device), t["zeros"].to(device) if "zeros" in t else None,
+                          t["mins"].to(device) if "mins" in t else None, K, block, cfg.int4_compute, "rtn")
+        param = torch.nn.Parameter(t["weight"].to(device), requires_grad=False)
+        param.int4 = state
+        return param
+    if cfg.format == "none":
+        return torch.nn.Parameter(t["weight"].to(device=device, dtype=cfg.compute_dtype), requires_grad=False)
+    bnbf = _bnb().functional
+    state = bnbf.QuantState.from_dict({k[3:]: v for k, v in t.items() if k.startswith("qs.")}, device=device)
+    state.dtype = cfg.compute_dtype
+    return _bnb().nn.Params4bit(t["weight"].to(device), requires_grad=False, quant_state=state,
+                                blocksize=state.blocksize, compress_statistics=state.nested,
+                                quant_type=state.quant_type, bnb_quantized=True, module=None)

@@ -32,7 +32,10 @@ META_KEYS = ("format", "mode", "layers", "kv_heads", "head_dim", "vocab", "max_c
 
 def adapter_model_version(meta: dict) -> int:
     """The id an adapter file carries of the base it was trained on (ORT stores one int: the model version)."""
-    return zlib.crc32(f"{meta['base_fingerprint']}:{meta['base_quant']}".encode()) & 0x7FFFFFFF
+    base = f"{meta['base_fingerprint']}:{meta['base_quant']}"
+    if meta.get("base_residual"):  # a PiSSA/LoftQ base is its own base
+        base += f":{meta['base_residual']}"
+    return zlib.crc32(base.encode()) & 0x7FFFFFFF
 
 
 def check_fits(shapes: dict[str, list[int]], lora_inputs: dict[str, list], where: str) -> None:

@@ -20,7 +20,9 @@ from qlora_rt.adapters import save_adapter
 from qlora_rt.data import IGNORE, Order, collate, count_targets, load_examples, steps_for_epochs
 from qlora_rt.errors import QloraError
 from qlora_rt.load import load
-from qlora_rt.lora import LoraConfig, add_adapters, count_parameters, lora_layers, quantize_model, trainable_parameters
+from qlora_rt.lora import (LoraConfig, add_adapters, count_parameters, linear_names, lora_layers, quantize_model,
+                           select_targets, trainable_parameters)
+from qlora_rt.svdinit import RESIDUAL, InitConfig, Plan, load_residual, save_residual
 from qlora_rt.config import TrainConfig
 from qlora_rt.quant import QuantConfig, storage_bytes
 from qlora_rt.report import peak_memory, table
@@ -113,8 +115,19 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     model, tok = loaded.model, loaded.tokenizer
     qcfg = QuantConfig(cfg.quant, cfg.double_quant, cfg.block_size, dtype, cfg.symmetric, cfg.int4_compute)
     lcfg = LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.targets)
-    quantize_model(model, qcfg, device, loaded.gguf)
+    icfg = InitConfig(cfg.init, cfg.loftq_iters, cfg.svd)
+    plan = None
+    if icfg.method != "default" and not cfg.resume:
+        names = set(select_targets(linear_names(model), cfg.targets))
+        plan = Plan(icfg, qcfg, cfg.rank, lcfg.scale(), names, device)
+    quantize_model(model, qcfg, device, loaded.gguf, plan)
     targets = add_adapters(model, lcfg)
+    residual = out / RESIDUAL if icfg.method != "default" else None
+    if plan:
+        plan.apply(model)
+        print(plan.summary(), file=sys.stderr)
+    elif residual:  # resuming: the run's own residual base, not a recomputed one
+        load_residual(model, residual, qcfg, device, fingerprint=loaded.fingerprint)
     train_set, dropped = load_examples(cfg.data, tok, cfg.seq_len)
     eval_set = load_examples(cfg.eval_data, tok, cfg.seq_len)[0] if cfg.eval_data else []
     total_steps = cfg.steps or steps_for_epochs(cfg.epochs or 1.0, len(train_set), cfg.batch_size, cfg.grad_accum)
@@ -131,6 +144,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
         _drop_metrics_after(out / "metrics.jsonl", step)
     else:
         out.mkdir(parents=True, exist_ok=True)
+        if residual:  # before run.yaml: a run that can be resumed always has its base
+            save_residual(model, targets, residual, {"base.fingerprint": loaded.fingerprint, "init": icfg.describe(),
+                                                     "init.method": icfg.method, **qcfg.as_metadata()})
         (out / "run.yaml").write_text(yaml.safe_dump(cfg.saved(), sort_keys=False))
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -140,7 +156,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
           f"{len(targets)} layers, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
           f"{len(train_set)} examples{f' ({dropped} dropped: no target token left after truncation)' if dropped else ''}; "
           f"{total_steps} steps on {device.type}", file=sys.stderr)
-    loop = _Loop(cfg, model, optimizer, scheduler, params, device, tok.pad_token_id, out, on_step)
+    loop = _Loop(cfg, model, optimizer, scheduler, params, device, tok.pad_token_id, out, on_step, residual)
     loop.last_checkpoint = step if cfg.resume else None
     return loop.run(train_set, eval_set, order, step, total_steps, loaded, qcfg, lcfg, trainable, total)
 
@@ -155,9 +171,10 @@ def _drop_metrics_after(path: Path, step: int) -> None:
 class _Loop:
     """The optimizer-step loop; split from `train` only so each piece reads on one screen."""
 
-    def __init__(self, cfg, model, optimizer, scheduler, params, device, pad_id, out, on_step) -> None:
+    def __init__(self, cfg, model, optimizer, scheduler, params, device, pad_id, out, on_step, residual) -> None:
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.params, self.device, self.pad_id, self.out, self.on_step = params, device, pad_id, out, on_step
+        self.residual = residual  # PiSSA/LoftQ: the run's frozen residual base, shipped with the adapter
         self.last_checkpoint: int | None = None
 
     def _write(self, record: dict) -> None:
@@ -234,7 +251,8 @@ class _Loop:
             raise
         bar.close()
         eval_loss = self._eval(eval_set, step) if eval_set else eval_loss
-        adapter = save_adapter(model, self.out / "adapter", lcfg, qcfg, loaded.source, loaded.fingerprint)
+        adapter = save_adapter(model, self.out / "adapter", lcfg, qcfg, loaded.source, loaded.fingerprint,
+                               self.residual)
         result = TrainResult(adapter, step, loss, eval_loss, tokens / max(step_time, 1e-9),
                              peak_memory(self.device), trainable, total)
         print(_summary(result, first_eval), file=sys.stderr)

@@ -83,3 +83,44 @@ def test_export_errors(tiny_llama, tiny_runs, tmp_path, capsys):
     export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["b"]), out=str(narrow)))
     assert main(["export-adapter", "--adapter", str(adapters["a"]), "--onnx", str(narrow), "--name", "a"]) == 2
     assert "no LoRA input in this export" in capsys.readouterr().err
+
+
+def test_merged_int4_is_rounded_by_gptq_on_the_runs_own_data(tiny_llama, tiny_runs, tmp_path):
+    from export.exporter import export
+
+    _, adapters = tiny_runs
+    reports = {r: export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / r),
+                                      mode="merged", weights="int4", int4_rounding=r)) for r in ("gptq", "rtn")}
+    assert reports["gptq"]["int4_rounding"].startswith("gptq (") and "train.jsonl" in reports["gptq"]["int4_rounding"]
+    assert reports["rtn"]["int4_rounding"] == "rtn"
+    assert reports["gptq"]["mean_abs_logit_diff"] < reports["rtn"]["mean_abs_logit_diff"]
+    with pytest.raises(QloraError, match="--calibration: .*not found"):
+        export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / "x"),
+                            mode="merged", weights="int4", calibration=str(tmp_path / "nope.jsonl")))
+
+
+def test_int8_head_where_the_export_is_approximate_anyway(tiny_llama, tiny_runs, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_checkpoint
+    from export.exporter import export
+    from export.int4 import int8_head
+
+    plain = save_checkpoint(tmp_path / "plain", tie=True)
+    model = AutoModelForCausalLM.from_pretrained(plain)
+    emb = model.get_input_embeddings().weight
+    inputs = int8_head(emb)[0]  # put the embedding on an 8-bit grid, as a GGUF Q8_0 embedding is
+    q8 = (torch.from_numpy(inputs["qweight"]).float() - 128) * torch.from_numpy(inputs["scales"])[..., None]
+    with torch.no_grad():
+        emb.copy_(q8.flatten(1)[:, : emb.shape[1]])
+    model.save_pretrained(tmp_path / "q8")
+    for f in plain.glob("*token*"):
+        (tmp_path / "q8" / f.name).write_bytes(f.read_bytes())
+    assert export(ExportConfig(model=str(plain), out=str(tmp_path / "fp32")))["head"] == "fp32"  # exact: fp32
+    forced = export(ExportConfig(model=str(tmp_path / "q8"), out=str(tmp_path / "q8-int8"), head="int8", tolerance=1.0))
+    assert forced["head"].startswith("int8 (weights lossless") and forced["max_abs_logit_diff"] < 0.1
+    _, adapters = tiny_runs
+    merged = export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / "m"),
+                                 mode="merged", weights="int4"))  # requantized: approximate, so auto takes int8
+    assert merged["head"].startswith("int8 (weights ") and "relative error" in merged["head"]

@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_model
 from export.graph import DecoderSpec, Graph, build_decoder
-from export.weights import LinearWriter, add_shared_tensors, head_writer, lora_arrays, lora_input_names
+from export.weights import LinearWriter, add_shared_tensors, HeadWriter, lora_arrays, lora_input_names
 from qlora_rt import quant
 from qlora_rt.lora import LoraConfig, add_adapters, lora_layers, quantize_model
 
@@ -29,7 +29,7 @@ def session(m, names, mode, weights="fp32"):
                        c.head_dim, c.vocab_size, c.rms_norm_eps, c.model_type == "qwen3")
     g = Graph()
     add_shared_tensors(g, m, 256)
-    build_decoder(spec, g, LinearWriter(g, m, mode, weights, set(names)), head_writer(g, m, weights))
+    build_decoder(spec, g, LinearWriter(g, m, mode, weights, set(names)), HeadWriter(g, m, weights))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # the LoRA inputs' rank-0 defaults are initializers on purpose
     return ort.InferenceSession(g.model("test").SerializeToString(), opts, providers=["CPUExecutionProvider"]), spec

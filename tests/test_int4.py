@@ -131,3 +131,30 @@ def test_int4_trained_run_exports_its_own_bytes_exactly(tiny_llama, tiny_data, t
                                  weights="int4"))
     assert report["tolerance"] == 1e-3 and report["max_abs_logit_diff"] <= 1e-4  # enforced: no requantization
     assert "int4_relative_weight_error_mean" not in report and report["greedy_agreement"] == 1.0
+
+
+def _correlated_inputs(K: int, n: int = 2000, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, K, generator=g) @ (torch.eye(K) + 0.1 * torch.randn(K, K, generator=g))
+
+
+@pytest.mark.parametrize("K,block", [(64, 32), (96, 64), (72, 16), (300, 256)])
+def test_gptq_without_input_statistics_is_round_to_nearest(K, block):
+    w = torch.randn(40, K)
+    packed, s = int4.quantize(w, block)
+    gp, gs = int4.gptq(w, torch.eye(K), block)
+    assert torch.equal(packed, gp) and torch.equal(s.scales, gs.scales) and torch.equal(s.zeros, gs.zeros)
+
+
+@pytest.mark.parametrize("K,block", [(128, 32), (160, 64)])
+def test_gptq_keeps_layer_outputs_closer_than_round_to_nearest(K, block):
+    w, X = 0.02 * torch.randn(64, K), _correlated_inputs(K)
+    H = X.T @ X
+    rtn = int4.dequantize(*int4.quantize(w, block))
+    packed, s = int4.gptq(w, H, block)
+    out = int4.dequantize(packed, s)
+    err = lambda d: float((X @ (d - w).T).norm() / (X @ w.T).norm())  # noqa: E731
+    assert err(out) < 0.85 * err(rtn), (err(out), err(rtn))
+    # the same bytes run in MatMulNBits: the layout is the one `quantize` writes
+    y = _matmul_nbits(X[:5].numpy(), packed, s, 0)
+    assert np.allclose(y, (X[:5] @ out.T).numpy(), atol=1e-4)
