@@ -76,6 +76,13 @@ def _rms_norm(g: Graph, x: str, weight: str, eps: float) -> str:
     return g.op("SimplifiedLayerNormalization", [x, weight], axis=-1, epsilon=eps, stash_type=1)
 
 
+def _add_norm(g: Graph, x: str, residual: str, weight: str, eps: float) -> tuple[str, str]:
+    """(RMSNorm(residual + x), residual + x) in one SkipSimplifiedLayerNormalization."""
+    normed, _, _, total = g.op("SkipSimplifiedLayerNormalization", [x, residual, weight], outputs=4, domain=MS,
+                               epsilon=eps)
+    return normed, total
+
+
 def _heads(g: Graph, x: str, n: int, hd: int) -> str:
     """(B, T, n*hd) -> (B, n, T, hd)"""
     return g.op("Transpose", [g.op("Reshape", [x, g.const([0, 0, n, hd])])], perm=[0, 2, 1, 3])
@@ -106,9 +113,8 @@ def _attention_bias(g: Graph, attention_mask: str, input_ids: str) -> str:
 
 def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, bias: str) -> str:
     p = f"model.layers.{i}.self_attn"
-    q = _heads(g, lin(f"{p}.q_proj", x), spec.heads, spec.head_dim)
-    k = _heads(g, lin(f"{p}.k_proj", x), spec.kv_heads, spec.head_dim)
-    v = _heads(g, lin(f"{p}.v_proj", x), spec.kv_heads, spec.head_dim)
+    q, k, v = lin.many([f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"], x)
+    q, k, v = (_heads(g, t, n, spec.head_dim) for t, n in ((q, spec.heads), (k, spec.kv_heads), (v, spec.kv_heads)))
     if spec.qk_norm:
         q = _rms_norm(g, q, f"{p}.q_norm.weight", spec.eps)
         k = _rms_norm(g, k, f"{p}.k_norm.weight", spec.eps)
@@ -128,9 +134,9 @@ def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, bias: str) -> s
 
 def _mlp(g: Graph, lin, i: int, x: str) -> str:
     p = f"model.layers.{i}.mlp"
-    gate = lin(f"{p}.gate_proj", x)
+    gate, up = lin.many([f"{p}.gate_proj", f"{p}.up_proj"], x)
     silu = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
-    return lin(f"{p}.down_proj", g.op("Mul", [silu, lin(f"{p}.up_proj", x)]))
+    return lin(f"{p}.down_proj", g.op("Mul", [silu, up]))
 
 
 def _io(g: Graph, spec: DecoderSpec) -> None:
@@ -157,9 +163,11 @@ def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
     _io(g, spec)
     h = g.op("Gather", ["model.embed_tokens.weight", "input_ids"])  # (B, T, d)
     bias = _attention_bias(g, "attention_mask", "input_ids")
+    x = _rms_norm(g, h, "model.layers.0.input_layernorm.weight", spec.eps)
     for i in range(spec.layers):
-        p = f"model.layers.{i}"
-        h = g.op("Add", [h, _attention(g, spec, lin, i, _rms_norm(g, h, f"{p}.input_layernorm.weight", spec.eps),
-                                       bias)])
-        h = g.op("Add", [h, _mlp(g, lin, i, _rms_norm(g, h, f"{p}.post_attention_layernorm.weight", spec.eps))])
-    head(_rms_norm(g, h, "model.norm.weight", spec.eps), "logits")
+        # each residual add is fused with the norm that follows it: x = norm(h += sublayer(x))
+        after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < spec.layers else "model.norm.weight"
+        x, h = _add_norm(g, _attention(g, spec, lin, i, x, bias), h, f"model.layers.{i}.post_attention_layernorm.weight",
+                         spec.eps)
+        x, h = _add_norm(g, _mlp(g, lin, i, x), h, after, spec.eps)
+    head(x, "logits")

@@ -38,7 +38,8 @@ def lora_arrays(A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[np.ndar
 
 
 class LinearWriter:
-    """Called as `lin(name, x)` by the graph builder; emits the nodes of one Linear and returns y."""
+    """Called as `lin(name, x)` by the graph builder, or `lin.many(names, x)` for Linears sharing their
+    input; emits their nodes and returns the outputs."""
 
     def __init__(self, g: Graph, model: torch.nn.Module, mode: str, weights: str, adapted: set[str],
                  block_size: int = 32, hessians: dict[str, torch.Tensor] | None = None) -> None:
@@ -59,20 +60,44 @@ class LinearWriter:
             return self.g.op("Cast", [self.g.init(f"{name}.weight_fp16", wt.astype(np.float16))], to=1)
         return self.g.init(f"{name}.weight", wt)
 
-    def _int4(self, name: str, x: str, w: torch.Tensor | None, layer: LoRALinear) -> str:
-        """MatMulNBits: the trained int4 bytes as they are (w None), or a float weight requantized."""
-        if w is None:
+    def _nbits(self, name: str) -> tuple[dict[str, np.ndarray], int4.Int4, int]:
+        """One Linear's MatMulNBits inputs, int4 state and accuracy level: the trained int4 bytes as they
+        are, or the (merged) float weight requantized (GPTQ where calibration gave an H)."""
+        layer = self.layers[name]
+        if not self.requantizes(name):
             s = layer.weight.int4
-            inputs, accuracy = int4.nbits_inputs(layer.weight.data, s), {"int8": 4, "fp32": 0}[s.compute]
-        else:
-            inputs, s, err = int4.requantize(w, self.block_size, self.hessians.get(name))
-            self.requant_err.append(err)
-            accuracy = INT4_ACCURACY
+            return int4.nbits_inputs(layer.weight.data, s), s, {"int8": 4, "fp32": 0}[s.compute]
+        w = self._float_weight(name)
+        inputs, s, err = int4.requantize(w, self.block_size, self.hessians.get(name))
+        self.requant_err.append(err)
+        return inputs, s, INT4_ACCURACY
+
+    def _fusable(self, names: list[str]) -> bool:
+        """Whether these Linears' int4 products can be one MatMulNBits: same K, block, accuracy, inputs."""
+        kinds = set()
+        for n in names:
+            s = None if self.requantizes(n) else self.layers[n].weight.int4
+            kinds.add((s.K, s.block, s.compute, s.zeros is None, s.mins is None) if s else ("requantized",))
+        return len(kinds) == 1
+
+    def _int4(self, names: list[str], x: str) -> list[str]:
+        """MatMulNBits for Linears that read the same x (q/k/v, gate/up): one node over their stacked rows
+        when their formats agree (fewer, larger products), then Split; else one node each."""
+        parts = [self._nbits(n) for n in names]
+        if len(names) > 1 and self._fusable(names):
+            axis = {"correction": 1}  # (kb, N); every other input has N first
+            inputs = {k: np.concatenate([i[k] for i, _, _ in parts], axis=axis.get(k, 0)) for k in parts[0][0]}
+            y = self._emit_nbits(group_name(names), x, inputs, parts[0][1], parts[0][2])
+            sizes = [self.layers[n].out_features for n in names]
+            return list(self.g.op("Split", [y, self.g.const(sizes)], outputs=len(names), axis=-1))
+        return [self._emit_nbits(n, x, i, s, acc) for n, (i, s, acc) in zip(names, parts)]
+
+    def _emit_nbits(self, name: str, x: str, inputs: dict[str, np.ndarray], s: int4.Int4, accuracy: int) -> str:
         g = self.g
         args = [x, g.init(f"{name}.qweight", inputs["qweight"]), g.init(f"{name}.scales", inputs["scales"])]
         if "zero_points" in inputs:
             args.append(g.init(f"{name}.zero_points", inputs["zero_points"]))
-        y = g.op("MatMulNBits", args, domain=MS, K=s.K, N=layer.out_features, bits=4, block_size=s.block,
+        y = g.op("MatMulNBits", args, domain=MS, K=s.K, N=inputs["scales"].shape[0], bits=4, block_size=s.block,
                  accuracy_level=accuracy)
         if "correction" in inputs:  # GGUF Q4_1: + (block sums of x) @ (8·scale + min)
             y = g.op("Add", [y, g.op("MatMul", [self._block_sums(x, s), g.init(f"{name}.correction", inputs["correction"])])])
@@ -97,22 +122,34 @@ class LinearWriter:
         """Whether this Linear's int4 weight is rounded here rather than copied from training."""
         return self.weights == "int4" and not (self.mode == "adapter-aware" and quant.is_int4(self.layers[name].weight))
 
-    def __call__(self, name: str, x: str) -> str:
+    def _float_weight(self, name: str) -> torch.Tensor:
+        """The base as trained, in fp32, with the adapter folded in when merging."""
         layer = self.layers[name]
-        if self.weights == "nf4":
-            y = self._nf4(name, x, layer)
-        elif self.weights == "int4" and not self.requantizes(name):
-            y = self._int4(name, x, None, layer)  # the trained bytes: no requantization
+        w = quant.dequantize(layer.weight)
+        if self.mode == "merged" and layer.rank:
+            w = merge_weight(w, layer.lora_A.weight, layer.lora_B.weight, layer.scale, name)
+        return w
+
+    def __call__(self, name: str, x: str) -> str:
+        return self.many([name], x)[0]
+
+    def many(self, names: list[str], x: str) -> list[str]:
+        """The outputs of Linears that all read `x`, each with its bias and (adapter-aware) LoRA added."""
+        if self.weights == "int4":
+            ys = self._int4(names, x)
+        elif self.weights == "nf4":
+            ys = [self._nf4(n, x, self.layers[n]) for n in names]
         else:
-            w = quant.dequantize(layer.weight)
-            if self.mode == "merged" and layer.rank:
-                w = merge_weight(w, layer.lora_A.weight, layer.lora_B.weight, layer.scale, name)
-            y = self._int4(name, x, w, layer) if self.weights == "int4" else self.g.op("MatMul", [x, self._weight(name, w)])
-        if layer.bias is not None:
-            y = self.g.op("Add", [y, self.g.init(f"{name}.bias", layer.bias.detach().float().numpy())])
-        if self.mode == "adapter-aware" and name in self.adapted:
-            y = self.g.op("Add", [y, self._lora(name, x, layer)])
-        return y
+            ys = [self.g.op("MatMul", [x, self._weight(n, self._float_weight(n))]) for n in names]
+        out = []
+        for name, y in zip(names, ys):
+            layer = self.layers[name]
+            if layer.bias is not None:
+                y = self.g.op("Add", [y, self.g.init(f"{name}.bias", layer.bias.detach().float().numpy())])
+            if self.mode == "adapter-aware" and name in self.adapted:
+                y = self.g.op("Add", [y, self._lora(name, x, layer)])
+            out.append(y)
+        return out
 
     def _lora(self, name: str, x: str, layer: LoRALinear) -> str:
         """x @ A @ (s·B) with A and B as overridable graph inputs; rank-0 defaults give zeros."""
@@ -125,6 +162,12 @@ class LinearWriter:
         self.g.inputs.append(helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [layer.in_features, rank]))
         self.g.inputs.append(helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [rank, layer.out_features]))
         return self.g.op("MatMul", [self.g.op("MatMul", [x, a_name]), b_name])
+
+
+def group_name(names: list[str]) -> str:
+    """model.layers.0.self_attn.q_proj_k_proj_v_proj for fused q/k/v; a single Linear keeps its own name."""
+    return names[0] if len(names) == 1 else names[0].rpartition(".")[0] + "." + "_".join(
+        n.rpartition(".")[2] for n in names)
 
 
 def add_shared_tensors(g: Graph, model: torch.nn.Module, max_positions: int) -> None:
