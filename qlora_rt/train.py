@@ -107,6 +107,7 @@ def evaluate(model: torch.nn.Module, examples: list, batch_size: int, pad_id: in
 def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Fine-tune `cfg.model` on `cfg.data`; write the adapter to `cfg.out/adapter`."""
     cfg.check()
+    icfg = InitConfig(cfg.init, cfg.loftq_iters, cfg.svd)  # a bad --init fails before the model loads
     _check_run_folder(cfg)
     device, dtype = _device_and_dtype(cfg)
     out = Path(cfg.out)
@@ -115,7 +116,6 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     model, tok = loaded.model, loaded.tokenizer
     qcfg = QuantConfig(cfg.quant, cfg.double_quant, cfg.block_size, dtype, cfg.symmetric, cfg.int4_compute)
     lcfg = LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.targets)
-    icfg = InitConfig(cfg.init, cfg.loftq_iters, cfg.svd)
     plan = None
     if icfg.method != "default" and not cfg.resume:
         names = set(select_targets(linear_names(model), cfg.targets))

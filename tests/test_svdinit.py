@@ -178,3 +178,9 @@ def test_bad_init_settings():
                     "--loftq-iters: expected 1..5"), ({"svd": "fast"}, "--svd: expected one of")):
         with pytest.raises(QloraError, match=msg):
             InitConfig(**kw)
+
+
+def test_bad_init_fails_before_loading_the_model(tiny_data, tmp_path):
+    with pytest.raises(QloraError, match="--loftq-iters: expected 1..5"):
+        train(TrainConfig(model=str(tmp_path / "no-such-model"), data=str(tiny_data / "train.jsonl"),
+                          out=str(tmp_path / "run"), init="loftq", loftq_iters=9))
