@@ -26,7 +26,7 @@ from qlora_rt.files import atomic_dir, write_json
 from qlora_rt.load import Loaded, load
 from qlora_rt.lora import LoraConfig, lora_layers, lora_scale, quantize_model
 from qlora_rt.quant import QuantConfig
-from qlora_rt.svdinit import RESIDUAL, load_residual
+from qlora_rt.svdinit import RESIDUAL, load_residual, require_residual
 
 PREFIX = "base_model.model."
 CHANGES_BASE = ("pissa", "loftq", "olora", "corda")  # PEFT inits that rewrite the base weights
@@ -207,10 +207,7 @@ def open_trained(model_path: str | Path, adapter: str | Path | None = None, quan
 def check_own_base(path: str | Path, config: dict, meta: dict[str, str]) -> None:
     """A PiSSA/LoftQ adapter needs its residual base beside it; say so before any model is loaded."""
     if "base.residual" in meta:
-        if not (Path(path) / RESIDUAL).is_file():
-            raise QloraError(f"--adapter {path}: {RESIDUAL} is missing: this adapter was initialised with "
-                             f"{meta.get('init', 'PiSSA/LoftQ')} and belongs to its own residual base, which the run "
-                             "saved in its adapter folder; copy the whole folder")
+        require_residual(Path(path) / RESIDUAL, meta.get("init", "PiSSA/LoftQ"))
         return
     init = str(config.get("init_lora_weights", True)).lower()
     if init.startswith(CHANGES_BASE):

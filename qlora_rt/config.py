@@ -17,6 +17,13 @@ def option(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def require(cfg, *names: str) -> None:
+    """Every named flag must be given (non-empty)."""
+    for name in names:
+        if not getattr(cfg, name):
+            raise QloraError(f"--{name} is required")
+
+
 @dataclass
 class TrainConfig:
     model: str = option("", "base model: a Hugging Face checkpoint folder, a .gguf file, or smollm2-135m (bundled)")
@@ -66,9 +73,7 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --out from its last checkpoint")
 
     def check(self) -> None:
-        for name in ("model", "data", "out"):
-            if not getattr(self, name):
-                raise QloraError(f"--{name} is required")
+        require(self, *("model", "data", "out"))
         if self.steps is not None and self.epochs is not None:
             raise QloraError("--steps and --epochs: give one, not both")
         for name in ("batch_size", "grad_accum", "seq_len", "rank"):
@@ -89,9 +94,7 @@ class MergeConfig:
     overwrite: bool = option(False, "replace --out if it exists")
 
     def check(self) -> None:
-        for name in ("model", "adapter", "out"):
-            if not getattr(self, name):
-                raise QloraError(f"--{name} is required")
+        require(self, *("model", "adapter", "out"))
 
 
 @dataclass
@@ -121,9 +124,7 @@ class ExportConfig:
     overwrite: bool = option(False, "replace --out if it exists (only after the new export verified)")
 
     def check(self) -> None:
-        for name in ("model", "out"):
-            if not getattr(self, name):
-                raise QloraError(f"--{name} is required")
+        require(self, *("model", "out"))
         if self.mode == "merged" and self.adapter is None:
             raise QloraError("--mode merged needs --adapter (merging nothing is just the base: use adapter-aware)")
         if self.mode == "merged" and self.weights == "nf4":
@@ -139,9 +140,7 @@ class ExportAdapterConfig:
     overwrite: bool = option(False, "replace an adapter of the same name")
 
     def check(self) -> None:
-        for name in ("adapter", "onnx", "name"):
-            if not getattr(self, name):
-                raise QloraError(f"--{name} is required")
+        require(self, *("adapter", "onnx", "name"))
 
 
 @dataclass

@@ -155,12 +155,17 @@ def save_residual(model: torch.nn.Module, names: list[str], path: Path, meta: di
     return digest
 
 
+def require_residual(path: Path, init: str = "PiSSA/LoftQ") -> None:
+    """The one message for a residual base that is not where its adapter or run says it is."""
+    if not path.is_file():
+        raise QloraError(f"{path} is missing: this adapter was initialised with {init} and belongs to its own "
+                         "residual base, which the run saved in its adapter folder; copy the whole folder")
+
+
 def load_residual(model: torch.nn.Module, path: Path, qcfg: quant.QuantConfig, device: torch.device,
                   digest: str | None = None, fingerprint: str | None = None) -> str:
     """Replace the frozen bases of the layers saved in `path`; checks digest, base and shapes first."""
-    if not path.is_file():
-        raise QloraError(f"{path} is missing: this adapter was initialised with PiSSA/LoftQ and belongs to its own "
-                         "residual base, which the run saved there; copy the whole adapter folder")
+    require_residual(path)
     try:
         with safe_open(str(path), framework="pt") as h:
             meta = h.metadata() or {}
