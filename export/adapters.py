@@ -1,7 +1,8 @@
 """LoRA adapters as onnxruntime `.onnx_adapter` files, bound to the graph's LoRA inputs by name.
 
 An adapter file holds `<module>.lora_A` (in, r) and `<module>.lora_B` (r, out, scale folded in) for
-the modules it adapts; the graph's other LoRA inputs keep their rank-0 defaults. Activated per run
+the modules it adapts (q/k/v and gate/up as one pair each: export/weights.py `group_lora`); the
+graph's other LoRA inputs keep their rank-0 defaults. Activated per run
 with `RunOptions.add_active_adapter`, so switching adapters never reloads the model.
 """
 
@@ -12,18 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from export.weights import lora_arrays, lora_input_names
+from export.weights import group_lora, lora_arrays
 from qlora_rt.adapters import read_lora
 from qlora_rt.errors import QloraError
 from qlora_rt.runtime import ADAPTER_DIR, ADAPTER_SUFFIX as SUFFIX, adapter_model_version, check_fits
 
-def adapter_arrays(adapter: str | Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
-    """An adapter folder's metadata, and its tensors named and laid out as the graph's LoRA inputs."""
+def adapter_arrays(adapter: str | Path, export_meta: dict) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """An adapter folder's metadata, and its tensors named and laid out as the export's LoRA inputs."""
     _, meta, lora = read_lora(adapter)
-    arrays: dict[str, np.ndarray] = {}
-    for name, (A, B, scale) in lora.items():
-        arrays.update(zip(lora_input_names(name), lora_arrays(A, B, scale)))
-    return meta, arrays
+    pairs = {name: lora_arrays(A, B, scale) for name, (A, B, scale) in lora.items()}
+    return meta, group_lora(pairs, export_meta.get("lora_groups", {}))
 
 
 def check_base(adapter_meta: dict[str, str], export_meta: dict, where: str) -> None:
@@ -71,7 +70,7 @@ def export_adapter(adapter: str, onnx_dir: str, name: str, overwrite: bool = Fal
     if target.exists() and not overwrite:
         raise QloraError(f"--name: an adapter named {name!r} already exists in {folder}; pick another name "
                          "or pass --overwrite")
-    adapter_meta, arrays = adapter_arrays(adapter)
+    adapter_meta, arrays = adapter_arrays(adapter, meta)
     check_base(adapter_meta, meta, f"--adapter {adapter}")
     check_fits({k: v.shape for k, v in arrays.items()}, meta["lora_inputs"], f"--adapter {adapter}")
     return write_adapter(arrays, target, meta)

@@ -28,6 +28,9 @@ def default_data(adapter: str | None) -> Path | None:
     return Path(data) if data and Path(data).is_file() else None
 
 
+HEAD = "lm_head"  # the output head's key among the Hessians
+
+
 @torch.no_grad()
 def hessians(model: torch.nn.Module, tokenizer, path: Path, names: set[str], examples: int = 64,
              seq_len: int = 256, batch_size: int = 8) -> tuple[dict[str, torch.Tensor], int]:
@@ -36,6 +39,9 @@ def hessians(model: torch.nn.Module, tokenizer, path: Path, names: set[str], exa
     data = load_examples(path, tokenizer, seq_len)[0][:examples]
     layers = {n: m for n, m in lora_layers(model).items() if n in names}
     H = {n: torch.zeros(m.in_features, m.in_features) for n, m in layers.items()}
+    if HEAD in names:  # the output head: its input is the decoder's output (the final norm's)
+        d = model.get_output_embeddings().in_features
+        H[HEAD] = torch.zeros(d, d)
     keep: list[torch.Tensor] = []  # the current batch's token mask, read by the hooks
     # q/k/v (and gate/up) read the same input tensor: one xᵀx for them. The input is held until the batch
     # ends, so no other tensor can take its address meanwhile.
@@ -59,7 +65,10 @@ def hessians(model: torch.nn.Module, tokenizer, path: Path, names: set[str], exa
             keep[:] = [batch["attention_mask"].bool()]
             shared.clear()
             tokens += int(keep[0].sum())
-            model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+            if HEAD in H:  # not run through the head (a (tokens, vocab) product): its xᵀx is enough
+                x = hidden.float()[keep[0]]
+                H[HEAD] += x.T @ x
     finally:
         for h in handles:
             h.remove()

@@ -19,10 +19,10 @@ from pathlib import Path
 import onnx
 
 from export.adapters import ADAPTER_DIR, SUFFIX, adapter_arrays, write_adapter
-from export.calibration import default_data, hessians
+from export.calibration import HEAD, default_data, hessians
 from export.graph import DecoderSpec, Graph, build_decoder
 from export.verify import verify
-from export.weights import HeadWriter, LinearWriter, add_shared_tensors, lora_input_names
+from export.weights import HeadWriter, LinearWriter, add_shared_tensors
 from qlora_rt import __version__, quant
 from qlora_rt.adapters import open_trained
 from qlora_rt.config import ExportConfig
@@ -31,6 +31,7 @@ from qlora_rt.files import atomic_dir, write_json
 from qlora_rt.load import SUPPORTED
 from qlora_rt.lora import lora_layers
 from qlora_rt.report import table
+from qlora_rt.runtime import KV_CACHE
 
 TOLERANCE = {"fp32": 1e-3, "nf4": 1e-3, "fp16": 5e-2, "int4": float("inf")}  # int4: requantized (see below)
 MAX_ROPE_TABLE = 32768  # positions; longer contexts need a larger table (recorded as max_context)
@@ -46,7 +47,7 @@ def spec_of(config) -> DecoderSpec:
                        config.model_type == "qwen3")
 
 
-def _metadata(cfg: ExportConfig, loaded, info, spec: DecoderSpec, quant_format: str, lora_inputs: dict,
+def _metadata(cfg: ExportConfig, loaded, info, spec: DecoderSpec, quant_format: str, writer: LinearWriter,
               max_context: int) -> dict:
     gen = loaded.model.generation_config
     eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else loaded.tokenizer.eos_token_id
@@ -58,22 +59,15 @@ def _metadata(cfg: ExportConfig, loaded, info, spec: DecoderSpec, quant_format: 
             "base_fingerprint": loaded.fingerprint, "base_quant": quant_format,
             # PiSSA/LoftQ: the digest of the residual base the adapter was trained on (qlora_rt/svdinit.py)
             "base_residual": info.metadata.get("base.residual") if info else None,
+            "kv_cache": KV_CACHE,
             "inputs": ["input_ids", "attention_mask", "position_ids", "past_key_values.N.key", "past_key_values.N.value"],
-            "outputs": ["logits", "present.N.key", "present.N.value"], "lora_inputs": lora_inputs}
-
-
-def _lora_inputs(model, adapted: set[str]) -> dict[str, list]:
-    out = {}
-    for name, layer in lora_layers(model).items():
-        if name in adapted:
-            a, b = lora_input_names(name)
-            out[a], out[b] = [layer.in_features, None], [None, layer.out_features]
-    return out
+            "outputs": ["logits", "present.N.key", "present.N.value"],
+            "lora_inputs": writer.lora_inputs, "lora_groups": writer.lora_groups}
 
 
 def _calibrate(cfg: ExportConfig, writer: LinearWriter, model, tokenizer) -> str:
     """GPTQ statistics for the Linears this export requantizes to int4; returns how they are rounded."""
-    names = {n for n in writer.layers if writer.requantizes(n)}
+    names = {n for n in writer.layers if writer.requantizes(n)} | ({HEAD} if cfg.head == "int4" else set())
     if not names or cfg.int4_rounding == "rtn":
         return "rtn"
     data = Path(cfg.calibration) if cfg.calibration else default_data(cfg.adapter)
@@ -108,10 +102,10 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
     rounding = _calibrate(cfg, writer, model, loaded.tokenizer)
     approximate = any(map(writer.requantizes, writer.layers)) or any(
         quant.is_int4(m.weight) and m.weight.int4.compute == "int8" for m in writer.layers.values())
-    head = HeadWriter(g, model, cfg.weights, cfg.head, approximate and cfg.weights == "int4")
+    head = HeadWriter(g, model, cfg.weights, cfg.head, approximate and cfg.weights == "int4",
+                      writer.hessians.pop(HEAD, None))
     build_decoder(spec, g, writer, head)
-    lora_inputs = _lora_inputs(model, adapted) if cfg.mode == "adapter-aware" else {}
-    meta = _metadata(cfg, loaded, info, spec, qcfg.format, lora_inputs, max_context)
+    meta = _metadata(cfg, loaded, info, spec, qcfg.format, writer, max_context)
     with atomic_dir(cfg.out, overwrite=True) as tmp:
         onnx.save_model(g.model(f"qlora-rt {__version__}"), str(tmp / "model.onnx"), save_as_external_data=True,
                         all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
@@ -121,7 +115,7 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
         write_json(tmp / "qlora_rt_export.json", meta)
         adapter_file = None
         if cfg.mode == "adapter-aware" and cfg.adapter:
-            adapter_file = write_adapter(adapter_arrays(cfg.adapter)[1], tmp / ADAPTER_DIR / f"{cfg.name}{SUFFIX}", meta)
+            adapter_file = write_adapter(adapter_arrays(cfg.adapter, meta)[1], tmp / ADAPTER_DIR / f"{cfg.name}{SUFFIX}", meta)
         export_s = time.perf_counter() - t0
         report = {**verify(tmp, meta, model, loaded.tokenizer, adapter_file), "export_seconds": export_s,
                   "base_quant": qcfg.format, "head": head.report,

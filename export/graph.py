@@ -8,6 +8,12 @@ and Qwen3 adds per-head RMSNorm on q and k. The I/O follows onnxruntime-genai an
              past_key_values.N.key / .value (B, kv_heads, P, head_dim)
     outputs  logits (B, T, vocab), present.N.key / .value (B, kv_heads, P+T, head_dim)
 
+Batches are left-padded. Attention is one com.microsoft.GroupQueryAttention a layer (rotary, KV append,
+masks, softmax). Fed a max-length buffer bound as both past and present (what the runtime does), it
+appends in place and present keeps the buffer's length; fed plain arrays, it returns P+T rows.
+position_ids drive rotary only where it is done outside the op (Qwen3); elsewhere they are accepted
+and unused, so both kinds of graph take the same feeds.
+
 Every Linear goes through a `LinearWriter` (export/weights.py), which decides how the weight is stored
 (fp32, fp16, MatMulNBits int4, MatMulBnb4 NF4) and whether a LoRA pair rides beside it as graph
 inputs. This file knows nothing about weight formats.
@@ -83,52 +89,61 @@ def _add_norm(g: Graph, x: str, residual: str, weight: str, eps: float) -> tuple
     return normed, total
 
 
-def _heads(g: Graph, x: str, n: int, hd: int) -> str:
-    """(B, T, n*hd) -> (B, n, T, hd)"""
-    return g.op("Transpose", [g.op("Reshape", [x, g.const([0, 0, n, hd])])], perm=[0, 2, 1, 3])
+def _rope(g: Graph, x: str, n: int, hd: int) -> str:
+    """Rotary embedding of (B, T, n*hd) at `position_ids`, rotate-half style as transformers does (one
+    com.microsoft.RotaryEmbedding op over the `rope.cos` / `rope.sin` (max_positions, hd/2) tables)."""
+    return g.op("RotaryEmbedding", [x, "position_ids", "rope.cos", "rope.sin"], domain=MS, interleaved=0,
+                num_heads=n, rotary_embedding_dim=hd)
 
 
-def _rope(g: Graph, x: str, table: str) -> str:
-    """Rotary embedding on (B, n, T, hd) at `position_ids`, rotate-half style as transformers does; `table`
-    names a (max_positions, hd/2) cos/sin pair (com.microsoft.RotaryEmbedding: one op, not six)."""
-    return g.op("RotaryEmbedding", [x, "position_ids", f"{table}.cos", f"{table}.sin"], domain=MS, interleaved=0)
+def _head_norm(g: Graph, x: str, weight: str, n: int, hd: int, eps: float) -> str:
+    """Qwen3's per-head RMSNorm of (B, T, n*hd)."""
+    heads = g.op("Reshape", [x, g.const([0, 0, n, hd])])  # (B, T, n, hd)
+    return g.op("Reshape", [_rms_norm(g, heads, weight, eps), g.const([0, 0, n * hd])])
 
 
-def _attention_bias(g: Graph, attention_mask: str, input_ids: str) -> str:
-    """(B, 1, 1, T, P+T) additive bias: 0 where query t may see key s (causal, not padding), else -inf-ish."""
+def _mask(g: Graph, attention_mask: str, input_ids: str) -> tuple[str, str, str]:
+    """What GroupQueryAttention takes in place of a mask.
+
+    Rows are left-padded, so every row's cache holds the same P+T positions: seqlens_k (B,) int32 is
+    P+T-1 for each row and total_sequence_length () int32 is P+T; an additive bias (B, 1, T, P+T) hides
+    the padding (the op applies the causal mask itself). The op's rotary takes a token's position from
+    its cache row, so a padded row's tokens sit as many places further on as it has pads: rotary
+    attention depends only on the distance between query and key, which that shift does not change.
+    """
     total = g.op("Shape", [attention_mask], start=1, end=2)  # (1,) P+T
+    batch = g.op("Shape", [input_ids], start=0, end=1)  # (1,) B
     length = g.op("Shape", [input_ids], start=1, end=2)  # (1,) T
-    past = g.op("Sub", [total, length])
-    zero, one = g.const(0), g.const(1)
-    scalar = lambda t: g.op("Squeeze", [t, g.const([0])])  # noqa: E731
-    rows = g.op("Add", [g.op("Range", [zero, scalar(length), one]), past])  # (T,) absolute query positions
-    cols = g.op("Range", [zero, scalar(total), one])  # (P+T,)
-    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [cols, g.const([0])]),
-                                  g.op("Unsqueeze", [rows, g.const([1])])])  # (T, P+T)
+    seqlens = g.op("Cast", [g.op("Expand", [g.op("Sub", [total, g.const([1])]), batch])], to=TensorProto.INT32)
     keep = g.op("Cast", [g.op("Unsqueeze", [attention_mask, g.const([1, 2])])], to=TensorProto.BOOL)  # (B,1,1,P+T)
-    allowed = g.op("And", [keep, causal])  # (B, 1, T, P+T)
-    bias = g.op("Where", [allowed, g.const(0.0, np.float32), g.const(np.finfo(np.float32).min, np.float32)])
-    return g.op("Unsqueeze", [bias, g.const([1])])  # (B, 1, 1, T, P+T): broadcast over kv heads and groups
+    # not float32's min: the op adds the score to it, and a row of -inf would be NaN
+    bias = g.op("Where", [keep, g.const(0.0, np.float32), g.const(-1e30, np.float32)])
+    bias = g.op("Expand", [bias, g.op("Concat", [batch, g.const([1]), length, total], axis=0)])  # (B,1,T,P+T)
+    total = g.op("Cast", [g.op("Squeeze", [total, g.const([0])])], to=TensorProto.INT32)
+    return seqlens, total, bias
 
 
-def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, bias: str) -> str:
+def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, mask: tuple[str, str, str]) -> str:
+    """One com.microsoft.GroupQueryAttention: rotary, the KV-cache append, causal + padding mask, softmax
+    attention with kv heads shared by their query groups. q/k/v come packed as one (B, T, (n+2kv)*hd)
+    tensor when the Linears were one product. Passing the same buffer as past and present (I/O binding,
+    max-length cache) makes the append in place: the runtime does that; plain feeds work too."""
     p = f"model.layers.{i}.self_attn"
-    q, k, v = lin.many([f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"], x)
-    q, k, v = (_heads(g, t, n, spec.head_dim) for t, n in ((q, spec.heads), (k, spec.kv_heads), (v, spec.kv_heads)))
-    if spec.qk_norm:
-        q = _rms_norm(g, q, f"{p}.q_norm.weight", spec.eps)
-        k = _rms_norm(g, k, f"{p}.k_norm.weight", spec.eps)
-    q, k = _rope(g, q, "rope_q"), _rope(g, k, "rope")  # rope_q has 1/sqrt(hd) folded in
-    k = g.op("Concat", [f"past_key_values.{i}.key", k], [f"present.{i}.key"], axis=2)  # (B, kv, P+T, hd)
-    v = g.op("Concat", [f"past_key_values.{i}.value", v], [f"present.{i}.value"], axis=2)
-    # grouped-query attention without copying k/v: each kv head's `groups` query heads are one batch dim
-    groups = spec.heads // spec.kv_heads
-    q = g.op("Reshape", [q, g.const([0, spec.kv_heads, groups, -1, spec.head_dim])])  # (B, kv, g, T, hd)
-    k = g.op("Unsqueeze", [g.op("Transpose", [k], perm=[0, 1, 3, 2]), g.const([2])])  # (B, kv, 1, hd, P+T)
-    v = g.op("Unsqueeze", [v, g.const([2])])  # (B, kv, 1, P+T, hd)
-    scores = g.op("Add", [g.op("MatMul", [q, k]), bias])  # (B, kv, g, T, P+T)
-    out = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])  # (B, kv, g, T, hd)
-    out = g.op("Reshape", [g.op("Transpose", [out], perm=[0, 3, 1, 2, 4]), g.const([0, 0, spec.heads * spec.head_dim])])
+    names = [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"]
+    if spec.qk_norm:  # Qwen3: per-head norms go before rotary, which the CPU op cannot do inside
+        q, k, v = lin.many(names, x)
+        q = _rope(g, _head_norm(g, q, f"{p}.q_norm.weight", spec.heads, spec.head_dim, spec.eps), spec.heads,
+                  spec.head_dim)
+        k = _rope(g, _head_norm(g, k, f"{p}.k_norm.weight", spec.kv_heads, spec.head_dim, spec.eps), spec.kv_heads,
+                  spec.head_dim)
+        qkv, rotary = [q, k, v], 0
+    else:
+        qkv, rotary = lin.many(names, x, packed=True), 1
+    seqlens, total, bias = mask
+    out, _, _ = g.op("GroupQueryAttention", [*qkv, *[""] * (3 - len(qkv)), f"past_key_values.{i}.key",
+                                       f"past_key_values.{i}.value", seqlens, total, "rope.cos", "rope.sin", "", bias],
+               [f"attn_{i}", f"present.{i}.key", f"present.{i}.value"], domain=MS, num_heads=spec.heads,
+               kv_num_heads=spec.kv_heads, do_rotary=rotary, rotary_interleaved=0, scale=spec.head_dim ** -0.5)
     return lin(f"{p}.o_proj", out)
 
 
@@ -157,17 +172,16 @@ def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
     """Wire the whole decoder into `g`. `lin(name, x)` emits a Linear; `head(x)` emits the output head.
 
     Norm weights (`model.layers.N.input_layernorm.weight`, ...), `model.embed_tokens.weight` and the
-    rotary tables `rope.cos` / `rope.sin` and `rope_q.cos` / `rope_q.sin` (max_positions, head_dim/2; the
-    query's scaled by 1/sqrt(head_dim)) must already be initializers.
+    rotary tables `rope.cos` / `rope.sin` (max_positions, head_dim/2) must already be initializers.
     """
     _io(g, spec)
     h = g.op("Gather", ["model.embed_tokens.weight", "input_ids"])  # (B, T, d)
-    bias = _attention_bias(g, "attention_mask", "input_ids")
+    mask = _mask(g, "attention_mask", "input_ids")
     x = _rms_norm(g, h, "model.layers.0.input_layernorm.weight", spec.eps)
     for i in range(spec.layers):
         # each residual add is fused with the norm that follows it: x = norm(h += sublayer(x))
         after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < spec.layers else "model.norm.weight"
-        x, h = _add_norm(g, _attention(g, spec, lin, i, x, bias), h, f"model.layers.{i}.post_attention_layernorm.weight",
+        x, h = _add_norm(g, _attention(g, spec, lin, i, x, mask), h, f"model.layers.{i}.post_attention_layernorm.weight",
                          spec.eps)
         x, h = _add_norm(g, _mlp(g, lin, i, x), h, after, spec.eps)
     head(x, "logits")

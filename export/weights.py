@@ -19,7 +19,7 @@ from export import int4
 from export.graph import MS, Graph
 from qlora_rt import quant
 from qlora_rt.errors import QloraError
-from qlora_rt.lora import LoRALinear, lora_layers
+from qlora_rt.lora import lora_layers
 from qlora_rt.merge import merge_weight
 
 MODES = ("merged", "adapter-aware")
@@ -52,6 +52,8 @@ class LinearWriter:
         self.adapted = adapted  # the Linears that get LoRA inputs in adapter-aware mode
         self._sums: dict = {}  # block sums of an input, for GGUF Q4_1 corrections
         self.hessians = hessians or {}  # int4 requantization by GPTQ where a layer has one (export/calibration.py)
+        self.lora_inputs: dict[str, list] = {}  # adapter-aware: each LoRA input's fixed dims (metadata)
+        self.lora_groups: dict[str, list] = {}  # ... and the Linears each grouped pair covers
 
     def _weight(self, name: str, w: torch.Tensor) -> str:
         """A (out, in) fp32 weight stored as (in, out) for MatMul, in the chosen float format."""
@@ -82,14 +84,12 @@ class LinearWriter:
 
     def _int4(self, names: list[str], x: str) -> list[str]:
         """MatMulNBits for Linears that read the same x (q/k/v, gate/up): one node over their stacked rows
-        when their formats agree (fewer, larger products), then Split; else one node each."""
+        when their formats agree (fewer, larger products), else one node each."""
         parts = [self._nbits(n) for n in names]
         if len(names) > 1 and self._fusable(names):
             axis = {"correction": 1}  # (kb, N); every other input has N first
             inputs = {k: np.concatenate([i[k] for i, _, _ in parts], axis=axis.get(k, 0)) for k in parts[0][0]}
-            y = self._emit_nbits(group_name(names), x, inputs, parts[0][1], parts[0][2])
-            sizes = [self.layers[n].out_features for n in names]
-            return list(self.g.op("Split", [y, self.g.const(sizes)], outputs=len(names), axis=-1))
+            return [self._emit_nbits(group_name(names), x, inputs, parts[0][1], parts[0][2])]
         return [self._emit_nbits(n, x, i, s, acc) for n, (i, s, acc) in zip(names, parts)]
 
     def _emit_nbits(self, name: str, x: str, inputs: dict[str, np.ndarray], s: int4.Int4, accuracy: int) -> str:
@@ -112,11 +112,27 @@ class LinearWriter:
             self._sums[key] = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)
         return self._sums[key]
 
-    def _nf4(self, name: str, x: str, layer: LoRALinear) -> str:
-        packed, absmax, quant_type, block = quant.bnb4_export(layer.weight)
-        g = self.g
-        return g.op("MatMulBnb4", [x, g.init(f"{name}.qweight", packed.numpy()), g.init(f"{name}.absmax", absmax.numpy())],
-                    domain=MS, K=layer.in_features, N=layer.out_features, block_size=block, quant_type=quant_type)
+    def _nf4(self, names: list[str], x: str) -> list[str]:
+        """MatMulBnb4 over the trained NF4/FP4 bytes; Linears whose blocks do not straddle their ends (each
+        weight a whole number of blocks) are one node over the concatenated bytes, which is the same thing."""
+        parts = [quant.bnb4_export(self.layers[n].weight) for n in names]
+        whole = all(p[0].numel() * 2 % p[3] == 0 and p[2:] == parts[0][2:] for p in parts)
+        groups = [names] if whole else [[n] for n in names]
+        out, g = [], self.g
+        for group in groups:
+            packed = np.concatenate([parts[names.index(n)][0].numpy() for n in group])
+            absmax = np.concatenate([parts[names.index(n)][1].numpy() for n in group])
+            name = group_name(group)
+            out.append(g.op("MatMulBnb4", [x, g.init(f"{name}.qweight", packed), g.init(f"{name}.absmax", absmax)],
+                            domain=MS, K=self.layers[group[0]].in_features,
+                            N=sum(self.layers[n].out_features for n in group), block_size=parts[0][3],
+                            quant_type=parts[0][2]))
+        return out
+
+    def _float(self, names: list[str], x: str) -> list[str]:
+        """One fp32/fp16 MatMul over the Linears' weights side by side (in, Σout)."""
+        w = torch.cat([self._float_weight(n) for n in names])  # (Σout, in)
+        return [self.g.op("MatMul", [x, self._weight(group_name(names), w)])]
 
     def requantizes(self, name: str) -> bool:
         """Whether this Linear's int4 weight is rounded here rather than copied from training."""
@@ -133,35 +149,87 @@ class LinearWriter:
     def __call__(self, name: str, x: str) -> str:
         return self.many([name], x)[0]
 
-    def many(self, names: list[str], x: str) -> list[str]:
-        """The outputs of Linears that all read `x`, each with its bias and (adapter-aware) LoRA added."""
+    def many(self, names: list[str], x: str, packed: bool = False) -> list[str]:
+        """The outputs of Linears that all read `x` (q/k/v, gate/up), each with its bias and (adapter-aware)
+        LoRA added. They are computed as one product where the format allows, and their LoRA pairs as one
+        pair (`_lora`). packed=True returns that product's (B, T, Σout) output whole instead of split."""
         if self.weights == "int4":
             ys = self._int4(names, x)
         elif self.weights == "nf4":
-            ys = [self._nf4(n, x, self.layers[n]) for n in names]
+            ys = self._nf4(names, x)
         else:
-            ys = [self.g.op("MatMul", [x, self._weight(n, self._float_weight(n))]) for n in names]
-        out = []
-        for name, y in zip(names, ys):
-            layer = self.layers[name]
-            if layer.bias is not None:
-                y = self.g.op("Add", [y, self.g.init(f"{name}.bias", layer.bias.detach().float().numpy())])
-            if self.mode == "adapter-aware" and name in self.adapted:
-                y = self.g.op("Add", [y, self._lora(name, x, layer)])
-            out.append(y)
-        return out
+            ys = self._float(names, x)
+        sizes = [self.layers[n].out_features for n in names]
+        extra = [self._bias(names)]
+        if self.mode == "adapter-aware" and self.adapted.intersection(names):
+            extra.append(self._lora(names, x))
+        if len(ys) == 1:  # one product: add the group's bias and LoRA once, then split
+            y = ys[0]
+            for e in filter(None, extra):
+                y = self.g.op("Add", [y, e])
+            if packed or len(names) == 1:
+                return [y]
+            return list(self.g.op("Split", [y, self.g.const(sizes)], outputs=len(names), axis=-1))
+        for e in filter(None, extra):  # separate products: split what is added to them
+            parts = self.g.op("Split", [e, self.g.const(sizes)], outputs=len(names), axis=-1)
+            ys = [self.g.op("Add", [y, part]) for y, part in zip(ys, parts)]
+        return ys
 
-    def _lora(self, name: str, x: str, layer: LoRALinear) -> str:
-        """x @ A @ (s·B) with A and B as overridable graph inputs; rank-0 defaults give zeros."""
-        a_name, b_name = lora_input_names(name)
-        self.g.init(a_name, np.zeros((layer.in_features, 0), np.float32))
-        self.g.init(b_name, np.zeros((0, layer.out_features), np.float32))
-        # one rank symbol per Linear: an adapter may target some layers (rank r) and not others (rank 0),
+    def _bias(self, names: list[str]) -> str | None:
+        biases = [self.layers[n].bias for n in names]
+        if all(b is None for b in biases):
+            return None
+        full = [b.detach().float() if b is not None else torch.zeros(self.layers[n].out_features)
+                for n, b in zip(names, biases)]
+        return self.g.init(f"{group_name(names)}.bias", torch.cat(full).numpy())
+
+    def _lora(self, names: list[str], x: str) -> str:
+        """x @ A @ B for a group of Linears reading x, with A (in, r) and B (r, Σout) overridable graph
+        inputs: an adapter's pairs for the group's Linears sit side by side in A and block-diagonally in B
+        (`group_lora`), so q/k/v cost two small MatMuls, not six. Rank-0 defaults give zeros."""
+        group = group_name(names)
+        a_name, b_name = lora_input_names(group)
+        k, n = self.layers[names[0]].in_features, sum(self.layers[m].out_features for m in names)
+        self.g.init(a_name, np.zeros((k, 0), np.float32))
+        self.g.init(b_name, np.zeros((0, n), np.float32))
+        # one rank symbol per group: an adapter may target some layers (rank r) and not others (rank 0),
         # and a shared symbol lets onnxruntime's memory planner assume they are equal
-        rank = f"{name}.rank"
-        self.g.inputs.append(helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [layer.in_features, rank]))
-        self.g.inputs.append(helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [rank, layer.out_features]))
+        rank = f"{group}.rank"
+        self.g.inputs.append(helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [k, rank]))
+        self.g.inputs.append(helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [rank, n]))
+        self.lora_inputs[a_name], self.lora_inputs[b_name] = [k, None], [None, n]
+        if len(names) > 1:
+            self.lora_groups[group] = [[m, self.layers[m].out_features] for m in names]
         return self.g.op("MatMul", [self.g.op("MatMul", [x, a_name]), b_name])
+
+
+def group_lora(pairs: dict[str, tuple[np.ndarray, np.ndarray]], groups: dict[str, list]) -> dict[str, np.ndarray]:
+    """Per-Linear LoRA pairs {name: (A (in, r), B (r, out))} as the graph's inputs: the pairs of a group's
+    Linears (export metadata `lora_groups`: {group: [[name, out], ...]}) become one A side by side and
+    one block-diagonal B; a Linear the adapter leaves out gets zero columns in B."""
+    out: dict[str, np.ndarray] = {}
+    grouped = {m: g for g, members in groups.items() for m, _ in members}
+    for name, (A, B) in pairs.items():
+        if name not in grouped:
+            out.update(zip(lora_input_names(name), (A, B)))
+    for group, members in groups.items():
+        present = [m for m, _ in members if m in pairs]
+        if not present:
+            continue
+        A = np.concatenate([pairs[m][0] for m in present], axis=1)  # (in, Σr)
+        B = np.zeros((A.shape[1], sum(o for _, o in members)), np.float32)  # (Σr, Σout)
+        row, col = 0, 0
+        for m, o in members:
+            if m in pairs:
+                r = pairs[m][1].shape[0]
+                if pairs[m][1].shape[1] != o:
+                    raise QloraError(f"adapter: {m}.lora_B has {pairs[m][1].shape[1]} outputs, this export expects {o}: "
+                                     "it was made for another model")
+                B[row:row + r, col:col + o] = pairs[m][1]
+                row += r
+            col += o
+        out.update(zip(lora_input_names(group), (A, B)))
+    return out
 
 
 def group_name(names: list[str]) -> str:
@@ -184,44 +252,48 @@ def add_shared_tensors(g: Graph, model: torch.nn.Module, max_positions: int) -> 
     half = head_dim // 2  # rotate-half tables repeat their first half: RotaryEmbedding takes it once
     if cos.shape[-1] != head_dim or not torch.equal(cos[..., :half], cos[..., half:]):
         raise QloraError(f"rotary embedding of {cfg.model_type}: only full rotate-half rotary is supported")
-    cos, sin = cos[0, :, :half].float(), sin[0, :, :half].float()  # (P, head_dim/2)
-    scale = head_dim ** -0.5  # the query's 1/sqrt(head_dim), folded into its rotation
-    g.init("rope.cos", cos.numpy())
-    g.init("rope.sin", sin.numpy())
-    g.init("rope_q.cos", (cos * scale).numpy())
-    g.init("rope_q.sin", (sin * scale).numpy())
+    g.init("rope.cos", cos[0, :, :half].float().numpy())  # (P, head_dim/2)
+    g.init("rope.sin", sin[0, :, :half].float().numpy())
 
 
-HEADS = ("auto", "fp32", "int8")
+HEADS = ("auto", "fp32", "int8", "int4")
 
 
 class HeadWriter:
     """The output head. Tied heads reuse the embedding (transposed once, at session load) in fp32, or the
-    head is 8-bit MatMulNBits with int8 activations (accuracy_level 4): 4x fewer bytes read per token, and
-    the head is SmolLM2-135M's largest matrix. (Measured, ORT 1.32, 2 threads, 576x49152 at batch 1: fp32
-    4.6 ms, 8-bit 2.8 ms; with fp32 activations the 8-bit kernel takes 130 ms, so that is not offered.)
-    `auto` takes int8 where the export is approximate anyway (requantized or int8-compute int4)."""
+    head is MatMulNBits with int8 activations (accuracy_level 4), 8-bit (4x fewer bytes read per token
+    than fp32; the head is SmolLM2-135M's largest matrix) or 4-bit (8x, GPTQ-rounded when calibration
+    gave its H). (Measured, ORT 1.32, 2 threads, 576x49152 at batch 1: fp32 4.6 ms, 8-bit 2.8 ms; with
+    fp32 activations the 8-bit kernel takes 130 ms, so that is not offered.) `auto` takes int8 where
+    the export is approximate anyway (requantized or int8-compute int4)."""
 
     def __init__(self, g: Graph, model: torch.nn.Module, weights: str, head: str = "auto",
-                 approximate: bool = False) -> None:
+                 approximate: bool = False, H: torch.Tensor | None = None) -> None:
         if head not in HEADS:
             raise QloraError(f"--head: expected one of {', '.join(HEADS)}, got {head!r}")
         self.g, self.weights = g, weights
         self.weight = model.get_output_embeddings().weight
         self.tied = self.weight is model.get_input_embeddings().weight
-        self.int8, self.report = None, "fp16" if weights == "fp16" and not self.tied else "fp32"
+        self.quantized, self.bits, self.report = None, 0, "fp16" if weights == "fp16" and not self.tied else "fp32"
         if head == "int8" or head == "auto" and approximate:
-            self.int8, lossless, err = int4.int8_head(self.weight)
-            self.report = f"int8 (weights {'lossless' if lossless else f'{100 * err:.3f}% relative error'}; " \
-                          "int8 activations)"
+            self.quantized, lossless, err = int4.int8_head(self.weight)
+            self.bits, self.report = 8, f"int8 (weights {'lossless' if lossless else f'{100 * err:.3f}% relative error'}; " \
+                                        "int8 activations)"
+        elif head == "int4":
+            self.quantized, _, err = int4.requantize(self.weight, 32, H)
+            self.bits, self.report = 4, f"int4 ({'gptq' if H is not None else 'rtn'}, weights {100 * err:.2f}% " \
+                                        "relative error; int8 activations)"
 
     def __call__(self, x: str, out: str) -> str:
         g = self.g
         N, K = self.weight.shape
-        if self.int8 is not None:
-            return g.op("MatMulNBits", [x, g.init("lm_head.q8", self.int8["qweight"]),
-                                        g.init("lm_head.scales", self.int8["scales"])], [out], domain=MS, K=K, N=N,
-                        bits=8, block_size=32, accuracy_level=4)
+        if self.quantized is not None:
+            q = self.quantized
+            args = [x, g.init(f"lm_head.q{self.bits}", q["qweight"]), g.init("lm_head.scales", q["scales"])]
+            if "zero_points" in q:
+                args.append(g.init("lm_head.zero_points", q["zero_points"]))
+            return g.op("MatMulNBits", args, [out], domain=MS, K=K, N=N, bits=self.bits, block_size=32,
+                        accuracy_level=4)
         if self.tied:
             w = g.op("Transpose", ["model.embed_tokens.weight"], perm=[1, 0])
         else:

@@ -110,9 +110,10 @@ class ExportConfig:
                           choices=("fp32", "fp16", "int4", "nf4"))
     block_size: int = option(32, "int4 block size for requantized weights (an int4-trained base keeps its own)")
     head: str = option("auto", "output head: fp32, int8 (8-bit MatMulNBits with int8 activations: ~1.7x faster "
-                       "head, approximate), or auto (int8 where the int4 export is approximate anyway: requantized "
-                       "or int8 compute; fp32 where it is exact)",
-                       choices=("auto", "fp32", "int8"))
+                       "head, approximate), int4 (4-bit, GPTQ-rounded on the calibration data like the other "
+                       "requantized weights: half int8's bytes, more error), or auto (int8 where the int4 export is "
+                       "approximate anyway: requantized or int8 compute; fp32 where it is exact)",
+                       choices=("auto", "fp32", "int8", "int4"))
     int4_rounding: str = option("gptq", "requantized int4 weights: gptq (error feedback on calibration inputs, keeps "
                                 "the layer outputs close) or rtn (round to nearest)", choices=("gptq", "rtn"))
     calibration: str | None = option(None, "JSONL for gptq rounding (default: the training data named in the "

@@ -4,9 +4,13 @@
     model.generate("Rewrite 5 March 2021 as ISO 8601", chat=True, adapter="default")
     for piece in model.stream("Tell me a story", chat=True, temperature=0.7, seed=0): print(piece, end="")
 
-Each step feeds the KV cache of the previous one back in (`past_key_values.N.*` <- `present.N.*`).
-Adapters are `onnxruntime.LoraAdapter`s, loaded once per file and activated per call through
-`RunOptions.add_active_adapter`; switching adapters never reloads the model. No adapter = the base.
+The KV cache lives in one max-length buffer per layer, bound by I/O binding as both
+`past_key_values.N.*` and `present.N.*`: GroupQueryAttention appends each step's keys and values in
+place, so nothing is copied between steps. Adapters are `.onnx_adapter` files read once with
+onnxruntime's adapter API, and their tensors are bound per call as the graph's LoRA inputs; switching
+adapters never reloads the model. No adapter = the base. (`RunOptions.add_active_adapter` would do the
+same binding, but onnxruntime ignores it under I/O binding, and I/O binding is what keeps the cache in
+place.)
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from tokenizers import Tokenizer
 from qlora_rt.errors import QloraError
 
 META = "qlora_rt_export.json"
+KV_CACHE = "in-place"  # the graph appends to a bound max-length cache (GroupQueryAttention); older ones concatenated
 ADAPTER_DIR, ADAPTER_SUFFIX = "adapters", ".onnx_adapter"
 META_KEYS = ("format", "mode", "layers", "kv_heads", "head_dim", "vocab", "max_context", "eos_token_ids",
              "base_fingerprint", "base_quant", "lora_inputs")
@@ -119,14 +124,14 @@ class Model:
         self.eos = set(self.meta["eos_token_ids"])
         pad = self.meta.get("pad_token_id")
         self.pad = pad if pad is not None else self.meta["eos_token_ids"][0]
-        self._adapters: dict[Path, ort.LoraAdapter] = {}  # RunOptions does not keep them alive: we do
+        self._adapters: dict[Path, dict[str, ort.OrtValue]] = {}  # each file's tensors, read once
 
     # ---- adapters -------------------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
         return sorted(p.name[: -len(ADAPTER_SUFFIX)] for p in (self.folder / ADAPTER_DIR).glob(f"*{ADAPTER_SUFFIX}"))
 
-    def load_adapter(self, name_or_path: str | Path) -> ort.LoraAdapter:
+    def load_adapter(self, name_or_path: str | Path) -> dict[str, ort.OrtValue]:
         """Load (once) and check an adapter: a name under adapters/, or a path to an .onnx_adapter file."""
         if self.meta["mode"] != "adapter-aware":
             raise QloraError(f"--adapter: {self.folder} is a merged export; its adapter is already in the weights")
@@ -141,13 +146,11 @@ class Model:
             return self._adapters[path]
         if not path.is_file():
             raise QloraError(f"--adapter: {path} does not exist")
-        self._check_adapter(path)
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(path))
-        self._adapters[path] = adapter
-        return adapter
+        self._adapters[path] = self._read_adapter(path)
+        return self._adapters[path]
 
-    def _check_adapter(self, path: Path) -> None:
+    def _read_adapter(self, path: Path) -> dict[str, ort.OrtValue]:
+        """The adapter's tensors, after checking they were made for this export's base and fit its inputs."""
         try:
             fmt = ort.AdapterFormat.read_adapter(str(path))
         except Exception as e:  # onnxruntime raises its own error types for a bad flatbuffer
@@ -155,8 +158,9 @@ class Model:
         if fmt.get_model_version() != adapter_model_version(self.meta):
             raise QloraError(f"--adapter: {path.name} was made for another base model (or 4-bit format) than this "
                              f"export's {self.meta.get('base_model')} ({self.meta['base_quant']})")
-        check_fits({k: v.shape() for k, v in fmt.get_parameters().items()}, self.meta["lora_inputs"],
-                   f"--adapter: {path.name}")
+        params = fmt.get_parameters()
+        check_fits({k: v.shape() for k, v in params.items()}, self.meta["lora_inputs"], f"--adapter: {path.name}")
+        return params
 
     # ---- prompts --------------------------------------------------------------------------------
     def encode(self, prompt: str | list[dict], chat: bool = False, system: str | None = None) -> list[int]:
@@ -200,9 +204,7 @@ class Model:
 
     def logits(self, ids: list[int], adapter: str | Path | None = None) -> np.ndarray:
         """(T, vocab) logits of one token sequence: the export self-check compares them with PyTorch's."""
-        steps = self._steps([ids], adapter, 1, (), Sampling())
-        return self.session.run(["logits"], steps.feed(steps.ids, np.arange(len(ids))[None], None),
-                                steps.run_options)[0][0]
+        return self._steps([ids], adapter, 1, (), Sampling()).prompt()[0]
 
     def stream(self, prompt: str | list[dict], **kw) -> "Stream":
         """Like generate() for one prompt, but iterate to get the text as it is produced; .result at the end."""
@@ -216,10 +218,8 @@ class Model:
         longest, ctx = max(len(x) for x in ids), self.meta["max_context"]
         if longest >= ctx:
             raise QloraError(f"--prompt is {longest} tokens; this export's context is {ctx} tokens")
-        run_options = ort.RunOptions()
-        if adapter is not None:
-            run_options.add_active_adapter(self.load_adapter(adapter))
-        return _Steps(self, ids, run_options, min(max_new, ctx - longest), stop, sampling,
+        params = self.load_adapter(adapter) if adapter is not None else {}
+        return _Steps(self, ids, params, min(max_new, ctx - longest), stop, sampling,
                       set() if ignore_eos else self.eos, live_text or bool(stop))
 
     def _check_session(self) -> None:
@@ -238,34 +238,57 @@ class _Steps:
     live_text: keep each row's text decoded as it grows (streaming, stop strings); otherwise the text
     is decoded once at the end, off the per-token path."""
 
-    def __init__(self, model: Model, ids: list[list[int]], run_options, max_new: int, stop: tuple, sampling: Sampling,
-                 eos: set[int], live_text: bool):
-        self.m, self.run_options, self.max_new, self.stop, self.sampling = model, run_options, max_new, stop, sampling
+    def __init__(self, model: Model, ids: list[list[int]], adapter: dict, max_new: int, stop: tuple,
+                 sampling: Sampling, eos: set[int], live_text: bool):
+        self.m, self.max_new, self.stop, self.sampling = model, max_new, stop, sampling
         self.eos, self.live_text = eos, live_text
         self.prompt_lens = [len(x) for x in ids]
         width = max(self.prompt_lens)
         self.ids = np.array([[model.pad] * (width - len(x)) + x for x in ids], np.int64)  # (B, T) left-padded
         self.mask = np.array([[0] * (width - len(x)) + [1] * len(x) for x in ids], np.int64)  # (B, T)
+        self.positions = np.maximum(np.cumsum(self.mask, 1) - 1, 0)  # (B, T): pads share position 0
         self.rows = [_Row() for _ in ids]
         self.rng = np.random.default_rng(sampling.seed)
         self.result: list[Completion] = []
+        self.binding = self._bind(adapter, width + max_new)
 
-    def feed(self, ids: np.ndarray, positions: np.ndarray, past: list | None) -> dict:
-        meta, b = self.m.meta, ids.shape[0]
-        feed = {"input_ids": ids, "attention_mask": self.mask, "position_ids": positions}
+    def _bind(self, adapter: dict, capacity: int):
+        """Outputs first (logits is output 0), then the cache: one zeroed (B, kv, capacity, hd) buffer per
+        tensor, bound as both past and present so the attention op appends in place."""
+        meta, b = self.m.meta, len(self.rows)
+        binding = self.m.session.io_binding()
+        binding.bind_output("logits")
+        self._cache = []  # the numpy arrays behind the bound buffers: they must outlive the binding
         for i in range(meta["layers"]):
-            for j, kv in enumerate(("key", "value")):
-                feed[f"past_key_values.{i}.{kv}"] = past[2 * i + j] if past else np.zeros(
-                    (b, meta["kv_heads"], 0, meta["head_dim"]), np.float32)
-        return feed
+            for kv in ("key", "value"):
+                buf = np.zeros((b, meta["kv_heads"], capacity, meta["head_dim"]), np.float32)
+                self._cache.append(buf)
+                value = ort.OrtValue.ortvalue_from_numpy(buf)
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
+                binding.bind_ortvalue_output(f"present.{i}.{kv}", value)
+        for name, value in adapter.items():
+            binding.bind_ortvalue_input(name, value)
+        return binding
+
+    def run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One step over ids (B, T) at positions (B, T), the mask already covering them: logits (B, T, V)."""
+        b = self.binding
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("attention_mask", self.mask)
+        b.bind_cpu_input("position_ids", positions)
+        b.bind_output("logits")
+        self.m.session.run_with_iobinding(b)
+        return b.get_outputs()[0].numpy()
+
+    def prompt(self) -> np.ndarray:
+        return self.run(self.ids, self.positions)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         t0 = time.perf_counter()
-        positions = np.maximum(np.cumsum(self.mask, 1) - 1, 0)  # (B, T): pads share position 0
-        out = self.m.session.run(None, self.feed(self.ids, positions, None), self.run_options)
-        t_first = None
+        logits = self.prompt()
+        positions, t_first = self.positions, None
         for step in range(self.max_new):
-            tokens = self.sampling.pick(out[0][:, -1], self.rng)  # (B,)
+            tokens = self.sampling.pick(logits[:, -1], self.rng)  # (B,)
             t_first = t_first or time.perf_counter()
             self._record(tokens, step + 1 == self.max_new)
             yield tokens
@@ -273,8 +296,7 @@ class _Steps:
                 break
             positions = positions[:, -1:] + 1  # (B, 1)
             self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], 1)
-            out = self.m.session.run(None, self.feed(tokens[:, None].astype(np.int64), positions, out[1:]),
-                                     self.run_options)
+            logits = self.run(tokens[:, None].astype(np.int64), positions)
         t_end = time.perf_counter()
         for row, n_prompt in zip(self.rows, self.prompt_lens):
             n = len(row.tokens)
@@ -344,6 +366,9 @@ def _read_meta(folder: Path) -> dict:
     except json.JSONDecodeError as e:
         raise QloraError(f"{path} is not valid JSON ({e})") from None
     missing = [k for k in META_KEYS if k not in meta]
+    if meta.get("format") == "qlora-rt-onnx" and meta.get("kv_cache") != KV_CACHE:
+        raise QloraError(f"{folder} was exported by an older qlora-rt ({meta.get('version', '?')}), whose graph this "
+                         "runtime cannot drive; export it again with `qlora-rt export`")
     if meta.get("format") != "qlora-rt-onnx" or missing:
         raise QloraError(f"{path} is not a qlora-rt export description"
                          + (f" (missing {', '.join(missing)})" if missing else ""))

@@ -124,3 +124,15 @@ def test_int8_head_where_the_export_is_approximate_anyway(tiny_llama, tiny_runs,
     merged = export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / "m"),
                                  mode="merged", weights="int4"))  # requantized: approximate, so auto takes int8
     assert merged["head"].startswith("int8 (weights ") and "relative error" in merged["head"]
+
+
+def test_int4_head_is_gptq_rounded_on_the_calibration_data(tiny_llama, tiny_runs, tmp_path):
+    from export.exporter import export
+
+    _, adapters = tiny_runs
+    reports = {r: export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / r),
+                                      mode="merged", weights="int4", head="int4", int4_rounding=r))
+               for r in ("gptq", "rtn")}
+    assert reports["gptq"]["head"].startswith("int4 (gptq, weights ")
+    assert reports["rtn"]["head"].startswith("int4 (rtn, weights ")
+    assert reports["gptq"]["mean_abs_logit_diff"] < reports["rtn"]["mean_abs_logit_diff"]

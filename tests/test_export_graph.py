@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_model
 from export.graph import DecoderSpec, Graph, build_decoder
-from export.weights import LinearWriter, add_shared_tensors, HeadWriter, lora_arrays, lora_input_names
+from export.weights import LinearWriter, add_shared_tensors, HeadWriter, group_lora, lora_arrays
 from qlora_rt import quant
 from qlora_rt.lora import LoraConfig, add_adapters, lora_layers, quantize_model
 
@@ -29,10 +29,13 @@ def session(m, names, mode, weights="fp32"):
                        c.head_dim, c.vocab_size, c.rms_norm_eps, c.model_type == "qwen3")
     g = Graph()
     add_shared_tensors(g, m, 256)
-    build_decoder(spec, g, LinearWriter(g, m, mode, weights, set(names)), HeadWriter(g, m, weights))
+    writer = LinearWriter(g, m, mode, weights, set(names))
+    build_decoder(spec, g, writer, HeadWriter(g, m, weights))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # the LoRA inputs' rank-0 defaults are initializers on purpose
-    return ort.InferenceSession(g.model("test").SerializeToString(), opts, providers=["CPUExecutionProvider"]), spec
+    s = ort.InferenceSession(g.model("test").SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    s.lora_groups = writer.lora_groups
+    return s, spec
 
 
 def feed(spec, ids, mask, pos, past=None, lora=None):
@@ -44,13 +47,10 @@ def feed(spec, ids, mask, pos, past=None, lora=None):
     return {**f, **(lora or {})}
 
 
-def adapter_feed(m, names):
-    out = {}
-    for n in names:
-        layer = lora_layers(m)[n]
-        a, b = lora_arrays(layer.lora_A.weight, layer.lora_B.weight, layer.scale)
-        out.update(zip(lora_input_names(n), (a, b)))
-    return out
+def adapter_feed(m, names, groups):
+    layers = lora_layers(m)
+    return group_lora({n: lora_arrays(layers[n].lora_A.weight, layers[n].lora_B.weight, layers[n].scale)
+                       for n in names}, groups)
 
 
 @pytest.mark.parametrize("model_type,tie", [("llama", False), ("llama", True), ("mistral", False),
@@ -65,7 +65,7 @@ def test_logits_match_pytorch_with_left_padding(model_type, tie, mode):
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         ref = m(input_ids=ids, attention_mask=mask, position_ids=pos).logits.numpy()
-    lora = adapter_feed(m, names) if mode == "adapter-aware" else None
+    lora = adapter_feed(m, names, s.lora_groups) if mode == "adapter-aware" else None
     logits = s.run(["logits"], feed(spec, ids, mask, pos, lora=lora))[0]
     assert np.abs(logits - ref)[mask.numpy().astype(bool)].max() <= 1e-4
 
@@ -100,5 +100,24 @@ def test_rank0_default_is_the_base_and_adapters_of_different_ranks_share_a_sessi
     for model, n in ((m4, names), (m8, names8)):
         with torch.no_grad():
             ref = model(input_ids=ids).logits.numpy()
-        got = s.run(["logits"], feed(spec, ids, mask, pos, lora=adapter_feed(model, n)))[0]
+        got = s.run(["logits"], feed(spec, ids, mask, pos, lora=adapter_feed(model, n, s.lora_groups)))[0]
         assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_group_lora_lays_pairs_side_by_side_and_block_diagonal():
+    """q and v adapted, k not: A is [A_q | A_v], B is block-diagonal with zero columns for k."""
+    from qlora_rt.errors import QloraError
+
+    rng = np.random.default_rng(0)
+    pairs = {n: (rng.normal(size=(8, r)).astype(np.float32), rng.normal(size=(r, o)).astype(np.float32))
+             for n, r, o in (("l.q", 2, 8), ("l.v", 3, 4), ("l.o", 2, 8))}
+    groups = {"l.q_k_v": [["l.q", 8], ["l.k", 4], ["l.v", 4]]}
+    out = group_lora(pairs, groups)
+    assert sorted(out) == ["l.o.lora_A", "l.o.lora_B", "l.q_k_v.lora_A", "l.q_k_v.lora_B"]
+    x = rng.normal(size=(5, 8)).astype(np.float32)
+    got = x @ out["l.q_k_v.lora_A"] @ out["l.q_k_v.lora_B"]  # (5, 16)
+    np.testing.assert_allclose(got[:, :8], x @ pairs["l.q"][0] @ pairs["l.q"][1], rtol=1e-5, atol=1e-5)
+    assert not got[:, 8:12].any()
+    np.testing.assert_allclose(got[:, 12:], x @ pairs["l.v"][0] @ pairs["l.v"][1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(QloraError, match="l.v.lora_B has 5 outputs, this export expects 4"):
+        group_lora({"l.v": (np.zeros((8, 1), np.float32), np.zeros((1, 5), np.float32))}, groups)

@@ -103,6 +103,9 @@ def test_runtime_errors(exported, runtime, tmp_path, tiny_runs):
     (bad / "qlora_rt_export.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "lora_inputs"}))
     with pytest.raises(QloraError, match="missing lora_inputs"):
         Model(bad)
+    (bad / "qlora_rt_export.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "kv_cache"}))
+    with pytest.raises(QloraError, match="exported by an older qlora-rt .*export it again"):
+        Model(bad)  # its graph concatenates the cache: the in-place binding would read stale rows
     (bad / "qlora_rt_export.json").write_text(json.dumps({**meta, "base_fingerprint": "0" * 16}))
     with pytest.raises(QloraError, match="made for another base model"):  # same shapes, another base
         Model(bad).generate("hello", adapter="a")
@@ -122,8 +125,8 @@ def test_adapter_of_another_model_is_refused(tmp_path, tiny_runs, exported):
     from qlora_rt.runtime import Model
 
     meta = json.loads((exported / "qlora_rt_export.json").read_text())
-    arrays = {"model.layers.0.self_attn.q_proj.lora_A": np.zeros((128, 4), np.float32),
-              "model.layers.0.self_attn.q_proj.lora_B": np.zeros((4, 64), np.float32)}
+    arrays = {"model.layers.0.self_attn.o_proj.lora_A": np.zeros((128, 4), np.float32),
+              "model.layers.0.self_attn.o_proj.lora_B": np.zeros((4, 64), np.float32)}
     path = write_adapter(arrays, tmp_path / "other.onnx_adapter", meta)
     with pytest.raises(QloraError, match=r"has shape \[128, 4\], this export expects \[64, None\]"):
         Model(exported).generate("hello", adapter=str(path))
