@@ -1,7 +1,7 @@
 """Decode speed on SmolLM2-135M, every engine in one run: time to first token and decode tokens/s.
 
     python bench/decode.py [--adapter RUN/adapter] [--work runs/bench] [--prompt-tokens 128]
-                           [--new-tokens 128] [--threads 2]
+                           [--new-tokens 128] [--threads 2] [--rounds 3]
 
 Engines (batch 1, greedy, end-of-sequence ignored so each decodes the same count, each in its own
 process so thread pools do not interfere):
@@ -10,7 +10,8 @@ process so thread pools do not interfere):
   qlora-rt runtime on the adapter-aware nf4 export (MatMulBnb4), adapter active
   PyTorch eager fp32 (transformers, KV cache), the merged model
   onnxruntime-genai's own int4 build of the same weights (`onnxruntime_genai.models.builder -p int4 -e cpu`)
-Missing exports are built first (and a short training run, if no --adapter is given). The genai build
+This machine's speed drifts by ±20% over minutes, so the engines take turns for --rounds rounds and
+the table gives each one's median. Missing exports are built first (and a short training run, if no --adapter is given). The genai build
 needs `pip install onnxruntime-genai onnx_ir`.
 """
 
@@ -135,6 +136,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="engines take turns this many times; medians reported")
     p.add_argument("--one", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)  # child process
     args = p.parse_args()
     ids = prompt_ids(args.prompt_tokens)
@@ -144,22 +146,25 @@ def main() -> None:
         print(json.dumps(timer(Path(path), ids, args.new_tokens, args.threads)))
         return
     paths = prepare(args.work, args.adapter)
-    rows = []
-    for label, (kind, _, _) in ENGINES.items():
-        proc = subprocess.run([sys.executable, __file__, "--one", kind, str(paths[label]), "--prompt-tokens",
-                               str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--threads",
-                               str(args.threads)], capture_output=True, text=True)
-        if proc.returncode:
-            print(f"{label}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
-            continue
-        rows.append((label, *json.loads(proc.stdout.strip().splitlines()[-1])))
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label in ENGINES}
+    for _ in range(args.rounds):
+        for label, (kind, _, _) in ENGINES.items():
+            proc = subprocess.run([sys.executable, __file__, "--one", kind, str(paths[label]), "--prompt-tokens",
+                                   str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--threads",
+                                   str(args.threads)], capture_output=True, text=True)
+            if proc.returncode:
+                print(f"{label}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
+                continue
+            runs[label].append(tuple(json.loads(proc.stdout.strip().splitlines()[-1])))
+    rows = [(label, float(np.median([r[0] for r in rs])), float(np.median([r[1] for r in rs])),
+             " ".join(f"{r[1]:.1f}" for r in rs)) for label, rs in runs.items() if rs]
     genai = dict((r[0], r[2]) for r in rows).get("onnxruntime-genai int4")
     print(f"\nSmolLM2-135M, batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
-          f"{args.threads} threads")
-    print(f"| engine | TTFT ms | decode tok/s | vs genai int4 |\n|---|---|---|---|")
-    for label, ttft, tps in rows:
-        print(f"| {label} | {1000 * ttft:.0f} | {tps:.1f} | {tps / genai:.2f} |" if genai else
-              f"| {label} | {1000 * ttft:.0f} | {tps:.1f} | - |")
+          f"{args.threads} threads, median of {args.rounds} alternating rounds")
+    print("| engine | TTFT ms | decode tok/s | vs genai int4 | each round tok/s |\n|---|---|---|---|---|")
+    for label, ttft, tps, each in rows:
+        ratio = f"{tps / genai:.2f}" if genai else "-"
+        print(f"| {label} | {1000 * ttft:.0f} | {tps:.1f} | {ratio} | {each} |")
 
 
 if __name__ == "__main__":

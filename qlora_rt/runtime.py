@@ -268,6 +268,8 @@ class _Steps:
                 binding.bind_ortvalue_output(f"present.{i}.{kv}", value)
         for name, value in adapter.items():
             binding.bind_ortvalue_input(name, value)
+        logits = np.empty((b, 1, meta["vocab"]), np.float32)
+        self._step_logits = logits, ort.OrtValue.ortvalue_from_numpy(logits)
         return binding
 
     def run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -276,6 +278,10 @@ class _Steps:
         b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("attention_mask", self.mask)
         b.bind_cpu_input("position_ids", positions)
+        if ids.shape[1] == 1:  # decoding: into a buffer of our own, not a fresh (B, 1, vocab) array a step
+            b.bind_ortvalue_output("logits", self._step_logits[1])
+            self.m.session.run_with_iobinding(b)
+            return self._step_logits[0]
         b.bind_output("logits")
         self.m.session.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()
