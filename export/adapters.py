@@ -2,8 +2,9 @@
 
 An adapter file holds `<module>.lora_A` (in, r) and `<module>.lora_B` (r, out, scale folded in) for
 the modules it adapts (q/k/v and gate/up as one pair each: export/weights.py `group_lora`); the
-graph's other LoRA inputs keep their rank-0 defaults. Activated per run
-with `RunOptions.add_active_adapter`, so switching adapters never reloads the model.
+graph's other LoRA inputs keep their rank-0 defaults. A plain session activates one per run with
+`RunOptions.add_active_adapter`; the runtime, which needs I/O binding, binds the file's tensors itself.
+Either way switching adapters never reloads the model.
 """
 
 from __future__ import annotations

@@ -118,10 +118,11 @@ class LinearWriter:
         parts = [quant.bnb4_export(self.layers[n].weight) for n in names]
         whole = all(p[0].numel() * 2 % p[3] == 0 and p[2:] == parts[0][2:] for p in parts)
         groups = [names] if whole else [[n] for n in names]
+        part = dict(zip(names, parts))
         out, g = [], self.g
         for group in groups:
-            packed = np.concatenate([parts[names.index(n)][0].numpy() for n in group])
-            absmax = np.concatenate([parts[names.index(n)][1].numpy() for n in group])
+            packed = np.concatenate([part[n][0].numpy() for n in group])
+            absmax = np.concatenate([part[n][1].numpy() for n in group])
             name = group_name(group)
             out.append(g.op("MatMulBnb4", [x, g.init(f"{name}.qweight", packed), g.init(f"{name}.absmax", absmax)],
                             domain=MS, K=self.layers[group[0]].in_features,
@@ -208,7 +209,7 @@ def group_lora(pairs: dict[str, tuple[np.ndarray, np.ndarray]], groups: dict[str
     Linears (export metadata `lora_groups`: {group: [[name, out], ...]}) become one A side by side and
     one block-diagonal B; a Linear the adapter leaves out gets zero columns in B."""
     out: dict[str, np.ndarray] = {}
-    grouped = {m: g for g, members in groups.items() for m, _ in members}
+    grouped = {m for members in groups.values() for m, _ in members}
     for name, (A, B) in pairs.items():
         if name not in grouped:
             out.update(zip(lora_input_names(name), (A, B)))
