@@ -8,6 +8,10 @@ and Qwen3 adds per-head RMSNorm on q and k. The I/O follows onnxruntime-genai an
              past_key_values.N.key / .value (B, kv_heads, P, head_dim)
     outputs  logits (B, T, vocab), present.N.key / .value (B, kv_heads, P+T, head_dim)
 
+Inside, hidden states are (B*T, d) rows: every Linear is a 2-D product, so a LoRA pair's output is
+added by the Gemm that computes it (its C input) instead of a separate Add; only attention sees
+(B, T, ·), through one Reshape each side.
+
 Batches are left-padded. Attention is one com.microsoft.GroupQueryAttention a layer (rotary, KV append,
 masks, softmax). Fed a max-length buffer bound as both past and present (what the runtime does), it
 appends in place and present keeps the buffer's length; fed plain arrays, it returns P+T rows.
@@ -102,7 +106,7 @@ def _head_norm(g: Graph, x: str, weight: str, n: int, hd: int, eps: float) -> st
     return g.op("Reshape", [_rms_norm(g, heads, weight, eps), g.const([0, 0, n * hd])])
 
 
-def _mask(g: Graph, attention_mask: str, input_ids: str) -> tuple[str, str, str]:
+def _mask(g: Graph, attention_mask: str, batch: str, length: str) -> tuple[str, str, str]:
     """What GroupQueryAttention takes in place of a mask.
 
     Rows are left-padded, so every row's cache holds the same P+T positions: seqlens_k (B,) int32 is
@@ -112,8 +116,6 @@ def _mask(g: Graph, attention_mask: str, input_ids: str) -> tuple[str, str, str]
     attention depends only on the distance between query and key, which that shift does not change.
     """
     total = g.op("Shape", [attention_mask], start=1, end=2)  # (1,) P+T
-    batch = g.op("Shape", [input_ids], start=0, end=1)  # (1,) B
-    length = g.op("Shape", [input_ids], start=1, end=2)  # (1,) T
     seqlens = g.op("Cast", [g.op("Expand", [g.op("Sub", [total, g.const([1])]), batch])], to=TensorProto.INT32)
     keep = g.op("Cast", [g.op("Unsqueeze", [attention_mask, g.const([1, 2])])], to=TensorProto.BOOL)  # (B,1,1,P+T)
     # not float32's min: the op adds the score to it, and a row of -inf would be NaN
@@ -123,28 +125,29 @@ def _mask(g: Graph, attention_mask: str, input_ids: str) -> tuple[str, str, str]
     return seqlens, total, bias
 
 
-def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, mask: tuple[str, str, str]) -> str:
+def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, mask: tuple[str, str, str], rows3: str) -> str:
     """One com.microsoft.GroupQueryAttention: rotary, the KV-cache append, causal + padding mask, softmax
     attention with kv heads shared by their query groups. q/k/v come packed as one (B, T, (n+2kv)*hd)
     tensor when the Linears were one product. Passing the same buffer as past and present (I/O binding,
-    max-length cache) makes the append in place: the runtime does that; plain feeds work too."""
+    max-length cache) makes the append in place: the runtime does that; plain feeds work too. x is
+    (B*T, d); `rows3` is the shape (B, T, -1) the op's inputs take."""
     p = f"model.layers.{i}.self_attn"
     names = [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"]
     if spec.qk_norm:  # Qwen3: per-head norms go before rotary, which the CPU op cannot do inside
-        q, k, v = lin.many(names, x)
+        q, k, v = (g.op("Reshape", [t, rows3]) for t in lin.many(names, x))
         q = _rope(g, _head_norm(g, q, f"{p}.q_norm.weight", spec.heads, spec.head_dim, spec.eps), spec.heads,
                   spec.head_dim)
         k = _rope(g, _head_norm(g, k, f"{p}.k_norm.weight", spec.kv_heads, spec.head_dim, spec.eps), spec.kv_heads,
                   spec.head_dim)
         qkv, rotary = [q, k, v], 0
     else:
-        qkv, rotary = lin.many(names, x, packed=True), 1
+        qkv, rotary = [g.op("Reshape", [lin.many(names, x, packed=True)[0], rows3])], 1
     seqlens, total, bias = mask
     out, _, _ = g.op("GroupQueryAttention", [*qkv, *[""] * (3 - len(qkv)), f"past_key_values.{i}.key",
                                        f"past_key_values.{i}.value", seqlens, total, "rope.cos", "rope.sin", "", bias],
                [f"attn_{i}", f"present.{i}.key", f"present.{i}.value"], domain=MS, num_heads=spec.heads,
                kv_num_heads=spec.kv_heads, do_rotary=rotary, rotary_interleaved=0, scale=spec.head_dim ** -0.5)
-    return lin(f"{p}.o_proj", out)
+    return lin(f"{p}.o_proj", g.op("Reshape", [out, g.const([-1, spec.heads * spec.head_dim])]))
 
 
 def _mlp(g: Graph, lin, i: int, x: str) -> str:
@@ -175,13 +178,16 @@ def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
     rotary tables `rope.cos` / `rope.sin` (max_positions, head_dim/2) must already be initializers.
     """
     _io(g, spec)
-    h = g.op("Gather", ["model.embed_tokens.weight", "input_ids"])  # (B, T, d)
-    mask = _mask(g, "attention_mask", "input_ids")
+    batch = g.op("Shape", ["input_ids"], start=0, end=1)  # (1,) B
+    length = g.op("Shape", ["input_ids"], start=1, end=2)  # (1,) T
+    rows3 = g.op("Concat", [batch, length, g.const([-1])], axis=0)  # (B*T, n) -> (B, T, n)
+    h = g.op("Gather", ["model.embed_tokens.weight", g.op("Reshape", ["input_ids", g.const([-1])])])  # (B*T, d)
+    mask = _mask(g, "attention_mask", batch, length)
     x = _rms_norm(g, h, "model.layers.0.input_layernorm.weight", spec.eps)
     for i in range(spec.layers):
         # each residual add is fused with the norm that follows it: x = norm(h += sublayer(x))
         after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < spec.layers else "model.norm.weight"
-        x, h = _add_norm(g, _attention(g, spec, lin, i, x, mask), h, f"model.layers.{i}.post_attention_layernorm.weight",
+        x, h = _add_norm(g, _attention(g, spec, lin, i, x, mask, rows3), h, f"model.layers.{i}.post_attention_layernorm.weight",
                          spec.eps)
         x, h = _add_norm(g, _mlp(g, lin, i, x), h, after, spec.eps)
-    head(x, "logits")
+    g.op("Reshape", [head(x), rows3], ["logits"])

@@ -4,9 +4,9 @@
     adapter-aware  the base as trained: nf4 = the very NF4/FP4 bytes in com.microsoft.MatMulBnb4
                    (bit-identical base), int4 = an int4-trained base's own bytes in MatMulNBits (any other
                    base requantized, error reported), fp32 | fp16 = dequantized;
-                   each adapted
-                   Linear gets two graph inputs, `<name>.lora_A` (in, r) and `<name>.lora_B` (r, out)
-                   with s folded into B, whose rank-0 initializers mean "no adapter" by default.
+                   each adapted Linear, or group of Linears reading one input (q/k/v, gate/up), gets
+                   two graph inputs, `<name>.lora_A` (in, r) and `<name>.lora_B` (r, out) with s folded
+                   into B, whose rank-0 initializers mean "no adapter" by default.
 """
 
 from __future__ import annotations
@@ -100,15 +100,15 @@ class LinearWriter:
         y = g.op("MatMulNBits", args, domain=MS, K=s.K, N=inputs["scales"].shape[0], bits=4, block_size=s.block,
                  accuracy_level=accuracy)
         if "correction" in inputs:  # GGUF Q4_1: + (block sums of x) @ (8·scale + min)
-            y = g.op("Add", [y, g.op("MatMul", [self._block_sums(x, s), g.init(f"{name}.correction", inputs["correction"])])])
+            y = g.op("Gemm", [self._block_sums(x, s), g.init(f"{name}.correction", inputs["correction"]), y])
         return y
 
     def _block_sums(self, x: str, s) -> str:
-        """(B, T, K) -> (B, T, k_blocks), once per input (q/k/v and gate/up share theirs)."""
+        """(rows, K) -> (rows, k_blocks), once per input (q/k/v and gate/up share theirs)."""
         key = (x, s.block)
         if key not in self._sums:
             g = self.g
-            blocks = g.op("Reshape", [x, g.const([0, 0, -1, s.block])])  # (B, T, kb, block)
+            blocks = g.op("Reshape", [x, g.const([0, -1, s.block])])  # (rows, kb, block)
             self._sums[key] = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)
         return self._sums[key]
 
@@ -153,7 +153,7 @@ class LinearWriter:
     def many(self, names: list[str], x: str, packed: bool = False) -> list[str]:
         """The outputs of Linears that all read `x` (q/k/v, gate/up), each with its bias and (adapter-aware)
         LoRA added. They are computed as one product where the format allows, and their LoRA pairs as one
-        pair (`_lora`). packed=True returns that product's (B, T, Σout) output whole instead of split."""
+        pair (`_lora`). packed=True returns that product's (rows, Σout) output whole instead of split."""
         if self.weights == "int4":
             ys = self._int4(names, x)
         elif self.weights == "nf4":
@@ -161,16 +161,18 @@ class LinearWriter:
         else:
             ys = self._float(names, x)
         sizes = [self.layers[n].out_features for n in names]
-        extra = [self._bias(names)]
-        if self.mode == "adapter-aware" and self.adapted.intersection(names):
-            extra.append(self._lora(names, x))
+        bias = self._bias(names)
+        lora = self._lora(names, x) if self.mode == "adapter-aware" and self.adapted.intersection(names) else None
         if len(ys) == 1:  # one product: add the group's bias and LoRA once, then split
             y = ys[0]
-            for e in filter(None, extra):
-                y = self.g.op("Add", [y, e])
+            if bias:
+                y = self.g.op("Add", [y, bias])
+            if lora:  # x·A·B + y as one Gemm (C = y): the add costs no node of its own
+                y = self.g.op("Gemm", [*lora, y])
             if packed or len(names) == 1:
                 return [y]
             return list(self.g.op("Split", [y, self.g.const(sizes)], outputs=len(names), axis=-1))
+        extra = [bias, self.g.op("MatMul", lora) if lora else None]
         for e in filter(None, extra):  # separate products: split what is added to them
             parts = self.g.op("Split", [e, self.g.const(sizes)], outputs=len(names), axis=-1)
             ys = [self.g.op("Add", [y, part]) for y, part in zip(ys, parts)]
@@ -184,10 +186,10 @@ class LinearWriter:
                 for n, b in zip(names, biases)]
         return self.g.init(f"{group_name(names)}.bias", torch.cat(full).numpy())
 
-    def _lora(self, names: list[str], x: str) -> str:
-        """x @ A @ B for a group of Linears reading x, with A (in, r) and B (r, Σout) overridable graph
+    def _lora(self, names: list[str], x: str) -> tuple[str, str]:
+        """(x @ A, B) for a group of Linears reading x, with A (in, r) and B (r, Σout) overridable graph
         inputs: an adapter's pairs for the group's Linears sit side by side in A and block-diagonally in B
-        (`group_lora`), so q/k/v cost two small MatMuls, not six. Rank-0 defaults give zeros."""
+        (`group_lora`), so q/k/v cost two small products, not six. Rank-0 defaults give zeros."""
         group = group_name(names)
         a_name, b_name = lora_input_names(group)
         k, n = self.layers[names[0]].in_features, sum(self.layers[m].out_features for m in names)
@@ -201,7 +203,7 @@ class LinearWriter:
         self.lora_inputs[a_name], self.lora_inputs[b_name] = [k, None], [None, n]
         if len(names) > 1:
             self.lora_groups[group] = [[m, self.layers[m].out_features] for m in names]
-        return self.g.op("MatMul", [self.g.op("MatMul", [x, a_name]), b_name])
+        return self.g.op("MatMul", [x, a_name]), b_name
 
 
 def group_lora(pairs: dict[str, tuple[np.ndarray, np.ndarray]], groups: dict[str, list]) -> dict[str, np.ndarray]:
@@ -285,7 +287,7 @@ class HeadWriter:
             self.bits, self.report = 4, f"int4 ({'gptq' if H is not None else 'rtn'}, weights {100 * err:.2f}% " \
                                         "relative error; int8 activations)"
 
-    def __call__(self, x: str, out: str) -> str:
+    def __call__(self, x: str) -> str:
         g = self.g
         N, K = self.weight.shape
         if self.quantized is not None:
@@ -293,7 +295,7 @@ class HeadWriter:
             args = [x, g.init(f"lm_head.q{self.bits}", q["qweight"]), g.init("lm_head.scales", q["scales"])]
             if "zero_points" in q:
                 args.append(g.init("lm_head.zero_points", q["zero_points"]))
-            return g.op("MatMulNBits", args, [out], domain=MS, K=K, N=N, bits=self.bits, block_size=32,
+            return g.op("MatMulNBits", args, domain=MS, K=K, N=N, bits=self.bits, block_size=32,
                         accuracy_level=4)
         if self.tied:
             w = g.op("Transpose", ["model.embed_tokens.weight"], perm=[1, 0])
@@ -301,4 +303,4 @@ class HeadWriter:
             wt = self.weight.detach().float().T.contiguous().numpy()
             w = g.init("lm_head.weight", wt) if self.weights != "fp16" else g.op(
                 "Cast", [g.init("lm_head.weight_fp16", wt.astype(np.float16))], to=1)
-        return g.op("MatMul", [x, w], [out])
+        return g.op("MatMul", [x, w])
