@@ -22,7 +22,7 @@ from export.adapters import ADAPTER_DIR, SUFFIX, adapter_arrays, write_adapter
 from export.calibration import HEAD, default_data, hessians
 from export.graph import DecoderSpec, Graph, build_decoder
 from export.verify import verify
-from export.weights import HeadWriter, LinearWriter, add_shared_tensors
+from export.weights import HeadWriter, LinearWriter, add_shared_tensors, head_format
 from qlora_rt import __version__, quant
 from qlora_rt.adapters import open_trained
 from qlora_rt.config import ExportConfig
@@ -65,9 +65,10 @@ def _metadata(cfg: ExportConfig, loaded, info, spec: DecoderSpec, quant_format: 
             "lora_inputs": writer.lora_inputs, "lora_groups": writer.lora_groups}
 
 
-def _calibrate(cfg: ExportConfig, writer: LinearWriter, model, tokenizer) -> str:
-    """GPTQ statistics for the Linears this export requantizes to int4; returns how they are rounded."""
-    names = {n for n in writer.layers if writer.requantizes(n)} | ({HEAD} if cfg.head == "int4" else set())
+def _calibrate(cfg: ExportConfig, writer: LinearWriter, model, tokenizer, head: str) -> str:
+    """GPTQ statistics for the Linears this export requantizes to int4 (and the head, when it is int4);
+    returns how they are rounded."""
+    names = {n for n in writer.layers if writer.requantizes(n)} | ({HEAD} if head == "int4" else set())
     if not names or cfg.int4_rounding == "rtn":
         return "rtn"
     data = Path(cfg.calibration) if cfg.calibration else default_data(cfg.adapter)
@@ -99,11 +100,11 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
     g = Graph()
     add_shared_tensors(g, model, max_context)
     writer = LinearWriter(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size)
-    rounding = _calibrate(cfg, writer, model, loaded.tokenizer)
-    approximate = any(map(writer.requantizes, writer.layers)) or any(
-        quant.is_int4(m.weight) and m.weight.int4.compute == "int8" for m in writer.layers.values())
-    head = HeadWriter(g, model, cfg.weights, cfg.head, approximate and cfg.weights == "int4",
-                      writer.hessians.pop(HEAD, None))
+    approximate = cfg.weights == "int4" and (any(map(writer.requantizes, writer.layers)) or any(
+        quant.is_int4(m.weight) and m.weight.int4.compute == "int8" for m in writer.layers.values()))
+    head_kind = head_format(cfg.head, approximate)
+    rounding = _calibrate(cfg, writer, model, loaded.tokenizer, head_kind)
+    head = HeadWriter(g, model, cfg.weights, head_kind, H=writer.hessians.pop(HEAD, None))
     build_decoder(spec, g, writer, head)
     meta = _metadata(cfg, loaded, info, spec, qcfg.format, writer, max_context)
     with atomic_dir(cfg.out, overwrite=True) as tmp:

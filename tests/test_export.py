@@ -99,7 +99,7 @@ def test_merged_int4_is_rounded_by_gptq_on_the_runs_own_data(tiny_llama, tiny_ru
                             mode="merged", weights="int4", calibration=str(tmp_path / "nope.jsonl")))
 
 
-def test_int8_head_where_the_export_is_approximate_anyway(tiny_llama, tiny_runs, tmp_path):
+def test_quantized_head_where_the_export_is_approximate_anyway(tiny_llama, tiny_runs, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -122,8 +122,8 @@ def test_int8_head_where_the_export_is_approximate_anyway(tiny_llama, tiny_runs,
     assert forced["head"].startswith("int8 (weights lossless") and forced["max_abs_logit_diff"] < 0.1
     _, adapters = tiny_runs
     merged = export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / "m"),
-                                 mode="merged", weights="int4"))  # requantized: approximate, so auto takes int8
-    assert merged["head"].startswith("int8 (weights ") and "relative error" in merged["head"]
+                                 mode="merged", weights="int4"))  # requantized: approximate, so auto takes int4
+    assert merged["head"].startswith("int4 (gptq, weights ") and "relative error" in merged["head"]
 
 
 def test_int4_head_is_gptq_rounded_on_the_calibration_data(tiny_llama, tiny_runs, tmp_path):
