@@ -11,8 +11,8 @@ process so thread pools do not interfere):
   PyTorch eager fp32 (transformers, KV cache), the merged model
   onnxruntime-genai's own int4 build of the same weights (`onnxruntime_genai.models.builder -p int4 -e cpu`)
 This machine's speed drifts by ±20% over minutes, so the engines take turns for --rounds rounds and
-the table gives each one's median. Missing exports are built first (and a short training run, if no --adapter is given). The genai build
-needs `pip install onnxruntime-genai onnx_ir`.
+the table gives each one's median. Missing exports are built first (and a short training run, if no
+--adapter is given). The genai build needs `pip install onnxruntime-genai onnx_ir`.
 """
 
 from __future__ import annotations

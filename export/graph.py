@@ -187,7 +187,7 @@ def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
     for i in range(spec.layers):
         # each residual add is fused with the norm that follows it: x = norm(h += sublayer(x))
         after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < spec.layers else "model.norm.weight"
-        x, h = _add_norm(g, _attention(g, spec, lin, i, x, mask, rows3), h, f"model.layers.{i}.post_attention_layernorm.weight",
-                         spec.eps)
+        x, h = _add_norm(g, _attention(g, spec, lin, i, x, mask, rows3), h,
+                         f"model.layers.{i}.post_attention_layernorm.weight", spec.eps)
         x, h = _add_norm(g, _mlp(g, lin, i, x), h, after, spec.eps)
     g.op("Reshape", [head(x), rows3], ["logits"])

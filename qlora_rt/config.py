@@ -73,7 +73,7 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --out from its last checkpoint")
 
     def check(self) -> None:
-        require(self, *("model", "data", "out"))
+        require(self, "model", "data", "out")
         if self.steps is not None and self.epochs is not None:
             raise QloraError("--steps and --epochs: give one, not both")
         for name in ("batch_size", "grad_accum", "seq_len", "rank"):
@@ -94,7 +94,7 @@ class MergeConfig:
     overwrite: bool = option(False, "replace --out if it exists")
 
     def check(self) -> None:
-        require(self, *("model", "adapter", "out"))
+        require(self, "model", "adapter", "out")
 
 
 @dataclass
@@ -125,7 +125,7 @@ class ExportConfig:
     overwrite: bool = option(False, "replace --out if it exists (only after the new export verified)")
 
     def check(self) -> None:
-        require(self, *("model", "out"))
+        require(self, "model", "out")
         if self.mode == "merged" and self.adapter is None:
             raise QloraError("--mode merged needs --adapter (merging nothing is just the base: use adapter-aware)")
         if self.mode == "merged" and self.weights == "nf4":
@@ -141,7 +141,7 @@ class ExportAdapterConfig:
     overwrite: bool = option(False, "replace an adapter of the same name")
 
     def check(self) -> None:
-        require(self, *("adapter", "onnx", "name"))
+        require(self, "adapter", "onnx", "name")
 
 
 @dataclass

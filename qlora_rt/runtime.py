@@ -278,16 +278,15 @@ class _Steps:
         b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("attention_mask", self.mask)
         b.bind_cpu_input("position_ids", positions)
-        if ids.shape[1] == 1:  # decoding: into a buffer of our own, not a fresh (B, 1, vocab) array a step
-            b.bind_ortvalue_output("logits", self._step_logits[1])
-            self.m.session.run_with_iobinding(b)
-            return self._step_logits[0]
-        b.bind_output("logits")
         self.m.session.run_with_iobinding(b)
-        return b.get_outputs()[0].numpy()
+        return self._step_logits[0] if ids.shape[1] == 1 else b.get_outputs()[0].numpy()
 
     def prompt(self) -> np.ndarray:
-        return self.run(self.ids, self.positions)
+        """The prompt's logits (B, T, V), into an array onnxruntime allocates; decoding steps after it
+        write theirs into a (B, 1, V) buffer of our own, bound once here, not a fresh array a step."""
+        logits = self.run(self.ids, self.positions)
+        self.binding.bind_ortvalue_output("logits", self._step_logits[1])
+        return logits
 
     def __iter__(self) -> Iterator[np.ndarray]:
         t0 = time.perf_counter()
