@@ -34,9 +34,24 @@ def peft_model(path, adapter=None, **lora):
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map="cpu", dtype=torch.float32)
+    fp32_reference(base)
     if adapter:
         return PeftModel.from_pretrained(base, adapter).eval()
     return get_peft_model(base, PeftConfig(task_type="CAUSAL_LM", **lora)).eval()
+
+
+def fp32_reference(model) -> None:
+    """Keep bitsandbytes' Linear4bit in fp32 at inference.
+
+    On CPUs with AVX512-BF16, bitsandbytes' Linear4bit repacks its weight and runs a bf16 kernel in eval
+    mode (~1e-2 off x @ dequantize(W).T); elsewhere it dequantizes to fp32. The reference must not depend
+    on which CPU runs the tests.
+    """
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
 
 
 @torch.no_grad()
