@@ -35,8 +35,9 @@ def verify(folder: Path, meta: dict, model, tokenizer, adapter: Path | None, new
     """max/mean |dlogit| over the prompts' positions, and greedy agreement over up to `new_tokens` tokens."""
     runtime = Model(folder)  # the very runtime users run the folder with
     diffs, agree, identical = [], [], 0
-    for text in PROMPTS:
-        ids = _prompt_ids(tokenizer, text)
+    prompts = [_prompt_ids(tokenizer, text) for text in PROMPTS]
+    prompts.append(prompts[0][:, -1:])  # a one-token prompt: no past, the first step writes the cache
+    for ids in prompts:
         ref_logits, ref_tokens = _torch_greedy(model, ids, new_tokens, meta["eos_token_ids"])
         logits = runtime.logits(ids[0].tolist(), adapter)[None]
         tokens = runtime.generate_ids([ids[0].tolist()], adapter=adapter, max_new_tokens=new_tokens)[0].tokens
@@ -48,5 +49,5 @@ def verify(folder: Path, meta: dict, model, tokenizer, adapter: Path | None, new
         identical += tokens == ref_tokens
     return {"max_abs_logit_diff": float(max(d.max() for d in diffs)),
             "mean_abs_logit_diff": float(np.mean([d.mean() for d in diffs])),
-            "greedy_new_tokens": new_tokens, "greedy_identical_prompts": identical, "prompts": len(PROMPTS),
+            "greedy_new_tokens": new_tokens, "greedy_identical_prompts": identical, "prompts": len(prompts),
             "greedy_agreement": float(np.mean(agree))}

@@ -15,8 +15,9 @@ def _stats(c: Completion) -> str:
             f"time to first token {1000 * c.ttft_s:.0f} ms, decode {c.decode_tokens_per_s:.1f} tokens/s]")
 
 
-def generate(cfg: GenerateConfig, out=sys.stdout, err=sys.stderr) -> list[Completion]:
+def generate(cfg: GenerateConfig, out=None, err=None) -> list[Completion]:
     cfg.check()
+    out, err = out or sys.stdout, err or sys.stderr
     model = Model(cfg.folder, threads=cfg.threads)
     if cfg.stream and len(cfg.prompt) == 1:
         stream = model.stream(cfg.prompt[0], chat=cfg.chat, system=cfg.system, **cfg.sampling())
@@ -38,9 +39,11 @@ def generate(cfg: GenerateConfig, out=sys.stdout, err=sys.stderr) -> list[Comple
 HELP = "commands: /reset (forget the conversation), /adapter NAME|none, /exit"
 
 
-def chat(cfg: ChatConfig, read: Callable[[str], str] = input, out=sys.stdout, err=sys.stderr) -> list[dict]:
-    """An interactive conversation; the whole history is re-sent each turn (oldest turns dropped if too long)."""
+def chat(cfg: ChatConfig, read: Callable[[str], str] = input, out=None, err=None) -> list[dict]:
+    """An interactive conversation; the history is re-sent each turn, its oldest exchanges left out when the
+    context cannot hold them. A message that cannot fit even alone is refused and the session goes on."""
     cfg.check()
+    out, err = out or sys.stdout, err or sys.stderr  # looked up now: tests and callers may replace them
     model = Model(cfg.folder, threads=cfg.threads)
     adapter = cfg.adapter
     if adapter:
@@ -69,18 +72,39 @@ def chat(cfg: ChatConfig, read: Callable[[str], str] = input, out=sys.stdout, er
         if line.startswith("/"):
             print(HELP, file=err)
             continue
-        messages.append({"role": "user", "content": line})
-        reply = _reply(model, cfg, messages, adapter, out)
-        messages.append({"role": "assistant", "content": reply.text})
+        turn = {"role": "user", "content": line}
+        try:
+            reply = _reply(model, cfg, messages, turn, adapter, out, err)
+        except QloraError as e:  # the message is not added: the conversation stays as it was
+            print(f"error: {e}", file=err)
+            continue
+        messages += [turn, {"role": "assistant", "content": reply.text}]
         if cfg.verbose:
             print(_stats(reply), file=err)
 
 
-def _reply(model: Model, cfg: ChatConfig, messages: list[dict], adapter: str | None, out) -> Completion:
-    convo = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + messages
-    # keep room for the reply: drop the oldest exchanges until the prompt fits
-    while len(convo) > 1 and len(model.encode(convo)) + cfg.max_new_tokens > model.meta["max_context"]:
-        convo.pop(1 if cfg.system else 0)
+def fit_history(model: Model, system: str | None, history: list[dict], turn: dict, room: int) -> list[dict]:
+    """The conversation to send: the system message, as many of the latest whole exchanges of `history`
+    as leave `room` tokens for the reply, and the new user turn. The new turn is never cut, and the history
+    never starts with an assistant turn. Raises when the new turn does not fit even alone."""
+    head = [{"role": "system", "content": system}] if system else []
+    ctx = model.meta["max_context"]
+    starts = [i for i, m in enumerate(history) if m["role"] == "user"] + [len(history)]
+    for start in starts:  # oldest first: keep as much history as fits
+        convo = head + history[start:] + [turn]
+        n = len(model.encode(convo))
+        if n + room <= ctx or (start == len(history) and n < ctx):
+            return convo
+    raise QloraError(f"this message is {n} tokens with the chat template{' and the system message' if system else ''}; "
+                     f"this export's context is {ctx} tokens: shorten it (the conversation so far is kept)")
+
+
+def _reply(model: Model, cfg: ChatConfig, history: list[dict], turn: dict, adapter: str | None, out,
+           err) -> Completion:
+    convo = fit_history(model, cfg.system, history, turn, cfg.max_new_tokens)
+    left_out = len(history) - (len(convo) - 1 - bool(cfg.system))
+    if left_out:
+        print(f"[the {left_out} oldest messages no longer fit the context and were left out]", file=err)
     stream = model.stream(convo, **{**cfg.sampling(), "adapter": adapter})
     for piece in stream:
         out.write(piece)

@@ -270,6 +270,7 @@ class _Steps:
             binding.bind_ortvalue_input(name, value)
         logits = np.empty((b, 1, meta["vocab"]), np.float32)
         self._step_logits = logits, ort.OrtValue.ortvalue_from_numpy(logits)
+        self._into_buffer = False  # True once the prompt ran: each step's logits land in _step_logits
         return binding
 
     def run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -279,13 +280,15 @@ class _Steps:
         b.bind_cpu_input("attention_mask", self.mask)
         b.bind_cpu_input("position_ids", positions)
         self.m.session.run_with_iobinding(b)
-        return self._step_logits[0] if ids.shape[1] == 1 else b.get_outputs()[0].numpy()
+        return self._step_logits[0] if self._into_buffer else b.get_outputs()[0].numpy()
 
     def prompt(self) -> np.ndarray:
-        """The prompt's logits (B, T, V), into an array onnxruntime allocates; decoding steps after it
-        write theirs into a (B, 1, V) buffer of our own, bound once here, not a fresh array a step."""
+        """The prompt's logits (B, T, V), into an array onnxruntime allocates, whatever T is (a one-token
+        prompt too); decoding steps after it write theirs into a (B, 1, V) buffer of our own, bound once
+        here, not a fresh array a step."""
         logits = self.run(self.ids, self.positions)
         self.binding.bind_ortvalue_output("logits", self._step_logits[1])
+        self._into_buffer = True
         return logits
 
     def __iter__(self) -> Iterator[np.ndarray]:

@@ -190,3 +190,99 @@ def test_runtime_installs_and_runs_in_a_venv_without_torch(exported, tmp_path):
                           "--adapter", "a", "--max-new-tokens", "4", "--verbose"], capture_output=True, text=True,
                          cwd=tmp_path)
     assert run.returncode == 0 and "tokens/s" in run.stderr, run.stderr
+
+
+@pytest.fixture(scope="module")
+def merged_export(tiny_llama, tiny_runs, tmp_path_factory):
+    from export.exporter import export
+    from qlora_rt.config import ExportConfig
+
+    out = tmp_path_factory.mktemp("merged") / "onnx"
+    export(ExportConfig(model=str(tiny_llama), adapter=str(tiny_runs[1]["a"]), out=str(out), mode="merged"))
+    return out
+
+
+def _plain_session_logits(folder: Path, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                          adapter: Path | None, new_tokens: list[np.ndarray]) -> list[np.ndarray]:
+    """The reference: a plain InferenceSession fed by hand (empty past, then each step's presents), the
+    adapter activated with RunOptions. Returns the prompt's logits and each following step's."""
+    import onnxruntime as ort
+
+    meta = json.loads((folder / "qlora_rt_export.json").read_text())
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    options = ort.RunOptions()
+    if adapter is not None:
+        lora = ort.LoraAdapter()
+        lora.Load(str(adapter))
+        options.add_active_adapter(lora)
+    b = ids.shape[0]
+    past = {f"past_key_values.{i}.{kv}": np.zeros((b, meta["kv_heads"], 0, meta["head_dim"]), np.float32)
+            for i in range(meta["layers"]) for kv in ("key", "value")}
+    names = [o.name for o in session.get_outputs()]
+    out = []
+    for step in range(len(new_tokens) + 1):
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past}
+        results = dict(zip(names, session.run(None, feeds, options)))
+        out.append(results["logits"])
+        if step == len(new_tokens):
+            return out
+        past = {k.replace("present", "past_key_values"): v for k, v in results.items() if k.startswith("present")}
+        ids, positions = new_tokens[step][:, None], positions[:, -1:] + 1
+        mask = np.concatenate([mask, np.ones((b, 1), np.int64)], 1)
+
+
+@pytest.mark.parametrize("lengths", [[1], [2], [3], [4], [1, 1], [1, 3], [4, 2]])
+@pytest.mark.parametrize("export_kind,adapter", [("merged", None), ("aware", None), ("aware", "a")])
+def test_runtime_equals_a_plain_session(exported, merged_export, export_kind, adapter, lengths):
+    """Any prompt length (one token too), any batch shape, every export mode: the runtime's logits for the
+    prompt and for the decoding steps after it are a plain onnxruntime session's."""
+    from qlora_rt.runtime import Model, Sampling
+
+    folder = merged_export if export_kind == "merged" else exported
+    model = Model(folder)
+    model.generate_ids([[5, 6, 7]], adapter=adapter, max_new_tokens=3)  # a previous call leaves its buffers behind
+    prompts = [[(11 * i + 3 * j) % 300 + 3 for j in range(n)] for i, n in enumerate(lengths)]
+    steps = model._steps(prompts, adapter, 3, (), Sampling())
+    got = [steps.prompt().copy()]
+    new = [np.array([17 + k] * len(prompts), np.int64) for k in range(2)]
+    positions = steps.positions
+    for tokens in new:
+        positions = positions[:, -1:] + 1
+        steps.mask = np.concatenate([steps.mask, np.ones((len(prompts), 1), np.int64)], 1)
+        got.append(steps.run(tokens[:, None], positions).copy())
+    path = folder / "adapters" / f"{adapter}.onnx_adapter" if adapter else None
+    want = _plain_session_logits(folder, steps.ids, steps.mask[:, : steps.ids.shape[1]], steps.positions, path, new)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert np.abs(g - w).max() <= 1e-5
+    if len(prompts) == 1:
+        assert np.abs(model.logits(prompts[0], adapter) - want[0][0]).max() <= 1e-5
+
+
+def test_chat_keeps_the_new_message_whole_and_drops_oldest_exchanges(runtime):
+    from qlora_rt.console import fit_history
+
+    long_turn = {"role": "user", "content": "the quick brown fox " * 7}  # ~100 tokens of a 256 context
+    convo = fit_history(runtime, "be brief", [], long_turn, room=128)
+    assert convo == [{"role": "system", "content": "be brief"}, long_turn]  # the message itself, never cut
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"count to {i}"}, {"role": "assistant", "content": "one two"}]
+    convo = fit_history(runtime, "be brief", history, long_turn, room=64)
+    assert convo[0]["role"] == "system" and convo[1]["role"] == "user" and convo[-1] == long_turn
+    kept = convo[1:-1]
+    assert 0 < len(kept) < len(history) and kept == history[-len(kept):]  # the latest exchanges, whole
+    assert len(runtime.encode(convo)) + 64 <= runtime.meta["max_context"]
+    assert fit_history(runtime, None, history, long_turn, room=1000)[0] == long_turn  # room for none: alone
+
+
+def test_chat_refuses_a_message_that_cannot_fit_and_keeps_the_session(exported, runtime, capsys):
+    from qlora_rt.console import chat
+
+    lines = iter(["hello", "hello " * 300, "count to five", "/exit"])
+    messages = chat(ChatConfig(folder=str(exported), max_new_tokens=4, system="be brief"), read=lambda _: next(lines))
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["hello", "count to five"]
+    err = capsys.readouterr().err
+    assert "this export's context is 256 tokens: shorten it (the conversation so far is kept)" in err
+    convo = [{"role": "system", "content": "be brief"}] + messages[:3]
+    assert messages[3]["content"] == runtime.generate(convo, max_new_tokens=4).text
