@@ -13,7 +13,8 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from qlora_rt.config import ChatConfig, ExportAdapterConfig, ExportConfig, GenerateConfig, MergeConfig, TrainConfig
+from qlora_rt.config import (ChatConfig, ExportAdapterConfig, ExportConfig, GenerateConfig, MergeConfig, TrainConfig,
+                             resolve_paths)
 from qlora_rt.errors import QloraError
 
 
@@ -57,10 +58,13 @@ def _build(cls: type, args: argparse.Namespace):
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise QloraError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise QloraError(f"--config: {path} is not a YAML mapping of settings (field: value)")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise QloraError(f"--config: {path}: unknown field(s) {', '.join(unknown)}")
+        values = resolve_paths(cls, values, path.parent)
     values.update({f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
     return cls(**values)
 

@@ -6,30 +6,103 @@ run's `run.yaml` is a dump of its `TrainConfig`. Nothing here imports torch, so 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from qlora_rt.errors import QloraError
 
 QUANT_FORMATS = ("nf4", "fp4", "int4", "none")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a plain file name: no folder, no '..', no hidden file
 
 
-def option(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def option(default, help: str, *, at_least: float | None = None, above: float | None = None,
+           at_most: float | None = None, below: float | None = None, **kw):
+    """A flag; numeric bounds (inclusive at_least/at_most, exclusive above/below) are checked by `check_ranges`."""
+    bounds = {k: v for k, v in (("at_least", at_least), ("above", above), ("at_most", at_most), ("below", below))
+              if v is not None}
+    return field(default=default, metadata={"help": help, "bounds": bounds, **kw})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _describe(bounds: dict) -> str:
+    low = f"at least {bounds['at_least']:g}" if "at_least" in bounds else f"above {bounds['above']:g}" \
+        if "above" in bounds else ""
+    high = f"at most {bounds['at_most']:g}" if "at_most" in bounds else f"below {bounds['below']:g}" \
+        if "below" in bounds else ""
+    return " and ".join(x for x in (low, high) if x)
+
+
+def check_values(cfg) -> None:
+    """Every flag among its choices and every numeric one in its range (and finite), in one line naming the
+    flag: before any model loads, for the Python API as for the command line."""
+    for f in fields(cfg):
+        value, bounds = getattr(cfg, f.name), f.metadata.get("bounds")
+        choices = f.metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            raise QloraError(f"{flag(f.name)}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        ok = math.isfinite(value) and all(
+            (k != "at_least" or value >= b) and (k != "above" or value > b) and
+            (k != "at_most" or value <= b) and (k != "below" or value < b) for k, b in (bounds or {}).items())
+        if not ok:
+            rule = _describe(bounds) if bounds else "a finite number"
+            raise QloraError(f"{flag(f.name)} must be {rule}, got {value}")
+
+
+def _path_fields(cls) -> list[str]:
+    return [f.name for f in fields(cls) if f.metadata.get("path")]
+
+
+def portable_paths(cls, values: dict, base: Path) -> dict:
+    """values to save in a YAML file in folder `base`: every existing path relative to `base`, so that the
+    file works from any directory (`resolve_paths` reads it back). A name that is no path stays as it is."""
+    out = dict(values)
+    for name in _path_fields(cls):
+        v = out.get(name)
+        if v and Path(v).exists():
+            out[name] = os.path.relpath(Path(v).resolve(), base.resolve())
+    return out
+
+
+def resolve_paths(cls, values: dict, base: Path) -> dict:
+    """values read from a YAML file in folder `base`: relative paths are relative to that file. (A relative
+    path that is not there but exists from the working directory, as older run.yaml files wrote it, is kept.)"""
+    out = dict(values)
+    for name in _path_fields(cls):
+        v = out.get(name)
+        if isinstance(v, str) and v and not Path(v).is_absolute() and (base / v).exists():
+            out[name] = os.path.normpath(base / v)
+    return out
 
 
 def require(cfg, *names: str) -> None:
     """Every named flag must be given (non-empty)."""
     for name in names:
         if not getattr(cfg, name):
-            raise QloraError(f"--{name} is required")
+            raise QloraError(f"{flag(name)} is required")
+
+
+def check_name(name: str, what: str = "--name") -> None:
+    """Names become file names inside the export folder: nothing that reaches outside it."""
+    if not NAME.fullmatch(name) or name.endswith("."):
+        raise QloraError(f"{what}: {name!r} is not a plain name (letters, digits, '.', '_', '-'; no folders, no "
+                         "leading dot, at most 128 characters)")
 
 
 @dataclass
 class TrainConfig:
-    model: str = option("", "base model: a Hugging Face checkpoint folder, a .gguf file, or smollm2-135m (bundled)")
-    data: str = option("", "training data, JSONL: text | prompt+completion | messages")
-    out: str = option("", "run folder: adapter/, checkpoint/, metrics.jsonl, run.yaml")
-    eval_data: str | None = option(None, "held-out JSONL for eval loss and perplexity")
+    model: str = option("", "base model: a Hugging Face checkpoint folder, a .gguf file, or smollm2-135m (bundled)",
+                        path=True)
+    data: str = option("", "training data, JSONL: text | prompt+completion | messages", path=True)
+    out: str = option("", "run folder: adapter/, checkpoint/, metrics.jsonl, run.yaml", path=True)
+    eval_data: str | None = option(None, "held-out JSONL for eval loss and perplexity", path=True)
     quant: str = option("nf4", "4-bit format of the frozen base: nf4/fp4 (bitsandbytes), int4 (exported byte for "
                         "byte to onnxruntime's fast MatMulNBits; a GGUF's Q4_0/Q4_1 weights are used as they are), "
                         "none = plain LoRA", choices=QUANT_FORMATS)
@@ -40,33 +113,33 @@ class TrainConfig:
                                "0; export matches PyTorch to 1e-3) or int8 activations (accuracy_level 4; faster on "
                                "CPU, same arithmetic emulated, but a W4A8 model is chaotic: 1e-7 input noise moves "
                                "SmolLM2 logits by ~2)", choices=("fp32", "int8"))
-    rank: int = option(16, "LoRA rank r")
-    alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha/r")
-    dropout: float = option(0.05, "dropout on the adapter's input")
+    rank: int = option(16, "LoRA rank r", at_least=1)
+    alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha/r", above=0)
+    dropout: float = option(0.05, "dropout on the adapter's input", at_least=0, below=1)
     rslora: bool = option(False, "rank-stabilized scaling alpha/sqrt(r)")
     targets: str = option("all-linear", "all-linear | attention | comma list of module names (q_proj,v_proj)")
     init: str = option("default", "adapter init: default (B=0, base = quantize(W)); pissa (A, B = top-r singular "
                        "triplets of W, base = quantize(W - s·B·A)); loftq (alternate quantizing and a rank-r SVD "
                        "of the error). pissa/loftq adapters belong to their own residual base, saved with the run",
                        choices=("default", "pissa", "loftq"))
-    loftq_iters: int = option(1, "loftq: alternating steps, 1..5")
+    loftq_iters: int = option(1, "loftq: alternating steps, 1..5", at_least=1, at_most=5)
     svd: str = option("auto", "pissa/loftq: exact SVD, lowrank (randomized, torch.svd_lowrank), or auto (exact up "
                       "to 2048 rows/columns)", choices=("auto", "exact", "lowrank"))
-    steps: int | None = option(None, "optimizer steps (default: --epochs 1)")
-    epochs: float | None = option(None, "passes over the data, instead of --steps")
-    batch_size: int = option(4, "examples per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    seq_len: int = option(512, "truncate examples to this many tokens")
-    lr: float = option(2e-4, "peak learning rate")
-    warmup: float = option(0.03, "warm-up: a fraction of the steps (<1) or a number of steps")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = off)")
+    steps: int | None = option(None, "optimizer steps (default: --epochs 1)", at_least=1)
+    epochs: float | None = option(None, "passes over the data, instead of --steps", above=0)
+    batch_size: int = option(4, "examples per micro-batch", at_least=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", at_least=1)
+    seq_len: int = option(512, "truncate examples to this many tokens", at_least=2)
+    lr: float = option(2e-4, "peak learning rate", above=0)
+    warmup: float = option(0.03, "warm-up: a fraction of the steps (<1) or a number of steps", at_least=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", at_least=0)
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = off)", at_least=0)
     optim: str = option("adamw", "optimizer (paged_adamw_8bit needs CUDA)", choices=("adamw", "paged_adamw_8bit"))
-    seed: int = option(0, "seed for adapter init, data order and dropout")
-    grad_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% slower")
-    eval_every: int = option(50, "evaluate every N steps (0 = only at start and end)")
-    checkpoint_every: int = option(50, "checkpoint every N steps (0 = never)")
-    log_every: int = option(10, "when not on a terminal, print a progress line every N steps")
+    seed: int = option(0, "seed for adapter init, data order and dropout", at_least=0)
+    grad_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30%% slower")
+    eval_every: int = option(50, "evaluate every N steps (0 = only at start and end)", at_least=0)
+    checkpoint_every: int = option(50, "checkpoint every N steps (0 = never)", at_least=0)
+    log_every: int = option(10, "when not on a terminal, print a progress line every N steps", at_least=1)
     device: str = option("auto", "cuda | cpu | auto", choices=("auto", "cuda", "cpu"))
     dtype: str = option("auto", "compute dtype; auto = bfloat16 on CUDA, float32 on CPU",
                     choices=("auto", "float32", "bfloat16"))
@@ -74,11 +147,9 @@ class TrainConfig:
 
     def check(self) -> None:
         require(self, "model", "data", "out")
+        check_values(self)
         if self.steps is not None and self.epochs is not None:
             raise QloraError("--steps and --epochs: give one, not both")
-        for name in ("batch_size", "grad_accum", "seq_len", "rank"):
-            if getattr(self, name) < 1:
-                raise QloraError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
     def saved(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "resume"}
@@ -86,29 +157,32 @@ class TrainConfig:
 
 @dataclass
 class MergeConfig:
-    model: str = option("", "base model: the checkpoint folder or .gguf the adapter was trained on")
-    adapter: str = option("", "adapter folder (qlora-rt or PEFT layout)")
-    out: str = option("", "output folder for the merged fp32 Hugging Face checkpoint")
+    model: str = option("", "base model: the checkpoint folder or .gguf the adapter was trained on", path=True)
+    adapter: str = option("", "adapter folder (qlora-rt or PEFT layout)", path=True)
+    out: str = option("", "output folder for the merged fp32 Hugging Face checkpoint", path=True)
     quant: str | None = option(None, "base format for adapters that do not record one (PEFT): default nf4",
                                choices=QUANT_FORMATS)
     overwrite: bool = option(False, "replace --out if it exists")
 
     def check(self) -> None:
         require(self, "model", "adapter", "out")
+        check_values(self)
 
 
 @dataclass
 class ExportConfig:
-    model: str = option("", "base model the adapter was trained on (folder, .gguf, or smollm2-135m)")
-    out: str = option("", "output folder: model.onnx, tokenizer, adapters/, export_report.json")
-    adapter: str | None = option(None, "trained adapter folder (qlora-rt or PEFT layout); none = the base")
+    model: str = option("", "base model the adapter was trained on (folder, .gguf, or smollm2-135m)", path=True)
+    out: str = option("", "output folder: model.onnx, tokenizer, adapters/, export_report.json", path=True)
+    adapter: str | None = option(None, "trained adapter folder (qlora-rt or PEFT layout); none = the base",
+                                 path=True)
     mode: str = option("adapter-aware", "merged: fold the adapter into the weights; adapter-aware: base + "
                        "LoRA graph inputs, adapters as .onnx_adapter files", choices=("merged", "adapter-aware"))
     weights: str = option("fp32", "weight format: fp32 | fp16 | int4 (MatMulNBits: an int4-trained base's own bytes "
                           "and exact; any other base or a merged weight is requantized and its error reported) | "
                           "nf4 (adapter-aware: the trained NF4 bytes in MatMulBnb4)",
                           choices=("fp32", "fp16", "int4", "nf4"))
-    block_size: int = option(32, "int4 block size for requantized weights (an int4-trained base keeps its own)")
+    block_size: int = option(32, "int4 block size for requantized weights (an int4-trained base keeps its own)",
+                             choices=(16, 32, 64, 128, 256))
     head: str = option("auto", "output head: fp32, int8 (8-bit MatMulNBits with int8 activations: ~1.7x faster "
                        "head, approximate), int4 (4-bit, GPTQ-rounded on the calibration data like the other "
                        "requantized weights: half int8's bytes, more error), or auto (int4 where the int4 export is "
@@ -117,15 +191,18 @@ class ExportConfig:
     int4_rounding: str = option("gptq", "requantized int4 weights: gptq (error feedback on calibration inputs, keeps "
                                 "the layer outputs close) or rtn (round to nearest)", choices=("gptq", "rtn"))
     calibration: str | None = option(None, "JSONL for gptq rounding (default: the training data named in the "
-                                     "adapter's run.yaml; none found = round to nearest, said in the report)")
+                                     "adapter's run.yaml; none found = round to nearest, said in the report)",
+                                     path=True)
     name: str = option("default", "file name for the adapter under adapters/ (adapter-aware)")
-    tolerance: float | None = option(None, "max |logit difference| vs PyTorch before the export fails "
+    tolerance: float | None = option(None, at_least=0, help="max |logit difference| vs PyTorch before the export fails "
                                      "(default: 1e-3 for fp32, nf4 and int4-trained int4, 5e-2 for fp16; requantized "
                                      "int4 is reported, not enforced)")
     overwrite: bool = option(False, "replace --out if it exists (only after the new export verified)")
 
     def check(self) -> None:
         require(self, "model", "out")
+        check_values(self)
+        check_name(self.name)
         if self.mode == "merged" and self.adapter is None:
             raise QloraError("--mode merged needs --adapter (merging nothing is just the base: use adapter-aware)")
         if self.mode == "merged" and self.weights == "nf4":
@@ -135,13 +212,14 @@ class ExportConfig:
 
 @dataclass
 class ExportAdapterConfig:
-    adapter: str = option("", "trained adapter folder to add")
-    onnx: str = option("", "an existing adapter-aware export folder")
+    adapter: str = option("", "trained adapter folder to add", path=True)
+    onnx: str = option("", "an existing adapter-aware export folder", path=True)
     name: str = option("", "name of the adapter file under adapters/")
     overwrite: bool = option(False, "replace an adapter of the same name")
 
     def check(self) -> None:
         require(self, "adapter", "onnx", "name")
+        check_name(self.name)
 
 
 @dataclass
@@ -151,17 +229,19 @@ class RuntimeConfig:
     adapter: str | None = option(None, "adapter: a NAME under FOLDER/adapters/ or a PATH.onnx_adapter; "
                                  "none = the base (adapter-aware exports)")
     system: str | None = option(None, "system message (chat template)")
-    max_new_tokens: int = option(128, "stop after this many new tokens")
-    temperature: float = option(0.0, "sampling temperature; 0 = greedy")
-    top_k: int = option(0, "sample from the k most likely tokens (0 = all)")
-    top_p: float = option(1.0, "sample from the smallest set of tokens with this much probability")
-    seed: int | None = option(None, "random seed: the same seed gives the same sample")
-    threads: int = option(0, "CPU threads for onnxruntime (0 = its default)")
+    max_new_tokens: int = option(128, "stop after this many new tokens", at_least=1)
+    temperature: float = option(0.0, "sampling temperature; 0 = greedy", at_least=0)
+    top_k: int = option(0, "sample from the k most likely tokens (0 = all)", at_least=0)
+    top_p: float = option(1.0, "sample from the smallest set of tokens with this much probability", above=0,
+                          at_most=1)
+    seed: int | None = option(None, "random seed: the same seed gives the same sample", at_least=0)
+    threads: int = option(0, "CPU threads for onnxruntime (0 = its default)", at_least=0)
     verbose: bool = option(False, "print time to first token and decode tokens/s")
 
     def check(self) -> None:
         if not self.folder:
             raise QloraError("FOLDER is required: an export folder written by `qlora-rt export`")
+        check_values(self)
 
     def sampling(self) -> dict:
         return {"adapter": self.adapter, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
@@ -186,4 +266,4 @@ class GenerateConfig(RuntimeConfig):
 
 @dataclass
 class ChatConfig(RuntimeConfig):
-    max_new_tokens: int = option(256, "longest reply, in tokens")
+    max_new_tokens: int = option(256, "longest reply, in tokens", at_least=1)

@@ -181,6 +181,6 @@ def test_bad_init_settings():
 
 
 def test_bad_init_fails_before_loading_the_model(tiny_data, tmp_path):
-    with pytest.raises(QloraError, match="--loftq-iters: expected 1..5"):
+    with pytest.raises(QloraError, match="--loftq-iters must be at least 1 and at most 5, got 9"):
         train(TrainConfig(model=str(tmp_path / "no-such-model"), data=str(tiny_data / "train.jsonl"),
                           out=str(tmp_path / "run"), init="loftq", loftq_iters=9))
