@@ -3,13 +3,23 @@
     runs/X/checkpoint/adapter_model.safetensors   A and B, under PEFT's key names as in adapter/
     runs/X/checkpoint/trainer_state.pt            optimizer, scheduler, RNG states, data position, step
 
+    runs/X/checkpoint/progress.json               step, data position, settings, base and data fingerprints
+
 The state file holds tensors and plain Python values only and is read with `weights_only=True`:
 nothing is unpickled. The folder is replaced atomically, so an interrupted save leaves the previous
 checkpoint in place.
+
+A checkpoint is trusted only once a step has run from it with a finite loss and gradient: until then
+the one before it stays beside it as `checkpoint.prior`. A run that diverges right after a checkpoint
+(its weights already blown up) falls back to the prior one instead of naming a dead end.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,10 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from qlora_rt.adapters import PREFIX, adapter_tensors
 from qlora_rt.errors import QloraError
-from qlora_rt.files import atomic_dir, resolve
+from qlora_rt.files import atomic_dir, resolve, write_json
 from qlora_rt.lora import lora_layers
 
-ADAPTER, STATE = "adapter_model.safetensors", "trainer_state.pt"
+ADAPTER, STATE, PROGRESS = "adapter_model.safetensors", "trainer_state.pt", "progress.json"
 
 
 def _rng_state() -> dict:
@@ -36,19 +46,61 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _prior(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".prior")
+
+
+def latest(folder: Path) -> Path | None:
+    """The newest complete checkpoint: the folder, its copy set aside mid-replace, or the prior one."""
+    found = resolve(folder)
+    if found is None and _prior(folder).exists():
+        found = _prior(folder)
+    return found if found is not None and (found / STATE).exists() else None
+
+
+def progress(folder: Path) -> dict | None:
+    """The progress dict of the newest checkpoint (step, data position, settings), without loading tensors."""
+    found = latest(folder)
+    if found is None:
+        return None
+    if (found / PROGRESS).is_file():
+        return json.loads((found / PROGRESS).read_text())
+    return torch.load(found / STATE, weights_only=True, map_location="cpu")["progress"]  # older checkpoints
+
+
 def save(folder: Path, model: torch.nn.Module, optimizer, scheduler, progress: dict) -> None:
     tensors = adapter_tensors(model)  # the same tensors and PEFT key names as the final adapter
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": _rng_state(), "progress": progress}
-    with atomic_dir(folder) as tmp:
+    buffer = io.BytesIO()  # serialized first, so that a full disk is a plain OSError, not torch's "unexpected pos"
+    torch.save(state, buffer)
+    # every step since the current checkpoint ran finite: once the new one is in place, it is the fallback
+    with atomic_dir(folder, keep=_prior(folder)) as tmp:
         save_file(tensors, str(tmp / ADAPTER))
-        torch.save(state, tmp / STATE)
+        (tmp / STATE).write_bytes(buffer.getvalue())
+        write_json(tmp / PROGRESS, progress)
+
+
+def confirm(folder: Path) -> None:
+    """A step ran from the newest checkpoint with a finite loss and gradient: the prior one is not needed."""
+    shutil.rmtree(_prior(folder), ignore_errors=True)
+
+
+def discard_latest(folder: Path) -> int | None:
+    """The newest checkpoint led straight to a non-finite loss: drop it, restore the prior one; its step."""
+    found = resolve(folder)
+    if found is not None:
+        shutil.rmtree(found)
+    if _prior(folder).exists():
+        os.replace(_prior(folder), folder)
+    saved = progress(folder)
+    return saved["step"] if saved else None
 
 
 def load(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
     """Restore adapter, optimizer, scheduler and RNG; return the saved progress dict."""
-    found = resolve(folder)
-    if found is None or not (found / STATE).exists():
+    found = latest(folder)
+    if found is None:
         raise QloraError(f"--resume: no checkpoint in {folder}; start the run without --resume")
     try:
         tensors = load_file(str(found / ADAPTER))

@@ -8,6 +8,7 @@ falls between the two renames, `resolve` finds the previous version under its as
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -23,12 +24,15 @@ def _aside(final: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temp folder; on success it replaces `final`, on any error it is removed."""
+def atomic_dir(final: str | Path, overwrite: bool = True, keep: Path | None = None) -> Iterator[Path]:
+    """Yield a temp folder; on success it replaces `final`, on any error it is removed.
+    keep: where the replaced version goes instead of being deleted (a checkpoint's fallback)."""
     final = Path(final)
     if final.exists() and not overwrite:
         raise QloraError(f"{final} already exists; choose another --out or pass --overwrite")
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a process killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
@@ -36,18 +40,71 @@ def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
             if f.is_file():
                 with open(f, "rb") as h:
                     os.fsync(h.fileno())
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise QloraError(f"could not write {final}: {e.strerror or e}; the previous version is untouched") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "the previous version is untouched" if final.exists() else "nothing was written"
+        if disk_full(e):
+            free = shutil.disk_usage(final.parent).free
+            raise QloraError(f"could not write {final}: the disk is full ({free / 2**20:,.1f} MiB free on the "
+                             f"device holding {final.parent}); {kept}") from None
+        if isinstance(e, OSError):
+            raise QloraError(f"could not write {final}: {e.strerror or e}; {kept}") from None
         raise
-    aside = _aside(final)
+    aside = keep or _aside(final)
     if final.exists():  # only then is an older aside copy redundant
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(final, aside)
     os.replace(tmp, final)
-    shutil.rmtree(aside, ignore_errors=True)
+    if keep is None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def check_out(out: str | Path, overwrite: bool, manifest: str, fmt: str, verb: str,
+              reads: tuple = ()) -> None:
+    """--out of a verb that writes a whole folder. --overwrite replaces only a folder that this tool wrote as
+    that kind of output (its manifest names `fmt`), or an empty one: never a run, a model or a home folder."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not overwrite:
+        raise QloraError(f"--out: {out} already exists; choose another folder or pass --overwrite")
+    refuse = f"--overwrite: refusing to replace {out}"
+    if not out.is_dir():
+        raise QloraError(f"{refuse}: it is a file, not a folder written by `qlora-rt {verb}`")
+    if not any(out.iterdir()):
+        return
+    try:
+        mine = json.loads((out / manifest).read_text()).get("format") == fmt
+    except (OSError, ValueError, AttributeError):
+        mine = False
+    if not mine:
+        raise QloraError(f"{refuse}: it was not written by `qlora-rt {verb}` (no {manifest} of format {fmt!r}); "
+                         "choose another --out, or remove it yourself")
+    for path in reads:
+        if path and (Path(path).resolve() == out.resolve() or out.resolve() in Path(path).resolve().parents):
+            raise QloraError(f"{refuse}: it holds {path}, which this command reads")
+
+
+def disk_full(e: BaseException) -> bool:
+    """A write that failed for lack of space, as Python, safetensors (Rust) and others report it."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded"))
+
+
+def write_yaml(path: Path, obj: object) -> None:
+    """A small file written under a temporary name and renamed: a crash or a full disk never leaves half of it."""
+    import yaml
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(yaml.safe_dump(obj, sort_keys=False))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        what = "the disk is full" if disk_full(e) else (e.strerror or str(e))
+        raise QloraError(f"could not write {path}: {what}") from None
 
 
 def resolve(final: str | Path) -> Path | None:

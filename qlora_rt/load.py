@@ -135,14 +135,9 @@ def resolve(path: str | os.PathLike) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / file
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loaded:
-    """Load model + tokenizer from a local HF folder or a .gguf file, after checking the files."""
-    _offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+def check_model(path: str | os.PathLike) -> tuple[Path, dict, Path]:
+    """The checks that need no model loaded (files there, headers readable, architecture supported), so a
+    command can fail on them in a second: (the file or folder, transformers' kwargs, the folder)."""
     p = resolve(path)
     if not p.exists():
         raise QloraError(f"--model: {p} does not exist (expected a Hugging Face checkpoint folder, a .gguf file, "
@@ -163,6 +158,18 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loaded:
         _check_architecture(model_type, str(p / "config.json"))
         _check_safetensors(p)
         kwargs, folder = {}, p
+    return p, kwargs, folder
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load model + tokenizer from a local HF folder or a .gguf file, after checking the files."""
+    _offline()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    p, kwargs, folder = check_model(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)

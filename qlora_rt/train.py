@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -17,13 +19,14 @@ from tqdm.auto import tqdm
 
 from qlora_rt import checkpoint
 from qlora_rt.adapters import save_adapter
-from qlora_rt.data import IGNORE, Order, collate, count_targets, load_examples, steps_for_epochs
+from qlora_rt.data import IGNORE, Order, collate, count_targets, load_examples, read_jsonl, steps_for_epochs
 from qlora_rt.errors import QloraError
-from qlora_rt.load import load
+from qlora_rt.load import check_model, load
 from qlora_rt.lora import (LoraConfig, add_adapters, count_parameters, linear_names, lora_layers, quantize_model,
                            select_targets, trainable_parameters)
 from qlora_rt.svdinit import RESIDUAL, InitConfig, Plan, load_residual, save_residual
-from qlora_rt.config import TrainConfig
+from qlora_rt.config import TrainConfig, flag, portable_paths
+from qlora_rt.files import write_yaml
 from qlora_rt.quant import QuantConfig, storage_bytes
 from qlora_rt.report import peak_memory, table
 
@@ -51,18 +54,85 @@ def _device_and_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     return device, getattr(torch, cfg.dtype)
 
 
-def _check_run_folder(cfg: TrainConfig) -> None:
-    saved_path = Path(cfg.out) / "run.yaml"
+# Settings a resume may change: they steer the optimizer and the logging, not what the run has learnt so far
+# (a lower --lr after a divergence is the usual one). The change is recorded in metrics.jsonl and run.yaml.
+RESUMABLE = ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "checkpoint_every", "log_every",
+             "eval_data")
+# Compared by what they hold, not by how they are spelled: the base by its fingerprint, the data by its digest.
+BY_CONTENT = ("model", "data", "out")
+
+
+def _run_folder(cfg: TrainConfig) -> dict | None:
+    """The checkpoint progress to resume from, or None to start at step 0.
+
+    A folder whose run stopped before its first checkpoint holds nothing to keep: it starts again in place,
+    with or without --resume, instead of being a dead end."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise QloraError(f"--out: {out} is a file; expected a run folder")
+    saved = checkpoint.progress(out / "checkpoint")
+    started = (out / "run.yaml").exists() or saved is not None
+    if not started:
+        if cfg.resume:
+            raise QloraError(f"--resume: {out / 'run.yaml'} not found; there is no run to continue in {out}")
+        return None
+    if saved is None:
+        if (out / "adapter").exists():
+            raise QloraError(f"--out: {out} holds a finished run with no checkpoint to continue from; choose another "
+                             "folder" if cfg.resume else f"--out: {out} already holds a run; choose another folder")
+        print(f"{out}: the run there stopped before its first checkpoint; starting it again from step 0",
+              file=sys.stderr)
+        return None
     if not cfg.resume:
-        if saved_path.exists():
-            raise QloraError(f"--out: {cfg.out} already holds a run; pass --resume to continue it or choose another folder")
-        return
-    if not saved_path.exists():
-        raise QloraError(f"--resume: {saved_path} not found; there is no run to continue in {cfg.out}")
-    saved = yaml.safe_load(saved_path.read_text())
-    diff = [f"{k} ({saved.get(k)!r} -> {v!r})" for k, v in cfg.saved().items() if saved.get(k) != v]
+        raise QloraError(f"--out: {out} already holds a run; pass --resume to continue it or choose another folder")
+    before = saved.get("config") or _read_run_yaml(out / "run.yaml")
+    now = cfg.saved()
+    diff = [f"{k} ({before.get(k)!r} -> {v!r})" for k, v in now.items()
+            if k not in RESUMABLE + BY_CONTENT and before.get(k) != v]
     if diff:
-        raise QloraError(f"--resume: settings differ from {saved_path}: {', '.join(diff)}")
+        raise QloraError(f"--resume: settings differ from the run's ({', '.join(diff)}); only "
+                         f"{', '.join(flag(k) for k in RESUMABLE)} may change on resume")
+    saved["changed"] = {k: [before.get(k), now[k]] for k in RESUMABLE if before.get(k) != now[k]}
+    return saved
+
+
+def _read_run_yaml(path: Path) -> dict:
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise QloraError(f"--resume: {path} is unreadable ({e})") from None
+    if not isinstance(saved, dict):
+        raise QloraError(f"--resume: {path} is empty or not a run's settings (a full disk?) and the checkpoint does "
+                         "not record them; write the run's flags back into it (qlora-rt train --help)")
+    return saved
+
+
+def _data_digest(path: str) -> dict:
+    """What identifies the training data: a resumed run must read the very same examples in the same order."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": Path(path).stat().st_size, "sha256": h.hexdigest()[:16]}
+
+
+def _check_same_run(saved: dict, fingerprint: str, data: dict, examples: int, cfg: TrainConfig) -> None:
+    if saved.get("base") and saved["base"] != fingerprint:
+        raise QloraError(f"--resume: --model {cfg.model} is not the base this run was trained on")
+    was = saved.get("data")
+    if was and (was["sha256"] != data["sha256"] or was.get("examples", examples) != examples):
+        raise QloraError(f"--resume: --data {cfg.data} changed since the run started ({was['bytes']:,} -> "
+                         f"{data['bytes']:,} bytes, {was.get('examples', '?')} -> {examples} examples): the checkpoint's "
+                         "place in the data no longer means anything; restore the file or start a new run")
+
+
+def _apply_schedule(cfg: TrainConfig, optimizer, scheduler) -> None:
+    """After loading a checkpoint: the learning-rate settings given now replace the saved ones (the
+    scheduler's state holds the old peak; its warm-up/cosine shape is the one built from cfg)."""
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, shape in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * shape(scheduler.last_epoch), weight_decay=cfg.weight_decay)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
@@ -108,16 +178,20 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     """Fine-tune `cfg.model` on `cfg.data`; write the adapter to `cfg.out/adapter`."""
     cfg.check()
     icfg = InitConfig(cfg.init, cfg.loftq_iters, cfg.svd)  # a bad --init fails before the model loads
-    _check_run_folder(cfg)
+    saved = _run_folder(cfg)
     device, dtype = _device_and_dtype(cfg)
     out = Path(cfg.out)
+    qcfg = QuantConfig(cfg.quant, cfg.double_quant, cfg.block_size, dtype, cfg.symmetric, cfg.int4_compute)
+    lcfg = LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.targets)
+    check_model(cfg.model)  # before the model loads: a bad path or file fails in a second, not a minute
+    rows = read_jsonl(cfg.data, "--data")
+    eval_rows = read_jsonl(cfg.eval_data, "--eval-data") if cfg.eval_data else []
+    data_digest = _data_digest(cfg.data)
     torch.manual_seed(cfg.seed)
     loaded = load(cfg.model)
     model, tok = loaded.model, loaded.tokenizer
-    qcfg = QuantConfig(cfg.quant, cfg.double_quant, cfg.block_size, dtype, cfg.symmetric, cfg.int4_compute)
-    lcfg = LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.targets)
     plan = None
-    if icfg.method != "default" and not cfg.resume:
+    if icfg.method != "default" and saved is None:
         names = set(select_targets(linear_names(model), cfg.targets))
         plan = Plan(icfg, qcfg, cfg.rank, lcfg.scale(), names, device)
     quantize_model(model, qcfg, device, loaded.gguf, plan)
@@ -128,8 +202,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
         print(plan.summary(), file=sys.stderr)
     elif residual:  # resuming: the run's own residual base, not a recomputed one
         load_residual(model, residual, qcfg, device, fingerprint=loaded.fingerprint)
-    train_set, dropped = load_examples(cfg.data, tok, cfg.seq_len)
-    eval_set = load_examples(cfg.eval_data, tok, cfg.seq_len)[0] if cfg.eval_data else []
+    train_set, dropped = load_examples(cfg.data, tok, cfg.seq_len, rows=rows)
+    eval_set = load_examples(cfg.eval_data, tok, cfg.seq_len, rows=eval_rows)[0] if eval_rows else []
+    data_digest["examples"] = len(train_set)
     total_steps = cfg.steps or steps_for_epochs(cfg.epochs or 1.0, len(train_set), cfg.batch_size, cfg.grad_accum)
     params = trainable_parameters(model)
     optimizer = _optimizer(cfg, params, device)
@@ -138,16 +213,22 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     warmup = int(cfg.warmup) if cfg.warmup >= 1 else math.ceil(cfg.warmup * total_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     step, order = 0, Order(len(train_set), cfg.seed)
-    if cfg.resume:
+    identity = {"config": cfg.saved(), "base": loaded.fingerprint, "data": data_digest}
+    if saved is not None:
+        _check_same_run(saved, loaded.fingerprint, data_digest, len(train_set), cfg)
         progress = checkpoint.load(out / "checkpoint", model, optimizer, scheduler)
         step, order = progress["step"], Order(len(train_set), cfg.seed, **progress["order"])
+        _apply_schedule(cfg, optimizer, scheduler)
         _drop_metrics_after(out / "metrics.jsonl", step)
+        if saved["changed"]:
+            _append_metrics(out / "metrics.jsonl", {"step": step, "resumed_with": saved["changed"]})
+            write_yaml(out / "run.yaml", portable_paths(TrainConfig, cfg.saved(), out))
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        _fresh_run_folder(out)
         if residual:  # before run.yaml: a run that can be resumed always has its base
             save_residual(model, targets, residual, {"base.fingerprint": loaded.fingerprint, "init": icfg.describe(),
                                                      "init.method": icfg.method, **qcfg.as_metadata()})
-        (out / "run.yaml").write_text(yaml.safe_dump(cfg.saved(), sort_keys=False))
+        write_yaml(out / "run.yaml", portable_paths(TrainConfig, cfg.saved(), out))
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
@@ -156,30 +237,50 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
           f"{len(targets)} layers, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
           f"{len(train_set)} examples{f' ({dropped} dropped: no target token left after truncation)' if dropped else ''}; "
           f"{total_steps} steps on {device.type}", file=sys.stderr)
-    loop = _Loop(cfg, model, optimizer, scheduler, params, device, tok.pad_token_id, out, on_step, residual)
-    loop.last_checkpoint = step if cfg.resume else None
+    loop = _Loop(cfg, model, optimizer, scheduler, params, device, tok.pad_token_id, out, on_step, residual, identity)
+    loop.last_checkpoint = step if saved is not None else None
     return loop.run(train_set, eval_set, order, step, total_steps, loaded, qcfg, lcfg, trainable, total)
 
 
+def _fresh_run_folder(out: Path) -> None:
+    """Step 0: what an earlier attempt that never reached a checkpoint left behind is not part of this run."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoint.prior", ignore_errors=True)
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def _drop_metrics_after(path: Path, step: int) -> None:
-    """A resumed run repeats the steps after its checkpoint: forget their first, abandoned records."""
+    """A resumed run repeats the steps after its checkpoint: forget their first, abandoned records (and a
+    last line cut short by a kill)."""
     if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        lines = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    lines.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
         path.write_text("".join(l + "\n" for l in lines))
 
 
 class _Loop:
     """The optimizer-step loop; split from `train` only so each piece reads on one screen."""
 
-    def __init__(self, cfg, model, optimizer, scheduler, params, device, pad_id, out, on_step, residual) -> None:
+    def __init__(self, cfg, model, optimizer, scheduler, params, device, pad_id, out, on_step, residual,
+                 identity: dict) -> None:
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.params, self.device, self.pad_id, self.out, self.on_step = params, device, pad_id, out, on_step
         self.residual = residual  # PiSSA/LoftQ: the run's frozen residual base, shipped with the adapter
+        self.identity = identity  # settings, base and data fingerprints: saved with every checkpoint
         self.last_checkpoint: int | None = None
 
     def _write(self, record: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _append_metrics(self.out / "metrics.jsonl", record)
 
     def _eval(self, eval_set: list, step: int) -> float | None:
         if not eval_set:
@@ -189,9 +290,13 @@ class _Loop:
         return loss
 
     def _diverged(self, step: int, what: str) -> QloraError:
-        kept = (f"the last good checkpoint (step {self.last_checkpoint}) is in {self.out / 'checkpoint'}; "
-                "continue from it with --resume, or start again with a lower --lr"
-                if self.last_checkpoint is not None else "no checkpoint was written yet; start again with a lower --lr")
+        folder = self.out / "checkpoint"
+        if self.last_checkpoint is not None and self.last_checkpoint == step - 1:
+            # the newest checkpoint's own weights gave this: resuming from it would only repeat it
+            self.last_checkpoint = checkpoint.discard_latest(folder)
+        kept = (f"the last good checkpoint (step {self.last_checkpoint}) is in {folder}; continue from it with "
+                "--resume and a lower --lr" if self.last_checkpoint is not None else
+                "no good checkpoint is kept; run the same command with a lower --lr to start again in place")
         return QloraError(f"step {step}: {what} is not finite; training stopped and {kept}")
 
     def _step(self, batches: list[dict], step: int) -> tuple[float, float, int]:
@@ -227,6 +332,8 @@ class _Loop:
                            for _ in range(cfg.grad_accum)]
                 t0 = time.perf_counter()
                 loss, norm, n = self._step(batches, step + 1)
+                if self.last_checkpoint == step:  # a finite step from the newest checkpoint: it is good
+                    checkpoint.confirm(self.out / "checkpoint")
                 step, tokens, step_time = step + 1, tokens + n, step_time + time.perf_counter() - t0
                 tps = tokens / step_time  # training throughput: evals and checkpoints not counted
                 record = {"step": step, "loss": loss, "grad_norm": norm, "lr": self.scheduler.get_last_lr()[0],
@@ -240,14 +347,15 @@ class _Loop:
                     eval_loss = self._eval(eval_set, step)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
                     checkpoint.save(self.out / "checkpoint", model, self.optimizer, self.scheduler,
-                                    {"step": step, "order": order.state()})
+                                    {"step": step, "order": order.state(), **self.identity})
                     self.last_checkpoint = step
                 if self.on_step:
                     self.on_step(record)
         except KeyboardInterrupt:
             bar.close()
-            where = f"step {self.last_checkpoint}" if self.last_checkpoint else "none yet"
-            print(f"\ninterrupted at step {step}; last checkpoint: {where}; continue with --resume", file=sys.stderr)
+            then = (f"last checkpoint: step {self.last_checkpoint}; continue with --resume" if self.last_checkpoint
+                    else "no checkpoint yet: run the same command again to start over")
+            print(f"\ninterrupted at step {step}; {then}", file=sys.stderr)
             raise
         bar.close()
         eval_loss = self._eval(eval_set, step) if eval_set else eval_loss

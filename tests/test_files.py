@@ -9,7 +9,7 @@ from qlora_rt.files import atomic_dir, resolve
 def test_full_disk_keeps_the_previous_folder(tmp_path):
     with atomic_dir(tmp_path / "adapter") as d:
         (d / "weights").write_text("good")
-    with pytest.raises(QloraError, match="No space left on device; the previous version is untouched"):
+    with pytest.raises(QloraError, match=r"the disk is full \(.* MiB free on the device holding .*\); the previous version is untouched"):
         with atomic_dir(tmp_path / "adapter") as d:
             (d / "weights").write_text("half")
             raise OSError(errno.ENOSPC, "No space left on device")

@@ -56,24 +56,62 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tiny_llama, tiny
     assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_llama, tiny_data, tmp_path):
+def test_blown_up_weights_are_no_good_checkpoint_and_the_folder_restarts(tiny_llama, tiny_data, tmp_path):
+    """lr 1e30: the step-1 checkpoint already holds blown-up weights, and the loss they give is not finite.
+    Naming it would be a dead end; the run keeps none, and the same command with a lower --lr starts over."""
     run = tmp_path / "run"
-    with pytest.raises(QloraError, match=r"step \d+: the (loss|gradient norm) is not finite; .*checkpoint \(step 1\)"):
+    with pytest.raises(QloraError, match=r"step 2: the (loss|gradient norm) is not finite; .*no good checkpoint is "
+                                         r"kept; run the same command with a lower --lr to start again in place"):
         train(config(tiny_llama, tiny_data, run, lr=1e30, warmup=0, checkpoint_every=1, max_grad_norm=0))
-    ckpt = load_file(str(run / "checkpoint" / "adapter_model.safetensors"))
-    assert all(torch.isfinite(t).all() for t in ckpt.values())
-    assert not (run / "adapter").exists()
+    assert not (run / "checkpoint").exists() and not (run / "checkpoint.prior").exists()
+    r = train(config(tiny_llama, tiny_data, run, checkpoint_every=1))  # the same folder, step 0 again
+    assert r.steps == 8 and math.isfinite(r.train_loss)
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert steps == list(range(1, 9))  # nothing of the diverged attempt is left in the record
+
+
+@pytest.mark.parametrize("nan_at,kept", [(5, 2), (6, 4)])
+def test_divergence_keeps_the_last_checkpoint_a_finite_step_came_from(tiny_llama, tiny_data, tmp_path, monkeypatch,
+                                                                      nan_at, kept):
+    """Checkpoints at steps 2 and 4; a NaN at step 5 comes from the step-4 weights (dropped: step 2 is kept),
+    a NaN at step 6 comes after a finite step 5 (step 4 is kept). A resume may lower the learning rate."""
+    import qlora_rt.train as tr
+
+    real, calls = tr.causal_lm_loss, []
+
+    def loss(model, batch, n):  # micro-batches per step: grad_accum = 2
+        calls.append(1)
+        out = real(model, batch, n)
+        return out * float("nan") if (len(calls) + 1) // 2 == nan_at else out
+
+    monkeypatch.setattr(tr, "causal_lm_loss", loss)
+    run = tmp_path / "run"
+    with pytest.raises(QloraError, match=rf"step {nan_at}: the loss is not finite; .*checkpoint \(step {kept}\)"):
+        train(config(tiny_llama, tiny_data, run, checkpoint_every=2, eval_data=None))
+    monkeypatch.setattr(tr, "causal_lm_loss", real)
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)["progress"]["step"] == kept
+    r = train(config(tiny_llama, tiny_data, run, checkpoint_every=2, eval_data=None, lr=1e-3, resume=True))
+    assert r.steps == 8 and math.isfinite(r.train_loss)
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": kept, "resumed_with": {"lr": [5e-3, 1e-3]}} in records
+    assert yaml.safe_load((run / "run.yaml").read_text())["lr"] == 1e-3
 
 
 def test_run_folder_is_never_overwritten_and_resume_needs_a_run(tiny_llama, tiny_data, tmp_path):
-    cfg = config(tiny_llama, tiny_data, tmp_path / "run", steps=2)
+    cfg = config(tiny_llama, tiny_data, tmp_path / "run", steps=4, checkpoint_every=2)
     train(cfg)
     with pytest.raises(QloraError, match="already holds a run; pass --resume"):
         train(cfg)
     with pytest.raises(QloraError, match="--resume: .*run.yaml not found"):
         train(config(tiny_llama, tiny_data, tmp_path / "new", resume=True))
-    with pytest.raises(QloraError, match=r"settings differ .*rank \(4 -> 8\)"):
-        train(config(tiny_llama, tiny_data, tmp_path / "run", steps=2, rank=8, resume=True))
+    with pytest.raises(QloraError, match=r"settings differ .*rank \(4 -> 8\).*only --lr, --warmup"):
+        train(config(tiny_llama, tiny_data, tmp_path / "run", steps=4, rank=8, resume=True))
+    done = config(tiny_llama, tiny_data, tmp_path / "done", steps=2, checkpoint_every=0)
+    train(done)  # finished, no checkpoint: nothing to resume, and nothing to suggest resuming
+    with pytest.raises(QloraError, match="already holds a run; choose another folder"):
+        train(done)
+    with pytest.raises(QloraError, match="holds a finished run with no checkpoint to continue from"):
+        train(config(tiny_llama, tiny_data, tmp_path / "done", steps=2, checkpoint_every=0, resume=True))
 
 
 def test_messages_without_assistant_and_empty_data(tiny_llama, tiny_data, tmp_path):
@@ -106,3 +144,162 @@ def test_epochs_decide_steps(tiny_llama, tiny_data, tmp_path):
     r = train(config(tiny_llama, tiny_data, tmp_path / "run", steps=None, epochs=0.5, eval_data=None))
     n = len((tiny_data / "train.jsonl").read_text().splitlines())
     assert r.steps == math.ceil(0.5 * n / 4) and r.eval_loss is None
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_place(tiny_llama, tiny_data, tmp_path, capsys):
+    def interrupt(record):
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    cfg = config(tiny_llama, tiny_data, tmp_path / "run", checkpoint_every=5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=interrupt)
+    assert "no checkpoint yet: run the same command again to start over" in capsys.readouterr().err
+    for resume in (True, False):  # either way: nothing to keep, so step 0 in the same folder
+        with pytest.raises(KeyboardInterrupt):
+            train(config(tiny_llama, tiny_data, tmp_path / "run", checkpoint_every=5, resume=resume), on_step=interrupt)
+        assert "stopped before its first checkpoint; starting it again from step 0" in capsys.readouterr().err
+    (tmp_path / "run" / "run.yaml").write_text("")  # a full disk once left a 0-byte run.yaml
+    assert train(cfg).steps == 8
+    full = adapter(tmp_path / "run")
+    train(config(tiny_llama, tiny_data, tmp_path / "clean", checkpoint_every=5))
+    assert all(torch.equal(full[k], v) for k, v in adapter(tmp_path / "clean").items())
+
+
+def test_resume_trusts_the_checkpoint_not_a_damaged_run_yaml(tiny_llama, tiny_data, tmp_path):
+    def interrupt(record):
+        if record["step"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_llama, tiny_data, tmp_path / "cut"), on_step=interrupt)
+    (tmp_path / "cut" / "run.yaml").write_text("")
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a record cut short by a kill
+    train(config(tiny_llama, tiny_data, tmp_path / "cut", resume=True))
+    train(config(tiny_llama, tiny_data, tmp_path / "full"))
+    full, resumed = adapter(tmp_path / "full"), adapter(tmp_path / "cut")
+    assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
+    assert yaml.safe_load((tmp_path / "cut" / "run.yaml").read_text()) is None  # left alone: nothing changed
+
+
+def test_resume_after_the_data_changed_says_what_changed(tiny_llama, tiny_data, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text((tiny_data / "train.jsonl").read_text())
+
+    def interrupt(record):
+        if record["step"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_llama, tiny_data, tmp_path / "run", data=str(data)), on_step=interrupt)
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:10]))
+    with pytest.raises(QloraError, match=r"--resume: --data .* changed since the run started \([\d,]+ -> [\d,]+ bytes, "
+                                         r"72 -> 10 examples\)"):
+        train(config(tiny_llama, tiny_data, tmp_path / "run", data=str(data), resume=True))
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_llama, tiny_data, tmp_path, monkeypatch):
+    import errno
+
+    import qlora_rt.checkpoint as ck
+
+    real, saves = ck.save_file, []
+
+    def fill_up(tensors, path, **kw):
+        saves.append(path)
+        if len(saves) == 2:  # the step-6 checkpoint: the disk is full
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, **kw)
+
+    monkeypatch.setattr(ck, "save_file", fill_up)
+    run = tmp_path / "run"
+    with pytest.raises(QloraError, match=r"could not write .*checkpoint: the disk is full \(.* MiB free .*\); the "
+                                         "previous version is untouched"):
+        train(config(tiny_llama, tiny_data, run))
+    monkeypatch.setattr(ck, "save_file", real)
+    assert ck.progress(run / "checkpoint")["step"] == 3 and (run / "checkpoint").is_dir()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "metrics.jsonl", "run.yaml"]  # no temp left
+    train(config(tiny_llama, tiny_data, run, resume=True))  # space again: the run goes on from step 3
+    train(config(tiny_llama, tiny_data, tmp_path / "full"))
+    full, resumed = adapter(tmp_path / "full"), adapter(run)
+    assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
+
+
+KILLED = """
+import json, os, signal, sys
+import qlora_rt.checkpoint as ck
+from qlora_rt.config import TrainConfig
+from qlora_rt.train import train
+
+step, where, cfg = int(sys.argv[1]), sys.argv[2], TrainConfig(**json.loads(sys.argv[3]))
+saving, save, real_replace = [0], ck.save, os.replace
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def counting(folder, model, optimizer, scheduler, progress):  # which step's checkpoint is being written
+    saving[0] = progress["step"]
+    save(folder, model, optimizer, scheduler, progress)
+
+
+def dying(real):
+    def hook(*args, **kw):
+        if saving[0] == step:
+            if real is ck.save_file:
+                real(*args, **kw)  # the adapter file is written, the optimizer state is not
+            die()
+        return real(*args, **kw)
+    return hook
+
+
+def replace(src, dst):  # dies between moving the last checkpoint aside and renaming the new one in
+    real_replace(src, dst)
+    if saving[0] == step and str(dst).endswith("checkpoint.prior"):
+        die()
+
+
+ck.save = counting
+if where == "after the step":
+    train(cfg, on_step=lambda r: r["step"] == step and die())
+elif where == "inside the save":
+    ck.save_file = dying(ck.save_file)
+elif where == "before the rename":
+    ck.write_json = dying(ck.write_json)
+else:
+    os.replace = replace
+train(cfg)
+"""
+
+
+def _cases(n: int = 4, seed: int = 14):
+    import random
+
+    rng = random.Random(seed)  # random, yet the same cases on every run
+    wheres = ["after the step", "inside the save", "before the rename", "while replacing the last"]
+    steps = {"after the step": [2, 4, 6, 7], "while replacing the last": [4, 6]}  # step 2 replaces nothing
+    return [(rng.choice(steps.get(w, [2, 4, 6])), w) for w in rng.sample(wheres, n)]
+
+
+@pytest.mark.parametrize("step,where", _cases())
+def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_adapter(tiny_llama, tiny_data, tmp_path,
+                                                                             step, where):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cut = config(tiny_llama, tiny_data, tmp_path / "cut", checkpoint_every=2)
+    proc = subprocess.run([sys.executable, "-c", KILLED, str(step), where, json.dumps(vars(cut))], cwd=repo,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL: no handler ran
+    assert not (tmp_path / "cut" / "adapter").exists()
+    train(config(tiny_llama, tiny_data, tmp_path / "cut", checkpoint_every=2, resume=True))
+    train(config(tiny_llama, tiny_data, tmp_path / "full", checkpoint_every=2))
+    full, resumed = adapter(tmp_path / "full"), adapter(tmp_path / "cut")
+    assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
