@@ -1,3 +1,10 @@
 """qlora-rt: fine-tune a 4-bit frozen base with LoRA adapters, ship it as ONNX, run it offline."""
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes logs at import, on CPUs with AVX512-BF16, that it found no hub kernel for its bf16 inference
+# path. That path is not ours (qlora_rt.quant multiplies in the compute dtype), so the line is noise here.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward" not in record.getMessage())

@@ -88,7 +88,13 @@ def save_adapter(model: torch.nn.Module, out: str | Path, cfg: LoraConfig, quant
 def read_adapter(path: str | Path) -> tuple[dict, dict[str, str]]:
     """adapter_config.json and the safetensors metadata, after checking the folder is an adapter."""
     p = Path(path)
+    if not p.exists():
+        raise QloraError(f"--adapter: {p} does not exist")
+    if not p.is_dir():
+        raise QloraError(f"--adapter: {p} is a file; expected an adapter folder (with {CONFIG} and {WEIGHTS})")
     if not (p / CONFIG).is_file():
+        if (p / "adapter" / CONFIG).is_file():
+            raise QloraError(f"--adapter: {p} is a training run's folder; its adapter is {p / 'adapter'}")
         raise QloraError(f"--adapter: {p} has no {CONFIG} (expected a PEFT/qlora-rt adapter folder)")
     if not (p / WEIGHTS).is_file():
         hint = " (adapter_model.bin is not read: it is a pickle; re-save with safetensors)" if (
@@ -147,6 +153,10 @@ def read_lora(path: str | Path) -> tuple[dict, dict[str, str], dict[str, tuple[t
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise QloraError(f"{p / WEIGHTS}: {name} has A {tuple(A.shape)} and B {tuple(B.shape)}; "
                              "expected A (r, in) and B (out, r)")
+        rank = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", A.shape[0]))
+        if rank != A.shape[0]:
+            raise QloraError(f"{p / CONFIG}: r={rank} for {name}, but its tensors in {WEIGHTS} have rank "
+                             f"{A.shape[0]}: the two files do not belong together")
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
         out[name] = (A, B, lora_scale(alpha, A.shape[0], rslora))
     return config, meta, out

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,24 +30,42 @@ class Example:
     labels: list[int]
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+SHAPES = {"messages": {"messages"}, "prompt": {"prompt", "completion"}, "text": {"text"}}
+ROLES = {"system", "user", "assistant", "tool", "developer"}
+EXTRA_OK = {"id", "meta", "metadata", "source"}  # bookkeeping fields that are plainly not part of the example
+
+
+def read_jsonl(path: str | Path, flag: str = "--data") -> list[dict]:
     """Parse and validate every line; errors name file:line and what was expected."""
     p = Path(path)
+    if p.is_dir():
+        raise QloraError(f"{flag}: {p} is a folder; expected a JSONL file (one example a line)")
     if not p.is_file():
-        raise QloraError(f"--data: {p} does not exist")
-    rows = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+        raise QloraError(f"{flag}: {p} does not exist")
+    rows, odd = [], Counter()
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{p}:{n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise QloraError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                 "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise QloraError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            _validate(row, f"{p}:{n}")
+                near = line[max(e.pos - 12, 0): e.pos + 12].strip()
+                raise QloraError(f"{where}: not valid JSON ({e.msg} at column {e.colno}, near {near!r})") from None
+            _validate(row, where)
+            odd.update(_oddities(row))
             rows.append(row)
     if not rows:
         raise QloraError(f"{p}: no examples (the file is empty)")
+    if odd:
+        listed = ", ".join(f"{what} on {k} line{'s' if k > 1 else ''}" for what, k in sorted(odd.items()))
+        print(f"{p}: warning: ignored {listed}", file=sys.stderr)
     return rows
 
 
@@ -73,6 +93,15 @@ def _validate(row: object, where: str) -> None:
     else:
         raise QloraError(f"{where}: expected a 'text', 'prompt'+'completion' or 'messages' field, "
                          f"got {', '.join(sorted(row)) or 'an empty object'}")
+
+
+def _oddities(row: dict) -> list[str]:
+    """What a validated row carries that training ignores: fields beside its shape, roles no template knows."""
+    shape = next(k for k in SHAPES if k in row)
+    out = [f"field {k!r}" for k in sorted(set(row) - SHAPES[shape] - EXTRA_OK)]
+    if shape == "messages":
+        out += sorted({f"role {m['role']!r}" for m in row["messages"] if m["role"] not in ROLES})
+    return out
 
 
 def _eos(tokenizer) -> list[int]:
@@ -121,9 +150,10 @@ def tokenize(row: dict, tokenizer, seq_len: int, where: str = "example") -> Exam
     return Example(ids[:seq_len], labels[:seq_len])
 
 
-def load_examples(path: str | Path, tokenizer, seq_len: int) -> tuple[list[Example], int]:
-    """Tokenized examples with at least one label token after truncation, and how many were dropped."""
-    rows = read_jsonl(path)
+def load_examples(path: str | Path, tokenizer, seq_len: int, rows: list[dict] | None = None) -> tuple[list[Example], int]:
+    """Tokenized examples with at least one label token after truncation, and how many were dropped.
+    rows: the file's rows when `read_jsonl` already read them."""
+    rows = read_jsonl(path) if rows is None else rows
     examples = [tokenize(r, tokenizer, seq_len, f"{path}:{i + 1}") for i, r in enumerate(rows)]
     kept = [e for e in examples if sum(t != IGNORE for t in e.labels[1:]) > 0]
     if not kept:

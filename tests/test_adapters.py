@@ -113,8 +113,22 @@ def test_adapter_for_another_base_with_same_shapes(saved_adapter, tmp_path):
 
 
 def test_bad_adapter_folders(tiny_llama, saved_adapter, tmp_path):
-    with pytest.raises(QloraError, match="has no adapter_config.json"):
+    with pytest.raises(QloraError, match="missing does not exist"):
         open_trained(tiny_llama, tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(QloraError, match="has no adapter_config.json"):
+        open_trained(tiny_llama, tmp_path / "empty")
+    run = tmp_path / "run"
+    shutil.copytree(saved_adapter, run / "adapter")
+    with pytest.raises(QloraError, match=f"is a training run's folder; its adapter is {run / 'adapter'}"):
+        open_trained(tiny_llama, run)
+    with pytest.raises(QloraError, match="is a file; expected an adapter folder"):
+        open_trained(tiny_llama, saved_adapter / "adapter_config.json")
+    mismatched = shutil.copytree(saved_adapter, tmp_path / "mismatched")
+    cfg = json.loads((mismatched / "adapter_config.json").read_text())
+    (mismatched / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))
+    with pytest.raises(QloraError, match="r=8 for .* have rank 4: the two files do not belong together"):
+        open_trained(tiny_llama, mismatched)
     broken = shutil.copytree(saved_adapter, tmp_path / "broken")
     (broken / "adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(QloraError, match="corrupt or unreadable safetensors"):
