@@ -9,7 +9,6 @@ Either way switching adapters never reloads the model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import numpy as np
 from export.weights import group_lora, lora_arrays
 from qlora_rt.adapters import read_lora
 from qlora_rt.errors import QloraError
-from qlora_rt.runtime import ADAPTER_DIR, ADAPTER_SUFFIX as SUFFIX, adapter_model_version, check_fits
+from qlora_rt.runtime import ADAPTER_DIR, ADAPTER_SUFFIX as SUFFIX, adapter_model_version, check_fits, read_meta
 
 def adapter_arrays(adapter: str | Path, export_meta: dict) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """An adapter folder's metadata, and its tensors named and laid out as the export's LoRA inputs."""
@@ -61,10 +60,10 @@ def write_adapter(arrays: dict[str, np.ndarray], path: Path, export_meta: dict) 
 def export_adapter(adapter: str, onnx_dir: str, name: str, overwrite: bool = False) -> Path:
     """Add another trained adapter to an existing adapter-aware export, without re-exporting the model."""
     folder = Path(onnx_dir)
-    meta_path = folder / "qlora_rt_export.json"
-    if not meta_path.exists():
-        raise QloraError(f"--onnx: {folder} is not a qlora-rt export (no qlora_rt_export.json)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = read_meta(folder)
+    except QloraError as e:
+        raise QloraError(f"--onnx: {e}") from None
     if meta["mode"] != "adapter-aware":
         raise QloraError(f"--onnx: {folder} is a merged export; adapters need an adapter-aware export")
     target = folder / ADAPTER_DIR / f"{name}{SUFFIX}"

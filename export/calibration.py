@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from qlora_rt.config import TrainConfig, resolve_paths
 from qlora_rt.data import collate, load_examples
 from qlora_rt.lora import lora_layers
 
@@ -24,7 +25,10 @@ def default_data(adapter: str | None) -> Path | None:
     run_yaml = Path(adapter).parent / "run.yaml"
     if not run_yaml.is_file():
         return None
-    data = (yaml.safe_load(run_yaml.read_text()) or {}).get("data")
+    values = yaml.safe_load(run_yaml.read_text())
+    if not isinstance(values, dict):
+        return None
+    data = resolve_paths(TrainConfig, {"data": values.get("data")}, run_yaml.parent)["data"]  # relative to run.yaml
     return Path(data) if data and Path(data).is_file() else None
 
 

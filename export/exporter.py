@@ -27,11 +27,11 @@ from qlora_rt import __version__, quant
 from qlora_rt.adapters import open_trained
 from qlora_rt.config import ExportConfig
 from qlora_rt.errors import QloraError
-from qlora_rt.files import atomic_dir, write_json
+from qlora_rt.files import atomic_dir, check_out, write_json
 from qlora_rt.load import SUPPORTED
 from qlora_rt.lora import lora_layers
 from qlora_rt.report import table
-from qlora_rt.runtime import KV_CACHE
+from qlora_rt.runtime import FORMAT, KV_CACHE, META
 
 TOLERANCE = {"fp32": 1e-3, "nf4": 1e-3, "fp16": 5e-2, "int4": float("inf")}  # int4: requantized (see below)
 MAX_ROPE_TABLE = 32768  # positions; longer contexts need a larger table (recorded as max_context)
@@ -51,7 +51,7 @@ def _metadata(cfg: ExportConfig, loaded, info, spec: DecoderSpec, quant_format: 
               max_context: int) -> dict:
     gen = loaded.model.generation_config
     eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else loaded.tokenizer.eos_token_id
-    return {"format": "qlora-rt-onnx", "version": __version__, "mode": cfg.mode, "weights": cfg.weights,
+    return {"format": FORMAT, "version": __version__, "mode": cfg.mode, "weights": cfg.weights,
             "model_type": loaded.model.config.model_type, "layers": spec.layers, "hidden": spec.hidden,
             "heads": spec.heads, "kv_heads": spec.kv_heads, "head_dim": spec.head_dim, "vocab": spec.vocab,
             "max_context": max_context, "eos_token_ids": eos if isinstance(eos, list) else [eos],
@@ -87,8 +87,7 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
     """trained: what `open_trained(cfg.model, cfg.adapter)` returned, when the caller already holds it
     (one load for several exports); it is only read, never changed."""
     cfg.check()
-    if Path(cfg.out).exists() and not cfg.overwrite:
-        raise QloraError(f"--out: {cfg.out} already exists; choose another folder or pass --overwrite")
+    check_out(cfg.out, cfg.overwrite, META, FORMAT, "export", reads=(cfg.adapter, cfg.model, cfg.calibration))
     t0 = time.perf_counter()
     loaded, qcfg, info = trained or open_trained(cfg.model, cfg.adapter)
     model = loaded.model.eval()
@@ -110,10 +109,11 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
     with atomic_dir(cfg.out, overwrite=True) as tmp:
         onnx.save_model(g.model(f"qlora-rt {__version__}"), str(tmp / "model.onnx"), save_as_external_data=True,
                         all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+        meta["external_data"] = {"model.onnx.data": (tmp / "model.onnx.data").stat().st_size}  # a copy is checked
         loaded.tokenizer.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        write_json(tmp / "qlora_rt_export.json", meta)
+        write_json(tmp / META, meta)
         adapter_file = None
         if cfg.mode == "adapter-aware" and cfg.adapter:
             adapter_file = write_adapter(adapter_arrays(cfg.adapter, meta)[1], tmp / ADAPTER_DIR / f"{cfg.name}{SUFFIX}", meta)

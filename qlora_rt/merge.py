@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
-from qlora_rt import quant
+from qlora_rt import __version__, quant
 from qlora_rt.errors import QloraError
-from qlora_rt.files import atomic_dir
+from qlora_rt.files import atomic_dir, check_out, write_json
 from qlora_rt.lora import LoRALinear
+
+MANIFEST, FORMAT = "qlora_rt_merge.json", "qlora-rt-merged"
 
 
 def merge_weight(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, name: str) -> torch.Tensor:
@@ -47,8 +49,10 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a loadable HF checkpoint folder (config, safetensors shards, tokenizer) atomically."""
+def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: bool = False,
+                adapter: str | None = None) -> Path:
+    """Write a loadable HF checkpoint folder (config, safetensors shards, tokenizer) atomically, with a
+    manifest that marks it as a merge (so that `merge --overwrite` may replace it, and nothing else)."""
     from huggingface_hub import save_torch_state_dict
 
     state = merged_state_dict(model)
@@ -65,6 +69,7 @@ def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: b
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_json(tmp / MANIFEST, {"format": FORMAT, "version": __version__, "adapter": adapter})
     return Path(out)
 
 
@@ -72,7 +77,6 @@ def merge(model: str, adapter: str, out: str, quant_format: str | None = None, o
     """Load base + adapter as trained, fold the adapter in, write an fp32 HF checkpoint to `out`."""
     from qlora_rt.adapters import open_trained
 
-    if Path(out).exists() and not overwrite:
-        raise QloraError(f"--out: {out} already exists; choose another folder or pass --overwrite")
+    check_out(out, overwrite, MANIFEST, FORMAT, "merge", reads=(model, adapter))
     loaded, _, _ = open_trained(model, adapter, quant_format)
-    return save_merged(loaded.model, loaded.tokenizer, out, overwrite=overwrite)
+    return save_merged(loaded.model, loaded.tokenizer, out, overwrite=overwrite, adapter=adapter)

@@ -16,6 +16,7 @@ place.)
 from __future__ import annotations
 
 import json
+import math
 import time
 import zlib
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from tokenizers import Tokenizer
 
 from qlora_rt.errors import QloraError
 
-META = "qlora_rt_export.json"
+META, FORMAT = "qlora_rt_export.json", "qlora-rt-onnx"  # the export's manifest, and its format
 KV_CACHE = "in-place"  # the graph appends to a bound max-length cache (GroupQueryAttention); older ones concatenated
 ADAPTER_DIR, ADAPTER_SUFFIX = "adapters", ".onnx_adapter"
 META_KEYS = ("format", "mode", "layers", "kv_heads", "head_dim", "vocab", "max_context", "eos_token_ids",
@@ -64,9 +65,9 @@ class Sampling:
     seed: int | None = None
 
     def check(self) -> None:
-        if self.temperature < 0:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             raise QloraError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:  # NaN fails this too
             raise QloraError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise QloraError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
@@ -112,11 +113,16 @@ class Model:
 
     def __init__(self, folder: str | Path, threads: int = 0) -> None:
         self.folder = Path(folder)
-        self.meta = _read_meta(self.folder)
+        self.meta = read_meta(self.folder)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # the LoRA inputs' rank-0 initializers are intended
         opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.folder / "model.onnx"), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own error types; the first line says what it could not read
+            raise QloraError(f"{self.folder / 'model.onnx'}: onnxruntime cannot load it "
+                             f"({str(e).strip().splitlines()[0][:300]}); export it again") from None
         self._check_session()
         self.tokenizer = _tokenizer(self.folder)
         self.template = _chat_template(self.folder)
@@ -361,7 +367,8 @@ def _held_back(text: str, stops: tuple) -> int:
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
-def _read_meta(folder: Path) -> dict:
+def read_meta(folder: Path) -> dict:
+    """The export's manifest, checked: every problem is one line naming the folder or file."""
     if not folder.is_dir():
         raise QloraError(f"{folder} is not a folder (expected an export made by `qlora-rt export`)")
     if not (folder / "model.onnx").is_file():
@@ -371,15 +378,24 @@ def _read_meta(folder: Path) -> dict:
         raise QloraError(f"{folder} has no {META}; it was not made by `qlora-rt export`")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QloraError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise QloraError(f"{path} is not a qlora-rt export description (not a JSON object)")
     missing = [k for k in META_KEYS if k not in meta]
-    if meta.get("format") == "qlora-rt-onnx" and meta.get("kv_cache") != KV_CACHE:
+    if meta.get("format") == FORMAT and meta.get("kv_cache") != KV_CACHE:
         raise QloraError(f"{folder} was exported by an older qlora-rt ({meta.get('version', '?')}), whose graph this "
                          "runtime cannot drive; export it again with `qlora-rt export`")
-    if meta.get("format") != "qlora-rt-onnx" or missing:
+    if meta.get("format") != FORMAT or missing:
         raise QloraError(f"{path} is not a qlora-rt export description"
                          + (f" (missing {', '.join(missing)})" if missing else ""))
+    for name, size in (meta.get("external_data") or {}).items():  # the weights beside model.onnx
+        data = folder / name
+        if not data.is_file():
+            raise QloraError(f"{folder} has no {name} (the model's weights, {size:,} bytes); copy the whole folder")
+        if data.stat().st_size != size:
+            raise QloraError(f"{data} is {data.stat().st_size:,} bytes; the export wrote {size:,}: it was cut short "
+                             "or replaced; copy the whole folder again")
     return meta
 
 

@@ -136,3 +136,87 @@ def test_int4_head_is_gptq_rounded_on_the_calibration_data(tiny_llama, tiny_runs
     assert reports["gptq"]["head"].startswith("int4 (gptq, weights ")
     assert reports["rtn"]["head"].startswith("int4 (rtn, weights ")
     assert reports["gptq"]["mean_abs_logit_diff"] < reports["rtn"]["mean_abs_logit_diff"]
+
+
+def test_overwrite_replaces_only_an_export(tiny_llama, tiny_runs, tiny_export, tmp_path, capsys):
+    """--overwrite pointed at a run folder (or any folder not written by export) refuses and touches nothing."""
+    import shutil
+
+    from export.exporter import export
+
+    tmp, adapters = tiny_runs
+    run = shutil.copytree(adapters["a"].parent, tmp_path / "run-copy")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    argv = ["export", "--model", str(tiny_llama), "--adapter", str(adapters["a"]), "--out", str(run), "--overwrite"]
+    assert main(argv) == 2
+    assert ("--overwrite: refusing to replace" in capsys.readouterr().err
+            and sorted(p.relative_to(run) for p in run.rglob("*")) == before)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(QloraError, match="it is a file"):
+        export(ExportConfig(model=str(tiny_llama), out=str(tmp_path / "notes.txt"), overwrite=True))
+    out = shutil.copytree(tiny_export, tmp_path / "export")  # an export: replaced, once the new one verified
+    export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["b"]), out=str(out), overwrite=True))
+    assert [p.name for p in (out / "adapters").iterdir()] == ["default.onnx_adapter"]
+    inside = shutil.copytree(adapters["a"], out / "my-adapter")
+    with pytest.raises(QloraError, match="which this command reads"):
+        export(ExportConfig(model=str(tiny_llama), adapter=str(inside), out=str(out), overwrite=True))
+
+
+def test_adapter_names_stay_inside_the_export(tiny_runs, tiny_export, tmp_path, capsys):
+    _, adapters = tiny_runs
+    for name in ("../../x", str(tmp_path / "abs"), "a/b", ".."):
+        assert main(["export-adapter", "--adapter", str(adapters["a"]), "--onnx", str(tiny_export), "--name", name]) == 2
+        assert "is not a plain name" in capsys.readouterr().err
+    assert not (tmp_path / "abs.onnx_adapter").exists() and not (tiny_export.parent.parent / "x.onnx_adapter").exists()
+    assert sorted(p.name for p in (tiny_export / "adapters").iterdir()) == ["a.onnx_adapter", "b.onnx_adapter"]
+
+
+def test_a_damaged_export_folder_is_one_line(tiny_runs, tiny_export, tmp_path):
+    import shutil
+
+    from export.adapters import export_adapter
+    from qlora_rt.runtime import Model
+
+    bad = shutil.copytree(tiny_export, tmp_path / "bad")
+    data = bad / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(QloraError, match=r"model.onnx.data is 1,000 bytes; the export wrote [\d,]+: it was cut short"):
+        Model(bad)
+    data.unlink()
+    with pytest.raises(QloraError, match=r"has no model.onnx.data \(the model's weights, [\d,]+ bytes\)"):
+        Model(bad)
+    meta = json.loads((tiny_export / "qlora_rt_export.json").read_text())
+    del meta["external_data"]  # an export made before the size was recorded: onnxruntime's own error, in one line
+    (bad / "qlora_rt_export.json").write_text(json.dumps(meta))
+    with pytest.raises(QloraError, match=r"model.onnx: onnxruntime cannot load it \(.*\); export it again"):
+        Model(bad)
+    (bad / "qlora_rt_export.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "mode"}))
+    with pytest.raises(QloraError, match="--onnx: .* is not a qlora-rt export description .missing mode."):
+        export_adapter(str(tiny_runs[1]["a"]), str(bad), "c")
+
+
+def test_calibration_data_is_found_from_any_directory(tiny_llama, tiny_data, tmp_path, monkeypatch):
+    """run.yaml records the data relative to itself, so an int4 export run elsewhere still finds it."""
+    import shutil
+
+    from export.exporter import export
+    from qlora_rt.config import TrainConfig
+    from qlora_rt.train import train
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_data, project / "data")
+    monkeypatch.chdir(project)
+    train(TrainConfig(model=str(tiny_llama), data="data/train.jsonl", out="runs/x", steps=2, rank=4, seq_len=32,
+                      checkpoint_every=0, eval_every=0))
+    assert yaml_data(project / "runs" / "x" / "run.yaml") == "../../data/train.jsonl"
+    monkeypatch.chdir(tmp_path)
+    report = export(ExportConfig(model=str(tiny_llama), adapter="project/runs/x/adapter", out="m", mode="merged",
+                                 weights="int4"))
+    assert report["int4_rounding"].startswith("gptq (") and "train.jsonl" in report["int4_rounding"]
+    assert main(["train", "--config", "project/runs/x/run.yaml", "--out", "again"]) == 0  # its paths resolve too
+
+
+def yaml_data(path) -> str:
+    import yaml
+
+    return yaml.safe_load(path.read_text())["data"]

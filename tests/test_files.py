@@ -40,3 +40,42 @@ def test_failed_save_after_a_crash_keeps_the_aside_copy(tmp_path):
         with atomic_dir(tmp_path / "ckpt") as d:
             raise OSError(errno.ENOSPC, "No space left on device")
     assert (resolve(tmp_path / "ckpt") / "state").read_text() == "1"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs, where the machine lets the tests mount one (root on Linux)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root); the ENOSPC injection tests cover the logic")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_really_full_disk_is_one_line_and_keeps_what_was_saved(small_disk):
+    """The writers' own errors on a full device (safetensors' Rust I/O error, torch's stream writer) all
+    become one line; the version saved before survives."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qlora_rt import checkpoint
+
+    with atomic_dir(small_disk / "adapter") as d:
+        save_file({"a": torch.zeros(1000)}, str(d / "w.safetensors"))
+    with pytest.raises(QloraError, match=r"could not write .*adapter: the disk is full \(0.* MiB free .*\); the "
+                                         "previous version is untouched"):
+        with atomic_dir(small_disk / "adapter") as d:
+            save_file({"a": torch.zeros(100_000)}, str(d / "w.safetensors"))
+    assert sorted(p.name for p in small_disk.iterdir()) == ["adapter"]
+
+    model = torch.nn.Linear(200, 200)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 200)).sum().backward()
+    opt.step()  # its state is two copies of the weights: more than the disk holds
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(QloraError, match=r"the disk is full .*; nothing was written"):
+        checkpoint.save(small_disk / "checkpoint", model, opt, sched, {"step": 1})
+    assert sorted(p.name for p in small_disk.iterdir()) == ["adapter"]

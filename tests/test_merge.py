@@ -51,3 +51,20 @@ def test_nan_adapter_leaves_previous_merge_intact(tmp_path, tiny_llama):
     with pytest.raises(QloraError, match="NaN/inf"):
         merge(str(tiny_llama), str(tmp_path / "bad"), str(tmp_path / "merged"), overwrite=True)
     assert (tmp_path / "merged" / "model.safetensors").read_bytes() == first
+
+
+def test_merge_overwrite_replaces_only_a_merge(tmp_path, tiny_llama, capsys):
+    from qlora_rt.cli import main
+
+    ours = ours_with_random_adapter(tiny_llama)
+    save_adapter(ours.model, tmp_path / "a", LoraConfig(rank=4, alpha=8), quant.QuantConfig(), str(tiny_llama),
+                 ours.fingerprint)
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "thesis.tex").write_text("years of work")
+    argv = ["merge", "--model", str(tiny_llama), "--adapter", str(tmp_path / "a"), "--overwrite", "--out"]
+    assert main(argv + [str(tmp_path / "keep")]) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "keep").iterdir()] == ["thesis.tex"]
+    assert main(argv + [str(tmp_path / "merged")]) == 0
+    assert main(argv + [str(tmp_path / "merged")]) == 0  # a merge replaces a merge
+    assert (tmp_path / "merged" / "qlora_rt_merge.json").exists()

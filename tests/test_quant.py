@@ -46,3 +46,17 @@ def test_bad_format_and_block_size():
         quant.QuantConfig("int3")
     with pytest.raises(QloraError, match="--block-size"):
         quant.QuantConfig("nf4", block_size=48)
+
+
+def test_bitsandbytes_hub_kernel_notice_is_filtered(caplog):
+    """bitsandbytes' import-time notice about a hub kernel for its bf16 CPU path is noise for us; other
+    bitsandbytes warnings still show."""
+    import logging
+
+    import qlora_rt  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s", "No module named 'kernels'")
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
