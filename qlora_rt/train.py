@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -60,6 +60,9 @@ RESUMABLE = ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "che
              "eval_data")
 # Compared by what they hold, not by how they are spelled: the base by its fingerprint, the data by its digest.
 BY_CONTENT = ("model", "data", "out")
+# What a run folder holds, temporary names included: a run killed before run.yaml may leave some of them.
+RUN_FILES = re.compile(r"\.?(run\.yaml|metrics\.jsonl|checkpoint|adapter|residual_base\.safetensors)"
+                       r"(\.tmp.*|\.previous|\.prior)?")
 
 
 def _run_folder(cfg: TrainConfig) -> dict | None:
@@ -75,6 +78,10 @@ def _run_folder(cfg: TrainConfig) -> dict | None:
     if not started:
         if cfg.resume:
             raise QloraError(f"--resume: {out / 'run.yaml'} not found; there is no run to continue in {out}")
+        foreign = sorted(p.name for p in out.iterdir() if not RUN_FILES.fullmatch(p.name)) if out.exists() else []
+        if foreign:  # the run would write adapter/ and checkpoint/ among someone else's files
+            raise QloraError(f"--out: {out} holds files that are not a run's ({', '.join(foreign[:3])}"
+                             f"{' …' if len(foreign) > 3 else ''}); choose a new or empty folder")
         return None
     if saved is None:
         if (out / "adapter").exists():
@@ -82,6 +89,7 @@ def _run_folder(cfg: TrainConfig) -> dict | None:
                              "folder" if cfg.resume else f"--out: {out} already holds a run; choose another folder")
         print(f"{out}: the run there stopped before its first checkpoint; starting it again from step 0",
               file=sys.stderr)
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # the abandoned attempt's records
         return None
     if not cfg.resume:
         raise QloraError(f"--out: {out} already holds a run; pass --resume to continue it or choose another folder")
@@ -224,7 +232,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
             _append_metrics(out / "metrics.jsonl", {"step": step, "resumed_with": saved["changed"]})
             write_yaml(out / "run.yaml", portable_paths(TrainConfig, cfg.saved(), out))
     else:
-        _fresh_run_folder(out)
+        out.mkdir(parents=True, exist_ok=True)
         if residual:  # before run.yaml: a run that can be resumed always has its base
             save_residual(model, targets, residual, {"base.fingerprint": loaded.fingerprint, "init": icfg.describe(),
                                                      "init.method": icfg.method, **qcfg.as_metadata()})
@@ -240,13 +248,6 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     loop = _Loop(cfg, model, optimizer, scheduler, params, device, tok.pad_token_id, out, on_step, residual, identity)
     loop.last_checkpoint = step if saved is not None else None
     return loop.run(train_set, eval_set, order, step, total_steps, loaded, qcfg, lcfg, trainable, total)
-
-
-def _fresh_run_folder(out: Path) -> None:
-    """Step 0: what an earlier attempt that never reached a checkpoint left behind is not part of this run."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoint.prior", ignore_errors=True)
 
 
 def _append_metrics(path: Path, record: dict) -> None:

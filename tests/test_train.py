@@ -303,3 +303,12 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_adapter(ti
     train(config(tiny_llama, tiny_data, tmp_path / "full", checkpoint_every=2))
     full, resumed = adapter(tmp_path / "full"), adapter(tmp_path / "cut")
     assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
+
+
+def test_out_holding_someone_elses_files_is_refused_untouched(tiny_llama, tiny_data, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "adapter").mkdir()  # a folder the final adapter save would replace
+    (tmp_path / "mine" / "notes.md").write_text("keep")
+    with pytest.raises(QloraError, match=r"holds files that are not a run's \(notes.md\); choose a new or empty"):
+        train(config(tiny_llama, tiny_data, tmp_path / "mine"))
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["adapter", "notes.md"]
