@@ -88,7 +88,7 @@ def confirm(folder: Path) -> None:
 
 def discard_latest(folder: Path) -> int | None:
     """The newest checkpoint led straight to a non-finite loss: drop it, restore the prior one; its step."""
-    found = resolve(folder)
+    found = latest(folder)  # the prior itself, when a crash left no newer one: then none is good
     if found is not None:
         shutil.rmtree(found)
     if _prior(folder).exists():

@@ -85,8 +85,8 @@ def _run_folder(cfg: TrainConfig) -> dict | None:
         return None
     if saved is None:
         if (out / "adapter").exists():
-            raise QloraError(f"--out: {out} holds a finished run with no checkpoint to continue from; choose another "
-                             "folder" if cfg.resume else f"--out: {out} already holds a run; choose another folder")
+            why = "holds a finished run with no checkpoint to continue from" if cfg.resume else "already holds a run"
+            raise QloraError(f"--out: {out} {why}; choose another folder")
         print(f"{out}: the run there stopped before its first checkpoint; starting it again from step 0",
               file=sys.stderr)
         (out / "metrics.jsonl").unlink(missing_ok=True)  # the abandoned attempt's records
