@@ -195,8 +195,14 @@ class ExportConfig:
                                      path=True)
     name: str = option("default", "file name for the adapter under adapters/ (adapter-aware)")
     tolerance: float | None = option(None, at_least=0, help="max |logit difference| vs PyTorch before the export fails "
-                                     "(default: 1e-3 for fp32, nf4 and int4-trained int4, 5e-2 for fp16; requantized "
-                                     "int4 is reported, not enforced)")
+                                     "(default: 1e-3 for fp32, nf4 and int4-trained int4, 5e-2 for fp16; approximate "
+                                     "int4 is held to --max-kl and --min-top1 instead)")
+    max_kl: float = option(0.2, "approximate exports (requantized int4, int8 activations): the largest mean "
+                           "KL(PyTorch || ONNX) of next-token distributions, in nats, over the check prompts and 16 "
+                           "calibration examples, before the export fails (SmolLM2-135M merged int4: GPTQ 0.05, "
+                           "round-to-nearest 0.45, one Linear's scales doubled 0.62)", at_least=0)
+    min_top1: float = option(0.75, "approximate exports: the smallest share of those positions whose most likely "
+                             "next token is PyTorch's (SmolLM2-135M merged int4, GPTQ: 0.90)", at_least=0, at_most=1)
     overwrite: bool = option(False, "replace --out if it exists (only after the new export verified)")
 
     def check(self) -> None:

@@ -39,9 +39,35 @@ def test_int4_run_exports_exactly_and_answers_offline(tmp_path):
     assert aware["max_abs_logit_diff"] <= aware["tolerance"]
     assert aware["greedy_identical_prompts"] == aware["prompts"] == 4  # 3 chat prompts and a one-token one
     assert reports["merged"]["int4_relative_weight_error_mean"] < 0.15  # a merged weight is requantized: reported
+    merged = reports["merged"]  # ... and held to the next-token distributions, with the default limits
+    assert merged["mean_kl"] <= merged["max_kl"] and merged["top1_agreement"] >= merged["min_top1"]
+    _corrupted_scale_fails(result.adapter, trained, tmp_path)
 
     rows = read_jsonl(DATA / "dates-heldout.jsonl")[:4]
     for mode, adapter in (("adapter-aware", "default"), ("merged", None)):
         answers = Model(tmp_path / mode).generate([prompt_messages(r) for r in rows], adapter=adapter,
                                                   max_new_tokens=12)
         assert all(a.tokens for a in answers) and all(a.prompt_tokens > 20 for a in answers)
+
+
+def _corrupted_scale_fails(adapter, trained, tmp_path):
+    """One requantized Linear with its int4 scales doubled: a broken graph the default limits must catch."""
+    import export.int4 as ei
+    from export.exporter import export
+    from qlora_rt.errors import QloraError
+
+    real, calls = ei.requantize, []
+
+    def corrupted(w, block, H=None):
+        inputs, s, err = real(w, block, H)
+        calls.append(1)
+        return ({**inputs, "scales": inputs["scales"] * 2} if len(calls) == 1 else inputs), s, err
+
+    ei.requantize = corrupted
+    try:
+        with pytest.raises(QloraError, match="export check failed: next-token distributions"):
+            export(ExportConfig(model="smollm2-135m", adapter=str(adapter), out=str(tmp_path / "broken"),
+                                mode="merged", weights="int4"), trained)
+    finally:
+        ei.requantize = real
+    assert not (tmp_path / "broken").exists()

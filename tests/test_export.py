@@ -220,3 +220,30 @@ def yaml_data(path) -> str:
     import yaml
 
     return yaml.safe_load(path.read_text())["data"]
+
+
+def test_approximate_int4_is_judged_by_its_next_token_distributions(tiny_llama, tiny_runs, tmp_path, monkeypatch):
+    """A requantized int4 export has no logit tolerance, so it is held to the model's next-token
+    distributions instead: a correct GPTQ export passes, a graph with wrong scales fails and writes nothing."""
+    import export.int4 as ei
+    from export.exporter import export
+
+    _, adapters = tiny_runs
+    kw = dict(model=str(tiny_llama), adapter=str(adapters["a"]), mode="merged", weights="int4", max_kl=1e-3,
+              min_top1=0.95)  # a tiny random model's logits are flat: the real-model defaults are looser
+    good = export(ExportConfig(out=str(tmp_path / "good"), **kw))
+    assert good["mean_kl"] < 1e-3 and good["top1_agreement"] >= 0.95 and good["positions"] > 100
+    assert good["tolerance"] is None and good["max_kl"] == 1e-3
+    real = ei.requantize
+
+    def corrupted(w, block, H=None):  # every requantized weight's scales twice what they should be
+        inputs, s, err = real(w, block, H)
+        return {**inputs, "scales": inputs["scales"] * 2}, s, err
+
+    monkeypatch.setattr(ei, "requantize", corrupted)
+    with pytest.raises(QloraError, match=r"export check failed: next-token distributions vs PyTorch over \d+ "
+                                         r"positions: mean KL .*; nothing was written"):
+        export(ExportConfig(out=str(tmp_path / "bad"), **kw))
+    assert not (tmp_path / "bad").exists()
+    exact = export(ExportConfig(out=str(tmp_path / "fp32"), **{**kw, "weights": "fp32"}))
+    assert exact["max_kl"] is None and exact["mean_kl"] < 1e-9  # exact formats keep their logit tolerance
