@@ -205,8 +205,8 @@ def open_trained(model_path: str | Path, adapter: str | Path | None = None, quan
             raise QloraError(f"--quant {quant_format}: the adapter was trained on a {cfg.format} base; "
                              f"merging it onto another base would not give the trained model")
         cfg = QuantConfig(format=quant_format)
-    loaded = load(model_path)
-    quantize_model(loaded.model, cfg, torch.device(device), loaded.gguf)
+    loaded = load(model_path, lazy=True)
+    quantize_model(loaded.model, cfg, torch.device(device), loaded.gguf, tensors=loaded.tensors)
     info = load_adapter(loaded.model, adapter, loaded.fingerprint) if adapter else None
     if "base.residual" in meta:  # PiSSA/LoftQ: the run's residual base replaces quantize(W)
         load_residual(loaded.model, Path(adapter) / RESIDUAL, cfg, torch.device(device), meta["base.residual"],

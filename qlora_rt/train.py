@@ -196,13 +196,13 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     eval_rows = read_jsonl(cfg.eval_data, "--eval-data") if cfg.eval_data else []
     data_digest = _data_digest(cfg.data)
     torch.manual_seed(cfg.seed)
-    loaded = load(cfg.model)
+    loaded = load(cfg.model, lazy=True)  # decoder Linears are read one at a time as they are quantized
     model, tok = loaded.model, loaded.tokenizer
     plan = None
     if icfg.method != "default" and saved is None:
         names = set(select_targets(linear_names(model), cfg.targets))
         plan = Plan(icfg, qcfg, cfg.rank, lcfg.scale(), names, device)
-    quantize_model(model, qcfg, device, loaded.gguf, plan)
+    quantize_model(model, qcfg, device, loaded.gguf, plan, loaded.tensors)
     targets = add_adapters(model, lcfg)
     residual = out / RESIDUAL if icfg.method != "default" else None
     if plan:

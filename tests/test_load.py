@@ -58,3 +58,44 @@ def test_gguf_header_architecture(tmp_path):
     (tmp_path / "t.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
     with pytest.raises(QloraError, match="truncated header"):
         load(tmp_path / "t.gguf")
+
+
+@pytest.mark.parametrize("kw", [{}, {"tie": True}, {"model_type": "qwen2"}, {"model_type": "qwen3"}])
+def test_lazy_load_reads_each_linear_only_when_it_is_quantized(tmp_path, kw):
+    """The lazy load never holds the decoder Linears in full precision, and gives exactly the same model."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import save_checkpoint
+    from qlora_rt import quant
+    from qlora_rt.lora import linear_names, quantize_model
+
+    folder = save_checkpoint(tmp_path / "m", **kw)
+    shards = load_file(str(folder / "model.safetensors"))  # written as two shards, in bf16, as real checkpoints are
+    keys = sorted(shards)
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        save_file({k: shards[k].bfloat16() for k in part}, str(folder / f"model-0000{i + 1}-of-00002.safetensors"))
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        k: f"model-0000{1 + (k in keys[len(keys) // 2:])}-of-00002.safetensors" for k in keys}}))
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for lazy in (False, True):
+        loaded = load(folder, lazy=lazy)
+        linears = [loaded.model.get_submodule(n).weight for n in linear_names(loaded.model)]
+        assert all(w.is_meta for w in linears) == lazy and (loaded.tensors is not None) == lazy
+        quantize_model(loaded.model, quant.QuantConfig("nf4"), torch.device("cpu"), tensors=loaded.tensors)
+        assert not any(t.is_meta for t in [*loaded.model.parameters(), *loaded.model.buffers()])
+        with torch.no_grad():
+            out[lazy] = (loaded.model(input_ids=ids).logits, loaded.fingerprint)
+    assert torch.equal(out[False][0], out[True][0]) and out[False][1] == out[True][1]
+
+
+def test_lazy_load_of_a_checkpoint_with_other_tensor_names_loads_whole(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_llama, tmp_path / "m")
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({k.replace("model.", "transformer.", 1): v for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    loaded = load(folder, lazy=True)  # transformers' own loading decides what these names mean
+    assert loaded.tensors is None and not any(p.is_meta for p in loaded.model.parameters())
