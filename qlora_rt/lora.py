@@ -142,7 +142,21 @@ def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.devic
         bias = None if bias is None else nn.Parameter(bias.data.to(device, cfg.compute_dtype), requires_grad=False)
         setattr(parent, child_name, LoRALinear(weight, bias, child.in_features, child.out_features).train(child.training))
         del child, full  # the last references: its fp32 weight is freed now
+        if tensors is not None:
+            release_freed_memory()
     return _move_unquantized(model, device, cfg.compute_dtype)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps the transient fp32 weights' pages in its heap
+    (they are below its adaptive mmap threshold), which at the Llama-3.2-1B shape adds ~0.5 GB to the
+    peak of a lazy load; malloc_trim returns them. A no-op where the C library has no malloc_trim."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
 
 
 def _gguf_int4(path, model: nn.Module, cfg: quant.QuantConfig) -> dict:

@@ -7,14 +7,17 @@ result is a plain Hugging Face checkpoint (fp32 safetensors): no silent requanti
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from qlora_rt import __version__, quant
 from qlora_rt.errors import QloraError
 from qlora_rt.files import atomic_dir, check_out, write_json
-from qlora_rt.lora import LoRALinear
+from qlora_rt.lora import LoRALinear, release_freed_memory
 
 MANIFEST, FORMAT = "qlora_rt_merge.json", "qlora-rt-merged"
 
@@ -27,35 +30,68 @@ def merge_weight(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: fl
     return merged
 
 
-def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight of the model with its adapter folded in, fp32, under the base's own keys.
+def merged_weights(model: torch.nn.Module) -> dict[str, tuple[int, Callable[[], torch.Tensor]]]:
+    """Every weight of the model under the base's own keys: its element count, and a function that computes
+    it with its adapter folded in, fp32, when called (so a writer can hold one shard at a time).
 
     Reads the model and never changes it; tied weights appear once, as transformers saves them.
     """
     modules = dict(model.named_modules())
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, tuple[int, Callable[[], torch.Tensor]]] = {}
     for name, p in model.named_parameters():  # named_parameters drops the tied duplicate
         owner, _, leaf = name.rpartition(".")
         if owner.endswith((".lora_A", ".lora_B")):
             continue
         layer = modules[owner]
         if isinstance(layer, LoRALinear) and leaf == "weight":
-            w = quant.dequantize(layer.weight)
-            if layer.rank:
-                w = merge_weight(w, layer.lora_A.weight, layer.lora_B.weight, layer.scale, owner)
-            out[name] = w.cpu().contiguous()
+            out[name] = (layer.in_features * layer.out_features, partial(_merged_linear, layer, owner))
         else:
-            out[name] = p.detach().float().cpu().contiguous()
+            out[name] = (p.numel(), lambda p=p: p.detach().float().cpu().contiguous())
     return out
+
+
+def _merged_linear(layer: LoRALinear, name: str) -> torch.Tensor:
+    w = quant.dequantize(layer.weight)
+    if layer.rank:
+        w = merge_weight(w, layer.lora_A.weight, layer.lora_B.weight, layer.scale, name)
+    return w.cpu().contiguous()
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """All of `merged_weights` computed at once (small models, tests)."""
+    return {name: make() for name, (_, make) in merged_weights(model).items()}
+
+
+def write_shards(weights: dict[str, tuple[int, Callable[[], torch.Tensor]]], folder: Path,
+                 max_shard_bytes: int = 2**30) -> None:
+    """An fp32 safetensors checkpoint in transformers' sharded layout, computed and written one shard at a
+    time: peak memory is one shard, not the model (a merged 8B model is 32 GB in fp32)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, (numel, _) in weights.items():
+        if shards[-1] and size + 4 * numel > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += 4 * numel
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for names, file in zip(shards, files):
+        tensors = {name: weights[name][1]() for name in names}
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        del tensors
+        release_freed_memory()
+    if len(shards) > 1:
+        write_json(folder / "model.safetensors.index.json", {
+            "metadata": {"total_size": 4 * sum(n for n, _ in weights.values())},
+            "weight_map": {name: file for names, file in zip(shards, files) for name in names}})
 
 
 def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: bool = False,
                 adapter: str | None = None) -> Path:
     """Write a loadable HF checkpoint folder (config, safetensors shards, tokenizer) atomically, with a
     manifest that marks it as a merge (so that `merge --overwrite` may replace it, and nothing else)."""
-    from huggingface_hub import save_torch_state_dict
-
-    state = merged_state_dict(model)
+    weights = merged_weights(model)
     config = model.config.to_dict()
     for key in ("quantization_config", "_name_or_path"):
         config.pop(key, None)
@@ -64,7 +100,7 @@ def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: b
     # a config read from GGUF names no architecture; tools that read config.json (genai's builder) need it
     config_obj.architectures = config_obj.architectures or [type(model).__name__]
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_torch_state_dict(state, tmp, max_shard_size="2GB")
+        write_shards(weights, tmp)
         config_obj.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

@@ -23,7 +23,7 @@ from qlora_rt.data import IGNORE, Order, collate, count_targets, load_examples, 
 from qlora_rt.errors import QloraError
 from qlora_rt.load import check_model, load
 from qlora_rt.lora import (LoraConfig, add_adapters, count_parameters, linear_names, lora_layers, quantize_model,
-                           select_targets, trainable_parameters)
+                           release_freed_memory, select_targets, trainable_parameters)
 from qlora_rt.svdinit import RESIDUAL, InitConfig, Plan, load_residual, save_residual
 from qlora_rt.config import TrainConfig, flag, portable_paths
 from qlora_rt.files import write_yaml
@@ -319,6 +319,8 @@ class _Loop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cpu":
+            release_freed_memory()  # a step's transient fp32 weights: their pages back to the OS
         return loss_sum, float(norm), tokens
 
     def run(self, train_set, eval_set, order, step, total_steps, loaded, qcfg, lcfg, trainable, total) -> TrainResult:

@@ -68,3 +68,29 @@ def test_merge_overwrite_replaces_only_a_merge(tmp_path, tiny_llama, capsys):
     assert main(argv + [str(tmp_path / "merged")]) == 0
     assert main(argv + [str(tmp_path / "merged")]) == 0  # a merge replaces a merge
     assert (tmp_path / "merged" / "qlora_rt_merge.json").exists()
+
+
+def test_merge_is_written_one_shard_at_a_time_and_loads_in_transformers(tmp_path, tiny_llama):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qlora_rt.merge import merged_weights, write_shards
+
+    ours = ours_with_random_adapter(tiny_llama)
+    calls = []
+    weights = {k: (n, lambda make=make, k=k: calls.append(k) or make()) for k, (n, make) in
+               merged_weights(ours.model).items()}
+    out = tmp_path / "m"
+    out.mkdir()
+    write_shards(weights, out, max_shard_bytes=100_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3 and sorted(calls) == sorted(weights)  # each computed once
+    whole = merged_state_dict(ours.model)
+    read = {k: v for f in set(index["weight_map"].values()) for k, v in load_file(str(out / f)).items()}
+    assert read.keys() == whole.keys() and all(torch.equal(read[k], whole[k]) for k in whole)
+    shutil.copy(tiny_llama / "config.json", out)
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert (logits(plain) - logits(ours.model.eval())).abs().max().item() <= 1e-4

@@ -1,0 +1,165 @@
+"""Memory and time of each verb at real model sizes, on random-init checkpoints of real shapes.
+
+Speed and memory do not depend on the weights' values, so the bench writes bf16 safetensors
+checkpoints (sharded at 2 GB, as published checkpoints are) of each shape with random weights, and
+SmolLM2's tokenizer (vocab cut to 49,152 so that tokenizer serves). Each verb runs in its own
+process; peak RSS is that process's ru_maxrss. Next to ours: transformers + bitsandbytes loading the
+same checkpoint in 4 bits (`from_pretrained(load_in_4bit=...)`, PEFT's path).
+
+    python bench/scale.py [--shapes smollm2-135m,llama-3.2-1b] [--work /tmp/qlora-rt-scale]
+                          [--verbs peer,train,train-whole,merge,export-aware-nf4,export-merged-int4]
+
+train-whole is `train` as it was before lazy loading (the whole model read in fp32 first), for a
+same-run comparison. merge and export use the adapter the train verb wrote (random-init weights:
+the exports' parity figures mean nothing here, only their memory and time). Prints a table: verb,
+peak RSS, wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "data" / "dates-train.jsonl"
+VOCAB = 49152
+SHAPES = {  # model_type, hidden, intermediate, layers, heads, kv heads, tied head, rope theta
+    "smollm2-135m": ("llama", 576, 1536, 30, 9, 3, True, 100000.0),
+    "llama-3.2-1b": ("llama", 2048, 8192, 16, 32, 8, True, 500000.0),
+    "qwen2.5-3b": ("qwen2", 2048, 11008, 36, 16, 2, True, 1000000.0),
+    "llama-3.1-8b": ("llama", 4096, 14336, 32, 32, 8, False, 500000.0),
+}
+
+
+def write_checkpoint(shape: str, folder: Path) -> None:
+    """A random-init bf16 checkpoint of the shape, one tensor at a time (never the whole model in memory)."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_rt.load import load
+
+    if (folder / "model.safetensors.index.json").exists():
+        return
+    kind, hidden, inter, layers, heads, kv, tied, theta = SHAPES[shape]
+    config = AutoConfig.for_model(kind, vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
+                                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                                  tie_word_embeddings=tied, rope_theta=theta, max_position_embeddings=8192,
+                                  torch_dtype="bfloat16", architectures=[AutoModelForCausalLM.__name__])
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    shard, size, index, n = {}, 0, {}, 0
+
+    def flush() -> None:
+        nonlocal shard, size, n
+        if shard:
+            n += 1
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            index.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    for name, p in model.named_parameters():
+        t = torch.ones(p.shape) if "norm" in name else torch.randn(p.shape, generator=g) * 0.02
+        shard[name] = t.bfloat16()
+        size += shard[name].numel() * 2
+        if size >= 2 * 2**30:
+            flush()
+    flush()
+    config.save_pretrained(folder)
+    load("smollm2-135m").tokenizer.save_pretrained(folder)  # its vocabulary is 49,152: it serves every shape
+    # last: a folder with an index is complete
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+
+
+def text_data(work: Path) -> Path:
+    """The demo's date examples as plain text (question and answer), so that every example fits --seq-len 64."""
+    path = work / "dates-text.jsonl"
+    if not path.exists():
+        rows = [json.loads(l)["messages"] for l in DATA.read_text().splitlines()]
+        path.write_text("".join(json.dumps({"text": f"{m[-2]['content']}\n{m[-1]['content']}"}) + "\n" for m in rows))
+    return path
+
+
+def child(verb: str, folder: str, work: str) -> dict:
+    """One verb in this process; returns its wall time (peak RSS is read by the parent)."""
+    t0 = time.perf_counter()
+    if verb in ("train", "train-whole"):
+        import qlora_rt.train as tr
+        from qlora_rt.config import TrainConfig
+        from qlora_rt.train import train
+
+        if verb == "train-whole":  # the path before lazy loading, for the same-run comparison
+            tr.load = lambda path, lazy=False, real=tr.load: real(path)
+
+        train(TrainConfig(model=folder, data=str(text_data(Path(work).parent)), out=work, steps=2, batch_size=2,
+                          seq_len=64, rank=16, quant="nf4", checkpoint_every=0, eval_every=0))
+    elif verb in ("export-aware-nf4", "export-merged-int4"):
+        from export.exporter import export
+        from qlora_rt.config import ExportConfig
+
+        mode, weights = ("adapter-aware", "nf4") if verb == "export-aware-nf4" else ("merged", "int4")
+        export(ExportConfig(model=folder, adapter=str(Path(work).parent / "run-train" / "adapter"), out=work,
+                            mode=mode, weights=weights, int4_rounding="rtn", max_kl=1e9, min_top1=0))
+    elif verb == "merge":
+        from qlora_rt.merge import merge
+
+        merge(folder, str(Path(work).parent / "run-train" / "adapter"), work)
+    elif verb == "peer":
+        import torch
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)
+        AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, device_map="cpu", dtype=torch.float32)
+    else:
+        raise SystemExit(f"unknown verb {verb}")
+    return {"seconds": time.perf_counter() - t0, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def measure(verb: str, folder: Path, work: Path) -> tuple[float, float]:
+    out = work / f"run-{verb}"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    proc = subprocess.run([sys.executable, __file__, "--child", verb, str(folder), str(out)], text=True,
+                          stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode:
+        return float("nan"), float("nan")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])  # the child's own ru_maxrss
+    return result["peak_gib"], result["seconds"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b")
+    ap.add_argument("--verbs", default="peer,train,train-whole")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qlora-rt-scale"))
+    ap.add_argument("--child", nargs=3, metavar=("VERB", "FOLDER", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return
+    rows = []
+    for shape in args.shapes.split(","):
+        folder = args.work / shape
+        write_checkpoint(shape, folder)
+        for verb in args.verbs.split(","):
+            rss, seconds = measure(verb, folder, args.work)
+            rows.append((shape, verb, rss, seconds))
+            print(f"{shape:14} {verb:8} peak RSS {rss:6.2f} GiB  {seconds:7.1f} s", flush=True)
+    print("\n| shape | verb | peak RSS (GiB) | wall (s) |\n|---|---|---|---|")
+    for shape, verb, rss, seconds in rows:
+        print(f"| {shape} | {verb} | {rss:.2f} | {seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
