@@ -7,6 +7,7 @@ run's `run.yaml` is a dump of its `TrainConfig`. Nothing here imports torch, so 
 from __future__ import annotations
 
 import math
+import operator
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -18,11 +19,15 @@ QUANT_FORMATS = ("nf4", "fp4", "int4", "none")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a plain file name: no folder, no '..', no hidden file
 
 
+BOUNDS = {"at_least": ("at least", operator.ge), "above": ("above", operator.gt),
+          "at_most": ("at most", operator.le), "below": ("below", operator.lt)}
+
+
 def option(default, help: str, *, at_least: float | None = None, above: float | None = None,
            at_most: float | None = None, below: float | None = None, **kw):
-    """A flag; numeric bounds (inclusive at_least/at_most, exclusive above/below) are checked by `check_ranges`."""
-    bounds = {k: v for k, v in (("at_least", at_least), ("above", above), ("at_most", at_most), ("below", below))
-              if v is not None}
+    """A flag; numeric bounds (inclusive at_least/at_most, exclusive above/below) are checked by `check_values`."""
+    given = {"at_least": at_least, "above": above, "at_most": at_most, "below": below}
+    bounds = {k: v for k, v in given.items() if v is not None}
     return field(default=default, metadata={"help": help, "bounds": bounds, **kw})
 
 
@@ -30,29 +35,18 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _describe(bounds: dict) -> str:
-    low = f"at least {bounds['at_least']:g}" if "at_least" in bounds else f"above {bounds['above']:g}" \
-        if "above" in bounds else ""
-    high = f"at most {bounds['at_most']:g}" if "at_most" in bounds else f"below {bounds['below']:g}" \
-        if "below" in bounds else ""
-    return " and ".join(x for x in (low, high) if x)
-
-
 def check_values(cfg) -> None:
     """Every flag among its choices and every numeric one in its range (and finite), in one line naming the
     flag: before any model loads, for the Python API as for the command line."""
     for f in fields(cfg):
-        value, bounds = getattr(cfg, f.name), f.metadata.get("bounds")
+        value, bounds = getattr(cfg, f.name), f.metadata.get("bounds") or {}
         choices = f.metadata.get("choices")
         if choices and value is not None and value not in choices:
             raise QloraError(f"{flag(f.name)}: expected one of {', '.join(map(str, choices))}, got {value!r}")
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        ok = math.isfinite(value) and all(
-            (k != "at_least" or value >= b) and (k != "above" or value > b) and
-            (k != "at_most" or value <= b) and (k != "below" or value < b) for k, b in (bounds or {}).items())
-        if not ok:
-            rule = _describe(bounds) if bounds else "a finite number"
+        if not (math.isfinite(value) and all(BOUNDS[k][1](value, b) for k, b in bounds.items())):
+            rule = " and ".join(f"{BOUNDS[k][0]} {b:g}" for k, b in bounds.items()) or "a finite number"
             raise QloraError(f"{flag(f.name)} must be {rule}, got {value}")
 
 
