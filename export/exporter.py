@@ -170,16 +170,19 @@ def _summary(r: dict, cfg: ExportConfig) -> str:
     size = sum(v for k, v in r["files_bytes"].items() if k.startswith("model.onnx")) / 2**20
     return table(f"export {cfg.out}", [
         ("mode / weights", f"{cfg.mode} / {cfg.weights}"),
-        ("max |dlogit| vs PyTorch", f"{r['max_abs_logit_diff']:.2e} (tolerance {r['tolerance'] or 'none: approximate, judged by its distributions'})"),
+        ("max |dlogit| vs PyTorch", f"{r['max_abs_logit_diff']:.2e} (tolerance "
+                                    f"{r['tolerance'] or 'none: approximate, judged by its distributions'})"),
         ("int4 requantization", f"{r['int4_rounding']}: {100 * r['int4_relative_weight_error_mean']:.2f}% mean "
          "relative weight error" if "int4_relative_weight_error_mean" in r else "-"),
         ("mean |dlogit|", f"{r['mean_abs_logit_diff']:.2e}"), ("output head", r["head"]),
         ("next-token distributions", f"mean KL {r['mean_kl']:.2e}, top-1 agreement {100 * r['top1_agreement']:.1f}% "
-                                     f"over {r['positions']} positions" + (
-                                         f" (limits {r['max_kl']:g}, {100 * r['min_top1']:g}%)" if r["max_kl"] is not
-                                         None else "")),
+                                     f"over {r['positions']} positions{_limits(r)}"),
         ("greedy agreement", f"{100 * r['greedy_agreement']:.1f}% over {r['greedy_new_tokens']} tokens, "
                              f"{r['greedy_identical_prompts']}/{r['prompts']} prompts identical"),
         ("model size", f"{size:,.1f} MiB"), ("export time", f"{r['export_seconds']:.1f} s"),
     ])
 
+
+
+def _limits(r: dict) -> str:
+    return f" (limits {r['max_kl']:g}, {100 * r['min_top1']:g}%)" if r["max_kl"] is not None else ""
