@@ -38,16 +38,13 @@ class Tensors:
     data); the header was checked by safetensors itself when the model was opened (load._check_safetensors)."""
 
     def __init__(self, folder: Path) -> None:
-        index = folder / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
-            [f.name for f in sorted(folder.glob("*.safetensors"))]
         self._where: dict[str, tuple[Path, int, dict]] = {}
-        for name in files:
-            with open(folder / name, "rb") as f:
+        for path in _shards(folder):
+            with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(n))
             header.pop("__metadata__", None)
-            self._where.update({key: (folder / name, 8 + n, info) for key, info in header.items()})
+            self._where.update({key: (path, 8 + n, info) for key, info in header.items()})
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
@@ -84,20 +81,25 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def _shards(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files: those its index names, or every one in the folder."""
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return sorted(folder.glob("*.safetensors"))
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError) as e:
+        raise QloraError(f"{index}: not a valid safetensors index ({e})") from None
+    missing = sorted(s for s in shards if not (folder / s).exists())
+    if missing:
+        raise QloraError(f"{index}: names shard(s) that are missing: {', '.join(missing)}")
+    return [folder / s for s in sorted(shards)]
+
+
 def _check_safetensors(folder: Path) -> None:
     from safetensors import safe_open
 
-    files = sorted(folder.glob("*.safetensors"))
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError) as e:
-            raise QloraError(f"{index}: not a valid safetensors index ({e})") from None
-        missing = sorted(s for s in shards if not (folder / s).exists())
-        if missing:
-            raise QloraError(f"{index}: names shard(s) that are missing: {', '.join(missing)}")
-        files = [folder / s for s in sorted(shards)]
+    files = _shards(folder)
     if not files:
         raise QloraError(f"{folder}: no *.safetensors weights found (only safetensors checkpoints are read)")
     for f in files:

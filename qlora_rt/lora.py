@@ -11,6 +11,7 @@ state-dict key; a layer that is not targeted simply has no adapter (rank 0). A a
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -151,12 +152,20 @@ def release_freed_memory() -> None:
     """Hand freed heap pages back to the OS. glibc keeps the transient fp32 weights' pages in its heap
     (they are below its adaptive mmap threshold), which at the Llama-3.2-1B shape adds ~0.5 GB to the
     peak of a lazy load; malloc_trim returns them. A no-op where the C library has no malloc_trim."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """The C library's malloc_trim, looked up once (it is called every training step), or None."""
     import ctypes
 
     try:
-        ctypes.CDLL(None).malloc_trim(0)
+        return ctypes.CDLL(None).malloc_trim
     except (AttributeError, OSError):
-        pass
+        return None
 
 
 def _gguf_int4(path, model: nn.Module, cfg: quant.QuantConfig) -> dict:
