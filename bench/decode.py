@@ -99,7 +99,7 @@ def time_genai(folder: Path, ids: list[int], new: int, threads: int) -> tuple[fl
 
 def prepare(work: Path, adapter: Path | None) -> dict[str, Path]:
     """Build whatever is missing: adapter, exports, merged HF checkpoint, genai int4 folder."""
-    from export.exporter import export
+    from qlora_rt.export.exporter import export
     from qlora_rt.config import ExportConfig, TrainConfig
 
     if adapter is None:

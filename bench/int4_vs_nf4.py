@@ -61,7 +61,7 @@ def main() -> None:
     args = p.parse_args()
     if args.train_child:
         return child(args.train_child)
-    from export.exporter import export
+    from qlora_rt.export.exporter import export
     from qlora_rt.adapters import open_trained
     from qlora_rt.config import ExportConfig
 

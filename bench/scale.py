@@ -105,7 +105,7 @@ def child(verb: str, folder: str, work: str) -> dict:
         train(TrainConfig(model=folder, data=str(text_data(Path(work).parent)), out=work, steps=2, batch_size=2,
                           seq_len=64, rank=16, quant="nf4", checkpoint_every=0, eval_every=0))
     elif verb in ("export-aware-nf4", "export-merged-int4"):
-        from export.exporter import export
+        from qlora_rt.export.exporter import export
         from qlora_rt.config import ExportConfig
 
         mode, weights = ("adapter-aware", "nf4") if verb == "export-aware-nf4" else ("merged", "int4")

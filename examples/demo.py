@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 
 from make_dataset import main as make_dataset  # noqa: E402
 
-from export.exporter import export  # noqa: E402
+from qlora_rt.export.exporter import export  # noqa: E402
 from qlora_rt.adapters import open_trained  # noqa: E402
 from qlora_rt.config import ExportConfig, TrainConfig  # noqa: E402
 from qlora_rt.data import read_jsonl  # noqa: E402

@@ -12,8 +12,8 @@ folder; on the device `pip install qlora-rt` (no torch) is all it needs. The sam
 
 import argparse
 
-from export.adapters import export_adapter
-from export.exporter import export
+from qlora_rt.export.adapters import export_adapter
+from qlora_rt.export.exporter import export
 from qlora_rt.config import ExportConfig
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.weights import group_lora, lora_arrays
+from .weights import group_lora, lora_arrays
 from qlora_rt.adapters import read_lora
 from qlora_rt.errors import QloraError
 from qlora_rt.runtime import ADAPTER_DIR, ADAPTER_SUFFIX as SUFFIX, adapter_model_version, check_fits, read_meta

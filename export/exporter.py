@@ -18,12 +18,12 @@ from pathlib import Path
 
 import onnx
 
-from export.adapters import ADAPTER_DIR, SUFFIX, adapter_arrays, write_adapter
-from export.calibration import HEAD, default_data, hessians
+from .adapters import ADAPTER_DIR, SUFFIX, adapter_arrays, write_adapter
+from .calibration import HEAD, default_data, hessians
 from qlora_rt.data import load_examples
-from export.graph import DecoderSpec, Graph, build_decoder
-from export.verify import verify
-from export.weights import HeadWriter, LinearWriter, add_shared_tensors, head_format
+from .graph import DecoderSpec, Graph, build_decoder
+from .verify import verify
+from .weights import HeadWriter, LinearWriter, add_shared_tensors, head_format
 from qlora_rt import __version__, quant
 from qlora_rt.adapters import open_trained
 from qlora_rt.config import ExportConfig

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
-from export import int4
-from export.graph import MS, Graph
+from . import int4
+from .graph import MS, Graph
 from qlora_rt import quant
 from qlora_rt.errors import QloraError
 from qlora_rt.lora import lora_layers

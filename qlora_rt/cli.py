@@ -85,13 +85,13 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from export.exporter import export
+    from qlora_rt.export.exporter import export
 
     export(_build(ExportConfig, args))
 
 
 def _export_adapter(args: argparse.Namespace) -> None:
-    from export.adapters import export_adapter
+    from qlora_rt.export.adapters import export_adapter
 
     cfg = _build(ExportAdapterConfig, args)
     cfg.check()

@@ -93,7 +93,7 @@ def tiny_runs(tiny_llama, tiny_data, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_export(tiny_llama, tiny_runs):
     """A bare-base adapter-aware fp32 export (LoRA inputs on every Linear) with adapters a and b added."""
-    from export.exporter import export
+    from qlora_rt.export.exporter import export
     from qlora_rt.cli import main
     from qlora_rt.config import ExportConfig
 

@@ -16,7 +16,7 @@ DATA = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / 
 
 
 def test_int4_run_exports_exactly_and_answers_offline(tmp_path):
-    from export.exporter import export
+    from qlora_rt.export.exporter import export
     from qlora_rt.runtime import Model
 
     result = train(TrainConfig(model="smollm2-135m", data=str(DATA / "dates-train.jsonl"), out=str(tmp_path / "run"),
@@ -52,8 +52,8 @@ def test_int4_run_exports_exactly_and_answers_offline(tmp_path):
 
 def _corrupted_scale_fails(adapter, trained, tmp_path):
     """One requantized Linear with its int4 scales doubled: a broken graph the default limits must catch."""
-    import export.int4 as ei
-    from export.exporter import export
+    import qlora_rt.export.int4 as ei
+    from qlora_rt.export.exporter import export
     from qlora_rt.errors import QloraError
 
     real, calls = ei.requantize, []

@@ -14,7 +14,7 @@ from qlora_rt.errors import QloraError
                                           ("adapter-aware", "fp32"), ("adapter-aware", "fp16"),
                                           ("adapter-aware", "nf4"), ("adapter-aware", "int4")])
 def test_export_verifies_itself(tiny_llama, tiny_runs, mode, weights):
-    from export.exporter import export
+    from qlora_rt.export.exporter import export
 
     tmp, adapters = tiny_runs
     out = tmp / f"{mode}-{weights}"
@@ -51,7 +51,7 @@ def test_two_adapters_of_different_ranks_switch_per_run(tiny_llama, tiny_runs, t
 
 
 def test_export_errors(tiny_llama, tiny_runs, tmp_path, capsys):
-    from export.exporter import export
+    from qlora_rt.export.exporter import export
 
     _, adapters = tiny_runs
     (tmp_path / "exists").mkdir()
@@ -86,7 +86,7 @@ def test_export_errors(tiny_llama, tiny_runs, tmp_path, capsys):
 
 
 def test_merged_int4_is_rounded_by_gptq_on_the_runs_own_data(tiny_llama, tiny_runs, tmp_path):
-    from export.exporter import export
+    from qlora_rt.export.exporter import export
 
     _, adapters = tiny_runs
     reports = {r: export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / r),
@@ -104,8 +104,8 @@ def test_quantized_head_where_the_export_is_approximate_anyway(tiny_llama, tiny_
     from transformers import AutoModelForCausalLM
 
     from conftest import save_checkpoint
-    from export.exporter import export
-    from export.int4 import int8_head
+    from qlora_rt.export.exporter import export
+    from qlora_rt.export.int4 import int8_head
 
     plain = save_checkpoint(tmp_path / "plain", tie=True)
     model = AutoModelForCausalLM.from_pretrained(plain)
@@ -127,7 +127,7 @@ def test_quantized_head_where_the_export_is_approximate_anyway(tiny_llama, tiny_
 
 
 def test_int4_head_is_gptq_rounded_on_the_calibration_data(tiny_llama, tiny_runs, tmp_path):
-    from export.exporter import export
+    from qlora_rt.export.exporter import export
 
     _, adapters = tiny_runs
     reports = {r: export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / r),
@@ -142,7 +142,7 @@ def test_overwrite_replaces_only_an_export(tiny_llama, tiny_runs, tiny_export, t
     """--overwrite pointed at a run folder (or any folder not written by export) refuses and touches nothing."""
     import shutil
 
-    from export.exporter import export
+    from qlora_rt.export.exporter import export
 
     tmp, adapters = tiny_runs
     run = shutil.copytree(adapters["a"].parent, tmp_path / "run-copy")
@@ -174,7 +174,7 @@ def test_adapter_names_stay_inside_the_export(tiny_runs, tiny_export, tmp_path, 
 def test_a_damaged_export_folder_is_one_line(tiny_runs, tiny_export, tmp_path):
     import shutil
 
-    from export.adapters import export_adapter
+    from qlora_rt.export.adapters import export_adapter
     from qlora_rt.runtime import Model
 
     bad = shutil.copytree(tiny_export, tmp_path / "bad")
@@ -199,7 +199,7 @@ def test_calibration_data_is_found_from_any_directory(tiny_llama, tiny_data, tmp
     """run.yaml records the data relative to itself, so an int4 export run elsewhere still finds it."""
     import shutil
 
-    from export.exporter import export
+    from qlora_rt.export.exporter import export
     from qlora_rt.config import TrainConfig
     from qlora_rt.train import train
 
@@ -225,8 +225,8 @@ def yaml_data(path) -> str:
 def test_approximate_int4_is_judged_by_its_next_token_distributions(tiny_llama, tiny_runs, tmp_path, monkeypatch):
     """A requantized int4 export has no logit tolerance, so it is held to the model's next-token
     distributions instead: a correct GPTQ export passes, a graph with wrong scales fails and writes nothing."""
-    import export.int4 as ei
-    from export.exporter import export
+    import qlora_rt.export.int4 as ei
+    from qlora_rt.export.exporter import export
 
     _, adapters = tiny_runs
     kw = dict(model=str(tiny_llama), adapter=str(adapters["a"]), mode="merged", weights="int4", max_kl=1e-3,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from export.int4 import nbits_inputs
+from qlora_rt.export.int4 import nbits_inputs
 from qlora_rt import int4, quant
 from qlora_rt.errors import QloraError
 
@@ -120,7 +120,7 @@ def test_int4_config_errors():
 
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_int4_trained_run_exports_its_own_bytes_exactly(tiny_llama, tiny_data, tmp_path, symmetric):
-    from export.exporter import export
+    from qlora_rt.export.exporter import export
     from qlora_rt.config import ExportConfig, TrainConfig
     from qlora_rt.train import train
 

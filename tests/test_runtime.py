@@ -121,7 +121,7 @@ def test_runtime_errors(exported, runtime, tmp_path, tiny_runs):
 
 def test_adapter_of_another_model_is_refused(tmp_path, tiny_runs, exported):
     """An adapter file exported for a model with other dimensions: the shapes do not fit."""
-    from export.adapters import write_adapter
+    from qlora_rt.export.adapters import write_adapter
     from qlora_rt.runtime import Model
 
     meta = json.loads((exported / "qlora_rt_export.json").read_text())
@@ -183,9 +183,11 @@ def test_runtime_installs_and_runs_in_a_venv_without_torch(exported, tmp_path):
     pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(REPO)],
                          capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr[-2000:]
-    probe = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
+    probe = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch'), "
+                            "u.find_spec('export'), u.find_spec('qlora_rt.export') is not None)"],
                            capture_output=True, text=True, cwd=tmp_path)
-    assert probe.stdout.strip() == "None", "the runtime install pulled torch"
+    # no torch pulled in; the exporters install inside qlora_rt, not as a top-level `export` package
+    assert probe.stdout.split() == ["None", "None", "True"], probe.stdout + probe.stderr
     run = subprocess.run([str(venv / "bin" / "qlora-rt"), "generate", str(exported), "--prompt", "hello", "--chat",
                           "--adapter", "a", "--max-new-tokens", "4", "--verbose"], capture_output=True, text=True,
                          cwd=tmp_path)
@@ -194,7 +196,7 @@ def test_runtime_installs_and_runs_in_a_venv_without_torch(exported, tmp_path):
 
 @pytest.fixture(scope="module")
 def merged_export(tiny_llama, tiny_runs, tmp_path_factory):
-    from export.exporter import export
+    from qlora_rt.export.exporter import export
     from qlora_rt.config import ExportConfig
 
     out = tmp_path_factory.mktemp("merged") / "onnx"

@@ -70,7 +70,7 @@ def test_real_adapter_loads_in_peft(run):
 
 
 def test_adapter_aware_nf4_export_of_the_real_model_verifies(run):
-    from export.exporter import export
+    from qlora_rt.export.exporter import export
     from qlora_rt.config import ExportConfig
 
     tmp, result, _ = run

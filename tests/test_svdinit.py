@@ -104,7 +104,7 @@ def loftq_run(tiny_llama, tiny_data, tmp_path_factory):
 
 
 def test_run_saves_its_residual_base_and_merge_and_export_use_it(tiny_llama, loftq_run, tmp_path):
-    from export.exporter import export
+    from qlora_rt.export.exporter import export
     from qlora_rt.merge import merged_state_dict
 
     adapter = loftq_run / "adapter"
@@ -141,8 +141,8 @@ def test_resumed_pissa_run_keeps_its_residual_and_ends_the_same(tiny_llama, tiny
 
 
 def test_missing_altered_or_foreign_residual_is_an_error(tiny_llama, loftq_run, tiny_runs, tmp_path):
-    from export.adapters import export_adapter
-    from export.exporter import export
+    from qlora_rt.export.adapters import export_adapter
+    from qlora_rt.export.exporter import export
 
     broken = tmp_path / "no-residual"
     shutil.copytree(loftq_run / "adapter", broken)
