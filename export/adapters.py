@@ -16,22 +16,24 @@ import numpy as np
 from .weights import group_lora, lora_arrays
 from qlora_rt.adapters import read_lora
 from qlora_rt.errors import QloraError
-from qlora_rt.runtime import ADAPTER_DIR, ADAPTER_SUFFIX as SUFFIX, adapter_model_version, check_fits, read_meta
+from qlora_rt import manifest
+from qlora_rt.manifest import Manifest
+from qlora_rt.runtime import ADAPTER_DIR, ADAPTER_SUFFIX as SUFFIX, adapter_model_version, check_fits
 
-def adapter_arrays(adapter: str | Path, export_meta: dict) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+def adapter_arrays(adapter: str | Path, export_meta: Manifest) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """An adapter folder's metadata, and its tensors named and laid out as the export's LoRA inputs."""
     _, meta, lora = read_lora(adapter)
     pairs = {name: lora_arrays(A, B, scale) for name, (A, B, scale) in lora.items()}
-    return meta, group_lora(pairs, export_meta.get("lora_groups", {}))
+    return meta, group_lora(pairs, export_meta.lora_groups)
 
 
-def check_base(adapter_meta: dict[str, str], export_meta: dict, where: str) -> None:
+def check_base(adapter_meta: dict[str, str], export_meta: Manifest, where: str) -> None:
     """The adapter must have been trained on this export's base: same weights, same 4-bit format."""
     stored = adapter_meta.get("base.fingerprint")
-    if stored and stored != export_meta["base_fingerprint"]:
+    if stored and stored != export_meta.base_fingerprint:
         raise QloraError(f"{where}: was trained on a different base model than this export's "
-                         f"({export_meta['base_model']})")
-    mine, theirs = adapter_meta.get("base.residual"), export_meta.get("base_residual")
+                         f"({export_meta.base_model})")
+    mine, theirs = adapter_meta.get("base.residual"), export_meta.base_residual
     if mine and mine != theirs:
         raise QloraError(f"{where}: was initialised with {adapter_meta.get('init', 'PiSSA/LoftQ')} and belongs to its "
                          "own residual base, not this export's; export it with `qlora-rt export --adapter` instead")
@@ -39,12 +41,12 @@ def check_base(adapter_meta: dict[str, str], export_meta: dict, where: str) -> N
         raise QloraError(f"{where}: this export's base is a PiSSA/LoftQ residual base; an adapter trained on the "
                          "plain base does not fit it")
     fmt = adapter_meta.get("quant.format")
-    if fmt and fmt != export_meta["base_quant"]:
+    if fmt and fmt != export_meta.base_quant:
         raise QloraError(f"{where}: was trained on a {fmt} base; this export's base was trained as "
-                         f"{export_meta['base_quant']}")
+                         f"{export_meta.base_quant}")
 
 
-def write_adapter(arrays: dict[str, np.ndarray], path: Path, export_meta: dict) -> Path:
+def write_adapter(arrays: dict[str, np.ndarray], path: Path, export_meta: Manifest) -> Path:
     """The file's model version identifies the base it was trained on, so the runtime can refuse a wrong one."""
     import onnxruntime as ort
 
@@ -61,10 +63,10 @@ def export_adapter(adapter: str, onnx_dir: str, name: str, overwrite: bool = Fal
     """Add another trained adapter to an existing adapter-aware export, without re-exporting the model."""
     folder = Path(onnx_dir)
     try:
-        meta = read_meta(folder)
+        meta = manifest.read(folder)
     except QloraError as e:
         raise QloraError(f"--onnx: {e}") from None
-    if meta["mode"] != "adapter-aware":
+    if meta.mode != "adapter-aware":
         raise QloraError(f"--onnx: {folder} is a merged export; adapters need an adapter-aware export")
     target = folder / ADAPTER_DIR / f"{name}{SUFFIX}"
     if target.exists() and not overwrite:
@@ -72,5 +74,5 @@ def export_adapter(adapter: str, onnx_dir: str, name: str, overwrite: bool = Fal
                          "or pass --overwrite")
     adapter_meta, arrays = adapter_arrays(adapter, meta)
     check_base(adapter_meta, meta, f"--adapter {adapter}")
-    check_fits({k: v.shape for k, v in arrays.items()}, meta["lora_inputs"], f"--adapter {adapter}")
+    check_fits({k: v.shape for k, v in arrays.items()}, meta.lora_inputs, f"--adapter {adapter}")
     return write_adapter(arrays, target, meta)

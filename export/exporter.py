@@ -32,7 +32,7 @@ from qlora_rt.files import atomic_dir, check_out, write_json
 from qlora_rt.load import SUPPORTED
 from qlora_rt.lora import lora_layers
 from qlora_rt.report import table
-from qlora_rt.runtime import FORMAT, KV_CACHE, META
+from qlora_rt.manifest import FORMAT, KV_CACHE, NAME as META, Manifest
 
 TOLERANCE = {"fp32": 1e-3, "nf4": 1e-3, "fp16": 5e-2, "int4": float("inf")}  # int4: requantized (see below)
 MAX_ROPE_TABLE = 32768  # positions; longer contexts need a larger table (recorded as max_context)
@@ -49,21 +49,20 @@ def spec_of(config) -> DecoderSpec:
 
 
 def _metadata(cfg: ExportConfig, loaded, info, spec: DecoderSpec, quant_format: str, writer: LinearWriter,
-              max_context: int) -> dict:
+              max_context: int) -> Manifest:
     gen = loaded.model.generation_config
     eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else loaded.tokenizer.eos_token_id
-    return {"format": FORMAT, "version": __version__, "mode": cfg.mode, "weights": cfg.weights,
-            "model_type": loaded.model.config.model_type, "layers": spec.layers, "hidden": spec.hidden,
-            "heads": spec.heads, "kv_heads": spec.kv_heads, "head_dim": spec.head_dim, "vocab": spec.vocab,
-            "max_context": max_context, "eos_token_ids": eos if isinstance(eos, list) else [eos],
-            "pad_token_id": loaded.tokenizer.pad_token_id, "base_model": loaded.source,
-            "base_fingerprint": loaded.fingerprint, "base_quant": quant_format,
-            # PiSSA/LoftQ: the digest of the residual base the adapter was trained on (qlora_rt/svdinit.py)
-            "base_residual": info.metadata.get("base.residual") if info else None,
-            "kv_cache": KV_CACHE,
-            "inputs": ["input_ids", "attention_mask", "position_ids", "past_key_values.N.key", "past_key_values.N.value"],
-            "outputs": ["logits", "present.N.key", "present.N.value"],
-            "lora_inputs": writer.lora_inputs, "lora_groups": writer.lora_groups}
+    return Manifest(format=FORMAT, version=__version__, family="decoder", task="causal-lm", mode=cfg.mode,
+                    weights=cfg.weights, model_type=loaded.model.config.model_type, layers=spec.layers,
+                    hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
+                    vocab=spec.vocab, max_context=max_context, eos_token_ids=eos if isinstance(eos, list) else [eos],
+                    pad_token_id=loaded.tokenizer.pad_token_id, base_model=loaded.source,
+                    base_fingerprint=loaded.fingerprint, base_quant=quant_format,
+                    # PiSSA/LoftQ: the digest of the residual base the adapter was trained on (qlora_rt/svdinit.py)
+                    base_residual=info.metadata.get("base.residual") if info else None, kv_cache=KV_CACHE,
+                    inputs=["input_ids", "attention_mask", "position_ids", "past_key_values.N.key",
+                            "past_key_values.N.value"], outputs=["logits", "present.N.key", "present.N.value"],
+                    lora_inputs=writer.lora_inputs, lora_groups=writer.lora_groups)
 
 
 def _calibration_data(cfg: ExportConfig) -> Path | None:
@@ -141,11 +140,11 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
     with atomic_dir(cfg.out, overwrite=True) as tmp:
         onnx.save_model(g.model(f"qlora-rt {__version__}"), str(tmp / "model.onnx"), save_as_external_data=True,
                         all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
-        meta["external_data"] = {"model.onnx.data": (tmp / "model.onnx.data").stat().st_size}  # a copy is checked
+        meta.external_data = {"model.onnx.data": (tmp / "model.onnx.data").stat().st_size}  # a copy is checked
         loaded.tokenizer.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        write_json(tmp / META, meta)
+        write_json(tmp / META, meta.to_json())
         adapter_file = None
         if cfg.mode == "adapter-aware" and cfg.adapter:
             adapter_file = write_adapter(adapter_arrays(cfg.adapter, meta)[1], tmp / ADAPTER_DIR / f"{cfg.name}{SUFFIX}", meta)

@@ -54,7 +54,7 @@ def _gaps(model, runtime: Model, sequences: list[list[int]], adapter: Path | Non
     return kl, top1
 
 
-def verify(folder: Path, meta: dict, model, tokenizer, adapter: Path | None, new_tokens: int = 32,
+def verify(folder: Path, meta, model, tokenizer, adapter: Path | None, new_tokens: int = 32,
            samples: list[list[int]] = ()) -> dict:
     """max/mean |dlogit| over the prompts' positions, greedy agreement over up to `new_tokens` tokens, and
     the next-token distributions' mean KL and top-1 agreement over the prompts' and `samples`' positions
@@ -65,7 +65,7 @@ def verify(folder: Path, meta: dict, model, tokenizer, adapter: Path | None, new
     prompts.append(prompts[0][:, -1:])  # a one-token prompt: no past, the first step writes the cache
     kl, top1 = _gaps(model, runtime, list(samples), adapter)
     for ids in prompts:
-        ref_logits, ref_tokens = _torch_greedy(model, ids, new_tokens, meta["eos_token_ids"])
+        ref_logits, ref_tokens = _torch_greedy(model, ids, new_tokens, meta.eos_token_ids)
         logits = runtime.logits(ids[0].tolist(), adapter)[None]
         k, t = distribution_gap(ref_logits[0], logits[0])
         kl.append(k)

@@ -88,7 +88,7 @@ def fit_history(model: Model, system: str | None, history: list[dict], turn: dic
     as leave `room` tokens for the reply, and the new user turn. The new turn is never cut, and the history
     never starts with an assistant turn. Raises when the new turn does not fit even alone."""
     head = [{"role": "system", "content": system}] if system else []
-    ctx = model.meta["max_context"]
+    ctx = model.meta.max_context
     starts = [i for i, m in enumerate(history) if m["role"] == "user"] + [len(history)]
     for start in starts:  # oldest first: keep as much history as fits
         convo = head + history[start:] + [turn]

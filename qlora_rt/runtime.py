@@ -27,20 +27,18 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from qlora_rt import manifest
 from qlora_rt.errors import QloraError
+from qlora_rt.manifest import Manifest
 
-META, FORMAT = "qlora_rt_export.json", "qlora-rt-onnx"  # the export's manifest, and its format
-KV_CACHE = "in-place"  # the graph appends to a bound max-length cache (GroupQueryAttention); older ones concatenated
 ADAPTER_DIR, ADAPTER_SUFFIX = "adapters", ".onnx_adapter"
-META_KEYS = ("format", "mode", "layers", "kv_heads", "head_dim", "vocab", "max_context", "eos_token_ids",
-             "base_fingerprint", "base_quant", "lora_inputs")
 
 
-def adapter_model_version(meta: dict) -> int:
+def adapter_model_version(meta: Manifest) -> int:
     """The id an adapter file carries of the base it was trained on (ORT stores one int: the model version)."""
-    base = f"{meta['base_fingerprint']}:{meta['base_quant']}"
-    if meta.get("base_residual"):  # a PiSSA/LoftQ base is its own base
-        base += f":{meta['base_residual']}"
+    base = f"{meta.base_fingerprint}:{meta.base_quant}"
+    if meta.base_residual:  # a PiSSA/LoftQ base is its own base
+        base += f":{meta.base_residual}"
     return zlib.crc32(base.encode()) & 0x7FFFFFFF
 
 
@@ -113,7 +111,8 @@ class Model:
 
     def __init__(self, folder: str | Path, threads: int = 0) -> None:
         self.folder = Path(folder)
-        self.meta = read_meta(self.folder)
+        self.meta = manifest.read(self.folder)
+        manifest.expect(self.meta, "decoder", self.folder, "generate")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # the LoRA inputs' rank-0 initializers are intended
         opts.intra_op_num_threads = threads
@@ -127,9 +126,9 @@ class Model:
         self.tokenizer = _tokenizer(self.folder)
         self.template = _chat_template(self.folder)
         self._template_vars = _special_tokens(self.folder)  # bos_token etc., as chat templates expect
-        self.eos = set(self.meta["eos_token_ids"])
-        pad = self.meta.get("pad_token_id")
-        self.pad = pad if pad is not None else self.meta["eos_token_ids"][0]
+        self.eos = set(self.meta.eos_token_ids)
+        pad = self.meta.pad_token_id
+        self.pad = pad if pad is not None else self.meta.eos_token_ids[0]
         self._adapters: dict[Path, dict[str, ort.OrtValue]] = {}  # each file's tensors, read once
 
     # ---- adapters -------------------------------------------------------------------------------
@@ -139,7 +138,7 @@ class Model:
 
     def load_adapter(self, name_or_path: str | Path) -> dict[str, ort.OrtValue]:
         """Load (once) and check an adapter: a name under adapters/, or a path to an .onnx_adapter file."""
-        if self.meta["mode"] != "adapter-aware":
+        if self.meta.mode != "adapter-aware":
             raise QloraError(f"--adapter: {self.folder} is a merged export; its adapter is already in the weights")
         path = Path(name_or_path)
         if not str(name_or_path).endswith(ADAPTER_SUFFIX):
@@ -163,9 +162,9 @@ class Model:
             raise QloraError(f"--adapter: {path} is not a readable .onnx_adapter file ({e})") from None
         if fmt.get_model_version() != adapter_model_version(self.meta):
             raise QloraError(f"--adapter: {path.name} was made for another base model (or 4-bit format) than this "
-                             f"export's {self.meta.get('base_model')} ({self.meta['base_quant']})")
+                             f"export's {self.meta.base_model} ({self.meta.base_quant})")
         params = fmt.get_parameters()
-        check_fits({k: v.shape() for k, v in params.items()}, self.meta["lora_inputs"], f"--adapter: {path.name}")
+        check_fits({k: v.shape() for k, v in params.items()}, self.meta.lora_inputs, f"--adapter: {path.name}")
         return params
 
     # ---- prompts --------------------------------------------------------------------------------
@@ -221,7 +220,7 @@ class Model:
         sampling.check()
         if max_new < 1:
             raise QloraError(f"--max-new-tokens must be at least 1, got {max_new}")
-        longest, ctx = max(len(x) for x in ids), self.meta["max_context"]
+        longest, ctx = max(len(x) for x in ids), self.meta.max_context
         if longest >= ctx:
             raise QloraError(f"--prompt is {longest} tokens; this export's context is {ctx} tokens")
         params = self.load_adapter(adapter) if adapter is not None else {}
@@ -231,10 +230,10 @@ class Model:
     def _check_session(self) -> None:
         names = {i.name for i in self.session.get_inputs()}
         want = {"input_ids", "attention_mask", "position_ids"} | {
-            f"past_key_values.{i}.{kv}" for i in range(self.meta["layers"]) for kv in ("key", "value")}
+            f"past_key_values.{i}.{kv}" for i in range(self.meta.layers) for kv in ("key", "value")}
         missing = sorted(want - names)
         if missing:
-            raise QloraError(f"{self.folder}: model.onnx does not match {META} (missing inputs {', '.join(missing[:3])}"
+            raise QloraError(f"{self.folder}: model.onnx does not match {manifest.NAME} (missing inputs {', '.join(missing[:3])}"
                              f"{' …' if len(missing) > 3 else ''}); was the folder mixed from two exports?")
 
 
@@ -265,16 +264,16 @@ class _Steps:
         binding = self.m.session.io_binding()
         binding.bind_output("logits")
         self._cache = []  # the numpy arrays behind the bound buffers: they must outlive the binding
-        for i in range(meta["layers"]):
+        for i in range(meta.layers):
             for kv in ("key", "value"):
-                buf = np.zeros((b, meta["kv_heads"], capacity, meta["head_dim"]), np.float32)
+                buf = np.zeros((b, meta.kv_heads, capacity, meta.head_dim), np.float32)
                 self._cache.append(buf)
                 value = ort.OrtValue.ortvalue_from_numpy(buf)
                 binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
                 binding.bind_ortvalue_output(f"present.{i}.{kv}", value)
         for name, value in adapter.items():
             binding.bind_ortvalue_input(name, value)
-        logits = np.empty((b, 1, meta["vocab"]), np.float32)
+        logits = np.empty((b, 1, meta.vocab), np.float32)
         self._step_logits = logits, ort.OrtValue.ortvalue_from_numpy(logits)
         self._into_buffer = False  # True once the prompt ran: each step's logits land in _step_logits
         return binding
@@ -365,38 +364,6 @@ class Stream:
 def _held_back(text: str, stops: tuple) -> int:
     """How many trailing characters of text could be the start of a stop string."""
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-
-
-def read_meta(folder: Path) -> dict:
-    """The export's manifest, checked: every problem is one line naming the folder or file."""
-    if not folder.is_dir():
-        raise QloraError(f"{folder} is not a folder (expected an export made by `qlora-rt export`)")
-    if not (folder / "model.onnx").is_file():
-        raise QloraError(f"{folder} has no model.onnx; is it the folder `qlora-rt export --out` wrote?")
-    path = folder / META
-    if not path.is_file():
-        raise QloraError(f"{folder} has no {META}; it was not made by `qlora-rt export`")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QloraError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise QloraError(f"{path} is not a qlora-rt export description (not a JSON object)")
-    missing = [k for k in META_KEYS if k not in meta]
-    if meta.get("format") == FORMAT and meta.get("kv_cache") != KV_CACHE:
-        raise QloraError(f"{folder} was exported by an older qlora-rt ({meta.get('version', '?')}), whose graph this "
-                         "runtime cannot drive; export it again with `qlora-rt export`")
-    if meta.get("format") != FORMAT or missing:
-        raise QloraError(f"{path} is not a qlora-rt export description"
-                         + (f" (missing {', '.join(missing)})" if missing else ""))
-    for name, size in (meta.get("external_data") or {}).items():  # the weights beside model.onnx
-        data = folder / name
-        if not data.is_file():
-            raise QloraError(f"{folder} has no {name} (the model's weights, {size:,} bytes); copy the whole folder")
-        if data.stat().st_size != size:
-            raise QloraError(f"{data} is {data.stat().st_size:,} bytes; the export wrote {size:,}: it was cut short "
-                             "or replaced; copy the whole folder again")
-    return meta
 
 
 def _special_tokens(folder: Path) -> dict:

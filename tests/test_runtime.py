@@ -13,6 +13,7 @@ import pytest
 
 from qlora_rt.cli import main
 from qlora_rt.config import ChatConfig
+from qlora_rt import manifest
 from qlora_rt.errors import QloraError
 
 PROMPTS = ["what is the capital of france?", "count to five", "hello"]
@@ -106,6 +107,16 @@ def test_runtime_errors(exported, runtime, tmp_path, tiny_runs):
     (bad / "qlora_rt_export.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "kv_cache"}))
     with pytest.raises(QloraError, match="exported by an older qlora-rt .*export it again"):
         Model(bad)  # its graph concatenates the cache: the in-place binding would read stale rows
+    for change, message in [({"layers": "2"}, 'layers is "2"; expected int'),
+                            ({"eos_token_ids": [2, None]}, "eos_token_ids is .*expected list"),
+                            ({"lora_inputs": []}, "lora_inputs is .*expected dict"),
+                            ({"family": "vision"}, "family 'vision' is not one this runtime knows"),
+                            ({"task": "classify"}, "task 'classify' is not a decoder task"),
+                            ({"mode": "fused"}, "mode 'fused'; expected merged or adapter-aware"),
+                            ({"format": "onnx"}, "is not a qlora-rt export description")]:
+        (bad / "qlora_rt_export.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(QloraError, match=message):
+            Model(bad)
     (bad / "qlora_rt_export.json").write_text(json.dumps({**meta, "base_fingerprint": "0" * 16}))
     with pytest.raises(QloraError, match="made for another base model"):  # same shapes, another base
         Model(bad).generate("hello", adapter="a")
@@ -124,7 +135,7 @@ def test_adapter_of_another_model_is_refused(tmp_path, tiny_runs, exported):
     from qlora_rt.export.adapters import write_adapter
     from qlora_rt.runtime import Model
 
-    meta = json.loads((exported / "qlora_rt_export.json").read_text())
+    meta = manifest.read(exported)
     arrays = {"model.layers.0.self_attn.o_proj.lora_A": np.zeros((128, 4), np.float32),
               "model.layers.0.self_attn.o_proj.lora_B": np.zeros((4, 64), np.float32)}
     path = write_adapter(arrays, tmp_path / "other.onnx_adapter", meta)
@@ -274,7 +285,7 @@ def test_chat_keeps_the_new_message_whole_and_drops_oldest_exchanges(runtime):
     assert convo[0]["role"] == "system" and convo[1]["role"] == "user" and convo[-1] == long_turn
     kept = convo[1:-1]
     assert 0 < len(kept) < len(history) and kept == history[-len(kept):]  # the latest exchanges, whole
-    assert len(runtime.encode(convo)) + 64 <= runtime.meta["max_context"]
+    assert len(runtime.encode(convo)) + 64 <= runtime.meta.max_context
     assert fit_history(runtime, None, history, long_turn, room=1000)[0] == long_turn  # room for none: alone
 
 
