@@ -1,6 +1,6 @@
 """`qlora-rt export`: the trained model as a self-contained, self-verified ONNX folder.
 
-    OUT/model.onnx (+ model.onnx.data)   the decoder graph (export/graph.py)
+    OUT/model.onnx (+ model.onnx.data)   the decoder graph (export/decoder.py)
     OUT/tokenizer.json, tokenizer_config.json (chat template), generation_config.json
     OUT/qlora_rt_export.json             I/O names, dimensions, eos ids, mode, the LoRA inputs
     OUT/adapters/NAME.onnx_adapter       adapter-aware exports: one file per adapter
@@ -21,7 +21,8 @@ import onnx
 from .adapters import ADAPTER_DIR, SUFFIX, adapter_arrays, write_adapter
 from .calibration import HEAD, default_data, hessians
 from qlora_rt.data import load_examples
-from .graph import DecoderSpec, Graph, build_decoder
+from .decoder import DecoderSpec, build_decoder
+from .graph import Graph
 from .verify import verify
 from .weights import HeadWriter, LinearWriter, add_shared_tensors, head_format
 from qlora_rt import __version__, quant
@@ -127,7 +128,7 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
     # adapter-aware: LoRA inputs on the trained adapter's modules, or on every Linear for a bare base
     adapted = set(info.modules) if info else set(layers)
     max_context = min(model.config.max_position_embeddings, MAX_ROPE_TABLE)
-    g = Graph()
+    g = Graph("decoder")
     add_shared_tensors(g, model, max_context)
     writer = LinearWriter(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size)
     approximate = cfg.weights == "int4" and (any(map(writer.requantizes, writer.layers)) or any(

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import make_model
-from qlora_rt.export.graph import DecoderSpec, Graph, build_decoder
+from qlora_rt.export.decoder import DecoderSpec, build_decoder
+from qlora_rt.export.graph import Graph
 from qlora_rt.export.weights import LinearWriter, add_shared_tensors, HeadWriter, group_lora, lora_arrays
 from qlora_rt import quant
 from qlora_rt.lora import LoraConfig, add_adapters, lora_layers, quantize_model

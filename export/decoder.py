@@ -1,0 +1,156 @@
+"""The Llama-family decoder as an ONNX graph, built op by op from the weights (no tracing).
+
+Llama, Mistral, Qwen2, Qwen3 and SmolLM share one block: RMSNorm, rotary position embedding,
+grouped-query attention with a KV cache, a SwiGLU MLP, a tied or untied head. Qwen2 adds q/k/v biases,
+and Qwen3 adds per-head RMSNorm on q and k. The I/O follows onnxruntime-genai and Optimum:
+
+    inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64, position_ids (B, T) int64,
+             past_key_values.N.key / .value (B, kv_heads, P, head_dim)
+    outputs  logits (B, T, vocab), present.N.key / .value (B, kv_heads, P+T, head_dim)
+
+Inside, hidden states are (B*T, d) rows: every Linear is a 2-D product, so a LoRA pair's output is
+added by the Gemm that computes it (its C input) instead of a separate Add; only attention sees
+(B, T, ·), through one Reshape each side.
+
+Batches are left-padded. Attention is one com.microsoft.GroupQueryAttention a layer (rotary, KV append,
+masks, softmax). Fed a max-length buffer bound as both past and present (what the runtime does), it
+appends in place and present keeps the buffer's length; fed plain arrays, it returns P+T rows.
+position_ids drive rotary only where it is done outside the op (Qwen3); elsewhere they are accepted
+and unused, so both kinds of graph take the same feeds.
+
+Every Linear goes through a `LinearWriter` (export/weights.py), which decides how the weight is stored
+(fp32, fp16, MatMulNBits int4, MatMulBnb4 NF4) and whether a LoRA pair rides beside it as graph
+inputs. This file knows nothing about weight formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from .graph import MS, Graph
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    qk_norm: bool  # Qwen3
+
+
+def _rms_norm(g: Graph, x: str, weight: str, eps: float) -> str:
+    return g.op("SimplifiedLayerNormalization", [x, weight], axis=-1, epsilon=eps, stash_type=1)
+
+
+def _add_norm(g: Graph, x: str, residual: str, weight: str, eps: float) -> tuple[str, str]:
+    """(RMSNorm(residual + x), residual + x) in one SkipSimplifiedLayerNormalization."""
+    normed, _, _, total = g.op("SkipSimplifiedLayerNormalization", [x, residual, weight], outputs=4, domain=MS,
+                               epsilon=eps)
+    return normed, total
+
+
+def _rope(g: Graph, x: str, n: int, hd: int) -> str:
+    """Rotary embedding of (B, T, n*hd) at `position_ids`, rotate-half style as transformers does (one
+    com.microsoft.RotaryEmbedding op over the `rope.cos` / `rope.sin` (max_positions, hd/2) tables)."""
+    return g.op("RotaryEmbedding", [x, "position_ids", "rope.cos", "rope.sin"], domain=MS, interleaved=0,
+                num_heads=n, rotary_embedding_dim=hd)
+
+
+def _head_norm(g: Graph, x: str, weight: str, n: int, hd: int, eps: float) -> str:
+    """Qwen3's per-head RMSNorm of (B, T, n*hd)."""
+    heads = g.op("Reshape", [x, g.const([0, 0, n, hd])])  # (B, T, n, hd)
+    return g.op("Reshape", [_rms_norm(g, heads, weight, eps), g.const([0, 0, n * hd])])
+
+
+def _mask(g: Graph, attention_mask: str, batch: str, length: str) -> tuple[str, str, str]:
+    """What GroupQueryAttention takes in place of a mask.
+
+    Rows are left-padded, so every row's cache holds the same P+T positions: seqlens_k (B,) int32 is
+    P+T-1 for each row and total_sequence_length () int32 is P+T; an additive bias (B, 1, T, P+T) hides
+    the padding (the op applies the causal mask itself). The op's rotary takes a token's position from
+    its cache row, so a padded row's tokens sit as many places further on as it has pads: rotary
+    attention depends only on the distance between query and key, which that shift does not change.
+    """
+    total = g.op("Shape", [attention_mask], start=1, end=2)  # (1,) P+T
+    seqlens = g.op("Cast", [g.op("Expand", [g.op("Sub", [total, g.const([1])]), batch])], to=TensorProto.INT32)
+    keep = g.op("Cast", [g.op("Unsqueeze", [attention_mask, g.const([1, 2])])], to=TensorProto.BOOL)  # (B,1,1,P+T)
+    # not float32's min: the op adds the score to it, and a row of -inf would be NaN
+    bias = g.op("Where", [keep, g.const(0.0, np.float32), g.const(-1e30, np.float32)])
+    bias = g.op("Expand", [bias, g.op("Concat", [batch, g.const([1]), length, total], axis=0)])  # (B,1,T,P+T)
+    total = g.op("Cast", [g.op("Squeeze", [total, g.const([0])])], to=TensorProto.INT32)
+    return seqlens, total, bias
+
+
+def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, mask: tuple[str, str, str], rows3: str) -> str:
+    """One com.microsoft.GroupQueryAttention: rotary, the KV-cache append, causal + padding mask, softmax
+    attention with kv heads shared by their query groups. q/k/v come packed as one (B, T, (n+2kv)*hd)
+    tensor when the Linears were one product. Passing the same buffer as past and present (I/O binding,
+    max-length cache) makes the append in place: the runtime does that; plain feeds work too. x is
+    (B*T, d); `rows3` is the shape (B, T, -1) the op's inputs take."""
+    p = f"model.layers.{i}.self_attn"
+    names = [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"]
+    if spec.qk_norm:  # Qwen3: per-head norms go before rotary, which the CPU op cannot do inside
+        q, k, v = (g.op("Reshape", [t, rows3]) for t in lin.many(names, x))
+        q = _rope(g, _head_norm(g, q, f"{p}.q_norm.weight", spec.heads, spec.head_dim, spec.eps), spec.heads,
+                  spec.head_dim)
+        k = _rope(g, _head_norm(g, k, f"{p}.k_norm.weight", spec.kv_heads, spec.head_dim, spec.eps), spec.kv_heads,
+                  spec.head_dim)
+        qkv, rotary = [q, k, v], 0
+    else:
+        qkv, rotary = [g.op("Reshape", [lin.many(names, x, packed=True)[0], rows3])], 1
+    seqlens, total, bias = mask
+    out, _, _ = g.op("GroupQueryAttention", [*qkv, *[""] * (3 - len(qkv)), f"past_key_values.{i}.key",
+                                       f"past_key_values.{i}.value", seqlens, total, "rope.cos", "rope.sin", "", bias],
+               [f"attn_{i}", f"present.{i}.key", f"present.{i}.value"], domain=MS, num_heads=spec.heads,
+               kv_num_heads=spec.kv_heads, do_rotary=rotary, rotary_interleaved=0, scale=spec.head_dim ** -0.5)
+    return lin(f"{p}.o_proj", g.op("Reshape", [out, g.const([-1, spec.heads * spec.head_dim])]))
+
+
+def _mlp(g: Graph, lin, i: int, x: str) -> str:
+    p = f"model.layers.{i}.mlp"
+    gate, up = lin.many([f"{p}.gate_proj", f"{p}.up_proj"], x)
+    silu = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
+    return lin(f"{p}.down_proj", g.op("Mul", [silu, up]))
+
+
+def _io(g: Graph, spec: DecoderSpec) -> None:
+    i64, f32 = TensorProto.INT64, TensorProto.FLOAT
+    g.inputs += [helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
+                 helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_sequence"]),
+                 helper.make_tensor_value_info("position_ids", i64, ["batch", "sequence"])]
+    g.outputs.append(helper.make_tensor_value_info("logits", f32, ["batch", "sequence", spec.vocab]))
+    for i in range(spec.layers):
+        for kv in ("key", "value"):
+            g.inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32,
+                                                          ["batch", spec.kv_heads, "past_sequence", spec.head_dim]))
+            g.outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", f32,
+                                                           ["batch", spec.kv_heads, "total_sequence", spec.head_dim]))
+
+
+def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
+    """Wire the whole decoder into `g`. `lin(name, x)` emits a Linear; `head(x)` emits the output head.
+
+    Norm weights (`model.layers.N.input_layernorm.weight`, ...), `model.embed_tokens.weight` and the
+    rotary tables `rope.cos` / `rope.sin` (max_positions, head_dim/2) must already be initializers.
+    """
+    _io(g, spec)
+    batch = g.op("Shape", ["input_ids"], start=0, end=1)  # (1,) B
+    length = g.op("Shape", ["input_ids"], start=1, end=2)  # (1,) T
+    rows3 = g.op("Concat", [batch, length, g.const([-1])], axis=0)  # (B*T, n) -> (B, T, n)
+    h = g.op("Gather", ["model.embed_tokens.weight", g.op("Reshape", ["input_ids", g.const([-1])])])  # (B*T, d)
+    mask = _mask(g, "attention_mask", batch, length)
+    x = _rms_norm(g, h, "model.layers.0.input_layernorm.weight", spec.eps)
+    for i in range(spec.layers):
+        # each residual add is fused with the norm that follows it: x = norm(h += sublayer(x))
+        after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < spec.layers else "model.norm.weight"
+        x, h = _add_norm(g, _attention(g, spec, lin, i, x, mask, rows3), h,
+                         f"model.layers.{i}.post_attention_layernorm.weight", spec.eps)
+        x, h = _add_norm(g, _mlp(g, lin, i, x), h, after, spec.eps)
+    g.op("Reshape", [head(x), rows3], ["logits"])
