@@ -4,8 +4,11 @@
     adapter/adapter_model.safetensors  base_model.model.<module>.lora_A.weight (r, in)
                                        base_model.model.<module>.lora_B.weight (out, r)
 
-What PEFT has no field for (the base's 4-bit format, a fingerprint of the base weights) rides in the
-safetensors header metadata, which PEFT ignores.
+An encoder's adapter also holds its classification head (and pooler), trained in full, as PEFT saves
+`modules_to_save`: base_model.model.<module>.<param> (task_type SEQ_CLS).
+
+What PEFT has no field for (the base's 4-bit format, a fingerprint of the base weights, a classifier's
+label names) rides in the safetensors header metadata, which PEFT ignores.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qlora_rt import __version__
+from qlora_rt.encoder import HEADS, head_modules, head_tensors, load_head
 from qlora_rt.errors import QloraError
 from qlora_rt.files import atomic_dir, write_json
 from qlora_rt.load import Loaded, load
@@ -39,11 +43,12 @@ class AdapterInfo:
     config: dict
     metadata: dict[str, str]
     modules: list[str] = field(default_factory=list)
+    labels: list[str] | None = None  # a classifier's label names, in the order of its logits
 
 
 def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's key names, on the CPU."""
-    out = {}
+    """The adapter's tensors under PEFT's key names, on the CPU (an encoder's head too)."""
+    out = {f"{PREFIX}{name}": t for name, t in head_tensors(model).items()}
     for name, layer in lora_layers(model).items():
         if layer.rank:
             out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().float().cpu().contiguous()
@@ -53,24 +58,28 @@ def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def peft_config(model: torch.nn.Module, cfg: LoraConfig, base: str, init: str = "default") -> dict:
     leaves = sorted({n.rsplit(".", 1)[-1] for n, m in lora_layers(model).items() if m.rank})
+    heads = sorted({n.rpartition(".")[2] for n in head_modules(model)})
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if heads else "CAUSAL_LM", "base_model_name_or_path": base,
         "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
         "target_modules": leaves, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True if init == "default" else init, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+        "init_lora_weights": True if init == "default" else init, "modules_to_save": heads or None, "rank_pattern": {}, "alpha_pattern": {},
         "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "revision": None,
     }
 
 
 def save_adapter(model: torch.nn.Module, out: str | Path, cfg: LoraConfig, quant_cfg: QuantConfig,
-                 base: str, fingerprint: str, residual: Path | None = None) -> Path:
+                 base: str, fingerprint: str, residual: Path | None = None, labels: list[str] | None = None) -> Path:
     """Write the adapter folder atomically (a previous one stays intact until the new one is complete).
 
     residual: a PiSSA/LoftQ run's frozen base (qlora_rt/svdinit.py); it is copied into the folder and
     its digest recorded, because the adapter means nothing on any other base.
+    labels: a classifier's label names (metadata `labels`, JSON), in the order of its head's outputs.
     """
     meta = {"format": "pt", "qlora_rt.version": __version__, "base.fingerprint": fingerprint,
             **quant_cfg.as_metadata()}
+    if labels:
+        meta["labels"] = json.dumps(labels)
     init = "default"
     if residual is not None:
         with safe_open(str(residual), framework="pt") as h:
@@ -109,8 +118,11 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, str]]:
     for key, ok in (("use_dora", False), ("bias", "none")):
         if config.get(key, ok) != ok:
             raise QloraError(f"{p / CONFIG}: {key}={config[key]!r} is not supported; expected {ok!r}")
-    if config.get("modules_to_save"):
-        raise QloraError(f"{p / CONFIG}: modules_to_save {config['modules_to_save']} is not supported")
+    saved = config.get("modules_to_save") or []
+    known = {leaf for leaves in HEADS.values() for leaf in leaves} | {"score"}
+    if not isinstance(saved, list) or set(saved) - known:
+        raise QloraError(f"{p / CONFIG}: modules_to_save {saved} is not supported; only a classifier's head "
+                         f"({', '.join(sorted(known))})")
     try:
         with safe_open(str(p / WEIGHTS), framework="pt") as h:
             meta = h.metadata() or {}
@@ -126,22 +138,52 @@ def _pattern_value(patterns: dict, name: str, default: float) -> float:
     return default
 
 
-def _pairs(p: Path) -> dict[str, dict[str, torch.Tensor]]:
+def _pairs(p: Path, heads: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The LoRA A/B tensors per module, and the tensors of the modules saved whole (`heads`: their names'
+    last components), by model parameter name (older PEFT wrote them under `<module>.modules_to_save.`)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    whole: dict[str, torch.Tensor] = {}
     with safe_open(str(p / WEIGHTS), framework="pt") as h:
         for key in h.keys():
             m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
-            if not m:
+            if m:
+                pairs.setdefault(m.group(1), {})[m.group(2)] = h.get_tensor(key)
+                continue
+            name = re.sub(r"\.modules_to_save(\.default)?\.", ".", key.removeprefix(PREFIX))
+            if not any(f".{leaf}." in f".{name}" for leaf in heads):
                 raise QloraError(f"{p / WEIGHTS}: tensor {key!r} is not a LoRA A/B weight (only Linear LoRA is supported)")
-            pairs.setdefault(m.group(1), {})[m.group(2)] = h.get_tensor(key)
-    return pairs
+            whole[name] = h.get_tensor(key)
+    return pairs, whole
+
+
+def read_head(path: str | Path) -> dict[str, torch.Tensor]:
+    """A classifier adapter's head tensors by model parameter name (empty for a causal-LM adapter)."""
+    p = Path(path)
+    config, _ = read_adapter(p)
+    return _pairs(p, config.get("modules_to_save") or [])[1]
+
+
+def labels_of(meta: dict[str, str], head: dict[str, torch.Tensor], where: Path) -> list[str] | None:
+    """A classifier adapter's label names: its metadata's, or LABEL_0... (PEFT's) from its head's outputs."""
+    if not head:
+        return None
+    if "labels" in meta:
+        try:
+            labels = json.loads(meta["labels"])
+        except ValueError:
+            labels = None
+        if not isinstance(labels, list) or not labels or not all(isinstance(l, str) for l in labels):
+            raise QloraError(f"{where / WEIGHTS}: its label names metadata is damaged ({meta['labels'][:60]!r})")
+        return labels
+    out = [t for n, t in head.items() if n.endswith(("classifier.weight", "out_proj.weight", "score.weight"))]
+    return [f"LABEL_{i}" for i in range(out[-1].shape[0])] if out else None
 
 
 def read_lora(path: str | Path) -> tuple[dict, dict[str, str], dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
     """config, metadata, and per module (A (r, in), B (out, r), scale), checked for pairing and shape."""
     p = Path(path)
     config, meta = read_adapter(p)
-    pairs = _pairs(p)
+    pairs, _ = _pairs(p, config.get("modules_to_save") or [])
     if not pairs:
         raise QloraError(f"{p / WEIGHTS}: holds no LoRA weights")
     rslora = bool(config.get("use_rslora", False))
@@ -179,6 +221,9 @@ def load_adapter(model: torch.nn.Module, path: str | Path, fingerprint: str | No
     if fingerprint and stored and stored != fingerprint:
         raise QloraError(f"--adapter {p}: was trained on a different base model (fingerprint {stored}, "
                          f"this base {fingerprint}); pass the base it was trained on")
+    head = read_head(p)
+    if head or head_modules(model):
+        load_head(model, head, f"--adapter {p}")
     for name, (A, B, scale) in lora.items():
         layer = layers[name]
         layer.attach(A.shape[0], 1.0, float(config.get("lora_dropout", 0.0)))
@@ -186,7 +231,7 @@ def load_adapter(model: torch.nn.Module, path: str | Path, fingerprint: str | No
         with torch.no_grad():
             layer.lora_A.weight.copy_(A)
             layer.lora_B.weight.copy_(B)
-    return AdapterInfo(path=p, config=config, metadata=meta, modules=sorted(lora))
+    return AdapterInfo(path=p, config=config, metadata=meta, modules=sorted(lora), labels=labels_of(meta, head, p))
 
 
 def open_trained(model_path: str | Path, adapter: str | Path | None = None, quant_format: str | None = None,
@@ -205,7 +250,8 @@ def open_trained(model_path: str | Path, adapter: str | Path | None = None, quan
             raise QloraError(f"--quant {quant_format}: the adapter was trained on a {cfg.format} base; "
                              f"merging it onto another base would not give the trained model")
         cfg = QuantConfig(format=quant_format)
-    loaded = load(model_path, lazy=True)
+    labels = labels_of(meta, read_head(adapter), Path(adapter)) if adapter else None
+    loaded = load(model_path, lazy=True, labels=labels)
     quantize_model(loaded.model, cfg, torch.device(device), loaded.gguf, tensors=loaded.tensors)
     info = load_adapter(loaded.model, adapter, loaded.fingerprint) if adapter else None
     if "base.residual" in meta:  # PiSSA/LoftQ: the run's residual base replaces quantize(W)

@@ -94,9 +94,14 @@ def check_name(name: str, what: str = "--name") -> None:
 class TrainConfig:
     model: str = option("", "base model: a Hugging Face checkpoint folder, a .gguf file, or smollm2-135m (bundled)",
                         path=True)
-    data: str = option("", "training data, JSONL: text | prompt+completion | messages", path=True)
+    data: str = option("", "training data, JSONL: text | prompt+completion | messages (decoders); text (+text_pair) "
+                       "+ label (encoders, --task classify)", path=True)
     out: str = option("", "run folder: adapter/, checkpoint/, metrics.jsonl, run.yaml", path=True)
-    eval_data: str | None = option(None, "held-out JSONL for eval loss and perplexity", path=True)
+    eval_data: str | None = option(None, "held-out JSONL: eval loss and perplexity (causal-lm); loss, accuracy, "
+                                   "macro-F1 and a confusion matrix (classify)", path=True)
+    task: str = option("auto", "causal-lm (decoders: generate, chat) | classify (encoders: a label per text; the "
+                       "head is trained in full and saved with the adapter) | auto (classify where the data's "
+                       "examples have a 'label')", choices=("auto", "causal-lm", "classify"))
     quant: str = option("nf4", "4-bit format of the frozen base: nf4/fp4 (bitsandbytes), int4 (exported byte for "
                         "byte to onnxruntime's fast MatMulNBits; a GGUF's Q4_0/Q4_1 weights are used as they are), "
                         "none = plain LoRA", choices=QUANT_FORMATS)
@@ -123,7 +128,8 @@ class TrainConfig:
     epochs: float | None = option(None, "passes over the data, instead of --steps", above=0)
     batch_size: int = option(4, "examples per micro-batch", at_least=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", at_least=1)
-    seq_len: int = option(512, "truncate examples to this many tokens", at_least=2)
+    seq_len: int = option(512, "truncate examples to this many tokens (encoders: at most their position table)",
+                          at_least=2)
     lr: float = option(2e-4, "peak learning rate", above=0)
     warmup: float = option(0.03, "warm-up: a fraction of the steps (<1) or a number of steps", at_least=0)
     weight_decay: float = option(0.0, "AdamW weight decay", at_least=0)

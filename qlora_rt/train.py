@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from qlora_rt import checkpoint
+from qlora_rt import checkpoint, classify_data, tasks
 from qlora_rt.adapters import save_adapter
-from qlora_rt.data import IGNORE, Order, collate, count_targets, load_examples, read_jsonl, steps_for_epochs
+from qlora_rt.data import Order, steps_for_epochs
+from qlora_rt.encoder import takes_token_types, train_head
 from qlora_rt.errors import QloraError
-from qlora_rt.load import check_model, load
+from qlora_rt.load import check_model, family, load
 from qlora_rt.lora import (LoraConfig, add_adapters, count_parameters, linear_names, lora_layers, quantize_model,
                            release_freed_memory, select_targets, trainable_parameters)
 from qlora_rt.svdinit import RESIDUAL, InitConfig, Plan, load_residual, save_residual
@@ -37,6 +37,7 @@ class TrainResult:
     steps: int
     train_loss: float
     eval_loss: float | None
+    eval_metrics: dict | None  # the last evaluation's: loss and perplexity, or loss, accuracy, macro-F1, confusion
     tokens_per_s: float
     peak_memory: str
     trainable: int
@@ -95,8 +96,9 @@ def _run_folder(cfg: TrainConfig) -> dict | None:
         raise QloraError(f"--out: {out} already holds a run; pass --resume to continue it or choose another folder")
     before = saved.get("config") or _read_run_yaml(out / "run.yaml")
     now = cfg.saved()
+    defaults = TrainConfig(model="-", data="-", out="-").saved()  # what a run saved before a setting existed had
     diff = [f"{k} ({before.get(k)!r} -> {v!r})" for k, v in now.items()
-            if k not in RESUMABLE + BY_CONTENT and before.get(k) != v]
+            if k not in RESUMABLE + BY_CONTENT and before.get(k, defaults[k]) != v]
     if diff:
         raise QloraError(f"--resume: settings differ from the run's ({', '.join(diff)}); only "
                          f"{', '.join(flag(k) for k in RESUMABLE)} may change on resume")
@@ -153,35 +155,6 @@ def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], n_targets: int) -> torch.Tensor:
-    """Sum of token cross-entropies / n_targets, with the output head applied only where a label is.
-
-    The head of a small model is a large share of its compute (SmolLM2-135M: 49k x 576), and in chat
-    data most positions carry no loss; skipping them makes a training step ~17% faster, same loss.
-    """
-    hidden = model.get_decoder()(input_ids=batch["input_ids"],
-                                 attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, d)
-    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    keep = labels != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (N, vocab)
-    return F.cross_entropy(logits, labels[keep], reduction="sum") / n_targets
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, examples: list, batch_size: int, pad_id: int, device: torch.device) -> float:
-    """Mean token loss over the examples (exp of it is the perplexity)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
-        n = count_targets(batch)
-        total += causal_lm_loss(model, batch, n).item() * n
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Fine-tune `cfg.model` on `cfg.data`; write the adapter to `cfg.out/adapter`."""
     cfg.check()
@@ -192,26 +165,32 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     qcfg = QuantConfig(cfg.quant, cfg.double_quant, cfg.block_size, dtype, cfg.symmetric, cfg.int4_compute)
     lcfg = LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.targets)
     check_model(cfg.model)  # before the model loads: a bad path or file fails in a second, not a minute
-    rows = read_jsonl(cfg.data, "--data")
-    eval_rows = read_jsonl(cfg.eval_data, "--eval-data") if cfg.eval_data else []
+    task_name = _task(cfg)
+    Task = tasks.Classify if task_name == "classify" else tasks.CausalLM
+    rows, lines = Task.read(cfg.data, "--data")
+    eval_rows, eval_lines = Task.read(cfg.eval_data, "--eval-data") if cfg.eval_data else ([], [])
+    labels = classify_data.label_names(rows) if task_name == "classify" else None
     data_digest = _data_digest(cfg.data)
     torch.manual_seed(cfg.seed)
-    loaded = load(cfg.model, lazy=True)  # decoder Linears are read one at a time as they are quantized
+    loaded = load(cfg.model, lazy=True, labels=labels)  # decoder Linears are read one at a time as they are quantized
     model, tok = loaded.model, loaded.tokenizer
+    task = (tasks.Classify(tok, _max_length(cfg, model), labels, takes_token_types(model.config.model_type))
+            if labels else tasks.CausalLM(tok, cfg.seq_len))
     plan = None
     if icfg.method != "default" and saved is None:
         names = set(select_targets(linear_names(model), cfg.targets))
         plan = Plan(icfg, qcfg, cfg.rank, lcfg.scale(), names, device)
     quantize_model(model, qcfg, device, loaded.gguf, plan, loaded.tensors)
     targets = add_adapters(model, lcfg)
+    head = train_head(model)  # an encoder's classification head (and pooler): trained in full, saved with the adapter
     residual = out / RESIDUAL if icfg.method != "default" else None
     if plan:
         plan.apply(model)
         print(plan.summary(), file=sys.stderr)
     elif residual:  # resuming: the run's own residual base, not a recomputed one
         load_residual(model, residual, qcfg, device, fingerprint=loaded.fingerprint)
-    train_set, dropped = load_examples(cfg.data, tok, cfg.seq_len, rows=rows)
-    eval_set = load_examples(cfg.eval_data, tok, cfg.seq_len, rows=eval_rows)[0] if eval_rows else []
+    train_set, dropped = task.examples(cfg.data, rows, lines)
+    eval_set = task.examples(cfg.eval_data, eval_rows, eval_lines)[0] if eval_rows else []
     data_digest["examples"] = len(train_set)
     total_steps = cfg.steps or steps_for_epochs(cfg.epochs or 1.0, len(train_set), cfg.batch_size, cfg.grad_accum)
     params = trainable_parameters(model)
@@ -241,13 +220,37 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
     base_mib = sum(storage_bytes(m.weight) for m in lora_layers(model).values()) / 2**20
-    print(f"base {loaded.source}: {total / 1e6:.1f}M params, {cfg.quant} linears in {base_mib:,.1f} MiB; adapters on "
-          f"{len(targets)} layers, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
+    what = (f"task classify{' (the data has labels)' if cfg.task == 'auto' else ''}: {len(labels)} labels "
+            f"({', '.join(labels[:6])}{' …' if len(labels) > 6 else ''}), head {'+'.join(head)} trained in full; "
+            if labels else "")
+    print(f"base {loaded.source}: {total / 1e6:.1f}M params, {cfg.quant} linears in {base_mib:,.1f} MiB; {what}"
+          f"adapters on {len(targets)} layers, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
           f"{len(train_set)} examples{f' ({dropped} dropped: no target token left after truncation)' if dropped else ''}; "
           f"{total_steps} steps on {device.type}", file=sys.stderr)
-    loop = _Loop(cfg, model, optimizer, scheduler, params, device, tok.pad_token_id, out, on_step, residual, identity)
+    loop = _Loop(cfg, model, optimizer, scheduler, params, device, task, out, on_step, residual, identity)
     loop.last_checkpoint = step if saved is not None else None
     return loop.run(train_set, eval_set, order, step, total_steps, loaded, qcfg, lcfg, trainable, total)
+
+
+def _task(cfg: TrainConfig) -> str:
+    """The task: as given, or `classify` where the data's examples have a label; checked against the model."""
+    task = cfg.task if cfg.task != "auto" else classify_data.detect(cfg.data)
+    kind = family(cfg.model)
+    if task == "classify" and kind != "encoder":
+        raise QloraError(f"--task classify: --model {cfg.model} is a decoder; classification trains an encoder "
+                         "(BERT, RoBERTa, DistilBERT, MiniLM, ...)")
+    if task == "causal-lm" and kind == "encoder":
+        raise QloraError(f"--model {cfg.model} is an encoder: it trains on classification data (lines of "
+                         '{"text": ..., "label": ...}), and ' + (f"--data {cfg.data} has no 'label'" if cfg.task == "auto"
+                                                                 else "--task causal-lm needs a decoder"))
+    return task
+
+
+def _max_length(cfg: TrainConfig, model: torch.nn.Module) -> int:
+    """--seq-len, within the encoder's position table (RoBERTa's starts 2 places in, after padding_idx)."""
+    positions = model.config.max_position_embeddings - (2 if model.config.model_type in ("roberta", "xlm-roberta")
+                                                        else 0)
+    return min(cfg.seq_len, positions)
 
 
 def _append_metrics(path: Path, record: dict) -> None:
@@ -272,10 +275,10 @@ def _drop_metrics_after(path: Path, step: int) -> None:
 class _Loop:
     """The optimizer-step loop; split from `train` only so each piece reads on one screen."""
 
-    def __init__(self, cfg, model, optimizer, scheduler, params, device, pad_id, out, on_step, residual,
+    def __init__(self, cfg, model, optimizer, scheduler, params, device, task, out, on_step, residual,
                  identity: dict) -> None:
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
-        self.params, self.device, self.pad_id, self.out, self.on_step = params, device, pad_id, out, on_step
+        self.params, self.device, self.task, self.out, self.on_step = params, device, task, out, on_step
         self.residual = residual  # PiSSA/LoftQ: the run's frozen residual base, shipped with the adapter
         self.identity = identity  # settings, base and data fingerprints: saved with every checkpoint
         self.last_checkpoint: int | None = None
@@ -283,12 +286,15 @@ class _Loop:
     def _write(self, record: dict) -> None:
         _append_metrics(self.out / "metrics.jsonl", record)
 
-    def _eval(self, eval_set: list, step: int) -> float | None:
+    def _eval(self, eval_set: list, step: int) -> dict | None:
         if not eval_set:
             return None
-        loss = evaluate(self.model, eval_set, self.cfg.batch_size, self.pad_id, self.device)
-        self._write({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))})
-        return loss
+        was_training = self.model.training
+        self.model.eval()
+        metrics = self.task.evaluate(self.model, eval_set, self.cfg.batch_size, self.device)
+        self.model.train(was_training)
+        self._write({"step": step, **metrics})
+        return metrics
 
     def _diverged(self, step: int, what: str) -> QloraError:
         folder = self.out / "checkpoint"
@@ -302,12 +308,12 @@ class _Loop:
 
     def _step(self, batches: list[dict], step: int) -> tuple[float, float, int]:
         """One optimizer step over the micro-batches: (loss, grad norm, tokens)."""
-        n_targets = sum(count_targets(b) for b in batches)
+        n_units = sum(self.task.units(b) for b in batches)
         loss_sum, tokens = 0.0, 0
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            # sum of token losses / tokens in the whole step: accumulation weighs every token equally
-            loss = causal_lm_loss(self.model, batch, n_targets)
+            # sum of unit losses / units in the whole step: accumulation weighs every token (or example) equally
+            loss = self.task.loss(self.model, batch, n_units)
             loss.backward()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
@@ -328,10 +334,10 @@ class _Loop:
         first_eval = self._eval(eval_set, 0) if step == 0 else None
         model.train()
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=None, dynamic_ncols=True)
-        step_time, tokens, loss, eval_loss = 0.0, 0, float("nan"), first_eval
+        step_time, tokens, loss, last_eval = 0.0, 0, float("nan"), first_eval
         try:
             while step < total_steps:
-                batches = [collate([train_set[i] for i in order.take(cfg.batch_size)], self.pad_id)
+                batches = [self.task.collate([train_set[i] for i in order.take(cfg.batch_size)])
                            for _ in range(cfg.grad_accum)]
                 t0 = time.perf_counter()
                 loss, norm, n = self._step(batches, step + 1)
@@ -347,7 +353,7 @@ class _Loop:
                 if bar.disable and (step % cfg.log_every == 0 or step == total_steps):
                     print(f"step {step}/{total_steps}  loss {loss:.4f}  {tps:.0f} tok/s", file=sys.stderr)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                    eval_loss = self._eval(eval_set, step)
+                    last_eval = self._eval(eval_set, step)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
                     checkpoint.save(self.out / "checkpoint", model, self.optimizer, self.scheduler,
                                     {"step": step, "order": order.state(), **self.identity})
@@ -361,23 +367,24 @@ class _Loop:
             print(f"\ninterrupted at step {step}; {then}", file=sys.stderr)
             raise
         bar.close()
-        eval_loss = self._eval(eval_set, step) if eval_set else eval_loss
+        last_eval = self._eval(eval_set, step) if eval_set else last_eval
         adapter = save_adapter(model, self.out / "adapter", lcfg, qcfg, loaded.source, loaded.fingerprint,
-                               self.residual)
-        result = TrainResult(adapter, step, loss, eval_loss, tokens / max(step_time, 1e-9),
-                             peak_memory(self.device), trainable, total)
-        print(_summary(result, first_eval), file=sys.stderr)
+                               self.residual, labels=getattr(self.task, "labels", None))
+        result = TrainResult(adapter, step, loss, last_eval and last_eval["eval_loss"], last_eval,
+                             tokens / max(step_time, 1e-9), peak_memory(self.device), trainable, total)
+        print(_summary(result, first_eval, self.task), file=sys.stderr)
         return result
 
 
-def _summary(r: TrainResult, first_eval: float | None) -> str:
-    def ev(x: float | None) -> str:
-        return "-" if x is None else f"{x:.4f} (ppl {math.exp(min(x, 50)):.2f})"
-
+def _summary(r: TrainResult, first_eval: dict | None, task) -> str:
+    ev = task.describe
+    confusion = r.eval_metrics.get("eval_confusion") if r.eval_metrics else None
+    after = f"\nconfusion matrix at the end (held-out data)\n{tasks.confusion_table(confusion, task.labels)}" \
+        if confusion else ""
     return table("training summary", [
         ("trainable params", f"{r.trainable:,} of {r.total:,} ({100 * r.trainable / r.total:.2f}%)"),
         ("steps", r.steps), ("final train loss", f"{r.train_loss:.4f}"),
-        ("eval loss at start", ev(first_eval)), ("eval loss at end", ev(r.eval_loss)),
+        ("eval at start", ev(first_eval)), ("eval at end", ev(r.eval_metrics)),
         ("tokens/s", f"{r.tokens_per_s:,.0f}"), ("peak memory", r.peak_memory), ("adapter", r.adapter),
-    ])
+    ]) + after
 

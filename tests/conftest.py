@@ -105,6 +105,94 @@ def tiny_export(tiny_llama, tiny_runs):
     return out
 
 
+# ---- encoders -----------------------------------------------------------------------------------------
+WORDS = {"positive": ["good", "great", "lovely", "excellent", "fine"],
+         "negative": ["bad", "awful", "terrible", "poor", "horrible"],
+         "neutral": ["okay", "average", "plain", "usual", "so-so"]}
+FILLER = ["the", "movie", "was", "really", "quite", "food", "service", "day", "and", "a"]
+
+
+def make_encoder_tokenizer():
+    """A WordPiece tokenizer with BERT's special tokens and [CLS] A [SEP] (B [SEP]) template, token types."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    corpus = CORPUS + [" ".join(w) for w in WORDS.values()] + [" ".join(FILLER)]
+    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=400, special_tokens=special))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+ENCODER_CONFIGS = {
+    "bert": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64, type_vocab_size=2),
+    "roberta": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=66, type_vocab_size=1),
+    "distilbert": dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4, max_position_embeddings=64),
+}
+
+
+def save_encoder(folder: Path, model_type: str = "bert", seed: int = 0) -> Path:
+    """A random-init base encoder (no head, like all-MiniLM-L6-v2's BertModel) and its tokenizer."""
+    from transformers import AutoConfig, AutoModel
+
+    tok = make_encoder_tokenizer()
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                  **ENCODER_CONFIGS[model_type])
+    AutoModel.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def sentiment_rows(n: int, seed: int = 0, labels=("negative", "positive"), pairs: bool = False) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(labels)
+        words = rng.sample(FILLER, 2) + [rng.choice(WORDS[label])]
+        rng.shuffle(words)
+        row = {"text": " ".join(words), "label": label}
+        if pairs:
+            row["text_pair"] = " ".join(rng.sample(FILLER, 3))
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return save_encoder(tmp_path_factory.mktemp("tiny-bert"), "bert")
+
+
+@pytest.fixture(scope="session")
+def sentiment(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("sentiment")
+    write_jsonl(d / "train.jsonl", sentiment_rows(32, 0))
+    write_jsonl(d / "eval.jsonl", sentiment_rows(24, 1))
+    return d
+
+
+@pytest.fixture(scope="session")
+def bert_run(tiny_bert, sentiment, tmp_path_factory) -> Path:
+    """A short classification run on tiny_bert (nf4): its adapter folder."""
+    from qlora_rt.config import TrainConfig
+    from qlora_rt.train import train
+
+    out = tmp_path_factory.mktemp("bert-run") / "run"
+    return train(TrainConfig(model=str(tiny_bert), data=str(sentiment / "train.jsonl"), out=str(out), steps=12,
+                             eval_data=str(sentiment / "eval.jsonl"), lr=5e-3, batch_size=8, rank=4, seq_len=32,
+                             checkpoint_every=0, eval_every=0)).adapter
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -75,20 +75,20 @@ def test_divergence_keeps_the_last_checkpoint_a_finite_step_came_from(tiny_llama
                                                                       nan_at, kept):
     """Checkpoints at steps 2 and 4; a NaN at step 5 comes from the step-4 weights (dropped: step 2 is kept),
     a NaN at step 6 comes after a finite step 5 (step 4 is kept). A resume may lower the learning rate."""
-    import qlora_rt.train as tr
+    from qlora_rt.tasks import CausalLM
 
-    real, calls = tr.causal_lm_loss, []
+    real, calls = CausalLM.loss, []
 
     def loss(model, batch, n):  # micro-batches per step: grad_accum = 2
         calls.append(1)
         out = real(model, batch, n)
         return out * float("nan") if (len(calls) + 1) // 2 == nan_at else out
 
-    monkeypatch.setattr(tr, "causal_lm_loss", loss)
+    monkeypatch.setattr(CausalLM, "loss", staticmethod(loss))
     run = tmp_path / "run"
     with pytest.raises(QloraError, match=rf"step {nan_at}: the loss is not finite; .*checkpoint \(step {kept}\)"):
         train(config(tiny_llama, tiny_data, run, checkpoint_every=2, eval_data=None))
-    monkeypatch.setattr(tr, "causal_lm_loss", real)
+    monkeypatch.setattr(CausalLM, "loss", staticmethod(real))
     assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)["progress"]["step"] == kept
     r = train(config(tiny_llama, tiny_data, run, checkpoint_every=2, eval_data=None, lr=1e-3, resume=True))
     assert r.steps == 8 and math.isfinite(r.train_loss)

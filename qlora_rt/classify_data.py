@@ -1,0 +1,120 @@
+"""Classification data: JSONL of labelled texts in, token ids and label ids out.
+
+    {"text": "...", "label": "positive"}                          one text
+    {"text": "...", "text_pair": "...", "label": 1}               a pair (entailment, question + passage, ...)
+
+Labels are strings or integers. The label set is the training data's, sorted (integers by value), and
+it is stored with the adapter as its label names; an eval example whose label training never saw is an
+error naming its file and line. Texts longer than --seq-len tokens are truncated and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora_rt import data
+from qlora_rt.errors import QloraError
+
+FIELDS = {"text", "text_pair", "label"}
+
+
+def detect(path: str | Path) -> str:
+    """The task a data file is for, from its first example: `classify` where it has a label."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    return "classify" if isinstance(row, dict) and "label" in row else "causal-lm"
+    except (OSError, ValueError):
+        pass  # read_jsonl reports what is wrong with the file, naming the line
+    return "causal-lm"
+
+
+def validate(row: object, where: str) -> None:
+    if not isinstance(row, dict):
+        raise QloraError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "label" not in row:
+        raise QloraError(f"{where}: no 'label' (classification examples are {{\"text\": ..., \"label\": ...}})")
+    label = row["label"]
+    if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
+        raise QloraError(f"{where}: 'label' must be a non-empty string or an integer, got {json.dumps(label)[:40]}")
+    for key in ("text", "text_pair"):
+        if (key == "text" or key in row) and (not isinstance(row.get(key), str) or not row[key].strip()):
+            raise QloraError(f"{where}: '{key}' must be a non-empty string")
+
+
+def oddities(row: dict) -> list[str]:
+    return [f"field {k!r}" for k in sorted(set(row) - FIELDS - data.EXTRA_OK)]
+
+
+def read(path: str | Path, flag: str) -> tuple[list[dict], list[int]]:
+    """The file's examples, validated, and the line each came from."""
+    lines: list[int] = []
+    return data.read_jsonl(path, flag, validate, oddities, lines), lines
+
+
+def label_names(rows: list[dict]) -> list[str]:
+    """The label set, sorted: integers by value (0, 1, 2, ... keep their ids), anything else as text."""
+    values = {r["label"] for r in rows}
+    if all(isinstance(v, int) for v in values):
+        return [str(v) for v in sorted(values)]
+    return sorted(str(v) for v in values)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    token_type_ids: list[int] | None
+    label: int
+
+
+def encode(rows: list[dict], tokenizer, seq_len: int, labels: list[str], path: str,
+           lines: list[int] | None = None, token_types: bool = True) -> list[Encoded]:
+    """Token ids (truncated to seq_len, counted in one warning) and label ids of validated rows."""
+    ids = {name: i for i, name in enumerate(labels)}
+    for n, row in enumerate(rows):
+        if str(row["label"]) not in ids:
+            line = lines[n] if lines else n + 1
+            shown = ", ".join(labels[:8]) + (" …" if len(labels) > 8 else "")
+            raise QloraError(f"{path}:{line}: label {row['label']!r} is not one of the training data's labels "
+                             f"({shown}); the classifier has no output for it")
+    texts = [r["text"] for r in rows]
+    pairs = [r["text_pair"] for r in rows] if any("text_pair" in r for r in rows) else None
+    if pairs is not None and not all("text_pair" in r for r in rows):
+        raise QloraError(f"{path}: some examples have a 'text_pair' and some do not; use one shape for the file")
+    enc = tokenizer(texts, pairs)
+    long = [i for i, t in enumerate(enc["input_ids"]) if len(t) > seq_len]
+    if long:  # only these are tokenized again, cut to seq_len (the longer of a pair is cut first)
+        cut = tokenizer([texts[i] for i in long], [pairs[i] for i in long] if pairs else None, truncation=True,
+                        max_length=seq_len)
+        for key in enc:
+            for j, i in enumerate(long):
+                enc[key][i] = cut[key][j]
+        print(f"{path}: warning: {len(long)} of {len(rows)} examples are longer than {seq_len} tokens and were "
+              "truncated", file=sys.stderr)
+    types = enc.get("token_type_ids") if token_types else None
+    return [Encoded(enc["input_ids"][i], types[i] if types is not None else None, ids[str(r["label"])])
+            for i, r in enumerate(rows)]
+
+
+def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest: input_ids, attention_mask (and token_type_ids) (B, T), labels (B,)."""
+    T = max(len(e.input_ids) for e in examples)
+    out = {"input_ids": torch.full((len(examples), T), pad_id, dtype=torch.long),
+           "attention_mask": torch.zeros((len(examples), T), dtype=torch.long)}
+    if examples[0].token_type_ids is not None:
+        out["token_type_ids"] = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        out["input_ids"][i, :n] = torch.tensor(e.input_ids)
+        out["attention_mask"][i, :n] = 1
+        if "token_type_ids" in out:
+            out["token_type_ids"][i, :n] = torch.tensor(e.token_type_ids)
+    out["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+    return out

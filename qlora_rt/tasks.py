@@ -1,0 +1,144 @@
+"""What a training task is, over the one loop in qlora_rt/train.py: its examples, batches, loss and metrics.
+
+    causal-lm   decoders: next-token loss on the completion / assistant tokens (qlora_rt/data.py)
+    classify    encoders: a label per text (or text pair), cross-entropy on the classification head's logits,
+                accuracy, macro-F1 and the confusion matrix (qlora_rt/classify_data.py)
+
+A step's loss is the sum over its micro-batches of (sum of per-unit losses) / (units in the whole step),
+where a unit is a target token (causal-lm) or an example (classify): accumulation weighs every unit alike.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qlora_rt import classify_data, data
+
+
+class CausalLM:
+    name = "causal-lm"
+
+    def __init__(self, tokenizer, seq_len: int) -> None:
+        self.tokenizer, self.seq_len = tokenizer, seq_len
+        self.pad_id = tokenizer.pad_token_id
+
+    @staticmethod
+    def read(path: str | Path, flag: str) -> tuple[list[dict], list[int]]:
+        lines: list[int] = []
+        return data.read_jsonl(path, flag, lines=lines), lines
+
+    def examples(self, path: str | Path, rows: list[dict], lines: list[int]) -> tuple[list, int]:
+        """Tokenized examples, and how many were dropped (no target token left after truncation)."""
+        return data.load_examples(path, self.tokenizer, self.seq_len, rows=rows)
+
+    def collate(self, examples: list) -> dict[str, torch.Tensor]:
+        return data.collate(examples, self.pad_id)
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return data.count_targets(batch)
+
+    @staticmethod
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], n_units: int) -> torch.Tensor:
+        """Sum of token cross-entropies / n_units, with the output head applied only where a label is.
+
+        The head of a small model is a large share of its compute (SmolLM2-135M: 49k x 576), and in chat
+        data most positions carry no loss; skipping them makes a training step ~17% faster, same loss.
+        """
+        hidden = model.get_decoder()(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, d)
+        labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+        keep = labels != data.IGNORE
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (N, vocab)
+        return F.cross_entropy(logits, labels[keep], reduction="sum") / n_units
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, examples: list, batch_size: int, device: torch.device) -> dict:
+        """Mean token loss over the examples (exp of it is the perplexity)."""
+        total, count = 0.0, 0
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in self.collate(examples[i:i + batch_size]).items()}
+            n = self.units(batch)
+            total += self.loss(model, batch, n).item() * n
+            count += n
+        loss = total / max(count, 1)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+
+    @staticmethod
+    def describe(metrics: dict | None) -> str:
+        return "-" if metrics is None else f"{metrics['eval_loss']:.4f} (ppl {metrics['eval_ppl']:.2f})"
+
+
+class Classify:
+    name = "classify"
+
+    def __init__(self, tokenizer, seq_len: int, labels: list[str], token_types: bool = True) -> None:
+        self.tokenizer, self.seq_len, self.labels, self.token_types = tokenizer, seq_len, labels, token_types
+        self.pad_id = tokenizer.pad_token_id
+
+    read = staticmethod(classify_data.read)
+
+    def examples(self, path: str | Path, rows: list[dict], lines: list[int]) -> tuple[list, int]:
+        return classify_data.encode(rows, self.tokenizer, self.seq_len, self.labels, str(path), lines,
+                                    self.token_types), 0
+
+    def collate(self, examples: list) -> dict[str, torch.Tensor]:
+        return classify_data.collate(examples, self.pad_id)
+
+    @staticmethod
+    def units(batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["labels"])
+
+    @staticmethod
+    def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return model(**inputs).logits.float()  # (B, labels)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], n_units: int) -> torch.Tensor:
+        return F.cross_entropy(self.logits(model, batch), batch["labels"], reduction="sum") / n_units
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, examples: list, batch_size: int, device: torch.device) -> dict:
+        """Mean loss, accuracy, macro-F1 and the confusion matrix (rows: true label, columns: predicted)."""
+        total, truth, pred = 0.0, [], []
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in self.collate(examples[i:i + batch_size]).items()}
+            logits = self.logits(model, batch)
+            total += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+            truth += batch["labels"].tolist()
+            pred += logits.argmax(-1).tolist()
+        return {"eval_loss": total / max(len(truth), 1), **scores(truth, pred, len(self.labels))}
+
+    @staticmethod
+    def describe(metrics: dict | None) -> str:
+        return "-" if metrics is None else (f"loss {metrics['eval_loss']:.4f}, accuracy "
+                                            f"{100 * metrics['eval_accuracy']:.1f}%, macro-F1 "
+                                            f"{100 * metrics['eval_macro_f1']:.1f}%")
+
+
+def scores(truth: list[int], pred: list[int], n_labels: int) -> dict:
+    """Accuracy, macro-F1 (the mean of each label's F1 over the labels that occur in truth or predictions;
+    a label's F1 is 0 where it was never predicted or never right) and the confusion matrix."""
+    confusion = [[0] * n_labels for _ in range(n_labels)]
+    for t, p in zip(truth, pred):
+        confusion[t][p] += 1
+    f1s = []
+    for k in range(n_labels):
+        tp = confusion[k][k]
+        predicted, actual = sum(row[k] for row in confusion), sum(confusion[k])
+        if predicted or actual:
+            f1s.append(2 * tp / (predicted + actual))
+    return {"eval_accuracy": sum(confusion[k][k] for k in range(n_labels)) / max(len(truth), 1),
+            "eval_macro_f1": sum(f1s) / max(len(f1s), 1), "eval_confusion": confusion}
+
+
+def confusion_table(confusion: list[list[int]], labels: list[str]) -> str:
+    """The confusion matrix as text: a row per true label, a column per predicted one."""
+    width = max(6, *(len(l) for l in labels)) + 2
+    lines = ["true \\ predicted".ljust(width + 4) + "".join(l[:width - 2].rjust(width) for l in labels)]
+    for label, row in zip(labels, confusion):
+        lines.append(label[:width].ljust(width + 4) + "".join(str(v).rjust(width) for v in row))
+    return "\n".join(lines)
