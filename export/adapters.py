@@ -13,18 +13,30 @@ from pathlib import Path
 
 import numpy as np
 
+from .encoder import BASES, head_arrays
 from .weights import group_lora, lora_arrays
-from qlora_rt.adapters import read_lora
+from qlora_rt.adapters import labels_of, read_head, read_lora
 from qlora_rt.errors import QloraError
 from qlora_rt import manifest
 from qlora_rt.manifest import Manifest
 from qlora_rt.runtime import ADAPTER_DIR, ADAPTER_SUFFIX as SUFFIX, adapter_model_version, check_fits
 
 def adapter_arrays(adapter: str | Path, export_meta: Manifest) -> tuple[dict[str, str], dict[str, np.ndarray]]:
-    """An adapter folder's metadata, and its tensors named and laid out as the export's LoRA inputs."""
+    """An adapter folder's metadata, and its tensors named and laid out as the export's LoRA inputs (and, for
+    an encoder, its head and label names as the head inputs)."""
     _, meta, lora = read_lora(adapter)
     pairs = {name: lora_arrays(A, B, scale) for name, (A, B, scale) in lora.items()}
-    return meta, group_lora(pairs, export_meta.lora_groups)
+    arrays = group_lora(pairs, export_meta.lora_groups)
+    if export_meta.family == "encoder":
+        head = read_head(adapter)
+        if not head:
+            raise QloraError(f"--adapter {adapter}: has no classification head (modules_to_save); this export is a "
+                             "classifier, whose head each adapter brings")
+        try:
+            arrays.update(head_arrays(head, labels_of(meta, head, Path(adapter)), BASES[export_meta.model_type]))
+        except KeyError as e:
+            raise QloraError(f"--adapter {adapter}: its head lacks {e}; made for another architecture?") from None
+    return meta, arrays
 
 
 def check_base(adapter_meta: dict[str, str], export_meta: Manifest, where: str) -> None:

@@ -21,6 +21,7 @@ import onnx
 from .adapters import ADAPTER_DIR, SUFFIX, adapter_arrays, write_adapter
 from .calibration import HEAD, default_data, hessians
 from qlora_rt.data import load_examples
+from .classify import export_encoder
 from .decoder import DecoderSpec, build_decoder
 from .graph import Graph
 from .verify import verify
@@ -28,6 +29,7 @@ from .weights import HeadWriter, LinearWriter, add_shared_tensors, head_format
 from qlora_rt import __version__, quant
 from qlora_rt.adapters import open_trained
 from qlora_rt.config import ExportConfig
+from qlora_rt.encoder import is_classifier
 from qlora_rt.errors import QloraError
 from qlora_rt.files import atomic_dir, check_out, write_json
 from qlora_rt.load import SUPPORTED
@@ -122,6 +124,8 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
     check_out(cfg.out, cfg.overwrite, META, FORMAT, "export", reads=(cfg.adapter, cfg.model, cfg.calibration))
     t0 = time.perf_counter()
     loaded, qcfg, info = trained or open_trained(cfg.model, cfg.adapter)
+    if is_classifier(loaded.model):  # the encoder family (export/classify.py)
+        return export_encoder(cfg, loaded, qcfg, info, t0)
     model = loaded.model.eval()
     spec = spec_of(model.config)
     layers = lora_layers(model)

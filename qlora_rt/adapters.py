@@ -27,7 +27,7 @@ from qlora_rt import __version__
 from qlora_rt.encoder import HEADS, head_modules, head_tensors, load_head
 from qlora_rt.errors import QloraError
 from qlora_rt.files import atomic_dir, write_json
-from qlora_rt.load import Loaded, load
+from qlora_rt.load import Loaded, family, load
 from qlora_rt.lora import LoraConfig, lora_layers, lora_scale, quantize_model
 from qlora_rt.quant import QuantConfig
 from qlora_rt.svdinit import RESIDUAL, load_residual, require_residual
@@ -251,6 +251,8 @@ def open_trained(model_path: str | Path, adapter: str | Path | None = None, quan
                              f"merging it onto another base would not give the trained model")
         cfg = QuantConfig(format=quant_format)
     labels = labels_of(meta, read_head(adapter), Path(adapter)) if adapter else None
+    if not adapter and family(model_path) == "encoder":
+        labels = ["LABEL_0", "LABEL_1"]  # a bare base: a placeholder head (an adapter-aware export takes each adapter's)
     loaded = load(model_path, lazy=True, labels=labels)
     quantize_model(loaded.model, cfg, torch.device(device), loaded.gguf, tensors=loaded.tensors)
     info = load_adapter(loaded.model, adapter, loaded.fingerprint) if adapter else None

@@ -13,7 +13,7 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from qlora_rt.config import (ChatConfig, ExportAdapterConfig, ExportConfig, GenerateConfig, MergeConfig, TrainConfig,
+from qlora_rt.config import (ChatConfig, ClassifyConfig, ExportAdapterConfig, ExportConfig, GenerateConfig, MergeConfig, TrainConfig,
                              resolve_paths)
 from qlora_rt.errors import QloraError
 
@@ -110,6 +110,28 @@ def _chat(args: argparse.Namespace) -> None:
     chat(_build(ChatConfig, args))
 
 
+def _classify(args: argparse.Namespace) -> None:
+    import json
+
+    from qlora_rt.classifier import Classifier, classify_file, warn_truncated
+
+    cfg = _build(ClassifyConfig, args)
+    cfg.check()
+    clf = Classifier(cfg.folder, threads=cfg.threads)
+    if cfg.input and cfg.output:
+        n = classify_file(clf, Path(cfg.input), Path(cfg.output), cfg.adapter, cfg.batch_size)
+        print(f"{n} predictions written to {cfg.output}", file=sys.stderr)
+    elif cfg.input:
+        n = classify_file(clf, Path(cfg.input), None, cfg.adapter, cfg.batch_size)
+    else:
+        preds = clf.classify(cfg.text, cfg.text_pair, adapter=cfg.adapter, batch_size=cfg.batch_size)
+        n = len(preds)
+        for text, p in zip(cfg.text, preds):
+            shown = json.dumps(text if len(text) <= 60 else text[:57] + "...", ensure_ascii=False)
+            print(f"{p.label}\t{p.probs[p.label]:.3f}\t{shown}")
+    warn_truncated(clf, n)
+
+
 TRAINING_PACKAGES = ("torch", "bitsandbytes", "transformers", "safetensors", "gguf", "tqdm", "onnx")
 
 VERBS = {
@@ -127,6 +149,10 @@ VERBS = {
     "generate": (_generate, GenerateConfig, "complete prompts offline with an export (no torch needed)",
                  "Run an exported folder with onnxruntime: KV cache, greedy or seeded sampling, stop strings, "
                  "an adapter chosen per call. Needs only onnxruntime, numpy, tokenizers (and jinja2 for --chat)."),
+    "classify": (_classify, ClassifyConfig, "label texts offline with an encoder export (no torch needed)",
+                 "Run an exported classifier with onnxruntime: prints each text's label and its probability, or "
+                 "writes one {\"label\", \"probs\"} JSON line per --input line. Adapter-aware exports take the task "
+                 "with --adapter (its head and label names come with it)."),
     "chat": (_chat, ChatConfig, "talk to an export interactively (no torch needed)",
              "An interactive conversation with an exported folder, using its chat template. "
              "/adapter NAME switches adapters without reloading; /reset forgets; /exit quits."),

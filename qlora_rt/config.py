@@ -271,5 +271,32 @@ class GenerateConfig(RuntimeConfig):
 
 
 @dataclass
+class ClassifyConfig:
+    folder: str = option("", "an encoder export folder (written by `qlora-rt export` from a classifier run)",
+                         positional=True)
+    adapter: str | None = option(None, "adapter-aware exports: the task, a NAME under FOLDER/adapters/ or a "
+                                 "PATH.onnx_adapter, which brings its head and label names (default: the only one)")
+    text: list[str] = option(None, "a text to classify; repeat --text for several (one batch)")
+    text_pair: list[str] = option(None, "the second text of a pair, one per --text (entailment, question + passage)")
+    input: str | None = option(None, "JSONL of {\"text\": ...[, \"text_pair\": ...]} lines to classify", path=True)
+    output: str | None = option(None, "with --input: write one {\"label\", \"probs\"} line per input here "
+                                "(default: print them)", path=True)
+    batch_size: int = option(32, "texts per onnxruntime run", at_least=1)
+    threads: int = option(0, "CPU threads for onnxruntime (0 = its default)", at_least=0)
+
+    def check(self) -> None:
+        if not self.folder:
+            raise QloraError("FOLDER is required: an encoder export folder written by `qlora-rt export`")
+        check_values(self)
+        if bool(self.text) == bool(self.input):
+            raise QloraError("give --text (repeatable) or --input FILE.jsonl, one of the two")
+        if self.text_pair and len(self.text_pair) != len(self.text or []):
+            raise QloraError(f"--text-pair: {len(self.text_pair)} given for {len(self.text or [])} --text; "
+                             "give one per --text")
+        if self.output and not self.input:
+            raise QloraError("--output goes with --input")
+
+
+@dataclass
 class ChatConfig(RuntimeConfig):
     max_new_tokens: int = option(256, "longest reply, in tokens", at_least=1)

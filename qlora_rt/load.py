@@ -191,8 +191,8 @@ def _model_type(p: Path) -> str:
 
 
 def family(path: str | os.PathLike) -> str:
-    """decoder or encoder, from the checkpoint's config (a GGUF file is a decoder), after `check_model`."""
-    p = resolve(path)
+    """decoder or encoder, from the checkpoint's config (a GGUF file is a decoder), once `check_model` passed."""
+    p = check_model(path)[0]
     return "decoder" if p.is_file() else FAMILIES[_model_type(p)]
 
 

@@ -137,6 +137,7 @@ def read(folder: Path) -> Manifest:
 def expect(m: Manifest, family: str, folder: Path, verb: str) -> None:
     """A verb for one family given another family's export: say which verb serves it."""
     if m.family != family:
-        other = "generate or chat" if m.family == "decoder" else "classify"
-        raise QloraError(f"{folder} is a {m.family} ({m.task}) export; `qlora-rt {verb}` runs {family}s: use "
-                         f"`qlora-rt {other}`")
+        other = "`qlora-rt generate` or `qlora-rt chat`" if m.family == "decoder" else "`qlora-rt classify`"
+        article = "an" if m.family[0] in "aeiou" else "a"
+        raise QloraError(f"{folder} is {article} {m.family} ({m.task}) export; `qlora-rt {verb}` runs {family}s: "
+                         f"use {other}")

@@ -48,8 +48,8 @@ def check_fits(shapes: dict[str, list[int]], lora_inputs: dict[str, list], where
         if key not in lora_inputs:
             raise QloraError(f"{where}: adapts {key.rsplit('.', 1)[0]}, which has no LoRA input in this export "
                              "(made for another model, or exported for other target modules?)")
-        fixed = lora_inputs[key]  # (in, None) for A, (None, out) for B
-        if len(shape) != 2 or any(f is not None and f != d for f, d in zip(fixed, shape)):
+        fixed = lora_inputs[key]  # (in, None) for A, (None, out) for B; a classifier head's: None = its labels
+        if len(shape) != len(fixed) or any(f is not None and f != d for f, d in zip(fixed, shape)):
             raise QloraError(f"{where}: {key} has shape {list(shape)}, this export expects {fixed}: "
                              "it was made for another model")
 

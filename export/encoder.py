@@ -1,0 +1,219 @@
+"""A BERT-family sequence classifier as an ONNX graph, built op by op from the weights (no tracing).
+
+BERT/MiniLM, RoBERTa/XLM-R and DistilBERT share one post-norm block: self-attention, add & LayerNorm,
+a GELU (or ReLU) MLP, add & LayerNorm. They differ in names, in positions (RoBERTa counts them from its
+padding index, over the non-pad tokens) and in token types (BERT reads them). The head reads the first
+token: BERT's pooler (dense + tanh) then its classifier; RoBERTa's dense + tanh + out_proj; DistilBERT's
+pre_classifier + ReLU + classifier.
+
+    inputs   input_ids (B, T) int64, attention_mask (B, T) int64, [token_type_ids (B, T) int64: BERT]
+    outputs  logits (B, labels) float32, label_names (bytes) uint8: the labels' names as a JSON list
+
+Hidden states are (B*T, d) rows, as in the decoder: every Linear goes through the `LinearWriter`
+(export/weights.py), which stores the weight (fp32, fp16, int4, NF4) and adds LoRA inputs in
+adapter-aware exports. Attention is com.microsoft.MultiHeadAttention with an additive padding bias;
+each residual add is fused with its LayerNorm (com.microsoft.SkipLayerNormalization).
+
+The head is the task. Merged exports hold it as weights. In adapter-aware exports its weights, and the
+label names, are graph inputs whose defaults are a head of zero labels: every `.onnx_adapter` brings its
+LoRA, its head and its names, so one exported base serves several classifiers. The names pass through
+to the `label_names` output, so a plain onnxruntime session with an active adapter gets them too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from onnx import TensorProto, helper
+
+from qlora_rt.encoder import head_modules, takes_token_types
+from qlora_rt.errors import QloraError
+
+from .graph import MS, Graph
+
+ACTIVATIONS = {"gelu": ("Gelu", MS), "gelu_new": ("FastGelu", MS), "gelu_pytorch_tanh": ("FastGelu", MS),
+               "gelu_fast": ("FastGelu", MS), "relu": ("Relu", "")}
+BASES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "distilbert": "distilbert"}  # attribute
+LABEL_NAMES = "label_names"  # graph output; the input that feeds it is HEAD_LABELS
+HEAD_LABELS = "head.label_names"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    model_type: str
+    base: str           # the encoder's attribute in the classifier: bert / roberta / distilbert
+    layers: int
+    hidden: int
+    heads: int
+    eps: float
+    act: str
+    max_length: int     # positions the table holds (RoBERTa: after its padding offset)
+    token_types: bool   # BERT reads token_type_ids
+    pad_id: int
+
+
+def spec_of(model: torch.nn.Module) -> EncoderSpec:
+    c = model.config
+    kind = c.model_type
+    base = BASES.get(kind)
+    act = getattr(c, "hidden_act", None) or getattr(c, "activation", None)
+    if base is None:
+        raise QloraError(f"architecture {kind!r} is not supported by the encoder exporter; "
+                         "supported: bert, roberta, xlm-roberta, distilbert")
+    if act not in ACTIVATIONS:
+        raise QloraError(f"{kind}: activation {act!r} is not supported by the exporter ({', '.join(ACTIVATIONS)})")
+    if getattr(c, "position_embedding_type", "absolute") != "absolute":
+        raise QloraError(f"{kind}: position_embedding_type {c.position_embedding_type!r}: only absolute is supported")
+    if kind == "distilbert":
+        return EncoderSpec(kind, base, c.n_layers, c.dim, c.n_heads, 1e-12, act, c.max_position_embeddings, False,
+                           c.pad_token_id or 0)
+    offset = c.pad_token_id + 1 if base == "roberta" else 0
+    return EncoderSpec(kind, base, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.layer_norm_eps, act,
+                       c.max_position_embeddings - offset, takes_token_types(kind), c.pad_token_id or 0)
+
+
+def layer_names(spec: EncoderSpec, i: int) -> dict[str, str]:
+    """Module names of block i: q, k, v, o (attention), ln1, up, down, ln2."""
+    if spec.base == "distilbert":
+        p = f"distilbert.transformer.layer.{i}"
+        return {"q": f"{p}.attention.q_lin", "k": f"{p}.attention.k_lin", "v": f"{p}.attention.v_lin",
+                "o": f"{p}.attention.out_lin", "ln1": f"{p}.sa_layer_norm", "up": f"{p}.ffn.lin1",
+                "down": f"{p}.ffn.lin2", "ln2": f"{p}.output_layer_norm"}
+    p = f"{spec.base}.encoder.layer.{i}"
+    return {"q": f"{p}.attention.self.query", "k": f"{p}.attention.self.key", "v": f"{p}.attention.self.value",
+            "o": f"{p}.attention.output.dense", "ln1": f"{p}.attention.output.LayerNorm", "up": f"{p}.intermediate.dense",
+            "down": f"{p}.output.dense", "ln2": f"{p}.output.LayerNorm"}
+
+
+def add_shared_tensors(g: Graph, model: torch.nn.Module, spec: EncoderSpec) -> None:
+    """Embedding tables and every LayerNorm's weight and bias, as initializers named as in the model."""
+    for name, p in model.named_parameters():
+        if ".embeddings." in f".{name}" or "LayerNorm" in name or "layer_norm" in name:
+            g.init(name, p.detach().float().numpy())
+
+
+def _embeddings(g: Graph, spec: EncoderSpec) -> str:
+    """(B*T, d): LayerNorm(word + position (+ token type))."""
+    e = f"{spec.base}.embeddings"
+    h = g.op("Gather", [f"{e}.word_embeddings.weight", "input_ids"])  # (B, T, d)
+    if spec.base == "roberta":  # positions count the non-pad tokens, from padding_idx + 1
+        real = g.op("Cast", [g.op("Not", [g.op("Equal", ["input_ids", g.const(spec.pad_id)])])], to=TensorProto.INT64)
+        pos = g.op("Add", [g.op("Mul", [g.op("CumSum", [real, g.const(1)]), real]), g.const(spec.pad_id)])  # (B, T)
+    else:
+        pos = g.op("Range", [g.const(0), g.op("Squeeze", [g.op("Shape", ["input_ids"], start=1, end=2),
+                                                          g.const([0])]), g.const(1)])  # (T,)
+    h = g.op("Add", [h, g.op("Gather", [f"{e}.position_embeddings.weight", pos])])
+    if spec.token_types:
+        h = g.op("Add", [h, g.op("Gather", [f"{e}.token_type_embeddings.weight", "token_type_ids"])])
+    elif spec.base == "roberta":  # one token type, always 0: its row is a constant
+        h = g.op("Add", [h, g.op("Gather", [f"{e}.token_type_embeddings.weight", g.const(0)])])
+    h = g.op("LayerNormalization", [h, f"{e}.LayerNorm.weight", f"{e}.LayerNorm.bias"], axis=-1, epsilon=spec.eps)
+    return g.op("Reshape", [h, g.const([-1, spec.hidden])])
+
+
+def _padding_bias(g: Graph, batch: str, length: str) -> str:
+    """(B, 1, T, T) additive bias: 0 where the key is a token, -1e30 where it is padding."""
+    keep = g.op("Cast", [g.op("Unsqueeze", ["attention_mask", g.const([1, 2])])], to=TensorProto.BOOL)  # (B,1,1,T)
+    bias = g.op("Where", [keep, g.const(0.0, np.float32), g.const(-1e30, np.float32)])
+    return g.op("Expand", [bias, g.op("Concat", [batch, g.const([1]), length, length], axis=0)])
+
+
+def _layer(g: Graph, spec: EncoderSpec, lin, i: int, x: str, bias: str, rows3: str) -> str:
+    n = layer_names(spec, i)
+    q, k, v = (g.op("Reshape", [t, rows3]) for t in lin.many([n["q"], n["k"], n["v"]], x))  # (B, T, d) each
+    attn = g.op("MultiHeadAttention", [q, k, v, "", "", bias], domain=MS, num_heads=spec.heads)
+    a = lin(n["o"], g.op("Reshape", [attn, g.const([-1, spec.hidden])]))
+    x = g.op("SkipLayerNormalization", [a, x, f"{n['ln1']}.weight", f"{n['ln1']}.bias"], domain=MS, epsilon=spec.eps)
+    op, domain = ACTIVATIONS[spec.act]
+    f = lin(n["down"], g.op(op, [lin(n["up"], x)], domain=domain))
+    return g.op("SkipLayerNormalization", [f, x, f"{n['ln2']}.weight", f"{n['ln2']}.bias"], domain=MS, epsilon=spec.eps)
+
+
+def _io(g: Graph, spec: EncoderSpec) -> None:
+    i64 = TensorProto.INT64
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if spec.token_types else [])
+    g.inputs += [helper.make_tensor_value_info(n, i64, ["batch", "sequence"]) for n in names]
+    g.outputs += [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "labels"]),
+                  helper.make_tensor_value_info(LABEL_NAMES, TensorProto.UINT8, ["label_bytes"])]
+
+
+def build_encoder(spec: EncoderSpec, g: Graph, lin, head: "HeadWriter") -> None:
+    """Wire the encoder and its head into `g`; embeddings and LayerNorms must already be initializers."""
+    _io(g, spec)
+    batch = g.op("Shape", ["input_ids"], start=0, end=1)  # (1,) B
+    length = g.op("Shape", ["input_ids"], start=1, end=2)  # (1,) T
+    rows3 = g.op("Concat", [batch, length, g.const([-1])], axis=0)  # (B*T, n) -> (B, T, n)
+    bias = _padding_bias(g, batch, length)
+    x = _embeddings(g, spec)
+    for i in range(spec.layers):
+        x = _layer(g, spec, lin, i, x, bias, rows3)
+    first = g.op("Gather", [g.op("Reshape", [x, rows3]), g.const(0)], axis=1)  # (B, d): [CLS] / <s>
+    head(first)
+
+
+# The head's Linears in the order they run, and the activation after each but the last.
+HEAD_CHAIN = {"bert": (("bert.pooler.dense", "Tanh"), ("classifier", None)),
+              "roberta": (("classifier.dense", "Tanh"), ("classifier.out_proj", None)),
+              "distilbert": (("pre_classifier", "Relu"), ("classifier", None))}
+
+
+def head_arrays(tensors: dict[str, torch.Tensor], labels: list[str], base: str) -> dict[str, np.ndarray]:
+    """A head's tensors ({model param name: tensor}) and label names as the graph's head inputs: each weight
+    (out, in) as (in, out) for MatMul, its bias, and the names as UTF-8 JSON bytes."""
+    out = {}
+    for module, _ in HEAD_CHAIN[base]:
+        out[f"head.{module}.weight"] = tensors[f"{module}.weight"].detach().float().T.contiguous().numpy()
+        out[f"head.{module}.bias"] = tensors[f"{module}.bias"].detach().float().contiguous().numpy()
+    out[HEAD_LABELS] = np.frombuffer(json.dumps(labels).encode(), np.uint8).copy()
+    return out
+
+
+class HeadWriter:
+    """The classification head on the first token's hidden state. merged: its trained weights as initializers;
+    adapter-aware: graph inputs (`head.<module>.weight` (in, out), `.bias`, `head.label_names`) whose
+    defaults give zero labels, so each adapter brings its own (recorded in `inputs`: their fixed dims)."""
+
+    def __init__(self, g: Graph, model: torch.nn.Module, spec: EncoderSpec, mode: str, labels: list[str]) -> None:
+        self.g, self.spec, self.mode, self.labels = g, spec, mode, labels
+        self.chain = HEAD_CHAIN[spec.base]
+        names = {f"{m}.{k}" for m in head_modules(model) for k, _ in model.get_submodule(m).named_parameters()}
+        self.tensors = {n: p for n, p in model.named_parameters() if n in names}
+        self.inputs: dict[str, list] = {}  # adapter-aware: each head input's fixed dims (None: the label count)
+
+    def __call__(self, x: str) -> str:
+        g = self.g
+        arrays = head_arrays(self.tensors, self.labels, self.spec.base)
+        for i, (module, act) in enumerate(self.chain):
+            w, b = f"head.{module}.weight", f"head.{module}.bias"
+            last = i == len(self.chain) - 1
+            if self.mode == "adapter-aware":
+                self._input(w, arrays[w], TensorProto.FLOAT, last)
+                self._input(b, arrays[b], TensorProto.FLOAT, last)
+            else:
+                g.init(w, arrays[w])
+                g.init(b, arrays[b])
+            x = g.op("Add", [g.op("MatMul", [x, w]), b])
+            if act:
+                x = g.op(act, [x])
+        g.op("Identity", [x], ["logits"])
+        if self.mode == "adapter-aware":
+            self._input(HEAD_LABELS, arrays[HEAD_LABELS], TensorProto.UINT8, True)
+        else:
+            g.init(HEAD_LABELS, arrays[HEAD_LABELS])
+        g.op("Identity", [HEAD_LABELS], [LABEL_NAMES])
+        return "logits"
+
+    def _input(self, name: str, array: np.ndarray, dtype: int, per_task: bool) -> None:
+        """An overridable input; the last Linear's (and the names') label dimension is symbolic, default 0."""
+        if per_task:
+            shape = list(array.shape[:-1]) + [0]
+            dims = list(array.shape[:-1]) + ["labels" if name != HEAD_LABELS else "label_bytes"]
+            default = np.zeros(shape, array.dtype)
+        else:
+            dims, default = list(array.shape), array
+        self.g.init(name, default)
+        self.g.inputs.append(helper.make_tensor_value_info(name, dtype, dims))
+        self.inputs[name] = [d if isinstance(d, int) else None for d in dims]
