@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast demo bench bench-decode clean
+.PHONY: setup test test-fast demo sentiment bench bench-decode clean
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -18,6 +18,10 @@ test-fast: setup
 
 demo: setup
 	$(PY) examples/demo.py
+
+# The encoder family: a 4-bit all-MiniLM-L6-v2 sentiment classifier on real reviews and tweets.
+sentiment: setup
+	$(PY) examples/sentiment.py
 
 bench: setup
 	$(PY) bench/train_vs_peft.py

