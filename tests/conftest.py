@@ -137,6 +137,7 @@ ENCODER_CONFIGS = {
                     max_position_embeddings=66, type_vocab_size=1),
     "distilbert": dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4, max_position_embeddings=64),
 }
+ENCODER_CONFIGS["xlm-roberta"] = ENCODER_CONFIGS["roberta"]
 
 
 def save_encoder(folder: Path, model_type: str = "bert", seed: int = 0) -> Path:
