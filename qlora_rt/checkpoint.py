@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qlora_rt.adapters import PREFIX, adapter_tensors
+from qlora_rt.encoder import load_head
 from qlora_rt.errors import QloraError
 from qlora_rt.files import atomic_dir, resolve, write_json
 from qlora_rt.lora import lora_layers
@@ -111,8 +112,13 @@ def load(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
     if set(tensors) != set(adapter_tensors(model)):
         raise QloraError(f"{found}: checkpoint adapter does not match this run's targets/rank; "
                          "was the run's config changed?")
+    head = {k.removeprefix(PREFIX): t for k, t in tensors.items() if ".lora_" not in k}
+    if head:  # an encoder's classification head, trained in full
+        load_head(model, head, str(found))
     with torch.no_grad():
         for key, t in tensors.items():
+            if ".lora_" not in key:
+                continue
             owner, ab = key.removeprefix(PREFIX).rsplit(".lora_", 1)
             target = getattr(layers[owner], f"lora_{ab[0]}").weight
             if target.shape != t.shape:

@@ -97,8 +97,9 @@ def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: b
         config.pop(key, None)
     config_obj = type(model.config).from_dict(config)
     config_obj.dtype = torch.float32
-    # a config read from GGUF names no architecture; tools that read config.json (genai's builder) need it
-    config_obj.architectures = config_obj.architectures or [type(model).__name__]
+    # the class the weights are for: a config read from GGUF names none, and a classifier merged from a base
+    # encoder's checkpoint (BertModel) now holds its head (tools that read config.json need the right one)
+    config_obj.architectures = [type(model).__name__]
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_shards(weights, tmp)
         config_obj.save_pretrained(tmp)

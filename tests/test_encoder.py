@@ -137,3 +137,40 @@ def test_train_help_names_the_task(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--task {auto,causal-lm,classify}" in capsys.readouterr().out
+
+
+def test_interrupted_classifier_run_resumes_to_the_same_adapter_and_head(tiny_bert, sentiment, tmp_path):
+    """The head is in every checkpoint: a run cut at step 5 (checkpoint at 4) and resumed equals one that
+    never stopped, head included."""
+    kw = dict(steps=8, checkpoint_every=4, dropout=0.0)
+    train(config(tiny_bert, sentiment, tmp_path / "full", **kw))
+
+    def interrupt(record):
+        if record["step"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_bert, sentiment, tmp_path / "cut", **kw), on_step=interrupt)
+    train(config(tiny_bert, sentiment, tmp_path / "cut", resume=True, **kw))
+    tensors = []
+    for run in ("full", "cut"):
+        with safe_open(str(tmp_path / run / "adapter" / "adapter_model.safetensors"), "pt") as h:
+            tensors.append({k: h.get_tensor(k) for k in h.keys()})
+    assert tensors[0].keys() == tensors[1].keys() and "base_model.model.classifier.weight" in tensors[0]
+    assert max((tensors[0][k] - tensors[1][k]).abs().max().item() for k in tensors[0]) <= 1e-6
+
+
+def test_merged_classifier_is_a_plain_transformers_checkpoint(bert_run, tiny_bert, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from qlora_rt.merge import merge
+
+    out = merge(str(tiny_bert), str(bert_run), str(tmp_path / "merged"))
+    config_json = json.loads((out / "config.json").read_text())
+    assert config_json["architectures"] == ["BertForSequenceClassification"]
+    plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert plain.config.id2label == {0: "negative", 1: "positive"}
+    ours = open_trained(tiny_bert, bert_run)[0].model
+    batch = {"input_ids": torch.tensor([[2, 10, 11, 12, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.allclose(plain(**batch).logits, ours(**batch).logits, atol=1e-4)
