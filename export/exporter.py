@@ -136,7 +136,7 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
     add_shared_tensors(g, model, max_context)
     writer = LinearWriter(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size)
     approximate = cfg.weights == "int4" and (any(map(writer.requantizes, writer.layers)) or any(
-        quant.is_int4(m.weight) and m.weight.int4.compute == "int8" for m in writer.layers.values()))
+        quant.format_of(m.weight).approximate_in_onnx(m.weight) for m in writer.layers.values()))
     head_kind = head_format(cfg.head, approximate)
     rounding = _calibrate(cfg, writer, model, loaded.tokenizer, head_kind)
     head = HeadWriter(g, model, cfg.weights, head_kind, H=writer.hessians.pop(HEAD, None))

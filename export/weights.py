@@ -65,10 +65,9 @@ class LinearWriter:
     def _nbits(self, name: str) -> tuple[dict[str, np.ndarray], int4.Int4, int]:
         """One Linear's MatMulNBits inputs, int4 state and accuracy level: the trained int4 bytes as they
         are, or the (merged) float weight requantized (GPTQ where calibration gave an H)."""
-        layer = self.layers[name]
         if not self.requantizes(name):
-            s = layer.weight.int4
-            return int4.nbits_inputs(layer.weight.data, s), s, {"int8": 4, "fp32": 0}[s.compute]
+            packed, s = self._trained_nbits(name)
+            return int4.nbits_inputs(packed, s), s, {"int8": 4, "fp32": 0}[s.compute]
         w = self._float_weight(name)
         inputs, s, err = int4.requantize(w, self.block_size, self.hessians.get(name))
         self.requant_err.append(err)
@@ -78,7 +77,7 @@ class LinearWriter:
         """Whether these Linears' int4 products can be one MatMulNBits: same K, block, accuracy, inputs."""
         kinds = set()
         for n in names:
-            s = None if self.requantizes(n) else self.layers[n].weight.int4
+            s = None if self.requantizes(n) else self._trained_nbits(n)[1]
             kinds.add((s.K, s.block, s.compute, s.zeros is None, s.mins is None) if s else ("requantized",))
         return len(kinds) == 1
 
@@ -115,7 +114,7 @@ class LinearWriter:
     def _nf4(self, names: list[str], x: str) -> list[str]:
         """MatMulBnb4 over the trained NF4/FP4 bytes; Linears whose blocks do not straddle their ends (each
         weight a whole number of blocks) are one node over the concatenated bytes, which is the same thing."""
-        parts = [quant.bnb4_export(self.layers[n].weight) for n in names]
+        parts = [self._trained_bnb4(n) for n in names]
         whole = all(p[0].numel() * 2 % p[3] == 0 and p[2:] == parts[0][2:] for p in parts)
         groups = [names] if whole else [[n] for n in names]
         part = dict(zip(names, parts))
@@ -135,9 +134,22 @@ class LinearWriter:
         w = torch.cat([self._float_weight(n) for n in names])  # (Σout, in)
         return [self.g.op("MatMul", [x, self._weight(group_name(names), w)])]
 
+    def _trained_nbits(self, name: str):
+        """The trained base's own MatMulNBits form (its format has one: the int4 format), or None."""
+        w = self.layers[name].weight
+        return quant.format_of(w).nbits(w)
+
+    def _trained_bnb4(self, name: str):
+        w = self.layers[name].weight
+        found = quant.format_of(w).bnb4(w)
+        if found is None:
+            raise QloraError(f"--weights nf4 needs a base trained in nf4 or fp4 ({name} is "
+                             f"{quant.format_of(w).describe(w)})")
+        return found
+
     def requantizes(self, name: str) -> bool:
         """Whether this Linear's int4 weight is rounded here rather than copied from training."""
-        return self.weights == "int4" and not (self.mode == "adapter-aware" and quant.is_int4(self.layers[name].weight))
+        return self.weights == "int4" and not (self.mode == "adapter-aware" and self._trained_nbits(name) is not None)
 
     def _float_weight(self, name: str) -> torch.Tensor:
         """The base as trained, in fp32, with the adapter folded in when merging."""

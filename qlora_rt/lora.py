@@ -80,8 +80,7 @@ class LoRALinear(nn.Module):
         return y + (self.lora_B(h) * self.scale).to(y.dtype)  # (..., out)
 
     def extra_repr(self) -> str:
-        fmt = "int4" if quant.is_int4(self.weight) else (
-            getattr(self.weight, "quant_type", None) or str(self.weight.dtype).removeprefix("torch."))
+        fmt = quant.format_of(self.weight).describe(self.weight)
         return f"in={self.in_features}, out={self.out_features}, base={fmt}, rank={self.rank}, scale={self.scale:g}"
 
 
@@ -129,7 +128,7 @@ def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.devic
     tensors: where a lazily loaded model's Linear weights are (`load(..., lazy=True)`): each is read, in
     fp32, only when it is quantized.
     """
-    imported = _gguf_int4(gguf, model, cfg) if gguf is not None and cfg.format == "int4" else {}
+    imported = quant.FORMATS[cfg.format].import_gguf(gguf, model.config, cfg) if gguf is not None else {}
     model.requires_grad_(False)
     # names only: holding the modules themselves would keep every fp32 weight alive until the end
     for name in linear_names(model):
@@ -170,22 +169,6 @@ def _malloc_trim():
         return ctypes.CDLL(None).malloc_trim
     except (AttributeError, OSError):
         return None
-
-
-def _gguf_int4(path, model: nn.Module, cfg: quant.QuantConfig) -> dict:
-    import warnings
-
-    from qlora_rt import int4
-
-    if cfg.block_size != 32:
-        warnings.warn(f"--block-size {cfg.block_size}: GGUF Q4 blocks hold 32 weights, so the base is requantized "
-                      "from its dequantized weights; use --block-size 32 to train on the file's own int4 weights")
-        return {}
-    imported, other = int4.read_gguf_linears(path, model.config, cfg.int4_compute)
-    if other:
-        warnings.warn(f"{len(other)} Linear weights of {path.name} are not Q4_0/Q4_1 (e.g. {other[0]}): they are "
-                      "dequantized and requantized to int4 by rounding")
-    return imported
 
 
 def _move_unquantized(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -1,8 +1,9 @@
 """The frozen base's 4-bit weight format: quantize, multiply, dequantize.
 
-This is the one place that knows how a base weight is stored. Everything else (the LoRA layer, merge,
-export) goes through the three functions below, so a new format (the project's own int4 layout) is a
-new branch here and nowhere else.
+This is the one place that knows how a base weight is stored: each format is one object (`Format`) that
+quantizes, multiplies, dequantizes, saves and describes its weights, and `format_of(weight)` is the one
+place that tells a stored weight's format. Everything else (the LoRA layer, merge, PiSSA/LoftQ, export)
+asks that object and never branches on a format's name; a new format is a new class here.
 
 Formats:
   nf4 / fp4  bitsandbytes 4-bit, block-wise absmax (blocksize 64 by default); with double quantization
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora_rt import int4
-from qlora_rt.config import QUANT_FORMATS as FORMATS
+from qlora_rt.config import QUANT_FORMATS
 from qlora_rt.errors import QloraError
 
 DEFAULT_BLOCK = {"nf4": 64, "fp4": 64, "int4": 32, "none": 64}
@@ -37,8 +38,8 @@ class QuantConfig:
     int4_compute: str = "fp32"  # int4: as MatMulNBits accuracy_level 0 (fp32) or 4 (int8 activations)
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise QloraError(f"--quant: unknown format {self.format!r}; expected one of {', '.join(FORMATS)}")
+        if self.format not in QUANT_FORMATS:
+            raise QloraError(f"--quant: unknown format {self.format!r}; expected one of {', '.join(QUANT_FORMATS)}")
         if self.block_size is None:
             object.__setattr__(self, "block_size", DEFAULT_BLOCK[self.format])
         if self.format in ("nf4", "fp4") and self.block_size not in (64, 128, 256, 512, 1024, 2048, 4096):
@@ -72,12 +73,203 @@ def _bnb():
     return bnb
 
 
+class Format:
+    """A frozen base weight's storage: a Parameter the format made (`quantize`), read only through it."""
+    name = "?"
+
+    def quantize(self, weight: torch.Tensor, cfg: QuantConfig, device: torch.device,
+                 imported: tuple[torch.Tensor, int4.Int4] | None = None) -> torch.nn.Parameter:
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight as the forward pass sees it, in fp32, shape (out, in)."""
+        raise NotImplementedError
+
+    def storage_bytes(self, weight: torch.Tensor) -> int:
+        return weight.numel() * weight.element_size()
+
+    def state_tensors(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def from_state_tensors(self, t: dict[str, torch.Tensor], cfg: QuantConfig, device: torch.device) -> torch.nn.Parameter:
+        raise NotImplementedError
+
+    def describe(self, weight: torch.Tensor) -> str:
+        return self.name
+
+    def import_gguf(self, path, config, cfg: QuantConfig) -> dict[str, tuple[torch.Tensor, int4.Int4]]:
+        """Linear weights a GGUF file holds in this very format, by module name, to take as they are (the rest
+        are quantized from their dequantized values)."""
+        return {}
+
+    # What the exporter may ask: the weight's exact form for an onnxruntime 4-bit kernel, where it has one.
+    def nbits(self, weight: torch.Tensor) -> tuple[torch.Tensor, int4.Int4] | None:
+        """The stored bytes and state as com.microsoft.MatMulNBits takes them (exact), or None."""
+        return None
+
+    def bnb4(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+        """(packed uint8, fp32 absmax, quant_type 0 fp4 / 1 nf4, block) as com.microsoft.MatMulBnb4 takes
+        them (exact), or None."""
+        return None
+
+    def approximate_in_onnx(self, weight: torch.Tensor) -> bool:
+        """Whether its onnxruntime product is not held to the fp32 tolerance (int8 activations)."""
+        return False
+
+
+class Plain(Format):
+    """`--quant none`: a plain floating-point tensor in the compute dtype (plain LoRA, tests)."""
+    name = "none"
+
+    def quantize(self, weight, cfg, device, imported=None):
+        return torch.nn.Parameter(weight.detach().to(device=device, dtype=cfg.compute_dtype), requires_grad=False)
+
+    def linear(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def dequantize(self, weight):
+        return weight.detach().float()
+
+    def state_tensors(self, weight):
+        return {"weight": weight.detach().float()}
+
+    def from_state_tensors(self, t, cfg, device):
+        return torch.nn.Parameter(t["weight"].to(device=device, dtype=cfg.compute_dtype), requires_grad=False)
+
+    def describe(self, weight):
+        return str(weight.dtype).removeprefix("torch.")
+
+
+class Bnb4(Format):
+    """bitsandbytes NF4 / FP4: block-wise absmax, optionally double-quantized; `Params4bit` weights."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def quantize(self, weight, cfg, device, imported=None):
+        bnb = _bnb()
+        w = weight.detach().to(device=device, dtype=torch.float32).contiguous()
+        packed, state = bnb.functional.quantize_4bit(
+            w, blocksize=cfg.block_size, compress_statistics=cfg.double_quant, quant_type=self.name,
+            quant_storage=torch.uint8)
+        state.dtype = cfg.compute_dtype  # dtype the matmul dequantizes to
+        return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=cfg.block_size,
+                                 compress_statistics=cfg.double_quant, quant_type=self.name, bnb_quantized=True,
+                                 module=None)
+
+    def linear(self, x, weight, bias):
+        return _bnb().matmul_4bit(x, weight.t(), bias=bias, quant_state=weight.quant_state)
+
+    def dequantize(self, weight):
+        return _bnb().functional.dequantize_4bit(weight.data, weight.quant_state).float()  # double quant folded
+
+    def storage_bytes(self, weight):
+        state = weight.quant_state
+        n = weight.numel() * weight.element_size() + state.absmax.numel() * state.absmax.element_size()
+        if state.nested:
+            n += state.state2.absmax.numel() * state.state2.absmax.element_size()
+        return n
+
+    def state_tensors(self, weight):
+        return {"weight": weight.data, **{f"qs.{k}": v for k, v in weight.quant_state.as_dict(packed=True).items()}}
+
+    def from_state_tensors(self, t, cfg, device):
+        bnbf = _bnb().functional
+        state = bnbf.QuantState.from_dict({k[3:]: v for k, v in t.items() if k.startswith("qs.")}, device=device)
+        state.dtype = cfg.compute_dtype
+        return _bnb().nn.Params4bit(t["weight"].to(device), requires_grad=False, quant_state=state,
+                                    blocksize=state.blocksize, compress_statistics=state.nested,
+                                    quant_type=state.quant_type, bnb_quantized=True, module=None)
+
+    def describe(self, weight):
+        return weight.quant_state.quant_type
+
+    def bnb4(self, weight):
+        """Double-quantized absmax is folded to fp32 here, exactly as bitsandbytes' own dequantization does."""
+        bnbf = _bnb().functional
+        state = weight.quant_state
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+        return (weight.data.reshape(-1).cpu(), absmax.float().cpu(), {"fp4": 0, "nf4": 1}[state.quant_type],
+                state.blocksize)
+
+
+class Int4Format(Format):
+    """The project's own int4 (qlora_rt/int4.py): packed bytes with an `Int4` state, laid out and computed as
+    onnxruntime's MatMulNBits; a GGUF base's Q4_0/Q4_1 tensors are imported as they are."""
+    name = "int4"
+
+    def quantize(self, weight, cfg, device, imported=None):
+        packed, state = imported or int4.quantize(weight, cfg.block_size, cfg.symmetric, cfg.int4_compute)
+        return self._param(packed, state, device)
+
+    @staticmethod
+    def _param(packed: torch.Tensor, state: int4.Int4, device: torch.device) -> torch.nn.Parameter:
+        state.scales = state.scales.to(device)
+        state.zeros = None if state.zeros is None else state.zeros.to(device)
+        state.mins = None if state.mins is None else state.mins.to(device)
+        param = torch.nn.Parameter(packed.to(device), requires_grad=False)
+        param.int4 = state
+        return param
+
+    def linear(self, x, weight, bias):
+        return int4.linear(x, weight, weight.int4, bias)
+
+    def dequantize(self, weight):
+        return int4.dequantize(weight.data, weight.int4)
+
+    def storage_bytes(self, weight):
+        s = weight.int4
+        return weight.numel() * weight.element_size() + sum(
+            t.numel() * t.element_size() for t in (s.scales, s.zeros, s.mins) if t is not None)
+
+    def state_tensors(self, weight):
+        s = weight.int4
+        out = {"weight": weight.data, "scales": s.scales, "K": torch.tensor([s.K, s.block])}
+        out.update({k: v for k, v in (("zeros", s.zeros), ("mins", s.mins)) if v is not None})
+        return out
+
+    def from_state_tensors(self, t, cfg, device):
+        K, block = (int(v) for v in t["K"])
+        state = int4.Int4(t["scales"], t.get("zeros"), t.get("mins"), K, block, cfg.int4_compute, "rtn")
+        return self._param(t["weight"], state, device)
+
+    def import_gguf(self, path, config, cfg):
+        import warnings
+
+        if cfg.block_size != 32:
+            warnings.warn(f"--block-size {cfg.block_size}: GGUF Q4 blocks hold 32 weights, so the base is requantized "
+                          "from its dequantized weights; use --block-size 32 to train on the file's own int4 weights")
+            return {}
+        imported, other = int4.read_gguf_linears(path, config, cfg.int4_compute)
+        if other:
+            warnings.warn(f"{len(other)} Linear weights of {path.name} are not Q4_0/Q4_1 (e.g. {other[0]}): they are "
+                          "dequantized and requantized to int4 by rounding")
+        return imported
+
+    def nbits(self, weight):
+        return weight.data, weight.int4
+
+    def approximate_in_onnx(self, weight):
+        return weight.int4.compute == "int8"
+
+
+PLAIN = Plain()
+FORMATS: dict[str, Format] = {"nf4": Bnb4("nf4"), "fp4": Bnb4("fp4"), "int4": Int4Format(), "none": PLAIN}
+
+
+def format_of(weight: torch.Tensor) -> Format:
+    """The format a stored weight is in: the one place that tells them apart."""
+    if getattr(weight, "int4", None) is not None:
+        return FORMATS["int4"]
+    state = getattr(weight, "quant_state", None)
+    return FORMATS[state.quant_type] if state is not None else PLAIN
+
+
 def is_quantized(weight: torch.Tensor) -> bool:
-    return getattr(weight, "quant_state", None) is not None or is_int4(weight)
-
-
-def is_int4(weight: torch.Tensor) -> bool:
-    return getattr(weight, "int4", None) is not None
+    return format_of(weight) is not PLAIN
 
 
 def quantize(weight: torch.Tensor, cfg: QuantConfig, device: torch.device,
@@ -88,103 +280,30 @@ def quantize(weight: torch.Tensor, cfg: QuantConfig, device: torch.device,
     rebuild the trained base from the original checkpoint instead of storing a copy of it.
     `imported`: int4 bytes taken as they are from the source file (GGUF Q4_0/Q4_1) instead of rounding.
     """
-    if cfg.format == "int4":
-        packed, state = imported or int4.quantize(weight, cfg.block_size, cfg.symmetric, cfg.int4_compute)
-        state.scales = state.scales.to(device)
-        state.zeros = None if state.zeros is None else state.zeros.to(device)
-        state.mins = None if state.mins is None else state.mins.to(device)
-        param = torch.nn.Parameter(packed.to(device), requires_grad=False)
-        param.int4 = state
-        return param
-    if cfg.format == "none":
-        return torch.nn.Parameter(weight.detach().to(device=device, dtype=cfg.compute_dtype), requires_grad=False)
-    bnb = _bnb()
-    w = weight.detach().to(device=device, dtype=torch.float32).contiguous()
-    packed, state = bnb.functional.quantize_4bit(
-        w, blocksize=cfg.block_size, compress_statistics=cfg.double_quant, quant_type=cfg.format,
-        quant_storage=torch.uint8)
-    state.dtype = cfg.compute_dtype  # dtype the matmul dequantizes to
-    return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=cfg.block_size,
-                             compress_statistics=cfg.double_quant, quant_type=cfg.format, bnb_quantized=True,
-                             module=None)
+    return FORMATS[cfg.format].quantize(weight, cfg, device, imported)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T + b for a weight in any format; gradients flow to x only (the base is frozen)."""
-    if is_int4(weight):
-        return int4.linear(x, weight, weight.int4, bias)
-    if is_quantized(weight):
-        return _bnb().matmul_4bit(x, weight.t(), bias=bias, quant_state=weight.quant_state)
-    return F.linear(x, weight, bias)
+    return format_of(weight).linear(x, weight, bias)
 
 
 def dequantize(weight: torch.Tensor) -> torch.Tensor:
     """The weight as the forward pass sees it, in fp32, shape (out, in). Double-quant absmax is folded."""
-    if is_int4(weight):
-        return int4.dequantize(weight.data, weight.int4)
-    if is_quantized(weight):
-        bnb = _bnb()
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
-    return weight.detach().float()
+    return format_of(weight).dequantize(weight)
 
 
 def storage_bytes(weight: torch.Tensor) -> int:
     """Bytes the weight occupies, quantization statistics included."""
-    n = weight.numel() * weight.element_size()
-    if is_int4(weight):
-        s = weight.int4
-        return n + sum(t.numel() * t.element_size() for t in (s.scales, s.zeros, s.mins) if t is not None)
-    state = getattr(weight, "quant_state", None)
-    if state is not None:
-        n += state.absmax.numel() * state.absmax.element_size()
-        if state.nested:
-            n += state.state2.absmax.numel() * state.state2.absmax.element_size()
-    return n
-
-
-def bnb4_export(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """The trained 4-bit bytes as onnxruntime's MatMulBnb4 takes them.
-
-    Returns (packed uint8 (N*K/2,), fp32 absmax (blocks,), quant_type (0 fp4, 1 nf4), block size).
-    Double-quantized absmax is folded to fp32 here, exactly as bitsandbytes' own dequantization does.
-    """
-    if not is_quantized(weight) or is_int4(weight):
-        raise QloraError("--weights nf4 needs a base trained in nf4 or fp4 (this one is not 4-bit)")
-    bnbf = _bnb().functional
-    state = weight.quant_state
-    absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
-    return (weight.data.reshape(-1).cpu(), absmax.float().cpu(), {"fp4": 0, "nf4": 1}[state.quant_type],
-            state.blocksize)
+    return format_of(weight).storage_bytes(weight)
 
 
 def state_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """The tensors that rebuild a frozen weight exactly (`from_state_tensors`), for saving a base that
     cannot be regenerated from the checkpoint (a PiSSA/LoftQ residual). Keys are relative: prefix them."""
-    if is_int4(weight):
-        s = weight.int4
-        out = {"weight": weight.data, "scales": s.scales, "K": torch.tensor([s.K, s.block])}
-        out.update({k: v for k, v in (("zeros", s.zeros), ("mins", s.mins)) if v is not None})
-    elif is_quantized(weight):
-        out = {"weight": weight.data, **{f"qs.{k}": v for k, v in weight.quant_state.as_dict(packed=True).items()}}
-    else:
-        out = {"weight": weight.detach().float()}
-    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+    return {k: v.detach().cpu().contiguous() for k, v in format_of(weight).state_tensors(weight).items()}
 
 
 def from_state_tensors(t: dict[str, torch.Tensor], cfg: QuantConfig, device: torch.device) -> torch.nn.Parameter:
     """Inverse of `state_tensors` for a base of format `cfg.format`."""
-    if cfg.format == "int4":
-        K, block = (int(v) for v in t["K"])
-        state = int4.Int4(t["scales"].to(device), t["zeros"].to(device) if "zeros" in t else None,
-                          t["mins"].to(device) if "mins" in t else None, K, block, cfg.int4_compute, "rtn")
-        param = torch.nn.Parameter(t["weight"].to(device), requires_grad=False)
-        param.int4 = state
-        return param
-    if cfg.format == "none":
-        return torch.nn.Parameter(t["weight"].to(device=device, dtype=cfg.compute_dtype), requires_grad=False)
-    bnbf = _bnb().functional
-    state = bnbf.QuantState.from_dict({k[3:]: v for k, v in t.items() if k.startswith("qs.")}, device=device)
-    state.dtype = cfg.compute_dtype
-    return _bnb().nn.Params4bit(t["weight"].to(device), requires_grad=False, quant_state=state,
-                                blocksize=state.blocksize, compress_statistics=state.nested,
-                                quant_type=state.quant_type, bnb_quantized=True, module=None)
+    return FORMATS[cfg.format].from_state_tensors(t, cfg, device)

@@ -60,3 +60,22 @@ def test_bitsandbytes_hub_kernel_notice_is_filtered(caplog):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s", "No module named 'kernels'")
         logger.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int4", "none"])
+def test_each_format_object_owns_its_weights(fmt):
+    """format_of finds the object that made a weight; it saves and rebuilds it exactly, and it answers the
+    exporter's questions (an exact MatMulNBits or MatMulBnb4 form) for its own weights only."""
+    torch.manual_seed(2)
+    cpu = torch.device("cpu")
+    w, x = torch.randn(48, 64), torch.randn(3, 64)
+    cfg = quant.QuantConfig(fmt)
+    qw = quant.quantize(w, cfg, cpu)
+    owner = quant.format_of(qw)
+    assert owner is quant.FORMATS[fmt] and quant.is_quantized(qw) == (fmt != "none")
+    rebuilt = quant.from_state_tensors(quant.state_tensors(qw), cfg, cpu)
+    assert quant.format_of(rebuilt) is owner and torch.equal(quant.dequantize(rebuilt), quant.dequantize(qw))
+    torch.testing.assert_close(quant.linear(x, rebuilt), quant.linear(x, qw), rtol=0, atol=0)
+    assert (owner.nbits(qw) is not None) == (fmt == "int4")
+    assert (owner.bnb4(qw) is not None) == (fmt in ("nf4", "fp4"))
+    assert owner.describe(qw) == (fmt if fmt != "none" else "float32")
