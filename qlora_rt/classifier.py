@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from qlora_rt import manifest
 from qlora_rt.errors import QloraError
-from qlora_rt.runtime import ADAPTER_DIR, ADAPTER_SUFFIX, adapter_model_version, check_fits
+from qlora_rt.runtime import adapter_names, find_adapter, open_session, read_adapter_file
 
 HEAD_LABELS = "head.label_names"  # the graph input (and adapter tensor) holding the label names as JSON bytes
 
@@ -46,15 +46,7 @@ class Classifier:
         self.folder = Path(folder)
         self.meta = manifest.read(self.folder)
         manifest.expect(self.meta, "encoder", self.folder, "classify")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # the head's and LoRA inputs' initializers are meant to be overridable
-        opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(self.folder / "model.onnx"), opts,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime's own error types; the first line says what it could not read
-            raise QloraError(f"{self.folder / 'model.onnx'}: onnxruntime cannot load it "
-                             f"({str(e).strip().splitlines()[0][:300]}); export it again") from None
+        self.session = open_session(self.folder, threads)
         path = self.folder / "tokenizer.json"
         if not path.is_file():
             raise QloraError(f"{self.folder} has no tokenizer.json (the export writes one)")
@@ -67,7 +59,7 @@ class Classifier:
 
     @property
     def adapter_names(self) -> list[str]:
-        return sorted(p.name[: -len(ADAPTER_SUFFIX)] for p in (self.folder / ADAPTER_DIR).glob(f"*{ADAPTER_SUFFIX}"))
+        return adapter_names(self.folder)
 
     def _adapter(self, name_or_path: str | Path | None) -> tuple[ort.LoraAdapter | None, list[str]]:
         """The adapter to activate (None for a merged export) and the label names it brings."""
@@ -81,29 +73,13 @@ class Classifier:
                 raise QloraError(f"{self.folder}: the classifier head comes with each adapter; pass --adapter NAME "
                                  f"(available: {', '.join(names) or 'none; add one with qlora-rt export-adapter'})")
             name_or_path = names[0]
-        path = Path(name_or_path)
-        if not str(name_or_path).endswith(ADAPTER_SUFFIX):
-            path = self.folder / ADAPTER_DIR / f"{name_or_path}{ADAPTER_SUFFIX}"
-            if not path.is_file():
-                raise QloraError(f"--adapter: no adapter named {str(name_or_path)!r} in {self.folder} "
-                                 f"(available: {', '.join(self.adapter_names) or 'none'})")
-        path = path.resolve()
+        path = find_adapter(self.folder, name_or_path)
         if path not in self._adapters:
             self._adapters[path] = self._read_adapter(path)
         return self._adapters[path]
 
     def _read_adapter(self, path: Path) -> tuple[ort.LoraAdapter, list[str]]:
-        if not path.is_file():
-            raise QloraError(f"--adapter: {path} does not exist")
-        try:
-            fmt = ort.AdapterFormat.read_adapter(str(path))
-        except Exception as e:  # onnxruntime's own error types for a bad flatbuffer
-            raise QloraError(f"--adapter: {path} is not a readable .onnx_adapter file ({e})") from None
-        if fmt.get_model_version() != adapter_model_version(self.meta):
-            raise QloraError(f"--adapter: {path.name} was made for another base model (or 4-bit format) than this "
-                             f"export's {self.meta.base_model} ({self.meta.base_quant})")
-        params = fmt.get_parameters()
-        check_fits({k: v.shape() for k, v in params.items()}, self.meta.lora_inputs, f"--adapter: {path.name}")
+        params = read_adapter_file(path, self.meta)
         if HEAD_LABELS not in params:
             raise QloraError(f"--adapter: {path.name} brings no classification head (an adapter for a decoder?)")
         labels = json.loads(bytes(params[HEAD_LABELS].numpy()).decode())

@@ -54,6 +54,49 @@ def check_fits(shapes: dict[str, list[int]], lora_inputs: dict[str, list], where
                              "it was made for another model")
 
 
+def open_session(folder: Path, threads: int = 0) -> ort.InferenceSession:
+    """The folder's model.onnx on the CPU; a file onnxruntime cannot load is one line."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # the LoRA (and head) inputs' initializers are meant to be overridable
+    opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own error types; the first line says what it could not read
+        raise QloraError(f"{folder / 'model.onnx'}: onnxruntime cannot load it "
+                         f"({str(e).strip().splitlines()[0][:300]}); export it again") from None
+
+
+def adapter_names(folder: Path) -> list[str]:
+    return sorted(p.name[: -len(ADAPTER_SUFFIX)] for p in (folder / ADAPTER_DIR).glob(f"*{ADAPTER_SUFFIX}"))
+
+
+def find_adapter(folder: Path, name_or_path: str | Path) -> Path:
+    """A name under FOLDER/adapters/, or a path to an .onnx_adapter file: the file, resolved."""
+    path = Path(name_or_path)
+    if not str(name_or_path).endswith(ADAPTER_SUFFIX):
+        path = folder / ADAPTER_DIR / f"{name_or_path}{ADAPTER_SUFFIX}"
+        if not path.is_file():
+            raise QloraError(f"--adapter: no adapter named {str(name_or_path)!r} in {folder} "
+                             f"(available: {', '.join(adapter_names(folder)) or 'none'})")
+    if not path.is_file():
+        raise QloraError(f"--adapter: {path} does not exist")
+    return path.resolve()
+
+
+def read_adapter_file(path: Path, meta: Manifest) -> dict[str, ort.OrtValue]:
+    """An .onnx_adapter file's tensors, after checking they were made for this export's base and fit its inputs."""
+    try:
+        fmt = ort.AdapterFormat.read_adapter(str(path))
+    except Exception as e:  # onnxruntime raises its own error types for a bad flatbuffer
+        raise QloraError(f"--adapter: {path} is not a readable .onnx_adapter file ({e})") from None
+    if fmt.get_model_version() != adapter_model_version(meta):
+        raise QloraError(f"--adapter: {path.name} was made for another base model (or 4-bit format) than this "
+                         f"export's {meta.base_model} ({meta.base_quant})")
+    params = fmt.get_parameters()
+    check_fits({k: v.shape() for k, v in params.items()}, meta.lora_inputs, f"--adapter: {path.name}")
+    return params
+
+
 @dataclass
 class Sampling:
     """temperature 0 = greedy; otherwise softmax(logits / temperature) cut to top_k, then to top_p mass."""
@@ -113,15 +156,7 @@ class Model:
         self.folder = Path(folder)
         self.meta = manifest.read(self.folder)
         manifest.expect(self.meta, "decoder", self.folder, "generate")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # the LoRA inputs' rank-0 initializers are intended
-        opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(self.folder / "model.onnx"), opts,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime's own error types; the first line says what it could not read
-            raise QloraError(f"{self.folder / 'model.onnx'}: onnxruntime cannot load it "
-                             f"({str(e).strip().splitlines()[0][:300]}); export it again") from None
+        self.session = open_session(self.folder, threads)
         self._check_session()
         self.tokenizer = _tokenizer(self.folder)
         self.template = _chat_template(self.folder)
@@ -134,38 +169,16 @@ class Model:
     # ---- adapters -------------------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
-        return sorted(p.name[: -len(ADAPTER_SUFFIX)] for p in (self.folder / ADAPTER_DIR).glob(f"*{ADAPTER_SUFFIX}"))
+        return adapter_names(self.folder)
 
     def load_adapter(self, name_or_path: str | Path) -> dict[str, ort.OrtValue]:
         """Load (once) and check an adapter: a name under adapters/, or a path to an .onnx_adapter file."""
         if self.meta.mode != "adapter-aware":
             raise QloraError(f"--adapter: {self.folder} is a merged export; its adapter is already in the weights")
-        path = Path(name_or_path)
-        if not str(name_or_path).endswith(ADAPTER_SUFFIX):
-            path = self.folder / ADAPTER_DIR / f"{name_or_path}{ADAPTER_SUFFIX}"
-            if not path.is_file():
-                known = ", ".join(self.adapter_names) or "none"
-                raise QloraError(f"--adapter: no adapter named {str(name_or_path)!r} in {self.folder} (available: {known})")
-        path = path.resolve()
-        if path in self._adapters:
-            return self._adapters[path]
-        if not path.is_file():
-            raise QloraError(f"--adapter: {path} does not exist")
-        self._adapters[path] = self._read_adapter(path)
+        path = find_adapter(self.folder, name_or_path)
+        if path not in self._adapters:
+            self._adapters[path] = read_adapter_file(path, self.meta)
         return self._adapters[path]
-
-    def _read_adapter(self, path: Path) -> dict[str, ort.OrtValue]:
-        """The adapter's tensors, after checking they were made for this export's base and fit its inputs."""
-        try:
-            fmt = ort.AdapterFormat.read_adapter(str(path))
-        except Exception as e:  # onnxruntime raises its own error types for a bad flatbuffer
-            raise QloraError(f"--adapter: {path} is not a readable .onnx_adapter file ({e})") from None
-        if fmt.get_model_version() != adapter_model_version(self.meta):
-            raise QloraError(f"--adapter: {path.name} was made for another base model (or 4-bit format) than this "
-                             f"export's {self.meta.base_model} ({self.meta.base_quant})")
-        params = fmt.get_parameters()
-        check_fits({k: v.shape() for k, v in params.items()}, self.meta.lora_inputs, f"--adapter: {path.name}")
-        return params
 
     # ---- prompts --------------------------------------------------------------------------------
     def encode(self, prompt: str | list[dict], chat: bool = False, system: str | None = None) -> list[int]:
