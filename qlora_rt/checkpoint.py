@@ -34,7 +34,7 @@ from qlora_rt.lora import lora_layers
 ADAPTER, STATE, PROGRESS = "adapter_model.safetensors", "trainer_state.pt", "progress.json"
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -69,10 +69,15 @@ def progress(folder: Path) -> dict | None:
     return torch.load(found / STATE, weights_only=True, map_location="cpu")["progress"]  # older checkpoints
 
 
-def save(folder: Path, model: torch.nn.Module, optimizer, scheduler, progress: dict) -> None:
+def save(folder: Path, model: torch.nn.Module, optimizer, scheduler, progress: dict,
+         rng: list[dict] | None = None) -> None:
+    """rng: each process's RNG state, in rank order (several processes); default: this process's."""
     tensors = adapter_tensors(model)  # the same tensors and PEFT key names as the final adapter
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": _rng_state(), "progress": progress}
+    rng = rng or [rng_state()]
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng[0],
+             "progress": progress}
+    if len(rng) > 1:
+        state["rng_ranks"] = rng
     buffer = io.BytesIO()  # serialized first, so that a full disk is a plain OSError, not torch's "unexpected pos"
     torch.save(state, buffer)
     # every step since the current checkpoint ran finite: once the new one is in place, it is the fallback
@@ -98,8 +103,8 @@ def discard_latest(folder: Path) -> int | None:
     return saved["step"] if saved else None
 
 
-def load(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
-    """Restore adapter, optimizer, scheduler and RNG; return the saved progress dict."""
+def load(folder: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore adapter, optimizer, scheduler and (this rank's) RNG; return the saved progress dict."""
     found = latest(folder)
     if found is None:
         raise QloraError(f"--resume: no checkpoint in {folder}; start the run without --resume")
@@ -126,5 +131,5 @@ def load(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
             target.copy_(t)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    _set_rng_state(state["rng_ranks"][rank] if "rng_ranks" in state else state["rng"])
     return state["progress"]

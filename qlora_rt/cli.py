@@ -69,10 +69,32 @@ def _build(cls: type, args: argparse.Namespace):
     return cls(**values)
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int:
+    import os
+
+    cfg = _build(TrainConfig, args)
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # launch the same command on N processes
+        from qlora_rt.distributed import launch
+        from qlora_rt.train import preflight
+
+        preflight(cfg)  # what would stop every process alike is said once, before any starts
+        return launch(_without_nproc(args.argv[1:]), cfg.nproc)
     from qlora_rt.train import train
 
-    train(_build(TrainConfig, args))
+    train(cfg)
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -175,11 +197,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    args.argv = argv
     try:
-        args.func(args)
+        code = args.func(args)
     except QloraError as e:
-        print(f"qlora-rt {args.verb}: error: {e}", file=sys.stderr)
+        import os
+
+        # several processes stop on the same error: rank 0 says it (a rank's own trouble names the rank)
+        if os.environ.get("RANK", "0") == "0" or str(e).startswith("rank "):
+            print(f"qlora-rt {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] in TRAINING_PACKAGES:
@@ -189,4 +217,4 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except KeyboardInterrupt:
         return 130
-    return 0
+    return code or 0

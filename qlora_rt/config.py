@@ -144,6 +144,11 @@ class TrainConfig:
     dtype: str = option("auto", "compute dtype; auto = bfloat16 on CUDA, float32 on CPU",
                     choices=("auto", "float32", "bfloat16"))
     resume: bool = option(False, "continue the run in --out from its last checkpoint")
+    nproc: int = option(1, "train on N processes (torch.distributed DDP, launched with torchrun for you; NCCL on GPUs, "
+                        "gloo on the CPU): the global batch is --batch-size x --grad-accum x N. The same as "
+                        "`torchrun --nproc-per-node N -m qlora_rt train ...`", at_least=1)
+    dist_timeout: float = option(1800, "several processes: seconds a rank waits for the others before it stops "
+                                 "with an error (a process that died)", above=0)
 
     def check(self) -> None:
         require(self, "model", "data", "out")
@@ -152,7 +157,7 @@ class TrainConfig:
             raise QloraError("--steps and --epochs: give one, not both")
 
     def saved(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "resume"}
+        return {k: v for k, v in asdict(self).items() if k not in ("resume", "nproc")}
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -16,7 +17,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from qlora_rt import checkpoint, classify_data, tasks
+from qlora_rt import checkpoint, classify_data, distributed, tasks
 from qlora_rt.adapters import save_adapter
 from qlora_rt.data import Order, steps_for_epochs
 from qlora_rt.encoder import takes_token_types, train_head
@@ -58,7 +59,7 @@ def _device_and_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
 # Settings a resume may change: they steer the optimizer and the logging, not what the run has learnt so far
 # (a lower --lr after a divergence is the usual one). The change is recorded in metrics.jsonl and run.yaml.
 RESUMABLE = ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "checkpoint_every", "log_every",
-             "eval_data")
+             "eval_data", "dist_timeout")
 # Compared by what they hold, not by how they are spelled: the base by its fingerprint, the data by its digest.
 BY_CONTENT = ("model", "data", "out")
 # What a run folder holds, temporary names included: a run killed before run.yaml may leave some of them.
@@ -66,7 +67,7 @@ RUN_FILES = re.compile(r"\.?(run\.yaml|metrics\.jsonl|checkpoint|adapter|residua
                        r"(\.tmp.*|\.previous|\.prior)?")
 
 
-def _run_folder(cfg: TrainConfig) -> dict | None:
+def _run_folder(cfg: TrainConfig, main: bool = True) -> dict | None:
     """The checkpoint progress to resume from, or None to start at step 0.
 
     A folder whose run stopped before its first checkpoint holds nothing to keep: it starts again in place,
@@ -88,9 +89,10 @@ def _run_folder(cfg: TrainConfig) -> dict | None:
         if (out / "adapter").exists():
             why = "holds a finished run with no checkpoint to continue from" if cfg.resume else "already holds a run"
             raise QloraError(f"--out: {out} {why}; choose another folder")
-        print(f"{out}: the run there stopped before its first checkpoint; starting it again from step 0",
-              file=sys.stderr)
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # the abandoned attempt's records
+        if main:  # one process writes the run folder
+            print(f"{out}: the run there stopped before its first checkpoint; starting it again from step 0",
+                  file=sys.stderr)
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # the abandoned attempt's records
         return None
     if not cfg.resume:
         raise QloraError(f"--out: {out} already holds a run; pass --resume to continue it or choose another folder")
@@ -155,12 +157,41 @@ def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """The checks that need no model and would stop every process alike (settings, model files, task, run
+    folder), for a launcher to make once before it starts several."""
+    cfg.check()
+    InitConfig(cfg.init, cfg.loftq_iters, cfg.svd)
+    _device_and_dtype(cfg)
+    check_model(cfg.model)
+    _task(cfg)
+    _run_folder(cfg, main=False)
+
+
 def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Fine-tune `cfg.model` on `cfg.data`; write the adapter to `cfg.out/adapter`."""
     cfg.check()
     icfg = InitConfig(cfg.init, cfg.loftq_iters, cfg.svd)  # a bad --init fails before the model loads
-    saved = _run_folder(cfg)
     device, dtype = _device_and_dtype(cfg)
+    d = distributed.setup(device, cfg.dist_timeout)  # torchrun's processes join here; one process runs alone
+    try:
+        return _train(cfg, on_step, icfg, device, dtype, d)
+    except RuntimeError as e:
+        if d.on and distributed.lost_peer(e):
+            raise QloraError(f"rank {d.rank}: another training process stopped or stopped answering "
+                             f"({str(e).splitlines()[0][:120]}); the last checkpoint in {Path(cfg.out) / 'checkpoint'} "
+                             "is intact: run the same command with --resume") from None
+        raise
+    finally:
+        distributed.teardown(d)
+
+
+def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dtype: torch.dtype,
+           d: distributed.Dist) -> TrainResult:
+    if d.on and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    saved = _run_folder(cfg, d.main)
     out = Path(cfg.out)
     qcfg = QuantConfig(cfg.quant, cfg.double_quant, cfg.block_size, dtype, cfg.symmetric, cfg.int4_compute)
     lcfg = LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.targets)
@@ -182,6 +213,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
         plan = Plan(icfg, qcfg, cfg.rank, lcfg.scale(), names, device)
     quantize_model(model, qcfg, device, loaded.gguf, plan, loaded.tensors)
     targets = add_adapters(model, lcfg)
+    if d.on:  # dropout differs between ranks, as it does between the examples of one batch
+        torch.manual_seed(cfg.seed * 1000 + d.rank)
     head = train_head(model)  # an encoder's classification head (and pooler): trained in full, saved with the adapter
     residual = out / RESIDUAL if icfg.method != "default" else None
     if plan:
@@ -194,23 +227,26 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     data_digest["examples"] = len(train_set)
     total_steps = cfg.steps or steps_for_epochs(cfg.epochs or 1.0, len(train_set), cfg.batch_size, cfg.grad_accum)
     params = trainable_parameters(model)
+    distributed.broadcast_parameters(d, params)
     optimizer = _optimizer(cfg, params, device)
     from transformers import get_cosine_schedule_with_warmup
 
     warmup = int(cfg.warmup) if cfg.warmup >= 1 else math.ceil(cfg.warmup * total_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     step, order = 0, Order(len(train_set), cfg.seed)
-    identity = {"config": cfg.saved(), "base": loaded.fingerprint, "data": data_digest}
+    identity = {"config": cfg.saved(), "base": loaded.fingerprint, "data": data_digest, "world_size": d.world}
     if saved is not None:
         _check_same_run(saved, loaded.fingerprint, data_digest, len(train_set), cfg)
-        progress = checkpoint.load(out / "checkpoint", model, optimizer, scheduler)
+        distributed.check_world(saved, d)
+        progress = checkpoint.load(out / "checkpoint", model, optimizer, scheduler, d.rank)
         step, order = progress["step"], Order(len(train_set), cfg.seed, **progress["order"])
         _apply_schedule(cfg, optimizer, scheduler)
-        _drop_metrics_after(out / "metrics.jsonl", step)
-        if saved["changed"]:
+        if d.main:
+            _drop_metrics_after(out / "metrics.jsonl", step)
+        if saved["changed"] and d.main:
             _append_metrics(out / "metrics.jsonl", {"step": step, "resumed_with": saved["changed"]})
             write_yaml(out / "run.yaml", portable_paths(TrainConfig, cfg.saved(), out))
-    else:
+    elif d.main:
         out.mkdir(parents=True, exist_ok=True)
         if residual:  # before run.yaml: a run that can be resumed always has its base
             save_residual(model, targets, residual, {"base.fingerprint": loaded.fingerprint, "init": icfg.describe(),
@@ -223,11 +259,14 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     what = (f"task classify{' (the data has labels)' if cfg.task == 'auto' else ''}: {len(labels)} labels "
             f"({', '.join(labels[:6])}{' …' if len(labels) > 6 else ''}), head {'+'.join(head)} trained in full; "
             if labels else "")
-    print(f"base {loaded.source}: {total / 1e6:.1f}M params, {cfg.quant} linears in {base_mib:,.1f} MiB; {what}"
-          f"adapters on {len(targets)} layers, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
-          f"{len(train_set)} examples{f' ({dropped} dropped: no target token left after truncation)' if dropped else ''}; "
-          f"{total_steps} steps on {device.type}", file=sys.stderr)
-    loop = _Loop(cfg, model, optimizer, scheduler, params, device, task, out, on_step, residual, identity)
+    procs = f" x {d.world} processes (global batch {cfg.batch_size * cfg.grad_accum * d.world})" if d.on else ""
+    if d.main:
+        print(f"base {loaded.source}: {total / 1e6:.1f}M params, {cfg.quant} linears in {base_mib:,.1f} MiB; {what}"
+              f"adapters on {len(targets)} layers, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
+              f"{len(train_set)} examples{f' ({dropped} dropped: no target token left after truncation)' if dropped else ''}; "
+              f"{total_steps} steps on {device.type}{procs}", file=sys.stderr)
+    distributed.barrier(d)  # the run folder is ready before any rank steps
+    loop = _Loop(cfg, model, optimizer, scheduler, params, device, task, out, on_step, residual, identity, d)
     loop.last_checkpoint = step if saved is not None else None
     return loop.run(train_set, eval_set, order, step, total_steps, loaded, qcfg, lcfg, trainable, total)
 
@@ -272,19 +311,39 @@ def _drop_metrics_after(path: Path, step: int) -> None:
         path.write_text("".join(l + "\n" for l in lines))
 
 
+class TaskLoss(torch.nn.Module):
+    """The model and its task's loss as one module: what DDP wraps, so that every forward, and so every
+    gradient hook, goes through the wrapper."""
+
+    def __init__(self, model: torch.nn.Module, task) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, batch: dict[str, torch.Tensor], n_units: float) -> torch.Tensor:
+        return self.task.loss(self.model, batch, n_units)
+
+
 class _Loop:
     """The optimizer-step loop; split from `train` only so each piece reads on one screen."""
 
     def __init__(self, cfg, model, optimizer, scheduler, params, device, task, out, on_step, residual,
-                 identity: dict) -> None:
+                 identity: dict, d: distributed.Dist = distributed.Dist()) -> None:
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.params, self.device, self.task, self.out, self.on_step = params, device, task, out, on_step
         self.residual = residual  # PiSSA/LoftQ: the run's frozen residual base, shipped with the adapter
         self.identity = identity  # settings, base and data fingerprints: saved with every checkpoint
         self.last_checkpoint: int | None = None
+        self.d = d
+        self.forward: torch.nn.Module = TaskLoss(model, task)
+        if d.on:  # only the adapters' gradients are all-reduced; the frozen 4-bit base is not DDP's business
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(self.forward, device_ids=[device] if device.type == "cuda" else None,
+                                                   forward_sync_buffers=False, init_sync=False)
 
     def _write(self, record: dict) -> None:
-        _append_metrics(self.out / "metrics.jsonl", record)
+        if self.d.main:
+            _append_metrics(self.out / "metrics.jsonl", record)
 
     def _eval(self, eval_set: list, step: int) -> dict | None:
         if not eval_set:
@@ -300,23 +359,30 @@ class _Loop:
         folder = self.out / "checkpoint"
         if self.last_checkpoint is not None and self.last_checkpoint == step - 1:
             # the newest checkpoint's own weights gave this: resuming from it would only repeat it
-            self.last_checkpoint = checkpoint.discard_latest(folder)
+            # (rank 0 changes the folder; the others only stop, and their message is rank 0's to give)
+            self.last_checkpoint = checkpoint.discard_latest(folder) if self.d.main else None
         kept = (f"the last good checkpoint (step {self.last_checkpoint}) is in {folder}; continue from it with "
                 "--resume and a lower --lr" if self.last_checkpoint is not None else
                 "no good checkpoint is kept; run the same command with a lower --lr to start again in place")
         return QloraError(f"step {step}: {what} is not finite; training stopped and {kept}")
 
     def _step(self, batches: list[dict], step: int) -> tuple[float, float, int]:
-        """One optimizer step over the micro-batches: (loss, grad norm, tokens)."""
-        n_units = sum(self.task.units(b) for b in batches)
+        """One optimizer step over the micro-batches: (loss, grad norm, tokens), over all ranks."""
+        d = self.d
+        # sum of unit losses / units in the whole step, over every rank: accumulation and processes weigh every
+        # token (or example) equally. DDP averages gradients over the ranks: x world undoes that.
+        n_units = distributed.all_sum(d, [sum(self.task.units(b) for b in batches)], self.device)[0]
         loss_sum, tokens = 0.0, 0
-        for batch in batches:
+        for i, batch in enumerate(batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            # sum of unit losses / units in the whole step: accumulation weighs every token (or example) equally
-            loss = self.task.loss(self.model, batch, n_units)
-            loss.backward()
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last or not d.on else self.forward.no_sync():  # all-reduce once a step
+                loss = self.forward(batch, n_units)
+                (loss * d.world).backward()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
+        loss_sum, tokens = distributed.all_sum(d, [loss_sum, tokens], self.device)  # NaN anywhere: NaN everywhere
+        tokens = int(tokens)
         if not math.isfinite(loss_sum):
             raise self._diverged(step, "the loss")
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
@@ -333,15 +399,18 @@ class _Loop:
         cfg, model = self.cfg, self.model
         first_eval = self._eval(eval_set, 0) if step == 0 else None
         model.train()
-        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=None, dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=None if self.d.main else True,
+                   dynamic_ncols=True)
         step_time, tokens, loss, last_eval = 0.0, 0, float("nan"), first_eval
         try:
             while step < total_steps:
-                batches = [self.task.collate([train_set[i] for i in order.take(cfg.batch_size)])
+                # every rank walks the global order and takes its slice of each global micro-batch
+                b, r = cfg.batch_size, self.d.rank
+                batches = [self.task.collate([train_set[i] for i in order.take(b * self.d.world)[r * b:(r + 1) * b]])
                            for _ in range(cfg.grad_accum)]
                 t0 = time.perf_counter()
                 loss, norm, n = self._step(batches, step + 1)
-                if self.last_checkpoint == step:  # a finite step from the newest checkpoint: it is good
+                if self.last_checkpoint == step and self.d.main:  # a finite step from the newest checkpoint: good
                     checkpoint.confirm(self.out / "checkpoint")
                 step, tokens, step_time = step + 1, tokens + n, step_time + time.perf_counter() - t0
                 tps = tokens / step_time  # training throughput: evals and checkpoints not counted
@@ -350,13 +419,15 @@ class _Loop:
                 self._write(record)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
                 bar.update(1)
-                if bar.disable and (step % cfg.log_every == 0 or step == total_steps):
+                if bar.disable and self.d.main and (step % cfg.log_every == 0 or step == total_steps):
                     print(f"step {step}/{total_steps}  loss {loss:.4f}  {tps:.0f} tok/s", file=sys.stderr)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                     last_eval = self._eval(eval_set, step)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                    checkpoint.save(self.out / "checkpoint", model, self.optimizer, self.scheduler,
-                                    {"step": step, "order": order.state(), **self.identity})
+                    rng = distributed.gather(self.d, checkpoint.rng_state())  # each rank's dropout stream
+                    if self.d.main:
+                        checkpoint.save(self.out / "checkpoint", model, self.optimizer, self.scheduler,
+                                        {"step": step, "order": order.state(), **self.identity}, rng)
                     self.last_checkpoint = step
                 if self.on_step:
                     self.on_step(record)
@@ -364,15 +435,20 @@ class _Loop:
             bar.close()
             then = (f"last checkpoint: step {self.last_checkpoint}; continue with --resume" if self.last_checkpoint
                     else "no checkpoint yet: run the same command again to start over")
-            print(f"\ninterrupted at step {step}; {then}", file=sys.stderr)
+            if self.d.main:
+                print(f"\ninterrupted at step {step}; {then}", file=sys.stderr)
             raise
         bar.close()
         last_eval = self._eval(eval_set, step) if eval_set else last_eval
-        adapter = save_adapter(model, self.out / "adapter", lcfg, qcfg, loaded.source, loaded.fingerprint,
-                               self.residual, labels=getattr(self.task, "labels", None))
+        adapter = self.out / "adapter"
+        if self.d.main:
+            save_adapter(model, adapter, lcfg, qcfg, loaded.source, loaded.fingerprint, self.residual,
+                         labels=getattr(self.task, "labels", None))
+        distributed.barrier(self.d)  # the adapter is written before any rank returns
         result = TrainResult(adapter, step, loss, last_eval and last_eval["eval_loss"], last_eval,
                              tokens / max(step_time, 1e-9), peak_memory(self.device), trainable, total)
-        print(_summary(result, first_eval, self.task), file=sys.stderr)
+        if self.d.main:
+            print(_summary(result, first_eval, self.task), file=sys.stderr)
         return result
 
 

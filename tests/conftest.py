@@ -140,14 +140,14 @@ ENCODER_CONFIGS = {
 ENCODER_CONFIGS["xlm-roberta"] = ENCODER_CONFIGS["roberta"]
 
 
-def save_encoder(folder: Path, model_type: str = "bert", seed: int = 0) -> Path:
+def save_encoder(folder: Path, model_type: str = "bert", seed: int = 0, **over) -> Path:
     """A random-init base encoder (no head, like all-MiniLM-L6-v2's BertModel) and its tokenizer."""
     from transformers import AutoConfig, AutoModel
 
     tok = make_encoder_tokenizer()
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                  **ENCODER_CONFIGS[model_type])
+                                  **{**ENCODER_CONFIGS[model_type], **over})
     AutoModel.from_config(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

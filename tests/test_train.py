@@ -242,9 +242,9 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def counting(folder, model, optimizer, scheduler, progress):  # which step's checkpoint is being written
+def counting(folder, model, optimizer, scheduler, progress, rng=None):  # which step's checkpoint is being written
     saving[0] = progress["step"]
-    save(folder, model, optimizer, scheduler, progress)
+    save(folder, model, optimizer, scheduler, progress, rng)
 
 
 def dying(real):
