@@ -38,6 +38,10 @@ ACTIVATIONS = {"gelu": ("Gelu", MS), "gelu_new": ("FastGelu", MS), "gelu_pytorch
                "gelu_fast": ("FastGelu", MS), "relu": ("Relu", "")}
 BASES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "distilbert": "distilbert"}  # attribute
 LABEL_NAMES = "label_names"  # graph output; the input that feeds it is HEAD_LABELS
+# com.microsoft.MultiHeadAttention / SkipLayerNormalization + Gelu, or the same arithmetic in standard ONNX ops
+# (bench/encoder_ops.py measures each choice).
+FUSED_ATTENTION = True
+FUSED_NORM = True
 HEAD_LABELS = "head.label_names"
 
 
@@ -121,15 +125,41 @@ def _padding_bias(g: Graph, batch: str, length: str) -> str:
     return g.op("Expand", [bias, g.op("Concat", [batch, g.const([1]), length, length], axis=0)])
 
 
+def _plain_attention(g: Graph, spec: EncoderSpec, q: str, k: str, v: str, bias: str) -> str:
+    """softmax(q kᵀ / √hd + bias) v in standard ops, (B, T, d) in and out."""
+    hd = spec.hidden // spec.heads
+    heads = [g.op("Transpose", [g.op("Reshape", [t, g.const([0, 0, spec.heads, hd])])], perm=[0, 2, 1, 3])
+             for t in (q, k, v)]  # (B, H, T, hd)
+    scores = g.op("MatMul", [heads[0], g.op("Transpose", [heads[1]], perm=[0, 1, 3, 2])])  # (B, H, T, T)
+    scores = g.op("Add", [g.op("Mul", [scores, g.const(hd ** -0.5, np.float32)]), bias])
+    out = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), heads[2]])  # (B, H, T, hd)
+    return g.op("Reshape", [g.op("Transpose", [out], perm=[0, 2, 1, 3]), g.const([0, 0, spec.hidden])])
+
+
+def _add_norm(g: Graph, spec: EncoderSpec, x: str, residual: str, norm: str) -> str:
+    """LayerNorm(x + residual)."""
+    if FUSED_NORM:
+        return g.op("SkipLayerNormalization", [x, residual, f"{norm}.weight", f"{norm}.bias"], domain=MS,
+                    epsilon=spec.eps)
+    return g.op("LayerNormalization", [g.op("Add", [x, residual]), f"{norm}.weight", f"{norm}.bias"], axis=-1,
+                epsilon=spec.eps)
+
+
 def _layer(g: Graph, spec: EncoderSpec, lin, i: int, x: str, bias: str, rows3: str) -> str:
     n = layer_names(spec, i)
     q, k, v = (g.op("Reshape", [t, rows3]) for t in lin.many([n["q"], n["k"], n["v"]], x))  # (B, T, d) each
-    attn = g.op("MultiHeadAttention", [q, k, v, "", "", bias], domain=MS, num_heads=spec.heads)
+    if FUSED_ATTENTION:
+        attn = g.op("MultiHeadAttention", [q, k, v, "", "", bias], domain=MS, num_heads=spec.heads)
+    else:
+        attn = _plain_attention(g, spec, q, k, v, bias)
     a = lin(n["o"], g.op("Reshape", [attn, g.const([-1, spec.hidden])]))
-    x = g.op("SkipLayerNormalization", [a, x, f"{n['ln1']}.weight", f"{n['ln1']}.bias"], domain=MS, epsilon=spec.eps)
+    x = _add_norm(g, spec, a, x, n["ln1"])
     op, domain = ACTIVATIONS[spec.act]
-    f = lin(n["down"], g.op(op, [lin(n["up"], x)], domain=domain))
-    return g.op("SkipLayerNormalization", [f, x, f"{n['ln2']}.weight", f"{n['ln2']}.bias"], domain=MS, epsilon=spec.eps)
+    if not FUSED_NORM and domain:  # the standard Gelu (opset 20): exact erf, or the tanh approximation
+        act = g.op("Gelu", [lin(n["up"], x)], approximate="none" if op == "Gelu" else "tanh")
+    else:
+        act = g.op(op, [lin(n["up"], x)], domain=domain)
+    return _add_norm(g, spec, lin(n["down"], act), x, n["ln2"])
 
 
 def _io(g: Graph, spec: EncoderSpec) -> None:

@@ -146,3 +146,15 @@ def test_families_and_verbs_do_not_mix(families, tiny_export, capsys):
     assert main(["classify", str(tiny_export), "--text", "hi"]) == 2
     assert "is a decoder (causal-lm) export; `qlora-rt classify` runs encoders: use `qlora-rt generate` or" in \
         capsys.readouterr().err
+
+
+def test_the_plain_op_graph_is_the_same_model(families, tmp_path, monkeypatch):
+    """The other choice of ops (fused vs standard; bench/encoder_ops.py compares speed) computes the same model."""
+    import qlora_rt.export.encoder as encoder
+
+    _, runs = families
+    base, adapter, pairs = runs["bert"]
+    monkeypatch.setattr(encoder, "FUSED_ATTENTION", not encoder.FUSED_ATTENTION)
+    monkeypatch.setattr(encoder, "FUSED_NORM", not encoder.FUSED_NORM)
+    report = export(ExportConfig(model=str(base), adapter=str(adapter), out=str(tmp_path / "plain"), mode="merged"))
+    assert report["max_abs_logit_diff"] <= 1e-4
