@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from qlora_rt import __version__
@@ -76,12 +75,22 @@ def export_encoder(cfg: ExportConfig, loaded, qcfg, info, t0: float) -> dict:
     spec = spec_of(model)
     adapted = set(info.modules) if info else set(lora_layers(model))
     labels = (info.labels if info else None) or []
-    g = Graph("encoder")
-    add_shared_tensors(g, model, spec)
-    writer = LinearWriter(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size)
-    head = HeadWriter(g, model, spec, cfg.mode, labels)
-    rounding = _calibrate(cfg, writer, model, loaded.tokenizer, spec)
-    build_encoder(spec, g, writer, head)
+    with atomic_dir(cfg.out, overwrite=True) as tmp:
+        g = Graph("encoder", data=tmp / "model.onnx.data")  # weights go to disk as they are made
+        add_shared_tensors(g, model, spec)
+        writer = LinearWriter(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size)
+        head = HeadWriter(g, model, spec, cfg.mode, labels)
+        rounding = _calibrate(cfg, writer, model, loaded.tokenizer, spec)
+        build_encoder(spec, g, writer, head)
+        g.save(tmp / "model.onnx", f"qlora-rt {__version__}")
+        report = _write_and_check(cfg, tmp, loaded, qcfg, info, model, spec, writer, head, labels, rounding, t0)
+    print(_summary(report, cfg), flush=True)
+    return report
+
+
+def _write_and_check(cfg: ExportConfig, tmp: Path, loaded, qcfg, info, model, spec, writer: LinearWriter,
+                     head: HeadWriter, labels: list[str], rounding: str, t0: float) -> dict:
+    """The manifest, tokenizer and adapter beside the saved graph, then the self-check and the report."""
     meta = Manifest(format=FORMAT, version=__version__, family="encoder", task="classify", mode=cfg.mode,
                     weights=cfg.weights, model_type=spec.model_type, layers=spec.layers, hidden=spec.hidden,
                     heads=spec.heads, base_model=loaded.source, base_fingerprint=loaded.fingerprint,
@@ -91,27 +100,23 @@ def export_encoder(cfg: ExportConfig, loaded, qcfg, info, t0: float) -> dict:
                     inputs=["input_ids", "attention_mask"] + (["token_type_ids"] if spec.token_types else []),
                     outputs=["logits", "label_names"], lora_inputs={**writer.lora_inputs, **head.inputs},
                     lora_groups=writer.lora_groups)
-    with atomic_dir(cfg.out, overwrite=True) as tmp:
-        onnx.save_model(g.model(f"qlora-rt {__version__}"), str(tmp / "model.onnx"), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
-        meta.external_data = {"model.onnx.data": (tmp / "model.onnx.data").stat().st_size}
-        loaded.tokenizer.save_pretrained(tmp)
-        write_json(tmp / META, meta.to_json())
-        export_s = time.perf_counter() - t0
-        adapter_file = None
-        if cfg.mode == "adapter-aware" and cfg.adapter:
-            adapter_file = write_adapter(adapter_arrays(cfg.adapter, meta)[1], tmp / ADAPTER_DIR / f"{cfg.name}{SUFFIX}",
-                                         meta)
-        report = _check(cfg, tmp, meta, model, spec, head, adapter_file)
-        report.update(export_seconds=export_s, base_quant=qcfg.format, mode=cfg.mode, weights=cfg.weights,
-                      adapter=cfg.adapter, labels=labels,
-                      files_bytes={p.name: p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()})
-        if writer.requant_err:
-            report["int4_relative_weight_error_mean"] = sum(writer.requant_err) / len(writer.requant_err)
-            report["int4_rounding"] = rounding
-        _judge(report, cfg, exact=not writer.requant_err and qcfg.int4_compute == "fp32")
-        write_json(tmp / "export_report.json", report)
-    print(_summary(report, cfg), flush=True)
+    meta.external_data = {"model.onnx.data": (tmp / "model.onnx.data").stat().st_size}
+    loaded.tokenizer.save_pretrained(tmp)
+    write_json(tmp / META, meta.to_json())
+    export_s = time.perf_counter() - t0
+    adapter_file = None
+    if cfg.mode == "adapter-aware" and cfg.adapter:
+        adapter_file = write_adapter(adapter_arrays(cfg.adapter, meta)[1], tmp / ADAPTER_DIR / f"{cfg.name}{SUFFIX}",
+                                     meta)
+    report = _check(cfg, tmp, meta, model, spec, head, adapter_file)
+    report.update(export_seconds=export_s, base_quant=qcfg.format, mode=cfg.mode, weights=cfg.weights,
+                  adapter=cfg.adapter, labels=labels,
+                  files_bytes={p.name: p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()})
+    if writer.requant_err:
+        report["int4_relative_weight_error_mean"] = sum(writer.requant_err) / len(writer.requant_err)
+        report["int4_rounding"] = rounding
+    _judge(report, cfg, exact=not writer.requant_err and qcfg.int4_compute == "fp32")
+    write_json(tmp / "export_report.json", report)
     return report
 
 

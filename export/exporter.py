@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import onnx
 
 from .adapters import ADAPTER_DIR, SUFFIX, adapter_arrays, write_adapter
 from .calibration import HEAD, default_data, hessians
@@ -132,19 +131,18 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
     # adapter-aware: LoRA inputs on the trained adapter's modules, or on every Linear for a bare base
     adapted = set(info.modules) if info else set(layers)
     max_context = min(model.config.max_position_embeddings, MAX_ROPE_TABLE)
-    g = Graph("decoder")
-    add_shared_tensors(g, model, max_context)
-    writer = LinearWriter(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size)
-    approximate = cfg.weights == "int4" and (any(map(writer.requantizes, writer.layers)) or any(
-        quant.format_of(m.weight).approximate_in_onnx(m.weight) for m in writer.layers.values()))
-    head_kind = head_format(cfg.head, approximate)
-    rounding = _calibrate(cfg, writer, model, loaded.tokenizer, head_kind)
-    head = HeadWriter(g, model, cfg.weights, head_kind, H=writer.hessians.pop(HEAD, None))
-    build_decoder(spec, g, writer, head)
-    meta = _metadata(cfg, loaded, info, spec, qcfg.format, writer, max_context)
     with atomic_dir(cfg.out, overwrite=True) as tmp:
-        onnx.save_model(g.model(f"qlora-rt {__version__}"), str(tmp / "model.onnx"), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+        g = Graph("decoder", data=tmp / "model.onnx.data")  # weights go to disk as they are made
+        add_shared_tensors(g, model, max_context)
+        writer = LinearWriter(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size)
+        approximate = cfg.weights == "int4" and (any(map(writer.requantizes, writer.layers)) or any(
+            quant.format_of(m.weight).approximate_in_onnx(m.weight) for m in writer.layers.values()))
+        head_kind = head_format(cfg.head, approximate)
+        rounding = _calibrate(cfg, writer, model, loaded.tokenizer, head_kind)
+        head = HeadWriter(g, model, cfg.weights, head_kind, H=writer.hessians.pop(HEAD, None))
+        build_decoder(spec, g, writer, head)
+        meta = _metadata(cfg, loaded, info, spec, qcfg.format, writer, max_context)
+        g.save(tmp / "model.onnx", f"qlora-rt {__version__}")
         meta.external_data = {"model.onnx.data": (tmp / "model.onnx.data").stat().st_size}  # a copy is checked
         loaded.tokenizer.save_pretrained(tmp)
         if model.generation_config is not None:

@@ -3,6 +3,8 @@ the encoder (export/encoder.py) both write through it, as do the weight writers 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -11,11 +13,20 @@ OPSET = 21
 MS = "com.microsoft"
 
 
-class Graph:
-    """A thin helper over onnx.helper: nodes with generated names, initializers from numpy."""
+EXTERNAL_MIN = 1024  # bytes: smaller initializers stay inside model.onnx (as onnx's own external-data save does)
 
-    def __init__(self, name: str = "model") -> None:
+
+class Graph:
+    """A thin helper over onnx.helper: nodes with generated names, initializers from numpy.
+
+    data: the external-data file (beside model.onnx) that initializers of 1 KiB or more are written to the
+    moment they are added, so a model's weights never wait in memory, as protobuf copies, for the save;
+    `save` then writes model.onnx, which refers to them. None keeps every initializer in the proto."""
+
+    def __init__(self, name: str = "model", data: Path | None = None) -> None:
         self.name = name
+        self._data = open(data, "wb") if data is not None else None
+        self._location = data.name if data is not None else None
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -30,7 +41,18 @@ class Graph:
         return names[0] if len(names) == 1 else names
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.asarray(array, order="C"), name))  # keeps 0-d
+        a = np.ascontiguousarray(array) if np.ndim(array) else np.asarray(array)  # keeps 0-d
+        if self._data is None or a.nbytes < EXTERNAL_MIN:
+            self.initializers.append(numpy_helper.from_array(a, name))
+            return name
+        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape)
+        offset = self._data.tell()
+        self._data.write(memoryview(a).cast("B"))  # the array's own bytes, no copy
+        for key, value in (("location", self._location), ("offset", offset), ("length", a.nbytes)):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, str(value)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        self.initializers.append(t)
         return name
 
     def const(self, values: list | float | int, dtype=np.int64) -> str:
@@ -38,6 +60,12 @@ class Graph:
         if key not in self._consts:
             self._consts[key] = self.init(f"const_{len(self._consts)}", np.array(values, dtype=dtype))
         return self._consts[key]
+
+    def save(self, path: Path, producer: str) -> None:
+        """model.onnx at `path`; the external data file is complete (flushed, closed) first."""
+        if self._data is not None:
+            self._data.close()
+        onnx.save_model(self.model(producer), str(path))
 
     def model(self, producer: str) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
