@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
-from qlora_rt.encoder import head_modules, takes_token_types
+from qlora_rt.encoder import head_modules, max_tokens, takes_token_types
 from qlora_rt.errors import QloraError
 
 from .graph import MS, Graph
@@ -74,9 +74,8 @@ def spec_of(model: torch.nn.Module) -> EncoderSpec:
     if kind == "distilbert":
         return EncoderSpec(kind, base, c.n_layers, c.dim, c.n_heads, 1e-12, act, c.max_position_embeddings, False,
                            c.pad_token_id or 0)
-    offset = c.pad_token_id + 1 if base == "roberta" else 0
     return EncoderSpec(kind, base, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.layer_norm_eps, act,
-                       c.max_position_embeddings - offset, takes_token_types(kind), c.pad_token_id or 0)
+                       max_tokens(c), takes_token_types(kind), c.pad_token_id or 0)
 
 
 def layer_names(spec: EncoderSpec, i: int) -> dict[str, str]:

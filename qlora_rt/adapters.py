@@ -138,16 +138,19 @@ def _pattern_value(patterns: dict, name: str, default: float) -> float:
     return default
 
 
-def _pairs(p: Path, heads: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """The LoRA A/B tensors per module, and the tensors of the modules saved whole (`heads`: their names'
-    last components), by model parameter name (older PEFT wrote them under `<module>.modules_to_save.`)."""
+def _pairs(p: Path, heads: list[str], lora: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]],
+                                                                   dict[str, torch.Tensor]]:
+    """The LoRA A/B tensors per module (not read with lora=False), and the tensors of the modules saved whole
+    (`heads`: their names' last components), by model parameter name (older PEFT wrote them under
+    `<module>.modules_to_save.`)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     whole: dict[str, torch.Tensor] = {}
     with safe_open(str(p / WEIGHTS), framework="pt") as h:
         for key in h.keys():
             m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
             if m:
-                pairs.setdefault(m.group(1), {})[m.group(2)] = h.get_tensor(key)
+                if lora:
+                    pairs.setdefault(m.group(1), {})[m.group(2)] = h.get_tensor(key)
                 continue
             name = re.sub(r"\.modules_to_save(\.default)?\.", ".", key.removeprefix(PREFIX))
             if not any(f".{leaf}." in f".{name}" for leaf in heads):
@@ -160,7 +163,7 @@ def read_head(path: str | Path) -> dict[str, torch.Tensor]:
     """A classifier adapter's head tensors by model parameter name (empty for a causal-LM adapter)."""
     p = Path(path)
     config, _ = read_adapter(p)
-    return _pairs(p, config.get("modules_to_save") or [])[1]
+    return _pairs(p, config.get("modules_to_save") or [], lora=False)[1]  # the LoRA tensors are not read
 
 
 def labels_of(meta: dict[str, str], head: dict[str, torch.Tensor], where: Path) -> list[str] | None:

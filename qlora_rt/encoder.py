@@ -25,6 +25,14 @@ def takes_token_types(model_type: str) -> bool:
     return model_type == "bert"
 
 
+def max_tokens(config) -> int:
+    """The longest input the position table holds. RoBERTa/XLM-R number positions from padding_idx + 1, so
+    position padding_idx + T must still be in the table."""
+    if config.model_type in ("roberta", "xlm-roberta"):
+        return config.max_position_embeddings - config.pad_token_id - 1
+    return config.max_position_embeddings
+
+
 def is_classifier(model: nn.Module) -> bool:
     return type(model).__name__.endswith("ForSequenceClassification")
 

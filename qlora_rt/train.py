@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from qlora_rt import checkpoint, classify_data, distributed, tasks
 from qlora_rt.adapters import save_adapter
 from qlora_rt.data import Order, steps_for_epochs
-from qlora_rt.encoder import takes_token_types, train_head
+from qlora_rt.encoder import max_tokens, takes_token_types, train_head
 from qlora_rt.errors import QloraError
 from qlora_rt.load import check_model, family, load
 from qlora_rt.lora import (LoraConfig, add_adapters, count_parameters, linear_names, lora_layers, quantize_model,
@@ -286,10 +286,8 @@ def _task(cfg: TrainConfig) -> str:
 
 
 def _max_length(cfg: TrainConfig, model: torch.nn.Module) -> int:
-    """--seq-len, within the encoder's position table (RoBERTa's starts 2 places in, after padding_idx)."""
-    positions = model.config.max_position_embeddings - (2 if model.config.model_type in ("roberta", "xlm-roberta")
-                                                        else 0)
-    return min(cfg.seq_len, positions)
+    """--seq-len, within the encoder's position table."""
+    return min(cfg.seq_len, max_tokens(model.config))
 
 
 def _append_metrics(path: Path, record: dict) -> None:
