@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from qlora_rt import manifest
 from qlora_rt.errors import QloraError
+from qlora_rt.files import disk_full
 from qlora_rt.runtime import adapter_names, find_adapter, open_session, read_adapter_file
 
 HEAD_LABELS = "head.label_names"  # the graph input (and adapter tensor) holding the label names as JSON bytes
@@ -92,6 +93,8 @@ class Classifier:
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, np.ndarray]:
         """The graph's inputs for a batch: token ids right-padded to the longest, mask, token types."""
+        if not texts:
+            raise QloraError("no texts to classify")
         if pairs is not None and len(pairs) != len(texts):
             raise QloraError(f"{len(texts)} texts but {len(pairs)} text pairs")
         for i, t in enumerate(texts + (pairs or [])):
@@ -178,6 +181,10 @@ def classify_file(clf: Classifier, path: Path, out: Path | None, adapter: str | 
     try:
         tmp.write_text(lines)
         tmp.replace(out)
+    except OSError as e:
+        if disk_full(e):
+            raise QloraError(f"--output: the disk is full; {out} was left as it was") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return len(preds)
