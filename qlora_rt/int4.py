@@ -24,11 +24,12 @@ The product never keeps a dequantized weight: forward and backward each rebuild 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 COMPUTE = ("int8", "fp32")
+CHUNK = 1 << 22  # weights rounded or dequantized at a time (16 MB in fp32): a large weight goes a slice of rows at a time
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Int4:
     K: int
     block: int
     compute: str = "fp32"
-    source: str = "rtn"  # rtn | gguf-q4_0 | gguf-q4_1
+    source: str = "rtn"  # rtn | gguf-q4_0 | gguf-q4_1 | gguf-q4_1-rounded
 
     @property
     def correction(self) -> torch.Tensor | None:
@@ -66,7 +67,18 @@ def _blocks(w: torch.Tensor, block: int) -> torch.Tensor:
 
 def quantize(w: torch.Tensor, block: int = 32, symmetric: bool = False, compute: str = "fp32"
              ) -> tuple[torch.Tensor, Int4]:
-    """Round-to-nearest: (N, K) float -> (packed, Int4). Asymmetric keeps 0 in range so padding is exact."""
+    """Round-to-nearest: (N, K) float -> (packed, Int4). Asymmetric keeps 0 in range so padding is exact.
+    Rows are independent: a large weight is rounded CHUNK values at a time (its fp32 temporaries bounded)."""
+    step = max(1, CHUNK // w.shape[1])
+    if w.shape[0] <= step:
+        return _quantize(w, block, symmetric, compute)
+    parts = [_quantize(w[r0:r0 + step], block, symmetric, compute) for r0 in range(0, w.shape[0], step)]
+    s = parts[0][1]
+    return torch.cat([p for p, _ in parts]), replace(s, scales=torch.cat([q.scales for _, q in parts]),
+                                                    zeros=None if symmetric else torch.cat([q.zeros for _, q in parts]))
+
+
+def _quantize(w: torch.Tensor, block: int, symmetric: bool, compute: str) -> tuple[torch.Tensor, Int4]:
     blocks = _blocks(w.detach(), block)  # (N, kb, block)
     if symmetric:  # as GGUF Q4_0: the largest-magnitude value maps to code 0 exactly
         idx = blocks.abs().argmax(-1, keepdim=True)
@@ -158,22 +170,45 @@ def block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, block)).sum(-1)
 
 
+def _row_slices(s: Int4, N: int):
+    """(r0, r1, the state of rows r0:r1) covering N rows, each slice at most CHUNK weights."""
+    step = max(1, CHUNK // s.K)
+    for r0 in range(0, N, step):
+        r1 = min(r0 + step, N)
+        yield r0, r1, replace(s, scales=s.scales[r0:r1], zeros=None if s.zeros is None else s.zeros[r0:r1],
+                              mins=None if s.mins is None else s.mins[r0:r1])
+
+
 class _Linear(torch.autograd.Function):
+    """x @ W.T with W rebuilt from its bytes a slice of rows at a time, forward and backward: the transient fp32
+    weight is at most CHUNK values (an output head of 49152 x 576, or a 14336 x 4096 MLP weight, would
+    otherwise be dequantized whole, 113-235 MB and a few temporaries each, in every step)."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, packed: torch.Tensor, s: Int4) -> torch.Tensor:
         ctx.packed, ctx.s = packed, s  # the frozen bytes only; backward rebuilds the weight
-        w = dequantize(packed, s, symmetric_part=True).to(x.dtype)
         xq = quantize_activations(x, s.block) if s.compute == "int8" else x
-        y = xq @ w.T
-        if s.mins is not None:
-            y = y + block_sums(x, s.block) @ s.correction.to(x.dtype).T
+        sums = block_sums(x, s.block) if s.mins is not None else None
+        slices = list(_row_slices(s, packed.shape[0]))
+        y = x.new_empty(*x.shape[:-1], packed.shape[0]) if len(slices) > 1 else None
+        for r0, r1, part in slices:
+            w = dequantize(packed[r0:r1], part, symmetric_part=True).to(x.dtype)
+            out = xq @ w.T
+            if sums is not None:
+                out += sums @ part.correction.to(x.dtype).T
+            if y is None:
+                return out
+            y[..., r0:r1] = out
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         # straight-through the activation rounding: d/dx of x @ W.T with W the full dequantized weight
-        w = dequantize(ctx.packed, ctx.s).to(grad.dtype)
-        return grad @ w, None, None
+        gx = None
+        for r0, r1, part in _row_slices(ctx.s, ctx.packed.shape[0]):
+            g = grad[..., r0:r1] @ dequantize(ctx.packed[r0:r1], part).to(grad.dtype)
+            gx = g if gx is None else gx.add_(g)
+        return gx, None, None
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, s: Int4, bias: torch.Tensor | None = None) -> torch.Tensor:
