@@ -19,6 +19,7 @@ from qlora_rt.adapters import labels_of, read_head, read_lora
 from qlora_rt.errors import QloraError
 from qlora_rt import manifest
 from qlora_rt.manifest import Manifest
+from qlora_rt.quant import QuantConfig
 from qlora_rt.runtime import ADAPTER_DIR, ADAPTER_SUFFIX as SUFFIX, adapter_model_version, check_fits
 
 def adapter_arrays(adapter: str | Path, export_meta: Manifest) -> tuple[dict[str, str], dict[str, np.ndarray]]:
@@ -52,7 +53,8 @@ def check_base(adapter_meta: dict[str, str], export_meta: Manifest, where: str) 
     if theirs and not mine:
         raise QloraError(f"{where}: this export's base is a PiSSA/LoftQ residual base; an adapter trained on the "
                          "plain base does not fit it")
-    fmt = adapter_meta.get("quant.format")
+    trained = QuantConfig.from_metadata(adapter_meta)
+    fmt = trained.base_name if trained else None
     if fmt and fmt != export_meta.base_quant:
         raise QloraError(f"{where}: was trained on a {fmt} base; this export's base was trained as "
                          f"{export_meta.base_quant}")

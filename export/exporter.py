@@ -24,7 +24,7 @@ from .classify import export_encoder
 from .decoder import DecoderSpec, build_decoder
 from .graph import Graph
 from .verify import verify
-from .weights import HeadWriter, LinearWriter, add_shared_tensors, head_format
+from .weights import HeadWriter, LinearWriter, add_shared_tensors, head_format, trained_head
 from qlora_rt import __version__, quant
 from qlora_rt.adapters import open_trained
 from qlora_rt.config import ExportConfig
@@ -137,11 +137,11 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
         writer = LinearWriter(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size)
         approximate = cfg.weights == "int4" and (any(map(writer.requantizes, writer.layers)) or any(
             quant.format_of(m.weight).approximate_in_onnx(m.weight) for m in writer.layers.values()))
-        head_kind = head_format(cfg.head, approximate)
+        head_kind = head_format(cfg.head, approximate, trained_head(model, cfg.weights))
         rounding = _calibrate(cfg, writer, model, loaded.tokenizer, head_kind)
         head = HeadWriter(g, model, cfg.weights, head_kind, H=writer.hessians.pop(HEAD, None))
         build_decoder(spec, g, writer, head)
-        meta = _metadata(cfg, loaded, info, spec, qcfg.format, writer, max_context)
+        meta = _metadata(cfg, loaded, info, spec, qcfg.base_name, writer, max_context)
         g.save(tmp / "model.onnx", f"qlora-rt {__version__}")
         meta.external_data = {"model.onnx.data": (tmp / "model.onnx.data").stat().st_size}  # a copy is checked
         loaded.tokenizer.save_pretrained(tmp)
@@ -159,7 +159,7 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
                   "files_bytes": {p.name: p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}}
         if writer.requant_err:
             report["int4_relative_weight_error_mean"] = sum(writer.requant_err) / len(writer.requant_err)
-            report["int4_rounding"] = rounding
+            report["int4_rounding"] = f"{rounding}, block {'/'.join(map(str, sorted(writer.requant_blocks)))}"
         # int4 is held to the fp32 tolerance when nothing was requantized (an int4-trained base) and the
         # product is fp32; int8 activations are chaotic at the 1e-3 level (qlora_rt/int4.py): distributions
         _judge(report, cfg, exact=cfg.weights == "int4" and not writer.requant_err and qcfg.int4_compute == "fp32")

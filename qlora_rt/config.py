@@ -112,6 +112,14 @@ class TrainConfig:
                                "0; export matches PyTorch to 1e-3) or int8 activations (accuracy_level 4; faster on "
                                "CPU, same arithmetic emulated, but a W4A8 model is chaotic: 1e-7 input noise moves "
                                "SmolLM2 logits by ~2)", choices=("fp32", "int8"))
+    gguf_q4_1: str = option("exact", "int4 from a GGUF: its Q4_1 Linears as stored (exact = a float minimum per "
+                            "block; the export adds a correction product to each Linear, which slows decoding) or "
+                            "round = rounded once at load to an integer zero point per block (plain MatMulNBits, "
+                            "the fast path; the weight error is printed)", choices=("exact", "round"))
+    quant_head: bool = option(False, "quantize the output head too (frozen, in --quant's format; untied from the "
+                              "embedding, which stays in full precision): the adapter-aware export then runs the "
+                              "trained 4-bit head exactly, and decoding reads 8x fewer head bytes. Off: the head "
+                              "stays in the compute dtype, as in QLoRA")
     rank: int = option(16, "LoRA rank r", at_least=1)
     alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha/r", above=0)
     dropout: float = option(0.05, "dropout on the adapter's input", at_least=0, below=1)
@@ -186,8 +194,11 @@ class ExportConfig:
                           "and exact; any other base or a merged weight is requantized and its error reported) | "
                           "nf4 (adapter-aware: the trained NF4 bytes in MatMulBnb4)",
                           choices=("fp32", "fp16", "int4", "nf4"))
-    block_size: int = option(32, "int4 block size for requantized weights (an int4-trained base keeps its own)",
-                             choices=(16, 32, 64, 128, 256))
+    block_size: int | None = option(None, "int4 block size for requantized weights (an int4-trained base keeps its "
+                                    "own). Default 32, or twice an int4-trained base's block (64) for a merge: "
+                                    "requantized on the base's own grid, a merged weight rounds back to the base "
+                                    "and loses the adapter's change (measured on the demo: 78.3% vs 90.0%)",
+                                    choices=(16, 32, 64, 128, 256))
     head: str = option("auto", "output head: fp32, int8 (8-bit MatMulNBits with int8 activations: ~1.7x faster "
                        "head, approximate), int4 (4-bit, GPTQ-rounded on the calibration data like the other "
                        "requantized weights: half int8's bytes, more error), or auto (int4 where the int4 export is "

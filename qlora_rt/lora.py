@@ -2,10 +2,11 @@
 
     y = base(x) + s · B(A(dropout(x)))        s = alpha / r   (rsLoRA: alpha / √r)
 
-`LoRALinear` replaces every `nn.Linear` of the decoder (the output head excepted, as QLoRA does). Its
-`weight` is the frozen base in whatever format `qlora_rt.quant` gave it, under the base's own
-state-dict key; a layer that is not targeted simply has no adapter (rank 0). A and B are ordinary fp32
-`nn.Linear`s named `lora_A` / `lora_B`, so parameter names already match PEFT's saved keys.
+`LoRALinear` replaces every `nn.Linear` of the decoder (the output head excepted, as QLoRA does; with
+--quant-head the head becomes a frozen `QuantLinear`, the same without an adapter). Its `weight` is the
+frozen base in whatever format `qlora_rt.quant` gave it, under the base's own state-dict key; a layer
+that is not targeted simply has no adapter (rank 0). A and B are ordinary fp32 `nn.Linear`s named
+`lora_A` / `lora_B`, so parameter names already match PEFT's saved keys.
 """
 
 from __future__ import annotations
@@ -42,15 +43,28 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-class LoRALinear(nn.Module):
-    """A frozen (possibly 4-bit) Linear with an optional trainable low-rank update."""
+class QuantLinear(nn.Module):
+    """A frozen Linear whose weight is in a `qlora_rt.quant` format (the output head with --quant-head)."""
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = weight
         self.bias = bias
-        self.rank = 0
+        self.rank = 0  # no adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, base={quant.format_of(self.weight).describe(self.weight)}"
+
+
+class LoRALinear(QuantLinear):
+    """A frozen (possibly 4-bit) Linear with an optional trainable low-rank update."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, in_features: int, out_features: int) -> None:
+        super().__init__(weight, bias, in_features, out_features)
         self.scale = 0.0
         self.lora_A: nn.Linear | None = None
         self.lora_B: nn.Linear | None = None
@@ -148,7 +162,29 @@ def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.devic
         del child, full  # the last references: its fp32 weight is freed now
         if tensors is not None:
             release_freed_memory()
+    if cfg.head:
+        quantize_head(model, cfg, device, tensors)
     return _move_unquantized(model, device, cfg.compute_dtype)
+
+
+def quantize_head(model: nn.Module, cfg: quant.QuantConfig, device: torch.device, tensors=None) -> None:
+    """--quant-head: the decoder's output head becomes a frozen QuantLinear in the base's format. A head tied
+    to the input embedding is untied: the embedding stays in full precision (a lookup reads one row a
+    token), the head is quantized from the same values (`tie_word_embeddings` is then false, in the
+    config a merge writes too). The head is the largest matrix of small models (SmolLM2-135M: 28M of
+    135M parameters) and every decoded token reads all of it."""
+    head = _output_head(model)
+    if not isinstance(head, nn.Linear) or model.get_input_embeddings() is None:
+        raise QloraError("--quant-head: this model has no output head to quantize (an encoder's classification "
+                         "head is trained in full)")
+    full = head.weight.data
+    if full.is_meta:
+        full = tensors.get("lm_head.weight")
+    bias = None if head.bias is None else nn.Parameter(head.bias.data.to(device, cfg.compute_dtype), requires_grad=False)
+    layer = QuantLinear(quant.quantize(full, cfg, device), bias, head.in_features, head.out_features)
+    model.set_output_embeddings(layer)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
 
 
 def release_freed_memory() -> None:
@@ -225,5 +261,5 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     for module in model.modules():
         for p in module.parameters(recurse=False):
             total += module.in_features * module.out_features if (
-                isinstance(module, LoRALinear) and p is module.weight) else p.numel()
+                isinstance(module, QuantLinear) and p is module.weight) else p.numel()
     return trainable, total

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from qlora_rt import __version__, quant
 from qlora_rt.errors import QloraError
 from qlora_rt.files import atomic_dir, check_out, write_json
-from qlora_rt.lora import LoRALinear, release_freed_memory
+from qlora_rt.lora import QuantLinear, release_freed_memory
 
 MANIFEST, FORMAT = "qlora_rt_merge.json", "qlora-rt-merged"
 
@@ -43,14 +43,14 @@ def merged_weights(model: torch.nn.Module) -> dict[str, tuple[int, Callable[[], 
         if owner.endswith((".lora_A", ".lora_B")):
             continue
         layer = modules[owner]
-        if isinstance(layer, LoRALinear) and leaf == "weight":
+        if isinstance(layer, QuantLinear) and leaf == "weight":  # a LoRA layer, or a quantized head
             out[name] = (layer.in_features * layer.out_features, partial(_merged_linear, layer, owner))
         else:
             out[name] = (p.numel(), lambda p=p: p.detach().float().cpu().contiguous())
     return out
 
 
-def _merged_linear(layer: LoRALinear, name: str) -> torch.Tensor:
+def _merged_linear(layer: QuantLinear, name: str) -> torch.Tensor:
     w = quant.dequantize(layer.weight)
     if layer.rank:
         w = merge_weight(w, layer.lora_A.weight, layer.lora_B.weight, layer.scale, name)

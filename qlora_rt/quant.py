@@ -26,6 +26,7 @@ from qlora_rt.config import QUANT_FORMATS
 from qlora_rt.errors import QloraError
 
 DEFAULT_BLOCK = {"nf4": 64, "fp4": 64, "int4": 32, "none": 64}
+GGUF_Q4_1 = ("exact", "round")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class QuantConfig:
     compute_dtype: torch.dtype = torch.float32
     symmetric: bool = False  # int4: zero point 8 (as GGUF Q4_0) instead of one per block
     int4_compute: str = "fp32"  # int4: as MatMulNBits accuracy_level 0 (fp32) or 4 (int8 activations)
+    head: bool = False  # the output head is quantized (frozen) too, in the same format: see lora.quantize_head
+    gguf_q4_1: str = "exact"  # int4: a GGUF's Q4_1 Linears as stored, or rounded once to integer zero points
 
     def __post_init__(self) -> None:
         if self.format not in QUANT_FORMATS:
@@ -48,13 +51,25 @@ class QuantConfig:
             raise QloraError(f"--block-size: {self.block_size} is not a MatMulNBits block size (16, 32, 64, 128, 256)")
         if self.int4_compute not in int4.COMPUTE:
             raise QloraError(f"--int4-compute: expected one of {', '.join(int4.COMPUTE)}, got {self.int4_compute!r}")
+        if self.gguf_q4_1 not in GGUF_Q4_1:
+            raise QloraError(f"--gguf-q4-1: expected one of {', '.join(GGUF_Q4_1)}, got {self.gguf_q4_1!r}")
+        if self.head and self.format == "none":
+            raise QloraError("--quant-head: the base is not quantized (--quant none); nothing to do")
+
+    @property
+    def base_name(self) -> str:
+        """The trained base's format as exports record it (`base_quant`): an adapter fits only its own."""
+        return self.format + ("+head" if self.head else "")
 
     def as_metadata(self) -> dict[str, str]:
         """String-only description, stored with adapters so merge/export rebuild the very same base."""
         meta = {"quant.format": self.format, "quant.double_quant": str(self.double_quant).lower(),
                 "quant.block_size": str(self.block_size)}
         if self.format == "int4":
-            meta.update({"quant.symmetric": str(self.symmetric).lower(), "quant.int4_compute": self.int4_compute})
+            meta.update({"quant.symmetric": str(self.symmetric).lower(), "quant.int4_compute": self.int4_compute,
+                         "quant.gguf_q4_1": self.gguf_q4_1})
+        if self.head:
+            meta["quant.head"] = "true"
         return meta
 
     @classmethod
@@ -64,7 +79,8 @@ class QuantConfig:
         return cls(format=meta["quant.format"], double_quant=meta.get("quant.double_quant", "true") == "true",
                    block_size=int(meta.get("quant.block_size", "64")), compute_dtype=compute_dtype,
                    symmetric=meta.get("quant.symmetric", "false") == "true",
-                   int4_compute=meta.get("quant.int4_compute", "fp32"))
+                   int4_compute=meta.get("quant.int4_compute", "fp32"), head=meta.get("quant.head") == "true",
+                   gguf_q4_1=meta.get("quant.gguf_q4_1", "exact"))
 
 
 def _bnb():
@@ -247,6 +263,8 @@ class Int4Format(Format):
         if other:
             warnings.warn(f"{len(other)} Linear weights of {path.name} are not Q4_0/Q4_1 (e.g. {other[0]}): they are "
                           "dequantized and requantized to int4 by rounding")
+        if cfg.gguf_q4_1 == "round":
+            imported = _round_q4_1(imported, cfg)
         return imported
 
     def nbits(self, weight):
@@ -254,6 +272,30 @@ class Int4Format(Format):
 
     def approximate_in_onnx(self, weight):
         return weight.int4.compute == "int8"
+
+
+def _round_q4_1(imported: dict[str, tuple[torch.Tensor, int4.Int4]], cfg: QuantConfig
+                ) -> dict[str, tuple[torch.Tensor, int4.Int4]]:
+    """`--gguf-q4-1 round`: each Q4_1 weight (a float minimum per block) rounded once to int4 with an integer
+    zero point per block, so its export is one plain MatMulNBits. Where a block's codes span 0..15 around
+    zero this keeps its codes and scale and moves its minimum to the nearest step (an error of at most half
+    a step, the same for the block's 32 weights); deterministic, so merge and export rebuild the same base.
+    Prints the mean relative weight error over the rounded Linears."""
+    import sys
+
+    errors = []
+    for name, (packed, s) in imported.items():
+        if s.mins is None:  # Q4_0 already is plain symmetric MatMulNBits
+            continue
+        w = int4.dequantize(packed, s)
+        packed2, s2 = int4.quantize(w, s.block, False, cfg.int4_compute)
+        s2.source = "gguf-q4_1-rounded"
+        errors.append(float((int4.dequantize(packed2, s2) - w).norm() / w.norm().clamp_min(1e-30)))
+        imported[name] = (packed2, s2)
+    if errors:
+        print(f"--gguf-q4-1 round: {len(errors)} Q4_1 Linears rounded to int4 with integer zero points, mean relative "
+              f"weight error {100 * sum(errors) / len(errors):.2f}% (max {100 * max(errors):.2f}%)", file=sys.stderr)
+    return imported
 
 
 PLAIN = Plain()

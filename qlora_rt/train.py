@@ -193,7 +193,8 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
         torch.cuda.set_device(device)
     saved = _run_folder(cfg, d.main)
     out = Path(cfg.out)
-    qcfg = QuantConfig(cfg.quant, cfg.double_quant, cfg.block_size, dtype, cfg.symmetric, cfg.int4_compute)
+    qcfg = QuantConfig(cfg.quant, cfg.double_quant, cfg.block_size, dtype, cfg.symmetric, cfg.int4_compute,
+                       cfg.quant_head, cfg.gguf_q4_1)
     lcfg = LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.targets)
     check_model(cfg.model)  # before the model loads: a bad path or file fails in a second, not a minute
     task_name = _task(cfg)

@@ -92,7 +92,7 @@ def test_merged_int4_is_rounded_by_gptq_on_the_runs_own_data(tiny_llama, tiny_ru
     reports = {r: export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / r),
                                       mode="merged", weights="int4", int4_rounding=r)) for r in ("gptq", "rtn")}
     assert reports["gptq"]["int4_rounding"].startswith("gptq (") and "train.jsonl" in reports["gptq"]["int4_rounding"]
-    assert reports["rtn"]["int4_rounding"] == "rtn"
+    assert reports["rtn"]["int4_rounding"] == "rtn, block 32"
     assert reports["gptq"]["mean_abs_logit_diff"] < reports["rtn"]["mean_abs_logit_diff"]
     with pytest.raises(QloraError, match="--calibration: .*not found"):
         export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / "x"),
@@ -247,3 +247,63 @@ def test_approximate_int4_is_judged_by_its_next_token_distributions(tiny_llama, 
     assert not (tmp_path / "bad").exists()
     exact = export(ExportConfig(out=str(tmp_path / "fp32"), **{**kw, "weights": "fp32"}))
     assert exact["max_kl"] is None and exact["mean_kl"] < 1e-9  # exact formats keep their logit tolerance
+
+
+@pytest.mark.parametrize("quant,weights,tie", [("int4", "int4", True), ("int4", "int4", False), ("nf4", "nf4", True)])
+def test_a_head_trained_quantized_is_exported_as_trained(tiny_data, tmp_path, quant, weights, tie):
+    """--quant-head: the head trains frozen in the base's 4-bit format (untied from the embedding), and the
+    adapter-aware export runs those very bytes, so it stays exact; the merge writes an untied fp32 head."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_checkpoint
+    from qlora_rt.adapters import open_trained
+    from qlora_rt.config import TrainConfig
+    from qlora_rt.export.exporter import export
+    from qlora_rt.lora import QuantLinear, lora_layers
+    from qlora_rt.merge import merge
+    from qlora_rt.quant import dequantize
+    from qlora_rt.train import train
+
+    base = save_checkpoint(tmp_path / "base", tie=tie)
+    run = train(TrainConfig(model=str(base), data=str(tiny_data / "train.jsonl"), out=str(tmp_path / "run"),
+                            quant=quant, quant_head=True, steps=3, batch_size=2, seq_len=64, lr=1e-2,
+                            checkpoint_every=0, eval_every=0))
+    loaded = open_trained(str(base), str(run.adapter))[0]
+    head = loaded.model.get_output_embeddings()
+    assert isinstance(head, QuantLinear) and "lm_head" not in lora_layers(loaded.model)  # frozen, never adapted
+    assert head.weight is not loaded.model.get_input_embeddings().weight and head.weight.dtype == torch.uint8
+    report = export(ExportConfig(model=str(base), adapter=str(run.adapter), out=str(tmp_path / "onnx"),
+                                 weights=weights))
+    assert report["tolerance"] == 1e-3 and report["max_abs_logit_diff"] <= 1e-4, report["max_abs_logit_diff"]
+    assert "as trained" in report["head"] and report["greedy_agreement"] == 1.0
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in graph.node if "lm_head.qweight" in n.input] == [
+        "MatMulNBits" if weights == "int4" else "MatMulBnb4"]
+    assert json.loads((tmp_path / "onnx" / "qlora_rt_export.json").read_text())["base_quant"] == f"{quant}+head"
+
+    if quant == "int4":  # a merge is requantized off the base's own grid (block 32 -> 64), its head kept as trained
+        report = export(ExportConfig(model=str(base), adapter=str(run.adapter), out=str(tmp_path / "onnx-merged"),
+                                     mode="merged", weights="int4", int4_rounding="rtn"))
+        assert report["int4_rounding"] == "rtn, block 64" and "as trained" in report["head"]
+
+    merged = AutoModelForCausalLM.from_pretrained(merge(str(base), str(run.adapter), str(tmp_path / "merged")))
+    assert not merged.config.tie_word_embeddings
+    assert torch.equal(merged.lm_head.weight, dequantize(head.weight))
+    assert not torch.equal(merged.lm_head.weight, merged.model.embed_tokens.weight)
+
+
+def test_an_adapter_fits_only_the_head_format_it_was_trained_with(tiny_llama, tiny_runs, tiny_data, tmp_path):
+    """An export of a --quant-head base refuses an adapter trained with the head in full precision."""
+    from qlora_rt.config import TrainConfig
+    from qlora_rt.export.adapters import export_adapter
+    from qlora_rt.export.exporter import export
+    from qlora_rt.train import train
+
+    run = train(TrainConfig(model=str(tiny_llama), data=str(tiny_data / "train.jsonl"), out=str(tmp_path / "run"),
+                            quant="nf4", quant_head=True, steps=1, batch_size=2, seq_len=64,
+                            checkpoint_every=0, eval_every=0))
+    export(ExportConfig(model=str(tiny_llama), adapter=str(run.adapter), out=str(tmp_path / "onnx"), weights="nf4"))
+    with pytest.raises(QloraError, match=r"trained on a nf4 base; this export's base was trained as nf4\+head"):
+        export_adapter(str(tiny_runs[1]["a"]), str(tmp_path / "onnx"), "plain")

@@ -103,6 +103,26 @@ def test_q4_1_runs_as_symmetric_matmulnbits_plus_a_block_correction():
     assert np.abs(int4.linear(x, packed, s).numpy() - onnx_form).max() <= 1e-4
 
 
+def test_q4_1_rounded_to_integer_zero_points_is_plain_matmulnbits(capsys):
+    """--gguf-q4-1 round: Q4_1's float minimum moves to the nearest step of its block, so the weight is plain
+    asymmetric MatMulNBits (no correction product): at most half a step from the stored weight, and Q4_0
+    weights are left as they are."""
+    from gguf import GGMLQuantizationType, quants
+
+    w = np.random.default_rng(2).standard_normal((64, 128)).astype(np.float32) * 0.05
+    q41 = int4.from_gguf_blocks(quants.quantize(w, GGMLQuantizationType.Q4_1), "q4_1", 128)
+    q40 = int4.from_gguf_blocks(quants.quantize(w, GGMLQuantizationType.Q4_0), "q4_0", 128)
+    out = quant._round_q4_1({"a": q41, "b": q40}, quant.QuantConfig("int4", gguf_q4_1="round"))
+    packed, s = out["a"]
+    assert s.mins is None and s.zeros is not None and s.source == "gguf-q4_1-rounded" and out["b"] is q40
+    stored, rounded = int4.dequantize(*q41), int4.dequantize(packed, s)
+    step = q41[1].scales.repeat_interleave(32, dim=1)
+    assert ((rounded - stored).abs() <= step / 2 + 1e-6).all() and not torch.equal(rounded, stored)
+    x = torch.randn(4, 128)
+    assert np.abs(_matmul_nbits(x.numpy(), packed, s, accuracy=0) - (x @ rounded.T).numpy()).max() <= 1e-4
+    assert "1 Q4_1 Linears rounded to int4 with integer zero points" in capsys.readouterr().err
+
+
 def test_unpermute_rows_inverts_llama_cpp_permutation():
     heads, hd = 3, 8
     w = torch.arange(heads * hd)[:, None].float()
@@ -114,8 +134,13 @@ def test_int4_config_errors():
     with pytest.raises(QloraError, match="not a MatMulNBits block size"):
         quant.QuantConfig("int4", block_size=48)
     assert quant.QuantConfig("int4").block_size == 32 and quant.QuantConfig("nf4").block_size == 64
-    meta = quant.QuantConfig("int4", symmetric=True, int4_compute="fp32").as_metadata()
-    assert quant.QuantConfig.from_metadata(meta) == quant.QuantConfig("int4", symmetric=True, int4_compute="fp32")
+    cfg = quant.QuantConfig("int4", symmetric=True, int4_compute="fp32", head=True, gguf_q4_1="round")
+    assert quant.QuantConfig.from_metadata(cfg.as_metadata()) == cfg and cfg.base_name == "int4+head"
+    assert quant.QuantConfig.from_metadata(quant.QuantConfig("nf4").as_metadata()) == quant.QuantConfig("nf4")
+    with pytest.raises(QloraError, match="--gguf-q4-1: expected one of exact, round"):
+        quant.QuantConfig("int4", gguf_q4_1="q4_0")
+    with pytest.raises(QloraError, match="--quant-head: the base is not quantized"):
+        quant.QuantConfig("none", head=True)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
