@@ -125,7 +125,11 @@ def _io(g: Graph, spec: DecoderSpec) -> None:
     g.inputs += [helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
                  helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_sequence"]),
                  helper.make_tensor_value_info("position_ids", i64, ["batch", "sequence"])]
-    g.outputs.append(helper.make_tensor_value_info("logits", f32, ["batch", "sequence", spec.vocab]))
+    # logits of the last N positions only (0, the default: all): a prompt needs its last one, and the head is
+    # then one row's product instead of T rows' (the runtime binds 1; the self-check reads them all)
+    g.init("logits_to_keep", np.array(0, np.int64))
+    g.inputs.append(helper.make_tensor_value_info("logits_to_keep", i64, []))
+    g.outputs.append(helper.make_tensor_value_info("logits", f32, ["batch", "logits_sequence", spec.vocab]))
     for i in range(spec.layers):
         for kv in ("key", "value"):
             g.inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32,
@@ -153,4 +157,6 @@ def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
         x, h = _add_norm(g, _attention(g, spec, lin, i, x, mask, rows3), h,
                          f"model.layers.{i}.post_attention_layernorm.weight", spec.eps)
         x, h = _add_norm(g, _mlp(g, lin, i, x), h, after, spec.eps)
-    g.op("Reshape", [head(x), rows3], ["logits"])
+    start = g.op("Neg", [g.op("Reshape", ["logits_to_keep", g.const([1])])])  # (1,): -N, and 0 for all
+    kept = g.op("Slice", [g.op("Reshape", [x, rows3]), start, g.const([2**62]), g.const([1])])  # (B, N or T, d)
+    g.op("Identity", [head(kept)], ["logits"])

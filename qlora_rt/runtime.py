@@ -157,6 +157,7 @@ class Model:
         self.meta = manifest.read(self.folder)
         manifest.expect(self.meta, "decoder", self.folder, "generate")
         self.session = open_session(self.folder, threads)
+        self.input_names = {i.name for i in self.session.get_inputs()}
         self._check_session()
         self.tokenizer = _tokenizer(self.folder)
         self.template = _chat_template(self.folder)
@@ -222,14 +223,14 @@ class Model:
 
     def logits(self, ids: list[int], adapter: str | Path | None = None) -> np.ndarray:
         """(T, vocab) logits of one token sequence: the export self-check compares them with PyTorch's."""
-        return self._steps([ids], adapter, 1, (), Sampling()).prompt()[0]
+        return self._steps([ids], adapter, 1, (), Sampling(), all_logits=True).prompt()[0]
 
     def stream(self, prompt: str | list[dict], **kw) -> "Stream":
         """Like generate() for one prompt, but iterate to get the text as it is produced; .result at the end."""
         return Stream(self, prompt, **kw)
 
     def _steps(self, ids: list[list[int]], adapter, max_new: int, stop: tuple, sampling: Sampling,
-               ignore_eos: bool = False, live_text: bool = False) -> "_Steps":
+               ignore_eos: bool = False, live_text: bool = False, all_logits: bool = False) -> "_Steps":
         sampling.check()
         if max_new < 1:
             raise QloraError(f"--max-new-tokens must be at least 1, got {max_new}")
@@ -238,10 +239,10 @@ class Model:
             raise QloraError(f"--prompt is {longest} tokens; this export's context is {ctx} tokens")
         params = self.load_adapter(adapter) if adapter is not None else {}
         return _Steps(self, ids, params, min(max_new, ctx - longest), stop, sampling,
-                      set() if ignore_eos else self.eos, live_text or bool(stop))
+                      set() if ignore_eos else self.eos, live_text or bool(stop), all_logits)
 
     def _check_session(self) -> None:
-        names = {i.name for i in self.session.get_inputs()}
+        names = self.input_names
         want = {"input_ids", "attention_mask", "position_ids"} | {
             f"past_key_values.{i}.{kv}" for i in range(self.meta.layers) for kv in ("key", "value")}
         missing = sorted(want - names)
@@ -257,7 +258,7 @@ class _Steps:
     is decoded once at the end, off the per-token path."""
 
     def __init__(self, model: Model, ids: list[list[int]], adapter: dict, max_new: int, stop: tuple,
-                 sampling: Sampling, eos: set[int], live_text: bool):
+                 sampling: Sampling, eos: set[int], live_text: bool, all_logits: bool = False):
         self.m, self.max_new, self.stop, self.sampling = model, max_new, stop, sampling
         self.eos, self.live_text = eos, live_text
         self.prompt_lens = [len(x) for x in ids]
@@ -269,6 +270,8 @@ class _Steps:
         self.rng = np.random.default_rng(sampling.seed)
         self.result: list[Completion] = []
         self.binding = self._bind(adapter, width + max_new)
+        if not all_logits and "logits_to_keep" in model.input_names:  # exports before it compute every position's
+            self.binding.bind_cpu_input("logits_to_keep", np.array(1, np.int64))  # the last position only
 
     def _bind(self, adapter: dict, capacity: int):
         """Outputs first (logits is output 0), then the cache: one zeroed (B, kv, capacity, hd) buffer per
@@ -301,9 +304,9 @@ class _Steps:
         return self._step_logits[0] if self._into_buffer else b.get_outputs()[0].numpy()
 
     def prompt(self) -> np.ndarray:
-        """The prompt's logits (B, T, V), into an array onnxruntime allocates, whatever T is (a one-token
-        prompt too); decoding steps after it write theirs into a (B, 1, V) buffer of our own, bound once
-        here, not a fresh array a step."""
+        """The prompt's logits (B, 1, V), or (B, T, V) with all_logits, into an array onnxruntime allocates;
+        decoding steps after it write theirs into a (B, 1, V) buffer of our own, bound once here, not a
+        fresh array a step."""
         logits = self.run(self.ids, self.positions)
         self.binding.bind_ortvalue_output("logits", self._step_logits[1])
         self._into_buffer = True

@@ -59,6 +59,27 @@ def test_greedy_equals_pytorch_and_batching_changes_nothing(tiny_llama, tiny_run
     assert [c.tokens for c in batch] == [c.tokens for c in singles]
 
 
+def test_logits_to_keep_computes_only_the_last_positions(exported, runtime):
+    """A prompt needs only its last position's logits: `logits_to_keep` N gives exactly the last N rows of
+    the full (B, T, V) logits, 0 (the default) gives them all; the runtime binds 1, its self-check 0."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    meta = runtime.meta
+    T = 6
+    feed = {"input_ids": np.array([[5, 9, 17, 33, 2, 41]], np.int64), "attention_mask": np.ones((1, T), np.int64),
+            "position_ids": np.arange(T, dtype=np.int64)[None]}
+    for i in range(meta.layers):
+        for kv in ("key", "value"):
+            feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, meta.kv_heads, 0, meta.head_dim), np.float32)
+    full = sess.run(["logits"], feed)[0]
+    assert full.shape == (1, T, meta.vocab)
+    for keep in (1, 3, T):
+        part = sess.run(["logits"], {**feed, "logits_to_keep": np.array(keep, np.int64)})[0]
+        assert part.shape == (1, keep, meta.vocab) and np.allclose(part, full[:, -keep:], atol=1e-5)
+    assert np.allclose(runtime.logits(feed["input_ids"][0].tolist()), full[0], atol=1e-5)  # all of them
+
+
 def test_adapters_switch_per_call_without_reloading(runtime):
     session = runtime.session
     out = {name: runtime.generate(PROMPTS[0], chat=True, adapter=name, max_new_tokens=12).tokens
