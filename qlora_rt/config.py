@@ -201,8 +201,9 @@ class ExportConfig:
                                     choices=(16, 32, 64, 128, 256))
     head: str = option("auto", "output head: fp32, int8 (8-bit MatMulNBits with int8 activations: ~1.7x faster "
                        "head, approximate), int4 (4-bit, GPTQ-rounded on the calibration data like the other "
-                       "requantized weights: half int8's bytes, more error), or auto (int4 where the int4 export is "
-                       "approximate anyway: requantized or int8 compute; fp32 where it is exact)",
+                       "requantized weights: half int8's bytes, more error), or auto (a head trained in 4 bits with "
+                       "--quant-head: its own bytes, exact; else int4 where the int4 export is approximate anyway: "
+                       "requantized or int8 compute; fp32 where it is exact)",
                        choices=("auto", "fp32", "int8", "int4"))
     int4_rounding: str = option("gptq", "requantized int4 weights: gptq (error feedback on calibration inputs, keeps "
                                 "the layer outputs close) or rtn (round to nearest)", choices=("gptq", "rtn"))

@@ -71,3 +71,26 @@ def _corrupted_scale_fails(adapter, trained, tmp_path):
     finally:
         ei.requantize = real
     assert not (tmp_path / "broken").exists()
+
+
+def test_the_fast_exact_path_is_plain_matmulnbits_and_exact(tmp_path):
+    """--gguf-q4-1 round --quant-head on the real model: every product of the adapter-aware graph, the head
+    included, is one plain MatMulNBits over the trained bytes (no Q4_1 correction, no fp32 head), and the
+    export still equals PyTorch within 1e-3."""
+    import onnx
+
+    from qlora_rt.export.exporter import export
+
+    result = train(TrainConfig(model="smollm2-135m", data=str(DATA / "dates-train.jsonl"), out=str(tmp_path / "run"),
+                               quant="int4", gguf_q4_1="round", quant_head=True, steps=2, batch_size=2, seq_len=128,
+                               lr=1e-3, eval_every=0, checkpoint_every=0))
+    trained = open_trained("smollm2-135m", result.adapter)
+    sources = {layer.weight.int4.source for layer in trained[0].model.modules() if hasattr(layer, "lora_A")}
+    assert sources == {"gguf-q4_1-rounded"}
+    report = export(ExportConfig(model="smollm2-135m", adapter=str(result.adapter), out=str(tmp_path / "aware"),
+                                 weights="int4"), trained)
+    assert report["tolerance"] == 1e-3 and report["max_abs_logit_diff"] <= 1e-3 and "as trained" in report["head"]
+    nodes = onnx.load(str(tmp_path / "aware" / "model.onnx"), load_external_data=False).graph.node
+    ops = [n.op_type for n in nodes]
+    assert ops.count("MatMulNBits") == 30 * 4 + 1 and "ReduceSum" not in ops  # q/k/v, o, gate/up, down; head
+    assert all(a.i == 0 for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level")
