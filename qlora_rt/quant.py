@@ -53,6 +53,9 @@ class QuantConfig:
             raise QloraError(f"--int4-compute: expected one of {', '.join(int4.COMPUTE)}, got {self.int4_compute!r}")
         if self.gguf_q4_1 not in GGUF_Q4_1:
             raise QloraError(f"--gguf-q4-1: expected one of {', '.join(GGUF_Q4_1)}, got {self.gguf_q4_1!r}")
+        if self.gguf_q4_1 != "exact" and self.format != "int4":
+            raise QloraError(f"--gguf-q4-1 {self.gguf_q4_1}: only with --quant int4 (a GGUF's Q4_1 weights become the "
+                             f"int4 base); --quant {self.format} quantizes the GGUF's dequantized weights")
         if self.head and self.format == "none":
             raise QloraError("--quant-head: the base is not quantized (--quant none); nothing to do")
 

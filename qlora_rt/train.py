@@ -198,6 +198,9 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
     lcfg = LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.targets)
     check_model(cfg.model)  # before the model loads: a bad path or file fails in a second, not a minute
     task_name = _task(cfg)
+    if task_name == "classify" and cfg.quant_head:
+        raise QloraError("--quant-head: a classifier's head is trained in full (saved with the adapter); there is no "
+                         "output head to quantize")
     Task = tasks.Classify if task_name == "classify" else tasks.CausalLM
     rows, lines = Task.read(cfg.data, "--data")
     eval_rows, eval_lines = Task.read(cfg.eval_data, "--eval-data") if cfg.eval_data else ([], [])

@@ -88,6 +88,8 @@ def test_task_and_model_family_must_agree(tiny_bert, tiny_llama, tiny_data, sent
         train(config(tiny_llama, sentiment, tmp_path / "b"))
     with pytest.raises(QloraError, match="--task causal-lm needs a decoder"):
         train(config(tiny_bert, sentiment, tmp_path / "c", task="causal-lm"))
+    with pytest.raises(QloraError, match="--quant-head: a classifier's head is trained in full"):
+        train(config(tiny_bert, sentiment, tmp_path / "d", quant_head=True))
 
 
 def test_long_texts_are_truncated_and_counted(tiny_bert, tmp_path, capfd):

@@ -141,6 +141,8 @@ def test_int4_config_errors():
         quant.QuantConfig("int4", gguf_q4_1="q4_0")
     with pytest.raises(QloraError, match="--quant-head: the base is not quantized"):
         quant.QuantConfig("none", head=True)
+    with pytest.raises(QloraError, match="--gguf-q4-1 round: only with --quant int4"):
+        quant.QuantConfig("nf4", gguf_q4_1="round")
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
