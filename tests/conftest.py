@@ -68,7 +68,7 @@ def tiny_data(tmp_path_factory) -> Path:
         rows.append({"messages": [{"role": "user", "content": f"count to {i % 5 + 2}"},
                                   {"role": "assistant", "content": " ".join(["one", "two", "three", "four",
                                                                              "five", "six"][: i % 5 + 2])}]})
-        rows.append({"prompt": f"the capital of france? ", "completion": "paris."})
+        rows.append({"prompt": "the capital of france? ", "completion": "paris."})
         rows.append({"text": CORPUS[i % 5]})
     write_jsonl(d / "train.jsonl", rows)
     write_jsonl(d / "eval.jsonl", rows[:9])

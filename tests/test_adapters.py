@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qlora_rt import quant
-from qlora_rt.adapters import load_adapter, open_trained, save_adapter
+from qlora_rt.adapters import open_trained, save_adapter
 from qlora_rt.errors import QloraError
 from qlora_rt.load import load
 from qlora_rt.lora import LoraConfig, add_adapters, lora_layers, quantize_model

@@ -1,7 +1,6 @@
 """The CUDA path: bf16 compute over the bitsandbytes kernels, paged 8-bit AdamW. Skipped without CUDA."""
 
 import pytest
-import torch
 
 from qlora_rt.config import TrainConfig
 from qlora_rt.train import train

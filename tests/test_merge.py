@@ -6,7 +6,7 @@ from qlora_rt.adapters import save_adapter
 from qlora_rt.errors import QloraError
 from qlora_rt.lora import LoraConfig, lora_layers
 from qlora_rt.merge import merge, merge_weight, merged_state_dict
-from test_adapters import IDS, logits, ours_with_random_adapter
+from test_adapters import logits, ours_with_random_adapter
 
 
 @pytest.mark.parametrize("tie", [False, True])
