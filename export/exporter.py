@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from .adapters import ADAPTER_DIR, SUFFIX, adapter_arrays, write_adapter
 from .calibration import HEAD, default_data, hessians
 from qlora_rt.data import load_examples
@@ -63,7 +62,8 @@ def _metadata(cfg: ExportConfig, loaded, info, spec: DecoderSpec, quant_format: 
                     # PiSSA/LoftQ: the digest of the residual base the adapter was trained on (qlora_rt/svdinit.py)
                     base_residual=info.metadata.get("base.residual") if info else None, kv_cache=KV_CACHE,
                     inputs=["input_ids", "attention_mask", "position_ids", "past_key_values.N.key",
-                            "past_key_values.N.value", "logits_to_keep"], outputs=["logits", "present.N.key", "present.N.value"],
+                            "past_key_values.N.value", "logits_to_keep"],
+                    outputs=["logits", "present.N.key", "present.N.value"],
                     lora_inputs=writer.lora_inputs, lora_groups=writer.lora_groups)
 
 

@@ -102,11 +102,7 @@ class LinearWriter:
 
     def _emit_nbits(self, name: str, x: str, inputs: dict[str, np.ndarray], s: int4.Int4, accuracy: int) -> str:
         g = self.g
-        args = [x, g.init(f"{name}.qweight", inputs["qweight"]), g.init(f"{name}.scales", inputs["scales"])]
-        if "zero_points" in inputs:
-            args.append(g.init(f"{name}.zero_points", inputs["zero_points"]))
-        y = g.op("MatMulNBits", args, domain=MS, K=s.K, N=inputs["scales"].shape[0], bits=4, block_size=s.block,
-                 accuracy_level=accuracy)
+        y = matmul_nbits(g, name, x, inputs, s.K, 4, s.block, accuracy)
         if "correction" in inputs:  # GGUF Q4_1: + (block sums of x) @ (8·scale + min)
             y = g.op("Gemm", [self._block_sums(x, s), g.init(f"{name}.correction", inputs["correction"]), y])
         return y
@@ -256,6 +252,17 @@ def group_lora(pairs: dict[str, tuple[np.ndarray, np.ndarray]], groups: dict[str
     return out
 
 
+def matmul_nbits(g: Graph, name: str, x: str, inputs: dict[str, np.ndarray], K: int, bits: int, block: int,
+                 accuracy: int, weight: str = "qweight") -> str:
+    """One com.microsoft.MatMulNBits over `inputs` (qweight, scales, optional zero_points) as initializers
+    named `<name>.<key>`; N is the scales' first dimension."""
+    args = [x, g.init(f"{name}.{weight}", inputs["qweight"]), g.init(f"{name}.scales", inputs["scales"])]
+    if "zero_points" in inputs:
+        args.append(g.init(f"{name}.zero_points", inputs["zero_points"]))
+    return g.op("MatMulNBits", args, domain=MS, K=K, N=inputs["scales"].shape[0], bits=bits, block_size=block,
+                accuracy_level=accuracy)
+
+
 def group_name(names: list[str]) -> str:
     """model.layers.0.self_attn.q_proj_k_proj_v_proj for fused q/k/v; a single Linear keeps its own name."""
     return names[0] if len(names) == 1 else names[0].rpartition(".")[0] + "." + "_".join(
@@ -323,7 +330,7 @@ class HeadWriter:
         w = layer.weight
         self.bias = None if layer.bias is None else layer.bias.detach().float().numpy()
         self.tied = w is model.get_input_embeddings().weight
-        self.weight = quant.dequantize(w) if quant.is_quantized(w) else w.detach().float()  # (N, K) as trained
+        self._layer = layer
         if head != "trained":  # "trained" is what head_format resolved `auto` to for the caller already
             head = head_format(head, approximate, trained_head(model, weights))
         self.quantized, self.bits, self.report = None, 0, "fp16" if weights == "fp16" and not self.tied else "fp32"
@@ -332,13 +339,19 @@ class HeadWriter:
             self.trained = fmt.nbits(w) if weights == "int4" else fmt.bnb4(w)
             self.report = f"{fmt.describe(w)} (as trained, --quant-head)"
         elif head == "int8":
-            self.quantized, lossless, err = int4.int8_head(self.weight)
+            self.quantized, lossless, err = int4.int8_head(self.float_weight())
             self.bits, self.report = 8, f"int8 (weights {'lossless' if lossless else f'{100 * err:.3f}% relative error'}; " \
                                         "int8 activations)"
         elif head == "int4":
-            self.quantized, _, err = int4.requantize(self.weight, 32, H)
+            self.quantized, _, err = int4.requantize(self.float_weight(), 32, H)
             self.bits, self.report = 4, f"int4 ({'gptq' if H is not None else 'rtn'}, weights {100 * err:.2f}% " \
                                         "relative error; int8 activations)"
+
+    def float_weight(self) -> torch.Tensor:
+        """The head as trained, (N, K) fp32: made only where the export stores it from floats (a quantized
+        head dequantized: 1 GB at the Llama-3.2-1B shape, so never for its own bytes)."""
+        w = self._layer.weight
+        return quant.dequantize(w) if quant.is_quantized(w) else w.detach().float()
 
     def __call__(self, x: str) -> str:
         y = self._product(x)
@@ -348,27 +361,18 @@ class HeadWriter:
         g, N, K = self.g, self.N, self.K
         if self.trained is not None and self.weights == "int4":
             packed, s = self.trained
-            q = int4.nbits_inputs(packed, s)
-            args = [x, g.init("lm_head.qweight", q["qweight"]), g.init("lm_head.scales", q["scales"])]
-            if "zero_points" in q:
-                args.append(g.init("lm_head.zero_points", q["zero_points"]))
-            return g.op("MatMulNBits", args, domain=MS, K=K, N=N, bits=4, block_size=s.block,
-                        accuracy_level={"int8": 4, "fp32": 0}[s.compute])
+            return matmul_nbits(g, "lm_head", x, int4.nbits_inputs(packed, s), K, 4, s.block,
+                                {"int8": 4, "fp32": 0}[s.compute])
         if self.trained is not None:  # NF4/FP4 bytes
             packed, absmax, quant_type, block = self.trained
             return g.op("MatMulBnb4", [x, g.init("lm_head.qweight", packed.numpy()), g.init("lm_head.absmax", absmax.numpy())],
                         domain=MS, K=K, N=N, block_size=block, quant_type=quant_type)
         if self.quantized is not None:
-            q = self.quantized
-            args = [x, g.init(f"lm_head.q{self.bits}", q["qweight"]), g.init("lm_head.scales", q["scales"])]
-            if "zero_points" in q:
-                args.append(g.init("lm_head.zero_points", q["zero_points"]))
-            return g.op("MatMulNBits", args, domain=MS, K=K, N=N, bits=self.bits, block_size=32,
-                        accuracy_level=4)
+            return matmul_nbits(g, "lm_head", x, self.quantized, K, self.bits, 32, 4, weight=f"q{self.bits}")
         if self.tied:
             w = g.op("Transpose", ["model.embed_tokens.weight"], perm=[1, 0])
         else:
-            wt = self.weight.T.contiguous().numpy()
+            wt = self.float_weight().T.contiguous().numpy()
             w = g.init("lm_head.weight", wt) if self.weights != "fp16" else g.op(
                 "Cast", [g.init("lm_head.weight_fp16", wt.astype(np.float16))], to=1)
         return g.op("MatMul", [x, w])

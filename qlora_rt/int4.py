@@ -69,7 +69,7 @@ def quantize(w: torch.Tensor, block: int = 32, symmetric: bool = False, compute:
              ) -> tuple[torch.Tensor, Int4]:
     """Round-to-nearest: (N, K) float -> (packed, Int4). Asymmetric keeps 0 in range so padding is exact.
     Rows are independent: a large weight is rounded CHUNK values at a time (its fp32 temporaries bounded)."""
-    step = max(1, CHUNK // w.shape[1])
+    step = _rows_per_slice(w.shape[1])
     if w.shape[0] <= step:
         return _quantize(w, block, symmetric, compute)
     parts = [_quantize(w[r0:r0 + step], block, symmetric, compute) for r0 in range(0, w.shape[0], step)]
@@ -170,9 +170,13 @@ def block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, block)).sum(-1)
 
 
+def _rows_per_slice(K: int) -> int:
+    return max(1, CHUNK // K)
+
+
 def _row_slices(s: Int4, N: int):
     """(r0, r1, the state of rows r0:r1) covering N rows, each slice at most CHUNK weights."""
-    step = max(1, CHUNK // s.K)
+    step = _rows_per_slice(s.K)
     for r0 in range(0, N, step):
         r1 = min(r0 + step, N)
         yield r0, r1, replace(s, scales=s.scales[r0:r1], zeros=None if s.zeros is None else s.zeros[r0:r1],
