@@ -32,20 +32,26 @@ def requantize(w: torch.Tensor, block: int, H: torch.Tensor | None = None) -> tu
     """A float weight rounded to asymmetric int4 (GPTQ when the inputs' H is given, else to nearest): its
     MatMulNBits inputs, and the relative weight error it costs."""
     packed, s = int4.quantize(w, block) if H is None else int4.gptq(w, H, block)
-    w = w.detach().float()
-    err = (int4.dequantize(packed, s) - w).norm() / w.norm().clamp(min=1e-12)
-    return nbits_inputs(packed, s), s, float(err)
+    return nbits_inputs(packed, s), s, int4.relative_error(packed, s, w)
 
 
 def int8_head(w: torch.Tensor, block: int = 32) -> tuple[dict[str, np.ndarray], bool, float]:
     """An (N, K) head as 8-bit symmetric MatMulNBits (code = round(w/scale) + 128, scale = max|w|/127 per
-    block): its inputs, whether it is lossless (a GGUF Q8_0 weight comes back exactly), and its error."""
-    blocks = int4._blocks(w.detach(), block)  # (N, kb, block)
-    scale = blocks.abs().amax(-1) / 127  # (N, kb)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    codes = torch.clamp(torch.round(blocks / safe[..., None]), -127, 127)
-    back = (codes * scale[..., None]).flatten(1)[:, : w.shape[1]]
-    w = w.detach().float()
-    lossless = torch.allclose(back, w, rtol=1e-6, atol=0)
-    err = float((back - w).norm() / w.norm().clamp(min=1e-12))
-    return {"qweight": (codes + 128).to(torch.uint8).numpy(), "scales": scale.float().numpy()}, lossless, err
+    block): its inputs, whether it is lossless (a GGUF Q8_0 weight comes back exactly), and its error.
+    A slice of rows at a time, so a large head has no full-size fp32 temporaries."""
+    qweight, scales, lossless, err, ref = [], [], True, 0.0, 0.0
+    step = int4._rows_per_slice(w.shape[1])
+    for r0 in range(0, w.shape[0], step):
+        rows = w[r0:r0 + step].detach().float()
+        blocks = int4._blocks(rows, block)  # (n, kb, block)
+        scale = blocks.abs().amax(-1) / 127  # (n, kb)
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        codes = torch.clamp(torch.round(blocks / safe[..., None]), -127, 127)
+        back = (codes * scale[..., None]).flatten(1)[:, : w.shape[1]]
+        lossless = lossless and torch.allclose(back, rows, rtol=1e-6, atol=0)
+        err += float((back - rows).square().sum())
+        ref += float(rows.square().sum())
+        qweight.append((codes + 128).to(torch.uint8))
+        scales.append(scale.float())
+    return ({"qweight": torch.cat(qweight).numpy(), "scales": torch.cat(scales).numpy()}, lossless,
+            (err / max(ref, 1e-24)) ** 0.5)

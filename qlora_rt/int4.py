@@ -183,6 +183,16 @@ def _row_slices(s: Int4, N: int):
                               mins=None if s.mins is None else s.mins[r0:r1])
 
 
+def relative_error(packed: torch.Tensor, s: Int4, w: torch.Tensor) -> float:
+    """‖dequantize(packed) - w‖ / ‖w‖, a slice of rows at a time (no full-size fp32 copy of a large weight)."""
+    err = ref = 0.0
+    for r0, r1, part in _row_slices(s, packed.shape[0]):
+        rows = w[r0:r1].detach().float()
+        err += float((dequantize(packed[r0:r1], part) - rows).square().sum())
+        ref += float(rows.square().sum())
+    return (err / max(ref, 1e-24)) ** 0.5
+
+
 class _Linear(torch.autograd.Function):
     """x @ W.T with W rebuilt from its bytes a slice of rows at a time, forward and backward: the transient fp32
     weight is at most CHUNK values (an output head of 49152 x 576, or a 14336 x 4096 MLP weight, would
