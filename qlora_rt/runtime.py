@@ -223,7 +223,12 @@ class Model:
 
     def logits(self, ids: list[int], adapter: str | Path | None = None) -> np.ndarray:
         """(T, vocab) logits of one token sequence: the export self-check compares them with PyTorch's."""
-        return self._steps([ids], adapter, 1, (), Sampling(), all_logits=True).prompt()[0]
+        return self.logits_batch([ids], adapter)[0]
+
+    def logits_batch(self, seqs: list[list[int]], adapter: str | Path | None = None) -> list[np.ndarray]:
+        """(T_i, vocab) logits of each sequence, in one run over the left-padded batch."""
+        out = self._steps(seqs, adapter, 1, (), Sampling(), all_logits=True).prompt()
+        return [out[i, out.shape[1] - len(s):] for i, s in enumerate(seqs)]
 
     def stream(self, prompt: str | list[dict], **kw) -> "Stream":
         """Like generate() for one prompt, but iterate to get the text as it is produced; .result at the end."""

@@ -307,3 +307,39 @@ def test_an_adapter_fits_only_the_head_format_it_was_trained_with(tiny_llama, ti
     export(ExportConfig(model=str(tiny_llama), adapter=str(run.adapter), out=str(tmp_path / "onnx"), weights="nf4"))
     with pytest.raises(QloraError, match=r"trained on a nf4 base; this export's base was trained as nf4\+head"):
         export_adapter(str(tiny_runs[1]["a"]), str(tmp_path / "onnx"), "plain")
+
+
+def test_teacher_forced_greedy_check_finds_the_first_disagreement():
+    from qlora_rt.export.verify import greedy_prefix
+
+    def logits_picking(picks: list[int]) -> np.ndarray:  # PyTorch's choice after each prefix
+        return np.eye(8, dtype=np.float32)[picks]
+
+    prompt = 3  # positions 0-1 are the prompt's own; the pick after the prompt is row 2
+    assert greedy_prefix(logits_picking([0, 0, 5, 6, 7]), prompt, [5, 6, 7], "length", [1]) == (3, 3)
+    assert greedy_prefix(logits_picking([0, 0, 5, 4, 7]), prompt, [5, 6, 7], "length", [1]) == (1, 3)
+    assert greedy_prefix(logits_picking([0, 0, 4, 6, 7]), prompt, [5, 6, 7], "length", [1]) == (0, 3)
+    # onnxruntime stopped at end-of-sequence: PyTorch must choose to stop there too
+    assert greedy_prefix(logits_picking([0, 0, 5, 6, 1]), prompt, [5, 6], "eos", [1]) == (3, 3)
+    assert greedy_prefix(logits_picking([0, 0, 5, 6, 2]), prompt, [5, 6], "eos", [1]) == (2, 3)
+    assert greedy_prefix(logits_picking([0, 0, 1]), prompt, [], "eos", [1]) == (1, 1)
+
+
+def test_batched_logits_equal_one_forward_per_sequence(tiny_llama, tiny_export):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_rt.export.verify import batches, torch_logits
+    from qlora_rt.runtime import Model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    seqs = [[5, 9, 31, 7, 2, 44], [8], [12, 13, 14], [100, 3, 3, 3, 3, 3, 3, 3, 9]]
+    assert batches([len(s) for s in seqs], 320, 1) == [[3], [0], [2], [1]]  # alone when nothing fits
+    assert batches([len(s) for s in seqs], 320, 2 * 9 * 320) == [[3, 0], [2, 1]]
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([s])).logits[0].numpy() for s in seqs]
+    for a, b in zip(alone, torch_logits(model, seqs)):  # right-padded
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+    runtime = Model(tiny_export)
+    for a, b in zip(map(runtime.logits, seqs), runtime.logits_batch(seqs)):  # left-padded
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
