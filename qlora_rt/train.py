@@ -26,7 +26,7 @@ from qlora_rt.load import check_model, family, load
 from qlora_rt.lora import (LoraConfig, add_adapters, count_parameters, linear_names, lora_layers, quantize_model,
                            release_freed_memory, select_targets, trainable_parameters)
 from qlora_rt.svdinit import RESIDUAL, InitConfig, Plan, load_residual, save_residual
-from qlora_rt.config import TrainConfig, flag, portable_paths
+from qlora_rt.config import GRAD_CHECKPOINTING_FROM, TrainConfig, flag, portable_paths
 from qlora_rt.files import write_yaml
 from qlora_rt.quant import QuantConfig, storage_bytes
 from qlora_rt.report import peak_memory, table
@@ -59,7 +59,7 @@ def _device_and_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
 # Settings a resume may change: they steer the optimizer and the logging, not what the run has learnt so far
 # (a lower --lr after a divergence is the usual one). The change is recorded in metrics.jsonl and run.yaml.
 RESUMABLE = ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "checkpoint_every", "log_every",
-             "eval_data", "dist_timeout")
+             "eval_data", "dist_timeout", "grad_checkpointing")
 # Compared by what they hold, not by how they are spelled: the base by its fingerprint, the data by its digest.
 BY_CONTENT = ("model", "data", "out")
 # What a run folder holds, temporary names included: a run killed before run.yaml may leave some of them.
@@ -256,9 +256,10 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
             save_residual(model, targets, residual, {"base.fingerprint": loaded.fingerprint, "init": icfg.describe(),
                                                      "init.method": icfg.method, **qcfg.as_metadata()})
         write_yaml(out / "run.yaml", portable_paths(TrainConfig, cfg.saved(), out))
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
+    checkpointing = cfg.grad_checkpointing if cfg.grad_checkpointing is not None else total >= GRAD_CHECKPOINTING_FROM
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base_mib = sum(storage_bytes(m.weight) for m in lora_layers(model).values()) / 2**20
     what = (f"task classify{' (the data has labels)' if cfg.task == 'auto' else ''}: {len(labels)} labels "
             f"({', '.join(labels[:6])}{' …' if len(labels) > 6 else ''}), head {'+'.join(head)} trained in full; "
@@ -268,7 +269,8 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
         print(f"base {loaded.source}: {total / 1e6:.1f}M params, {cfg.quant} linears in {base_mib:,.1f} MiB; {what}"
               f"adapters on {len(targets)} layers, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
               f"{len(train_set)} examples{f' ({dropped} dropped: no target token left after truncation)' if dropped else ''}; "
-              f"{total_steps} steps on {device.type}{procs}", file=sys.stderr)
+              f"{total_steps} steps on {device.type}{procs}{'; gradient checkpointing' if checkpointing else ''}",
+              file=sys.stderr)
     distributed.barrier(d)  # the run folder is ready before any rank steps
     loop = _Loop(cfg, model, optimizer, scheduler, params, device, task, out, on_step, residual, identity, d)
     loop.last_checkpoint = step if saved is not None else None

@@ -312,3 +312,19 @@ def test_out_holding_someone_elses_files_is_refused_untouched(tiny_llama, tiny_d
     with pytest.raises(QloraError, match=r"holds files that are not a run's \(notes.md\); choose a new or empty"):
         train(config(tiny_llama, tiny_data, tmp_path / "mine"))
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["adapter", "notes.md"]
+
+
+def test_gradient_checkpointing_changes_memory_not_the_adapter(tiny_llama, tiny_data, tmp_path, monkeypatch, capsys):
+    import qlora_rt.train as tr
+
+    train(config(tiny_llama, tiny_data, tmp_path / "plain", steps=4, checkpoint_every=0))
+    assert "gradient checkpointing" not in capsys.readouterr().err  # a small base: off by default
+    monkeypatch.setattr(tr, "GRAD_CHECKPOINTING_FROM", 1)  # as a 1B+ base: on by default
+    train(config(tiny_llama, tiny_data, tmp_path / "auto", steps=4, checkpoint_every=0))
+    assert "gradient checkpointing" in capsys.readouterr().err
+    train(config(tiny_llama, tiny_data, tmp_path / "off", steps=4, checkpoint_every=0, grad_checkpointing=False))
+    assert "gradient checkpointing" not in capsys.readouterr().err
+    plain, recomputed = adapter(tmp_path / "plain"), adapter(tmp_path / "auto")  # dropout's RNG is replayed
+    assert max((plain[k] - recomputed[k]).abs().max().item() for k in plain) <= 1e-6
+    off = adapter(tmp_path / "off")
+    assert all(torch.equal(plain[k], off[k]) for k in plain)
