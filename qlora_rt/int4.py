@@ -264,20 +264,20 @@ def unpermute_rows(n_rows: int, heads: int) -> torch.Tensor:
 def read_gguf_linears(path, config, compute: str = "fp32") -> tuple[dict[str, tuple[torch.Tensor, Int4]], list[str]]:
     """The decoder Linears stored as Q4_0/Q4_1 in a GGUF file, by HF module name; and the names of the
     other Linears (other GGUF types), which the caller quantizes from their float weights instead."""
-    from gguf import GGUFReader
+    from qlora_rt import gguf_file
 
     out, other = {}, []
     permute = config.model_type in ("llama", "mistral")
-    for t in GGUFReader(str(path)).tensors:
-        parts = t.name.split(".")
+    for gname, entry in gguf_file.index(path).items():
+        parts = gname.split(".")
         if len(parts) != 4 or parts[0] != "blk" or parts[2] not in GGUF_LINEARS or parts[3] != "weight":
             continue
         name = f"model.layers.{parts[1]}.{GGUF_LINEARS[parts[2]]}"
-        kind = t.tensor_type.name.lower()
+        kind = entry.kind.name.lower()
         if kind not in ("q4_0", "q4_1"):
             other.append(name)
             continue
-        packed, s = from_gguf_blocks(t.data, kind, int(t.shape[0]), compute)
+        packed, s = from_gguf_blocks(gguf_file.read(path, gname, entry), kind, entry.ne[0], compute)
         if permute and parts[2] in ("attn_q", "attn_k"):
             heads = config.num_attention_heads if parts[2] == "attn_q" else config.num_key_value_heads
             idx = unpermute_rows(packed.shape[0], heads)

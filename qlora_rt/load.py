@@ -12,8 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from qlora_rt import gguf_file
 from qlora_rt.encoder import ENCODERS
 from qlora_rt.errors import QloraError
 
@@ -63,6 +65,44 @@ class Tensors:
             if f.readinto(raw.numpy()) != end - start:
                 raise QloraError(f"{path}: truncated ({key} runs past the end of the file)")
         t = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        return t if t.dtype == dtype else t.to(dtype)
+
+
+class GGUFTensors:
+    """A GGUF file's tensors by Hugging Face name, each read on its own (qlora_rt/gguf_file.py) and
+    dequantized exactly as transformers' GGUF loader converts them: its name map and tensor processors
+    (llama's q/k rows un-permuted), gguf-py's dequantization; so a lazily built model equals a whole-loaded
+    one. transformers itself dequantizes the whole file to fp32 first (an 8B Q4 file: ~32 GB)."""
+
+    def __init__(self, path: Path, model: torch.nn.Module) -> None:
+        from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        self.path = path
+        arch = _gguf_architecture(path)
+        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
+        # gguf-py's name map, built once (transformers' get_gguf_hf_weights_map builds one per submodule:
+        # ~7 s for SmolLM2), asked for each parameter as transformers asks it
+        tmap = get_tensor_name_map(next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch),
+                                   model.config.num_hidden_layers)
+        names = {}  # GGUF name -> HF name
+        for hf_name in model.state_dict():
+            base, _, suffix = hf_name.rpartition(".")
+            gguf_name = tmap.get_name(base)
+            if gguf_name is not None:
+                names.setdefault(f"{gguf_name}.{suffix}", hf_name)
+        self._where = {names[n]: (n, e) for n, e in gguf_file.index(path).items() if n in names}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        name, entry = self._where[key]
+        weights = dequantize(gguf_file.read(self.path, name, entry), entry.kind)
+        weights = self._processor.process(weights=weights, name=name).weights
+        t = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
         return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -226,11 +266,11 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool
          labels: list[str] | None = None) -> Loaded:
     """Load model + tokenizer from a local HF folder or a .gguf file, after checking the files.
 
-    lazy: for a safetensors folder, build the model without its decoder Linears' weights (they stay on the
-    meta device and `quantize_model` reads them one at a time from `Loaded.tensors`); everything else
-    (embeddings, norms, head) is read in `dtype`. Peak memory is then the rest of the model plus one Linear,
-    not the whole model in full precision. A GGUF file, or a checkpoint whose names do not match the
-    model's, loads whole.
+    lazy: build the model without its decoder Linears' weights (they stay on the meta device and
+    `quantize_model` reads them one at a time from `Loaded.tensors`: safetensors shards or a GGUF file);
+    everything else (embeddings, norms, head) is read in `dtype`. Peak memory is then the rest of the model
+    plus one Linear, not the whole model in full precision. A checkpoint whose tensor names do not match
+    the model's loads whole.
     labels: an encoder is loaded as a sequence classifier with these label names (its head, fresh or not,
     is trained in full: qlora_rt/encoder.py); decoders are causal LMs."""
     _offline()
@@ -253,7 +293,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool
             raise QloraError(f"--model {p}: a decoder ({_model_type(p)}) cannot be trained as a classifier here; "
                              f"classification needs an encoder ({', '.join(ENCODERS)})")
         else:
-            built = _lazy_model(folder, dtype) if lazy and not p.is_file() else None
+            built = (_lazy_model(folder, dtype, p if p.is_file() else None) if lazy else None)
             model, tensors = built or (AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs), None)
     except (OSError, ValueError) as e:
         raise QloraError(f"--model: could not load {p}: {str(e).splitlines()[0]}") from None
@@ -264,19 +304,22 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool
                   gguf=p if p.is_file() else None, tensors=tensors)
 
 
-def _lazy_model(folder: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Tensors] | None:
-    """The model with every parameter but the decoder Linears' read from the checkpoint; those stay on the
-    meta device. None when the checkpoint's tensor names are not the model's (then it loads whole)."""
+def _lazy_model(folder: Path, dtype: torch.dtype, gguf: Path | None = None
+                ) -> tuple[torch.nn.Module, Tensors | GGUFTensors] | None:
+    """The model with every parameter but the decoder Linears' read from the checkpoint (the safetensors
+    shards, or the GGUF file); those stay on the meta device. None when the checkpoint's tensor names are
+    not the model's (then it loads whole)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     from qlora_rt.lora import linear_names
 
-    config = AutoConfig.from_pretrained(folder)
+    kwargs = {"gguf_file": gguf.name} if gguf else {}
+    config = AutoConfig.from_pretrained(folder, **kwargs)
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary) computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # a tied head shares the embedding's parameter (and has no tensor of its own)
-    tensors = Tensors(folder)
+    tensors = GGUFTensors(gguf, model) if gguf else Tensors(folder)
     lazy = {f"{name}.{leaf}" for name in linear_names(model) for leaf in ("weight", "bias")}
     params = dict(model.named_parameters())  # shared parameters are listed once
     if any(name not in tensors for name in params):
@@ -287,6 +330,6 @@ def _lazy_model(folder: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Tens
             model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(tensors.get(name, dtype),
                                                                              requires_grad=p.requires_grad)
     model.tie_weights()  # the head takes the embedding's materialized parameter again
-    if (folder / "generation_config.json").is_file():
+    if (folder / "generation_config.json").is_file() and not gguf:
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model, tensors

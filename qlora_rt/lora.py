@@ -151,8 +151,9 @@ def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.devic
         child = getattr(parent, child_name)
         own = imported.pop(name, None)
         full, bias = child.weight.data, child.bias
-        if full.is_meta:  # a lazy load: this Linear's weight is read now, and freed after quantizing
-            full = tensors.get(f"{name}.weight")
+        if full.is_meta:  # a lazy load: this Linear's weight is read now and freed after quantizing; not at all
+            # where its int4 bytes come from the GGUF file as they are
+            full = tensors.get(f"{name}.weight") if own is None or split else None
             bias = None if bias is None else tensors.get(f"{name}.bias")
         weight = split(name, full) if split else None
         if weight is None:

@@ -99,3 +99,23 @@ def test_lazy_load_of_a_checkpoint_with_other_tensor_names_loads_whole(tiny_llam
     save_file({k.replace("model.", "transformer.", 1): v for k, v in tensors.items()}, str(folder / "model.safetensors"))
     loaded = load(folder, lazy=True)  # transformers' own loading decides what these names mean
     assert loaded.tensors is None and not any(p.is_meta for p in loaded.model.parameters())
+
+
+@pytest.mark.slow
+def test_a_gguf_loads_lazily_into_the_same_model_as_transformers_whole_load():
+    """SmolLM2's Q4_1 GGUF: every tensor read on its own and dequantized as transformers does (q/k rows
+    un-permuted), without the whole-file fp32 copy."""
+    import torch
+
+    from qlora_rt.load import GGUFTensors, load
+
+    whole, lazy = load("smollm2-135m"), load("smollm2-135m", lazy=True)
+    assert isinstance(lazy.tensors, GGUFTensors) and lazy.fingerprint == whole.fingerprint
+    expected = dict(whole.model.named_parameters())
+    got = dict(lazy.model.named_parameters())
+    assert got.keys() == expected.keys()
+    meta = [n for n, p in got.items() if p.is_meta]
+    assert len(meta) == 30 * 7  # the decoder Linears wait to be read
+    for name, p in got.items():
+        assert torch.equal(lazy.tensors.get(name) if p.is_meta else p.data, expected[name].data), name
+    assert lazy.model.generation_config.to_dict() == whole.model.generation_config.to_dict()
