@@ -7,12 +7,13 @@ result is a plain Hugging Face checkpoint (fp32 safetensors): no silent requanti
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from qlora_rt import __version__, quant
 from qlora_rt.errors import QloraError
@@ -30,23 +31,23 @@ def merge_weight(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: fl
     return merged
 
 
-def merged_weights(model: torch.nn.Module) -> dict[str, tuple[int, Callable[[], torch.Tensor]]]:
-    """Every weight of the model under the base's own keys: its element count, and a function that computes
-    it with its adapter folded in, fp32, when called (so a writer can hold one shard at a time).
+def merged_weights(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]:
+    """Every weight of the model under the base's own keys: its shape, and a function that computes it with
+    its adapter folded in, fp32, when called (so a writer can hold one tensor at a time).
 
     Reads the model and never changes it; tied weights appear once, as transformers saves them.
     """
     modules = dict(model.named_modules())
-    out: dict[str, tuple[int, Callable[[], torch.Tensor]]] = {}
+    out: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]] = {}
     for name, p in model.named_parameters():  # named_parameters drops the tied duplicate
         owner, _, leaf = name.rpartition(".")
         if owner.endswith((".lora_A", ".lora_B")):
             continue
         layer = modules[owner]
         if isinstance(layer, QuantLinear) and leaf == "weight":  # a LoRA layer, or a quantized head
-            out[name] = (layer.in_features * layer.out_features, partial(_merged_linear, layer, owner))
+            out[name] = ((layer.out_features, layer.in_features), partial(_merged_linear, layer, owner))
         else:
-            out[name] = (p.numel(), lambda p=p: p.detach().float().cpu().contiguous())
+            out[name] = (tuple(p.shape), lambda p=p: p.detach().float().cpu().contiguous())
     return out
 
 
@@ -62,29 +63,52 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: make() for name, (_, make) in merged_weights(model).items()}
 
 
-def write_shards(weights: dict[str, tuple[int, Callable[[], torch.Tensor]]], folder: Path,
+def write_shards(weights: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]], folder: Path,
                  max_shard_bytes: int = 2**30) -> None:
-    """An fp32 safetensors checkpoint in transformers' sharded layout, computed and written one shard at a
-    time: peak memory is one shard, not the model (a merged 8B model is 32 GB in fp32)."""
+    """An fp32 safetensors checkpoint in transformers' sharded layout, each tensor computed and written in
+    turn: peak memory is one tensor, not the model (a merged 8B model is 32 GB in fp32)."""
     shards: list[list[str]] = [[]]
     size = 0
-    for name, (numel, _) in weights.items():
-        if shards[-1] and size + 4 * numel > max_shard_bytes:
+    for name, (shape, _) in weights.items():
+        if shards[-1] and size + 4 * math.prod(shape) > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
-        size += 4 * numel
+        size += 4 * math.prod(shape)
     files = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for names, file in zip(shards, files):
-        tensors = {name: weights[name][1]() for name in names}
-        save_file(tensors, str(folder / file), metadata={"format": "pt"})
-        del tensors
-        release_freed_memory()
+        write_safetensors(folder / file, {name: weights[name] for name in names})
     if len(shards) > 1:
         write_json(folder / "model.safetensors.index.json", {
-            "metadata": {"total_size": 4 * sum(n for n, _ in weights.values())},
+            "metadata": {"total_size": 4 * sum(math.prod(shape) for shape, _ in weights.values())},
             "weight_map": {name: file for names, file in zip(shards, files) for name in names}})
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]) -> None:
+    """One fp32 safetensors file, written a tensor at a time as each is computed. safetensors' own save_file
+    serializes the whole file in memory first (a 1 GB shard then costs 2 GB beside its tensors). The
+    layout is the published one: 8-byte little-endian header length, a JSON header of dtype, shape and
+    data offsets (padded with spaces to 8 bytes), then the data in header order; safetensors reads it back
+    (tests/test_merge.py)."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    pos = 0
+    for name, (shape, _) in tensors.items():
+        n = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, (shape, make) in tensors.items():
+            t = make()
+            if t.dtype != torch.float32 or tuple(t.shape) != tuple(shape):
+                raise QloraError(f"{name}: computed {t.dtype} {tuple(t.shape)}, expected float32 {tuple(shape)}")
+            f.write(memoryview(t.detach().contiguous().numpy()).cast("B"))
+            del t
+            release_freed_memory()
 
 
 def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: bool = False,

@@ -81,7 +81,7 @@ def test_merge_is_written_one_shard_at_a_time_and_loads_in_transformers(tmp_path
 
     ours = ours_with_random_adapter(tiny_llama)
     calls = []
-    weights = {k: (n, lambda make=make, k=k: calls.append(k) or make()) for k, (n, make) in
+    weights = {k: (shape, lambda make=make, k=k: calls.append(k) or make()) for k, (shape, make) in
                merged_weights(ours.model).items()}
     out = tmp_path / "m"
     out.mkdir()
