@@ -259,7 +259,10 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
     trainable, total = count_parameters(model)
     checkpointing = cfg.grad_checkpointing if cfg.grad_checkpointing is not None else total >= GRAD_CHECKPOINTING_FROM
     if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name; the old one warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base_mib = sum(storage_bytes(m.weight) for m in lora_layers(model).values()) / 2**20
     what = (f"task classify{' (the data has labels)' if cfg.task == 'auto' else ''}: {len(labels)} labels "
             f"({', '.join(labels[:6])}{' …' if len(labels) > 6 else ''}), head {'+'.join(head)} trained in full; "
