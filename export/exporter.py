@@ -139,7 +139,7 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
             quant.format_of(m.weight).approximate_in_onnx(m.weight) for m in writer.layers.values()))
         head_kind = head_format(cfg.head, approximate, trained_head(model, cfg.weights))
         rounding = _calibrate(cfg, writer, model, loaded.tokenizer, head_kind)
-        head = HeadWriter(g, model, cfg.weights, head_kind, H=writer.hessians.pop(HEAD, None))
+        head = HeadWriter(g, model, cfg.weights, head_kind, H=lambda: writer.hessians.pop(HEAD, None))
         build_decoder(spec, g, writer, head)
         meta = _metadata(cfg, loaded, info, spec, qcfg.base_name, writer, max_context)
         g.save(tmp / "model.onnx", f"qlora-rt {__version__}")

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from onnx import TensorProto, helper
@@ -70,7 +72,7 @@ class LinearWriter:
             packed, s = self._trained_nbits(name)
             return int4.nbits_inputs(packed, s), s, {"int8": 4, "fp32": 0}[s.compute]
         w = self._float_weight(name)
-        inputs, s, err = int4.requantize(w, self.requant_block(name), self.hessians.get(name))
+        inputs, s, err = int4.requantize(w, self.requant_block(name), self.hessians.pop(name, None))
         self.requant_err.append(err)
         return inputs, s, INT4_ACCURACY
 
@@ -323,7 +325,9 @@ class HeadWriter:
     + adapter)."""
 
     def __init__(self, g: Graph, model: torch.nn.Module, weights: str, head: str = "auto",
-                 approximate: bool = False, H: torch.Tensor | None = None) -> None:
+                 approximate: bool = False, H: Callable[[], torch.Tensor | None] | None = None) -> None:
+        """H: gives the head's GPTQ statistics when the graph reaches the head (calibration runs a layer
+        at a time, and the head comes last); rounded to nearest without."""
         layer = model.get_output_embeddings()
         self.g, self.weights, self.trained = g, weights, None
         self.N, self.K = layer.out_features, layer.in_features
@@ -338,14 +342,8 @@ class HeadWriter:
             fmt = quant.format_of(w)
             self.trained = fmt.nbits(w) if weights == "int4" else fmt.bnb4(w)
             self.report = f"{fmt.describe(w)} (as trained, --quant-head)"
-        elif head == "int8":
-            self.quantized, lossless, err = int4.int8_head(self.float_weight())
-            self.bits, self.report = 8, f"int8 (weights {'lossless' if lossless else f'{100 * err:.3f}% relative error'}; " \
-                                        "int8 activations)"
-        elif head == "int4":
-            self.quantized, _, err = int4.requantize(self.float_weight(), 32, H)
-            self.bits, self.report = 4, f"int4 ({'gptq' if H is not None else 'rtn'}, weights {100 * err:.2f}% " \
-                                        "relative error; int8 activations)"
+        elif head in ("int8", "int4"):  # rounded when the graph reaches the head (see _round)
+            self.bits, self.report, self._H = int(head[3]), head, H
 
     def float_weight(self) -> torch.Tensor:
         """The head as trained, (N, K) fp32: made only where the export stores it from floats (a quantized
@@ -357,8 +355,21 @@ class HeadWriter:
         y = self._product(x)
         return y if self.bias is None else self.g.op("Add", [y, self.g.init("lm_head.bias", self.bias)])
 
+    def _round(self) -> None:
+        if self.bits == 8:
+            self.quantized, lossless, err = int4.int8_head(self.float_weight())
+            self.report = f"int8 (weights {'lossless' if lossless else f'{100 * err:.3f}% relative error'}; " \
+                          "int8 activations)"
+        else:
+            H = self._H() if self._H else None
+            self.quantized, _, err = int4.requantize(self.float_weight(), 32, H)
+            self.report = f"int4 ({'gptq' if H is not None else 'rtn'}, weights {100 * err:.2f}% relative error; " \
+                          "int8 activations)"
+
     def _product(self, x: str) -> str:
         g, N, K = self.g, self.N, self.K
+        if self.bits and self.quantized is None:
+            self._round()
         if self.trained is not None and self.weights == "int4":
             packed, s = self.trained
             return matmul_nbits(g, "lm_head", x, int4.nbits_inputs(packed, s), K, 4, s.block,

@@ -343,3 +343,36 @@ def test_batched_logits_equal_one_forward_per_sequence(tiny_llama, tiny_export):
     runtime = Model(tiny_export)
     for a, b in zip(map(runtime.logits, seqs), runtime.logits_batch(seqs)):  # left-padded
         assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+
+
+def test_gptq_statistics_a_layer_at_a_time_equal_one_whole_forward(tiny_llama, tiny_runs, tiny_data):
+    """The calibration carries the batches' hidden states a decoder layer at a time (only one layer's H in
+    memory); its H must be those of one forward of the whole trained model, head included."""
+    import torch
+
+    from qlora_rt.adapters import open_trained
+    from qlora_rt.data import collate, load_examples
+    from qlora_rt.export.calibration import HEAD, accumulate, hessians
+    from qlora_rt.lora import lora_layers
+
+    _, adapters = tiny_runs
+    loaded, _, _ = open_trained(str(tiny_llama), str(adapters["a"]))
+    model, tok = loaded.model, loaded.tokenizer
+    names = set(lora_layers(model)) | {HEAD}
+    data = tiny_data / "train.jsonl"
+    lazy, tokens = hessians(model, tok, data, names, batch_size=3)
+    examples = load_examples(data, tok, 256)[0][:64]
+    batches = [collate(examples[i:i + 3], tok.pad_token_id) for i in range(0, len(examples), 3)]
+    finals = []
+    whole, count = accumulate(model, names - {HEAD}, batches, lambda b: finals.append(
+        (model.get_decoder()(input_ids=b["input_ids"], attention_mask=b["attention_mask"])[0], b["attention_mask"])))
+    head = sum(x.float()[m.bool()].T @ x.float()[m.bool()] for x, m in finals)
+    assert tokens == count > 0
+    order = sorted(names - {HEAD}, key=lambda n: int(n.split(".layers.")[1].split(".")[0]))
+    for name in order:  # the export's order: layer by layer, then the head
+        got = lazy.pop(name)
+        assert torch.allclose(got, whole[name], rtol=1e-4, atol=1e-3), name
+    assert torch.allclose(lazy.pop(HEAD), head, rtol=1e-4, atol=1e-3)
+    lazy.names.add(order[0])  # asked for again once the hidden states have passed its layer
+    with pytest.raises(QloraError, match="after its layer was calibrated"):
+        lazy.get(order[0])
