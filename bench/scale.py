@@ -7,7 +7,8 @@ process; peak RSS is that process's ru_maxrss. Next to ours: transformers + bits
 same checkpoint in 4 bits (`from_pretrained(load_in_4bit=...)`, PEFT's path).
 
     python bench/scale.py [--shapes smollm2-135m,llama-3.2-1b] [--work /tmp/qlora-rt-scale]
-                          [--verbs peer,train,train-whole,merge,export-aware-nf4,export-merged-int4]
+                          [--verbs peer,train,train-whole,merge,export-aware-nf4,export-merged-int4,
+                                   export-merged-int4-gptq]
 
 train-whole is `train` as it was before lazy loading (the whole model read in fp32 first), for a
 same-run comparison. merge and export use the adapter the train verb wrote (random-init weights:
@@ -104,13 +105,15 @@ def child(verb: str, folder: str, work: str) -> dict:
 
         train(TrainConfig(model=folder, data=str(text_data(Path(work).parent)), out=work, steps=2, batch_size=2,
                           seq_len=64, rank=16, quant="nf4", checkpoint_every=0, eval_every=0))
-    elif verb in ("export-aware-nf4", "export-merged-int4"):
+    elif verb in ("export-aware-nf4", "export-merged-int4", "export-merged-int4-gptq"):
         from qlora_rt.export.exporter import export
         from qlora_rt.config import ExportConfig
 
         mode, weights = ("adapter-aware", "nf4") if verb == "export-aware-nf4" else ("merged", "int4")
+        # gptq: calibrated on the run's own training data (found from the run.yaml beside the adapter)
         export(ExportConfig(model=folder, adapter=str(Path(work).parent / "run-train" / "adapter"), out=work,
-                            mode=mode, weights=weights, int4_rounding="rtn", max_kl=1e9, min_top1=0))
+                            mode=mode, weights=weights, int4_rounding="gptq" if verb.endswith("gptq") else "rtn",
+                            max_kl=1e9, min_top1=0))
     elif verb == "merge":
         from qlora_rt.merge import merge
 
