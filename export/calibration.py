@@ -63,6 +63,7 @@ class LayerHessians:
     def __init__(self, model: torch.nn.Module, names: set[str], batches: list[dict]) -> None:
         self.model, self.names = model, set(names)
         self.layers = model.get_decoder().layers
+        self.linears = lora_layers(model)
         types = {getattr(layer, "attention_type", None) for layer in self.layers}
         if len(types) > 1:  # each layer kind gets its own mask; one captured set of arguments serves one kind
             raise QloraError("--int4-rounding gptq: this model mixes attention kinds across layers (sliding and "
@@ -78,7 +79,7 @@ class LayerHessians:
     def _capture(self, batches: list[dict]) -> None:
         def stop(_module, args, kwargs):
             self.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-            self.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            self.kwargs.append(dict(kwargs))
             raise _Reached
 
         handle = self.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
@@ -119,7 +120,7 @@ class LayerHessians:
             else:
                 wanted = {n for n in self.names if n != HEAD and self._layer_of(n) == i}
                 layer, outputs = self.layers[i], []
-                H, _ = _accumulate({n: m for n, m in lora_layers(self.model).items() if n in wanted},
+                H, _ = _accumulate({n: m for n, m in self.linears.items() if n in wanted},
                                    [{"attention_mask": m} for m in self.masks],
                                    lambda _b, j: outputs.append(_first(layer(self.hidden[j], **self.kwargs[j]))))
                 self.H.update(H)

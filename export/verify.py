@@ -108,17 +108,17 @@ def verify(folder: Path, meta, model, tokenizer, adapter: Path | None, new_token
     plan = batches([len(s) for s in forced], meta.vocab, budget)
     kl, top1, diffs, agree, identical = [], [], [], [], 0
     with tempfile.TemporaryDirectory(prefix="qlora-rt-verify-") as scratch:
-        for k, batch in enumerate(plan):
-            np.savez(Path(scratch) / f"{k}.npz", *runtime.logits_batch([inputs[i] for i in batch], adapter))
+        for b, batch in enumerate(plan):
+            np.savez(Path(scratch) / f"{b}.npz", *runtime.logits_batch([inputs[i] for i in batch], adapter))
         del runtime
         gc.collect()
-        for k, batch in enumerate(plan):
+        for b, batch in enumerate(plan):
             refs = torch_logits(model, [forced[i] for i in batch])
-            with np.load(Path(scratch) / f"{k}.npz") as saved:
+            with np.load(Path(scratch) / f"{b}.npz") as saved:
                 gots = [saved[f"arr_{j}"] for j in range(len(batch))]
             for i, ref, got in zip(batch, refs, gots):
-                k_, t = distribution_gap(ref[:len(got)], got)
-                kl.append(k_)
+                k, t = distribution_gap(ref[:len(got)], got)
+                kl.append(k)
                 top1.append(t)
                 if i >= len(samples):
                     run = runs[i - len(samples)]

@@ -343,7 +343,7 @@ class HeadWriter:
             self.trained = fmt.nbits(w) if weights == "int4" else fmt.bnb4(w)
             self.report = f"{fmt.describe(w)} (as trained, --quant-head)"
         elif head in ("int8", "int4"):  # rounded when the graph reaches the head (see _round)
-            self.bits, self.report, self._H = int(head[3]), head, H
+            self.bits, self.report, self._H = {"int8": 8, "int4": 4}[head], head, H
 
     def float_weight(self) -> torch.Tensor:
         """The head as trained, (N, K) fp32: made only where the export stores it from floats (a quantized

@@ -83,10 +83,10 @@ class GGUFTensors:
         self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
         # gguf-py's name map, built once (transformers' get_gguf_hf_weights_map builds one per submodule:
         # ~7 s for SmolLM2), asked for each parameter as transformers asks it
-        tmap = get_tensor_name_map(next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch),
-                                   model.config.num_hidden_layers)
-        names = {}  # GGUF name -> HF name
-        for hf_name in model.state_dict():
+        known = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
+        tmap = get_tensor_name_map(known, model.config.num_hidden_layers) if known is not None else None
+        names = {}  # GGUF name -> HF name; none where gguf-py does not know the architecture (it loads whole)
+        for hf_name in model.state_dict() if tmap else ():
             base, _, suffix = hf_name.rpartition(".")
             gguf_name = tmap.get_name(base)
             if gguf_name is not None:
@@ -293,7 +293,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool
             raise QloraError(f"--model {p}: a decoder ({_model_type(p)}) cannot be trained as a classifier here; "
                              f"classification needs an encoder ({', '.join(ENCODERS)})")
         else:
-            built = (_lazy_model(folder, dtype, p if p.is_file() else None) if lazy else None)
+            built = _lazy_model(folder, dtype, p if p.is_file() else None) if lazy else None
             model, tensors = built or (AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs), None)
     except (OSError, ValueError) as e:
         raise QloraError(f"--model: could not load {p}: {str(e).splitlines()[0]}") from None
