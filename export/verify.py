@@ -12,6 +12,7 @@ int4): 288 s before, ~80 s with both.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import tempfile
 from pathlib import Path
@@ -19,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qlora_rt.lora import release_freed_memory
 from qlora_rt.runtime import Model
 
 PROMPTS = ["Rewrite this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only.\nMarch 5, 2021",
            "What is the capital of France?", "Write a haiku about the sea."]
 ONE_TOKEN_STEPS = 8  # new tokens checked after the one-token prompt
 LOGITS_PER_BATCH = 2**24  # float32 logits of one batch (64 MiB a side): bounds the check's extra memory
+SPILL_FROM = 2**20  # bytes: tensors this large wait on disk while onnxruntime runs
 
 
 def _prompt_ids(tokenizer, text: str) -> list[int]:
@@ -86,6 +89,47 @@ def distribution_gap(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.n
     return (np.exp(lp) * (lp - lq)).sum(-1), ref.argmax(-1) == got.argmax(-1)
 
 
+@contextlib.contextmanager
+def weights_on_disk(model: torch.nn.Module, scratch: Path, min_bytes: int | None = None):
+    """The model's large tensors (4-bit bytes, embeddings, head) wait in a file under `scratch` and are read
+    back, bit for bit, on leaving: onnxruntime's session holds its own copy of the weights, and PyTorch's
+    need not sit beside it (at the Llama-3.2-1B shape each is ~1 GB). A disk that cannot take them (full,
+    read-only) leaves them in memory: the check then only needs more memory, never gives another answer."""
+    min_bytes = SPILL_FROM if min_bytes is None else min_bytes
+    seen, spilled = set(), []
+    path = Path(scratch) / "weights.bin"
+    def owns_storage(t: torch.Tensor) -> bool:  # not a view that shares its bytes with another tensor
+        nbytes = t.numel() * t.element_size()
+        return t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == nbytes
+
+    tensors = [t for t in [*model.parameters(), *model.buffers()]
+               if t.device.type == "cpu" and t.numel() * t.element_size() >= max(min_bytes, 1) and owns_storage(t)
+               and not (id(t) in seen or seen.add(id(t)))]
+    try:
+        with open(path, "wb") as f:
+            for t in tensors:
+                data = t.data
+                f.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
+                f.flush()  # on disk before the memory goes: a full disk fails here, not after
+                spilled.append((t, data.dtype, data.shape))
+                t.data = torch.empty(0, dtype=data.dtype)
+    except OSError:
+        pass  # what was spilled is read back below; the rest stays where it is
+    release_freed_memory()
+    try:
+        yield
+    finally:
+        if spilled:
+            with open(path, "rb") as f:
+                for t, dtype, shape in spilled:
+                    data = torch.empty(shape, dtype=dtype)
+                    view = memoryview(data.view(-1).view(torch.uint8).numpy())
+                    if f.readinto(view) != len(view):
+                        raise OSError(f"{path} was cut short while the export checked itself")
+                    t.data = data
+        path.unlink(missing_ok=True)
+
+
 def verify(folder: Path, meta, model, tokenizer, adapter: Path | None, new_tokens: int = 32,
            samples: list[list[int]] = (), budget: int = LOGITS_PER_BATCH) -> dict:
     """max/mean |dlogit| over the prompts' positions, greedy agreement over up to `new_tokens` tokens (8
@@ -93,25 +137,27 @@ def verify(folder: Path, meta, model, tokenizer, adapter: Path | None, new_token
     prompts' and `samples`' positions (token ids of examples like the ones the model serves: the
     calibration data).
 
-    onnxruntime's side runs first and its logits wait on disk, a batch of at most `budget` a file; its
-    session is closed before PyTorch's side, so the two never hold their working memory at once (at
-    the Llama-3.2-1B shape the session alone is ~1 GB)."""
-    runtime = Model(folder)  # the very runtime users run the folder with
+    onnxruntime's side runs first, with PyTorch's weights waiting on disk, and its logits wait on disk
+    too, a batch of at most `budget` a file; its session is closed before PyTorch's side, so the two
+    never hold their weights or working memory at once (at the Llama-3.2-1B shape each model is ~1 GB)."""
     prompts = [_prompt_ids(tokenizer, text) for text in PROMPTS]
-    runs = runtime.generate_ids(prompts, adapter=adapter, max_new_tokens=new_tokens)
-    # a one-token prompt alone: no past, the first step writes the cache (a few steps after it suffice:
-    # longer decodes are the path the other prompts take)
+    # a one-token prompt last, alone: no past, the first step writes the cache (a few steps after it
+    # suffice: longer decodes are the path the other prompts take)
     prompts.append(prompts[0][-1:])
-    runs += runtime.generate_ids(prompts[-1:], adapter=adapter, max_new_tokens=min(new_tokens, ONE_TOKEN_STEPS))
     inputs = [list(s) for s in samples] + prompts  # what onnxruntime computes logits of
-    forced = inputs[:len(samples)] + [ids + run.tokens for ids, run in zip(prompts, runs)]  # PyTorch: + continuation
-    plan = batches([len(s) for s in forced], meta.vocab, budget)
     kl, top1, diffs, agree, identical = [], [], [], [], 0
     with tempfile.TemporaryDirectory(prefix="qlora-rt-verify-") as scratch:
-        for b, batch in enumerate(plan):
-            np.savez(Path(scratch) / f"{b}.npz", *runtime.logits_batch([inputs[i] for i in batch], adapter))
-        del runtime
-        gc.collect()
+        with weights_on_disk(model, Path(scratch)):
+            runtime = Model(folder)  # the very runtime users run the folder with
+            runs = runtime.generate_ids(prompts[:-1], adapter=adapter, max_new_tokens=new_tokens)
+            runs += runtime.generate_ids(prompts[-1:], adapter=adapter,
+                                         max_new_tokens=min(new_tokens, ONE_TOKEN_STEPS))
+            forced = inputs[:len(samples)] + [ids + run.tokens for ids, run in zip(prompts, runs)]  # + continuation
+            plan = batches([len(s) for s in forced], meta.vocab, budget)
+            for b, batch in enumerate(plan):
+                np.savez(Path(scratch) / f"{b}.npz", *runtime.logits_batch([inputs[i] for i in batch], adapter))
+            del runtime
+            gc.collect()
         for b, batch in enumerate(plan):
             refs = torch_logits(model, [forced[i] for i in batch])
             with np.load(Path(scratch) / f"{b}.npz") as saved:

@@ -13,8 +13,11 @@ from qlora_rt.errors import QloraError
 @pytest.mark.parametrize("mode,weights", [("merged", "fp32"), ("merged", "fp16"), ("merged", "int4"),
                                           ("adapter-aware", "fp32"), ("adapter-aware", "fp16"),
                                           ("adapter-aware", "nf4"), ("adapter-aware", "int4")])
-def test_export_verifies_itself(tiny_llama, tiny_runs, mode, weights):
+def test_export_verifies_itself(tiny_llama, tiny_runs, mode, weights, monkeypatch):
+    from qlora_rt.export import verify
     from qlora_rt.export.exporter import export
+
+    monkeypatch.setattr(verify, "SPILL_FROM", 0)  # every weight of the tiny model waits on disk, as a 1B one's
 
     tmp, adapters = tiny_runs
     out = tmp / f"{mode}-{weights}"
@@ -323,6 +326,39 @@ def test_teacher_forced_greedy_check_finds_the_first_disagreement():
     assert greedy_prefix(logits_picking([0, 0, 5, 6, 1]), prompt, [5, 6], "eos", [1]) == (3, 3)
     assert greedy_prefix(logits_picking([0, 0, 5, 6, 2]), prompt, [5, 6], "eos", [1]) == (2, 3)
     assert greedy_prefix(logits_picking([0, 0, 1]), prompt, [], "eos", [1]) == (1, 1)
+
+
+def test_weights_wait_on_disk_while_onnxruntime_runs(tmp_path):
+    import torch
+
+    from qlora_rt.export.verify import weights_on_disk
+
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 16), torch.nn.Linear(16, 64))
+    model[1].weight = model[0].weight  # tied, as a decoder's head
+    model.register_buffer("bf16", torch.randn(8, 8).bfloat16())
+    model.register_buffer("small", torch.randn(3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with weights_on_disk(model, tmp_path, min_bytes=64):
+        assert model[0].weight.numel() == 0 and model.bf16.numel() == 0 and model.small.numel() == 3
+        assert (tmp_path / "weights.bin").stat().st_size == 64 * 16 * 4 + 64 * 4 + 8 * 8 * 2
+    assert not (tmp_path / "weights.bin").exists() and model[1].weight is model[0].weight
+    assert all(torch.equal(before[k], v) and before[k].dtype == v.dtype for k, v in model.state_dict().items())
+    with weights_on_disk(model, tmp_path / "missing", min_bytes=64):  # a disk that cannot take them
+        assert model[0].weight.numel() == 64 * 16  # stay in memory
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    import resource
+    import signal
+
+    # a disk that fills after the first tensor: that one waits on disk, the others stay in memory
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 16 * 4 + 100, limits[1]))
+        with weights_on_disk(model, tmp_path, min_bytes=64):
+            assert model[0].weight.numel() == 0 and model[1].bias.numel() == 64
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_batched_logits_equal_one_forward_per_sequence(tiny_llama, tiny_export):
