@@ -81,11 +81,16 @@ def _samples(cfg: ExportConfig, tokenizer, n: int = 16, seq_len: int = 256) -> l
     return [e.input_ids for e in load_examples(data, tokenizer, seq_len)[0][:n]] if data else []
 
 
+def _tolerance(cfg: ExportConfig, exact: bool) -> float:
+    """The max |logit difference| allowed; inf for approximate exports, judged by their distributions."""
+    return cfg.tolerance if cfg.tolerance is not None else 1e-3 if exact else TOLERANCE[cfg.weights]
+
+
 def _judge(report: dict, cfg: ExportConfig, exact: bool) -> None:
     """Fail the export (nothing is written) when it is not the model it stands for: exact formats within
     --tolerance of PyTorch's logits; approximate ones (requantized int4, int8 activations) keeping its
     next-token distributions (--max-kl, --min-top1)."""
-    tolerance = cfg.tolerance if cfg.tolerance is not None else 1e-3 if exact else TOLERANCE[cfg.weights]
+    tolerance = _tolerance(cfg, exact)
     report["tolerance"] = tolerance if tolerance != float("inf") else None
     report["max_kl"], report["min_top1"] = (cfg.max_kl, cfg.min_top1) if tolerance == float("inf") else (None, None)
     where = f"nothing was written to {cfg.out}"
@@ -151,7 +156,14 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
         if cfg.mode == "adapter-aware" and cfg.adapter:
             adapter_file = write_adapter(adapter_arrays(cfg.adapter, meta)[1], tmp / ADAPTER_DIR / f"{cfg.name}{SUFFIX}", meta)
         export_s = time.perf_counter() - t0
-        report = {**verify(tmp, meta, model, loaded.tokenizer, adapter_file, samples=_samples(cfg, loaded.tokenizer)),
+        # int4 is held to the fp32 tolerance when nothing was requantized (an int4-trained base) and the
+        # product is fp32; int8 activations are chaotic at the 1e-3 level (qlora_rt/int4.py): distributions
+        exact = cfg.weights == "int4" and not writer.requant_err and qcfg.int4_compute == "fp32"
+        # the calibration examples' distributions judge approximate exports; an exact one is judged by its
+        # logits over the prompts and their continuations, and its KL there is reported
+        judged_by_distributions = _tolerance(cfg, exact) == float("inf")
+        samples = _samples(cfg, loaded.tokenizer) if judged_by_distributions else []
+        report = {**verify(tmp, meta, model, loaded.tokenizer, adapter_file, samples=samples),
                   "export_seconds": export_s,
                   "base_quant": qcfg.format, "head": head.report,
                   "mode": cfg.mode, "weights": cfg.weights, "adapter": cfg.adapter,
@@ -159,9 +171,7 @@ def export(cfg: ExportConfig, trained: tuple | None = None) -> dict:
         if writer.requant_err:
             report["int4_relative_weight_error_mean"] = sum(writer.requant_err) / len(writer.requant_err)
             report["int4_rounding"] = f"{rounding}, block {'/'.join(map(str, sorted(writer.requant_blocks)))}"
-        # int4 is held to the fp32 tolerance when nothing was requantized (an int4-trained base) and the
-        # product is fp32; int8 activations are chaotic at the 1e-3 level (qlora_rt/int4.py): distributions
-        _judge(report, cfg, exact=cfg.weights == "int4" and not writer.requant_err and qcfg.int4_compute == "fp32")
+        _judge(report, cfg, exact)
         write_json(tmp / "export_report.json", report)
     print(_summary(report, cfg), flush=True)
     return report
