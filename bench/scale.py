@@ -7,13 +7,17 @@ process; peak RSS is that process's ru_maxrss. Next to ours: transformers + bits
 same checkpoint in 4 bits (`from_pretrained(load_in_4bit=...)`, PEFT's path).
 
     python bench/scale.py [--shapes smollm2-135m,llama-3.2-1b] [--work /tmp/qlora-rt-scale]
-                          [--verbs peer,train,train-whole,merge,export-aware-nf4,export-merged-int4,
-                                   export-merged-int4-gptq]
+                          [--verbs peer,train,train-whole,merge,export-aware-nf4,export-aware-int4,
+                                   export-merged-int4,export-merged-int4-gptq,decode-aware-int4,
+                                   decode-merged-int4]
 
 train-whole is `train` as it was before lazy loading (the whole model read in fp32 first), for a
 same-run comparison. merge and export use the adapter the train verb wrote (random-init weights:
-the exports' parity figures mean nothing here, only their memory and time). Prints a table: verb,
-peak RSS, wall time.
+the exports' parity figures mean nothing here, only their memory and time). decode-* load an
+export's folder with the runtime (the adapter-aware one with the trained r16 adapter active) and
+decode 128 new tokens after a 128-token prompt, batch 1, greedy, twice; the second run's decode
+tokens/s is reported (the first is a user's first prompt: allocation warm-up). Prints a table: verb,
+peak RSS, wall time (and tokens/s).
 """
 
 from __future__ import annotations
@@ -105,15 +109,27 @@ def child(verb: str, folder: str, work: str) -> dict:
 
         train(TrainConfig(model=folder, data=str(text_data(Path(work).parent)), out=work, steps=2, batch_size=2,
                           seq_len=64, rank=16, quant="nf4", checkpoint_every=0, eval_every=0))
-    elif verb in ("export-aware-nf4", "export-merged-int4", "export-merged-int4-gptq"):
+    elif verb.startswith("export-"):
         from qlora_rt.export.exporter import export
         from qlora_rt.config import ExportConfig
 
-        mode, weights = ("adapter-aware", "nf4") if verb == "export-aware-nf4" else ("merged", "int4")
+        mode = "adapter-aware" if verb.startswith("export-aware") else "merged"
+        weights = "nf4" if verb.endswith("nf4") else "int4"
         # gptq: calibrated on the run's own training data (found from the run.yaml beside the adapter)
         export(ExportConfig(model=folder, adapter=str(Path(work).parent / "run-train" / "adapter"), out=work,
                             mode=mode, weights=weights, int4_rounding="gptq" if verb.endswith("gptq") else "rtn",
                             max_kl=1e9, min_top1=0))
+    elif verb.startswith("decode-"):
+        import numpy as np
+
+        from qlora_rt.runtime import Model
+
+        model = Model(Path(work).parent / f"run-export-{verb[len('decode-'):]}")
+        adapter = "default" if "default" in model.adapter_names else None
+        ids = np.random.default_rng(0).integers(100, 49000, 128).tolist()
+        runs = [model.generate_ids([ids], adapter=adapter, max_new_tokens=128, ignore_eos=True)[0] for _ in range(2)]
+        return {"seconds": time.perf_counter() - t0, "tokens_per_s": runs[1].decode_tokens_per_s,
+                "ttft_s": runs[1].ttft_s, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     elif verb == "merge":
         from qlora_rt.merge import merge
 
@@ -130,15 +146,15 @@ def child(verb: str, folder: str, work: str) -> dict:
     return {"seconds": time.perf_counter() - t0, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def measure(verb: str, folder: Path, work: Path) -> tuple[float, float]:
+def measure(verb: str, folder: Path, work: Path) -> dict:
     out = work / f"run-{verb}"
-    subprocess.run(["rm", "-rf", str(out)], check=True)
+    if not verb.startswith("decode-"):  # decode only reads an export
+        subprocess.run(["rm", "-rf", str(out)], check=True)
     proc = subprocess.run([sys.executable, __file__, "--child", verb, str(folder), str(out)], text=True,
                           stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode:
-        return float("nan"), float("nan")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])  # the child's own ru_maxrss
-    return result["peak_gib"], result["seconds"]
+        return {"peak_gib": float("nan"), "seconds": float("nan")}
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # the child's own ru_maxrss
 
 
 def main() -> None:
@@ -156,12 +172,13 @@ def main() -> None:
         folder = args.work / shape
         write_checkpoint(shape, folder)
         for verb in args.verbs.split(","):
-            rss, seconds = measure(verb, folder, args.work)
-            rows.append((shape, verb, rss, seconds))
-            print(f"{shape:14} {verb:8} peak RSS {rss:6.2f} GiB  {seconds:7.1f} s", flush=True)
-    print("\n| shape | verb | peak RSS (GiB) | wall (s) |\n|---|---|---|---|")
-    for shape, verb, rss, seconds in rows:
-        print(f"| {shape} | {verb} | {rss:.2f} | {seconds:.1f} |")
+            r = measure(verb, folder, args.work)
+            speed = f"{r['tokens_per_s']:.1f} tok/s, TTFT {r['ttft_s']:.2f} s" if "tokens_per_s" in r else ""
+            rows.append((shape, verb, r["peak_gib"], r["seconds"], speed))
+            print(f"{shape:14} {verb:8} peak RSS {r['peak_gib']:6.2f} GiB  {r['seconds']:7.1f} s  {speed}", flush=True)
+    print("\n| shape | verb | peak RSS (GiB) | wall (s) | decode |\n|---|---|---|---|---|")
+    for shape, verb, rss, seconds, speed in rows:
+        print(f"| {shape} | {verb} | {rss:.2f} | {seconds:.1f} | {speed} |")
 
 
 if __name__ == "__main__":
