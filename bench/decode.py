@@ -17,6 +17,12 @@ the table gives each one's median. Each process times a user's first prompt (no 
 `qlora-rt generate` call sees, session start-up excluded) and then the same prompt again; decode
 tokens/s are the second run's. Missing exports are built first (and a short training run, if no
 --adapter is given). The genai build needs `pip install onnxruntime-genai onnx_ir`.
+
+The physical limit: a decode step of batch 1 reads every weight it multiplies by once (the embedding
+table one row; an active adapter's LoRA matrices instead of the graph's placeholders) plus the KV cache
+at its mean length, so tokens/s cannot exceed the machine's read bandwidth / those bytes. The bench
+measures the bandwidth (a sum over 1 GiB with --threads threads, best of 5) and gives each engine's
+bytes read per token, that ceiling and the fraction of it reached.
 """
 
 from __future__ import annotations
@@ -104,6 +110,74 @@ def time_genai(folder: Path, ids: list[int], new: int, threads: int) -> tuple[fl
     return cold[0], *warm
 
 
+def read_bandwidth(threads: int) -> float:
+    """Bytes/s this machine reads from memory with `threads` threads: a sum over 1 GiB, best of 5."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(1 << 28)  # 1 GiB of fp32, far beyond any cache
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * x.element_size() / best
+
+
+def kv_bytes_per_position(graph, folder: Path) -> int:
+    """Bytes of KV cache one position adds: past inputs shaped (batch, kv_heads, seq, head_dim); a head_dim
+    the graph leaves symbolic (onnxruntime-genai's) from the folder's genai_config.json."""
+    import onnx
+
+    total = 0
+    for i in graph.input:
+        if i.name.startswith("past"):
+            dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
+            if not dims[3]:
+                dims[3] = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).itemsize
+            total += dims[1] * dims[3] * itemsize
+    return total
+
+
+def onnx_bytes_per_token(folder: Path, context: int) -> int:
+    """Bytes one decode step of an ONNX decoder reads: its initializers (a Gather's table: one row; an
+    active adapter's parameters in place of the placeholders they override) plus the KV cache."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    sizes = {}
+    for t in model.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        sizes[t.name] = int(ext["length"]) if "length" in ext else onnx.numpy_helper.to_array(t).nbytes
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.input[0] in sizes and len(dims[node.input[0]]) == 2:
+            sizes[node.input[0]] //= dims[node.input[0]][0]  # one row a token
+    adapter = folder / "adapters" / "default.onnx_adapter"
+    if adapter.exists():
+        for name, value in ort.AdapterFormat.read_adapter(str(adapter)).get_parameters().items():
+            sizes[name] = value.numpy().nbytes
+    return sum(sizes.values()) + context * kv_bytes_per_position(model.graph, folder)
+
+
+def torch_bytes_per_token(merged: Path, context: int) -> int:
+    """The merged fp32 checkpoint read whole (its head is the tied embedding table), plus the KV cache."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    total = 0
+    for f in merged.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                total += int(np.prod(sl.get_shape())) * 4  # computed in fp32
+    cfg = AutoConfig.from_pretrained(merged)
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    return total + context * kv
+
+
 def prepare(work: Path, adapter: Path | None) -> dict[str, Path]:
     """Build whatever is missing: adapter, exports, merged HF checkpoint, genai int4 folder."""
     from qlora_rt.export.exporter import export
@@ -170,17 +244,24 @@ def main() -> None:
                 print(f"{label}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
                 continue
             runs[label].append(tuple(json.loads(proc.stdout.strip().splitlines()[-1])))
+    bandwidth = read_bandwidth(args.threads)
+    context = args.prompt_tokens + args.new_tokens // 2  # the KV cache's mean length over the decode
+    per_token = {label: (torch_bytes_per_token if kind == "torch" else onnx_bytes_per_token)(paths[label], context)
+                 for label, (kind, _, _) in ENGINES.items()}
     rows = [(label, *(float(np.median([r[i] for r in rs])) for i in range(3)), " ".join(f"{r[2]:.1f}" for r in rs))
             for label, rs in runs.items() if rs]
     genai = dict((r[0], r[3]) for r in rows).get("onnxruntime-genai int4")
     print(f"\nSmolLM2-135M, batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
           f"{args.threads} threads, median of {args.rounds} alternating rounds; first prompt = a fresh process's "
-          "first generation (what one CLI call sees), then the same prompt again (decode tok/s from this one)")
-    print("| engine | TTFT first prompt ms | TTFT again ms | decode tok/s | vs genai int4 | each round tok/s |\n"
-          "|---|---|---|---|---|---|")
+          "first generation (what one CLI call sees), then the same prompt again (decode tok/s from this one); "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s ({args.threads} threads), KV cache at {context} positions")
+    print("| engine | TTFT first prompt ms | TTFT again ms | decode tok/s | vs genai int4 | each round tok/s "
+          "| MB read a token | bandwidth limit tok/s | of the limit |\n|---|---|---|---|---|---|---|---|---|")
     for label, cold, warm, tps, each in rows:
         ratio = f"{tps / genai:.2f}" if genai else "-"
-        print(f"| {label} | {1000 * cold:.0f} | {1000 * warm:.0f} | {tps:.1f} | {ratio} | {each} |")
+        limit = bandwidth / per_token[label]
+        print(f"| {label} | {1000 * cold:.0f} | {1000 * warm:.0f} | {tps:.1f} | {ratio} | {each} "
+              f"| {per_token[label] / 1e6:.1f} | {limit:.0f} | {tps / limit:.0%} |")
 
 
 if __name__ == "__main__":
