@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,12 +70,13 @@ def progress(folder: Path) -> dict | None:
     return torch.load(found / STATE, weights_only=True, map_location="cpu")["progress"]  # older checkpoints
 
 
-def save(folder: Path, model: torch.nn.Module, optimizer, scheduler, progress: dict,
+def save(folder: Path, model: torch.nn.Module, optimizer_state: dict, scheduler, progress: dict,
          rng: list[dict] | None = None) -> None:
-    """rng: each process's RNG state, in rank order (several processes); default: this process's."""
+    """optimizer_state: the optimizer's state dict (FSDP: the whole one, distributed.gathered).
+    rng: each process's RNG state, in rank order (several processes); default: this process's."""
     tensors = adapter_tensors(model)  # the same tensors and PEFT key names as the final adapter
     rng = rng or [rng_state()]
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng[0],
+    state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng[0],
              "progress": progress}
     if len(rng) > 1:
         state["rng_ranks"] = rng
@@ -103,8 +105,8 @@ def discard_latest(folder: Path) -> int | None:
     return saved["step"] if saved else None
 
 
-def load(folder: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore adapter, optimizer, scheduler and (this rank's) RNG; return the saved progress dict."""
+def read(folder: Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """The newest checkpoint: (its folder, adapter tensors, trainer state)."""
     found = latest(folder)
     if found is None:
         raise QloraError(f"--resume: no checkpoint in {folder}; start the run without --resume")
@@ -113,6 +115,11 @@ def load(folder: Path, model: torch.nn.Module, optimizer, scheduler, rank: int =
         state = torch.load(found / STATE, weights_only=True, map_location="cpu")
     except Exception as e:
         raise QloraError(f"{found}: checkpoint is unreadable ({str(e).splitlines()[0]})") from None
+    return found, tensors, state
+
+
+def restore_weights(found: Path, tensors: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """The checkpoint's adapter (and an encoder's head) into the model, checked against this run's layout."""
     layers = lora_layers(model)
     if set(tensors) != set(adapter_tensors(model)):
         raise QloraError(f"{found}: checkpoint adapter does not match this run's targets/rank; "
@@ -129,7 +136,11 @@ def load(folder: Path, model: torch.nn.Module, optimizer, scheduler, rank: int =
             if target.shape != t.shape:
                 raise QloraError(f"{found}: {key} has shape {tuple(t.shape)}, this run expects {tuple(target.shape)}")
             target.copy_(t)
-    optimizer.load_state_dict(state["optimizer"])
+
+
+def restore_state(state: dict, load_optimizer: Callable[[dict], None], scheduler, rank: int = 0) -> dict:
+    """Optimizer (through `load_optimizer`), scheduler and this rank's RNG; the saved progress dict."""
+    load_optimizer(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng_ranks"][rank] if "rng_ranks" in state else state["rng"])
     return state["progress"]

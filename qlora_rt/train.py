@@ -230,8 +230,28 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
     eval_set = task.examples(cfg.eval_data, eval_rows, eval_lines)[0] if eval_rows else []
     data_digest["examples"] = len(train_set)
     total_steps = cfg.steps or steps_for_epochs(cfg.epochs or 1.0, len(train_set), cfg.batch_size, cfg.grad_accum)
+    distributed.broadcast_parameters(d, trainable_parameters(model))
+    trainable, total = count_parameters(model)
+    base_mib = sum(storage_bytes(m.weight) for m in lora_layers(model).values()) / 2**20
+    checkpointing = cfg.grad_checkpointing if cfg.grad_checkpointing is not None else total >= GRAD_CHECKPOINTING_FROM
+    if checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name; the old one warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if saved is not None:  # the adapter now, the optimizer's state once the optimizer exists
+        _check_same_run(saved, loaded.fingerprint, data_digest, len(train_set), cfg)
+        distributed.check_world(saved, d)
+        found, saved_tensors, saved_state = checkpoint.read(out / "checkpoint")
+        checkpoint.restore_weights(found, saved_tensors, model)
+    elif d.main:  # a new run: its folder
+        out.mkdir(parents=True, exist_ok=True)
+        if residual:  # before run.yaml: a run that can be resumed always has its base
+            save_residual(model, targets, residual, {"base.fingerprint": loaded.fingerprint, "init": icfg.describe(),
+                                                     "init.method": icfg.method, **qcfg.as_metadata()})
+        write_yaml(out / "run.yaml", portable_paths(TrainConfig, cfg.saved(), out))
+    root = TaskLoss(model, task)  # every forward goes through it: what DDP wraps
     params = trainable_parameters(model)
-    distributed.broadcast_parameters(d, params)
     optimizer = _optimizer(cfg, params, device)
     from transformers import get_cosine_schedule_with_warmup
 
@@ -240,9 +260,7 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
     step, order = 0, Order(len(train_set), cfg.seed)
     identity = {"config": cfg.saved(), "base": loaded.fingerprint, "data": data_digest, "world_size": d.world}
     if saved is not None:
-        _check_same_run(saved, loaded.fingerprint, data_digest, len(train_set), cfg)
-        distributed.check_world(saved, d)
-        progress = checkpoint.load(out / "checkpoint", model, optimizer, scheduler, d.rank)
+        progress = checkpoint.restore_state(saved_state, optimizer.load_state_dict, scheduler, d.rank)
         step, order = progress["step"], Order(len(train_set), cfg.seed, **progress["order"])
         _apply_schedule(cfg, optimizer, scheduler)
         if d.main:
@@ -250,20 +268,6 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
         if saved["changed"] and d.main:
             _append_metrics(out / "metrics.jsonl", {"step": step, "resumed_with": saved["changed"]})
             write_yaml(out / "run.yaml", portable_paths(TrainConfig, cfg.saved(), out))
-    elif d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if residual:  # before run.yaml: a run that can be resumed always has its base
-            save_residual(model, targets, residual, {"base.fingerprint": loaded.fingerprint, "init": icfg.describe(),
-                                                     "init.method": icfg.method, **qcfg.as_metadata()})
-        write_yaml(out / "run.yaml", portable_paths(TrainConfig, cfg.saved(), out))
-    trainable, total = count_parameters(model)
-    checkpointing = cfg.grad_checkpointing if cfg.grad_checkpointing is not None else total >= GRAD_CHECKPOINTING_FROM
-    if checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name; the old one warns there
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base_mib = sum(storage_bytes(m.weight) for m in lora_layers(model).values()) / 2**20
     what = (f"task classify{' (the data has labels)' if cfg.task == 'auto' else ''}: {len(labels)} labels "
             f"({', '.join(labels[:6])}{' …' if len(labels) > 6 else ''}), head {'+'.join(head)} trained in full; "
             if labels else "")
@@ -275,7 +279,7 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
               f"{total_steps} steps on {device.type}{procs}{'; gradient checkpointing' if checkpointing else ''}",
               file=sys.stderr)
     distributed.barrier(d)  # the run folder is ready before any rank steps
-    loop = _Loop(cfg, model, optimizer, scheduler, params, device, task, out, on_step, residual, identity, d)
+    loop = _Loop(cfg, root, optimizer, scheduler, params, device, out, on_step, residual, identity, d)
     loop.last_checkpoint = step if saved is not None else None
     return loop.run(train_set, eval_set, order, step, total_steps, loaded, qcfg, lcfg, trainable, total)
 
@@ -319,29 +323,31 @@ def _drop_metrics_after(path: Path, step: int) -> None:
 
 
 class TaskLoss(torch.nn.Module):
-    """The model and its task's loss as one module: what DDP wraps, so that every forward, and so every
-    gradient hook, goes through the wrapper."""
+    """The model and its task as one module: what DDP wraps, so that every forward (and so every gradient
+    hook) goes through it.
+    `self("loss", batch, n_units)` or `self("evaluate", examples, batch_size, device)`."""
 
     def __init__(self, model: torch.nn.Module, task) -> None:
         super().__init__()
         self.model, self.task = model, task
 
-    def forward(self, batch: dict[str, torch.Tensor], n_units: float) -> torch.Tensor:
-        return self.task.loss(self.model, batch, n_units)
+    def forward(self, what: str, *args):
+        return getattr(self.task, what)(self.model, *args)
 
 
 class _Loop:
     """The optimizer-step loop; split from `train` only so each piece reads on one screen."""
 
-    def __init__(self, cfg, model, optimizer, scheduler, params, device, task, out, on_step, residual,
+    def __init__(self, cfg, root: TaskLoss, optimizer, scheduler, params, device, out, on_step, residual,
                  identity: dict, d: distributed.Dist = distributed.Dist()) -> None:
-        self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
-        self.params, self.device, self.task, self.out, self.on_step = params, device, task, out, on_step
+        self.cfg, self.root, self.optimizer, self.scheduler = cfg, root, optimizer, scheduler
+        self.model, self.task = root.model, root.task
+        self.params, self.device, self.out, self.on_step = params, device, out, on_step
         self.residual = residual  # PiSSA/LoftQ: the run's frozen residual base, shipped with the adapter
         self.identity = identity  # settings, base and data fingerprints: saved with every checkpoint
         self.last_checkpoint: int | None = None
         self.d = d
-        self.forward: torch.nn.Module = TaskLoss(model, task)
+        self.forward: torch.nn.Module = root
         if d.on:  # only the adapters' gradients are all-reduced; the frozen 4-bit base is not DDP's business
             from torch.nn.parallel import DistributedDataParallel
 
@@ -384,7 +390,7 @@ class _Loop:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             last = i == len(batches) - 1
             with contextlib.nullcontext() if last or not d.on else self.forward.no_sync():  # all-reduce once a step
-                loss = self.forward(batch, n_units)
+                loss = self.forward("loss", batch, n_units)
                 (loss * d.world).backward()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
@@ -433,7 +439,7 @@ class _Loop:
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
                     rng = distributed.gather(self.d, checkpoint.rng_state())  # each rank's dropout stream
                     if self.d.main:
-                        checkpoint.save(self.out / "checkpoint", model, self.optimizer, self.scheduler,
+                        checkpoint.save(self.out / "checkpoint", model, self.optimizer.state_dict(), self.scheduler,
                                         {"step": step, "order": order.state(), **self.identity}, rng)
                     self.last_checkpoint = step
                 if self.on_step:
