@@ -160,6 +160,10 @@ class TrainConfig:
     nproc: int = option(1, "train on N processes (torch.distributed DDP, launched with torchrun for you; NCCL on GPUs, "
                         "gloo on the CPU): the global batch is --batch-size x --grad-accum x N. The same as "
                         "`torchrun --nproc-per-node N -m qlora_rt train ...`", at_least=1)
+    fsdp: bool = option(False, "several processes: shard the model across them (PyTorch's FSDP2 `fully_shard`, a "
+                        "transformer block a unit): each holds 1/N of the 4-bit base, the adapters, their gradients and "
+                        "the optimizer's state, so a base larger than one GPU trains; without it (DDP) each holds all "
+                        "of the model. Same updates either way")
     dist_timeout: float = option(1800, "several processes: seconds a rank waits for the others before it stops "
                                  "with an error (a process that died)", above=0)
 
@@ -168,6 +172,9 @@ class TrainConfig:
         check_values(self)
         if self.steps is not None and self.epochs is not None:
             raise QloraError("--steps and --epochs: give one, not both")
+        if self.fsdp and self.optim == "paged_adamw_8bit":
+            raise QloraError("--fsdp with --optim paged_adamw_8bit: bitsandbytes' paged optimizer does not take "
+                             "sharded parameters; use --optim adamw (its state is sharded too)")
 
     def saved(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("resume", "nproc")}

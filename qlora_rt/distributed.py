@@ -1,9 +1,13 @@
-"""Training on several processes with PyTorch's own torch.distributed (DDP), launched the standard way.
+"""Training on several processes with PyTorch's own torch.distributed (DDP or FSDP2), launched the standard way.
 
     torchrun --nproc-per-node 2 -m qlora_rt train ...       # or: qlora-rt train --nproc 2 ...
+    torchrun --nproc-per-node 2 -m qlora_rt train --fsdp ...
 
-Every process holds the 4-bit base and its own copy of the adapters; DDP all-reduces only the adapters'
-gradients. Every rank walks the same global data order and takes its own slice of each global micro-batch
+DDP (the default): every process holds the 4-bit base and its own copy of the adapters; DDP all-reduces
+only the adapters' gradients. FSDP (`--fsdp`, PyTorch's `fully_shard`): every transformer block is its
+own unit and the rest (embeddings, final norm, head) the root's; each process keeps 1/N of every weight
+(the 4-bit bytes too), of the adapters, their gradients and the optimizer's state, and all-gathers a
+block's weights just before the block runs. Every rank walks the same global data order and takes its own slice of each global micro-batch
 (`--batch-size` examples per rank), and the loss is normalised by the global count of target tokens (or
 examples), so N processes x batch b make the same update as 1 process x batch N*b. Rank 0 alone writes
 the run folder and shows progress. Backend: NCCL on CUDA, gloo on the CPU.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -81,8 +86,12 @@ def barrier(d: Dist) -> None:
 def broadcast_parameters(d: Dist, params: list[torch.nn.Parameter]) -> None:
     """The adapters start equal on every rank (rank 0's); the frozen base is deterministic and not sent."""
     if d.on:
+        nccl = dist.get_backend() == "nccl"
         for p in params:
-            dist.broadcast(p.data, 0)
+            t = p.data.cuda() if nccl and not p.is_cuda else p.data  # NCCL sends GPU tensors only (FSDP builds on the CPU)
+            dist.broadcast(t, 0)
+            if t is not p.data:
+                p.data.copy_(t)
 
 
 def launch(argv: list[str], nproc: int) -> int:
@@ -125,3 +134,114 @@ def check_world(saved: dict, d: Dist) -> None:
         raise QloraError(f"--resume: the run was trained on {was} process{'es' if was > 1 else ''}; resume it with "
                          f"{was} (each step's global batch is --batch-size x --grad-accum x processes), or start a "
                          "new run")
+
+
+# attributes a 4-bit weight carries beside its bytes (qlora_rt/quant.py): its format and statistics
+_QUANT_ATTRS = ("int4", "quant_state")
+
+
+def shard(root: torch.nn.Module, model: torch.nn.Module, device: torch.device) -> tuple[int, int]:
+    """FSDP2 over `root` (the module every forward goes through): each of `model`'s transformer blocks (the
+    classes transformers names in `_no_split_modules`) its own unit, everything else the root's.
+
+    A 4-bit weight is a Parameter of packed bytes with its format's state as attributes (`int4`,
+    `quant_state`); FSDP shards the bytes (dim 0: whole output rows) and gathers them into a Parameter of
+    its own, so the state is kept on the module and put back on whatever weight it holds before each
+    forward. The per-block statistics (1/8 to 1/4 of the bytes) stay whole on every process.
+    A model built on the CPU moves to `device` a unit at a time as it is sharded.
+    Returns (bytes of parameters this process holds, bytes of all parameters)."""
+    from torch.distributed.fsdp import fully_shard
+
+    stashed = []
+    for m in root.modules():
+        w = m._parameters.get("weight")
+        attrs = {k: getattr(w, k) for k in _QUANT_ATTRS if getattr(w, k, None) is not None} if w is not None else {}
+        if attrs:
+            m._parameters["weight"] = torch.nn.Parameter(w.data, requires_grad=False)  # bitsandbytes' subclass off
+            stashed.append((m, {k: _state_to(v, device) for k, v in attrs.items()}))
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    units = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not units:
+        raise QloraError(f"--fsdp: {type(model).__name__} names no transformer block class to shard by")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    for m, attrs in stashed:
+        m.register_forward_pre_hook(_put_back(attrs))
+    held = whole = 0
+    for p in root.parameters():
+        held += p.to_local().numel() * p.element_size()
+        whole += p.numel() * p.element_size()
+    return held, whole
+
+
+def _state_to(state, device: torch.device):
+    """A 4-bit weight's statistics on `device` (FSDP moves parameters; these are not)."""
+    if hasattr(state, "to") and not isinstance(state, torch.Tensor):  # bitsandbytes' QuantState: in place
+        state.to(device)
+        return state
+    for name in ("scales", "zeros", "mins"):  # qlora_rt.int4.Int4
+        if getattr(state, name, None) is not None:
+            setattr(state, name, getattr(state, name).to(device))
+    return state
+
+
+def _put_back(attrs: dict):
+    def hook(module, args):
+        for k, v in attrs.items():
+            setattr(module.weight, k, v)
+    return hook
+
+
+def sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective: every rank calls it); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@contextmanager
+def gathered(root: torch.nn.Module, optimizer=None):
+    """For saving: the trainable parameters whole in their modules (FSDP: gathered from every rank, so every
+    rank enters this together) and the optimizer's state dict (FSDP: whole, keyed by parameter name, on rank
+    0 only); unsharded, the model as it is and `optimizer.state_dict()`. The sharded parameters are back on
+    exit."""
+    if not sharded(root):
+        yield optimizer.state_dict() if optimizer is not None else None
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = None
+    if optimizer is not None:
+        state = get_optimizer_state_dict(root, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True))
+    swapped = []
+    for m in root.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.requires_grad:
+                m._parameters[name] = torch.nn.Parameter(full(p.data).detach())
+                swapped.append((m, name, p))
+    try:
+        yield state
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p
+
+
+def load_optimizer(root: torch.nn.Module, optimizer, state: dict) -> None:
+    """The inverse of `gathered`'s optimizer state: FSDP's whole state dict re-sharded, or a plain one."""
+    if not sharded(root):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(root, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -211,11 +211,15 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
     model, tok = loaded.model, loaded.tokenizer
     task = (tasks.Classify(tok, _max_length(cfg, model), labels, takes_token_types(model.config.model_type))
             if labels else tasks.CausalLM(tok, cfg.seq_len))
+    fsdp = cfg.fsdp and d.on
+    # FSDP on GPUs: the model is built in host memory and each block moves to the GPU as it is sharded, so
+    # no GPU ever holds the whole base
+    build = torch.device("cpu") if fsdp else device
     plan = None
     if icfg.method != "default" and saved is None:
         names = set(select_targets(linear_names(model), cfg.targets))
-        plan = Plan(icfg, qcfg, cfg.rank, lcfg.scale(), names, device)
-    quantize_model(model, qcfg, device, loaded.gguf, plan, loaded.tensors)
+        plan = Plan(icfg, qcfg, cfg.rank, lcfg.scale(), names, build)
+    quantize_model(model, qcfg, build, loaded.gguf, plan, loaded.tensors)
     targets = add_adapters(model, lcfg)
     if d.on:  # dropout differs between ranks, as it does between the examples of one batch
         torch.manual_seed(cfg.seed * 1000 + d.rank)
@@ -225,7 +229,7 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
         plan.apply(model)
         print(plan.summary(), file=sys.stderr)
     elif residual:  # resuming: the run's own residual base, not a recomputed one
-        load_residual(model, residual, qcfg, device, fingerprint=loaded.fingerprint)
+        load_residual(model, residual, qcfg, build, fingerprint=loaded.fingerprint)
     train_set, dropped = task.examples(cfg.data, rows, lines)
     eval_set = task.examples(cfg.eval_data, eval_rows, eval_lines)[0] if eval_rows else []
     data_digest["examples"] = len(train_set)
@@ -239,18 +243,20 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if saved is not None:  # the adapter now, the optimizer's state once the optimizer exists
+    if saved is not None:  # the adapter before FSDP shards it; the optimizer's state once it exists
         _check_same_run(saved, loaded.fingerprint, data_digest, len(train_set), cfg)
         distributed.check_world(saved, d)
         found, saved_tensors, saved_state = checkpoint.read(out / "checkpoint")
         checkpoint.restore_weights(found, saved_tensors, model)
-    elif d.main:  # a new run: its folder
+    elif d.main:  # a new run: its folder, before FSDP shards the weights the residual base is made of
         out.mkdir(parents=True, exist_ok=True)
         if residual:  # before run.yaml: a run that can be resumed always has its base
             save_residual(model, targets, residual, {"base.fingerprint": loaded.fingerprint, "init": icfg.describe(),
                                                      "init.method": icfg.method, **qcfg.as_metadata()})
         write_yaml(out / "run.yaml", portable_paths(TrainConfig, cfg.saved(), out))
-    root = TaskLoss(model, task)  # every forward goes through it: what DDP wraps
+    root = TaskLoss(model, task)  # every forward goes through it: what DDP wraps, FSDP's root
+    if fsdp:
+        held, whole = distributed.shard(root, model, device)
     params = trainable_parameters(model)
     optimizer = _optimizer(cfg, params, device)
     from transformers import get_cosine_schedule_with_warmup
@@ -260,7 +266,8 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
     step, order = 0, Order(len(train_set), cfg.seed)
     identity = {"config": cfg.saved(), "base": loaded.fingerprint, "data": data_digest, "world_size": d.world}
     if saved is not None:
-        progress = checkpoint.restore_state(saved_state, optimizer.load_state_dict, scheduler, d.rank)
+        progress = checkpoint.restore_state(saved_state, lambda state: distributed.load_optimizer(root, optimizer, state),
+                                            scheduler, d.rank)
         step, order = progress["step"], Order(len(train_set), cfg.seed, **progress["order"])
         _apply_schedule(cfg, optimizer, scheduler)
         if d.main:
@@ -271,7 +278,9 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
     what = (f"task classify{' (the data has labels)' if cfg.task == 'auto' else ''}: {len(labels)} labels "
             f"({', '.join(labels[:6])}{' …' if len(labels) > 6 else ''}), head {'+'.join(head)} trained in full; "
             if labels else "")
-    procs = f" x {d.world} processes (global batch {cfg.batch_size * cfg.grad_accum * d.world})" if d.on else ""
+    how = f"FSDP: {held / whole:.0%} of the {whole / 2**20:,.1f} MiB of weights on each" if fsdp else "DDP"
+    procs = (f" x {d.world} processes ({how}; "
+             f"global batch {cfg.batch_size * cfg.grad_accum * d.world})" if d.on else "")
     if d.main:
         print(f"base {loaded.source}: {total / 1e6:.1f}M params, {cfg.quant} linears in {base_mib:,.1f} MiB; {what}"
               f"adapters on {len(targets)} layers, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
@@ -279,6 +288,8 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
               f"{total_steps} steps on {device.type}{procs}{'; gradient checkpointing' if checkpointing else ''}",
               file=sys.stderr)
     distributed.barrier(d)  # the run folder is ready before any rank steps
+    if cfg.fsdp and not d.on and d.main:
+        print("--fsdp: one process, nothing to shard; training unsharded", file=sys.stderr)
     loop = _Loop(cfg, root, optimizer, scheduler, params, device, out, on_step, residual, identity, d)
     loop.last_checkpoint = step if saved is not None else None
     return loop.run(train_set, eval_set, order, step, total_steps, loaded, qcfg, lcfg, trainable, total)
@@ -323,8 +334,8 @@ def _drop_metrics_after(path: Path, step: int) -> None:
 
 
 class TaskLoss(torch.nn.Module):
-    """The model and its task as one module: what DDP wraps, so that every forward (and so every gradient
-    hook) goes through it.
+    """The model and its task as one module: what DDP wraps and FSDP shards from, so that every forward (and
+    so every gradient hook, every gathering of sharded weights) goes through it.
     `self("loss", batch, n_units)` or `self("evaluate", examples, batch_size, device)`."""
 
     def __init__(self, model: torch.nn.Module, task) -> None:
@@ -347,8 +358,9 @@ class _Loop:
         self.identity = identity  # settings, base and data fingerprints: saved with every checkpoint
         self.last_checkpoint: int | None = None
         self.d = d
+        self.fsdp = distributed.sharded(root)
         self.forward: torch.nn.Module = root
-        if d.on:  # only the adapters' gradients are all-reduced; the frozen 4-bit base is not DDP's business
+        if d.on and not self.fsdp:  # only the adapters' gradients are all-reduced; the 4-bit base is not DDP's business
             from torch.nn.parallel import DistributedDataParallel
 
             self.forward = DistributedDataParallel(self.forward, device_ids=[device] if device.type == "cuda" else None,
@@ -363,7 +375,10 @@ class _Loop:
             return None
         was_training = self.model.training
         self.model.eval()
-        metrics = self.task.evaluate(self.model, eval_set, self.cfg.batch_size, self.device)
+        if self.fsdp:  # through the root, whose forward gathers the weights outside the blocks
+            metrics = self.root("evaluate", eval_set, self.cfg.batch_size, self.device)
+        else:  # DDP's forward would wait for a backward that evaluation never runs
+            metrics = self.task.evaluate(self.model, eval_set, self.cfg.batch_size, self.device)
         self.model.train(was_training)
         self._write({"step": step, **metrics})
         return metrics
@@ -389,8 +404,10 @@ class _Loop:
         for i, batch in enumerate(batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             last = i == len(batches) - 1
-            with contextlib.nullcontext() if last or not d.on else self.forward.no_sync():  # all-reduce once a step
-                loss = self.forward("loss", batch, n_units)
+            if self.fsdp:  # reduce-scatter once a step
+                self.root.set_requires_gradient_sync(last)
+            with contextlib.nullcontext() if last or not d.on or self.fsdp else self.forward.no_sync():
+                loss = self.forward("loss", batch, n_units)  # DDP: all-reduce once a step
                 (loss * d.world).backward()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
@@ -398,7 +415,7 @@ class _Loop:
         tokens = int(tokens)
         if not math.isfinite(loss_sum):
             raise self._diverged(step, "the loss")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
+        norm = distributed.full(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf")))
         if not torch.isfinite(norm):
             raise self._diverged(step, "the gradient norm")
         self.optimizer.step()
@@ -438,9 +455,10 @@ class _Loop:
                     last_eval = self._eval(eval_set, step)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
                     rng = distributed.gather(self.d, checkpoint.rng_state())  # each rank's dropout stream
-                    if self.d.main:
-                        checkpoint.save(self.out / "checkpoint", model, self.optimizer.state_dict(), self.scheduler,
-                                        {"step": step, "order": order.state(), **self.identity}, rng)
+                    with distributed.gathered(self.root, self.optimizer) as optimizer_state:
+                        if self.d.main:
+                            checkpoint.save(self.out / "checkpoint", model, optimizer_state, self.scheduler,
+                                            {"step": step, "order": order.state(), **self.identity}, rng)
                     self.last_checkpoint = step
                 if self.on_step:
                     self.on_step(record)
@@ -454,9 +472,10 @@ class _Loop:
         bar.close()
         last_eval = self._eval(eval_set, step) if eval_set else last_eval
         adapter = self.out / "adapter"
-        if self.d.main:
-            save_adapter(model, adapter, lcfg, qcfg, loaded.source, loaded.fingerprint, self.residual,
-                         labels=getattr(self.task, "labels", None))
+        with distributed.gathered(self.root):
+            if self.d.main:
+                save_adapter(model, adapter, lcfg, qcfg, loaded.source, loaded.fingerprint, self.residual,
+                             labels=getattr(self.task, "labels", None))
         distributed.barrier(self.d)  # the adapter is written before any rank returns
         result = TrainResult(adapter, step, loss, last_eval and last_eval["eval_loss"], last_eval,
                              tokens / max(step_time, 1e-9), peak_memory(self.device), trainable, total)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,20 +45,23 @@ def max_diff(a: Path, b: Path) -> float:
     return max((x[k] - y[k]).abs().max().item() for k in x)
 
 
-@pytest.mark.parametrize("quant,batch,accum", [("nf4", 2, 1), ("int4", 2, 1), ("nf4", 1, 2)])
+@pytest.mark.parametrize("quant,batch,accum,fsdp", [("nf4", 2, 1, False), ("int4", 2, 1, False), ("nf4", 1, 2, False),
+                                                    ("nf4", 2, 1, True), ("int4", 1, 2, True)])
 def test_two_processes_make_the_update_of_one_with_the_global_batch(tiny_llama, tiny_data, tmp_path, quant, batch,
-                                                                    accum, capfd):
+                                                                    accum, fsdp, capfd):
     """2 processes x batch b (x accumulation) = 1 process x batch 2b (x accumulation): each rank takes its
-    slice of the global order, the loss is normalised by the global token count, and DDP's all-reduce
-    (through the loss module it wraps) makes the ranks' gradients one."""
+    slice of the global order, the loss is normalised by the global token count, and DDP's all-reduce or
+    FSDP's reduce-scatter (through the loss module they wrap) makes the ranks' gradients one."""
     data = str(tiny_data / "train.jsonl")
     train(TrainConfig(**settings(tiny_llama, data, tmp_path / "one", quant=quant, batch_size=2 * batch,
                                  grad_accum=accum)))
     capfd.readouterr()
     assert main(["train", *flags(str(tiny_llama), data, str(tmp_path / "two"), quant=quant, batch_size=batch,
-                                 grad_accum=accum), "--nproc", "2"]) == 0
+                                 grad_accum=accum), "--nproc", "2", *(["--fsdp"] if fsdp else [])]) == 0
     err = capfd.readouterr().err
-    assert f"x 2 processes (global batch {2 * batch * accum})" in err
+    assert f"x 2 processes ({'FSDP' if fsdp else 'DDP'}" in err and f"global batch {2 * batch * accum})" in err
+    if fsdp:  # each process holds about half of every weight, the 4-bit bytes included
+        assert 45 <= int(re.search(r"FSDP: (\d+)% of the [\d.]+ MiB of weights on each", err).group(1)) <= 55
     assert max_diff(tmp_path / "one", tmp_path / "two") <= 1e-5
     records = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # one writer
@@ -70,11 +74,14 @@ def _torchrun(argv: list[str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def test_kill_9_of_one_rank_then_resume_equals_the_uninterrupted_run(tiny_llama, tiny_data, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_kill_9_of_one_rank_then_resume_equals_the_uninterrupted_run(tiny_llama, tiny_data, tmp_path, fsdp):
     """One worker SIGKILLed after the step-10 checkpoint: the whole job stops (torchrun takes the other
-    down), the checkpoint is intact, and --resume on 2 processes ends with the uninterrupted run's adapter."""
+    down), the checkpoint is intact, and --resume on 2 processes ends with the uninterrupted run's adapter
+    (FSDP: the sharded optimizer state saved whole and sharded again)."""
+    more = ["--fsdp"] if fsdp else []
     argv = flags(str(tiny_llama), str(tiny_data / "train.jsonl"), str(tmp_path / "cut"), steps=30,
-                 checkpoint_every=10, batch_size=2)
+                 checkpoint_every=10, batch_size=2) + more
     job = _torchrun(argv)
     metrics, deadline = tmp_path / "cut" / "metrics.jsonl", time.time() + 300
     while time.time() < deadline:
@@ -91,7 +98,7 @@ def test_kill_9_of_one_rank_then_resume_equals_the_uninterrupted_run(tiny_llama,
     assert progress["step"] in (10, 20) and progress["world_size"] == 2
     assert main(["train", *argv, "--resume", "--nproc", "2"]) == 0
     full = flags(str(tiny_llama), str(tiny_data / "train.jsonl"), str(tmp_path / "full"), steps=30,
-                 checkpoint_every=10, batch_size=2)
+                 checkpoint_every=10, batch_size=2) + more
     assert main(["train", *full, "--nproc", "2"]) == 0
     assert max_diff(tmp_path / "cut", tmp_path / "full") <= 1e-6
 
@@ -112,6 +119,8 @@ def test_resume_on_another_number_of_processes_is_refused(tiny_llama, tiny_data,
     err = capfd.readouterr().err
     assert "the run was trained on 1 process; resume it with 1" in err
     assert "processes stopped (exit 2)" in err and "Traceback" not in err
+    assert main(["train", *argv, "--resume", "--fsdp"]) != 0  # sharded or not: the optimizer's state differs
+    assert "settings differ from the run's (fsdp (False -> True))" in capfd.readouterr().err
 
 
 def test_a_non_finite_loss_stops_every_rank_with_one_message(tiny_llama, tiny_data, tmp_path, capfd):
@@ -123,16 +132,17 @@ def test_a_non_finite_loss_stops_every_rank_with_one_message(tiny_llama, tiny_da
     assert "is not finite; training stopped" in err.out + err.err and time.time() - t0 < 120
 
 
-def test_a_classifier_trains_on_two_processes_too(sentiment, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_a_classifier_trains_on_two_processes_too(sentiment, tmp_path, fsdp):
     """The encoder's loss goes through the same wrapped module: 2 x batch 4 = 1 x batch 8, head included (the
-    model's own dropout off: each rank draws its own masks)."""
+    model's own dropout off: each rank draws its own masks); FSDP evaluates through its root as well."""
     from conftest import save_encoder
 
     tiny_bert = save_encoder(tmp_path / "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     data = sentiment / "train.jsonl"
     train(TrainConfig(**settings(tiny_bert, data, tmp_path / "one", batch_size=8, eval_data=str(sentiment / "eval.jsonl"))))
     assert main(["train", *flags(tiny_bert, data, tmp_path / "two", batch_size=4,
-                                 eval_data=sentiment / "eval.jsonl"), "--nproc", "2"]) == 0
+                                 eval_data=sentiment / "eval.jsonl"), "--nproc", "2", *(["--fsdp"] if fsdp else [])]) == 0
     assert "base_model.model.classifier.weight" in tensors(tmp_path / "two")
     assert max_diff(tmp_path / "one", tmp_path / "two") <= 1e-5
     evals = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in l]
