@@ -147,3 +147,12 @@ def test_a_classifier_trains_on_two_processes_too(sentiment, tmp_path, fsdp):
     assert max_diff(tmp_path / "one", tmp_path / "two") <= 1e-5
     evals = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in l]
     assert [e["step"] for e in evals] == [0, 4]  # evaluated on every rank, written once
+
+
+def test_fsdp_refuses_what_it_cannot_shard_and_says_when_there_is_nothing_to(tiny_llama, tiny_data, tmp_path, capfd):
+    argv = flags(str(tiny_llama), str(tiny_data / "train.jsonl"), str(tmp_path / "run"), steps=1, batch_size=2)
+    assert main(["train", *argv, "--fsdp", "--optim", "paged_adamw_8bit"]) == 2
+    assert "--fsdp with --optim paged_adamw_8bit" in capfd.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["train", *argv, "--fsdp"]) == 0  # one process: trained as without --fsdp
+    assert "--fsdp: one process, nothing to shard; training unsharded" in capfd.readouterr().err
