@@ -147,7 +147,7 @@ def shard(root: torch.nn.Module, model: torch.nn.Module, device: torch.device) -
     A 4-bit weight is a Parameter of packed bytes with its format's state as attributes (`int4`,
     `quant_state`); FSDP shards the bytes (dim 0: whole output rows) and gathers them into a Parameter of
     its own, so the state is kept on the module and put back on whatever weight it holds before each
-    forward. The per-block statistics (1/8 to 1/4 of the bytes) stay whole on every process.
+    forward. The per-block statistics (1/32 to 1/4 of the bytes) stay whole on every process.
     A model built on the CPU moves to `device` a unit at a time as it is sharded.
     Returns (bytes of parameters this process holds, bytes of all parameters)."""
     from torch.distributed.fsdp import fully_shard
