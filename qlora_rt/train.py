@@ -257,6 +257,7 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
     root = TaskLoss(model, task)  # every forward goes through it: what DDP wraps, FSDP's root
     if fsdp:
         held, whole = distributed.shard(root, model, device)
+        release_freed_memory()  # the whole copy each process built: its pages back to the OS
     params = trainable_parameters(model)
     optimizer = _optimizer(cfg, params, device)
     from transformers import get_cosine_schedule_with_warmup
