@@ -7,8 +7,8 @@ DDP (the default): every process holds the 4-bit base and its own copy of the ad
 only the adapters' gradients. FSDP (`--fsdp`, PyTorch's `fully_shard`): every transformer block is its
 own unit and the rest (embeddings, final norm, head) the root's; each process keeps 1/N of every weight
 (the 4-bit bytes too), of the adapters, their gradients and the optimizer's state, and all-gathers a
-block's weights just before the block runs. Every rank walks the same global data order and takes its own slice of each global micro-batch
-(`--batch-size` examples per rank), and the loss is normalised by the global count of target tokens (or
+block's weights just before the block runs. Every rank walks the same global data order and takes its own
+slice of each global micro-batch (`--batch-size` examples per rank), and the loss is normalised by the global count of target tokens (or
 examples), so N processes x batch b make the same update as 1 process x batch N*b. Rank 0 alone writes
 the run folder and shows progress. Backend: NCCL on CUDA, gloo on the CPU.
 """

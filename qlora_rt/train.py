@@ -50,6 +50,8 @@ def _device_and_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
         raise QloraError("--device cuda: no CUDA device is available")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           cfg.device if cfg.device != "auto" else "cpu")
+    if cfg.optim == "paged_adamw_8bit" and device.type != "cuda":  # before the run folder is written
+        raise QloraError("--optim paged_adamw_8bit needs CUDA; use --optim adamw on the CPU")
     if cfg.dtype == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return device, torch.bfloat16 if bf16 else torch.float32
@@ -147,10 +149,8 @@ def _apply_schedule(cfg: TrainConfig, optimizer, scheduler) -> None:
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
-    if cfg.optim == "paged_adamw_8bit":
-        if device.type != "cuda":
-            raise QloraError("--optim paged_adamw_8bit needs CUDA; use --optim adamw on the CPU")
+def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):
+    if cfg.optim == "paged_adamw_8bit":  # CUDA only: checked with the device (_device_and_dtype)
         import bitsandbytes as bnb
 
         return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -259,7 +259,7 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
         held, whole = distributed.shard(root, model, device)
         release_freed_memory()  # the whole copy each process built: its pages back to the OS
     params = trainable_parameters(model)
-    optimizer = _optimizer(cfg, params, device)
+    optimizer = _optimizer(cfg, params)
     from transformers import get_cosine_schedule_with_warmup
 
     warmup = int(cfg.warmup) if cfg.warmup >= 1 else math.ceil(cfg.warmup * total_steps)
@@ -395,6 +395,13 @@ class _Loop:
                 "no good checkpoint is kept; run the same command with a lower --lr to start again in place")
         return QloraError(f"step {step}: {what} is not finite; training stopped and {kept}")
 
+    def _synced(self, last: bool):
+        """Gradients cross processes once a step, on its last micro-batch: FSDP reduce-scatters them, DDP
+        all-reduces them (its no_sync before that)."""
+        if self.fsdp:
+            self.root.set_requires_gradient_sync(last)
+        return contextlib.nullcontext() if last or not self.d.on or self.fsdp else self.forward.no_sync()
+
     def _step(self, batches: list[dict], step: int) -> tuple[float, float, int]:
         """One optimizer step over the micro-batches: (loss, grad norm, tokens), over all ranks."""
         d = self.d
@@ -405,10 +412,8 @@ class _Loop:
         for i, batch in enumerate(batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             last = i == len(batches) - 1
-            if self.fsdp:  # reduce-scatter once a step
-                self.root.set_requires_gradient_sync(last)
-            with contextlib.nullcontext() if last or not d.on or self.fsdp else self.forward.no_sync():
-                loss = self.forward("loss", batch, n_units)  # DDP: all-reduce once a step
+            with self._synced(last):
+                loss = self.forward("loss", batch, n_units)
                 (loss * d.world).backward()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())

@@ -25,9 +25,6 @@ def test_fsdp_on_two_gpus_makes_the_update_of_one_process(tiny_llama, tiny_data,
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from test_distributed import flags, max_diff, settings
 
     from qlora_rt.cli import main
