@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast demo sentiment bench bench-decode clean
+.PHONY: setup test test-fast lint demo sentiment bench bench-decode clean
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -12,9 +12,13 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q -ra
 
-# Unit tests on tiny random models only.
+# Unit tests on tiny random models only (a few minutes): run them on every change.
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"
+
+# ruff: pyflakes, pycodestyle (120 columns), import order, pyupgrade (pyproject.toml [tool.ruff]).
+lint: setup
+	$(VENV)/bin/ruff check .
 
 demo: setup
 	$(PY) examples/demo.py

@@ -180,20 +180,20 @@ def torch_bytes_per_token(merged: Path, context: int) -> int:
 
 def prepare(work: Path, adapter: Path | None) -> dict[str, Path]:
     """Build whatever is missing: adapter, exports, merged HF checkpoint, genai int4 folder."""
-    from qlora_rt.export.exporter import export
     from qlora_rt.config import ExportConfig, TrainConfig
+    from qlora_rt.export.exporter import export
 
     if adapter is None:
         adapter = work / "run" / "adapter"
         if not adapter.exists():
-            from qlora_rt.train import train
+            from qlora_rt.train.run import train
 
             train(TrainConfig(model="smollm2-135m", data=str(ROOT / "examples/data/dates-train.jsonl"),
                               out=str(work / "run"), steps=10, batch_size=4, seq_len=256, lr=1e-3,
                               checkpoint_every=0, eval_every=0))
     exact = work / "run-int4" / "adapter"  # the demo's base: the fast exact path (README, "Decode speed")
     if not exact.exists():
-        from qlora_rt.train import train
+        from qlora_rt.train.run import train
 
         train(TrainConfig(model="smollm2-135m", data=str(ROOT / "examples/data/dates-train.jsonl"),
                           out=str(work / "run-int4"), quant="int4", gguf_q4_1="round", quant_head=True, steps=10,
@@ -204,7 +204,8 @@ def prepare(work: Path, adapter: Path | None) -> dict[str, Path]:
             paths[label] = work / f"onnx-{mode}-{weights}"
             if not (paths[label] / "model.onnx").exists():
                 export(ExportConfig(model="smollm2-135m", adapter=str(exact if weights == "exact" else adapter),
-                                    out=str(paths[label]), mode=mode, weights="int4" if weights == "exact" else weights))
+                                    out=str(paths[label]), mode=mode,
+                                    weights="int4" if weights == "exact" else weights))
     merged = paths["PyTorch eager fp32 (merged)"] = work / "merged-fp32"
     if not (merged / "config.json").exists():
         from qlora_rt.merge import merge

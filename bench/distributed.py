@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qlora_rt.report import table  # noqa: E402
+from qlora_rt.train.report import table  # noqa: E402
 
 
 def run(nproc: int, batch: int, steps: int, out: Path, fsdp: bool = False) -> dict:

@@ -21,13 +21,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import qlora_rt.export.encoder as encoder  # noqa: E402
-from qlora_rt.classifier import Classifier  # noqa: E402
-from qlora_rt.classify_data import read  # noqa: E402
+import qlora_rt.export.encoder_graph as encoder  # noqa: E402
 from qlora_rt.config import ExportConfig, TrainConfig  # noqa: E402
 from qlora_rt.export.exporter import export  # noqa: E402
-from qlora_rt.report import table  # noqa: E402
-from qlora_rt.train import train  # noqa: E402
+from qlora_rt.runtime import Classifier  # noqa: E402
+from qlora_rt.train.label_data import read  # noqa: E402
+from qlora_rt.train.report import table  # noqa: E402
+from qlora_rt.train.run import train  # noqa: E402
 
 DATA = REPO / "tests" / "data"
 

@@ -11,9 +11,9 @@
 
 import torch
 
-from qlora_rt import quant
-from qlora_rt.load import load
-from qlora_rt.lora import lora_layers, quantize_model
+from qlora_rt.base import formats
+from qlora_rt.base.load import load
+from qlora_rt.lora.layers import lora_layers, quantize_model
 
 PROMPT = "Rewrite this date in ISO 8601 format: March 5, 2021"
 
@@ -24,9 +24,9 @@ def main() -> None:
     model = loaded.model
     reference = {n: m.weight.detach().clone() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()}
-    quantize_model(model, quant.QuantConfig("int4", int4_compute="int8"), torch.device("cpu"), loaded.gguf)
+    quantize_model(model, formats.QuantConfig("int4", int4_compute="int8"), torch.device("cpu"), loaded.gguf)
     layers = lora_layers(model)
-    equal = sum(torch.equal(quant.dequantize(layers[n].weight), w) for n, w in reference.items())
+    equal = sum(torch.equal(formats.dequantize(layers[n].weight), w) for n, w in reference.items())
     sources = {layer.weight.int4.source for layer in layers.values()}
     print(f"GGUF import: {equal}/{len(reference)} Linear weights bit-identical to transformers' dequantization "
           f"(sources: {', '.join(sorted(sources))})")

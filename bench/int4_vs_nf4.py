@@ -28,7 +28,7 @@ MODEL = "smollm2-135m"
 
 def train_one(fmt: str, steps: int, out: Path) -> dict:
     from qlora_rt.config import TrainConfig
-    from qlora_rt.train import train
+    from qlora_rt.train.run import train
 
     t0 = time.perf_counter()
     r = train(TrainConfig(model=MODEL, data=str(DATA / "dates-train.jsonl"), out=str(out), quant=fmt, steps=steps,
@@ -38,11 +38,11 @@ def train_one(fmt: str, steps: int, out: Path) -> dict:
 
 
 def score(folder: Path) -> float:
-    from qlora_rt.data import read_jsonl
-    from qlora_rt.generate import exact_match, prompt_messages, reference_answer
     from qlora_rt.runtime import Model
+    from qlora_rt.train.answers import exact_match, prompt_messages, reference_answer
+    from qlora_rt.train.text_data import read_examples
 
-    rows = read_jsonl(DATA / "dates-heldout.jsonl")
+    rows = read_examples(DATA / "dates-heldout.jsonl")
     model = Model(folder, threads=2)
     answers = [c.text.strip() for c in model.generate([prompt_messages(r) for r in rows], adapter="default",
                                                       max_new_tokens=12)]
@@ -61,9 +61,9 @@ def main() -> None:
     args = p.parse_args()
     if args.train_child:
         return child(args.train_child)
-    from qlora_rt.export.exporter import export
-    from qlora_rt.adapters import open_trained
     from qlora_rt.config import ExportConfig
+    from qlora_rt.export.exporter import export
+    from qlora_rt.trained import open_trained
 
     trained = {}
     for fmt in ("int4", "nf4"):
@@ -92,7 +92,8 @@ def main() -> None:
     print(f"\n## Training, SmolLM2-135M, {args.steps} steps, batch 4, r=16, all-linear, 2 cores\n")
     print("| base format | train tok/s | peak RSS | wall s (load included) |\n|---|---|---|---|")
     for fmt, r in trained.items():
-        print(f"| {fmt} | {r['tokens_per_s']:.1f} | {r['peak_memory']} | {r['seconds']:.0f} |" if r else f"| {fmt} | - |")
+        print(f"| {fmt} | {r['tokens_per_s']:.1f} | {r['peak_memory']} | {r['seconds']:.0f} |" if r
+              else f"| {fmt} | - |")
     print("\n## Exports (adapter active)\n")
     print("| export | max abs dlogit vs PyTorch | requant weight rel. err | held-out exact match | decode tok/s |")
     print("|---|---|---|---|---|")

@@ -3,7 +3,7 @@
     python bench/lora_cost.py [--layers 30] [--ranks 1 16] [--threads 2] [--rounds 5]
 
 A graph of nothing but the adapter-aware export's LoRA products for one token (SmolLM2-135M's shapes:
-per layer q/k/v and gate/up as grouped pairs, o and down alone; `export/weights.py`), its A and B bound
+per layer q/k/v and gate/up as grouped pairs, o and down alone; `export/weight_writers.py`), its A and B bound
 as inputs the way the runtime binds an adapter, in these forms:
   fp32   MatMul(x, A) then MatMul(., B): what the export emits (the B product is a Gemm there)
   int8   DynamicQuantizeMatMul with int8 A/B and per-column scales (x quantized per call)
@@ -22,7 +22,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 HIDDEN, MLP = 576, 1536
-GROUPS = [(HIDDEN, 3, HIDDEN + 2 * 192), (HIDDEN, 1, HIDDEN), (HIDDEN, 2, 2 * MLP), (MLP, 1, HIDDEN)]  # in, members, out
+# in, members, out
+GROUPS = [(HIDDEN, 3, HIDDEN + 2 * 192), (HIDDEN, 1, HIDDEN), (HIDDEN, 2, 2 * MLP), (MLP, 1, HIDDEN)]
 FORMS = ("fp32", "int8", "fp16")
 
 
@@ -66,7 +67,8 @@ def build(form: str, layers: int, rank: int, rng: np.random.Generator) -> tuple[
             outs.append(y)
     nodes.append(helper.make_node("Concat", outs, ["out"], axis=-1))
     graph = helper.make_graph(nodes, "lora", inputs, [helper.make_tensor_value_info("out", f32, [1, None])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     feeds["x"] = rng.standard_normal((1, HIDDEN)).astype(np.float32)
     feeds["x2"] = rng.standard_normal((1, MLP)).astype(np.float32)

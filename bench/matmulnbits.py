@@ -47,7 +47,8 @@ def build(block: int, level: int, zero_points: bool, rng: np.random.Generator):
     nodes.append(helper.make_node("Sum", [o + ".m" for o in outs], ["y"]))
     graph = helper.make_graph(nodes, "linears", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, HIDDEN])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid("com.microsoft", 1)])
 
 
 def main() -> None:

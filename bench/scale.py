@@ -49,7 +49,7 @@ def write_checkpoint(shape: str, folder: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora_rt.load import load
+    from qlora_rt.base.load import load
 
     if (folder / "model.safetensors.index.json").exists():
         return
@@ -100,9 +100,9 @@ def child(verb: str, folder: str, work: str) -> dict:
     """One verb in this process; returns its wall time (peak RSS is read by the parent)."""
     t0 = time.perf_counter()
     if verb in ("train", "train-whole"):
-        import qlora_rt.train as tr
+        import qlora_rt.train.run as tr
         from qlora_rt.config import TrainConfig
-        from qlora_rt.train import train
+        from qlora_rt.train.run import train
 
         if verb == "train-whole":  # the path before lazy loading, for the same-run comparison
             tr.load = lambda path, lazy=False, real=tr.load: real(path)
@@ -110,8 +110,8 @@ def child(verb: str, folder: str, work: str) -> dict:
         train(TrainConfig(model=folder, data=str(text_data(Path(work).parent)), out=work, steps=2, batch_size=2,
                           seq_len=64, rank=16, quant="nf4", checkpoint_every=0, eval_every=0))
     elif verb.startswith("export-"):
-        from qlora_rt.export.exporter import export
         from qlora_rt.config import ExportConfig
+        from qlora_rt.export.exporter import export
 
         mode = "adapter-aware" if verb.startswith("export-aware") else "merged"
         weights = "nf4" if verb.endswith("nf4") else "int4"

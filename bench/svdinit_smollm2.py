@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qlora_rt import quant  # noqa: E402
+from qlora_rt.base.linears import linear_names  # noqa: E402
+from qlora_rt.base.load import load  # noqa: E402
 from qlora_rt.config import TrainConfig  # noqa: E402
-from qlora_rt.load import load  # noqa: E402
-from qlora_rt.lora import LoraConfig, linear_names  # noqa: E402
-from qlora_rt.svdinit import InitConfig, relative_error, split  # noqa: E402
-from qlora_rt.train import train  # noqa: E402
+from qlora_rt.lora.layers import LoraConfig  # noqa: E402
+from qlora_rt.lora.svd_init import InitConfig, relative_error, split  # noqa: E402
+from qlora_rt.train.run import train  # noqa: E402
 
 DATA = ROOT / "examples" / "data"
 INITS = [InitConfig("default"), InitConfig("loftq", 1), InitConfig("loftq", 5), InitConfig("pissa")]

@@ -28,7 +28,7 @@ DATA = ROOT / "examples" / "data" / "dates-train.jsonl"
 
 def export_fp32(folder: Path) -> None:
     """The GGUF as an fp32 HF checkpoint (transformers will not save a GGUF-loaded model itself)."""
-    from qlora_rt.load import load
+    from qlora_rt.base.load import load
     from qlora_rt.merge import save_merged
 
     loaded = load("smollm2-135m")
@@ -36,7 +36,7 @@ def export_fp32(folder: Path) -> None:
 
 
 def batches(tokenizer, steps: int, batch_size: int, seq_len: int, seed: int = 0):
-    from qlora_rt.data import Order, collate, load_examples
+    from qlora_rt.train.text_data import Order, collate, load_examples
 
     examples, _ = load_examples(DATA, tokenizer, seq_len)
     order = Order(len(examples), seed)
@@ -45,7 +45,7 @@ def batches(tokenizer, steps: int, batch_size: int, seq_len: int, seed: int = 0)
 
 def run_ours(model_dir: str, steps: int, batch_size: int, seq_len: int, out: str) -> dict:
     from qlora_rt.config import TrainConfig
-    from qlora_rt.train import train
+    from qlora_rt.train.run import train
 
     r = train(TrainConfig(model=model_dir, data=str(DATA), out=out, steps=steps, batch_size=batch_size,
                           seq_len=seq_len, rank=16, alpha=32, dropout=0.05, targets="all-linear", quant="nf4",
@@ -87,7 +87,7 @@ def run_peft(model_dir: str, steps: int, batch_size: int, seq_len: int) -> dict:
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from qlora_rt.report import peak_rss_mib
+    from qlora_rt.train.report import peak_rss_mib
 
     torch.set_num_threads(args.threads)
     if args.side == "ours":

@@ -27,14 +27,14 @@ sys.path.insert(0, str(HERE))
 
 from make_dataset import main as make_dataset  # noqa: E402
 
-from qlora_rt.export.exporter import export  # noqa: E402
-from qlora_rt.adapters import open_trained  # noqa: E402
 from qlora_rt.config import ExportConfig, TrainConfig  # noqa: E402
-from qlora_rt.data import read_jsonl  # noqa: E402
-from qlora_rt.generate import answer, exact_match, prompt_messages, reference_answer  # noqa: E402
-from qlora_rt.report import table  # noqa: E402
-from qlora_rt.runtime import Model  # noqa: E402
-from qlora_rt.train import train  # noqa: E402
+from qlora_rt.export.exporter import export  # noqa: E402
+from qlora_rt.runtime.decoder import Model  # noqa: E402
+from qlora_rt.train.answers import answer, exact_match, prompt_messages, reference_answer  # noqa: E402
+from qlora_rt.train.report import table  # noqa: E402
+from qlora_rt.train.run import train  # noqa: E402
+from qlora_rt.train.text_data import read_examples  # noqa: E402
+from qlora_rt.trained import open_trained  # noqa: E402
 
 DATA = HERE / "data"
 MODEL = "smollm2-135m"
@@ -56,7 +56,8 @@ def main() -> None:
     p.add_argument("--gguf-q4-1", default="round", choices=("exact", "round"),
                    help="the GGUF's Q4_1 weights as stored (exact), or rounded once to integer zero points (round)")
     p.add_argument("--int4-compute", default="fp32", choices=("fp32", "int8"),
-                   help="fp32: the adapter-aware export is exact; int8: faster, approximate (see qlora_rt/int4.py)")
+                   help="fp32: the adapter-aware export is exact; int8: faster, approximate "
+                        "(see qlora_rt/base/packed_int4.py)")
     p.add_argument("--quant-head", action=argparse.BooleanOptionalAction, default=True,
                    help="train on a 4-bit head too, so the adapter-aware export runs it exactly")
     args = p.parse_args()
@@ -68,7 +69,8 @@ def main() -> None:
         shutil.rmtree(out)
     t0 = time.perf_counter()
     result = train(TrainConfig(model=MODEL, data=str(DATA / "dates-train.jsonl"), out=str(out / "run"),
-                               quant="int4", gguf_q4_1=args.gguf_q4_1, quant_head=args.quant_head, int4_compute=args.int4_compute,
+                               quant="int4", gguf_q4_1=args.gguf_q4_1, quant_head=args.quant_head,
+                               int4_compute=args.int4_compute,
                                steps=args.steps, batch_size=4, seq_len=256, rank=16, alpha=32,
                                lr=1e-3, eval_every=0, checkpoint_every=20))
     train_s = time.perf_counter() - t0
@@ -80,7 +82,7 @@ def main() -> None:
                for mode in ("adapter-aware", "merged")}
     export_s = time.perf_counter() - t0
 
-    rows = read_jsonl(DATA / "dates-heldout.jsonl")
+    rows = read_examples(DATA / "dates-heldout.jsonl")
     prompts, refs = [prompt_messages(r) for r in rows], [reference_answer(r) for r in rows]
     aware = out / "onnx-adapter-aware"
     base, base_tps = offline_answers(aware, prompts, None)  # no adapter: the int4 base alone
@@ -99,8 +101,9 @@ def main() -> None:
     gain = scores["torch"] - scores["base"]
 
     def kept(key: str) -> str:
-        return f"{100 * scores[key]:.1f}%  ({100 * (scores[key] - scores['base']) / gain:.0f}% of the gain)" if gain > 0 \
-            else f"{100 * scores[key]:.1f}%"
+        if gain <= 0:
+            return f"{100 * scores[key]:.1f}%"
+        return f"{100 * scores[key]:.1f}%  ({100 * (scores[key] - scores['base']) / gain:.0f}% of the gain)"
 
     ra, rm = reports["adapter-aware"], reports["merged"]
     print()

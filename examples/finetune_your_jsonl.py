@@ -11,7 +11,7 @@ OUT/adapter in PEFT's layout. The same as:
 import argparse
 
 from qlora_rt.config import TrainConfig
-from qlora_rt.train import train
+from qlora_rt.train.run import train
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("data")

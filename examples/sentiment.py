@@ -24,13 +24,13 @@ sys.path.insert(0, str(HERE))
 
 from make_sentiment import main as make_sentiment  # noqa: E402
 
-from qlora_rt.classifier import Classifier  # noqa: E402
-from qlora_rt.classify_data import read  # noqa: E402
 from qlora_rt.config import ExportConfig, TrainConfig  # noqa: E402
 from qlora_rt.export.exporter import export  # noqa: E402
-from qlora_rt.report import table  # noqa: E402
-from qlora_rt.tasks import confusion_table, scores  # noqa: E402
-from qlora_rt.train import train  # noqa: E402
+from qlora_rt.runtime import Classifier  # noqa: E402
+from qlora_rt.train.label_data import read  # noqa: E402
+from qlora_rt.train.report import table  # noqa: E402
+from qlora_rt.train.run import train  # noqa: E402
+from qlora_rt.train.tasks import confusion_table, scores  # noqa: E402
 
 DATA = HERE / "data"
 MODEL = "all-minilm-l6-v2"
@@ -62,7 +62,8 @@ def main() -> None:
     exports = {"adapter-aware nf4": ("adapter-aware", "nf4"), "merged int4": ("merged", "int4")}
     reports = {}
     for name, (mode, weights) in exports.items():
-        reports[name] = export(ExportConfig(model=MODEL, adapter=str(result.adapter), out=str(out / name.replace(" ", "-")),
+        reports[name] = export(ExportConfig(model=MODEL, adapter=str(result.adapter),
+                                            out=str(out / name.replace(" ", "-")),
                                             mode=mode, weights=weights, name="sentiment"))
     rows = read(test_file, "--data")[0]
     texts, truth = [r["text"] for r in rows], [r["label"] for r in rows]

@@ -12,9 +12,9 @@ folder; on the device `pip install qlora-rt` (no torch) is all it needs. The sam
 
 import argparse
 
-from qlora_rt.export.adapters import export_adapter
-from qlora_rt.export.exporter import export
 from qlora_rt.config import ExportConfig
+from qlora_rt.export.exporter import export
+from qlora_rt.export.onnx_adapters import export_adapter
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("adapter")

@@ -1,7 +1,7 @@
 """Calibration for GPTQ rounding: H = Σ xᵀx of each Linear's inputs, on examples like the ones it serves.
 
 A weight that must be requantized to int4 (a merged weight, or a base not trained in int4) is rounded
-by `qlora_rt.int4.gptq` with these, so the layer's outputs on such inputs stay close to the trained
+by `qlora_rt.base.packed_int4.gptq` with these, so the layer's outputs on such inputs stay close to the trained
 model's, not only its weights. The default examples are the run's own training data: after merging,
 the adapter's change is small next to an int4 step, and round-to-nearest loses a share of it.
 """
@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from qlora_rt.config import TrainConfig, resolve_paths
-from qlora_rt.data import collate, load_examples
+from qlora_rt.config import ExportConfig, TrainConfig, resolve_paths
 from qlora_rt.errors import QloraError
-from qlora_rt.lora import lora_layers
+from qlora_rt.lora.layers import lora_layers
+from qlora_rt.train.text_data import collate, load_examples
 
 
 def default_data(adapter: str | None) -> Path | None:
@@ -33,11 +33,19 @@ def default_data(adapter: str | None) -> Path | None:
     return Path(data) if data and Path(data).is_file() else None
 
 
+def calibration_data(cfg: ExportConfig) -> Path | None:
+    """Examples like the ones the model serves: --calibration, else the training data of the adapter's run."""
+    data = Path(cfg.calibration) if cfg.calibration else default_data(cfg.adapter)
+    if cfg.calibration and not data.is_file():
+        raise QloraError(f"--calibration: {data} not found")
+    return data
+
+
 HEAD = "lm_head"  # the output head's key among the Hessians
 
 
 def hessians(model: torch.nn.Module, tokenizer, path: Path, names: set[str], examples: int = 64,
-             seq_len: int = 256, batch_size: int = 8) -> tuple["LayerHessians", int]:
+             seq_len: int = 256, batch_size: int = 8) -> tuple[LayerHessians, int]:
     """{Linear name: (in, in) Σ xᵀx over the non-padding tokens of the first `examples` examples (64: ~5k
     tokens on the demo task)}, computed a decoder layer at a time as they are asked for, and the token
     count. The model runs as trained (adapters active), so merged weights see the inputs they serve."""
@@ -153,7 +161,8 @@ def _first(out):
 def encoder_hessians(model: torch.nn.Module, tokenizer, path: Path, names: set[str], token_types: bool,
                      max_length: int, examples: int = 64, batch_size: int = 8) -> tuple[dict[str, torch.Tensor], int]:
     """As `hessians`, for a classifier: the texts of a classification JSONL file through the whole model."""
-    from qlora_rt.classify_data import collate as collate_texts, encode, label_names, read
+    from qlora_rt.train.label_data import collate as collate_texts
+    from qlora_rt.train.label_data import encode, label_names, read
 
     rows = read(path, "--calibration")[0][:examples]
     data = encode(rows, tokenizer, max_length, label_names(rows), str(path), token_types=token_types)
@@ -161,7 +170,8 @@ def encoder_hessians(model: torch.nn.Module, tokenizer, path: Path, names: set[s
     return accumulate(model, names, batches, lambda b: model(**{k: v for k, v in b.items() if k != "labels"}))
 
 
-def accumulate(model: torch.nn.Module, names: set[str], batches: list[dict], run) -> tuple[dict[str, torch.Tensor], int]:
+def accumulate(model: torch.nn.Module, names: set[str], batches: list[dict],
+               run) -> tuple[dict[str, torch.Tensor], int]:
     """Σ xᵀx of the named Linears' inputs over the batches' non-padding tokens, with `run(batch)` the forward
     (an encoder's whole model: small enough for every H at once)."""
     layers = {n: m for n, m in lora_layers(model).items() if n in names}
@@ -188,6 +198,7 @@ def _accumulate(layers: dict[str, torch.nn.Module], batches: list[dict], run) ->
                 x = args[0].detach().float()[keep[0]]  # (tokens, in): padding left out
                 shared[key] = (args[0], x.T @ x)
             H[name] += shared[key][1]
+
         return pre
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]

@@ -1,5 +1,5 @@
-"""A thin helper for building ONNX graphs op by op, family-agnostic: the decoder (export/decoder.py) and
-the encoder (export/encoder.py) both write through it, as do the weight writers (export/weights.py)."""
+"""A thin helper for building ONNX graphs op by op, family-agnostic: the decoder (export/decoder_graph.py) and
+the encoder (export/encoder_graph.py) both write through it, as do the weight writers (export/weight_writers.py)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ class Graph:
         self._n = 0
         self._consts: dict[tuple, str] = {}
 
-    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs) -> str | list[str]:
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "",
+           **attrs) -> str | list[str]:
         self._n += 1
         names = outputs if isinstance(outputs, list) else [f"{op_type.lower()}_{self._n}_{i}" for i in range(outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, names, name=f"{op_type}_{self._n}", domain=domain, **attrs))

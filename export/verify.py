@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qlora_rt.lora import release_freed_memory
+from qlora_rt.base.memory import release_freed_memory
 from qlora_rt.runtime import Model
 
 PROMPTS = ["Rewrite this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only.\nMarch 5, 2021",

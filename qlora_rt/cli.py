@@ -13,8 +13,16 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from qlora_rt.config import (ChatConfig, ClassifyConfig, ExportAdapterConfig, ExportConfig, GenerateConfig, MergeConfig, TrainConfig,
-                             resolve_paths)
+from qlora_rt.config import (
+    ChatConfig,
+    ClassifyConfig,
+    ExportAdapterConfig,
+    ExportConfig,
+    GenerateConfig,
+    MergeConfig,
+    TrainConfig,
+    resolve_paths,
+)
 from qlora_rt.errors import QloraError
 
 
@@ -74,12 +82,12 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = _build(TrainConfig, args)
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # launch the same command on N processes
-        from qlora_rt.distributed import launch
-        from qlora_rt.train import preflight
+        from qlora_rt.train.distributed import launch
+        from qlora_rt.train.run import preflight
 
         preflight(cfg)  # what would stop every process alike is said once, before any starts
         return launch(_without_nproc(args.argv[1:]), cfg.nproc)
-    from qlora_rt.train import train
+    from qlora_rt.train.run import train
 
     train(cfg)
     return 0
@@ -113,7 +121,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _export_adapter(args: argparse.Namespace) -> None:
-    from qlora_rt.export.adapters import export_adapter
+    from qlora_rt.export.onnx_adapters import export_adapter
 
     cfg = _build(ExportAdapterConfig, args)
     cfg.check()
@@ -121,13 +129,13 @@ def _export_adapter(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from qlora_rt.console import generate
+    from qlora_rt.runtime.console import generate
 
     generate(_build(GenerateConfig, args))
 
 
 def _chat(args: argparse.Namespace) -> None:
-    from qlora_rt.console import chat
+    from qlora_rt.runtime.console import chat
 
     chat(_build(ChatConfig, args))
 
@@ -135,7 +143,7 @@ def _chat(args: argparse.Namespace) -> None:
 def _classify(args: argparse.Namespace) -> None:
     import json
 
-    from qlora_rt.classifier import Classifier, classify_file, warn_truncated
+    from qlora_rt.runtime.classifier import Classifier, classify_file, warn_truncated
 
     cfg = _build(ClassifyConfig, args)
     cfg.check()

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from qlora_rt import __version__, quant
+from qlora_rt import __version__
+from qlora_rt.base import formats
+from qlora_rt.base.memory import release_freed_memory
 from qlora_rt.errors import QloraError
 from qlora_rt.files import atomic_dir, check_out, write_json
-from qlora_rt.lora import QuantLinear, release_freed_memory
+from qlora_rt.lora.layers import QuantLinear
 
 MANIFEST, FORMAT = "qlora_rt_merge.json", "qlora-rt-merged"
 
@@ -52,7 +54,7 @@ def merged_weights(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], C
 
 
 def _merged_linear(layer: QuantLinear, name: str) -> torch.Tensor:
-    w = quant.dequantize(layer.weight)
+    w = formats.dequantize(layer.weight)
     if layer.rank:
         w = merge_weight(w, layer.lora_A.weight, layer.lora_B.weight, layer.scale, name)
     return w.cpu().contiguous()
@@ -136,7 +138,7 @@ def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: b
 
 def merge(model: str, adapter: str, out: str, quant_format: str | None = None, overwrite: bool = False) -> Path:
     """Load base + adapter as trained, fold the adapter in, write an fp32 HF checkpoint to `out`."""
-    from qlora_rt.adapters import open_trained
+    from qlora_rt.trained import open_trained
 
     check_out(out, overwrite, MANIFEST, FORMAT, "merge", reads=(model, adapter))
     loaded, _, _ = open_trained(model, adapter, quant_format)

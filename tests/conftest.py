@@ -79,7 +79,7 @@ def tiny_data(tmp_path_factory) -> Path:
 def tiny_runs(tiny_llama, tiny_data, tmp_path_factory):
     """Two short training runs on tiny_llama: adapter a (r=4, all-linear) and b (r=8, q/v only)."""
     from qlora_rt.config import TrainConfig
-    from qlora_rt.train import train
+    from qlora_rt.train.run import train
 
     tmp = tmp_path_factory.mktemp("runs")
     out = {}
@@ -93,9 +93,9 @@ def tiny_runs(tiny_llama, tiny_data, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_export(tiny_llama, tiny_runs):
     """A bare-base adapter-aware fp32 export (LoRA inputs on every Linear) with adapters a and b added."""
-    from qlora_rt.export.exporter import export
     from qlora_rt.cli import main
     from qlora_rt.config import ExportConfig
+    from qlora_rt.export.exporter import export
 
     tmp, adapters = tiny_runs
     out = tmp / "export-ab"
@@ -186,7 +186,7 @@ def sentiment(tmp_path_factory) -> Path:
 def bert_run(tiny_bert, sentiment, tmp_path_factory) -> Path:
     """A short classification run on tiny_bert (nf4): its adapter folder."""
     from qlora_rt.config import TrainConfig
-    from qlora_rt.train import train
+    from qlora_rt.train.run import train
 
     out = tmp_path_factory.mktemp("bert-run") / "run"
     return train(TrainConfig(model=str(tiny_bert), data=str(sentiment / "train.jsonl"), out=str(out), steps=12,

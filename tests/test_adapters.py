@@ -6,18 +6,19 @@ import shutil
 import pytest
 import torch
 
-from qlora_rt import quant
-from qlora_rt.adapters import open_trained, save_adapter
+from qlora_rt.base import formats
+from qlora_rt.base.load import load
 from qlora_rt.errors import QloraError
-from qlora_rt.load import load
-from qlora_rt.lora import LoraConfig, add_adapters, lora_layers, quantize_model
+from qlora_rt.lora.layers import LoraConfig, add_adapters, lora_layers, quantize_model
+from qlora_rt.lora.peft_io import save_adapter
+from qlora_rt.trained import open_trained
 
 IDS = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
 def ours_with_random_adapter(path, cfg=LoraConfig(rank=4, alpha=8, dropout=0.0, targets="all-linear"), fmt="nf4"):
     loaded = load(path)
-    quantize_model(loaded.model, quant.QuantConfig(fmt), torch.device("cpu"))
+    quantize_model(loaded.model, formats.QuantConfig(fmt), torch.device("cpu"))
     add_adapters(loaded.model, cfg)
     torch.manual_seed(1)
     for layer in lora_layers(loaded.model).values():
@@ -28,7 +29,8 @@ def ours_with_random_adapter(path, cfg=LoraConfig(rank=4, alpha=8, dropout=0.0, 
 
 def peft_model(path, adapter=None, **lora):
     """transformers + bitsandbytes NF4 double-quant base, with PEFT on top: the reference stack."""
-    from peft import LoraConfig as PeftConfig, PeftModel, get_peft_model
+    from peft import LoraConfig as PeftConfig
+    from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -61,7 +63,7 @@ def logits(model):
 
 def test_our_adapter_loads_in_peft(tiny_llama, tmp_path):
     ours = ours_with_random_adapter(tiny_llama)
-    save_adapter(ours.model, tmp_path / "a", LoraConfig(rank=4, alpha=8, dropout=0.0), quant.QuantConfig(),
+    save_adapter(ours.model, tmp_path / "a", LoraConfig(rank=4, alpha=8, dropout=0.0), formats.QuantConfig(),
                  str(tiny_llama), ours.fingerprint)
     diff = (logits(ours.model.eval()) - logits(peft_model(tiny_llama, tmp_path / "a"))).abs().max().item()
     assert diff <= 1e-4
@@ -80,7 +82,7 @@ def test_peft_adapter_loads_here(tiny_llama, tmp_path):
 def test_roundtrip_keeps_rank_alpha_and_rslora(tiny_llama, tmp_path):
     cfg = LoraConfig(rank=3, alpha=5, dropout=0.0, rslora=True, targets="attention")
     ours = ours_with_random_adapter(tiny_llama, cfg, fmt="fp4")
-    save_adapter(ours.model, tmp_path / "a", cfg, quant.QuantConfig("fp4"), str(tiny_llama), ours.fingerprint)
+    save_adapter(ours.model, tmp_path / "a", cfg, formats.QuantConfig("fp4"), str(tiny_llama), ours.fingerprint)
     loaded, qcfg, _ = open_trained(tiny_llama, tmp_path / "a")
     assert qcfg.format == "fp4"
     assert torch.equal(logits(loaded.model.eval()), logits(ours.model.eval()))
@@ -89,7 +91,7 @@ def test_roundtrip_keeps_rank_alpha_and_rslora(tiny_llama, tmp_path):
 @pytest.fixture
 def saved_adapter(tiny_llama, tmp_path):
     ours = ours_with_random_adapter(tiny_llama)
-    return save_adapter(ours.model, tmp_path / "a", LoraConfig(rank=4), quant.QuantConfig(), str(tiny_llama),
+    return save_adapter(ours.model, tmp_path / "a", LoraConfig(rank=4), formats.QuantConfig(), str(tiny_llama),
                         ours.fingerprint)
 
 
@@ -145,6 +147,6 @@ def test_bad_adapter_folders(tiny_llama, saved_adapter, tmp_path):
 def test_adapter_loaded_for_inference_has_no_active_dropout(tiny_llama, tmp_path):
     cfg = LoraConfig(rank=4, alpha=8, dropout=0.5)
     ours = ours_with_random_adapter(tiny_llama, cfg)
-    save_adapter(ours.model, tmp_path / "a", cfg, quant.QuantConfig(), str(tiny_llama), ours.fingerprint)
+    save_adapter(ours.model, tmp_path / "a", cfg, formats.QuantConfig(), str(tiny_llama), ours.fingerprint)
     loaded, _, _ = open_trained(tiny_llama, tmp_path / "a")
     assert torch.equal(logits(loaded.model), logits(loaded.model))

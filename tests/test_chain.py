@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from qlora_rt.adapters import open_trained
 from qlora_rt.config import ExportConfig, TrainConfig
-from qlora_rt.data import read_jsonl
-from qlora_rt.generate import prompt_messages
-from qlora_rt.train import train
+from qlora_rt.train.answers import prompt_messages
+from qlora_rt.train.run import train
+from qlora_rt.train.text_data import read_examples
+from qlora_rt.trained import open_trained
 
 pytestmark = pytest.mark.slow
 DATA = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "data"
@@ -43,7 +43,7 @@ def test_int4_run_exports_exactly_and_answers_offline(tmp_path):
     assert merged["mean_kl"] <= merged["max_kl"] and merged["top1_agreement"] >= merged["min_top1"]
     _corrupted_scale_fails(result.adapter, trained, tmp_path)
 
-    rows = read_jsonl(DATA / "dates-heldout.jsonl")[:4]
+    rows = read_examples(DATA / "dates-heldout.jsonl")[:4]
     for mode, adapter in (("adapter-aware", "default"), ("merged", None)):
         answers = Model(tmp_path / mode).generate([prompt_messages(r) for r in rows], adapter=adapter,
                                                   max_new_tokens=12)
@@ -53,9 +53,9 @@ def test_int4_run_exports_exactly_and_answers_offline(tmp_path):
 def _corrupted_scale_fails(adapter, trained, tmp_path):
     """The requantized output head with its int4 scales doubled: a broken graph the default limits must
     catch. (Doubling layer 0's q_proj alone moves SmolLM2's next-token distributions too little for them.)"""
-    import qlora_rt.export.int4 as ei
-    from qlora_rt.export.exporter import export
+    import qlora_rt.export.int4_weights as ei
     from qlora_rt.errors import QloraError
+    from qlora_rt.export.exporter import export
 
     real, calls = ei.requantize, []
 

@@ -1,8 +1,8 @@
 import pytest
-
 from conftest import make_tokenizer, write_jsonl
-from qlora_rt.data import IGNORE, Order, collate, count_targets, read_jsonl, tokenize
+
 from qlora_rt.errors import QloraError
+from qlora_rt.train.text_data import IGNORE, Order, collate, count_targets, read_examples, tokenize
 
 TOK = make_tokenizer()
 
@@ -51,15 +51,15 @@ def test_malformed_lines_name_file_and_line(tmp_path, line, message):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "fine"}\n' + line + "\n")
     with pytest.raises(QloraError, match=message):
-        read_jsonl(p)
+        read_examples(p)
 
 
 def test_empty_and_missing_files(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n\n")
     with pytest.raises(QloraError, match="no examples"):
-        read_jsonl(tmp_path / "e.jsonl")
+        read_examples(tmp_path / "e.jsonl")
     with pytest.raises(QloraError, match="does not exist"):
-        read_jsonl(tmp_path / "missing.jsonl")
+        read_examples(tmp_path / "missing.jsonl")
 
 
 def test_order_is_a_resumable_stream():
@@ -73,32 +73,37 @@ def test_order_is_a_resumable_stream():
 
 def test_bad_files_name_the_flag_file_line_and_column(tmp_path):
     with pytest.raises(QloraError, match=r"^--eval-data: .*nope.jsonl does not exist$"):
-        read_jsonl(tmp_path / "nope.jsonl", "--eval-data")
+        read_examples(tmp_path / "nope.jsonl", "--eval-data")
     with pytest.raises(QloraError, match=r"^--data: .* is a folder; expected a JSONL file"):
-        read_jsonl(tmp_path)
+        read_examples(tmp_path)
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
-    with pytest.raises(QloraError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\); save the file as UTF-8"):
-        read_jsonl(latin1)
+    with pytest.raises(
+        QloraError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\); save the file as UTF-8"
+    ):
+        read_examples(latin1)
     comma = tmp_path / "comma.jsonl"
     comma.write_text('{"text": "ok"}\n{"text": "a", "b": 1,}\n')
-    with pytest.raises(QloraError, match=r"comma.jsonl:2: not valid JSON \(Expecting property name enclosed in double "
-                                         r"quotes at column 22, near '\"a\", \"b\": 1,}'\)"):
-        read_jsonl(comma)
+    with pytest.raises(
+        QloraError,
+        match=r"comma.jsonl:2: not valid JSON \(Expecting property name enclosed in double "
+        r"quotes at column 22, near '\"a\", \"b\": 1,}'\)",
+    ):
+        read_examples(comma)
 
 
 def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes('{"text": "héllo"}\n'.encode("utf-8-sig"))
-    assert read_jsonl(bom) == [{"text": "héllo"}]
+    assert read_examples(bom) == [{"text": "héllo"}]
 
 
 def test_ignored_fields_and_unknown_roles_are_counted_once(tmp_path, capsys):
     rows = [{"text": "a", "label": 1}, {"text": "b", "label": 0, "id": 7},
             {"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"},
                           {"role": "assistant", "content": "z"}]}, {"prompt": "p", "completion": "c"}]
-    read_jsonl(write_jsonl(tmp_path / "odd.jsonl", rows))
+    read_examples(write_jsonl(tmp_path / "odd.jsonl", rows))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "warning: ignored field 'label' on 2 lines, role 'bot' on 1 line" in err
-    read_jsonl(write_jsonl(tmp_path / "clean.jsonl", rows[-1:]))
+    read_examples(write_jsonl(tmp_path / "clean.jsonl", rows[-1:]))
     assert capsys.readouterr().err == ""

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from qlora_rt.cli import main
 from qlora_rt.config import TrainConfig
-from qlora_rt.train import train
+from qlora_rt.train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,9 +140,10 @@ def test_a_classifier_trains_on_two_processes_too(sentiment, tmp_path, fsdp):
 
     tiny_bert = save_encoder(tmp_path / "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     data = sentiment / "train.jsonl"
-    train(TrainConfig(**settings(tiny_bert, data, tmp_path / "one", batch_size=8, eval_data=str(sentiment / "eval.jsonl"))))
-    assert main(["train", *flags(tiny_bert, data, tmp_path / "two", batch_size=4,
-                                 eval_data=sentiment / "eval.jsonl"), "--nproc", "2", *(["--fsdp"] if fsdp else [])]) == 0
+    one = settings(tiny_bert, data, tmp_path / "one", batch_size=8, eval_data=str(sentiment / "eval.jsonl"))
+    train(TrainConfig(**one))
+    two = flags(tiny_bert, data, tmp_path / "two", batch_size=4, eval_data=sentiment / "eval.jsonl")
+    assert main(["train", *two, "--nproc", "2", *(["--fsdp"] if fsdp else [])]) == 0
     assert "base_model.model.classifier.weight" in tensors(tmp_path / "two")
     assert max_diff(tmp_path / "one", tmp_path / "two") <= 1e-5
     evals = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in l]

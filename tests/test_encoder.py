@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
+from conftest import save_encoder, sentiment_rows, write_jsonl
 from safetensors import safe_open
 
-from conftest import save_encoder, sentiment_rows, write_jsonl
-from qlora_rt.adapters import open_trained
 from qlora_rt.cli import main
 from qlora_rt.config import TrainConfig
 from qlora_rt.errors import QloraError
-from qlora_rt.tasks import scores
-from qlora_rt.train import train
+from qlora_rt.train.run import train
+from qlora_rt.train.tasks import scores
+from qlora_rt.trained import open_trained
 
 
 def config(model, data, out, **kw) -> TrainConfig:
@@ -110,7 +110,8 @@ def test_scores_by_hand():
 
 def test_adapter_moves_both_ways_with_peft(tiny_bert, sentiment, tmp_path):
     """Plain LoRA (--quant none): our classifier adapter loads in PEFT and PEFT's in ours, logits equal."""
-    from peft import LoraConfig as PeftConfig, PeftModel, get_peft_model
+    from peft import LoraConfig as PeftConfig
+    from peft import PeftModel, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
     r = train(config(tiny_bert, sentiment, tmp_path / "run", quant="none", steps=4, dropout=0.0))

@@ -7,15 +7,15 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import save_encoder, sentiment_rows, write_jsonl
-from qlora_rt.adapters import open_trained
-from qlora_rt.classifier import Classifier
+
 from qlora_rt.cli import main
 from qlora_rt.config import ExportConfig, TrainConfig
 from qlora_rt.errors import QloraError
 from qlora_rt.export.exporter import export
-from qlora_rt.train import train
+from qlora_rt.runtime import Classifier
+from qlora_rt.train.run import train
+from qlora_rt.trained import open_trained
 
 TEXTS = ["the movie was good", "awful", "a really terrible day and the food was poor", "fine service"]
 PAIRS = ["the day", "a movie", "quite", "really the food"]
@@ -150,7 +150,7 @@ def test_families_and_verbs_do_not_mix(families, tiny_export, capsys):
 
 def test_the_plain_op_graph_is_the_same_model(families, tmp_path, monkeypatch):
     """The other choice of ops (fused vs standard; bench/encoder_ops.py compares speed) computes the same model."""
-    import qlora_rt.export.encoder as encoder
+    import qlora_rt.export.encoder_graph as encoder
 
     _, runs = families
     base, adapter, pairs = runs["bert"]

@@ -37,8 +37,8 @@ def test_export_verifies_itself(tiny_llama, tiny_runs, mode, weights, monkeypatc
 def test_two_adapters_of_different_ranks_switch_per_run(tiny_llama, tiny_runs, tiny_export):
     import torch
 
-    from qlora_rt.adapters import open_trained
     from qlora_rt.runtime import Model
+    from qlora_rt.trained import open_trained
 
     _, adapters = tiny_runs
     out = tiny_export
@@ -104,11 +104,11 @@ def test_merged_int4_is_rounded_by_gptq_on_the_runs_own_data(tiny_llama, tiny_ru
 
 def test_quantized_head_where_the_export_is_approximate_anyway(tiny_llama, tiny_runs, tmp_path):
     import torch
+    from conftest import save_checkpoint
     from transformers import AutoModelForCausalLM
 
-    from conftest import save_checkpoint
     from qlora_rt.export.exporter import export
-    from qlora_rt.export.int4 import int8_head
+    from qlora_rt.export.int4_weights import int8_head
 
     plain = save_checkpoint(tmp_path / "plain", tie=True)
     model = AutoModelForCausalLM.from_pretrained(plain)
@@ -168,7 +168,8 @@ def test_overwrite_replaces_only_an_export(tiny_llama, tiny_runs, tiny_export, t
 def test_adapter_names_stay_inside_the_export(tiny_runs, tiny_export, tmp_path, capsys):
     _, adapters = tiny_runs
     for name in ("../../x", str(tmp_path / "abs"), "a/b", ".."):
-        assert main(["export-adapter", "--adapter", str(adapters["a"]), "--onnx", str(tiny_export), "--name", name]) == 2
+        argv = ["export-adapter", "--adapter", str(adapters["a"]), "--onnx", str(tiny_export), "--name", name]
+        assert main(argv) == 2
         assert "is not a plain name" in capsys.readouterr().err
     assert not (tmp_path / "abs.onnx_adapter").exists() and not (tiny_export.parent.parent / "x.onnx_adapter").exists()
     assert sorted(p.name for p in (tiny_export / "adapters").iterdir()) == ["a.onnx_adapter", "b.onnx_adapter"]
@@ -177,7 +178,7 @@ def test_adapter_names_stay_inside_the_export(tiny_runs, tiny_export, tmp_path, 
 def test_a_damaged_export_folder_is_one_line(tiny_runs, tiny_export, tmp_path):
     import shutil
 
-    from qlora_rt.export.adapters import export_adapter
+    from qlora_rt.export.onnx_adapters import export_adapter
     from qlora_rt.runtime import Model
 
     bad = shutil.copytree(tiny_export, tmp_path / "bad")
@@ -202,9 +203,9 @@ def test_calibration_data_is_found_from_any_directory(tiny_llama, tiny_data, tmp
     """run.yaml records the data relative to itself, so an int4 export run elsewhere still finds it."""
     import shutil
 
-    from qlora_rt.export.exporter import export
     from qlora_rt.config import TrainConfig
-    from qlora_rt.train import train
+    from qlora_rt.export.exporter import export
+    from qlora_rt.train.run import train
 
     project = tmp_path / "project"
     shutil.copytree(tiny_data, project / "data")
@@ -228,7 +229,7 @@ def yaml_data(path) -> str:
 def test_approximate_int4_is_judged_by_its_next_token_distributions(tiny_llama, tiny_runs, tmp_path, monkeypatch):
     """A requantized int4 export has no logit tolerance, so it is held to the model's next-token
     distributions instead: a correct GPTQ export passes, a graph with wrong scales fails and writes nothing."""
-    import qlora_rt.export.int4 as ei
+    import qlora_rt.export.int4_weights as ei
     from qlora_rt.export.exporter import export
 
     _, adapters = tiny_runs
@@ -258,16 +259,16 @@ def test_a_head_trained_quantized_is_exported_as_trained(tiny_data, tmp_path, qu
     adapter-aware export runs those very bytes, so it stays exact; the merge writes an untied fp32 head."""
     import onnx
     import torch
+    from conftest import save_checkpoint
     from transformers import AutoModelForCausalLM
 
-    from conftest import save_checkpoint
-    from qlora_rt.adapters import open_trained
+    from qlora_rt.base.formats import dequantize
     from qlora_rt.config import TrainConfig
     from qlora_rt.export.exporter import export
-    from qlora_rt.lora import QuantLinear, lora_layers
+    from qlora_rt.lora.layers import QuantLinear, lora_layers
     from qlora_rt.merge import merge
-    from qlora_rt.quant import dequantize
-    from qlora_rt.train import train
+    from qlora_rt.train.run import train
+    from qlora_rt.trained import open_trained
 
     base = save_checkpoint(tmp_path / "base", tie=tie)
     run = train(TrainConfig(model=str(base), data=str(tiny_data / "train.jsonl"), out=str(tmp_path / "run"),
@@ -300,9 +301,9 @@ def test_a_head_trained_quantized_is_exported_as_trained(tiny_data, tmp_path, qu
 def test_an_adapter_fits_only_the_head_format_it_was_trained_with(tiny_llama, tiny_runs, tiny_data, tmp_path):
     """An export of a --quant-head base refuses an adapter trained with the head in full precision."""
     from qlora_rt.config import TrainConfig
-    from qlora_rt.export.adapters import export_adapter
     from qlora_rt.export.exporter import export
-    from qlora_rt.train import train
+    from qlora_rt.export.onnx_adapters import export_adapter
+    from qlora_rt.train.run import train
 
     run = train(TrainConfig(model=str(tiny_llama), data=str(tiny_data / "train.jsonl"), out=str(tmp_path / "run"),
                             quant="nf4", quant_head=True, steps=1, batch_size=2, seq_len=64,
@@ -386,10 +387,10 @@ def test_gptq_statistics_a_layer_at_a_time_equal_one_whole_forward(tiny_llama, t
     memory); its H must be those of one forward of the whole trained model, head included."""
     import torch
 
-    from qlora_rt.adapters import open_trained
-    from qlora_rt.data import collate, load_examples
     from qlora_rt.export.calibration import HEAD, accumulate, hessians
-    from qlora_rt.lora import lora_layers
+    from qlora_rt.lora.layers import lora_layers
+    from qlora_rt.train.text_data import collate, load_examples
+    from qlora_rt.trained import open_trained
 
     _, adapters = tiny_runs
     loaded, _, _ = open_trained(str(tiny_llama), str(adapters["a"]))

@@ -4,18 +4,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import make_model
-from qlora_rt.export.decoder import DecoderSpec, build_decoder
+
+from qlora_rt.base import formats
+from qlora_rt.export.decoder_graph import DecoderSpec, build_decoder
 from qlora_rt.export.graph import Graph
-from qlora_rt.export.weights import LinearWriter, add_shared_tensors, HeadWriter, group_lora, lora_arrays
-from qlora_rt import quant
-from qlora_rt.lora import LoraConfig, add_adapters, lora_layers, quantize_model
+from qlora_rt.export.weight_writers import HeadWriter, LinearWriter, add_shared_tensors, group_lora, lora_arrays
+from qlora_rt.lora.layers import LoraConfig, add_adapters, lora_layers, quantize_model
 
 
 def trained(model_type="llama", tie=False, rank=4, seed=0, targets="all-linear"):
     m = make_model(model_type, tie=tie).eval()
-    quantize_model(m, quant.QuantConfig("nf4"), torch.device("cpu"))
+    quantize_model(m, formats.QuantConfig("nf4"), torch.device("cpu"))
     names = add_adapters(m, LoraConfig(rank=rank, dropout=0.0, targets=targets))
     torch.manual_seed(seed)
     for layer in lora_layers(m).values():
@@ -92,7 +92,7 @@ def test_rank0_default_is_the_base_and_adapters_of_different_ranks_share_a_sessi
     s, spec = session(m4, names, "adapter-aware")
     ids = torch.randint(0, 320, (1, 6), generator=torch.Generator().manual_seed(3))
     mask, pos = torch.ones_like(ids), torch.arange(6)[None]
-    from qlora_rt.lora import disabled
+    from qlora_rt.lora.layers import disabled
 
     with torch.no_grad(), disabled(m4):
         base = m4(input_ids=ids).logits.numpy()

@@ -9,7 +9,8 @@ from qlora_rt.files import atomic_dir, resolve
 def test_full_disk_keeps_the_previous_folder(tmp_path):
     with atomic_dir(tmp_path / "adapter") as d:
         (d / "weights").write_text("good")
-    with pytest.raises(QloraError, match=r"the disk is full \(.* MiB free on the device holding .*\); the previous version is untouched"):
+    full = r"the disk is full \(.* MiB free on the device holding .*\); the previous version is untouched"
+    with pytest.raises(QloraError, match=full):
         with atomic_dir(tmp_path / "adapter") as d:
             (d / "weights").write_text("half")
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -61,7 +62,7 @@ def test_a_really_full_disk_is_one_line_and_keeps_what_was_saved(small_disk):
     import torch
     from safetensors.torch import save_file
 
-    from qlora_rt import checkpoint
+    from qlora_rt.train import checkpoint
 
     with atomic_dir(small_disk / "adapter") as d:
         save_file({"a": torch.zeros(1000)}, str(d / "w.safetensors"))

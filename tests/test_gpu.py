@@ -1,9 +1,11 @@
-"""The CUDA path: bf16 compute over the bitsandbytes kernels, paged 8-bit AdamW, FSDP over NCCL. Skipped without CUDA."""
+"""The CUDA path: bf16 compute over the bitsandbytes kernels, paged 8-bit AdamW, FSDP over NCCL.
+
+Skipped without CUDA."""
 
 import pytest
 
 from qlora_rt.config import TrainConfig
-from qlora_rt.train import train
+from qlora_rt.train.run import train
 
 pytestmark = pytest.mark.gpu  # conftest skips these without CUDA
 

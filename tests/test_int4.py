@@ -6,9 +6,10 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from qlora_rt.export.int4 import nbits_inputs
-from qlora_rt import int4, quant
+from qlora_rt.base import formats as quant
+from qlora_rt.base import packed_int4 as int4
 from qlora_rt.errors import QloraError
+from qlora_rt.export.int4_weights import nbits_inputs
 
 
 def test_pack_unpack_round_trip():
@@ -38,7 +39,8 @@ def _matmul_nbits(x: np.ndarray, packed, s: int4.Int4, accuracy: int) -> np.ndar
                             block_size=s.block, accuracy_level=accuracy)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, list(x.shape))],
                               [helper.make_tensor_value_info("y", 1, [x.shape[0], packed.shape[0]])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
@@ -147,9 +149,9 @@ def test_int4_config_errors():
 
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_int4_trained_run_exports_its_own_bytes_exactly(tiny_llama, tiny_data, tmp_path, symmetric):
-    from qlora_rt.export.exporter import export
     from qlora_rt.config import ExportConfig, TrainConfig
-    from qlora_rt.train import train
+    from qlora_rt.export.exporter import export
+    from qlora_rt.train.run import train
 
     run = train(TrainConfig(model=str(tiny_llama), data=str(tiny_data / "train.jsonl"), out=str(tmp_path / "run"),
                             quant="int4", symmetric=symmetric, steps=4, batch_size=2, seq_len=64, lr=1e-2,

@@ -3,8 +3,8 @@ import shutil
 
 import pytest
 
+from qlora_rt.base.load import load
 from qlora_rt.errors import QloraError
-from qlora_rt.load import load
 
 
 def test_loads_checkpoint_folder(tiny_llama):
@@ -47,7 +47,7 @@ def test_not_a_gguf(tmp_path):
 def test_gguf_header_architecture(tmp_path):
     import gguf
 
-    from qlora_rt.load import _gguf_architecture
+    from qlora_rt.base.load import _gguf_architecture
 
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "gpt2")
     w.add_array("tokenizer.ggml.tokens", ["a", "b"])  # a string array before it must be skipped
@@ -64,11 +64,12 @@ def test_gguf_header_architecture(tmp_path):
 def test_lazy_load_reads_each_linear_only_when_it_is_quantized(tmp_path, kw):
     """The lazy load never holds the decoder Linears in full precision, and gives exactly the same model."""
     import torch
+    from conftest import save_checkpoint
     from safetensors.torch import load_file, save_file
 
-    from conftest import save_checkpoint
-    from qlora_rt import quant
-    from qlora_rt.lora import linear_names, quantize_model
+    from qlora_rt.base import formats
+    from qlora_rt.base.linears import linear_names
+    from qlora_rt.lora.layers import quantize_model
 
     folder = save_checkpoint(tmp_path / "m", **kw)
     shards = load_file(str(folder / "model.safetensors"))  # written as two shards, in bf16, as real checkpoints are
@@ -84,7 +85,7 @@ def test_lazy_load_reads_each_linear_only_when_it_is_quantized(tmp_path, kw):
         loaded = load(folder, lazy=lazy)
         linears = [loaded.model.get_submodule(n).weight for n in linear_names(loaded.model)]
         assert all(w.is_meta for w in linears) == lazy and (loaded.tensors is not None) == lazy
-        quantize_model(loaded.model, quant.QuantConfig("nf4"), torch.device("cpu"), tensors=loaded.tensors)
+        quantize_model(loaded.model, formats.QuantConfig("nf4"), torch.device("cpu"), tensors=loaded.tensors)
         assert not any(t.is_meta for t in [*loaded.model.parameters(), *loaded.model.buffers()])
         with torch.no_grad():
             out[lazy] = (loaded.model(input_ids=ids).logits, loaded.fingerprint)
@@ -96,7 +97,8 @@ def test_lazy_load_of_a_checkpoint_with_other_tensor_names_loads_whole(tiny_llam
 
     folder = shutil.copytree(tiny_llama, tmp_path / "m")
     tensors = load_file(str(folder / "model.safetensors"))
-    save_file({k.replace("model.", "transformer.", 1): v for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    renamed = {k.replace("model.", "transformer.", 1): v for k, v in tensors.items()}
+    save_file(renamed, str(folder / "model.safetensors"))
     loaded = load(folder, lazy=True)  # transformers' own loading decides what these names mean
     assert loaded.tensors is None and not any(p.is_meta for p in loaded.model.parameters())
 
@@ -107,7 +109,7 @@ def test_a_gguf_loads_lazily_into_the_same_model_as_transformers_whole_load():
     un-permuted), without the whole-file fp32 copy."""
     import torch
 
-    from qlora_rt.load import GGUFTensors, load
+    from qlora_rt.base.load import GGUFTensors, load
 
     whole, lazy = load("smollm2-135m"), load("smollm2-135m", lazy=True)
     assert isinstance(lazy.tensors, GGUFTensors) and lazy.fingerprint == whole.fingerprint

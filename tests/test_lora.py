@@ -2,17 +2,17 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_model
-from qlora_rt import quant
+
+from qlora_rt.base import formats
 from qlora_rt.errors import QloraError
-from qlora_rt.lora import LoraConfig, LoRALinear, add_adapters, lora_layers, quantize_model, resolve_targets
+from qlora_rt.lora.layers import LoraConfig, LoRALinear, add_adapters, lora_layers, quantize_model, resolve_targets
 
 CPU = torch.device("cpu")
 
 
 def quantized(fmt="nf4", **kw):
-    return quantize_model(make_model(**kw), quant.QuantConfig(fmt), CPU)
+    return quantize_model(make_model(**kw), formats.QuantConfig(fmt), CPU)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
@@ -31,7 +31,7 @@ def test_every_decoder_linear_is_quantized_and_head_is_not():
     model = quantized(tie=False)
     layers = lora_layers(model)
     assert len(layers) == 2 * 7
-    assert all(quant.is_quantized(m.weight) for m in layers.values())
+    assert all(formats.is_quantized(m.weight) for m in layers.values())
     assert not isinstance(model.lm_head, LoRALinear)
     assert "model.layers.0.self_attn.q_proj.weight" in dict(model.named_parameters())
 
@@ -50,12 +50,12 @@ def test_only_A_and_B_get_gradients():
 
 def test_lora_output_is_base_plus_scaled_BA():
     torch.manual_seed(0)
-    w = quant.quantize(torch.randn(24, 32), quant.QuantConfig("nf4"), CPU)
+    w = formats.quantize(torch.randn(24, 32), formats.QuantConfig("nf4"), CPU)
     layer = LoRALinear(w, None, 32, 24)
     layer.attach(rank=4, alpha=8, dropout=0.0)
     torch.nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(5, 32)
-    expected = x @ quant.dequantize(w).T + 2.0 * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    expected = x @ formats.dequantize(w).T + 2.0 * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
     layer.attach(rank=4, alpha=8, rslora=True)
     assert layer.scale == 8 / math.sqrt(4)
@@ -85,7 +85,7 @@ def test_disabled_runs_the_base_alone():
         for layer in lora_layers(model).values():
             torch.nn.init.normal_(layer.lora_B.weight)
         tuned = model(ids).logits
-        from qlora_rt.lora import disabled
+        from qlora_rt.lora.layers import disabled
 
         with disabled(model):
             assert torch.equal(model(ids).logits, base)

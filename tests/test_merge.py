@@ -1,12 +1,12 @@
 import pytest
 import torch
-
-from qlora_rt import quant
-from qlora_rt.adapters import save_adapter
-from qlora_rt.errors import QloraError
-from qlora_rt.lora import LoraConfig, lora_layers
-from qlora_rt.merge import merge, merge_weight, merged_state_dict
 from test_adapters import logits, ours_with_random_adapter
+
+from qlora_rt.base import formats
+from qlora_rt.errors import QloraError
+from qlora_rt.lora.layers import LoraConfig, lora_layers
+from qlora_rt.lora.peft_io import save_adapter
+from qlora_rt.merge import merge, merge_weight, merged_state_dict
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -16,7 +16,7 @@ def test_merged_checkpoint_equals_unmerged_lora_model(tmp_path, tie):
 
     base = save_checkpoint(tmp_path / "base", tie=tie)
     ours = ours_with_random_adapter(base)
-    save_adapter(ours.model, tmp_path / "a", LoraConfig(rank=4, alpha=8), quant.QuantConfig(), str(base),
+    save_adapter(ours.model, tmp_path / "a", LoraConfig(rank=4, alpha=8), formats.QuantConfig(), str(base),
                  ours.fingerprint)
     before = {n: p.clone() for n, p in ours.model.named_parameters()}
     merged_state_dict(ours.model)
@@ -42,11 +42,11 @@ def test_merge_refuses_nan_and_existing_output(tmp_path, tiny_llama):
 def test_nan_adapter_leaves_previous_merge_intact(tmp_path, tiny_llama):
     ours = ours_with_random_adapter(tiny_llama)
     good = tmp_path / "good"
-    save_adapter(ours.model, good, LoraConfig(rank=4), quant.QuantConfig(), str(tiny_llama), ours.fingerprint)
+    save_adapter(ours.model, good, LoraConfig(rank=4), formats.QuantConfig(), str(tiny_llama), ours.fingerprint)
     merge(str(tiny_llama), str(good), str(tmp_path / "merged"))
     first = (tmp_path / "merged" / "model.safetensors").read_bytes()
     next(iter(l for l in lora_layers(ours.model).values() if l.rank)).lora_B.weight.data[0, 0] = float("inf")
-    save_adapter(ours.model, tmp_path / "bad", LoraConfig(rank=4), quant.QuantConfig(), str(tiny_llama),
+    save_adapter(ours.model, tmp_path / "bad", LoraConfig(rank=4), formats.QuantConfig(), str(tiny_llama),
                  ours.fingerprint)
     with pytest.raises(QloraError, match="NaN/inf"):
         merge(str(tiny_llama), str(tmp_path / "bad"), str(tmp_path / "merged"), overwrite=True)
@@ -57,7 +57,7 @@ def test_merge_overwrite_replaces_only_a_merge(tmp_path, tiny_llama, capsys):
     from qlora_rt.cli import main
 
     ours = ours_with_random_adapter(tiny_llama)
-    save_adapter(ours.model, tmp_path / "a", LoraConfig(rank=4, alpha=8), quant.QuantConfig(), str(tiny_llama),
+    save_adapter(ours.model, tmp_path / "a", LoraConfig(rank=4, alpha=8), formats.QuantConfig(), str(tiny_llama),
                  ours.fingerprint)
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "thesis.tex").write_text("years of work")

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from qlora_rt.classifier import Classifier
-from qlora_rt.classify_data import read
 from qlora_rt.config import ExportConfig, TrainConfig
 from qlora_rt.export.exporter import export
-from qlora_rt.train import train
+from qlora_rt.runtime import Classifier
+from qlora_rt.train.label_data import read
+from qlora_rt.train.run import train
 
 DATA = Path(__file__).parent / "data"
 pytestmark = pytest.mark.slow

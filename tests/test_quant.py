@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qlora_rt import quant
+from qlora_rt.base import formats
 from qlora_rt.errors import QloraError
 
 CASES = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
@@ -13,10 +13,10 @@ def test_quantized_linear_equals_matmul_with_bitsandbytes_dequantization(fmt, dq
 
     torch.manual_seed(0)
     w, x = torch.randn(96, 128), torch.randn(3, 5, 128)
-    qw = quant.quantize(w, quant.QuantConfig(fmt, dq), torch.device("cpu"))
+    qw = formats.quantize(w, formats.QuantConfig(fmt, dq), torch.device("cpu"))
     reference = bnbf.dequantize_4bit(qw.data, qw.quant_state)
-    assert torch.equal(quant.dequantize(qw), reference)
-    torch.testing.assert_close(quant.linear(x, qw), x @ reference.T, rtol=0, atol=1e-5)
+    assert torch.equal(formats.dequantize(qw), reference)
+    torch.testing.assert_close(formats.linear(x, qw), x @ reference.T, rtol=0, atol=1e-5)
     # the 4-bit weight is an approximation of w, not w itself
     err = (reference - w).abs().mean() / w.abs().mean()
     assert 0.01 < err < 0.2
@@ -26,26 +26,26 @@ def test_quantized_linear_equals_matmul_with_bitsandbytes_dequantization(fmt, dq
 def test_quantize_is_deterministic(fmt, dq):
     torch.manual_seed(1)
     w = torch.randn(64, 64)
-    cfg = quant.QuantConfig(fmt, dq)
-    a, b = quant.quantize(w, cfg, torch.device("cpu")), quant.quantize(w.clone(), cfg, torch.device("cpu"))
-    assert torch.equal(a.data, b.data) and torch.equal(quant.dequantize(a), quant.dequantize(b))
+    cfg = formats.QuantConfig(fmt, dq)
+    a, b = formats.quantize(w, cfg, torch.device("cpu")), formats.quantize(w.clone(), cfg, torch.device("cpu"))
+    assert torch.equal(a.data, b.data) and torch.equal(formats.dequantize(a), formats.dequantize(b))
 
 
 def test_double_quant_stores_fewer_bytes_and_none_keeps_weight():
     w = torch.randn(256, 256)
     cpu = torch.device("cpu")
-    dq = quant.storage_bytes(quant.quantize(w, quant.QuantConfig("nf4", True), cpu))
-    plain = quant.storage_bytes(quant.quantize(w, quant.QuantConfig("nf4", False), cpu))
+    dq = formats.storage_bytes(formats.quantize(w, formats.QuantConfig("nf4", True), cpu))
+    plain = formats.storage_bytes(formats.quantize(w, formats.QuantConfig("nf4", False), cpu))
     assert dq < plain < w.numel() * 4 / 7
-    none = quant.quantize(w, quant.QuantConfig("none"), cpu)
-    assert torch.equal(quant.dequantize(none), w) and not none.requires_grad
+    none = formats.quantize(w, formats.QuantConfig("none"), cpu)
+    assert torch.equal(formats.dequantize(none), w) and not none.requires_grad
 
 
 def test_bad_format_and_block_size():
     with pytest.raises(QloraError, match="--quant"):
-        quant.QuantConfig("int3")
+        formats.QuantConfig("int3")
     with pytest.raises(QloraError, match="--block-size"):
-        quant.QuantConfig("nf4", block_size=48)
+        formats.QuantConfig("nf4", block_size=48)
 
 
 def test_bitsandbytes_hub_kernel_notice_is_filtered(caplog):
@@ -69,13 +69,13 @@ def test_each_format_object_owns_its_weights(fmt):
     torch.manual_seed(2)
     cpu = torch.device("cpu")
     w, x = torch.randn(48, 64), torch.randn(3, 64)
-    cfg = quant.QuantConfig(fmt)
-    qw = quant.quantize(w, cfg, cpu)
-    owner = quant.format_of(qw)
-    assert owner is quant.FORMATS[fmt] and quant.is_quantized(qw) == (fmt != "none")
-    rebuilt = quant.from_state_tensors(quant.state_tensors(qw), cfg, cpu)
-    assert quant.format_of(rebuilt) is owner and torch.equal(quant.dequantize(rebuilt), quant.dequantize(qw))
-    torch.testing.assert_close(quant.linear(x, rebuilt), quant.linear(x, qw), rtol=0, atol=0)
+    cfg = formats.QuantConfig(fmt)
+    qw = formats.quantize(w, cfg, cpu)
+    owner = formats.format_of(qw)
+    assert owner is formats.FORMATS[fmt] and formats.is_quantized(qw) == (fmt != "none")
+    rebuilt = formats.from_state_tensors(formats.state_tensors(qw), cfg, cpu)
+    assert formats.format_of(rebuilt) is owner and torch.equal(formats.dequantize(rebuilt), formats.dequantize(qw))
+    torch.testing.assert_close(formats.linear(x, rebuilt), formats.linear(x, qw), rtol=0, atol=0)
     assert (owner.nbits(qw) is not None) == (fmt == "int4")
     assert (owner.bnb4(qw) is not None) == (fmt in ("nf4", "fp4"))
     assert owner.describe(qw) == (fmt if fmt != "none" else "float32")

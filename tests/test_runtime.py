@@ -1,11 +1,7 @@
 """The torch-free runtime on a tiny export: same tokens as PyTorch, seeded sampling, adapters per call, errors."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +9,8 @@ import pytest
 
 from qlora_rt.cli import main
 from qlora_rt.config import ChatConfig
-from qlora_rt import manifest
 from qlora_rt.errors import QloraError
+from qlora_rt.runtime import manifest
 
 PROMPTS = ["what is the capital of france?", "count to five", "hello"]
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +31,7 @@ def runtime(exported):
 def _torch_greedy(tiny_llama, adapter, prompt_ids: list[int], n: int) -> list[int]:
     import torch
 
-    from qlora_rt.adapters import open_trained
+    from qlora_rt.trained import open_trained
 
     loaded, _, _ = open_trained(str(tiny_llama), str(adapter) if adapter else None)
     x = torch.tensor([prompt_ids])
@@ -153,7 +149,7 @@ def test_runtime_errors(exported, runtime, tmp_path, tiny_runs):
 
 def test_adapter_of_another_model_is_refused(tmp_path, tiny_runs, exported):
     """An adapter file exported for a model with other dimensions: the shapes do not fit."""
-    from qlora_rt.export.adapters import write_adapter
+    from qlora_rt.export.onnx_adapters import write_adapter
     from qlora_rt.runtime import Model
 
     meta = manifest.read(exported)
@@ -173,7 +169,7 @@ def test_cli_generate_and_chat(exported, runtime, capsys):
     assert main(["generate", str(exported), "--adapter", "nope", "--prompt", "x"]) == 2
     assert "no adapter named 'nope'" in capsys.readouterr().err
 
-    from qlora_rt.console import chat
+    from qlora_rt.runtime.console import chat
 
     lines = iter(["count to five", "/adapter a", "hello", "/adapter zzz", "/exit"])
     messages = chat(ChatConfig(folder=str(exported), max_new_tokens=6), read=lambda _: next(lines))
@@ -182,54 +178,10 @@ def test_cli_generate_and_chat(exported, runtime, capsys):
     assert "no adapter named 'zzz'" in capsys.readouterr().err
 
 
-TORCH_FREE = textwrap.dedent("""
-    import sys
-
-    class Block:  # any import of these fails, as in an environment that does not have them
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "transformers", "bitsandbytes", "onnx", "peft"):
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-    sys.meta_path.insert(0, Block())
-    from qlora_rt.cli import main
-    code = main(["generate", sys.argv[1], "--prompt", "hello", "--chat", "--adapter", "a", "--max-new-tokens", "4"])
-    assert code == 0, code
-    assert not {"torch", "transformers", "onnx"} & set(sys.modules), sorted(sys.modules)
-    assert main(["train", "--model", "m", "--data", "d", "--out", "o"]) == 2  # says which extra to install
-""")
-
-
-def test_runtime_runs_without_torch(exported, capfd):
-    proc = subprocess.run([sys.executable, "-c", TORCH_FREE, str(exported)], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr
-    assert "pip install 'qlora-rt[export]'" in proc.stderr
-
-
-@pytest.mark.slow
-def test_runtime_installs_and_runs_in_a_venv_without_torch(exported, tmp_path):
-    """`pip install qlora-rt` (the base install) into a fresh venv pulls no torch and runs an export."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(REPO)],
-                         capture_output=True, text=True)
-    assert pip.returncode == 0, pip.stderr[-2000:]
-    probe = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch'), "
-                            "u.find_spec('export'), u.find_spec('qlora_rt.export') is not None)"],
-                           capture_output=True, text=True, cwd=tmp_path)
-    # no torch pulled in; the exporters install inside qlora_rt, not as a top-level `export` package
-    assert probe.stdout.split() == ["None", "None", "True"], probe.stdout + probe.stderr
-    run = subprocess.run([str(venv / "bin" / "qlora-rt"), "generate", str(exported), "--prompt", "hello", "--chat",
-                          "--adapter", "a", "--max-new-tokens", "4", "--verbose"], capture_output=True, text=True,
-                         cwd=tmp_path)
-    assert run.returncode == 0 and "tokens/s" in run.stderr, run.stderr
-
-
 @pytest.fixture(scope="module")
 def merged_export(tiny_llama, tiny_runs, tmp_path_factory):
-    from qlora_rt.export.exporter import export
     from qlora_rt.config import ExportConfig
+    from qlora_rt.export.exporter import export
 
     out = tmp_path_factory.mktemp("merged") / "onnx"
     export(ExportConfig(model=str(tiny_llama), adapter=str(tiny_runs[1]["a"]), out=str(out), mode="merged"))
@@ -294,7 +246,7 @@ def test_runtime_equals_a_plain_session(exported, merged_export, export_kind, ad
 
 
 def test_chat_keeps_the_new_message_whole_and_drops_oldest_exchanges(runtime):
-    from qlora_rt.console import fit_history
+    from qlora_rt.runtime.console import fit_history
 
     long_turn = {"role": "user", "content": "the quick brown fox " * 7}  # ~100 tokens of a 256 context
     convo = fit_history(runtime, "be brief", [], long_turn, room=128)
@@ -311,7 +263,7 @@ def test_chat_keeps_the_new_message_whole_and_drops_oldest_exchanges(runtime):
 
 
 def test_chat_refuses_a_message_that_cannot_fit_and_keeps_the_session(exported, runtime, capsys):
-    from qlora_rt.console import chat
+    from qlora_rt.runtime.console import chat
 
     lines = iter(["hello", "hello " * 300, "count to five", "/exit"])
     messages = chat(ChatConfig(folder=str(exported), max_new_tokens=4, system="be brief"), read=lambda _: next(lines))

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from qlora_rt.adapters import open_trained
+from qlora_rt.base.load import load
 from qlora_rt.config import TrainConfig
-from qlora_rt.data import read_jsonl
-from qlora_rt.load import load
 from qlora_rt.merge import merge, save_merged
-from qlora_rt.train import train
+from qlora_rt.train.run import train
+from qlora_rt.train.text_data import read_examples
+from qlora_rt.trained import open_trained
 
 pytestmark = pytest.mark.slow
 DATA = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "data"
@@ -21,7 +21,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smollm2")
     from conftest import write_jsonl
 
-    write_jsonl(tmp / "eval.jsonl", read_jsonl(DATA / "dates-heldout.jsonl")[:16])
+    write_jsonl(tmp / "eval.jsonl", read_examples(DATA / "dates-heldout.jsonl")[:16])
     result = train(TrainConfig(model="smollm2-135m", data=str(DATA / "dates-train.jsonl"),
                                eval_data=str(tmp / "eval.jsonl"), out=str(tmp / "run"), steps=8, batch_size=4,
                                seq_len=256, lr=1e-3, eval_every=0, checkpoint_every=4))
@@ -70,13 +70,14 @@ def test_real_adapter_loads_in_peft(run):
 
 
 def test_adapter_aware_nf4_export_of_the_real_model_verifies(run):
-    from qlora_rt.export.exporter import export
     from qlora_rt.config import ExportConfig
+    from qlora_rt.export.exporter import export
 
     tmp, result, _ = run
     report = export(ExportConfig(model="smollm2-135m", adapter=str(result.adapter), out=str(tmp / "onnx"),
                                  mode="adapter-aware", weights="nf4"))
     print(f"SmolLM2-135M adapter-aware NF4 export: max |dlogit| {report['max_abs_logit_diff']:.2e}, "
-          f"greedy {report['greedy_identical_prompts']}/{report['prompts']} identical, {report['export_seconds']:.0f} s")
+          f"greedy {report['greedy_identical_prompts']}/{report['prompts']} identical, "
+          f"{report['export_seconds']:.0f} s")
     assert report["max_abs_logit_diff"] <= 1e-3
     assert report["greedy_identical_prompts"] == report["prompts"]

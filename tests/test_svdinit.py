@@ -6,21 +6,23 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import make_model
-from qlora_rt import quant
-from qlora_rt.adapters import open_trained
+from qlora_rt.base import formats
+from qlora_rt.base.linears import linear_names
 from qlora_rt.config import ExportConfig, TrainConfig
 from qlora_rt.errors import QloraError
-from qlora_rt.lora import LoraConfig, add_adapters, linear_names, lora_layers, quantize_model
-from qlora_rt.svdinit import RESIDUAL, InitConfig, Plan, low_rank, relative_error, split
-from qlora_rt.train import train
+from qlora_rt.lora.layers import LoraConfig, add_adapters, lora_layers, quantize_model
+from qlora_rt.lora.svd_init import RESIDUAL, InitConfig, Plan, low_rank, relative_error, split
+from qlora_rt.train.run import train
+from qlora_rt.trained import open_trained
 
 CPU = torch.device("cpu")
-FORMATS = [quant.QuantConfig("nf4"), quant.QuantConfig("nf4", double_quant=False), quant.QuantConfig("fp4"),
-           quant.QuantConfig("int4"), quant.QuantConfig("int4", symmetric=True), quant.QuantConfig("int4", block_size=64)]
+FORMATS = [formats.QuantConfig("nf4"), formats.QuantConfig("nf4", double_quant=False), formats.QuantConfig("fp4"),
+           formats.QuantConfig("int4"), formats.QuantConfig("int4", symmetric=True),
+           formats.QuantConfig("int4", block_size=64)]
 
 
 def weight(out=96, inp=64, seed=0) -> torch.Tensor:
@@ -41,14 +43,15 @@ def test_low_rank_factors_are_the_best_rank_r_product():
     assert low_rank(W[:4], 8, "exact")[0].shape == (4, 4)  # rank capped by the smaller side
 
 
-@pytest.mark.parametrize("qcfg", FORMATS, ids=lambda q: f"{q.format}-b{q.block_size}-dq{q.double_quant}-sym{q.symmetric}")
+@pytest.mark.parametrize("qcfg", FORMATS,
+                         ids=lambda q: f"{q.format}-b{q.block_size}-dq{q.double_quant}-sym{q.symmetric}")
 def test_split_approximates_w_better_than_plain_quantization(qcfg):
     W, r, s = weight(), 8, 2.0
-    plain = relative_error(W, quant.quantize(W, qcfg, CPU))
+    plain = relative_error(W, formats.quantize(W, qcfg, CPU))
     errors = {}
     for cfg in (InitConfig("pissa"), InitConfig("loftq", 1), InitConfig("loftq", 5)):
         base, A, B = split(W, qcfg, r, s, cfg, CPU)
-        assert A.shape == (r, 64) and B.shape == (96, r) and quant.is_quantized(base)
+        assert A.shape == (r, 64) and B.shape == (96, r) and formats.is_quantized(base)
         errors[cfg.describe()] = relative_error(W, base, A, B, s)
     print(f"plain {plain:.4f}", errors)
     assert errors["loftq(1)"] < plain and errors["loftq(5)"] < plain
@@ -59,10 +62,10 @@ def test_split_approximates_w_better_than_plain_quantization(qcfg):
 def test_pissa_adapter_holds_the_principal_part_scaled():
     W = weight()
     for s in (0.5, 2.0, 16.0):  # scale accounted for: s·B·A is the top-r product whatever alpha/r is
-        base, A, B = split(W, quant.QuantConfig("none"), 8, s, InitConfig("pissa"), CPU)
+        base, A, B = split(W, formats.QuantConfig("none"), 8, s, InitConfig("pissa"), CPU)
         L, R = low_rank(W, 8, "exact")
         assert torch.allclose(s * B @ A, L @ R, atol=1e-6)
-        assert torch.allclose(quant.dequantize(base) + s * B @ A, W, atol=1e-6)  # no quantization: exact
+        assert torch.allclose(formats.dequantize(base) + s * B @ A, W, atol=1e-6)  # no quantization: exact
         assert torch.allclose(A.norm(), B.norm(), rtol=1e-4)  # balanced split
 
 
@@ -75,7 +78,7 @@ def _logits(model, ids):
 def test_initial_logits_are_closer_to_full_precision_than_plain_qlora(method):
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
     full = _logits(make_model(seed=3).eval(), ids)
-    qcfg, lcfg = quant.QuantConfig("nf4"), LoraConfig(rank=16, alpha=16, dropout=0.0)
+    qcfg, lcfg = formats.QuantConfig("nf4"), LoraConfig(rank=16, alpha=16, dropout=0.0)
     plain = make_model(seed=3).eval()
     quantize_model(plain, qcfg, CPU)
     add_adapters(plain, lcfg)
@@ -115,8 +118,8 @@ def test_run_saves_its_residual_base_and_merge_and_export_use_it(tiny_llama, lof
     loaded, _, _ = open_trained(tiny_llama, adapter)
     plain, _, _ = open_trained(tiny_llama)
     q = "model.layers.0.self_attn.q_proj"
-    residual = quant.dequantize(lora_layers(loaded.model)[q].weight)
-    assert not torch.equal(residual, quant.dequantize(lora_layers(plain.model)[q].weight))  # its own base is used
+    residual = formats.dequantize(lora_layers(loaded.model)[q].weight)
+    assert not torch.equal(residual, formats.dequantize(lora_layers(plain.model)[q].weight))  # its own base is used
     merged = merged_state_dict(loaded.model)[f"{q}.weight"]
     layer = lora_layers(loaded.model)[q]
     assert torch.allclose(merged, residual + layer.scale * layer.lora_B.weight @ layer.lora_A.weight, atol=1e-6)
@@ -141,8 +144,8 @@ def test_resumed_pissa_run_keeps_its_residual_and_ends_the_same(tiny_llama, tiny
 
 
 def test_missing_altered_or_foreign_residual_is_an_error(tiny_llama, loftq_run, tiny_runs, tmp_path):
-    from qlora_rt.export.adapters import export_adapter
     from qlora_rt.export.exporter import export
+    from qlora_rt.export.onnx_adapters import export_adapter
 
     broken = tmp_path / "no-residual"
     shutil.copytree(loftq_run / "adapter", broken)

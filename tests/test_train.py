@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 import yaml
+from conftest import write_jsonl
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
 from qlora_rt.cli import main
 from qlora_rt.config import TrainConfig
 from qlora_rt.errors import QloraError
-from qlora_rt.train import train
+from qlora_rt.train.run import train
 
 
 def config(tiny_llama, tiny_data, out, **kw) -> TrainConfig:
@@ -75,7 +75,7 @@ def test_divergence_keeps_the_last_checkpoint_a_finite_step_came_from(tiny_llama
                                                                       nan_at, kept):
     """Checkpoints at steps 2 and 4; a NaN at step 5 comes from the step-4 weights (dropped: step 2 is kept),
     a NaN at step 6 comes after a finite step 5 (step 4 is kept). A resume may lower the learning rate."""
-    from qlora_rt.tasks import CausalLM
+    from qlora_rt.train.tasks import CausalLM
 
     real, calls = CausalLM.loss, []
 
@@ -202,7 +202,7 @@ def test_resume_after_the_data_changed_says_what_changed(tiny_llama, tiny_data, 
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_llama, tiny_data, tmp_path, monkeypatch):
     import errno
 
-    import qlora_rt.checkpoint as ck
+    import qlora_rt.train.checkpoint as ck
 
     real, saves = ck.save_file, []
 
@@ -230,9 +230,9 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_llama,
 
 KILLED = """
 import json, os, signal, sys
-import qlora_rt.checkpoint as ck
+import qlora_rt.train.checkpoint as ck
 from qlora_rt.config import TrainConfig
-from qlora_rt.train import train
+from qlora_rt.train.run import train
 
 step, where, cfg = int(sys.argv[1]), sys.argv[2], TrainConfig(**json.loads(sys.argv[3]))
 saving, save, real_replace = [0], ck.save, os.replace
@@ -315,7 +315,7 @@ def test_out_holding_someone_elses_files_is_refused_untouched(tiny_llama, tiny_d
 
 
 def test_gradient_checkpointing_changes_memory_not_the_adapter(tiny_llama, tiny_data, tmp_path, monkeypatch, capsys):
-    import qlora_rt.train as tr
+    import qlora_rt.train.run as tr
 
     train(config(tiny_llama, tiny_data, tmp_path / "plain", steps=4, checkpoint_every=0))
     assert "gradient checkpointing" not in capsys.readouterr().err  # a small base: off by default

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,74 +26,9 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from qlora_rt import manifest
 from qlora_rt.errors import QloraError
-from qlora_rt.manifest import Manifest
-
-ADAPTER_DIR, ADAPTER_SUFFIX = "adapters", ".onnx_adapter"
-
-
-def adapter_model_version(meta: Manifest) -> int:
-    """The id an adapter file carries of the base it was trained on (ORT stores one int: the model version)."""
-    base = f"{meta.base_fingerprint}:{meta.base_quant}"
-    if meta.base_residual:  # a PiSSA/LoftQ base is its own base
-        base += f":{meta.base_residual}"
-    return zlib.crc32(base.encode()) & 0x7FFFFFFF
-
-
-def check_fits(shapes: dict[str, list[int]], lora_inputs: dict[str, list], where: str) -> None:
-    """Every tensor of an adapter must name a LoRA input of the export and fit its fixed dimension."""
-    for key, shape in shapes.items():
-        if key not in lora_inputs:
-            raise QloraError(f"{where}: adapts {key.rsplit('.', 1)[0]}, which has no LoRA input in this export "
-                             "(made for another model, or exported for other target modules?)")
-        fixed = lora_inputs[key]  # (in, None) for A, (None, out) for B; a classifier head's: None = its labels
-        if len(shape) != len(fixed) or any(f is not None and f != d for f, d in zip(fixed, shape)):
-            raise QloraError(f"{where}: {key} has shape {list(shape)}, this export expects {fixed}: "
-                             "it was made for another model")
-
-
-def open_session(folder: Path, threads: int = 0) -> ort.InferenceSession:
-    """The folder's model.onnx on the CPU; a file onnxruntime cannot load is one line."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # the LoRA (and head) inputs' initializers are meant to be overridable
-    opts.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's own error types; the first line says what it could not read
-        raise QloraError(f"{folder / 'model.onnx'}: onnxruntime cannot load it "
-                         f"({str(e).strip().splitlines()[0][:300]}); export it again") from None
-
-
-def adapter_names(folder: Path) -> list[str]:
-    return sorted(p.name[: -len(ADAPTER_SUFFIX)] for p in (folder / ADAPTER_DIR).glob(f"*{ADAPTER_SUFFIX}"))
-
-
-def find_adapter(folder: Path, name_or_path: str | Path) -> Path:
-    """A name under FOLDER/adapters/, or a path to an .onnx_adapter file: the file, resolved."""
-    path = Path(name_or_path)
-    if not str(name_or_path).endswith(ADAPTER_SUFFIX):
-        path = folder / ADAPTER_DIR / f"{name_or_path}{ADAPTER_SUFFIX}"
-        if not path.is_file():
-            raise QloraError(f"--adapter: no adapter named {str(name_or_path)!r} in {folder} "
-                             f"(available: {', '.join(adapter_names(folder)) or 'none'})")
-    if not path.is_file():
-        raise QloraError(f"--adapter: {path} does not exist")
-    return path.resolve()
-
-
-def read_adapter_file(path: Path, meta: Manifest) -> dict[str, ort.OrtValue]:
-    """An .onnx_adapter file's tensors, after checking they were made for this export's base and fit its inputs."""
-    try:
-        fmt = ort.AdapterFormat.read_adapter(str(path))
-    except Exception as e:  # onnxruntime raises its own error types for a bad flatbuffer
-        raise QloraError(f"--adapter: {path} is not a readable .onnx_adapter file ({e})") from None
-    if fmt.get_model_version() != adapter_model_version(meta):
-        raise QloraError(f"--adapter: {path.name} was made for another base model (or 4-bit format) than this "
-                         f"export's {meta.base_model} ({meta.base_quant})")
-    params = fmt.get_parameters()
-    check_fits({k: v.shape() for k, v in params.items()}, meta.lora_inputs, f"--adapter: {path.name}")
-    return params
+from qlora_rt.runtime import manifest
+from qlora_rt.runtime.session import adapter_names, find_adapter, open_session, read_adapter_file
 
 
 @dataclass
@@ -188,7 +122,8 @@ class Model:
             raise QloraError("--prompt is empty")
         if chat or not isinstance(prompt, str):
             if self.template is None:
-                raise QloraError(f"--chat: {self.folder} has no chat template (chat_template.jinja or tokenizer_config.json)")
+                raise QloraError(f"--chat: {self.folder} has no chat template (chat_template.jinja or "
+                                 "tokenizer_config.json)")
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
             if system:
                 messages.insert(0, {"role": "system", "content": system})
@@ -230,12 +165,21 @@ class Model:
         out = self._steps(seqs, adapter, 1, (), Sampling(), all_logits=True).prompt()
         return [out[i, out.shape[1] - len(s):] for i, s in enumerate(seqs)]
 
-    def stream(self, prompt: str | list[dict], **kw) -> "Stream":
+    def stream(self, prompt: str | list[dict], **kw) -> Stream:
         """Like generate() for one prompt, but iterate to get the text as it is produced; .result at the end."""
         return Stream(self, prompt, **kw)
 
-    def _steps(self, ids: list[list[int]], adapter, max_new: int, stop: tuple, sampling: Sampling,
-               ignore_eos: bool = False, live_text: bool = False, all_logits: bool = False) -> "_Steps":
+    def _steps(
+        self,
+        ids: list[list[int]],
+        adapter,
+        max_new: int,
+        stop: tuple,
+        sampling: Sampling,
+        ignore_eos: bool = False,
+        live_text: bool = False,
+        all_logits: bool = False,
+    ) -> _Steps:
         sampling.check()
         if max_new < 1:
             raise QloraError(f"--max-new-tokens must be at least 1, got {max_new}")
@@ -252,7 +196,8 @@ class Model:
             f"past_key_values.{i}.{kv}" for i in range(self.meta.layers) for kv in ("key", "value")}
         missing = sorted(want - names)
         if missing:
-            raise QloraError(f"{self.folder}: model.onnx does not match {manifest.NAME} (missing inputs {', '.join(missing[:3])}"
+            raise QloraError(f"{self.folder}: model.onnx does not match {manifest.NAME} (missing inputs "
+                             f"{', '.join(missing[:3])}"
                              f"{' …' if len(missing) > 3 else ''}); was the folder mixed from two exports?")
 
 

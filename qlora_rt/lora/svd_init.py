@@ -27,9 +27,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qlora_rt import quant
+from qlora_rt.base import formats as quant
 from qlora_rt.errors import QloraError
-from qlora_rt.lora import lora_layers
+from qlora_rt.lora.layers import lora_layers
 
 INITS = ("default", "pissa", "loftq")
 SVD = ("auto", "exact", "lowrank")

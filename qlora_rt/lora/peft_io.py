@@ -24,13 +24,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qlora_rt import __version__
-from qlora_rt.encoder import HEADS, head_modules, head_tensors, load_head
+from qlora_rt.base.encoders import HEADS, head_modules, head_tensors, load_head
+from qlora_rt.base.formats import QuantConfig
 from qlora_rt.errors import QloraError
 from qlora_rt.files import atomic_dir, write_json
-from qlora_rt.load import Loaded, family, load
-from qlora_rt.lora import LoraConfig, lora_layers, lora_scale, quantize_model
-from qlora_rt.quant import QuantConfig
-from qlora_rt.svdinit import RESIDUAL, load_residual, require_residual
+from qlora_rt.lora.layers import LoraConfig, lora_layers, lora_scale
 
 PREFIX = "base_model.model."
 CHANGES_BASE = ("pissa", "loftq", "olora", "corda")  # PEFT inits that rewrite the base weights
@@ -63,7 +61,8 @@ def peft_config(model: torch.nn.Module, cfg: LoraConfig, base: str, init: str = 
         "peft_type": "LORA", "task_type": "SEQ_CLS" if heads else "CAUSAL_LM", "base_model_name_or_path": base,
         "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
         "target_modules": leaves, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True if init == "default" else init, "modules_to_save": heads or None, "rank_pattern": {}, "alpha_pattern": {},
+        "init_lora_weights": True if init == "default" else init, "modules_to_save": heads or None,
+        "rank_pattern": {}, "alpha_pattern": {},
         "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "revision": None,
     }
 
@@ -72,7 +71,7 @@ def save_adapter(model: torch.nn.Module, out: str | Path, cfg: LoraConfig, quant
                  base: str, fingerprint: str, residual: Path | None = None, labels: list[str] | None = None) -> Path:
     """Write the adapter folder atomically (a previous one stays intact until the new one is complete).
 
-    residual: a PiSSA/LoftQ run's frozen base (qlora_rt/svdinit.py); it is copied into the folder and
+    residual: a PiSSA/LoftQ run's frozen base (qlora_rt/lora/svd_init.py); it is copied into the folder and
     its digest recorded, because the adapter means nothing on any other base.
     labels: a classifier's label names (metadata `labels`, JSON), in the order of its head's outputs.
     """
@@ -154,7 +153,8 @@ def _pairs(p: Path, heads: list[str], lora: bool = True) -> tuple[dict[str, dict
                 continue
             name = re.sub(r"\.modules_to_save(\.default)?\.", ".", key.removeprefix(PREFIX))
             if not any(f".{leaf}." in f".{name}" for leaf in heads):
-                raise QloraError(f"{p / WEIGHTS}: tensor {key!r} is not a LoRA A/B weight (only Linear LoRA is supported)")
+                raise QloraError(f"{p / WEIGHTS}: tensor {key!r} is not a LoRA A/B weight (only Linear LoRA is "
+                                 "supported)")
             whole[name] = h.get_tensor(key)
     return pairs, whole
 
@@ -235,43 +235,3 @@ def load_adapter(model: torch.nn.Module, path: str | Path, fingerprint: str | No
             layer.lora_A.weight.copy_(A)
             layer.lora_B.weight.copy_(B)
     return AdapterInfo(path=p, config=config, metadata=meta, modules=sorted(lora), labels=labels_of(meta, head, p))
-
-
-def open_trained(model_path: str | Path, adapter: str | Path | None = None, quant_format: str | None = None,
-                 device: torch.device | str = "cpu") -> tuple[Loaded, QuantConfig, AdapterInfo | None]:
-    """The quantized base with its adapter, exactly as it was trained: what merge and export start from.
-
-    The base's 4-bit format comes from the adapter's metadata; `quant_format` overrides it (needed for
-    adapters from PEFT, which do not record it; those default to NF4 with double quantization).
-    """
-    config, meta = read_adapter(adapter) if adapter else ({}, {})
-    if adapter:
-        check_own_base(adapter, config, meta)
-    cfg = QuantConfig.from_metadata(meta) or QuantConfig()
-    if quant_format and quant_format != cfg.format:
-        if "quant.format" in meta:
-            raise QloraError(f"--quant {quant_format}: the adapter was trained on a {cfg.format} base; "
-                             f"merging it onto another base would not give the trained model")
-        cfg = QuantConfig(format=quant_format)
-    labels = labels_of(meta, read_head(adapter), Path(adapter)) if adapter else None
-    if not adapter and family(model_path) == "encoder":
-        labels = ["LABEL_0", "LABEL_1"]  # a bare base: a placeholder head (an adapter-aware export takes each adapter's)
-    loaded = load(model_path, lazy=True, labels=labels)
-    quantize_model(loaded.model, cfg, torch.device(device), loaded.gguf, tensors=loaded.tensors)
-    info = load_adapter(loaded.model, adapter, loaded.fingerprint) if adapter else None
-    if "base.residual" in meta:  # PiSSA/LoftQ: the run's residual base replaces quantize(W)
-        load_residual(loaded.model, Path(adapter) / RESIDUAL, cfg, torch.device(device), meta["base.residual"],
-                      loaded.fingerprint)
-    return loaded, cfg, info
-
-
-def check_own_base(path: str | Path, config: dict, meta: dict[str, str]) -> None:
-    """A PiSSA/LoftQ adapter needs its residual base beside it; say so before any model is loaded."""
-    if "base.residual" in meta:
-        require_residual(Path(path) / RESIDUAL, meta.get("init", "PiSSA/LoftQ"))
-        return
-    init = str(config.get("init_lora_weights", True)).lower()
-    if init.startswith(CHANGES_BASE):
-        raise QloraError(f"--adapter {path}: init_lora_weights={init!r} means the adapter belongs to its own "
-                         f"residual base, and the folder has no qlora-rt {RESIDUAL} holding it; on the original "
-                         "base the adapter would give wrong answers")

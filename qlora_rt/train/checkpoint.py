@@ -20,17 +20,17 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from qlora_rt.adapters import PREFIX, adapter_tensors
-from qlora_rt.encoder import load_head
+from qlora_rt.base.encoders import load_head
 from qlora_rt.errors import QloraError
 from qlora_rt.files import atomic_dir, resolve, write_json
-from qlora_rt.lora import lora_layers
+from qlora_rt.lora.layers import lora_layers
+from qlora_rt.lora.peft_io import PREFIX, adapter_tensors
 
 ADAPTER, STATE, PROGRESS = "adapter_model.safetensors", "trainer_state.pt", "progress.json"
 

@@ -1,8 +1,8 @@
-"""What a training task is, over the one loop in qlora_rt/train.py: its examples, batches, loss and metrics.
+"""What a training task is, over the one loop in qlora_rt/train/run.py: its examples, batches, loss and metrics.
 
-    causal-lm   decoders: next-token loss on the completion / assistant tokens (qlora_rt/data.py)
+    causal-lm   decoders: next-token loss on the completion / assistant tokens (qlora_rt/text_data.py)
     classify    encoders: a label per text (or text pair), cross-entropy on the classification head's logits,
-                accuracy, macro-F1 and the confusion matrix (qlora_rt/classify_data.py)
+                accuracy, macro-F1 and the confusion matrix (qlora_rt/label_data.py)
 
 A step's loss is the sum over its micro-batches of (sum of per-unit losses) / (units in the whole step),
 where a unit is a target token (causal-lm) or an example (classify): accumulation weighs every unit alike.
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qlora_rt import classify_data, data
+from qlora_rt.train import label_data, text_data
 
 
 class CausalLM:
@@ -29,17 +29,17 @@ class CausalLM:
     @staticmethod
     def read(path: str | Path, flag: str) -> tuple[list[dict], list[int]]:
         lines: list[int] = []
-        return data.read_jsonl(path, flag, lines=lines), lines
+        return text_data.read_examples(path, flag, lines=lines), lines
 
     def examples(self, path: str | Path, rows: list[dict], lines: list[int]) -> tuple[list, int]:
         """Tokenized examples, and how many were dropped (no target token left after truncation)."""
-        return data.load_examples(path, self.tokenizer, self.seq_len, rows=rows)
+        return text_data.load_examples(path, self.tokenizer, self.seq_len, rows=rows)
 
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
-        return data.collate(examples, self.pad_id)
+        return text_data.collate(examples, self.pad_id)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
-        return data.count_targets(batch)
+        return text_data.count_targets(batch)
 
     @staticmethod
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], n_units: int) -> torch.Tensor:
@@ -51,7 +51,7 @@ class CausalLM:
         hidden = model.get_decoder()(input_ids=batch["input_ids"],
                                      attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, d)
         labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-        keep = labels != data.IGNORE
+        keep = labels != text_data.IGNORE
         logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (N, vocab)
         return F.cross_entropy(logits, labels[keep], reduction="sum") / n_units
 
@@ -79,14 +79,14 @@ class Classify:
         self.tokenizer, self.seq_len, self.labels, self.token_types = tokenizer, seq_len, labels, token_types
         self.pad_id = tokenizer.pad_token_id
 
-    read = staticmethod(classify_data.read)
+    read = staticmethod(label_data.read)
 
     def examples(self, path: str | Path, rows: list[dict], lines: list[int]) -> tuple[list, int]:
-        return classify_data.encode(rows, self.tokenizer, self.seq_len, self.labels, str(path), lines,
+        return label_data.encode(rows, self.tokenizer, self.seq_len, self.labels, str(path), lines,
                                     self.token_types), 0
 
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
-        return classify_data.collate(examples, self.pad_id)
+        return label_data.collate(examples, self.pad_id)
 
     @staticmethod
     def units(batch: dict[str, torch.Tensor]) -> int:

@@ -1,7 +1,7 @@
 """LoRA adapters as onnxruntime `.onnx_adapter` files, bound to the graph's LoRA inputs by name.
 
 An adapter file holds `<module>.lora_A` (in, r) and `<module>.lora_B` (r, out, scale folded in) for
-the modules it adapts (q/k/v and gate/up as one pair each: export/weights.py `group_lora`); the
+the modules it adapts (q/k/v and gate/up as one pair each: export/weight_writers.py `group_lora`); the
 graph's other LoRA inputs keep their rank-0 defaults. A plain session activates one per run with
 `RunOptions.add_active_adapter`; the runtime, which needs I/O binding, binds the file's tensors itself.
 Either way switching adapters never reloads the model.
@@ -13,14 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .encoder import BASES, head_arrays
-from .weights import group_lora, lora_arrays
-from qlora_rt.adapters import labels_of, read_head, read_lora
+from qlora_rt.base.formats import QuantConfig
 from qlora_rt.errors import QloraError
-from qlora_rt import manifest
-from qlora_rt.manifest import Manifest
-from qlora_rt.quant import QuantConfig
-from qlora_rt.runtime import ADAPTER_DIR, ADAPTER_SUFFIX as SUFFIX, adapter_model_version, check_fits
+from qlora_rt.lora.peft_io import labels_of, read_head, read_lora
+from qlora_rt.runtime import manifest
+from qlora_rt.runtime.manifest import Manifest
+from qlora_rt.runtime.session import ADAPTER_DIR, adapter_model_version, check_fits
+from qlora_rt.runtime.session import ADAPTER_SUFFIX as SUFFIX
+
+from .encoder_graph import BASES, head_arrays
+from .weight_writers import group_lora, lora_arrays
+
 
 def adapter_arrays(adapter: str | Path, export_meta: Manifest) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """An adapter folder's metadata, and its tensors named and laid out as the export's LoRA inputs (and, for

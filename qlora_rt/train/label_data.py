@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from qlora_rt import data
 from qlora_rt.errors import QloraError
+from qlora_rt.jsonl import read_jsonl
+from qlora_rt.train import text_data
 
 FIELDS = {"text", "text_pair", "label"}
 
@@ -50,13 +51,13 @@ def validate(row: object, where: str) -> None:
 
 
 def oddities(row: dict) -> list[str]:
-    return [f"field {k!r}" for k in sorted(set(row) - FIELDS - data.EXTRA_OK)]
+    return [f"field {k!r}" for k in sorted(set(row) - FIELDS - text_data.EXTRA_OK)]
 
 
 def read(path: str | Path, flag: str) -> tuple[list[dict], list[int]]:
     """The file's examples, validated, and the line each came from."""
     lines: list[int] = []
-    return data.read_jsonl(path, flag, validate, oddities, lines), lines
+    return read_jsonl(path, flag, validate, oddities, lines), lines
 
 
 def label_names(rows: list[dict]) -> list[str]:

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qlora_rt import gguf_file
-from qlora_rt.encoder import ENCODERS
+from qlora_rt.base import gguf_reader
+from qlora_rt.base.encoders import ENCODERS
+from qlora_rt.base.linears import linear_names
 from qlora_rt.errors import QloraError
 
 # Decoder-only causal LMs whose transformers definition is the Llama block (RMSNorm, rotary, GQA, SwiGLU).
@@ -69,7 +70,7 @@ class Tensors:
 
 
 class GGUFTensors:
-    """A GGUF file's tensors by Hugging Face name, each read on its own (qlora_rt/gguf_file.py) and
+    """A GGUF file's tensors by Hugging Face name, each read on its own (qlora_rt/gguf_reader.py) and
     dequantized exactly as transformers' GGUF loader converts them: its name map and tensor processors
     (llama's q/k rows un-permuted), gguf-py's dequantization; so a lazily built model equals a whole-loaded
     one. transformers itself dequantizes the whole file to fp32 first (an 8B Q4 file: ~32 GB)."""
@@ -91,7 +92,7 @@ class GGUFTensors:
             gguf_name = tmap.get_name(base)
             if gguf_name is not None:
                 names.setdefault(f"{gguf_name}.{suffix}", hf_name)
-        self._where = {names[n]: (n, e) for n, e in gguf_file.index(path).items() if n in names}
+        self._where = {names[n]: (n, e) for n, e in gguf_reader.index(path).items() if n in names}
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
@@ -100,7 +101,7 @@ class GGUFTensors:
         from gguf.quants import dequantize
 
         name, entry = self._where[key]
-        weights = dequantize(gguf_file.read(self.path, name, entry), entry.kind)
+        weights = dequantize(gguf_reader.read(self.path, name, entry), entry.kind)
         weights = self._processor.process(weights=weights, name=name).weights
         t = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
         return t if t.dtype == dtype else t.to(dtype)
@@ -272,7 +273,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool
     plus one Linear, not the whole model in full precision. A checkpoint whose tensor names do not match
     the model's loads whole.
     labels: an encoder is loaded as a sequence classifier with these label names (its head, fresh or not,
-    is trained in full: qlora_rt/encoder.py); decoders are causal LMs."""
+    is trained in full: qlora_rt/base/encoders.py); decoders are causal LMs."""
     _offline()
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -311,8 +312,6 @@ def _lazy_model(folder: Path, dtype: torch.dtype, gguf: Path | None = None
     not the model's (then it loads whole)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    from qlora_rt.lora import linear_names
 
     kwargs = {"gguf_file": gguf.name} if gguf else {}
     config = AutoConfig.from_pretrained(folder, **kwargs)

@@ -8,9 +8,9 @@ only the adapters' gradients. FSDP (`--fsdp`, PyTorch's `fully_shard`): every tr
 own unit and the rest (embeddings, final norm, head) the root's; each process keeps 1/N of every weight
 (the 4-bit bytes too), of the adapters, their gradients and the optimizer's state, and all-gathers a
 block's weights just before the block runs. Every rank walks the same global data order and takes its own
-slice of each global micro-batch (`--batch-size` examples per rank), and the loss is normalised by the global count of target tokens (or
-examples), so N processes x batch b make the same update as 1 process x batch N*b. Rank 0 alone writes
-the run folder and shows progress. Backend: NCCL on CUDA, gloo on the CPU.
+slice of each global micro-batch (`--batch-size` examples per rank), and the loss is normalised by the global
+count of target tokens (or examples), so N processes x batch b make the same update as 1 process x batch N*b.
+Rank 0 alone writes the run folder and shows progress. Backend: NCCL on CUDA, gloo on the CPU.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def broadcast_parameters(d: Dist, params: list[torch.nn.Parameter]) -> None:
     if d.on:
         nccl = dist.get_backend() == "nccl"
         for p in params:
-            t = p.data.cuda() if nccl and not p.is_cuda else p.data  # NCCL sends GPU tensors only (FSDP builds on the CPU)
+            # NCCL sends GPU tensors only (FSDP builds on the CPU)
+            t = p.data.cuda() if nccl and not p.is_cuda else p.data
             dist.broadcast(t, 0)
             if t is not p.data:
                 p.data.copy_(t)
@@ -99,10 +100,10 @@ def launch(argv: list[str], nproc: int) -> int:
     if nproc > (torch.cuda.device_count() or os.cpu_count() or 1):
         print(f"--nproc {nproc}: more processes than {'GPUs' if torch.cuda.is_available() else 'CPU cores'} here",
               file=sys.stderr)
+    import logging
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
-
-    import logging
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the summary below says it once
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "qlora_rt",
@@ -136,7 +137,7 @@ def check_world(saved: dict, d: Dist) -> None:
                          "new run")
 
 
-# attributes a 4-bit weight carries beside its bytes (qlora_rt/quant.py): its format and statistics
+# attributes a 4-bit weight carries beside its bytes (qlora_rt/base/formats.py): its format and statistics
 _QUANT_ATTRS = ("int4", "quant_state")
 
 
@@ -183,7 +184,7 @@ def _state_to(state, device: torch.device):
     if hasattr(state, "to") and not isinstance(state, torch.Tensor):  # bitsandbytes' QuantState: in place
         state.to(device)
         return state
-    for name in ("scales", "zeros", "mins"):  # qlora_rt.int4.Int4
+    for name in ("scales", "zeros", "mins"):  # qlora_rt.base.packed_int4.Int4
         if getattr(state, name, None) is not None:
             setattr(state, name, getattr(state, name).to(device))
     return state
@@ -193,6 +194,7 @@ def _put_back(attrs: dict):
     def hook(module, args):
         for k, v in attrs.items():
             setattr(module.weight, k, v)
+
     return hook
 
 

@@ -17,19 +17,28 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from qlora_rt import checkpoint, classify_data, distributed, tasks
-from qlora_rt.adapters import save_adapter
-from qlora_rt.data import Order, steps_for_epochs
-from qlora_rt.encoder import max_tokens, takes_token_types, train_head
-from qlora_rt.errors import QloraError
-from qlora_rt.load import check_model, family, load
-from qlora_rt.lora import (LoraConfig, add_adapters, count_parameters, linear_names, lora_layers, quantize_model,
-                           release_freed_memory, select_targets, trainable_parameters)
-from qlora_rt.svdinit import RESIDUAL, InitConfig, Plan, load_residual, save_residual
+from qlora_rt.base.encoders import max_tokens, takes_token_types, train_head
+from qlora_rt.base.formats import QuantConfig, storage_bytes
+from qlora_rt.base.linears import linear_names
+from qlora_rt.base.load import check_model, family, load
+from qlora_rt.base.memory import release_freed_memory
 from qlora_rt.config import GRAD_CHECKPOINTING_FROM, TrainConfig, flag, portable_paths
+from qlora_rt.errors import QloraError
 from qlora_rt.files import write_yaml
-from qlora_rt.quant import QuantConfig, storage_bytes
-from qlora_rt.report import peak_memory, table
+from qlora_rt.lora.layers import (
+    LoraConfig,
+    add_adapters,
+    count_parameters,
+    lora_layers,
+    quantize_model,
+    select_targets,
+    trainable_parameters,
+)
+from qlora_rt.lora.peft_io import save_adapter
+from qlora_rt.lora.svd_init import RESIDUAL, InitConfig, Plan, load_residual, save_residual
+from qlora_rt.train import checkpoint, distributed, label_data, tasks
+from qlora_rt.train.report import peak_memory, table
+from qlora_rt.train.text_data import Order, steps_for_epochs
 
 
 @dataclass
@@ -136,7 +145,8 @@ def _check_same_run(saved: dict, fingerprint: str, data: dict, examples: int, cf
     was = saved.get("data")
     if was and (was["sha256"] != data["sha256"] or was.get("examples", examples) != examples):
         raise QloraError(f"--resume: --data {cfg.data} changed since the run started ({was['bytes']:,} -> "
-                         f"{data['bytes']:,} bytes, {was.get('examples', '?')} -> {examples} examples): the checkpoint's "
+                         f"{data['bytes']:,} bytes, {was.get('examples', '?')} -> {examples} examples): the "
+                         "checkpoint's "
                          "place in the data no longer means anything; restore the file or start a new run")
 
 
@@ -204,7 +214,7 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
     Task = tasks.Classify if task_name == "classify" else tasks.CausalLM
     rows, lines = Task.read(cfg.data, "--data")
     eval_rows, eval_lines = Task.read(cfg.eval_data, "--eval-data") if cfg.eval_data else ([], [])
-    labels = classify_data.label_names(rows) if task_name == "classify" else None
+    labels = label_data.label_names(rows) if task_name == "classify" else None
     data_digest = _data_digest(cfg.data)
     torch.manual_seed(cfg.seed)
     loaded = load(cfg.model, lazy=True, labels=labels)  # decoder Linears are read one at a time as they are quantized
@@ -267,7 +277,8 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
     step, order = 0, Order(len(train_set), cfg.seed)
     identity = {"config": cfg.saved(), "base": loaded.fingerprint, "data": data_digest, "world_size": d.world}
     if saved is not None:
-        progress = checkpoint.restore_state(saved_state, lambda state: distributed.load_optimizer(root, optimizer, state),
+        progress = checkpoint.restore_state(saved_state,
+                                            lambda state: distributed.load_optimizer(root, optimizer, state),
                                             scheduler, d.rank)
         step, order = progress["step"], Order(len(train_set), cfg.seed, **progress["order"])
         _apply_schedule(cfg, optimizer, scheduler)
@@ -280,12 +291,12 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
             f"({', '.join(labels[:6])}{' …' if len(labels) > 6 else ''}), head {'+'.join(head)} trained in full; "
             if labels else "")
     how = f"FSDP: {held / whole:.0%} of the {whole / 2**20:,.1f} MiB of weights on each" if fsdp else "DDP"
-    procs = (f" x {d.world} processes ({how}; "
-             f"global batch {cfg.batch_size * cfg.grad_accum * d.world})" if d.on else "")
+    procs = f" x {d.world} processes ({how}; global batch {cfg.batch_size * cfg.grad_accum * d.world})" if d.on else ""
     if d.main:
+        dropped_note = f" ({dropped} dropped: no target token left after truncation)" if dropped else ""
         print(f"base {loaded.source}: {total / 1e6:.1f}M params, {cfg.quant} linears in {base_mib:,.1f} MiB; {what}"
               f"adapters on {len(targets)} layers, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
-              f"{len(train_set)} examples{f' ({dropped} dropped: no target token left after truncation)' if dropped else ''}; "
+              f"{len(train_set)} examples{dropped_note}; "
               f"{total_steps} steps on {device.type}{procs}{'; gradient checkpointing' if checkpointing else ''}",
               file=sys.stderr)
     distributed.barrier(d)  # the run folder is ready before any rank steps
@@ -298,14 +309,15 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
 
 def _task(cfg: TrainConfig) -> str:
     """The task: as given, or `classify` where the data's examples have a label; checked against the model."""
-    task = cfg.task if cfg.task != "auto" else classify_data.detect(cfg.data)
+    task = cfg.task if cfg.task != "auto" else label_data.detect(cfg.data)
     kind = family(cfg.model)
     if task == "classify" and kind != "encoder":
         raise QloraError(f"--task classify: --model {cfg.model} is a decoder; classification trains an encoder "
                          "(BERT, RoBERTa, DistilBERT, MiniLM, ...)")
     if task == "causal-lm" and kind == "encoder":
         raise QloraError(f"--model {cfg.model} is an encoder: it trains on classification data (lines of "
-                         '{"text": ..., "label": ...}), and ' + (f"--data {cfg.data} has no 'label'" if cfg.task == "auto"
+                         '{"text": ..., "label": ...}), and '
+                         + (f"--data {cfg.data} has no 'label'" if cfg.task == "auto"
                                                                  else "--task causal-lm needs a decoder"))
     return task
 

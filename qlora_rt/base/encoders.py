@@ -76,6 +76,7 @@ def load_head(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) ->
                          f"({', '.join(missing[:3]) or 'none'}): an adapter for another architecture?")
     for name, t in tensors.items():
         if tuple(t.shape) != tuple(params[name].shape):
-            raise QloraError(f"{where}: {name} has shape {tuple(t.shape)}, this model needs {tuple(params[name].shape)}")
+            raise QloraError(f"{where}: {name} has shape {tuple(t.shape)}, this model needs "
+                             f"{tuple(params[name].shape)}")
         with torch.no_grad():
             params[name].data = t.to(params[name].device, torch.float32).clone()

@@ -20,10 +20,11 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from qlora_rt import manifest
 from qlora_rt.errors import QloraError
 from qlora_rt.files import disk_full
-from qlora_rt.runtime import adapter_names, find_adapter, open_session, read_adapter_file
+from qlora_rt.jsonl import read_jsonl
+from qlora_rt.runtime import manifest
+from qlora_rt.runtime.session import adapter_names, find_adapter, open_session, read_adapter_file
 
 HEAD_LABELS = "head.label_names"  # the graph input (and adapter tensor) holding the label names as JSON bytes
 
@@ -66,7 +67,8 @@ class Classifier:
         """The adapter to activate (None for a merged export) and the label names it brings."""
         if self.meta.mode == "merged":
             if name_or_path:
-                raise QloraError(f"--adapter: {self.folder} is a merged export; its adapter and head are in the weights")
+                raise QloraError(f"--adapter: {self.folder} is a merged export; its adapter and head are in the "
+                                 "weights")
             return None, self.meta.labels or []
         if name_or_path is None:
             names = self.adapter_names
@@ -155,7 +157,6 @@ def classify_file(clf: Classifier, path: Path, out: Path | None, adapter: str | 
             raise QloraError(f"--output: {out} is the --input file; write the predictions elsewhere")
         if not out.parent.is_dir():
             raise QloraError(f"--output: folder {out.parent} does not exist")
-    from qlora_rt.data import read_jsonl
 
     def check(row: object, where: str) -> None:
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
@@ -163,7 +164,7 @@ def classify_file(clf: Classifier, path: Path, out: Path | None, adapter: str | 
         if "text_pair" in row and (not isinstance(row["text_pair"], str) or not row["text_pair"].strip()):
             raise QloraError(f"{where}: 'text_pair' must be a non-empty string")
 
-    rows = read_jsonl(path, "--input", check, lambda row: [])
+    rows = read_jsonl(path, "--input", check)
     has_pairs = ["text_pair" in r for r in rows]
     if any(has_pairs) and not all(has_pairs):
         raise QloraError(f"--input {path}: some lines have a 'text_pair' and some do not; use one shape")

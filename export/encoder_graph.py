@@ -10,7 +10,7 @@ pre_classifier + ReLU + classifier.
     outputs  logits (B, labels) float32, label_names (bytes) uint8: the labels' names as a JSON list
 
 Hidden states are (B*T, d) rows, as in the decoder: every Linear goes through the `LinearWriter`
-(export/weights.py), which stores the weight (fp32, fp16, int4, NF4) and adds LoRA inputs in
+(export/weight_writers.py), which stores the weight (fp32, fp16, int4, NF4) and adds LoRA inputs in
 adapter-aware exports. Attention is com.microsoft.MultiHeadAttention with an additive padding bias;
 each residual add is fused with its LayerNorm (com.microsoft.SkipLayerNormalization).
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
-from qlora_rt.encoder import head_modules, max_tokens, takes_token_types
+from qlora_rt.base.encoders import head_modules, max_tokens, takes_token_types
 from qlora_rt.errors import QloraError
 
 from .graph import MS, Graph
@@ -87,7 +87,8 @@ def layer_names(spec: EncoderSpec, i: int) -> dict[str, str]:
                 "down": f"{p}.ffn.lin2", "ln2": f"{p}.output_layer_norm"}
     p = f"{spec.base}.encoder.layer.{i}"
     return {"q": f"{p}.attention.self.query", "k": f"{p}.attention.self.key", "v": f"{p}.attention.self.value",
-            "o": f"{p}.attention.output.dense", "ln1": f"{p}.attention.output.LayerNorm", "up": f"{p}.intermediate.dense",
+            "o": f"{p}.attention.output.dense", "ln1": f"{p}.attention.output.LayerNorm",
+            "up": f"{p}.intermediate.dense",
             "down": f"{p}.output.dense", "ln2": f"{p}.output.LayerNorm"}
 
 
@@ -169,7 +170,7 @@ def _io(g: Graph, spec: EncoderSpec) -> None:
                   helper.make_tensor_value_info(LABEL_NAMES, TensorProto.UINT8, ["label_bytes"])]
 
 
-def build_encoder(spec: EncoderSpec, g: Graph, lin, head: "HeadWriter") -> None:
+def build_encoder(spec: EncoderSpec, g: Graph, lin, head: HeadWriter) -> None:
     """Wire the encoder and its head into `g`; embeddings and LayerNorms must already be initializers."""
     _io(g, spec)
     batch = g.op("Shape", ["input_ids"], start=0, end=1)  # (1,) B

@@ -18,7 +18,7 @@ appends in place and present keeps the buffer's length; fed plain arrays, it ret
 position_ids drive rotary only where it is done outside the op (Qwen3); elsewhere they are accepted
 and unused, so both kinds of graph take the same feeds.
 
-Every Linear goes through a `LinearWriter` (export/weights.py), which decides how the weight is stored
+Every Linear goes through a `LinearWriter` (export/weight_writers.py), which decides how the weight is stored
 (fp32, fp16, MatMulNBits int4, MatMulBnb4 NF4) and whether a LoRA pair rides beside it as graph
 inputs. This file knows nothing about weight formats.
 """

@@ -8,7 +8,7 @@ asks that object and never branches on a format's name; a new format is a new cl
 Formats:
   nf4 / fp4  bitsandbytes 4-bit, block-wise absmax (blocksize 64 by default); with double quantization
              the absmax values are themselves 8-bit quantized (bitsandbytes' `compress_statistics`).
-  int4       the project's own format (qlora_rt/int4.py): laid out and computed as onnxruntime's
+  int4       the project's own format (qlora_rt/base/packed_int4.py): laid out and computed as onnxruntime's
              MatMulNBits, so the adapter-aware int4 export is the trained model, byte for byte.
              A GGUF base's Q4_0/Q4_1 tensors are imported as they are, never requantized.
   none       the weight stays a plain floating-point tensor (useful for plain LoRA and for tests).
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qlora_rt import int4
+from qlora_rt.base import packed_int4 as int4
 from qlora_rt.config import QUANT_FORMATS
 from qlora_rt.errors import QloraError
 
@@ -46,7 +46,8 @@ class QuantConfig:
         if self.block_size is None:
             object.__setattr__(self, "block_size", DEFAULT_BLOCK[self.format])
         if self.format in ("nf4", "fp4") and self.block_size not in (64, 128, 256, 512, 1024, 2048, 4096):
-            raise QloraError(f"--block-size: {self.block_size} is not a bitsandbytes block size (64..4096, powers of 2)")
+            raise QloraError(f"--block-size: {self.block_size} is not a bitsandbytes block size "
+                             "(64..4096, powers of 2)")
         if self.format == "int4" and self.block_size not in (16, 32, 64, 128, 256):
             raise QloraError(f"--block-size: {self.block_size} is not a MatMulNBits block size (16, 32, 64, 128, 256)")
         if self.int4_compute not in int4.COMPUTE:
@@ -76,7 +77,7 @@ class QuantConfig:
         return meta
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str], compute_dtype: torch.dtype = torch.float32) -> "QuantConfig | None":
+    def from_metadata(cls, meta: dict[str, str], compute_dtype: torch.dtype = torch.float32) -> QuantConfig | None:
         if "quant.format" not in meta:
             return None
         return cls(format=meta["quant.format"], double_quant=meta.get("quant.double_quant", "true") == "true",
@@ -94,6 +95,7 @@ def _bnb():
 
 class Format:
     """A frozen base weight's storage: a Parameter the format made (`quantize`), read only through it."""
+
     name = "?"
 
     def quantize(self, weight: torch.Tensor, cfg: QuantConfig, device: torch.device,
@@ -113,7 +115,8 @@ class Format:
     def state_tensors(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def from_state_tensors(self, t: dict[str, torch.Tensor], cfg: QuantConfig, device: torch.device) -> torch.nn.Parameter:
+    def from_state_tensors(self, t: dict[str, torch.Tensor], cfg: QuantConfig,
+                           device: torch.device) -> torch.nn.Parameter:
         raise NotImplementedError
 
     def describe(self, weight: torch.Tensor) -> str:
@@ -141,6 +144,7 @@ class Format:
 
 class Plain(Format):
     """`--quant none`: a plain floating-point tensor in the compute dtype (plain LoRA, tests)."""
+
     name = "none"
 
     def quantize(self, weight, cfg, device, imported=None):
@@ -216,8 +220,9 @@ class Bnb4(Format):
 
 
 class Int4Format(Format):
-    """The project's own int4 (qlora_rt/int4.py): packed bytes with an `Int4` state, laid out and computed as
-    onnxruntime's MatMulNBits; a GGUF base's Q4_0/Q4_1 tensors are imported as they are."""
+    """The project's own int4 (qlora_rt/base/packed_int4.py): packed bytes with an `Int4` state, laid out and
+    computed as onnxruntime's MatMulNBits; a GGUF base's Q4_0/Q4_1 tensors are imported as they are."""
+
     name = "int4"
 
     def quantize(self, weight, cfg, device, imported=None):

@@ -1,4 +1,4 @@
-"""The project's int4 weights (qlora_rt/int4.py) as the inputs of `com.microsoft.MatMulNBits`.
+"""The project's int4 weights (qlora_rt/packed_int4.py) as the inputs of `com.microsoft.MatMulNBits`.
 
     B            uint8 (N, k_blocks, block/2)   the stored bytes, as they are
     scales       fp32  (N, k_blocks)
@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qlora_rt import int4
-from qlora_rt.int4 import Int4
+from qlora_rt.base import packed_int4
+from qlora_rt.base.packed_int4 import Int4
 
 
 def nbits_inputs(packed: torch.Tensor, s: Int4) -> dict[str, np.ndarray]:
@@ -22,7 +22,7 @@ def nbits_inputs(packed: torch.Tensor, s: Int4) -> dict[str, np.ndarray]:
         z = s.zeros.cpu()
         if z.shape[1] % 2:
             z = torch.cat([z, torch.zeros(z.shape[0], 1, dtype=torch.uint8)], dim=1)
-        out["zero_points"] = int4.pack(z).numpy()
+        out["zero_points"] = packed_int4.pack(z).numpy()
     if s.correction is not None:
         out["correction"] = s.correction.float().cpu().T.contiguous().numpy()
     return out
@@ -31,8 +31,8 @@ def nbits_inputs(packed: torch.Tensor, s: Int4) -> dict[str, np.ndarray]:
 def requantize(w: torch.Tensor, block: int, H: torch.Tensor | None = None) -> tuple[dict[str, np.ndarray], Int4, float]:
     """A float weight rounded to asymmetric int4 (GPTQ when the inputs' H is given, else to nearest): its
     MatMulNBits inputs, and the relative weight error it costs."""
-    packed, s = int4.quantize(w, block) if H is None else int4.gptq(w, H, block)
-    return nbits_inputs(packed, s), s, int4.relative_error(packed, s, w)
+    packed, s = packed_int4.quantize(w, block) if H is None else packed_int4.gptq(w, H, block)
+    return nbits_inputs(packed, s), s, packed_int4.relative_error(packed, s, w)
 
 
 def int8_head(w: torch.Tensor, block: int = 32) -> tuple[dict[str, np.ndarray], bool, float]:
@@ -40,10 +40,10 @@ def int8_head(w: torch.Tensor, block: int = 32) -> tuple[dict[str, np.ndarray], 
     block): its inputs, whether it is lossless (a GGUF Q8_0 weight comes back exactly), and its error.
     A slice of rows at a time, so a large head has no full-size fp32 temporaries."""
     qweight, scales, lossless, err, ref = [], [], True, 0.0, 0.0
-    step = int4._rows_per_slice(w.shape[1])
+    step = packed_int4._rows_per_slice(w.shape[1])
     for r0 in range(0, w.shape[0], step):
         rows = w[r0:r0 + step].detach().float()
-        blocks = int4._blocks(rows, block)  # (n, kb, block)
+        blocks = packed_int4._blocks(rows, block)  # (n, kb, block)
         scale = blocks.abs().amax(-1) / 127  # (n, kb)
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         codes = torch.clamp(torch.round(blocks / safe[..., None]), -127, 127)

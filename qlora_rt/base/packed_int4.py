@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 COMPUTE = ("int8", "fp32")
-CHUNK = 1 << 22  # weights rounded or dequantized at a time (16 MB in fp32): a large weight goes a slice of rows at a time
+CHUNK = 1 << 22  # weights rounded or dequantized at a time (16 MB in fp32): a large weight goes a slice of rows
 
 
 @dataclass
@@ -264,11 +264,11 @@ def unpermute_rows(n_rows: int, heads: int) -> torch.Tensor:
 def read_gguf_linears(path, config, compute: str = "fp32") -> tuple[dict[str, tuple[torch.Tensor, Int4]], list[str]]:
     """The decoder Linears stored as Q4_0/Q4_1 in a GGUF file, by HF module name; and the names of the
     other Linears (other GGUF types), which the caller quantizes from their float weights instead."""
-    from qlora_rt import gguf_file
+    from qlora_rt.base import gguf_reader
 
     out, other = {}, []
     permute = config.model_type in ("llama", "mistral")
-    for gname, entry in gguf_file.index(path).items():
+    for gname, entry in gguf_reader.index(path).items():
         parts = gname.split(".")
         if len(parts) != 4 or parts[0] != "blk" or parts[2] not in GGUF_LINEARS or parts[3] != "weight":
             continue
@@ -277,7 +277,7 @@ def read_gguf_linears(path, config, compute: str = "fp32") -> tuple[dict[str, tu
         if kind not in ("q4_0", "q4_1"):
             other.append(name)
             continue
-        packed, s = from_gguf_blocks(gguf_file.read(path, gname, entry), kind, entry.ne[0], compute)
+        packed, s = from_gguf_blocks(gguf_reader.read(path, gname, entry), kind, entry.ne[0], compute)
         if permute and parts[2] in ("attn_q", "attn_k"):
             heads = config.num_attention_heads if parts[2] == "attn_q" else config.num_key_value_heads
             idx = unpermute_rows(packed.shape[0], heads)

@@ -10,16 +10,14 @@ Labels use -100 for "no loss" (the convention transformers' loss functions share
 
 from __future__ import annotations
 
-import json
 import math
-import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from qlora_rt.errors import QloraError
+from qlora_rt.jsonl import read_jsonl
 
 IGNORE = -100
 
@@ -35,44 +33,9 @@ ROLES = {"system", "user", "assistant", "tool", "developer"}
 EXTRA_OK = {"id", "meta", "metadata", "source"}  # bookkeeping fields that are plainly not part of the example
 
 
-def read_jsonl(path: str | Path, flag: str = "--data", check=None, odd_fields=None,
-               lines: list[int] | None = None) -> list[dict]:
-    """Parse and validate every line; errors name file:line and what was expected.
-    check(row, where) / odd_fields(row): the task's validation (default: the causal-LM shapes above);
-    lines: when given, the line number of each row is appended to it."""
-    check, odd_fields = check or _validate, odd_fields or _oddities
-    p = Path(path)
-    if p.is_dir():
-        raise QloraError(f"{flag}: {p} is a folder; expected a JSONL file (one example a line)")
-    if not p.is_file():
-        raise QloraError(f"{flag}: {p} does not exist")
-    rows, odd = [], Counter()
-    with open(p, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{p}:{n}"
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise QloraError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                                 "save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                near = line[max(e.pos - 12, 0): e.pos + 12].strip()
-                raise QloraError(f"{where}: not valid JSON ({e.msg} at column {e.colno}, near {near!r})") from None
-            check(row, where)
-            odd.update(odd_fields(row))
-            rows.append(row)
-            if lines is not None:
-                lines.append(n)
-    if not rows:
-        raise QloraError(f"{p}: no examples (the file is empty)")
-    if odd:
-        listed = ", ".join(f"{what} on {k} line{'s' if k > 1 else ''}" for what, k in sorted(odd.items()))
-        print(f"{p}: warning: ignored {listed}", file=sys.stderr)
-    return rows
+def read_examples(path: str | Path, flag: str = "--data", lines: list[int] | None = None) -> list[dict]:
+    """Every line of a causal-LM data file, checked against the shapes above (errors name file:line)."""
+    return read_jsonl(path, flag, _validate, _oddities, lines)
 
 
 def _validate(row: object, where: str) -> None:
@@ -156,10 +119,11 @@ def tokenize(row: dict, tokenizer, seq_len: int, where: str = "example") -> Exam
     return Example(ids[:seq_len], labels[:seq_len])
 
 
-def load_examples(path: str | Path, tokenizer, seq_len: int, rows: list[dict] | None = None) -> tuple[list[Example], int]:
+def load_examples(path: str | Path, tokenizer, seq_len: int,
+                  rows: list[dict] | None = None) -> tuple[list[Example], int]:
     """Tokenized examples with at least one label token after truncation, and how many were dropped.
-    rows: the file's rows when `read_jsonl` already read them."""
-    rows = read_jsonl(path) if rows is None else rows
+    rows: the file's rows when `read_examples` already read them."""
+    rows = read_examples(path) if rows is None else rows
     examples = [tokenize(r, tokenizer, seq_len, f"{path}:{i + 1}") for i, r in enumerate(rows)]
     kept = [e for e in examples if sum(t != IGNORE for t in e.labels[1:]) > 0]
     if not kept:

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
-from . import int4
-from .graph import MS, Graph
-from qlora_rt import quant
+from qlora_rt.base import formats
 from qlora_rt.errors import QloraError
-from qlora_rt.lora import lora_layers
+from qlora_rt.lora.layers import lora_layers
 from qlora_rt.merge import merge_weight
+
+from . import int4_weights as int4
+from .graph import MS, Graph
 
 MODES = ("merged", "adapter-aware")
 WEIGHTS = ("fp32", "fp16", "int4", "nf4")
@@ -144,14 +145,14 @@ class LinearWriter:
     def _trained_nbits(self, name: str):
         """The trained base's own MatMulNBits form (its format has one: the int4 format), or None."""
         w = self.layers[name].weight
-        return quant.format_of(w).nbits(w)
+        return formats.format_of(w).nbits(w)
 
     def _trained_bnb4(self, name: str):
         w = self.layers[name].weight
-        found = quant.format_of(w).bnb4(w)
+        found = formats.format_of(w).bnb4(w)
         if found is None:
             raise QloraError(f"--weights nf4 needs a base trained in nf4 or fp4 ({name} is "
-                             f"{quant.format_of(w).describe(w)})")
+                             f"{formats.format_of(w).describe(w)})")
         return found
 
     def requantizes(self, name: str) -> bool:
@@ -161,7 +162,7 @@ class LinearWriter:
     def _float_weight(self, name: str) -> torch.Tensor:
         """The base as trained, in fp32, with the adapter folded in when merging."""
         layer = self.layers[name]
-        w = quant.dequantize(layer.weight)
+        w = formats.dequantize(layer.weight)
         if self.mode == "merged" and layer.rank:
             w = merge_weight(w, layer.lora_A.weight, layer.lora_B.weight, layer.scale, name)
         return w
@@ -245,7 +246,8 @@ def group_lora(pairs: dict[str, tuple[np.ndarray, np.ndarray]], groups: dict[str
             if m in pairs:
                 r = pairs[m][1].shape[0]
                 if pairs[m][1].shape[1] != o:
-                    raise QloraError(f"adapter: {m}.lora_B has {pairs[m][1].shape[1]} outputs, this export expects {o}: "
+                    raise QloraError(f"adapter: {m}.lora_B has {pairs[m][1].shape[1]} outputs, this export "
+                                     f"expects {o}: "
                                      "it was made for another model")
                 B[row:row + r, col:col + o] = pairs[m][1]
                 row += r
@@ -307,7 +309,7 @@ def trained_head(model: torch.nn.Module, weights: str) -> bool:
     """Whether the model's head was trained quantized (--quant-head) in a form this export stores exactly:
     int4 bytes as MatMulNBits (--weights int4), NF4/FP4 bytes as MatMulBnb4 (--weights nf4)."""
     w = model.get_output_embeddings().weight
-    fmt = quant.format_of(w)
+    fmt = formats.format_of(w)
     return weights == "int4" and fmt.nbits(w) is not None or weights == "nf4" and fmt.bnb4(w) is not None
 
 
@@ -339,7 +341,7 @@ class HeadWriter:
             head = head_format(head, approximate, trained_head(model, weights))
         self.quantized, self.bits, self.report = None, 0, "fp16" if weights == "fp16" and not self.tied else "fp32"
         if head == "trained":
-            fmt = quant.format_of(w)
+            fmt = formats.format_of(w)
             self.trained = fmt.nbits(w) if weights == "int4" else fmt.bnb4(w)
             self.report = f"{fmt.describe(w)} (as trained, --quant-head)"
         elif head in ("int8", "int4"):  # rounded when the graph reaches the head (see _round)
@@ -349,7 +351,7 @@ class HeadWriter:
         """The head as trained, (N, K) fp32: made only where the export stores it from floats (a quantized
         head dequantized: 1 GB at the Llama-3.2-1B shape, so never for its own bytes)."""
         w = self._layer.weight
-        return quant.dequantize(w) if quant.is_quantized(w) else w.detach().float()
+        return formats.dequantize(w) if formats.is_quantized(w) else w.detach().float()
 
     def __call__(self, x: str) -> str:
         y = self._product(x)
@@ -376,7 +378,8 @@ class HeadWriter:
                                 {"int8": 4, "fp32": 0}[s.compute])
         if self.trained is not None:  # NF4/FP4 bytes
             packed, absmax, quant_type, block = self.trained
-            return g.op("MatMulBnb4", [x, g.init("lm_head.qweight", packed.numpy()), g.init("lm_head.absmax", absmax.numpy())],
+            return g.op("MatMulBnb4", [x, g.init("lm_head.qweight", packed.numpy()),
+                                       g.init("lm_head.absmax", absmax.numpy())],
                         domain=MS, K=K, N=N, block_size=block, quant_type=quant_type)
         if self.quantized is not None:
             return matmul_nbits(g, "lm_head", x, self.quantized, K, self.bits, 32, 4, weight=f"q{self.bits}")

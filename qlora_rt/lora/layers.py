@@ -4,7 +4,7 @@
 
 `LoRALinear` replaces every `nn.Linear` of the decoder (the output head excepted, as QLoRA does; with
 --quant-head the head becomes a frozen `QuantLinear`, the same without an adapter). Its `weight` is the
-frozen base in whatever format `qlora_rt.quant` gave it, under the base's own state-dict key; a layer
+frozen base in whatever format `qlora_rt.base.formats` gave it, under the base's own state-dict key; a layer
 that is not targeted simply has no adapter (rank 0). A and B are ordinary fp32 `nn.Linear`s named
 `lora_A` / `lora_B`, so parameter names already match PEFT's saved keys.
 """
@@ -12,7 +12,6 @@ that is not targeted simply has no adapter (rank 0). A and B are ordinary fp32 `
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qlora_rt import quant
-from qlora_rt.encoder import head_modules
+from qlora_rt.base import formats as quant
+from qlora_rt.base.linears import linear_names, output_head
+from qlora_rt.base.memory import release_freed_memory
 from qlora_rt.errors import QloraError
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -44,7 +44,7 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
 
 
 class QuantLinear(nn.Module):
-    """A frozen Linear whose weight is in a `qlora_rt.quant` format (the output head with --quant-head)."""
+    """A frozen Linear whose weight is in a `qlora_rt.base.formats` format (the output head with --quant-head)."""
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -57,7 +57,8 @@ class QuantLinear(nn.Module):
         return quant.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, base={quant.format_of(self.weight).describe(self.weight)}"
+        base = quant.format_of(self.weight).describe(self.weight)
+        return f"in={self.in_features}, out={self.out_features}, base={base}"
 
 
 class LoRALinear(QuantLinear):
@@ -115,30 +116,21 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.active = True
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    return get() if get else None
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    """The Linears `quantize_model` turns into LoRALinears: every nn.Linear but a decoder's output head and an
-    encoder's classification head (and pooler), which are trained in full (qlora_rt/encoder.py)."""
-    head = _output_head(model)
-    full = tuple(f"{name}." for name in head_modules(model))
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m is not head and not f"{name}.".startswith(full)]
-
-
-def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.device, gguf=None,
-                   split: Callable[[str, torch.Tensor], nn.Parameter | None] | None = None,
-                   tensors=None) -> nn.Module:
+def quantize_model(
+    model: nn.Module,
+    cfg: quant.QuantConfig,
+    device: torch.device,
+    gguf=None,
+    split: Callable[[str, torch.Tensor], nn.Parameter | None] | None = None,
+    tensors=None,
+) -> nn.Module:
     """Freeze the model, move it to `device`, and turn every decoder Linear into a quantized LoRALinear.
 
     The output head (and the tied embedding) stay in the compute dtype, as in QLoRA: they are the
     layers most sensitive to quantization and, tied, they are also the input embedding.
     gguf: the file the weights came from; with int4 (block 32) its Q4_0/Q4_1 tensors are used as stored.
     split: called with each Linear's name and full-precision weight before it is freed; a Parameter it
-    returns is the frozen base instead of quantize(W) (PiSSA/LoftQ residuals, qlora_rt/svdinit.py).
+    returns is the frozen base instead of quantize(W) (PiSSA/LoftQ residuals, qlora_rt/lora/svd_init.py).
     tensors: where a lazily loaded model's Linear weights are (`load(..., lazy=True)`): each is read, in
     fp32, only when it is quantized.
     """
@@ -159,7 +151,8 @@ def quantize_model(model: nn.Module, cfg: quant.QuantConfig, device: torch.devic
         if weight is None:
             weight = quant.quantize(full, cfg, device, own)
         bias = None if bias is None else nn.Parameter(bias.data.to(device, cfg.compute_dtype), requires_grad=False)
-        setattr(parent, child_name, LoRALinear(weight, bias, child.in_features, child.out_features).train(child.training))
+        layer = LoRALinear(weight, bias, child.in_features, child.out_features).train(child.training)
+        setattr(parent, child_name, layer)
         del child, full  # the last references: its fp32 weight is freed now
         if tensors is not None:
             release_freed_memory()
@@ -174,38 +167,19 @@ def quantize_head(model: nn.Module, cfg: quant.QuantConfig, device: torch.device
     token), the head is quantized from the same values (`tie_word_embeddings` is then false, in the
     config a merge writes too). The head is the largest matrix of small models (SmolLM2-135M: 28M of
     135M parameters) and every decoded token reads all of it."""
-    head = _output_head(model)
+    head = output_head(model)
     if not isinstance(head, nn.Linear) or model.get_input_embeddings() is None:
         raise QloraError("--quant-head: this model has no output head to quantize (an encoder's classification "
                          "head is trained in full)")
     full = head.weight.data
     if full.is_meta:
         full = tensors.get("lm_head.weight")
-    bias = None if head.bias is None else nn.Parameter(head.bias.data.to(device, cfg.compute_dtype), requires_grad=False)
+    bias = None if head.bias is None else nn.Parameter(head.bias.data.to(device, cfg.compute_dtype),
+                                                       requires_grad=False)
     layer = QuantLinear(quant.quantize(full, cfg, device), bias, head.in_features, head.out_features)
     model.set_output_embeddings(layer)
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.tie_word_embeddings = False
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS. glibc keeps the transient fp32 weights' pages in its heap
-    (they are below its adaptive mmap threshold), which at the Llama-3.2-1B shape adds ~0.5 GB to the
-    peak of a lazy load; malloc_trim returns them. A no-op where the C library has no malloc_trim."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    """The C library's malloc_trim, looked up once (it is called every training step), or None."""
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
-        return None
 
 
 def _move_unquantized(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from qlora_rt.config import ChatConfig, GenerateConfig
 from qlora_rt.errors import QloraError
-from qlora_rt.runtime import Completion, Model
+from qlora_rt.runtime.decoder import Completion, Model
 
 
 def _stats(c: Completion) -> str:

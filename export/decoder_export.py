@@ -1,0 +1,113 @@
+"""The decoder family in the export flow (exporter.py): the Llama graph, its output head, its manifest, and
+its self-check (verify.py: onnxruntime generates, PyTorch checks each choice)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qlora_rt import __version__
+from qlora_rt.base import formats
+from qlora_rt.base.load import SUPPORTED
+from qlora_rt.config import ExportConfig
+from qlora_rt.errors import QloraError
+from qlora_rt.lora.layers import lora_layers
+from qlora_rt.runtime.manifest import FORMAT, KV_CACHE, Manifest
+from qlora_rt.train.text_data import load_examples
+from qlora_rt.trained import TrainedModel
+
+from .calibration import HEAD, calibration_data, hessians
+from .decoder_graph import DecoderSpec, build_decoder
+from .graph import Graph
+from .verify import verify
+from .weight_writers import HeadWriter, LinearWriter, add_shared_tensors, head_format, trained_head
+
+MAX_ROPE_TABLE = 32768  # positions; longer contexts need a larger table (recorded as max_context)
+
+
+def spec_of(config) -> DecoderSpec:
+    if config.model_type not in SUPPORTED:
+        raise QloraError(f"architecture {config.model_type!r} is not supported by the exporter yet; "
+                         f"supported: {', '.join(SUPPORTED)}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return DecoderSpec(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+                       config.num_key_value_heads, head_dim, config.vocab_size, config.rms_norm_eps,
+                       config.model_type == "qwen3")
+
+
+class DecoderFamily:
+    name = "decoder"
+
+    def __init__(self, cfg: ExportConfig, trained: TrainedModel) -> None:
+        self.cfg, self.trained = cfg, trained
+        self.model = trained.loaded.model.eval()
+        self.spec = spec_of(self.model.config)
+        self.max_context = min(self.model.config.max_position_embeddings, MAX_ROPE_TABLE)
+        self.head_kind = "fp32"
+        self.head: HeadWriter | None = None
+
+    def start(self, g: Graph) -> LinearWriter:
+        cfg, model, info = self.cfg, self.model, self.trained.adapter
+        add_shared_tensors(g, model, self.max_context)
+        # adapter-aware: LoRA inputs on the trained adapter's modules, or on every Linear for a bare base
+        adapted = set(info.modules) if info else set(lora_layers(model))
+        writer = LinearWriter(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size)
+        approximate = cfg.weights == "int4" and (any(map(writer.requantizes, writer.layers)) or any(
+            formats.format_of(m.weight).approximate_in_onnx(m.weight) for m in writer.layers.values()))
+        self.head_kind = head_format(cfg.head, approximate, trained_head(model, cfg.weights))
+        return writer
+
+    def calibration_targets(self, writer: LinearWriter) -> set[str]:
+        return {n for n in writer.layers if writer.requantizes(n)} | ({HEAD} if self.head_kind == "int4" else set())
+
+    def hessians(self, writer: LinearWriter, data: Path, names: set[str]):
+        return hessians(self.model, self.trained.loaded.tokenizer, data, names)  # a layer at a time while writing
+
+    def build(self, g: Graph, writer: LinearWriter) -> None:
+        self.head = HeadWriter(g, self.model, self.cfg.weights, self.head_kind,
+                               H=lambda: writer.hessians.pop(HEAD, None))
+        build_decoder(self.spec, g, writer, self.head)
+
+    def manifest(self, writer: LinearWriter) -> Manifest:
+        loaded, info, spec, cfg = self.trained.loaded, self.trained.adapter, self.spec, self.cfg
+        gen = self.model.generation_config
+        eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else loaded.tokenizer.eos_token_id
+        return Manifest(format=FORMAT, version=__version__, family="decoder", task="causal-lm", mode=cfg.mode,
+                        weights=cfg.weights, model_type=self.model.config.model_type, layers=spec.layers,
+                        hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
+                        vocab=spec.vocab, max_context=self.max_context,
+                        eos_token_ids=eos if isinstance(eos, list) else [eos],
+                        pad_token_id=loaded.tokenizer.pad_token_id, base_model=loaded.source,
+                        base_fingerprint=loaded.fingerprint, base_quant=self.trained.quant.base_name,
+                        # PiSSA/LoftQ: the digest of the residual base the adapter was trained on (lora/svd_init.py)
+                        base_residual=info.metadata.get("base.residual") if info else None, kv_cache=KV_CACHE,
+                        inputs=["input_ids", "attention_mask", "position_ids", "past_key_values.N.key",
+                                "past_key_values.N.value", "logits_to_keep"],
+                        outputs=["logits", "present.N.key", "present.N.value"],
+                        lora_inputs=writer.lora_inputs, lora_groups=writer.lora_groups)
+
+    def save_files(self, folder: Path) -> None:
+        self.trained.loaded.tokenizer.save_pretrained(folder)
+        if self.model.generation_config is not None:
+            self.model.generation_config.save_pretrained(folder)
+
+    def exact(self, writer: LinearWriter) -> bool:
+        # int8 activations are chaotic at the 1e-3 level (qlora_rt/base/packed_int4.py): never exact
+        return not writer.requant_err and self.trained.quant.int4_compute == "fp32"
+
+    def check(self, folder: Path, meta: Manifest, adapter_file: Path | None, distributions: bool) -> dict:
+        # the calibration examples' distributions judge approximate exports; an exact one is judged by its
+        # logits over the prompts and their continuations (its KL there is reported)
+        samples = self._samples() if distributions else []
+        report = verify(folder, meta, self.model, self.trained.loaded.tokenizer, adapter_file, samples=samples)
+        return {**report, "head": self.head.report, "what_agrees": "next-token distributions"}
+
+    def _samples(self, n: int = 16, seq_len: int = 256) -> list[list[int]]:
+        """Token ids of a few calibration examples: the check compares next-token distributions on them."""
+        data = calibration_data(self.cfg)
+        tokenizer = self.trained.loaded.tokenizer
+        return [e.input_ids for e in load_examples(data, tokenizer, seq_len)[0][:n]] if data else []
+
+    def summary_rows(self, r: dict) -> list[tuple[str, object]]:
+        return [("output head", r["head"]),
+                ("greedy agreement", f"{100 * r['greedy_agreement']:.1f}% over {r['greedy_new_tokens']} tokens, "
+                                     f"{r['greedy_identical_prompts']}/{r['prompts']} prompts identical")]

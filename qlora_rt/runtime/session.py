@@ -1,0 +1,77 @@
+"""What every runtime verb shares: an export's onnxruntime session, and its adapter files (found by name,
+checked against the export's base and LoRA inputs, read once)."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import onnxruntime as ort
+
+from qlora_rt.errors import QloraError
+from qlora_rt.runtime.manifest import Manifest
+
+ADAPTER_DIR, ADAPTER_SUFFIX = "adapters", ".onnx_adapter"
+
+
+def adapter_model_version(meta: Manifest) -> int:
+    """The id an adapter file carries of the base it was trained on (ORT stores one int: the model version)."""
+    base = f"{meta.base_fingerprint}:{meta.base_quant}"
+    if meta.base_residual:  # a PiSSA/LoftQ base is its own base
+        base += f":{meta.base_residual}"
+    return zlib.crc32(base.encode()) & 0x7FFFFFFF
+
+
+def check_fits(shapes: dict[str, list[int]], lora_inputs: dict[str, list], where: str) -> None:
+    """Every tensor of an adapter must name a LoRA input of the export and fit its fixed dimension."""
+    for key, shape in shapes.items():
+        if key not in lora_inputs:
+            raise QloraError(f"{where}: adapts {key.rsplit('.', 1)[0]}, which has no LoRA input in this export "
+                             "(made for another model, or exported for other target modules?)")
+        fixed = lora_inputs[key]  # (in, None) for A, (None, out) for B; a classifier head's: None = its labels
+        if len(shape) != len(fixed) or any(f is not None and f != d for f, d in zip(fixed, shape)):
+            raise QloraError(f"{where}: {key} has shape {list(shape)}, this export expects {fixed}: "
+                             "it was made for another model")
+
+
+def open_session(folder: Path, threads: int = 0) -> ort.InferenceSession:
+    """The folder's model.onnx on the CPU; a file onnxruntime cannot load is one line."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # the LoRA (and head) inputs' initializers are meant to be overridable
+    opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own error types; the first line says what it could not read
+        raise QloraError(f"{folder / 'model.onnx'}: onnxruntime cannot load it "
+                         f"({str(e).strip().splitlines()[0][:300]}); export it again") from None
+
+
+def adapter_names(folder: Path) -> list[str]:
+    return sorted(p.name[: -len(ADAPTER_SUFFIX)] for p in (folder / ADAPTER_DIR).glob(f"*{ADAPTER_SUFFIX}"))
+
+
+def find_adapter(folder: Path, name_or_path: str | Path) -> Path:
+    """A name under FOLDER/adapters/, or a path to an .onnx_adapter file: the file, resolved."""
+    path = Path(name_or_path)
+    if not str(name_or_path).endswith(ADAPTER_SUFFIX):
+        path = folder / ADAPTER_DIR / f"{name_or_path}{ADAPTER_SUFFIX}"
+        if not path.is_file():
+            raise QloraError(f"--adapter: no adapter named {str(name_or_path)!r} in {folder} "
+                             f"(available: {', '.join(adapter_names(folder)) or 'none'})")
+    if not path.is_file():
+        raise QloraError(f"--adapter: {path} does not exist")
+    return path.resolve()
+
+
+def read_adapter_file(path: Path, meta: Manifest) -> dict[str, ort.OrtValue]:
+    """An .onnx_adapter file's tensors, after checking they were made for this export's base and fit its inputs."""
+    try:
+        fmt = ort.AdapterFormat.read_adapter(str(path))
+    except Exception as e:  # onnxruntime raises its own error types for a bad flatbuffer
+        raise QloraError(f"--adapter: {path} is not a readable .onnx_adapter file ({e})") from None
+    if fmt.get_model_version() != adapter_model_version(meta):
+        raise QloraError(f"--adapter: {path.name} was made for another base model (or 4-bit format) than this "
+                         f"export's {meta.base_model} ({meta.base_quant})")
+    params = fmt.get_parameters()
+    check_fits({k: v.shape() for k, v in params.items()}, meta.lora_inputs, f"--adapter: {path.name}")
+    return params

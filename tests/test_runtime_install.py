@@ -1,0 +1,99 @@
+"""Every runtime verb runs where torch is not installed: `generate`, `chat`, `classify --text`, and
+`classify --input/--output`, on a decoder and an encoder export.
+
+Two ways: in this interpreter with torch (and the other training packages) made unimportable, which is
+fast; and, marked slow, in a fresh venv made from `pip install .[runtime]`, as a user installs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = [{"text": "good great lovely"}, {"text": "awful terrible poor"}]
+
+
+@pytest.fixture(scope="module")
+def encoder_export(tiny_bert, bert_run, tmp_path_factory) -> Path:
+    from qlora_rt.config import ExportConfig
+    from qlora_rt.export.exporter import export
+
+    out = tmp_path_factory.mktemp("encoder") / "onnx"
+    export(ExportConfig(model=str(tiny_bert), adapter=str(bert_run), out=str(out), name="sentiment"))
+    return out
+
+
+def _verbs(decoder: Path, encoder: Path, work: Path) -> list[tuple[list[str], str | None]]:
+    """(argv, standard input) for each runtime verb."""
+    texts = write_jsonl(work / "texts.jsonl", TEXTS)
+    return [
+        (["generate", str(decoder), "--prompt", "hello", "--chat", "--adapter", "a", "--max-new-tokens", "4"], None),
+        (["chat", str(decoder), "--max-new-tokens", "4"], "hello\n/adapter b\nhi again\n/exit\n"),
+        (["classify", str(encoder), "--text", "good great", "--text", "awful poor"], None),
+        (["classify", str(encoder), "--input", str(texts), "--output", str(work / "labels.jsonl")], None),
+        (["classify", str(encoder), "--input", str(texts)], None),
+    ]
+
+
+def _check_outputs(work: Path) -> None:
+    lines = [json.loads(line) for line in (work / "labels.jsonl").read_text().splitlines()]
+    assert len(lines) == len(TEXTS) and all(set(p["probs"]) == {"negative", "positive"} for p in lines)
+    assert all(abs(sum(p["probs"].values()) - 1) < 1e-5 for p in lines)
+
+
+BLOCKED = textwrap.dedent("""
+    import sys
+
+    class Block:  # any import of these fails, as in an environment that does not have them
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "transformers", "bitsandbytes", "safetensors", "onnx", "peft"):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    sys.meta_path.insert(0, Block())
+    from qlora_rt.cli import main
+    code = main(sys.argv[1:])
+    assert not {"torch", "transformers", "onnx", "safetensors"} & set(sys.modules), sorted(sys.modules)
+    sys.exit(code)
+""")
+
+
+def test_every_runtime_verb_runs_with_torch_unimportable(tiny_export, encoder_export, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for argv, stdin in _verbs(tiny_export, encoder_export, tmp_path):
+        proc = subprocess.run([sys.executable, "-c", BLOCKED, *argv], input=stdin, capture_output=True, text=True,
+                              cwd=tmp_path, env=env)
+        assert proc.returncode == 0, (argv, proc.stderr[-2000:])
+    _check_outputs(tmp_path)
+    # a training verb says which extra to install, in one line
+    proc = subprocess.run([sys.executable, "-c", BLOCKED, "train", "--model", "m", "--data", "d", "--out", "o"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "pip install 'qlora-rt[export]'" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_every_runtime_verb_runs_in_a_venv_without_torch(tiny_export, encoder_export, tmp_path):
+    """`pip install qlora-rt[runtime]` into a fresh venv pulls no torch, and every runtime verb runs there."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{REPO}[runtime]"],
+                         capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    probe = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch'), "
+                            "u.find_spec('export'), u.find_spec('qlora_rt.export') is not None)"],
+                           capture_output=True, text=True, cwd=tmp_path)
+    # no torch pulled in; the exporters install inside qlora_rt, not as a top-level `export` package
+    assert probe.stdout.split() == ["None", "None", "True"], probe.stdout + probe.stderr
+    for argv, stdin in _verbs(tiny_export, encoder_export, tmp_path):
+        run = subprocess.run([str(venv / "bin" / "qlora-rt"), *argv], input=stdin, capture_output=True, text=True,
+                             cwd=tmp_path)
+        assert run.returncode == 0, (argv, run.stderr[-2000:])
+    _check_outputs(tmp_path)
