@@ -36,7 +36,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in fields(cls):
         kind = _flag_type(hints[f.name])
         shown = "" if f.default in ("", None) else f" (default: {f.default})"
-        kw = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "") + shown}
+        # argparse formats help texts with %: a literal one (say "75%") must reach it doubled
+        text = (f.metadata.get("help", "") + shown).replace("%", "%%")
+        kw = {"default": argparse.SUPPRESS, "help": text}
         if f.metadata.get("positional"):
             parser.add_argument(f.name, metavar=f.name.upper(), nargs="?", **kw)
             continue

@@ -109,11 +109,13 @@ class TrainConfig:
                         "none = plain LoRA", choices=QUANT_FORMATS)
     double_quant: bool = option(True, "nf4/fp4: quantize the per-block absmax too (QLoRA's double quantization)")
     block_size: int | None = option(None, "weights per quantization block (default: 64 for nf4/fp4, 32 for int4)")
-    symmetric: bool = option(False, "int4: one scale per block and zero point 8 (as GGUF Q4_0), not a zero point per block")
-    int4_compute: str = option("fp32", "int4: the product as onnxruntime's MatMulNBits computes it: fp32 (accuracy_level "
-                               "0; export matches PyTorch to 1e-3) or int8 activations (accuracy_level 4; faster on "
-                               "CPU, same arithmetic emulated, but a W4A8 model is chaotic: 1e-7 input noise moves "
-                               "SmolLM2 logits by ~2)", choices=("fp32", "int8"))
+    symmetric: bool = option(False, "int4: one scale per block and zero point 8 (as GGUF Q4_0), not a zero point "
+                             "per block")
+    int4_compute: str = option("fp32", "int4: the product as onnxruntime's MatMulNBits computes it: fp32 "
+                               "(accuracy_level "
+                               "0; the export matches PyTorch exactly) or int8 activations (accuracy_level 4; "
+                               "faster on the CPU, emulated in training, but the export is approximate)",
+                               choices=("fp32", "int8"))
     gguf_q4_1: str = option("exact", "int4 from a GGUF: its Q4_1 Linears as stored (exact = a float minimum per "
                             "block; the export adds a correction product to each Linear, which slows decoding) or "
                             "round = rounded once at load to an integer zero point per block (plain MatMulNBits, "
@@ -146,9 +148,8 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = off)", at_least=0)
     optim: str = option("adamw", "optimizer (paged_adamw_8bit needs CUDA)", choices=("adamw", "paged_adamw_8bit"))
     seed: int = option(0, "seed for adapter init, data order and dropout", at_least=0)
-    grad_checkpointing: bool | None = option(None, "recompute each layer's activations in backward: less memory "
-                                             "(at the Llama-3.2-1B shape it saves ~2.4 MB a token of the batch: "
-                                             "5 GB at 4 x 512), ~35%% slower steps on the CPU. Default: on for bases of "
+    grad_checkpointing: bool | None = option(None, "recompute each layer's activations in backward: much less "
+                                             "memory, slower steps. Default: on for bases of "
                                              f"{GRAD_CHECKPOINTING_FROM / 1e9:g}B+ parameters, off below")
     eval_every: int = option(50, "evaluate every N steps (0 = only at start and end)", at_least=0)
     checkpoint_every: int = option(50, "checkpoint every N steps (0 = never)", at_least=0)
@@ -161,9 +162,9 @@ class TrainConfig:
                         "gloo on the CPU): the global batch is --batch-size x --grad-accum x N. The same as "
                         "`torchrun --nproc-per-node N -m qlora_rt train ...`", at_least=1)
     fsdp: bool = option(False, "several processes: shard the model across them (PyTorch's FSDP2 `fully_shard`, a "
-                        "transformer block a unit): each holds 1/N of the 4-bit base, the adapters, their gradients and "
-                        "the optimizer's state, so a base larger than one GPU trains; without it (DDP) each holds all "
-                        "of the model. Same updates either way")
+                        "transformer block a unit): each holds 1/N of the 4-bit base, the adapters, their gradients "
+                        "and the optimizer's state, so a base larger than one GPU trains; without it (DDP) each holds "
+                        "all of the model. Same updates either way")
     dist_timeout: float = option(1800, "several processes: seconds a rank waits for the others before it stops "
                                  "with an error (a process that died)", above=0)
 
@@ -207,9 +208,9 @@ class ExportConfig:
                           "nf4 (adapter-aware: the trained NF4 bytes in MatMulBnb4)",
                           choices=("fp32", "fp16", "int4", "nf4"))
     block_size: int | None = option(None, "int4 block size for requantized weights (an int4-trained base keeps its "
-                                    "own). Default 32, or twice an int4-trained base's block (64) for a merge: "
-                                    "requantized on the base's own grid, a merged weight rounds back to the base "
-                                    "and loses the adapter's change (measured on the demo: 78.3% vs 90.0%)",
+                                    "own). Default 32, or twice an int4-trained base's block for a merge (on the "
+                                    "base's own grid a merged weight would round back to the base and lose the "
+                                    "adapter's change)",
                                     choices=(16, 32, 64, 128, 256))
     head: str = option("auto", "output head: fp32, int8 (8-bit MatMulNBits with int8 activations: ~1.7x faster "
                        "head, approximate), int4 (4-bit, GPTQ-rounded on the calibration data like the other "
@@ -228,10 +229,9 @@ class ExportConfig:
                                      "int4 is held to --max-kl and --min-top1 instead)")
     max_kl: float = option(0.2, "approximate exports (requantized int4, int8 activations): the largest mean "
                            "KL(PyTorch || ONNX) of next-token distributions, in nats, over the check prompts and 16 "
-                           "calibration examples, before the export fails (SmolLM2-135M merged int4: GPTQ 0.05, "
-                           "round-to-nearest 0.45, one Linear's scales doubled 0.62)", at_least=0)
+                           "calibration examples, before the export fails", at_least=0)
     min_top1: float = option(0.75, "approximate exports: the smallest share of those positions whose most likely "
-                             "next token is PyTorch's (SmolLM2-135M merged int4, GPTQ: 0.90)", at_least=0, at_most=1)
+                             "next token is PyTorch's (encoders: label)", at_least=0, at_most=1)
     overwrite: bool = option(False, "replace --out if it exists (only after the new export verified)")
 
     def check(self) -> None:

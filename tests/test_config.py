@@ -1,8 +1,12 @@
 """Every flag is checked before any model loads: one line naming the flag and what it accepts."""
 
+import argparse
+from dataclasses import dataclass, fields
+
 import pytest
 
-from qlora_rt.cli import main, parser
+from qlora_rt.cli import VERBS, _add_fields, main
+from qlora_rt.config import option
 
 TRAIN = ["train", "--model", "no-such-model", "--data", "no-such.jsonl", "--out", "never-written"]
 
@@ -19,12 +23,14 @@ BAD_FLAGS = [  # (verb args, the flag, what the message says)
     (TRAIN + ["--max-grad-norm", "inf"], "--max-grad-norm must be at least 0, got inf"),
     (TRAIN + ["--loftq-iters", "9"], "--loftq-iters must be at least 1 and at most 5, got 9"),
     (["generate", "no-such-folder", "--prompt", "x", "--threads", "-2"], "--threads must be at least 0, got -2"),
-    (["generate", "no-such-folder", "--prompt", "x", "--temperature", "nan"], "--temperature must be at least 0, got nan"),
+    (["generate", "no-such-folder", "--prompt", "x", "--temperature", "nan"],
+     "--temperature must be at least 0, got nan"),
     (["generate", "no-such-folder", "--prompt", "x", "--top-p", "0"], "--top-p must be above 0 and at most 1, got 0.0"),
     (["generate", "no-such-folder", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["export", "--model", "m", "--out", "o", "--tolerance", "-1"], "--tolerance must be at least 0, got -1.0"),
     (["export", "--model", "m", "--out", "o", "--name", "../../x"], "--name: '../../x' is not a plain name"),
-    (["export-adapter", "--adapter", "a", "--onnx", "o", "--name", "/abs/path"], "--name: '/abs/path' is not a plain name"),
+    (["export-adapter", "--adapter", "a", "--onnx", "o", "--name", "/abs/path"],
+     "--name: '/abs/path' is not a plain name"),
     (["export-adapter", "--adapter", "a", "--onnx", "o", "--name", ".hidden"], "--name: '.hidden' is not a plain name"),
 ]
 
@@ -48,6 +54,23 @@ def test_python_api_checks_the_same_ranges():
         ExportConfig(model="m", out="o", block_size=7).check()
 
 
-def test_help_explains_every_flag_plainly():
-    text = " ".join(parser()._subparsers._group_actions[0].choices["train"].format_help().split())
-    assert "~35% slower" in text and "option_strings" not in text
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_every_verb_prints_its_help(verb, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([verb, "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith(f"usage: qlora-rt {verb}") and "option_strings" not in text
+    for f in fields(VERBS[verb][1]):  # every setting is a flag (or the positional FOLDER) and is explained
+        shown = f.name.upper() if f.metadata.get("positional") else "--" + f.name.replace("_", "-")
+        assert shown in text, shown
+
+
+def test_a_percent_sign_in_a_help_text_is_printed_not_formatted():
+    @dataclass
+    class Settings:
+        share: float = option(0.75, "keep 75% of the tokens")
+
+    p = argparse.ArgumentParser(prog="x")
+    _add_fields(p, Settings)
+    assert "keep 75% of the tokens (default: 0.75)" in " ".join(p.format_help().split())
