@@ -108,6 +108,8 @@ def launch(argv: list[str], nproc: int) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the summary below says it once
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "qlora_rt",
                                          "train", *argv])
+    # the workers share the cores; the variable is set for them only, the caller's environment is left as it was
+    threads = os.environ.get("OMP_NUM_THREADS")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
         run(args)  # torchrun itself, in this process: its agent starts and watches the workers
@@ -118,6 +120,9 @@ def launch(argv: list[str], nproc: int) -> int:
         return code if code > 0 else 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
     return 0
 
 
