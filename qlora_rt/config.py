@@ -10,7 +10,7 @@ import math
 import operator
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from qlora_rt.errors import QloraError
@@ -23,6 +23,8 @@ BOUNDS = {"at_least": ("at least", operator.ge), "above": ("above", operator.gt)
           "at_most": ("at most", operator.le), "below": ("below", operator.lt)}
 
 
+# the base settings' values before `auto` existed: what a run.yaml that lacks one of them was trained with
+LEGACY = {"quant": "nf4", "gguf_q4_1": "exact", "quant_head": False}
 GRAD_CHECKPOINTING_FROM = 1e9  # parameters: --grad-checkpointing is on by default from this size
 
 def option(default, help: str, *, at_least: float | None = None, above: float | None = None,
@@ -104,26 +106,29 @@ class TrainConfig:
     task: str = option("auto", "causal-lm (decoders: generate, chat) | classify (encoders: a label per text; the "
                        "head is trained in full and saved with the adapter) | auto (classify where the data's "
                        "examples have a 'label')", choices=("auto", "causal-lm", "classify"))
-    quant: str = option("nf4", "4-bit format of the frozen base: nf4/fp4 (bitsandbytes), int4 (exported byte for "
-                        "byte to onnxruntime's fast MatMulNBits; a GGUF's Q4_0/Q4_1 weights are used as they are), "
-                        "none = plain LoRA", choices=QUANT_FORMATS)
+    quant: str = option("auto", "4-bit format of the frozen base: int4 (exported byte for byte to onnxruntime's "
+                        "fast MatMulNBits: the adapter-aware int4 export is the trained model exactly; a GGUF's Q4 "
+                        "weights are used as they are), nf4/fp4 (bitsandbytes, as QLoRA and PEFT), none = plain "
+                        "LoRA, or auto = int4 with --gguf-q4-1 round and, for decoders, --quant-head",
+                        choices=("auto", *QUANT_FORMATS))
     double_quant: bool = option(True, "nf4/fp4: quantize the per-block absmax too (QLoRA's double quantization)")
     block_size: int | None = option(None, "weights per quantization block (default: 64 for nf4/fp4, 32 for int4)")
     symmetric: bool = option(False, "int4: one scale per block and zero point 8 (as GGUF Q4_0), not a zero point "
                              "per block")
     int4_compute: str = option("fp32", "int4: the product as onnxruntime's MatMulNBits computes it: fp32 "
-                               "(accuracy_level "
-                               "0; the export matches PyTorch exactly) or int8 activations (accuracy_level 4; "
-                               "faster on the CPU, emulated in training, but the export is approximate)",
-                               choices=("fp32", "int8"))
-    gguf_q4_1: str = option("exact", "int4 from a GGUF: its Q4_1 Linears as stored (exact = a float minimum per "
-                            "block; the export adds a correction product to each Linear, which slows decoding) or "
-                            "round = rounded once at load to an integer zero point per block (plain MatMulNBits, "
-                            "the fast path; the weight error is printed)", choices=("exact", "round"))
-    quant_head: bool = option(False, "quantize the output head too (frozen, in --quant's format; untied from the "
-                              "embedding, which stays in full precision): the adapter-aware export then runs the "
-                              "trained 4-bit head exactly, and decoding reads 8x fewer head bytes. Off: the head "
-                              "stays in the compute dtype, as in QLoRA")
+                               "(accuracy_level 0; the export matches PyTorch exactly) or int8 activations "
+                               "(accuracy_level 4; faster on the CPU, emulated in training, but the export is "
+                               "approximate)", choices=("fp32", "int8"))
+    gguf_q4_1: str = option("auto", "int4 from a GGUF: its Q4_1 Linears as stored (exact = a float minimum per "
+                            "block; the export adds a correction product to each Linear, which slows decoding, and "
+                            "a merged int4 export drifts further from the trained model) or round = rounded once "
+                            "at load to an integer zero point per block (plain MatMulNBits, the fast path; the "
+                            "weight error is printed); auto = round", choices=("auto", "exact", "round"))
+    quant_head: bool | None = option(None, "quantize the output head too (frozen, in --quant's format; untied from "
+                                     "the embedding, which stays in full precision): every int4 export then runs "
+                                     "the trained 4-bit head exactly, and decoding reads 8x fewer head bytes. Off: "
+                                     "the head stays in the compute dtype, as in QLoRA. Default: on for an int4 "
+                                     "decoder")
     rank: int = option(16, "LoRA rank r", at_least=1)
     alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha/r", above=0)
     dropout: float = option(0.05, "dropout on the adapter's input", at_least=0, below=1)
@@ -180,6 +185,20 @@ class TrainConfig:
     def saved(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("resume", "nproc")}
 
+    def resolved(self, encoder: bool, previous: dict | None = None) -> TrainConfig:
+        """The `auto` base settings made concrete: the format that exports exactly and fast (int4, a GGUF's Q4_1
+        rounded to MatMulNBits' integer grid, a decoder's head in 4 bits too). `previous`: a resumed run's saved
+        settings, which an `auto` keeps."""
+        previous = previous or {}
+
+        def pick(name, auto, value):  # a run saved before a setting existed had its old default
+            return value if value not in ("auto", None) else previous.get(name, LEGACY[name]) if previous else auto
+
+        quant = pick("quant", "int4", self.quant)
+        return replace(self, quant=quant,
+                       gguf_q4_1=pick("gguf_q4_1", "round" if quant == "int4" else "exact", self.gguf_q4_1),
+                       quant_head=pick("quant_head", quant == "int4" and not encoder, self.quant_head))
+
 
 @dataclass
 class MergeConfig:
@@ -201,12 +220,16 @@ class ExportConfig:
     out: str = option("", "output folder: model.onnx, tokenizer, adapters/, export_report.json", path=True)
     adapter: str | None = option(None, "trained adapter folder (qlora-rt or PEFT layout); none = the base",
                                  path=True)
+    quant: str | None = option(None, "the base's 4-bit format where the adapter does not record it: a bare base "
+                               "(default: as `train --quant auto`, int4) or a PEFT adapter (default: nf4)",
+                               choices=QUANT_FORMATS)
     mode: str = option("adapter-aware", "merged: fold the adapter into the weights; adapter-aware: base + "
                        "LoRA graph inputs, adapters as .onnx_adapter files", choices=("merged", "adapter-aware"))
-    weights: str = option("fp32", "weight format: fp32 | fp16 | int4 (MatMulNBits: an int4-trained base's own bytes "
+    weights: str = option("auto", "weight format: fp32 | fp16 | int4 (MatMulNBits: an int4-trained base's own bytes "
                           "and exact; any other base or a merged weight is requantized and its error reported) | "
-                          "nf4 (adapter-aware: the trained NF4 bytes in MatMulBnb4)",
-                          choices=("fp32", "fp16", "int4", "nf4"))
+                          "nf4 (adapter-aware: the trained NF4 bytes in MatMulBnb4) | auto (int4 for an int4-trained "
+                          "base, the default of `train`; fp32 for any other)",
+                          choices=("auto", "fp32", "fp16", "int4", "nf4"))
     block_size: int | None = option(None, "int4 block size for requantized weights (an int4-trained base keeps its "
                                     "own). Default 32, or twice an int4-trained base's block for a merge (on the "
                                     "base's own grid a merged weight would round back to the base and lose the "
@@ -225,8 +248,10 @@ class ExportConfig:
                                      path=True)
     name: str = option("default", "file name for the adapter under adapters/ (adapter-aware)")
     tolerance: float | None = option(None, at_least=0, help="max |logit difference| vs PyTorch before the export fails "
-                                     "(default: 1e-3 for fp32, nf4 and int4-trained int4, 5e-2 for fp16; approximate "
-                                     "int4 is held to --max-kl and --min-top1 instead)")
+                                     "(default: 1e-3 for the exports that are the trained model: fp32, nf4, int4 of "
+                                     "an int4-trained base; the approximate ones are judged by their distributions "
+                                     "instead: fp16 to a mean KL of 1e-3 and 98% top-1, requantized int4 to --max-kl "
+                                     "and --min-top1)")
     max_kl: float = option(0.2, "approximate exports (requantized int4, int8 activations): the largest mean "
                            "KL(PyTorch || ONNX) of next-token distributions, in nats, over the check prompts and 16 "
                            "calibration examples, before the export fails", at_least=0)
@@ -236,6 +261,8 @@ class ExportConfig:
 
     def check(self) -> None:
         require(self, "model", "out")
+        if self.adapter in ("", "none"):  # the documented spelling of "no adapter" on the command line
+            self.adapter = None
         check_values(self)
         check_name(self.name)
         if self.mode == "merged" and self.adapter is None:

@@ -29,12 +29,13 @@ def open_trained(model_path: str | Path, adapter: str | Path | None = None, quan
     """The quantized base with its adapter, exactly as it was trained: what merge and export start from.
 
     The base's 4-bit format comes from the adapter's metadata; `quant_format` overrides it (needed for
-    adapters from PEFT, which do not record it; those default to NF4 with double quantization).
+    adapters from PEFT, which do not record it; those default to NF4 with double quantization). A bare base
+    takes `train`'s default format (`bare_base`).
     """
     config, meta = read_adapter(adapter) if adapter else ({}, {})
     if adapter:
         check_own_base(adapter, config, meta)
-    cfg = QuantConfig.from_metadata(meta) or QuantConfig()
+    cfg = QuantConfig.from_metadata(meta) or (QuantConfig() if adapter else bare_base(model_path))
     if quant_format and quant_format != cfg.format:
         if "quant.format" in meta:
             raise QloraError(f"--quant {quant_format}: the adapter was trained on a {cfg.format} base; "
@@ -50,6 +51,13 @@ def open_trained(model_path: str | Path, adapter: str | Path | None = None, quan
         load_residual(loaded.model, Path(adapter) / RESIDUAL, cfg, torch.device(device), meta["base.residual"],
                       loaded.fingerprint)
     return TrainedModel(loaded, cfg, info)
+
+
+def bare_base(model_path: str | Path) -> QuantConfig:
+    """A base with no adapter in the format `train` gives it by default (`--quant auto`), so that the adapters
+    trained with the defaults fit its adapter-aware export."""
+    encoder = family(model_path) == "encoder"
+    return QuantConfig(format="int4", gguf_q4_1="round", head=not encoder)
 
 
 def check_own_base(path: str | Path, config: dict, meta: dict[str, str]) -> None:

@@ -77,7 +77,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_runs(tiny_llama, tiny_data, tmp_path_factory):
-    """Two short training runs on tiny_llama: adapter a (r=4, all-linear) and b (r=8, q/v only)."""
+    """Two short training runs on tiny_llama, on an NF4 base (bitsandbytes, as PEFT trains): adapter a (r=4,
+    all-linear) and b (r=8, q/v only)."""
     from qlora_rt.config import TrainConfig
     from qlora_rt.train.run import train
 
@@ -85,21 +86,22 @@ def tiny_runs(tiny_llama, tiny_data, tmp_path_factory):
     out = {}
     for name, rank, targets, seed in (("a", 4, "all-linear", 0), ("b", 8, "q_proj,v_proj", 1)):
         out[name] = train(TrainConfig(model=str(tiny_llama), data=str(tiny_data / "train.jsonl"), out=str(tmp / name),
-                                      steps=6, rank=rank, targets=targets, seed=seed, lr=1e-2, batch_size=2,
+                                      quant="nf4", steps=6, rank=rank, targets=targets, seed=seed, lr=1e-2,
+                                      batch_size=2,
                                       seq_len=64, checkpoint_every=0, eval_every=0)).adapter
     return tmp, out
 
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_llama, tiny_runs):
-    """A bare-base adapter-aware fp32 export (LoRA inputs on every Linear) with adapters a and b added."""
+    """A bare NF4 base's adapter-aware fp32 export (LoRA inputs on every Linear) with adapters a and b added."""
     from qlora_rt.cli import main
     from qlora_rt.config import ExportConfig
     from qlora_rt.export.exporter import export
 
     tmp, adapters = tiny_runs
     out = tmp / "export-ab"
-    export(ExportConfig(model=str(tiny_llama), out=str(out)))
+    export(ExportConfig(model=str(tiny_llama), out=str(out), quant="nf4", weights="fp32"))
     for name in ("a", "b"):
         assert main(["export-adapter", "--adapter", str(adapters[name]), "--onnx", str(out), "--name", name]) == 0
     return out

@@ -20,8 +20,8 @@ def test_int4_run_exports_exactly_and_answers_offline(tmp_path):
     from qlora_rt.runtime import Model
 
     result = train(TrainConfig(model="smollm2-135m", data=str(DATA / "dates-train.jsonl"), out=str(tmp_path / "run"),
-                               quant="int4", steps=6, batch_size=4, seq_len=256, lr=1e-3, eval_every=0,
-                               checkpoint_every=0))
+                               quant="int4", gguf_q4_1="exact", quant_head=False, steps=6, batch_size=4,
+                               seq_len=256, lr=1e-3, eval_every=0, checkpoint_every=0))
     files = sorted(p.name for p in result.adapter.iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]  # PEFT's layout
     config = json.loads((result.adapter / "adapter_config.json").read_text())

@@ -50,8 +50,9 @@ def families(tmp_path_factory):
 @pytest.mark.parametrize("mode,weights", [("merged", "fp32"), ("adapter-aware", "fp32"), ("adapter-aware", "nf4"),
                                           ("adapter-aware", "int4"), ("merged", "fp16"), ("merged", "int4")])
 def test_export_matches_pytorch_through_the_runtime(families, kind, mode, weights):
-    """Exact formats within 1e-3 of PyTorch (fp16 5e-2) on padded batches, through the runtime users run;
-    requantized int4 is judged by its labels. Each file the export writes, the runtime reads alone."""
+    """Exact formats within 1e-3 of PyTorch (fp16 rounding within 5e-2 here) on padded batches, through
+    the runtime users run; requantized int4 is judged by its labels. Each file the export writes, the runtime
+    reads alone."""
     tmp, runs = families
     base, adapter, pairs = runs[kind]
     trained_as = {"bert": "nf4", "roberta": "int4", "distilbert": "fp4", "xlm-roberta": "nf4"}[kind]
@@ -61,7 +62,10 @@ def test_export_matches_pytorch_through_the_runtime(families, kind, mode, weight
     report = export(ExportConfig(model=str(base), adapter=str(adapter), out=str(out), mode=mode, weights=weights))
     exact = weights != "int4" or (mode == "adapter-aware" and trained_as == "int4")
     assert report["max_abs_logit_diff"] <= ({"fp16": 5e-2}.get(weights, 1e-3) if exact else 10)
-    assert report["tolerance"] is None if not exact else report["tolerance"] > 0
+    if exact and weights != "fp16":
+        assert report["tolerance"] > 0
+    else:  # approximate: judged by the labels' distributions (fp16 to far stricter limits than requantized int4)
+        assert report["tolerance"] is None and report["max_kl"] == (1e-3 if weights == "fp16" else 0.2)
     clf = Classifier(out)
     feeds = clf.encode(TEXTS, PAIRS if pairs else None)
     assert ("token_type_ids" in feeds) == (kind == "bert") and feeds["attention_mask"].min() == 0  # padded

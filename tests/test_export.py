@@ -46,7 +46,7 @@ def test_two_adapters_of_different_ranks_switch_per_run(tiny_llama, tiny_runs, t
     results, runtime = {}, Model(out)  # one session: adapters switch per call
     for name in ("a", "b", None, "a"):
         results[name] = runtime.logits(ids[0].tolist(), adapter=name)[None]
-        loaded, _, _ = open_trained(str(tiny_llama), adapters[name] if name else None)
+        loaded, _, _ = open_trained(str(tiny_llama), adapters[name] if name else None, "nf4")
         with torch.no_grad():
             ref = loaded.model.eval()(input_ids=torch.from_numpy(ids)).logits.numpy()
         assert np.abs(results[name] - ref).max() <= 1e-4, name
@@ -120,8 +120,10 @@ def test_quantized_head_where_the_export_is_approximate_anyway(tiny_llama, tiny_
     model.save_pretrained(tmp_path / "q8")
     for f in plain.glob("*token*"):
         (tmp_path / "q8" / f.name).write_bytes(f.read_bytes())
-    assert export(ExportConfig(model=str(plain), out=str(tmp_path / "fp32")))["head"] == "fp32"  # exact: fp32
-    forced = export(ExportConfig(model=str(tmp_path / "q8"), out=str(tmp_path / "q8-int8"), head="int8", tolerance=1.0))
+    exact = export(ExportConfig(model=str(plain), out=str(tmp_path / "fp32"), quant="nf4", weights="fp32"))
+    assert exact["head"] == "fp32"  # exact: fp32
+    forced = export(ExportConfig(model=str(tmp_path / "q8"), out=str(tmp_path / "q8-int8"), quant="nf4",
+                                 weights="fp32", head="int8", tolerance=1.0))
     assert forced["head"].startswith("int8 (weights lossless") and forced["max_abs_logit_diff"] < 0.1
     _, adapters = tiny_runs
     merged = export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / "m"),

@@ -22,7 +22,7 @@ def minilm_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("minilm") / "run"
     return train(TrainConfig(model="all-minilm-l6-v2", data=str(DATA / "sentiment-train.jsonl"),
                              eval_data=str(DATA / "sentiment-test.jsonl"), out=str(out), steps=40, batch_size=16,
-                             lr=1e-3, seq_len=128, eval_every=0, checkpoint_every=0))
+                             lr=1e-3, seq_len=128, eval_every=0, checkpoint_every=0, quant="nf4"))
 
 
 def test_minilm_learns_real_sentiment_in_4_bits(minilm_run):

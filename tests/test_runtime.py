@@ -33,7 +33,7 @@ def _torch_greedy(tiny_llama, adapter, prompt_ids: list[int], n: int) -> list[in
 
     from qlora_rt.trained import open_trained
 
-    loaded, _, _ = open_trained(str(tiny_llama), str(adapter) if adapter else None)
+    loaded, _, _ = open_trained(str(tiny_llama), str(adapter) if adapter else None, "nf4")  # tiny_export's base
     x = torch.tensor([prompt_ids])
     eos = loaded.tokenizer.eos_token_id
     with torch.no_grad():

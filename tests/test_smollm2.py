@@ -24,7 +24,7 @@ def run(tmp_path_factory):
     write_jsonl(tmp / "eval.jsonl", read_examples(DATA / "dates-heldout.jsonl")[:16])
     result = train(TrainConfig(model="smollm2-135m", data=str(DATA / "dates-train.jsonl"),
                                eval_data=str(tmp / "eval.jsonl"), out=str(tmp / "run"), steps=8, batch_size=4,
-                               seq_len=256, lr=1e-3, eval_every=0, checkpoint_every=4))
+                               seq_len=256, lr=1e-3, eval_every=0, checkpoint_every=4, quant="nf4"))
     loaded, _, _ = open_trained("smollm2-135m", result.adapter)
     return tmp, result, loaded
 

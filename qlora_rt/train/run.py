@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -18,11 +19,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from qlora_rt.base.encoders import max_tokens, takes_token_types, train_head
-from qlora_rt.base.formats import QuantConfig, storage_bytes
+from qlora_rt.base.formats import DEFAULT_BLOCK, QuantConfig, storage_bytes
 from qlora_rt.base.linears import linear_names
 from qlora_rt.base.load import check_model, family, load
 from qlora_rt.base.memory import release_freed_memory
-from qlora_rt.config import GRAD_CHECKPOINTING_FROM, TrainConfig, flag, portable_paths
+from qlora_rt.config import GRAD_CHECKPOINTING_FROM, LEGACY, TrainConfig, flag, portable_paths
 from qlora_rt.errors import QloraError
 from qlora_rt.files import write_yaml
 from qlora_rt.lora.layers import (
@@ -109,7 +110,8 @@ def _run_folder(cfg: TrainConfig, main: bool = True) -> dict | None:
         raise QloraError(f"--out: {out} already holds a run; pass --resume to continue it or choose another folder")
     before = saved.get("config") or _read_run_yaml(out / "run.yaml")
     now = cfg.saved()
-    defaults = TrainConfig(model="-", data="-", out="-").saved()  # what a run saved before a setting existed had
+    # what a run saved before a setting existed had
+    defaults = {**TrainConfig(model="-", data="-", out="-").saved(), **LEGACY}
     diff = [f"{k} ({before.get(k)!r} -> {v!r})" for k, v in now.items()
             if k not in RESUMABLE + BY_CONTENT and before.get(k, defaults[k]) != v]
     if diff:
@@ -167,13 +169,25 @@ def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _resolved(cfg: TrainConfig) -> TrainConfig:
+    """The `auto` base settings made concrete for this model; a resumed run keeps what it was trained with."""
+    check_model(cfg.model)  # before the model loads: a bad path or file fails in a second, not a minute
+    previous = None
+    if cfg.resume:
+        out = Path(cfg.out)
+        saved = checkpoint.progress(out / "checkpoint") if out.is_dir() else None
+        previous = (saved or {}).get("config") or (_read_run_yaml(out / "run.yaml")
+                                                   if (out / "run.yaml").is_file() else None)
+    return cfg.resolved(family(cfg.model) == "encoder", previous)
+
+
 def preflight(cfg: TrainConfig) -> None:
     """The checks that need no model and would stop every process alike (settings, model files, task, run
     folder), for a launcher to make once before it starts several."""
     cfg.check()
     InitConfig(cfg.init, cfg.loftq_iters, cfg.svd)
     _device_and_dtype(cfg)
-    check_model(cfg.model)
+    cfg = _resolved(cfg)
     _task(cfg)
     _run_folder(cfg, main=False)
 
@@ -182,6 +196,12 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     """Fine-tune `cfg.model` on `cfg.data`; write the adapter to `cfg.out/adapter`."""
     cfg.check()
     icfg = InitConfig(cfg.init, cfg.loftq_iters, cfg.svd)  # a bad --init fails before the model loads
+    auto = cfg.quant == "auto"
+    cfg = _resolved(cfg)
+    if auto and os.environ.get("RANK", "0") == "0":
+        print(f"--quant auto: {cfg.quant} base (block {cfg.block_size or DEFAULT_BLOCK[cfg.quant]}"
+              f"{', output head in 4 bits too' if cfg.quant_head else ''}): its int4 export is the trained model "
+              "exactly; --quant nf4 trains a bitsandbytes/PEFT base", file=sys.stderr)
     device, dtype = _device_and_dtype(cfg)
     d = distributed.setup(device, cfg.dist_timeout)  # torchrun's processes join here; one process runs alone
     try:
@@ -206,7 +226,6 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
     qcfg = QuantConfig(cfg.quant, cfg.double_quant, cfg.block_size, dtype, cfg.symmetric, cfg.int4_compute,
                        cfg.quant_head, cfg.gguf_q4_1)
     lcfg = LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.targets)
-    check_model(cfg.model)  # before the model loads: a bad path or file fails in a second, not a minute
     task_name = _task(cfg)
     if task_name == "classify" and cfg.quant_head:
         raise QloraError("--quant-head: a classifier's head is trained in full (saved with the adapter); there is no "

@@ -1,0 +1,79 @@
+"""The obvious path: `train` and `export` with no format flags end in exports that pass their own check."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from qlora_rt.config import ExportConfig, TrainConfig
+from qlora_rt.errors import QloraError
+
+
+@pytest.fixture(scope="module")
+def default_run(tiny_llama, tiny_data, tmp_path_factory):
+    from qlora_rt.train.run import train
+
+    out = tmp_path_factory.mktemp("default-run") / "run"
+    train(TrainConfig(model=str(tiny_llama), data=str(tiny_data / "train.jsonl"), out=str(out), steps=4, rank=4,
+                      lr=1e-2, batch_size=2, seq_len=64, checkpoint_every=0, eval_every=0))
+    return out
+
+
+def test_auto_is_the_format_that_exports_exactly(default_run):
+    saved = yaml.safe_load((default_run / "run.yaml").read_text())
+    assert (saved["quant"], saved["gguf_q4_1"], saved["quant_head"]) == ("int4", "round", True)
+
+
+def test_auto_settings_resolve_per_family_and_keep_a_resumed_runs():
+    cfg = TrainConfig(model="m", data="d", out="o")
+    assert (cfg.resolved(encoder=True).quant, cfg.resolved(encoder=True).quant_head) == ("int4", False)
+    kept = cfg.resolved(encoder=False, previous={"quant": "nf4", "gguf_q4_1": "exact", "quant_head": False})
+    assert (kept.quant, kept.gguf_q4_1, kept.quant_head) == ("nf4", "exact", False)
+    old = cfg.resolved(encoder=False, previous={"steps": 3})  # a run.yaml from before `auto`: its defaults then
+    assert (old.quant, old.gguf_q4_1, old.quant_head) == ("nf4", "exact", False)
+    given = TrainConfig(model="m", data="d", out="o", quant="nf4").resolved(encoder=False)
+    assert (given.quant, given.gguf_q4_1, given.quant_head) == ("nf4", "exact", False)
+
+
+@pytest.mark.parametrize("mode", ["adapter-aware", "merged"])
+def test_default_exports_of_a_default_run_pass_their_check(tiny_llama, default_run, tmp_path, mode):
+    from qlora_rt.export.exporter import export
+
+    report = export(ExportConfig(model=str(tiny_llama), adapter=str(default_run / "adapter"), out=str(tmp_path / "o"),
+                                 mode=mode))
+    assert report["weights"] == "int4" and report["base_quant"] == "int4"
+    if mode == "adapter-aware":  # the trained model, byte for byte: held to the exact tolerance
+        assert report["tolerance"] == 1e-3 and report["max_abs_logit_diff"] <= 1e-3
+
+
+def test_a_bare_base_exports_in_trains_default_format_and_takes_default_adapters(tiny_llama, default_run, tmp_path):
+    from qlora_rt.cli import main
+    from qlora_rt.export.exporter import export
+
+    base = export(ExportConfig(model=str(tiny_llama), out=str(tmp_path / "base"), adapter="none"))
+    assert base["weights"] == "int4" and base["tolerance"] == 1e-3 and base["max_abs_logit_diff"] <= 1e-3
+    assert main(["export-adapter", "--adapter", str(default_run / "adapter"), "--onnx", str(tmp_path / "base"),
+                 "--name", "mine"]) == 0
+
+
+def test_a_refused_int4_export_of_an_nf4_run_names_what_passes_and_that_does(tiny_llama, tiny_runs, tmp_path):
+    from qlora_rt.export.exporter import export
+
+    _, adapters = tiny_runs  # trained on an NF4 base
+    strict = dict(max_kl=0.0, min_top1=1.0)  # requantized NF4 -> int4 is approximate: made to fail here
+    with pytest.raises(QloraError) as e:
+        export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / "x"),
+                            weights="int4", **strict))
+    assert "--weights nf4" in str(e.value) and "--quant int4" in str(e.value)
+    assert not (tmp_path / "x").exists()
+    ok = export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(tmp_path / "x"),
+                             weights="nf4", **strict))
+    assert ok["max_abs_logit_diff"] <= 1e-3
+
+
+def test_bitsandbytes_import_is_quiet_offline():
+    code = "import qlora_rt.base.formats as f; f._bnb()"
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": ""}).stderr
+    assert "publisher trust" not in err and "gemm_4bit_forward" not in err, err
