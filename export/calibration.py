@@ -162,10 +162,11 @@ def encoder_hessians(model: torch.nn.Module, tokenizer, path: Path, names: set[s
                      max_length: int, examples: int = 64, batch_size: int = 8) -> tuple[dict[str, torch.Tensor], int]:
     """As `hessians`, for a classifier: the texts of a classification JSONL file through the whole model."""
     from qlora_rt.train.label_data import collate as collate_texts
-    from qlora_rt.train.label_data import encode, label_names, read
+    from qlora_rt.train.label_data import encode, read
 
     rows = read(path, "--calibration")[0][:examples]
-    data = encode(rows, tokenizer, max_length, label_names(rows), str(path), token_types=token_types)
+    labels = sorted({str(r["label"]) for r in rows})  # only the texts matter here
+    data = encode(rows, tokenizer, max_length, labels, str(path), token_types=token_types)
     batches = [collate_texts(data[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(data), batch_size)]
     return accumulate(model, names, batches, lambda b: model(**{k: v for k, v in b.items() if k != "labels"}))
 

@@ -22,6 +22,7 @@ from qlora_rt.config import (
     MergeConfig,
     TrainConfig,
     resolve_paths,
+    typed_values,
 )
 from qlora_rt.errors import QloraError
 
@@ -74,7 +75,7 @@ def _build(cls: type, args: argparse.Namespace):
         unknown = sorted(set(values) - known)
         if unknown:
             raise QloraError(f"--config: {path}: unknown field(s) {', '.join(unknown)}")
-        values = resolve_paths(cls, values, path.parent)
+        values = resolve_paths(cls, typed_values(cls, values, f"--config {path}"), path.parent)
     values.update({f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
     return cls(**values)
 

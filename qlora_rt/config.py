@@ -6,6 +6,7 @@ run's `run.yaml` is a dump of its `TrainConfig`. Nothing here imports torch, so 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import os
@@ -77,6 +78,44 @@ def resolve_paths(cls, values: dict, base: Path) -> dict:
         v = out.get(name)
         if isinstance(v, str) and v and not Path(v).is_absolute() and (base / v).exists():
             out[name] = os.path.normpath(base / v)
+    return out
+
+
+def typed_values(cls, values: dict, where: str) -> dict:
+    """Settings read from a file, each checked against its field's type: one line for a wrong one. A single
+    string where a list is taken (`prompt: hi`) is a list of one; an integer where a float is, a float."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for name, value in values.items():
+        kind = hints[name]
+        options = [a for a in typing.get_args(kind) if a is not type(None)] if isinstance(kind, types.UnionType) \
+            else [kind]
+        if value is None and type(None) in typing.get_args(kind):
+            out[name] = value
+            continue
+        base = options[0]
+        if typing.get_origin(base) is list:
+            value = [value] if isinstance(value, str) else value
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            want = "a string or a list of strings"
+        elif base is bool:
+            ok, want = isinstance(value, bool), "true or false"
+        elif base is int:
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif base is float:
+            if isinstance(value, str):  # YAML 1.1 reads `2e-4` (no dot) as a string
+                with contextlib.suppress(ValueError):
+                    value = float(value)
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            value = float(value) if ok else value
+        else:
+            ok, want = isinstance(value, str), "a string"
+        if not ok:
+            raise QloraError(f"{where}: {name} must be {want}, got {value!r:.60}")
+        out[name] = value
     return out
 
 

@@ -9,6 +9,7 @@ tensors are read with plain file reads, one at a time, by the loader and the int
 from __future__ import annotations
 
 import functools
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +38,17 @@ def index(path: str | Path) -> dict[str, Entry]:
 def _index(path: Path, size: int, mtime: int) -> dict[str, Entry]:
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
-    out = {t.name: Entry(t.tensor_type, int(t.data_offset), t.data.dtype, tuple(t.data.shape),
-                         tuple(int(n) for n in t.shape)) for t in reader.tensors}
+    try:
+        reader = GGUFReader(str(path))
+        out = {t.name: Entry(t.tensor_type, int(t.data_offset), t.data.dtype, tuple(t.data.shape),
+                             tuple(int(n) for n in t.shape)) for t in reader.tensors}
+    except (ValueError, IndexError, KeyError, OverflowError, struct.error) as e:  # gguf-py's parse of a bad header
+        why = "truncated" if size < 1 << 20 or "reshape" in str(e) or "buffer" in str(e) else "not a GGUF file"
+        raise QloraError(f"{path}: {why} ({str(e).splitlines()[0][:100]}); download the file again") from None
     del reader  # the mapping goes with it; no tensor page was read
+    end = max((e.offset + int(np.prod(e.shape)) * np.dtype(e.dtype).itemsize for e in out.values()), default=0)
+    if end > size:
+        raise QloraError(f"{path}: truncated ({size:,} bytes; its tensors run to {end:,}); download the file again")
     return out
 
 

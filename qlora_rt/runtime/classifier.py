@@ -174,20 +174,23 @@ def classify_file(clf: Classifier, path: Path, out: Path | None, adapter: str | 
     if out is None:
         sys.stdout.write(lines)
         return len(preds)
-    if out.is_symlink() or (out.exists() and not out.is_file()):
-        with open(out, "w") as f:
-            f.write(lines)
-        return len(preds)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
+        if out.is_symlink() or (out.exists() and not out.is_file()):  # a device (/dev/stdout) or a link: as it is
+            with open(out, "w") as f:
+                f.write(lines)
+            return len(preds)
         tmp.write_text(lines)
         tmp.replace(out)
     except OSError as e:
-        if disk_full(e):
-            raise QloraError(f"--output: the disk is full; {out} was left as it was") from None
-        raise
+        why = "the disk is full" if disk_full(e) else (e.strerror or str(e)).lower()
+        raise QloraError(f"--output {out}: {why}; {len(preds)} predictions not written, and {out} was left as it "
+                         "was") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a folder that cannot be written either
+            pass
     return len(preds)
 
 

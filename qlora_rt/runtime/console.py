@@ -44,7 +44,7 @@ def chat(cfg: ChatConfig, read: Callable[[str], str] = input, out=None, err=None
     context cannot hold them. A message that cannot fit even alone is refused and the session goes on."""
     cfg.check()
     out, err = out or sys.stdout, err or sys.stderr  # looked up now: tests and callers may replace them
-    model = Model(cfg.folder, threads=cfg.threads)
+    model = Model(cfg.folder, threads=cfg.threads, verb="chat")
     adapter = cfg.adapter
     if adapter:
         model.load_adapter(adapter)

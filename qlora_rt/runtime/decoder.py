@@ -86,10 +86,11 @@ class _Row:
 class Model:
     """An exported qlora-rt folder, ready to generate; adapters by name (adapters/NAME.onnx_adapter) or path."""
 
-    def __init__(self, folder: str | Path, threads: int = 0) -> None:
+    def __init__(self, folder: str | Path, threads: int = 0, verb: str = "generate") -> None:
+        """verb: the command it serves, named in the error for an export of another family."""
         self.folder = Path(folder)
         self.meta = manifest.read(self.folder)
-        manifest.expect(self.meta, "decoder", self.folder, "generate")
+        manifest.expect(self.meta, "decoder", self.folder, verb)
         self.session = open_session(self.folder, threads)
         self.input_names = {i.name for i in self.session.get_inputs()}
         self._check_session()
@@ -150,7 +151,7 @@ class Model:
                      stop: list[str] | tuple = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                      seed: int | None = None, ignore_eos: bool = False) -> list[Completion]:
         """Completions of token-id prompts; ignore_eos decodes exactly max_new_tokens (benchmarks)."""
-        steps = self._steps(ids, adapter, max_new_tokens, tuple(stop), Sampling(temperature, top_k, top_p, seed),
+        steps = self._steps(ids, adapter, max_new_tokens, _stops(stop), Sampling(temperature, top_k, top_p, seed),
                             ignore_eos=ignore_eos)
         for _ in steps:
             pass
@@ -308,7 +309,7 @@ class Stream:
     def __init__(self, model: Model, prompt, *, chat: bool = False, system: str | None = None, adapter=None,
                  max_new_tokens: int = 128, stop=(), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None) -> None:
-        self.stop = tuple(stop)
+        self.stop = _stops(stop)
         self._steps = model._steps([model.encode(prompt, chat, system)], adapter, max_new_tokens, self.stop,
                                    Sampling(temperature, top_k, top_p, seed), live_text=True)
         self.result: Completion | None = None
@@ -325,6 +326,14 @@ class Stream:
                 yield text[sent:]
                 sent = len(text)
         self.result = self._steps.result[0]
+
+
+def _stops(stop) -> tuple[str, ...]:
+    """Stop strings: one string, or several (a str is one stop string, not its characters)."""
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if not all(isinstance(s, str) for s in stops):
+        raise QloraError(f"stop: expected a string or a list of strings, got {stop!r:.60}")
+    return stops
 
 
 def _held_back(text: str, stops: tuple) -> int:

@@ -103,7 +103,28 @@ def parse(raw: object, where: str) -> Manifest:
         raise QloraError(f"{where}: task {m.task!r} is not a {family} task ({', '.join(TASKS[family])})")
     if m.mode not in ("merged", "adapter-aware"):
         raise QloraError(f"{where}: mode {m.mode!r}; expected merged or adapter-aware")
+    _check_values(m, where)
     return m
+
+
+def _check_values(m: Manifest, where: str) -> None:
+    """Values of the right type that no export writes (a hand-edited or damaged file): one line, not a
+    traceback from the graph."""
+    at_least_1 = ["layers"] + (["kv_heads", "head_dim", "vocab", "max_context"] if m.family == "decoder"
+                               else ["max_length"])
+    for key in at_least_1:
+        if getattr(m, key) is not None and getattr(m, key) < 1:
+            raise QloraError(f"{where}: {key} is {getattr(m, key)}; it must be at least 1 (a damaged file: export "
+                             "the model again)")
+    if m.family == "decoder":
+        if m.head_dim % 2:
+            raise QloraError(f"{where}: head_dim is {m.head_dim}; rotary attention needs an even one (a damaged file)")
+        if not m.eos_token_ids or not all(0 <= t < m.vocab for t in m.eos_token_ids):
+            raise QloraError(f"{where}: eos_token_ids {m.eos_token_ids} are not token ids of its vocabulary of "
+                             f"{m.vocab} (a damaged file)")
+        if m.pad_token_id is not None and not 0 <= m.pad_token_id < m.vocab:
+            raise QloraError(f"{where}: pad_token_id {m.pad_token_id} is not a token id of its vocabulary of "
+                             f"{m.vocab} (a damaged file)")
 
 
 def _describe(hint) -> str:

@@ -3,6 +3,7 @@ checked against the export's base and LoRA inputs, read once)."""
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from qlora_rt.errors import QloraError
 from qlora_rt.runtime.manifest import Manifest
 
 ADAPTER_DIR, ADAPTER_SUFFIX = "adapters", ".onnx_adapter"
+LABELS = "label_names"  # a classifier adapter's label names, as JSON bytes (runtime/classifier.HEAD_LABELS)
 
 
 def adapter_model_version(meta: Manifest) -> int:
@@ -38,6 +40,10 @@ def open_session(folder: Path, threads: int = 0) -> ort.InferenceSession:
     """The folder's model.onnx on the CPU; a file onnxruntime cannot load is one line."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # the LoRA (and head) inputs' initializers are meant to be overridable
+    cores = os.cpu_count() or 1
+    if threads > cores:  # more threads than cores only wait on each other (512 took 30x as long as 2)
+        raise QloraError(f"--threads {threads}: this machine has {cores} CPU threads; use at most {cores} "
+                         "(0 = onnxruntime's default, one per core)")
     opts.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
@@ -73,5 +79,35 @@ def read_adapter_file(path: Path, meta: Manifest) -> dict[str, ort.OrtValue]:
         raise QloraError(f"--adapter: {path.name} was made for another base model (or 4-bit format) than this "
                          f"export's {meta.base_model} ({meta.base_quant})")
     params = fmt.get_parameters()
-    check_fits({k: v.shape() for k, v in params.items()}, meta.lora_inputs, f"--adapter: {path.name}")
+    where = f"--adapter: {path.name}"
+    check_fits({k: v.shape() for k, v in params.items()}, meta.lora_inputs, where)
+    check_values(params, where)
     return params
+
+
+def check_values(params: dict[str, ort.OrtValue], where: str) -> None:
+    """What shapes alone do not say: fp32 tensors (the label names: UTF-8 JSON bytes), each A of the rank
+    of its B, and no NaN or infinity (which would answer `nan` or nothing, silently)."""
+    import json
+
+    import numpy as np
+
+    for key, v in params.items():
+        if key.endswith(LABELS):
+            try:
+                names = json.loads(bytes(v.numpy()).decode())
+            except (UnicodeDecodeError, ValueError):
+                raise QloraError(f"{where}: its label names are not UTF-8 JSON; export the adapter again") from None
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise QloraError(f"{where}: its label names are not a list of strings; export the adapter again")
+            continue
+        if v.data_type() != "tensor(float)":
+            raise QloraError(f"{where}: {key} holds {v.data_type()[7:-1]}, this export takes float32 tensors")
+        if key.endswith(".lora_A"):
+            b = params.get(key[: -len("A")] + "B")
+            if b is not None and v.shape()[-1] != b.shape()[0]:
+                raise QloraError(f"{where}: {key} has rank {v.shape()[-1]} and its lora_B rank {b.shape()[0]}: "
+                                 "not one adapter")
+        if not np.isfinite(v.numpy()).all():
+            raise QloraError(f"{where}: {key} holds NaN or infinite values (a diverged training run?); it would "
+                             "answer nothing useful")

@@ -24,17 +24,18 @@ from qlora_rt.train import text_data
 FIELDS = {"text", "text_pair", "label"}
 
 
-def detect(path: str | Path) -> str:
-    """The task a data file is for, from its first example: `classify` where it has a label."""
+def detect(path: str | Path) -> str | None:
+    """The task a data file is for, from its first example: `classify` where it has a label; None where the
+    file cannot tell (unreadable, not UTF-8 JSON, empty): its reader then says what is wrong with it."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             for line in f:
                 if line.strip():
                     row = json.loads(line)
                     return "classify" if isinstance(row, dict) and "label" in row else "causal-lm"
-    except (OSError, ValueError):
-        pass  # read_jsonl reports what is wrong with the file, naming the line
-    return "causal-lm"
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        pass
+    return None
 
 
 def validate(row: object, where: str) -> None:
@@ -54,18 +55,44 @@ def oddities(row: dict) -> list[str]:
     return [f"field {k!r}" for k in sorted(set(row) - FIELDS - text_data.EXTRA_OK)]
 
 
+FEW = 5  # a label with fewer training examples than this is warned about: the head can barely learn it
+
+
 def read(path: str | Path, flag: str) -> tuple[list[dict], list[int]]:
-    """The file's examples, validated, and the line each came from."""
+    """The file's examples, validated, and the line each came from; the file uses one shape (pairs or not)."""
     lines: list[int] = []
-    return read_jsonl(path, flag, validate, oddities, lines), lines
+    rows = read_jsonl(path, flag, validate, oddities, lines)
+    paired = [i for i, r in enumerate(rows) if "text_pair" in r]
+    if paired and len(paired) != len(rows):
+        single = next(i for i, r in enumerate(rows) if "text_pair" not in r)
+        raise QloraError(f"{path}: line {lines[paired[0]]} has a 'text_pair' and line {lines[single]} does not; a "
+                         "classifier reads one shape: give every line a text_pair, or none")
+    return rows, lines
 
 
-def label_names(rows: list[dict]) -> list[str]:
-    """The label set, sorted: integers by value (0, 1, 2, ... keep their ids), anything else as text."""
-    values = {r["label"] for r in rows}
+def label_names(rows: list[dict], lines: list[int] | None = None, path: str | Path = "--data") -> list[str]:
+    """The label set, sorted: integers by value (0, 1, 2, ... keep their ids), anything else as text. At least
+    two labels, and no two that read the same as text (1 and "1")."""
+    first: dict[str, tuple[object, int]] = {}
+    counts: dict[str, int] = {}
+    for n, r in enumerate(rows):
+        key, line = str(r["label"]), lines[n] if lines else n + 1
+        if key in first and type(first[key][0]) is not type(r["label"]):
+            raise QloraError(f"{path}: labels {first[key][0]!r} (line {first[key][1]}) and {r['label']!r} (line "
+                             f"{line}) are one name to the classifier; write every label the same way")
+        first.setdefault(key, (r["label"], line))
+        counts[key] = counts.get(key, 0) + 1
+    if len(first) < 2:
+        only = f"only the label {next(iter(first))!r}" if first else "no labels"
+        raise QloraError(f"{path}: {only} in {len(rows)} example(s); a classifier needs at least two labels")
+    few = sorted(k for k, c in counts.items() if c < FEW)
+    if few:
+        print(f"{path}: warning: label(s) {', '.join(few[:6])} have fewer than {FEW} examples; the classifier "
+              "will barely learn them", file=sys.stderr)
+    values = [v for v, _ in first.values()]
     if all(isinstance(v, int) for v in values):
         return [str(v) for v in sorted(values)]
-    return sorted(str(v) for v in values)
+    return sorted(first)
 
 
 @dataclass
@@ -86,9 +113,7 @@ def encode(rows: list[dict], tokenizer, seq_len: int, labels: list[str], path: s
             raise QloraError(f"{path}:{line}: label {row['label']!r} is not one of the training data's labels "
                              f"({shown}); the classifier has no output for it")
     texts = [r["text"] for r in rows]
-    pairs = [r["text_pair"] for r in rows] if any("text_pair" in r for r in rows) else None
-    if pairs is not None and not all("text_pair" in r for r in rows):
-        raise QloraError(f"{path}: some examples have a 'text_pair' and some do not; use one shape for the file")
+    pairs = [r["text_pair"] for r in rows] if rows and "text_pair" in rows[0] else None  # one shape: `read`
     enc = tokenizer(texts, pairs)
     long = [i for i, t in enumerate(enc["input_ids"]) if len(t) > seq_len]
     if long:  # only these are tokenized again, cut to seq_len (the longer of a pair is cut first)

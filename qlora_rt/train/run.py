@@ -11,7 +11,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -204,6 +204,10 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
               "exactly; --quant nf4 trains a bitsandbytes/PEFT base", file=sys.stderr)
     device, dtype = _device_and_dtype(cfg)
     d = distributed.setup(device, cfg.dist_timeout)  # torchrun's processes join here; one process runs alone
+    if cfg.fsdp and not d.on:  # recorded as it runs: run.yaml says fsdp false
+        print("--fsdp: one process, nothing to shard; training unsharded (run.yaml records fsdp: false)",
+              file=sys.stderr)
+        cfg = replace(cfg, fsdp=False)
     try:
         return _train(cfg, on_step, icfg, device, dtype, d)
     except RuntimeError as e:
@@ -233,7 +237,7 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
     Task = tasks.Classify if task_name == "classify" else tasks.CausalLM
     rows, lines = Task.read(cfg.data, "--data")
     eval_rows, eval_lines = Task.read(cfg.eval_data, "--eval-data") if cfg.eval_data else ([], [])
-    labels = label_data.label_names(rows) if task_name == "classify" else None
+    labels = label_data.label_names(rows, lines, cfg.data) if task_name == "classify" else None
     data_digest = _data_digest(cfg.data)
     torch.manual_seed(cfg.seed)
     loaded = load(cfg.model, lazy=True, labels=labels)  # decoder Linears are read one at a time as they are quantized
@@ -319,8 +323,6 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
               f"{total_steps} steps on {device.type}{procs}{'; gradient checkpointing' if checkpointing else ''}",
               file=sys.stderr)
     distributed.barrier(d)  # the run folder is ready before any rank steps
-    if cfg.fsdp and not d.on and d.main:
-        print("--fsdp: one process, nothing to shard; training unsharded", file=sys.stderr)
     loop = _Loop(cfg, root, optimizer, scheduler, params, device, out, on_step, residual, identity, d)
     loop.last_checkpoint = step if saved is not None else None
     return loop.run(train_set, eval_set, order, step, total_steps, loaded, qcfg, lcfg, trainable, total)
@@ -330,6 +332,9 @@ def _task(cfg: TrainConfig) -> str:
     """The task: as given, or `classify` where the data's examples have a label; checked against the model."""
     task = cfg.task if cfg.task != "auto" else label_data.detect(cfg.data)
     kind = family(cfg.model)
+    if task is None:  # the file cannot say: its reader names what is wrong with it (empty, not UTF-8, ...)
+        (label_data.read if kind == "encoder" else tasks.CausalLM.read)(cfg.data, "--data")
+        task = "classify" if kind == "encoder" else "causal-lm"
     if task == "classify" and kind != "encoder":
         raise QloraError(f"--task classify: --model {cfg.model} is a decoder; classification trains an encoder "
                          "(BERT, RoBERTa, DistilBERT, MiniLM, ...)")
