@@ -24,9 +24,7 @@ from qlora_rt.errors import QloraError
 from qlora_rt.files import disk_full
 from qlora_rt.jsonl import read_jsonl
 from qlora_rt.runtime import manifest
-from qlora_rt.runtime.session import adapter_names, find_adapter, open_session, read_adapter_file
-
-HEAD_LABELS = "head.label_names"  # the graph input (and adapter tensor) holding the label names as JSON bytes
+from qlora_rt.runtime.session import HEAD_LABELS, adapter_names, find_adapter, open_session, read_adapter_file
 
 
 @dataclass

@@ -13,7 +13,7 @@ from qlora_rt.errors import QloraError
 from qlora_rt.runtime.manifest import Manifest
 
 ADAPTER_DIR, ADAPTER_SUFFIX = "adapters", ".onnx_adapter"
-LABELS = "label_names"  # a classifier adapter's label names, as JSON bytes (runtime/classifier.HEAD_LABELS)
+HEAD_LABELS = "head.label_names"  # a classifier adapter's label names (JSON bytes): a graph input it overrides
 
 
 def adapter_model_version(meta: Manifest) -> int:
@@ -81,11 +81,11 @@ def read_adapter_file(path: Path, meta: Manifest) -> dict[str, ort.OrtValue]:
     params = fmt.get_parameters()
     where = f"--adapter: {path.name}"
     check_fits({k: v.shape() for k, v in params.items()}, meta.lora_inputs, where)
-    check_values(params, where)
+    check_adapter_values(params, where)
     return params
 
 
-def check_values(params: dict[str, ort.OrtValue], where: str) -> None:
+def check_adapter_values(params: dict[str, ort.OrtValue], where: str) -> None:
     """What shapes alone do not say: fp32 tensors (the label names: UTF-8 JSON bytes), each A of the rank
     of its B, and no NaN or infinity (which would answer `nan` or nothing, silently)."""
     import json
@@ -93,7 +93,7 @@ def check_values(params: dict[str, ort.OrtValue], where: str) -> None:
     import numpy as np
 
     for key, v in params.items():
-        if key.endswith(LABELS):
+        if key == HEAD_LABELS:
             try:
                 names = json.loads(bytes(v.numpy()).decode())
             except (UnicodeDecodeError, ValueError):
