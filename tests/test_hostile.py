@@ -219,3 +219,101 @@ def test_classify_output_that_cannot_be_written_is_one_line_and_loses_nothing(tm
     with pytest.raises(QloraError, match="--output"):
         classify_file(_Stub(), data, out, None, 8)
     assert data.read_bytes() == before
+
+
+# --- checkpoints whose config.json does not fit (item 4: another label count; item 11: other sizes) ------
+def test_a_classifier_checkpoint_with_another_label_count_gets_a_fresh_head(tmp_path, capsys):
+    from conftest import ENCODER_CONFIGS, make_encoder_tokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    tok = make_encoder_tokenizer()
+    config = AutoConfig.for_model("bert", vocab_size=len(tok), pad_token_id=tok.pad_token_id, num_labels=3,
+                                  **ENCODER_CONFIGS["bert"])
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "three")
+    tok.save_pretrained(tmp_path / "three")
+    write_jsonl(tmp_path / "two.jsonl", sentiment_rows(16))
+    assert main(_train(tmp_path / "three", tmp_path / "two.jsonl", tmp_path / "run")) == 0
+    assert "has a classifier head for 3 labels; a head for 2 (negative, positive)" in capsys.readouterr().err
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "run" / "adapter" / "adapter_model.safetensors", "np") as f:
+        assert json.loads(f.metadata()["labels"]) == ["negative", "positive"]
+        assert f.get_tensor(next(k for k in f.keys() if k.endswith("classifier.weight"))).shape[0] == 2
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder"])
+@pytest.mark.parametrize("key,value", [("intermediate_size", 96), ("hidden_size", 48), ("vocab_size", 600)])
+def test_config_sizes_that_disagree_with_the_weights_are_one_line(tmp_path, capsys, family, key, value):
+    from conftest import save_checkpoint, save_encoder
+
+    model = save_checkpoint(tmp_path / "m") if family == "decoder" else save_encoder(tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    config[key] = value
+    (model / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, sentiment_rows(16) if family == "encoder" else [{"text": "one two three four"}] * 8)
+    err = _one_line_error(_train(model, data, tmp_path / "run"), capsys)
+    assert "config.json does not match the weights" in err and "in the checkpoint, the config makes it" in err
+    assert not (tmp_path / "run").exists()
+
+
+# --- the chat template (item 6): bounded in time and size, one line for its errors ------------------------
+@pytest.mark.parametrize("source,says", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took over"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+     "passed 4,000,000 characters"),
+    ("{{ 'x' * 10**9 }}", "passed"),
+    ("{{ 'a' + 'b' * 3000000 + 'c' * 3000000 }}", "passed"),
+    ("{{ 2 ** 99999999 }}", "4096 bits"),
+    ("{{ '%999999999s' % 'a' }}", "passed"),
+    ("{{ '{:999999999}'.format('a') }}", "passed"),
+    ("{{ 'a' | center(999999999) }}", "passed"),
+    ("{% set s = 'aaaa' * 900000 %}{{ s | replace('a', 'aaaaaaaa') }}", "passed"),
+    ("{{ messages | tojson(indent=999999999) }}", "passed"),
+    ("{% for i in range(2000) %}{% for j in range(100) %}{{ 'x' * 30 }}{% endfor %}{% endfor %}",
+     "rendered prompt passed"),
+    ("{{ messages.__class__.__mro__ }}", "SecurityError"),
+    ("{{ ''.__class__.__subclasses__() }}", "SecurityError"),
+    ("{% include 'x' %}", "no loader"),
+    ("{{ raise_exception('no system role') }}", "no system role"),
+    ("{{ messages[5].content }}", "UndefinedError"),
+    ("{% for %}", "line 1:"),
+])
+def test_a_hostile_chat_template_stops_in_one_line(source, says):
+    import time
+
+    from qlora_rt.runtime.chat_template import ChatTemplate
+
+    t0 = time.monotonic()
+    with pytest.raises(QloraError, match=says) as e:
+        ChatTemplate(source, "chat template (t)").render(messages=[{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t0 < 10 and "\n" not in str(e.value)
+
+
+def test_a_usual_chat_template_renders_as_transformers_does(tiny_export):
+    from transformers import AutoTokenizer
+
+    from qlora_rt.runtime.decoder import _chat_template
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "count to three"}]
+    ours = _chat_template(tiny_export).render(messages=messages, add_generation_prompt=True)
+    theirs = AutoTokenizer.from_pretrained(tiny_export).apply_chat_template(messages, tokenize=False,
+                                                                          add_generation_prompt=True)
+    assert ours == theirs
+
+
+def test_a_broken_chat_template_breaks_chat_only(tiny_export, tmp_path):
+    from qlora_rt.runtime import Model
+
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_export, folder)
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        raw = json.loads(config.read_text())
+        raw.pop("chat_template", None)
+        config.write_text(json.dumps(raw))
+    m = Model(folder)
+    assert m.generate("count to three", max_new_tokens=3).tokens
+    with pytest.raises(QloraError, match=r"chat template \(.*chat_template.jinja\): line 1:"):
+        m.generate("count to three", chat=True, max_new_tokens=3)

@@ -55,6 +55,9 @@ class Tensors:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._where[key][2]["shape"])
+
     def get(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         path, base, info = self._where[key]
         start, end = info["data_offsets"]
@@ -287,13 +290,17 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool
             if not labels:
                 raise QloraError(f"--model {p}: an encoder trains on classification data ({{\"text\": ..., "
                                  "\"label\": ...}} lines, --task classify); a causal LM needs a decoder")
+            names = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                         label2id={label: i for i, label in enumerate(labels)})
+            fresh = _check_shapes(p, AutoModelForSequenceClassification, names)
             model, tensors = AutoModelForSequenceClassification.from_pretrained(
-                folder, dtype=dtype, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                label2id={l: i for i, l in enumerate(labels)}), None
+                folder, dtype=dtype, ignore_mismatched_sizes=fresh, **names), None
         elif labels:
             raise QloraError(f"--model {p}: a decoder ({_model_type(p)}) cannot be trained as a classifier here; "
                              f"classification needs an encoder ({', '.join(ENCODERS)})")
         else:
+            if p.is_dir():
+                _check_shapes(p, AutoModelForCausalLM, {})
             built = _lazy_model(folder, dtype, p if p.is_file() else None) if lazy else None
             model, tensors = built or (AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs), None)
     except (OSError, ValueError) as e:
@@ -303,6 +310,45 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool
     model.eval()
     return Loaded(model=model, tokenizer=tokenizer, source=str(path), fingerprint=fingerprint(model),
                   gguf=p if p.is_file() else None, tensors=tensors)
+
+
+def _check_shapes(folder: Path, auto, overrides: dict) -> bool:
+    """Before transformers reads a checkpoint folder: every tensor in its safetensors has the shape its
+    config.json gives the model, or one line says which does not (transformers fails at load with a long
+    report, or, lazily built, at the first forward; a too-small vocab even trains). A classifier head of
+    another label count is not an error: the head is trained in full anyway, so it starts fresh (said in a
+    note; an export puts the adapter's head there). Returns whether it does (transformers must then be told to
+    ignore the head's sizes)."""
+    import sys
+
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from qlora_rt.base.encoders import head_modules
+
+    config = AutoConfig.from_pretrained(folder, **overrides)
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    prefix = getattr(model, "base_model_prefix", "")
+    heads = tuple(f"{m}." for m in head_modules(model)) if overrides else ()
+    tensors, fresh = Tensors(folder), []
+    for key in tensors._where:
+        name = next((n for n in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")) if n in shapes), None)
+        if name is None or tensors.shape(key) == shapes[name]:
+            continue
+        if name.startswith(heads):
+            fresh.append((key, tensors.shape(key)))
+            continue
+        raise QloraError(f"--model {folder}: config.json does not match the weights: {key} is "
+                         f"{list(tensors.shape(key))} in the checkpoint, the config makes it {list(shapes[name])} "
+                         "(a config.json from another model size?)")
+    if fresh:
+        had = min(s[0] for _, s in fresh)
+        print(f"note: {folder} has a classifier head for {had} labels; a head for {config.num_labels} "
+              f"({', '.join(config.id2label.values())}) takes its place (trained fresh, or the adapter's)",
+              file=sys.stderr)
+    return bool(fresh)
 
 
 def _lazy_model(folder: Path, dtype: torch.dtype, gguf: Path | None = None

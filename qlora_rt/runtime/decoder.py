@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 
 from qlora_rt.errors import QloraError
 from qlora_rt.runtime import manifest
+from qlora_rt.runtime.chat_template import ChatTemplate
 from qlora_rt.runtime.session import adapter_names, find_adapter, open_session, read_adapter_file
 
 
@@ -354,22 +355,14 @@ def _tokenizer(folder: Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def _chat_template(folder: Path):
-    """The folder's chat template, rendered the way transformers does: a sandboxed jinja2 environment."""
+def _chat_template(folder: Path) -> ChatTemplate | None:
+    """The folder's chat template (compiled and rendered only when a prompt goes through it)."""
     path, cfg = folder / "chat_template.jinja", folder / "tokenizer_config.json"
-    source = path.read_text() if path.is_file() else None
+    source, where = (path.read_text(), path) if path.is_file() else (None, cfg)
     if source is None and cfg.is_file():
         source = json.loads(cfg.read_text()).get("chat_template")
         if isinstance(source, list):  # named templates: take the default one
             source = next((t["template"] for t in source if t.get("name") == "default"), None)
-    if not source:
+    if not source or not isinstance(source, str):
         return None
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str):
-        raise QloraError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals.update(raise_exception=raise_exception,
-                       strftime_now=lambda fmt: time.strftime(fmt))
-    return env.from_string(source)
+    return ChatTemplate(source, f"chat template ({where})")
