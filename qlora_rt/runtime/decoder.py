@@ -93,7 +93,8 @@ class Model:
         self.meta = manifest.read(self.folder)
         manifest.expect(self.meta, "decoder", self.folder, verb)
         self.session = open_session(self.folder, threads)
-        self.input_names = {i.name for i in self.session.get_inputs()}
+        # with the overridable ones (LoRA inputs, logits_to_keep, row_lengths), which get_inputs() leaves out
+        self.input_names = {i.name for i in (*self.session.get_inputs(), *self.session.get_overridable_initializers())}
         self._check_session()
         self.tokenizer = _tokenizer(self.folder)
         self.template = _chat_template(self.folder)
@@ -223,7 +224,10 @@ class _Steps:
         self.result: list[Completion] = []
         self.binding = self._bind(adapter, width + max_new)
         if not all_logits and "logits_to_keep" in model.input_names:  # exports before it compute every position's
-            self.binding.bind_cpu_input("logits_to_keep", np.array(1, np.int64))  # the last position only
+            # the last position only (an overridable input: bind_cpu_input does not find those, so the value
+            # is bound as an OrtValue, kept alive with the binding)
+            self._keep = ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64))
+            self.binding.bind_ortvalue_input("logits_to_keep", self._keep)
 
     def _bind(self, adapter: dict, capacity: int):
         """Outputs first (logits is output 0), then the cache: one zeroed (B, kv, capacity, hd) buffer per
