@@ -50,7 +50,7 @@ class DecoderFamily:
         add_shared_tensors(g, model, self.max_context)
         # adapter-aware: LoRA inputs on the trained adapter's modules, or on every Linear for a bare base
         adapted = set(info.modules) if info else set(lora_layers(model))
-        writer = LinearWriter(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size)
+        writer = LinearWriter(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size, row_slots=True)
         approximate = cfg.weights == "int4" and (any(map(writer.requantizes, writer.layers)) or any(
             formats.format_of(m.weight).approximate_in_onnx(m.weight) for m in writer.layers.values()))
         self.head_kind = head_format(cfg.head, approximate, trained_head(model, cfg.weights))

@@ -32,6 +32,8 @@ from onnx import TensorProto, helper
 
 from .graph import MS, Graph
 
+ROW_LENGTHS = "row_lengths"  # (B,) int64, optional: each row's own cache length (_mask)
+
 
 @dataclass(frozen=True)
 class DecoderSpec:
@@ -77,9 +79,17 @@ def _mask(g: Graph, attention_mask: str, batch: str, length: str) -> tuple[str, 
     the padding (the op applies the causal mask itself). The op's rotary takes a token's position from
     its cache row, so a padded row's tokens sit as many places further on as it has pads: rotary
     attention depends only on the distance between query and key, which that shift does not change.
-    """
+
+    `row_lengths` (B,) int64, when fed, says instead that each row's cache holds its own number of
+    positions from the start (right-aligned rows, as a server's batch of independent streams): row b's
+    new tokens go to its positions row_lengths[b]-T .. row_lengths[b]-1, at their true rotary positions.
+    Its default [-1] means "not fed"."""
     total = g.op("Shape", [attention_mask], start=1, end=2)  # (1,) P+T
-    seqlens = g.op("Cast", [g.op("Expand", [g.op("Sub", [total, g.const([1])]), batch])], to=TensorProto.INT32)
+    lengths = g.init(ROW_LENGTHS, np.array([-1], np.int64))
+    g.inputs.append(helper.make_tensor_value_info(lengths, TensorProto.INT64, ["row_lengths"]))
+    given = g.op("Less", [g.const([0]), lengths])
+    seqlens = g.op("Where", [given, lengths, g.op("Expand", [total, batch])])
+    seqlens = g.op("Cast", [g.op("Sub", [seqlens, g.const([1])])], to=TensorProto.INT32)
     keep = g.op("Cast", [g.op("Unsqueeze", [attention_mask, g.const([1, 2])])], to=TensorProto.BOOL)  # (B,1,1,P+T)
     # not float32's min: the op adds the score to it, and a row of -inf would be NaN
     bias = g.op("Where", [keep, g.const(0.0, np.float32), g.const(-1e30, np.float32)])
