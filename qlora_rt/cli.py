@@ -20,6 +20,7 @@ from qlora_rt.config import (
     ExportConfig,
     GenerateConfig,
     MergeConfig,
+    ServeConfig,
     TrainConfig,
     resolve_paths,
     typed_values,
@@ -165,6 +166,28 @@ def _classify(args: argparse.Namespace) -> None:
     warn_truncated(clf, n)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    cfg = _build(ServeConfig, args)
+    cfg.check()
+    try:
+        import uvicorn
+
+        from qlora_rt.runtime.server import create_app
+    except ModuleNotFoundError as e:
+        raise QloraError(f"serve needs {e.name}, which this install does not include: pip install "
+                         "'qlora-rt[serve]'") from None
+    app = create_app(cfg.folder, api_key=cfg.api_key, max_batch=cfg.max_batch, threads=cfg.threads,
+                     adapters_dir=cfg.adapters_dir, served_model_name=cfg.served_model_name,
+                     max_seq_len=cfg.max_seq_len, max_queue=cfg.max_queue)
+    state = app.state.qlora
+    names = ", ".join([*(["(base)"]), *sorted(state["adapters"])])
+    where = "this machine only" if cfg.host in ("127.0.0.1", "localhost", "::1") else "the network: anyone who can " \
+        "reach it" + ("" if cfg.api_key else ", with no --api-key")
+    print(f"serving {cfg.folder} ({names}) on http://{cfg.host}:{cfg.port}/v1 — reachable from {where}",
+          file=sys.stderr)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=30)
+
+
 TRAINING_PACKAGES = ("torch", "bitsandbytes", "transformers", "safetensors", "gguf", "tqdm", "onnx")
 
 VERBS = {
@@ -186,6 +209,10 @@ VERBS = {
                  "Run an exported classifier with onnxruntime: prints each text's label and its probability, or "
                  "writes one {\"label\", \"probs\"} JSON line per --input line. Adapter-aware exports take the task "
                  "with --adapter (its head and label names come with it)."),
+    "serve": (_serve, ServeConfig, "an OpenAI-compatible HTTP server over an export (no torch needed)",
+              "Serve an export over HTTP with the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models; "
+              "/v1/classify for encoder exports). The model name of a request picks its adapter; requests with "
+              "different adapters are decoded together. Binds 127.0.0.1 unless --host says otherwise."),
     "chat": (_chat, ChatConfig, "talk to an export interactively (no torch needed)",
              "An interactive conversation with an exported folder, using its chat template. "
              "/adapter NAME switches adapters without reloading; /reset forgets; /exit quits."),

@@ -395,3 +395,31 @@ class ClassifyConfig:
 @dataclass
 class ChatConfig(RuntimeConfig):
     max_new_tokens: int = option(256, "longest reply, in tokens", at_least=1)
+
+
+@dataclass
+class ServeConfig:
+    folder: str = option("", "an export folder (decoder: chat and completions; encoder: classification)",
+                         positional=True)
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 = every interface: anyone who can reach this "
+                       "machine can use the model)")
+    port: int = option(8000, "TCP port", at_least=0, at_most=65535)
+    api_key: str | None = option(None, "require `Authorization: Bearer KEY` on /v1/ (default: no key)")
+    max_batch: int = option(8, "streams decoded together in one step (rows of the KV cache)", at_least=1,
+                            at_most=256)
+    max_seq_len: int = option(2048, "longest prompt + reply per stream, in tokens (each stream's KV cache "
+                              "holds this many positions)", at_least=2)
+    max_queue: int | None = option(None, "requests waiting for a free stream before new ones get 429 "
+                                   "(default: 4 x --max-batch)", at_least=0)
+    threads: int = option(0, "CPU threads for onnxruntime (0 = its default, one per core)", at_least=0)
+    adapters_dir: str | None = option(None, "a folder POST /v1/load_lora_adapter may load .onnx_adapter files "
+                                      "from, besides the export's own adapters/", path=True)
+    served_model_name: str | None = option(None, "the base model's name in the API (default: the export's base "
+                                           "model's name)")
+
+    def check(self) -> None:
+        if not self.folder:
+            raise QloraError("FOLDER is required: an export folder written by `qlora-rt export`")
+        check_values(self)
+        if self.adapters_dir and not Path(self.adapters_dir).is_dir():
+            raise QloraError(f"--adapters-dir: {self.adapters_dir} is not a folder")

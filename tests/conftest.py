@@ -207,3 +207,14 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def encoder_export(tiny_bert, bert_run, tmp_path_factory) -> Path:
+    """An adapter-aware export of tiny_bert with bert_run's adapter (head and labels) as `sentiment`."""
+    from qlora_rt.config import ExportConfig
+    from qlora_rt.export.exporter import export
+
+    out = tmp_path_factory.mktemp("encoder") / "onnx"
+    export(ExportConfig(model=str(tiny_bert), adapter=str(bert_run), out=str(out), name="sentiment"))
+    return out

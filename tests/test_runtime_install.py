@@ -1,17 +1,21 @@
-"""Every runtime verb runs where torch is not installed: `generate`, `chat`, `classify --text`, and
-`classify --input/--output`, on a decoder and an encoder export.
+"""Every runtime verb runs where torch is not installed: `generate`, `chat`, `classify --text`,
+`classify --input/--output` and `serve`, on a decoder and an encoder export.
 
 Two ways: in this interpreter with torch (and the other training packages) made unimportable, which is
-fast; and, marked slow, in a fresh venv made from `pip install .[runtime]`, as a user installs it.
+fast; and, marked slow, in a fresh venv made from `pip install .[runtime,serve]`, as a user installs it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,16 +23,6 @@ from conftest import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = [{"text": "good great lovely"}, {"text": "awful terrible poor"}]
-
-
-@pytest.fixture(scope="module")
-def encoder_export(tiny_bert, bert_run, tmp_path_factory) -> Path:
-    from qlora_rt.config import ExportConfig
-    from qlora_rt.export.exporter import export
-
-    out = tmp_path_factory.mktemp("encoder") / "onnx"
-    export(ExportConfig(model=str(tiny_bert), adapter=str(bert_run), out=str(out), name="sentiment"))
-    return out
 
 
 def _verbs(decoder: Path, encoder: Path, work: Path) -> list[tuple[list[str], str | None]]:
@@ -47,6 +41,34 @@ def _check_outputs(work: Path) -> None:
     lines = [json.loads(line) for line in (work / "labels.jsonl").read_text().splitlines()]
     assert len(lines) == len(TEXTS) and all(set(p["probs"]) == {"negative", "positive"} for p in lines)
     assert all(abs(sum(p["probs"].values()) - 1) < 1e-5 for p in lines)
+
+
+def _check_serve(command: list[str], folder: Path, work: Path, env: dict | None = None) -> None:
+    """`serve` starts, answers a completion, and stops on SIGTERM (uvicorn shuts down gracefully, then
+    re-raises the signal, so the exit status is the signal's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*command, "serve", str(folder), "--port", str(port), "--served-model-name", "base"],
+                            stderr=subprocess.PIPE, text=True, cwd=work, env=env)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.2)
+        body = json.dumps({"model": "a", "prompt": "hello", "max_tokens": 3}).encode()
+        req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(req, timeout=30).read())
+        assert reply["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    assert proc.returncode in (0, -signal.SIGTERM), err[-2000:]
+    assert "this machine only" in err and "Traceback" not in err, err[-2000:]
 
 
 BLOCKED = textwrap.dedent("""
@@ -72,6 +94,7 @@ def test_every_runtime_verb_runs_with_torch_unimportable(tiny_export, encoder_ex
                               cwd=tmp_path, env=env)
         assert proc.returncode == 0, (argv, proc.stderr[-2000:])
     _check_outputs(tmp_path)
+    _check_serve([sys.executable, "-c", BLOCKED], tiny_export, tmp_path, env)
     # a training verb says which extra to install, in one line
     proc = subprocess.run([sys.executable, "-c", BLOCKED, "train", "--model", "m", "--data", "d", "--out", "o"],
                           capture_output=True, text=True, cwd=tmp_path, env=env)
@@ -80,12 +103,12 @@ def test_every_runtime_verb_runs_with_torch_unimportable(tiny_export, encoder_ex
 
 @pytest.mark.slow
 def test_every_runtime_verb_runs_in_a_venv_without_torch(tiny_export, encoder_export, tmp_path):
-    """`pip install qlora-rt[runtime]` into a fresh venv pulls no torch, and every runtime verb runs there."""
+    """`pip install qlora-rt[runtime,serve]` into a fresh venv pulls no torch, and every runtime verb runs there."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{REPO}[runtime]"],
-                         capture_output=True, text=True)
+    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                          f"{REPO}[runtime,serve]"], capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr[-2000:]
     probe = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch'), "
                             "u.find_spec('export'), u.find_spec('qlora_rt.export') is not None)"],
@@ -97,3 +120,4 @@ def test_every_runtime_verb_runs_in_a_venv_without_torch(tiny_export, encoder_ex
                              cwd=tmp_path)
         assert run.returncode == 0, (argv, run.stderr[-2000:])
     _check_outputs(tmp_path)
+    _check_serve([str(venv / "bin" / "qlora-rt")], tiny_export, tmp_path)

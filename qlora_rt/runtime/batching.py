@@ -1,0 +1,370 @@
+"""Continuous batching over one decoder export: many independent streams, each with its own adapter.
+
+The engine owns one KV cache of `max_batch` rows (slots). A request takes a free slot, its prompt is
+run into that slot's cache in chunks (between decode steps, so running streams keep going), and from
+then on it is one row of every decode step until it finishes; then the slot is free for the next one.
+Rows are right-aligned: each holds its own number of positions from 0 (the graph's `row_lengths`), so
+streams of any lengths share a step without padding, and a finished row leaves nothing to compact.
+
+Rows with different adapters share each step: the adapters present in the step are fed side by side
+(A) and stacked (B), and `lora.row_slot` masks each row to its own (export/weight_writers.py `_lora`);
+base rows take slot 0. A step whose rows all share one adapter feeds it alone, as `Model.generate` does.
+Exports made before the graph took per-row adapters batch only rows of one adapter at a time.
+
+The engine runs in one thread of its own; onnxruntime releases the GIL while a step runs. Callers hand
+it a `Request` and an `emit` callable that receives the request's `Event`s from the engine's thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from qlora_rt.errors import QloraError
+from qlora_rt.runtime.decoder import Model, Sampling, _held_back, _stops
+
+ROW_SLOT, ROW_LENGTHS = "lora.row_slot", "row_lengths"
+STACKS = 4  # sets of adapters kept stacked (each a copy of its adapters' tensors), least recently used dropped
+
+
+class QueueFull(QloraError):
+    """More requests wait than the engine queues; the caller should retry later."""
+
+
+@dataclass
+class Request:
+    ids: list[int]
+    adapter: str | None = None           # an adapter loaded into the engine (Engine.add_adapter); None = base
+    max_new_tokens: int = 128
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None          # None: none; k >= 0: the chosen token's and the k most likely
+    ignore_eos: bool = False
+    constraint: object | None = None     # e.g. constrained.JsonConstraint: masks logits, follows the tokens
+
+
+@dataclass
+class Event:
+    """What a request gets, in order: pieces of text (`text`, `tokens`), then one with `finish` set
+    ("stop" or "length", or "error" with `error` saying why)."""
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)   # per token: {"token", "logprob", "top": [(id, lp)]}
+    finish: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Live:
+    """A request in the engine: its slot, how much of its prompt is in the cache, what it has produced."""
+
+    def __init__(self, req: Request, emit: Callable[[Event], None], params: dict) -> None:
+        self.req, self.emit, self.params = req, emit, params
+        self.slot = -1
+        self.done_prompt = 0          # prompt tokens already in the cache
+        self.length = 0               # positions in the cache
+        self.tokens: list[int] = []
+        self.text, self.sent = "", 0
+        self.next_token: int | None = None  # sampled, not yet in the cache
+        self.cancelled = False
+        self.finished = False
+        self.rng = np.random.default_rng(req.sampling.seed)
+        self.t_submit = time.perf_counter()
+
+
+class Engine:
+    def __init__(self, model: Model, max_batch: int = 8, max_seq_len: int = 2048, prefill_chunk: int = 256,
+                 max_queue: int = 64) -> None:
+        if max_batch < 1 or prefill_chunk < 1 or max_queue < 0:
+            raise QloraError("--max-batch and the prefill chunk must be at least 1, the queue at least 0")
+        meta = model.meta
+        self.m, self.max_batch, self.prefill_chunk, self.max_queue = model, max_batch, prefill_chunk, max_queue
+        self.capacity = min(max_seq_len, meta.max_context)
+        if self.capacity < 2:
+            raise QloraError(f"--max-seq-len {max_seq_len}: must be at least 2")
+        if ROW_LENGTHS not in model.input_names:
+            raise QloraError(f"{model.folder} was exported before the graph took per-row cache lengths; export it "
+                             "again with this qlora-rt to serve it")
+        self.mixed = ROW_SLOT in model.input_names
+        self.names = [f"past_key_values.{i}.{kv}" for i in range(meta.layers) for kv in ("key", "value")]
+        self.cache = {n: np.zeros((max_batch, meta.kv_heads, self.capacity, meta.head_dim), np.float32)
+                      for n in self.names}
+        self._views: dict[tuple[int, int], list[ort.OrtValue]] = {}  # (first slot, rows) -> the cache's OrtValues
+        self._stacks: dict[tuple[int, ...], dict[str, ort.OrtValue]] = {}  # adapter sets fed side by side
+        self.adapters: dict[str, dict[str, ort.OrtValue]] = {}
+        self.slots: list[_Live | None] = [None] * max_batch
+        self.waiting: deque[_Live] = deque()
+        self.cond = threading.Condition()
+        self.closing = False
+        self.steps = 0
+        self.thread = threading.Thread(target=self._loop, name="qlora-rt-engine", daemon=True)
+        self.thread.start()
+
+    # ---- adapters ----------------------------------------------------------------------------------
+    def add_adapter(self, name: str, name_or_path) -> None:
+        """Load (and check) an adapter under a name; requests already running keep the one they started with."""
+        params = self.m.load_adapter(name_or_path)
+        with self.cond:
+            self.adapters[name] = params
+
+    def remove_adapter(self, name: str) -> None:
+        """Unknown to new requests at once; running requests that use it finish with it (they hold it)."""
+        with self.cond:
+            self.adapters.pop(name)
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def submit(self, req: Request, emit: Callable[[Event], None]) -> _Live:
+        if not req.ids:
+            raise QloraError("the prompt is empty")
+        if len(req.ids) >= self.capacity:
+            raise QloraError(f"the prompt is {len(req.ids)} tokens; this server's context is {self.capacity} "
+                             "tokens (--max-seq-len)")
+        if req.max_new_tokens < 1:
+            raise QloraError(f"max_tokens must be at least 1, got {req.max_new_tokens}")
+        req.sampling.check()
+        with self.cond:
+            if self.closing:
+                raise QloraError("the server is shutting down")
+            if req.adapter is not None and req.adapter not in self.adapters:
+                raise QloraError(f"no adapter named {req.adapter!r} is loaded")
+            busy = sum(s is not None for s in self.slots)
+            if len(self.waiting) >= self.max_queue and busy >= self.max_batch:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting already; retry shortly")
+            live = _Live(req, emit, self.adapters[req.adapter] if req.adapter is not None else {})
+            self.waiting.append(live)
+            self.cond.notify()
+        return live
+
+    def cancel(self, live: _Live) -> None:
+        """Free the request's row at the next step (a client that went away)."""
+        live.cancelled = True
+        with self.cond:
+            self.cond.notify()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Take no more requests, let the running ones finish (up to timeout), then stop the thread."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify()
+        self.thread.join(timeout)
+        with self.cond:
+            for live in [*self.waiting, *filter(None, self.slots)]:
+                self._finish(live, "error", "the server stopped before this request finished")
+            self.waiting.clear()
+            self.slots = [None] * self.max_batch
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting)."""
+        return sum(s is not None for s in self.slots), len(self.waiting)
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                self._drop_cancelled()
+                self._admit()
+                active = [s for s in self.slots if s is not None]
+                if not active:
+                    if self.closing:
+                        return
+                    self.cond.wait()
+                    continue
+            try:
+                prefilling = [s for s in active if s.done_prompt < len(s.req.ids)]
+                if prefilling:  # one chunk of one prompt per round: running streams wait at most one chunk
+                    self._prefill(min(prefilling, key=lambda s: s.t_submit))
+                decoding = [s for s in active if s.next_token is not None and not s.finished]
+                if decoding:
+                    self._decode(decoding)
+            except Exception as e:  # onnxruntime failed: every request in the step gets the reason, not a hang
+                message = f"the model failed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+                with self.cond:
+                    for live in active:
+                        self._finish(live, "error", message)
+            with self.cond:
+                for i, live in enumerate(self.slots):
+                    if live is not None and live.finished:
+                        self.slots[i] = None
+
+    def _drop_cancelled(self) -> None:
+        self.waiting = deque(w for w in self.waiting if not w.cancelled)
+        for i, live in enumerate(self.slots):
+            if live is not None and live.cancelled:
+                live.finished = True
+                self.slots[i] = None
+
+    def _admit(self) -> None:
+        """Waiting requests into free slots, oldest first (lowest slot first, so steps stay short). An export
+        without per-row adapters takes only requests of the running rows' adapter."""
+        running = {id(s.params) for s in self.slots if s is not None}
+        for i in range(self.max_batch):
+            if not self.waiting:
+                return
+            if self.slots[i] is not None:
+                continue
+            pick = 0
+            if not self.mixed and running:
+                pick = next((k for k, w in enumerate(self.waiting) if id(w.params) in running), None)
+                if pick is None:
+                    return
+            live = self.waiting[pick]
+            del self.waiting[pick]
+            live.slot = i
+            running.add(id(live.params))
+            self.slots[i] = live
+
+    def _view(self, first: int, rows: int) -> list[ort.OrtValue]:
+        key = (first, rows)
+        if key not in self._views:
+            self._views[key] = [ort.OrtValue.ortvalue_from_numpy(self.cache[n][first:first + rows]) for n in self.names]
+        return self._views[key]
+
+    def _run(self, first: int, ids: np.ndarray, lengths: np.ndarray, lora: dict[str, ort.OrtValue]) -> np.ndarray:
+        """One run over the slots first .. first+B-1: ids (B, T) at the end of each row's cache (lengths (B,)
+        count them in); the last position's logits (B, V)."""
+        b = self.m.session.io_binding()
+        b.bind_output("logits")
+        for name, value in zip(self.names, self._view(first, len(ids))):
+            b.bind_ortvalue_input(name, value)
+            b.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
+        t = ids.shape[1]
+        width = int(lengths.max())
+        keep = [np.ascontiguousarray(a) for a in (
+            ids, (np.arange(width)[None] < lengths[:, None]).astype(np.int64),
+            lengths[:, None] - t + np.arange(t)[None], lengths, np.array(1, np.int64))]
+        for name, a in zip(("input_ids", "attention_mask", "position_ids", ROW_LENGTHS, "logits_to_keep"), keep):
+            b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(a))
+        for name, value in lora.items():
+            b.bind_ortvalue_input(name, value)
+        self.m.session.run_with_iobinding(b)
+        return b.get_outputs()[0].numpy()[:, -1]
+
+    def _prefill(self, live: _Live) -> None:
+        ids = live.req.ids[live.done_prompt: live.done_prompt + self.prefill_chunk]
+        live.length = live.done_prompt + len(ids)
+        logits = self._run(live.slot, np.array([ids], np.int64), np.array([live.length], np.int64), live.params)
+        live.done_prompt = live.length
+        if live.done_prompt == len(live.req.ids):
+            self._take(live, logits[0])
+
+    def _decode(self, rows: list[_Live]) -> None:
+        first, last = min(r.slot for r in rows), max(r.slot for r in rows)
+        n = last - first + 1
+        ids = np.zeros((n, 1), np.int64)
+        lengths = np.ones(n, np.int64)  # a slot not decoding writes one throwaway position its next prompt overwrites
+        for r in rows:
+            ids[r.slot - first, 0] = r.next_token
+            lengths[r.slot - first] = r.length + 1
+        for i in range(n):  # a row still in its prompt: its dummy goes where its next chunk will write
+            other = self.slots[first + i]
+            if other is not None and other not in rows:
+                lengths[i] = other.length + 1
+        logits = self._run(first, ids, lengths, self._lora(rows, first, n))
+        self.steps += 1
+        for r in rows:
+            r.length += 1
+            r.next_token = None
+            self._take(r, logits[r.slot - first])
+
+    def _lora(self, rows: list[_Live], first: int, n: int) -> dict[str, ort.OrtValue]:
+        """The LoRA inputs of a step: one adapter's own when the rows share it, else the present adapters
+        side by side with each row's slot."""
+        sets = {id(r.params): r.params for r in rows}
+        if len(sets) == 1:
+            return next(iter(sets.values()))
+        present = [p for p in sets.values() if p]
+        key = tuple(id(p) for p in present)
+        if key in self._stacks:
+            self._stacks[key] = self._stacks.pop(key)  # most recently used last
+        else:
+            while len(self._stacks) >= STACKS:
+                del self._stacks[next(iter(self._stacks))]
+            self._stacks[key] = _stack(present)
+        slot_of = {id(p): k + 1 for k, p in enumerate(present)}
+        slots = np.zeros(n, np.int64)
+        for r in rows:
+            slots[r.slot - first] = slot_of.get(id(r.params), 0)
+        self._row_slots = slots  # kept alive while the step runs
+        return {**self._stacks[key], ROW_SLOT: ort.OrtValue.ortvalue_from_numpy(slots)}
+
+    def _take(self, live: _Live, logits: np.ndarray) -> None:
+        """The row's next token from its logits: emitted (as text that cannot be the start of a stop string),
+        and fed at the next step unless the row is done."""
+        if live.cancelled:
+            live.finished = True
+            return
+        req = live.req
+        if req.constraint is not None:
+            logits = logits.astype(np.float32, copy=True)
+            req.constraint.mask(logits)
+        token = int(req.sampling.pick(logits[None], live.rng)[0])
+        if req.constraint is not None and token not in self.m.eos:
+            req.constraint.accept(token)
+        info = []
+        if req.logprobs is not None:
+            z = logits.astype(np.float64)
+            lse = z.max() + np.log(np.exp(z - z.max()).sum())
+            top = np.argpartition(-z, req.logprobs)[: req.logprobs] if req.logprobs else np.array([], int)
+            top = top[np.argsort(-z[top])]
+            info = [{"token": token, "logprob": float(z[token] - lse),
+                     "top": [(int(t), float(z[t] - lse)) for t in top]}]
+        if token in self.m.eos and not req.ignore_eos:
+            self._finish(live, "stop")
+            return
+        live.tokens.append(token)
+        text = self.m.tokenizer.decode(live.tokens)
+        finish = None
+        cut = min((text.find(s) for s in req.stop if s and s in text), default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        elif req.constraint is not None and req.constraint.done:
+            finish = "stop"
+        elif len(live.tokens) >= req.max_new_tokens or live.length + 1 >= self.capacity:
+            finish = "length"
+        live.text = text
+        ready = text if finish else text[: len(text) - _held_back(text, req.stop)]
+        if not finish and ready.endswith("\ufffd"):  # a multi-byte character still incomplete
+            ready = ready[: ready.rfind("\ufffd")]
+        piece = ready[live.sent:] if len(ready) > live.sent else ""
+        live.sent = max(live.sent, len(ready))
+        live.emit(Event(text=piece, tokens=[token], logprobs=info, prompt_tokens=len(req.ids),
+                        completion_tokens=len(live.tokens)))
+        if finish:
+            self._finish(live, finish)
+        else:
+            live.next_token = token
+
+    def _finish(self, live: _Live, reason: str, error: str | None = None) -> None:
+        if live.finished:
+            return
+        live.finished = True
+        live.emit(Event(finish=reason, error=error, prompt_tokens=len(live.req.ids),
+                        completion_tokens=len(live.tokens)))
+
+
+def _stack(adapters: list[dict[str, ort.OrtValue]]) -> dict[str, ort.OrtValue]:
+    """Several adapters as one set of LoRA inputs: each group's A side by side, B stacked, and the slot
+    (1-based, in list order) of every rank column; groups none of them adapts keep their defaults."""
+    out: dict[str, ort.OrtValue] = {}
+    groups = {k[: -len(".lora_A")] for a in adapters for k in a if k.endswith(".lora_A")}
+    for g in groups:
+        parts = [(k + 1, a[f"{g}.lora_A"].numpy(), a[f"{g}.lora_B"].numpy()) for k, a in enumerate(adapters)
+                 if f"{g}.lora_A" in a]
+        A = np.ascontiguousarray(np.concatenate([p[1] for p in parts], 1))
+        B = np.ascontiguousarray(np.concatenate([p[2] for p in parts], 0))
+        slots = np.concatenate([np.full(p[1].shape[1], p[0], np.int64) for p in parts])
+        out[f"{g}.lora_A"] = ort.OrtValue.ortvalue_from_numpy(A)
+        out[f"{g}.lora_B"] = ort.OrtValue.ortvalue_from_numpy(B)
+        out[f"{g}.lora_slot"] = ort.OrtValue.ortvalue_from_numpy(slots)
+    return out
+
+
+__all__ = ["Engine", "Event", "QueueFull", "Request", "_stops"]

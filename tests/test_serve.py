@@ -1,0 +1,467 @@
+"""`qlora-rt serve`: the OpenAI-compatible server and its continuous batching with mixed adapters."""
+
+import asyncio
+import json
+import queue
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from qlora_rt.runtime import Model  # noqa: E402
+from qlora_rt.runtime.batching import Engine, Request  # noqa: E402
+from qlora_rt.runtime.decoder import Sampling  # noqa: E402
+
+PROMPTS = ["count to three", "one two", "hello there, how are you", "five", "the cat sat on", "a b c d e f",
+           "two three four", "count"]
+
+
+def _client(app):
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def app(tiny_export):
+    from qlora_rt.runtime.server import create_app
+
+    app = create_app(tiny_export, max_batch=4, max_queue=64, served_model_name="tiny")
+    yield app
+    app.state.qlora["engine"].close(5)
+
+
+# ---- the engine -------------------------------------------------------------------------------------------
+def _events(q: queue.Queue) -> list[int]:
+    tokens = []
+    while True:
+        ev = q.get(timeout=60)
+        tokens += ev.tokens
+        if ev.finish:
+            assert ev.finish != "error", ev.error
+            return tokens
+
+
+def test_mixed_adapter_streams_give_the_tokens_each_gives_alone(tiny_export):
+    """8 requests over the base and two adapters (different ranks and targets), more than the 3 slots, with
+    prompts of different lengths run in chunks of 2: every one decodes exactly what it decodes alone."""
+    m = Model(tiny_export)
+    engine = Engine(m, max_batch=3, prefill_chunk=2)
+    try:
+        for name in ("a", "b"):
+            engine.add_adapter(name, name)
+        jobs = []
+        for i, text in enumerate(PROMPTS):
+            adapter = (None, "a", "b")[i % 3]
+            q = queue.Queue()
+            engine.submit(Request(m.encode(text), adapter, max_new_tokens=10, ignore_eos=True), q.put)
+            jobs.append((text, adapter, q))
+        for text, adapter, q in jobs:
+            alone = m.generate(text, adapter=adapter, max_new_tokens=10, ignore_eos=True).tokens
+            assert _events(q) == alone, (text, adapter)
+        assert engine.steps < 8 * 10, "requests shared decode steps"
+    finally:
+        engine.close(5)
+
+
+def test_a_mixed_step_equals_single_row_runs(tiny_export):
+    m = Model(tiny_export)
+    engine = Engine(m, max_batch=3)
+    try:
+        engine.add_adapter("a", "a")
+        engine.add_adapter("b", "b")
+        prompts = [m.encode(t) for t in PROMPTS[:3]]
+        params = [{}, engine.adapters["a"], engine.adapters["b"]]
+        singles = []
+        for slot, (ids, p) in enumerate(zip(prompts, params)):  # each prompt alone, into its own slot
+            singles.append(engine._run(slot, np.array([ids]), np.array([len(ids)]), p)[0])
+
+        class Row:  # what _lora reads of a live request
+            def __init__(self, slot, p):
+                self.slot, self.params = slot, p
+        lora = engine._lora([Row(i, p) for i, p in enumerate(params)], 0, 3)
+        nxt = np.array([[int(s.argmax())] for s in singles])
+        lengths = np.array([len(x) + 1 for x in prompts])
+        mixed = engine._run(0, nxt, lengths, lora)
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            alone = m.logits(ids + [int(nxt[i, 0])], adapter=(None, "a", "b")[i])[-1]
+            assert np.abs(mixed[i] - alone).max() <= 1e-4
+    finally:
+        engine.close(5)
+
+
+# ---- the API ----------------------------------------------------------------------------------------------
+def test_models_lists_the_base_and_each_adapter(app):
+    async def go():
+        async with _client(app) as c:
+            r = await c.get("/v1/models")
+            assert r.status_code == 200
+            return [m["id"] for m in r.json()["data"]], (await c.get("/health")).json()
+    ids, health = _run(go())
+    assert ids == ["tiny", "a", "b"] and health["status"] == "ok"
+
+
+def test_concurrent_requests_answer_as_generate_does(app, tiny_export):
+    m = Model(tiny_export)
+
+    async def go():
+        async with _client(app) as c:
+            async def one(i, text):
+                model = ("tiny", "a", "b")[i % 3]
+                r = await c.post("/v1/completions", json={"model": model, "prompt": text, "max_tokens": 8,
+                                                          "temperature": 0, "ignore_eos": True})
+                assert r.status_code == 200, r.text
+                return model, text, r.json()
+            return await asyncio.gather(*(one(i, t) for i, t in enumerate(PROMPTS)))
+    for model, text, body in _run(go()):
+        alone = m.generate(text, adapter=None if model == "tiny" else model, max_new_tokens=8, ignore_eos=True)
+        assert body["choices"][0]["text"] == alone.text
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 8 and body["usage"]["prompt_tokens"] == len(m.encode(text))
+
+
+def test_chat_streams_server_sent_events_ending_in_done(app, tiny_export):
+    m = Model(tiny_export)
+    messages = [{"role": "user", "content": "count to three"}]
+
+    async def go():
+        async with _client(app) as c:
+            async with c.stream("POST", "/v1/chat/completions", json={
+                    "model": "a", "messages": messages, "max_tokens": 6, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}) as r:
+                assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+                return [line async for line in r.aiter_lines() if line]
+    lines = _run(go())
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    alone = m.generate(messages, adapter="a", max_new_tokens=6)
+    assert text == alone.text
+    assert chunks[-1]["usage"]["completion_tokens"] == len(alone.tokens)
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_n_seed_logprobs_and_stop(app):
+    async def go():
+        async with _client(app) as c:
+            r = await c.post("/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "n": 3,
+                "temperature": 0.9, "seed": 7, "logprobs": True, "top_logprobs": 2})
+            again = await c.post("/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "n": 3,
+                "temperature": 0.9, "seed": 7, "logprobs": True, "top_logprobs": 2})
+            return r.json(), again.json()
+    first, second = _run(go())
+    assert [c["message"] for c in first["choices"]] == [c["message"] for c in second["choices"]]
+    assert len(first["choices"]) == 3
+    lp = first["choices"][0]["logprobs"]["content"]
+    assert lp and all(x["logprob"] <= 0 and len(x["top_logprobs"]) == 2 for x in lp)
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "nope", "prompt": "hi"}, 404, "model"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "hi", "temperature": 5}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny", "prompt": "hi", "n": 0}, 400, "n"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "word " * 5000}, 400, "prompt"),
+    ({"model": "tiny", "prompt": [10**9]}, 400, "prompt"),
+    ({"model": "tiny", "prompt": ""}, 400, "prompt"),
+    ({"model": "tiny"}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "hi", "stop": [1, 2]}, 400, "stop"),
+])
+def test_bad_requests_get_the_openai_error_shape(app, body, status, param):
+    async def go():
+        async with _client(app) as c:
+            return await c.post("/v1/completions", json=body)
+    r = _run(go())
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"].startswith(param)
+
+
+def test_malformed_json_and_wrong_endpoints_are_400(app):
+    async def go():
+        async with _client(app) as c:
+            bad = await c.post("/v1/chat/completions", content=b"{not json",
+                               headers={"content-type": "application/json"})
+            no_messages = await c.post("/v1/chat/completions", json={"model": "tiny", "messages": []})
+            role = await c.post("/v1/chat/completions",
+                                json={"model": "tiny", "messages": [{"role": "x", "content": ""}]})
+            classify = await c.post("/v1/classify", json={"model": "tiny", "input": ["hi"]})
+            return bad, no_messages, role, classify
+    for r in _run(go()):
+        assert r.status_code == 400 and "error" in r.json(), r.text
+
+
+def test_api_key_is_required_when_set(tiny_export):
+    from qlora_rt.runtime.server import create_app
+
+    app = create_app(tiny_export, api_key="sesame", max_batch=1)
+
+    async def go():
+        async with _client(app) as c:
+            none = await c.get("/v1/models")
+            wrong = await c.get("/v1/models", headers={"Authorization": "Bearer open"})
+            right = await c.get("/v1/models", headers={"Authorization": "Bearer sesame"})
+            health = await c.get("/health")
+            return none, wrong, right, health
+    try:
+        none, wrong, right, health = _run(go())
+        assert none.status_code == wrong.status_code == 401 and none.json()["error"]["code"] == "invalid_api_key"
+        assert right.status_code == health.status_code == 200
+    finally:
+        app.state.qlora["engine"].close(5)
+
+
+def test_a_full_queue_is_429_with_retry_after(tiny_export):
+    from qlora_rt.runtime.server import create_app
+
+    app = create_app(tiny_export, max_batch=1, max_queue=0, served_model_name="tiny")
+    engine = app.state.qlora["engine"]
+    run = engine._run
+    engine._run = lambda *a: (time.sleep(0.02), run(*a))[1]  # a slow model: 40 steps take 0.8 s
+
+    async def go():
+        async with _client(app) as c:
+            body = {"model": "tiny", "prompt": "hi", "max_tokens": 40, "ignore_eos": True}
+            first = asyncio.ensure_future(c.post("/v1/completions", json=body))
+            while engine.load[0] == 0:
+                await asyncio.sleep(0.01)
+            second = await c.post("/v1/completions", json=body)
+            return await first, second
+    try:
+        first, second = _run(go())
+        assert first.status_code == 200
+        assert second.status_code == 429 and second.headers["retry-after"] == "1"
+        assert second.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        engine.close(5)
+
+
+def test_adapters_load_only_from_inside_the_export_or_adapters_dir(tiny_export, tmp_path):
+    from qlora_rt.runtime.server import create_app
+
+    outside = tmp_path / "outside.onnx_adapter"
+    shutil.copy(tiny_export / "adapters" / "a.onnx_adapter", outside)
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    shutil.copy(tiny_export / "adapters" / "b.onnx_adapter", allowed / "b2.onnx_adapter")
+    (allowed / "link.onnx_adapter").symlink_to(outside)
+    app = create_app(tiny_export, adapters_dir=allowed, max_batch=2, served_model_name="tiny")
+
+    async def go():
+        async with _client(app) as c:
+            post = lambda url, body: c.post(url, json=body)  # noqa: E731
+            out = [await post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(outside)}),
+                   await post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "../outside.onnx_adapter"}),
+                   await post("/v1/load_lora_adapter", {"lora_name": "x",
+                                                        "lora_path": str(allowed / "link.onnx_adapter")}),
+                   await post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/etc/passwd"}),
+                   await post("/v1/load_lora_adapter", {"lora_name": "b2", "lora_path": "b2.onnx_adapter"})]
+            models = [m["id"] for m in (await c.get("/v1/models")).json()["data"]]
+            used = await post("/v1/completions", {"model": "b2", "prompt": "hi", "max_tokens": 3})
+            gone = await post("/v1/unload_lora_adapter", {"lora_name": "b2"})
+            after = await post("/v1/completions", {"model": "b2", "prompt": "hi", "max_tokens": 3})
+            again = await post("/v1/unload_lora_adapter", {"lora_name": "b2"})
+            return out, models, used, gone, after, again
+    try:
+        out, models, used, gone, after, again = _run(go())
+        assert [r.status_code for r in out] == [400, 400, 400, 400, 200]
+        assert all(r.json()["error"]["code"] == "path_not_allowed" for r in out[:4])
+        assert "b2" in models and used.status_code == 200 and gone.status_code == 200
+        assert after.status_code == 404 and again.status_code == 404
+    finally:
+        app.state.qlora["engine"].close(5)
+
+
+def test_an_adapter_for_another_base_is_refused_on_load(tiny_export, tmp_path):
+    from qlora_rt.runtime.server import create_app
+
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "junk.onnx_adapter").write_bytes(b"not a flatbuffer")
+    app = create_app(tiny_export, adapters_dir=allowed, max_batch=1)
+
+    async def go():
+        async with _client(app) as c:
+            return await c.post("/v1/load_lora_adapter", json={"lora_name": "j", "lora_path": "junk.onnx_adapter"})
+    try:
+        r = _run(go())
+        assert r.status_code == 400 and "not a readable .onnx_adapter" in r.json()["error"]["message"]
+    finally:
+        app.state.qlora["engine"].close(5)
+
+
+def test_64_concurrent_mixed_requests_all_complete(app):
+    async def go():
+        async with _client(app) as c:
+            async def one(i):
+                body = {"model": ("tiny", "a", "b")[i % 3], "max_tokens": 4 + i % 5, "temperature": 0,
+                        "stream": i % 2 == 0}
+                if i % 4 < 2:
+                    body["prompt"] = PROMPTS[i % 8]
+                    url = "/v1/completions"
+                else:
+                    body["messages"] = [{"role": "user", "content": PROMPTS[i % 8]}]
+                    url = "/v1/chat/completions"
+                if body["stream"]:
+                    async with c.stream("POST", url, json=body) as r:
+                        lines = [line async for line in r.aiter_lines() if line]
+                        return r.status_code, lines[-1] == "data: [DONE]"
+                r = await c.post(url, json=body)
+                return r.status_code, r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+            return await asyncio.gather(*(one(i) for i in range(64)))
+    results = _run(go())
+    assert all(status == 200 and ok for status, ok in results), results
+    assert app.state.qlora["engine"].load == (0, 0)
+
+
+def test_a_client_that_disconnects_frees_its_row(tiny_export):
+    engine, port, stop = _serve_in_thread(tiny_export)
+    run = engine._run
+    engine._run = lambda *a: (time.sleep(0.02), run(*a))[1]  # a slow model: 200 steps take 4 s
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            with c.stream("POST", "/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 200,
+                                                          "ignore_eos": True, "stream": True}) as r:
+                assert r.status_code == 200
+                next(r.iter_lines())
+                assert engine.load[0] == 1
+        deadline = time.time() + 3
+        while engine.load != (0, 0) and time.time() < deadline:
+            time.sleep(0.02)
+        assert engine.load == (0, 0) and engine.steps < 150
+    finally:
+        stop()
+
+
+def test_the_official_openai_client_talks_to_it(tiny_export):
+    openai = pytest.importorskip("openai")
+    engine, port, stop = _serve_in_thread(tiny_export)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        assert [m.id for m in client.models.list()] == ["base", "a", "b"]
+        reply = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "count"}],
+                                               max_tokens=5, temperature=0)
+        assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="a", messages=[{"role": "user", "content": "count"}], max_tokens=5, temperature=0, stream=True)
+            if c.choices]
+        assert "".join(pieces) == reply.choices[0].message.content
+        done = client.completions.create(model="b", prompt=["one two", "three"], max_tokens=3, temperature=0)
+        assert len(done.choices) == 2
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="c", messages=[{"role": "user", "content": "x"}])
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="a", messages=[{"role": "user", "content": "x"}], temperature=-1)
+    finally:
+        stop()
+
+
+def _serve_in_thread(folder):
+    """A real uvicorn server on a free port, in a thread: (engine, port, stop)."""
+    import uvicorn
+
+    from qlora_rt.runtime.server import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(folder, max_batch=2, served_model_name="base")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(20)
+    return app.state.qlora["engine"], port, stop
+
+
+def test_classify_endpoint_on_an_encoder_export(encoder_export):
+    from qlora_rt.runtime.classifier import Classifier
+    from qlora_rt.runtime.server import create_app
+
+    app = create_app(encoder_export)
+
+    async def go():
+        async with _client(app) as c:
+            ok = await c.post("/v1/classify", json={"model": "sentiment", "input": ["good great", "awful poor"]})
+            base = await c.get("/v1/models")
+            chat = await c.post("/v1/chat/completions", json={"model": "sentiment",
+                                                              "messages": [{"role": "user", "content": "x"}]})
+            empty = await c.post("/v1/classify", json={"model": "sentiment", "input": [""]})
+            return ok, base, chat, empty
+    ok, base, chat, empty = _run(go())
+    assert ok.status_code == 200
+    want = Classifier(encoder_export).classify(["good great", "awful poor"], adapter="sentiment")
+    got = ok.json()["data"]
+    assert [d["label"] for d in got] == [p.label for p in want]
+    assert all(abs(sum(d["probs"].values()) - 1) < 1e-5 for d in got)
+    assert "sentiment" in [m["id"] for m in base.json()["data"]]
+    assert chat.status_code == 400 and empty.status_code == 400
+
+
+def test_serve_help_and_a_missing_folder(capsys):
+    from qlora_rt.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0
+    assert main(["serve", "/nonexistent/export"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_sampling_matches_between_engine_and_generate_with_a_seed(tiny_export):
+    m = Model(tiny_export)
+    engine = Engine(m, max_batch=2)
+    try:
+        q = queue.Queue()
+        engine.submit(Request(m.encode("count"), None, 8, Sampling(0.8, 20, 0.9, 3), ignore_eos=True), q.put)
+        alone = m.generate("count", max_new_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=3, ignore_eos=True)
+        assert _events(q) == alone.tokens
+    finally:
+        engine.close(5)
+
+
+def test_response_format_json_schema_constrains_the_reply(app):
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"enum": [1, 2, 3]}},
+              "required": ["answer", "n"], "additionalProperties": False}
+
+    async def go():
+        async with _client(app) as c:
+            out = []
+            for fmt in ({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+                        {"type": "json_object"}):
+                out.append(await c.post("/v1/chat/completions", json={
+                    "model": "a", "messages": [{"role": "user", "content": "count"}], "max_tokens": 60,
+                    "temperature": 0.7, "seed": 1, "response_format": fmt}))
+            out.append(await c.post("/v1/chat/completions", json={
+                "model": "a", "messages": [{"role": "user", "content": "count"}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}))
+            return out
+    with_schema, any_object, broken = _run(go())
+    choice = with_schema.json()["choices"][0]
+    reply = json.loads(choice["message"]["content"])  # a random tiny model, but the grammar holds it
+    assert choice["finish_reason"] == "stop" and reply["answer"] in ("yes", "no") and isinstance(reply["n"], int)
+    assert set(reply) == {"answer", "n"}
+    text = any_object.json()["choices"][0]["message"]["content"]
+    assert text.startswith("{")
+    if any_object.json()["choices"][0]["finish_reason"] == "stop":
+        assert isinstance(json.loads(text), dict)
+    assert broken.status_code == 400 and broken.json()["error"]["param"] == "response_format"
