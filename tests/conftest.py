@@ -218,3 +218,14 @@ def encoder_export(tiny_bert, bert_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("encoder") / "onnx"
     export(ExportConfig(model=str(tiny_bert), adapter=str(bert_run), out=str(out), name="sentiment"))
     return out
+
+
+@pytest.fixture(scope="session")
+def merged_export(tiny_llama, tiny_runs, tmp_path_factory):
+    """A merged export of tiny_llama with adapter a folded in."""
+    from qlora_rt.config import ExportConfig
+    from qlora_rt.export.exporter import export
+
+    out = tmp_path_factory.mktemp("merged") / "onnx"
+    export(ExportConfig(model=str(tiny_llama), adapter=str(tiny_runs[1]["a"]), out=str(out), mode="merged"))
+    return out

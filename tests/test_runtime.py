@@ -178,16 +178,6 @@ def test_cli_generate_and_chat(exported, runtime, capsys):
     assert "no adapter named 'zzz'" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def merged_export(tiny_llama, tiny_runs, tmp_path_factory):
-    from qlora_rt.config import ExportConfig
-    from qlora_rt.export.exporter import export
-
-    out = tmp_path_factory.mktemp("merged") / "onnx"
-    export(ExportConfig(model=str(tiny_llama), adapter=str(tiny_runs[1]["a"]), out=str(out), mode="merged"))
-    return out
-
-
 def _plain_session_logits(folder: Path, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
                           adapter: Path | None, new_tokens: list[np.ndarray]) -> list[np.ndarray]:
     """The reference: a plain InferenceSession fed by hand (empty past, then each step's presents), the

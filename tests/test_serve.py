@@ -465,3 +465,19 @@ def test_response_format_json_schema_constrains_the_reply(app):
     if any_object.json()["choices"][0]["finish_reason"] == "stop":
         assert isinstance(json.loads(text), dict)
     assert broken.status_code == 400 and broken.json()["error"]["param"] == "response_format"
+
+
+def test_a_merged_export_batches_its_requests(merged_export):
+    m = Model(merged_export)
+    engine = Engine(m, max_batch=4)
+    try:
+        jobs = []
+        for text in PROMPTS[:4]:
+            q = queue.Queue()
+            engine.submit(Request(m.encode(text), None, 6, ignore_eos=True), q.put)
+            jobs.append((text, q))
+        for text, q in jobs:
+            assert _events(q) == m.generate(text, max_new_tokens=6, ignore_eos=True).tokens
+        assert engine.steps < 4 * 6, "the base's rows shared steps"
+    finally:
+        engine.close(5)

@@ -9,7 +9,8 @@ streams of any lengths share a step without padding, and a finished row leaves n
 Rows with different adapters share each step: the adapters present in the step are fed side by side
 (A) and stacked (B), and `lora.row_slot` masks each row to its own (export/weight_writers.py `_lora`);
 base rows take slot 0. A step whose rows all share one adapter feeds it alone, as `Model.generate` does.
-Exports made before the graph took per-row adapters batch only rows of one adapter at a time.
+A graph without per-row adapter inputs (a merged export: no LoRA inputs at all) batches only rows of one
+adapter at a time, which for a merged export is every row.
 
 The engine runs in one thread of its own; onnxruntime releases the GIL while a step runs. Callers hand
 it a `Request` and an `emit` callable that receives the request's `Event`s from the engine's thread.
@@ -30,7 +31,7 @@ from qlora_rt.errors import QloraError
 from qlora_rt.runtime.decoder import Model, Sampling, _held_back, _stops
 
 ROW_SLOT, ROW_LENGTHS = "lora.row_slot", "row_lengths"
-STACKS = 4  # sets of adapters kept stacked (each a copy of its adapters' tensors), least recently used dropped
+STACKS = 2  # sets of adapters kept stacked (each a copy of its adapters' tensors), least recently used dropped
 
 
 class QueueFull(QloraError):
@@ -99,6 +100,7 @@ class Engine:
         self._views: dict[tuple[int, int], list[ort.OrtValue]] = {}  # (first slot, rows) -> the cache's OrtValues
         self._stacks: dict[tuple[int, ...], dict[str, ort.OrtValue]] = {}  # adapter sets fed side by side
         self.adapters: dict[str, dict[str, ort.OrtValue]] = {}
+        self._base: dict[str, ort.OrtValue] = {}  # the base's LoRA inputs: none (one object, shared by its rows)
         self.slots: list[_Live | None] = [None] * max_batch
         self.waiting: deque[_Live] = deque()
         self.cond = threading.Condition()
@@ -137,7 +139,7 @@ class Engine:
             busy = sum(s is not None for s in self.slots)
             if len(self.waiting) >= self.max_queue and busy >= self.max_batch:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already; retry shortly")
-            live = _Live(req, emit, self.adapters[req.adapter] if req.adapter is not None else {})
+            live = _Live(req, emit, self.adapters[req.adapter] if req.adapter is not None else self._base)
             self.waiting.append(live)
             self.cond.notify()
         return live
