@@ -481,3 +481,18 @@ def test_a_merged_export_batches_its_requests(merged_export):
         assert engine.steps < 4 * 6, "the base's rows shared steps"
     finally:
         engine.close(5)
+
+
+def test_streamed_usage_counts_each_prompt_once(app, tiny_export):
+    m = Model(tiny_export)
+
+    async def go():
+        async with _client(app) as c:
+            async with c.stream("POST", "/v1/completions", json={
+                    "model": "tiny", "prompt": ["one two", "three four five"], "n": 2, "max_tokens": 3,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}) as r:
+                return [line async for line in r.aiter_lines() if line]
+    lines = _run(go())
+    usage = json.loads(lines[-2][6:])["usage"]
+    assert usage["prompt_tokens"] == len(m.encode("one two")) + len(m.encode("three four five"))
+    assert usage["completion_tokens"] == 4 * 3

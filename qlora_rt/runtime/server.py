@@ -383,7 +383,8 @@ async def _respond(engine: Engine, model, reqs: list[EngineRequest], body: Sampl
     created = int(time.time())
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(engine, model, lives, queues, rid, kind, created, body.model, chat, usage),
+        return StreamingResponse(_stream(engine, model, lives, queues, rid, kind, created, body.model, chat, usage,
+                                         body.n),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     results = []
     try:
@@ -434,7 +435,7 @@ async def _collect(q: asyncio.Queue, request: Request):
         lps += ev.logprobs
 
 
-async def _stream(engine, model, lives, queues, rid, kind, created, name, chat, usage):
+async def _stream(engine, model, lives, queues, rid, kind, created, name, chat, usage, n):
     """Server-sent events: one chunk per piece of text, a last chunk with finish_reason, then (with
     stream_options.include_usage) a chunk of usage, then `data: [DONE]`."""
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
@@ -459,7 +460,7 @@ async def _stream(engine, model, lives, queues, rid, kind, created, name, chat, 
                                                            "param": None, "code": "model_error"}}) + "\n\n"
                     continue
                 if ev.finish:
-                    prompt_tokens += ev.prompt_tokens if i == 0 else 0
+                    prompt_tokens += ev.prompt_tokens if i % n == 0 else 0  # once a prompt, not once a choice
                     completion_tokens += ev.completion_tokens
                     c = {"index": i, "finish_reason": ev.finish, "logprobs": None}
                     c.update({"delta": {}} if chat else {"text": ""})
