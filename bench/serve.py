@@ -244,7 +244,6 @@ def main() -> None:
                 print(f"| {name} | {steady} | {r['mixed']['tok_s']:.1f} | "
                       f"{r['mixed']['ttft_p50']:.2f} / {r['mixed']['ttft_p95']:.2f} | {r['one']['decode_tok_s']:.1f} | "
                       f"{rss:.0f} |")
-    shutil.rmtree(work / "tmp", ignore_errors=True)
 
 
 if __name__ == "__main__":

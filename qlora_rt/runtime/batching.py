@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qlora_rt.errors import QloraError
-from qlora_rt.runtime.decoder import Model, Sampling, _held_back, _stops
+from qlora_rt.runtime.decoder import Model, Sampling, _held_back
 
 ROW_SLOT, ROW_LENGTHS = "lora.row_slot", "row_lengths"
 STACKS = 2  # sets of adapters kept stacked (each a copy of its adapters' tensors), least recently used dropped
@@ -72,7 +72,7 @@ class _Live:
         self.done_prompt = 0          # prompt tokens already in the cache
         self.length = 0               # positions in the cache
         self.tokens: list[int] = []
-        self.text, self.sent = "", 0
+        self.sent = 0                 # characters of text already emitted
         self.next_token: int | None = None  # sampled, not yet in the cache
         self.cancelled = False
         self.finished = False
@@ -331,7 +331,6 @@ class Engine:
             finish = "stop"
         elif len(live.tokens) >= req.max_new_tokens or live.length + 1 >= self.capacity:
             finish = "length"
-        live.text = text
         ready = text if finish else text[: len(text) - _held_back(text, req.stop)]
         if not finish and ready.endswith("\ufffd"):  # a multi-byte character still incomplete
             ready = ready[: ready.rfind("\ufffd")]
@@ -369,4 +368,4 @@ def _stack(adapters: list[dict[str, ort.OrtValue]]) -> dict[str, ort.OrtValue]:
     return out
 
 
-__all__ = ["Engine", "Event", "QueueFull", "Request", "_stops"]
+__all__ = ["Engine", "Event", "QueueFull", "Request"]

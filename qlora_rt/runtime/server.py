@@ -228,8 +228,8 @@ def create_app(folder: str | Path, *, api_key: str | None = None, max_batch: int
         if not any(path.is_relative_to(r) for r in roots):
             raise APIError(400, "lora_path must be inside the export folder or --adapters-dir "
                                 f"({', '.join(map(str, roots))})", "lora_path", "path_not_allowed")
-        if path.is_dir():
-            path = path / f"{path.name}{ADAPTER_SUFFIX}" if (path / f"{path.name}{ADAPTER_SUFFIX}").is_file() else path
+        if path.is_dir() and (path / f"{path.name}{ADAPTER_SUFFIX}").is_file():  # a folder named like its file
+            path = path / f"{path.name}{ADAPTER_SUFFIX}"
         if path.suffix != ADAPTER_SUFFIX or not path.is_file():
             raise APIError(400, f"lora_path: no {ADAPTER_SUFFIX} file at {body.lora_path} (make one with "
                                 "`qlora-rt export-adapter`)", "lora_path")
