@@ -264,3 +264,50 @@ def test_chat_refuses_a_message_that_cannot_fit_and_keeps_the_session(exported, 
     assert "this export's context is 256 tokens: shorten it (the conversation so far is kept)" in err
     convo = [{"role": "system", "content": "be brief"}] + messages[:3]
     assert messages[3]["content"] == runtime.generate(convo, max_new_tokens=4).text
+
+
+def _tokenizers():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from tests.conftest import make_tokenizer
+
+    text = ["héllo wörld ☃ 你好 世界 naïve café", "the quick brown fox, jumps over: the lazy dog!", "a , b . c"] * 5
+    byte_level = make_tokenizer().backend_tokenizer
+    byte_level.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, initial_alphabet=
+                                                             pre_tokenizers.ByteLevel.alphabet()))
+    metaspace = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))  # Llama 2 / SentencePiece style
+    metaspace.normalizer = normalizers.Replace(" ", "▁")
+    metaspace.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    metaspace.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                          decoders.Strip(" ", 1, 0)])
+    metaspace.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>"] + [f"<0x{b:02X}>" for b in range(256)]))
+    return {"byte-level": byte_level, "metaspace": metaspace}
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])  # the decoders' tokenizers (GPT-2's, Llama 2's)
+def test_text_decoded_token_by_token_is_the_whole_decode(kind):
+    """The incremental text of a completion (`runtime.decoder.Text`, the streaming and serving path) equals
+    decoding all its tokens at once after every token, characters split across tokens included, and a stop
+    string is cut where it first appears."""
+    from qlora_rt.runtime.decoder import Text
+
+    tok = _tokenizers()[kind]
+    rng = np.random.default_rng(0)
+    sentences = ["héllo wörld ☃ 你好 世界 naïve café", "the quick brown fox, jumps over: the lazy dog!"]
+    sequences = [tok.encode(s).ids for s in sentences]
+    sequences += [rng.integers(0, tok.get_vocab_size(), 40).tolist() for _ in range(20)]  # any tokens at all
+    for ids in sequences:
+        text = Text(tok)
+        for i, t in enumerate(ids):
+            assert not text.add(t)
+            whole = tok.decode(ids[: i + 1])
+            assert text.text == whole, (kind, ids[: i + 1])
+            assert whole.startswith(text.done)
+        full = tok.decode(ids)
+        if len(full) > 8:
+            stop = full[5:8]
+            cut = Text(tok, (stop, "never there"))
+            first = next(i for i, t in enumerate(ids) if cut.add(t))  # callers stop adding there
+            assert cut.text == full[: full.index(stop)]
+            assert stop not in tok.decode(ids[:first]) and stop in tok.decode(ids[: first + 1])

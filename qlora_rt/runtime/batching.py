@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qlora_rt.errors import QloraError
-from qlora_rt.runtime.decoder import Model, Sampling, _held_back
+from qlora_rt.runtime.decoder import Model, Sampling, Text, _held_back
 
 ROW_SLOT, ROW_LENGTHS = "lora.row_slot", "row_lengths"
 STACKS = 2  # sets of adapters kept stacked (each a copy of its adapters' tensors), least recently used dropped
@@ -66,18 +66,22 @@ class Event:
 class _Live:
     """A request in the engine: its slot, how much of its prompt is in the cache, what it has produced."""
 
-    def __init__(self, req: Request, emit: Callable[[Event], None], params: dict) -> None:
+    def __init__(self, req: Request, emit: Callable[[Event], None], params: dict, tokenizer) -> None:
         self.req, self.emit, self.params = req, emit, params
         self.slot = -1
         self.done_prompt = 0          # prompt tokens already in the cache
         self.length = 0               # positions in the cache
-        self.tokens: list[int] = []
+        self.text = Text(tokenizer, req.stop)  # the tokens produced and their text
         self.sent = 0                 # characters of text already emitted
         self.next_token: int | None = None  # sampled, not yet in the cache
         self.cancelled = False
         self.finished = False
         self.rng = np.random.default_rng(req.sampling.seed)
         self.t_submit = time.perf_counter()
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.text.tokens
 
 
 class Engine:
@@ -139,7 +143,8 @@ class Engine:
             busy = sum(s is not None for s in self.slots)
             if len(self.waiting) >= self.max_queue and busy >= self.max_batch:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already; retry shortly")
-            live = _Live(req, emit, self.adapters[req.adapter] if req.adapter is not None else self._base)
+            live = _Live(req, emit, self.adapters[req.adapter] if req.adapter is not None else self._base,
+                         self.m.tokenizer)
             self.waiting.append(live)
             self.cond.notify()
         return live
@@ -321,21 +326,19 @@ class Engine:
         if token in self.m.eos and not req.ignore_eos:
             self._finish(live, "stop")
             return
-        live.tokens.append(token)
-        text = self.m.tokenizer.decode(live.tokens)
-        finish = None
-        cut = min((text.find(s) for s in req.stop if s and s in text), default=-1)
-        if cut >= 0:
-            text, finish = text[:cut], "stop"
-        elif req.constraint is not None and req.constraint.done:
+        finish = "stop" if live.text.add(token) else None
+        text = live.text.text
+        if finish is None and req.constraint is not None and req.constraint.done:
             finish = "stop"
-        elif len(live.tokens) >= req.max_new_tokens or live.length + 1 >= self.capacity:
+        elif finish is None and (len(live.tokens) >= req.max_new_tokens or live.length + 1 >= self.capacity):
             finish = "length"
-        ready = text if finish else text[: len(text) - _held_back(text, req.stop)]
-        if not finish and ready.endswith("\ufffd"):  # a multi-byte character still incomplete
-            ready = ready[: ready.rfind("\ufffd")]
-        piece = ready[live.sent:] if len(ready) > live.sent else ""
-        live.sent = max(live.sent, len(ready))
+        if finish:
+            end = len(text)
+        else:  # whole characters only, and none that could begin a stop string
+            done = live.text.done
+            end = len(done) - _held_back(done, req.stop)
+        piece = text[live.sent:end] if end > live.sent else ""
+        live.sent = max(live.sent, end)
         live.emit(Event(text=piece, tokens=[token], logprobs=info, prompt_tokens=len(req.ids),
                         completion_tokens=len(live.tokens)))
         if finish:
