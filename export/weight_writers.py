@@ -30,7 +30,6 @@ WEIGHTS = ("fp32", "fp16", "int4", "nf4")
 INT4_ACCURACY = 4  # MatMulNBits computes with int8-quantized activations: the fast CPU path
 
 
-ROW_SLOT = "lora.row_slot"  # (B,) int64: each batch row's adapter slot, where the graph takes several at once
 
 
 def lora_input_names(name: str) -> tuple[str, str]:
@@ -63,7 +62,6 @@ class LinearWriter:
         self.lora_inputs: dict[str, list] = {}  # adapter-aware: each LoRA input's fixed dims (metadata)
         self.lora_groups: dict[str, list] = {}  # ... and the Linears each grouped pair covers
         self.row_slots = row_slots  # adapter-aware decoders: each batch row may take its own adapter (_lora)
-        self._token_slot: str | None = None
 
     def _weight(self, name: str, w: torch.Tensor) -> str:
         """A (out, in) fp32 weight stored as (in, out) for MatMul, in the chosen float format."""
@@ -218,10 +216,11 @@ class LinearWriter:
         (`group_lora`), so q/k/v cost two small products, not six. Rank-0 defaults give zeros.
 
         row_slots: several adapters may be fed at once, their A side by side and their B stacked, with
-        `<group>.lora_slot` (R,) naming the slot of each of the R rank columns and `lora.row_slot` (B,) the
-        slot of each batch row; x @ A is masked to the columns of the row's slot, so each row gets its own
-        adapter's x·A·B in the same two products (slot 0 = the base where no column has it). Both default to
-        [0], a mask of ones: a single adapter fed as before needs neither."""
+        `<group>.lora_mask` (B*T, R) holding 1 where rank column r belongs to the adapter of token row i and
+        0 elsewhere: x @ A is masked to each row's own columns, so each row gets its own adapter's x·A·B in
+        the same two products (a base row: all zeros). The runtime makes the masks (one per column layout,
+        shared by the groups that have it); the default, ones (1, 1), is one adapter for every row: a single
+        adapter fed as before needs none."""
         group = group_name(names)
         a_name, b_name = lora_input_names(group)
         k, n = self.layers[names[0]].in_features, sum(self.layers[m].out_features for m in names)
@@ -237,21 +236,10 @@ class LinearWriter:
             self.lora_groups[group] = [[m, self.layers[m].out_features] for m in names]
         xa = self.g.op("MatMul", [x, a_name])  # (rows, R)
         if self.row_slots:
-            slots = self.g.init(f"{group}.lora_slot", np.zeros(1, np.int64))
-            self.g.inputs.append(helper.make_tensor_value_info(slots, TensorProto.INT64, [f"{group}.slots"]))
-            mine = self.g.op("Equal", [self._slot_of_rows(), self.g.op("Unsqueeze", [slots, self.g.const([0])])])
-            xa = self.g.op("Mul", [xa, self.g.op("Cast", [mine], to=TensorProto.FLOAT)])  # (rows, R)
+            mask = self.g.init(f"{group}.lora_mask", np.ones((1, 1), np.float32))
+            self.g.inputs.append(helper.make_tensor_value_info(mask, TensorProto.FLOAT, ["lora_rows", rank]))
+            xa = self.g.op("Mul", [xa, mask])  # (rows, R)
         return xa, b_name
-
-    def _slot_of_rows(self) -> str:
-        """(B*T, 1): the adapter slot of each token row, from `lora.row_slot` (B,) (default [0])."""
-        if self._token_slot is None:
-            g = self.g
-            row = g.init(ROW_SLOT, np.zeros(1, np.int64))
-            g.inputs.append(helper.make_tensor_value_info(row, TensorProto.INT64, ["row_slots"]))
-            grid = g.op("Expand", [g.op("Unsqueeze", [row, g.const([1])]), g.op("Shape", ["input_ids"])])  # (B, T)
-            self._token_slot = g.op("Reshape", [grid, g.const([-1, 1])])
-        return self._token_slot
 
 
 def group_lora(pairs: dict[str, tuple[np.ndarray, np.ndarray]], groups: dict[str, list]) -> dict[str, np.ndarray]:

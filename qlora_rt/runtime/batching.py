@@ -7,8 +7,9 @@ Rows are right-aligned: each holds its own number of positions from 0 (the graph
 streams of any lengths share a step without padding, and a finished row leaves nothing to compact.
 
 Rows with different adapters share each step: the adapters present in the step are fed side by side
-(A) and stacked (B), and `lora.row_slot` masks each row to its own (export/weight_writers.py `_lora`);
-base rows take slot 0. A step whose rows all share one adapter feeds it alone, as `Model.generate` does.
+(A) and stacked (B), and each group's `lora_mask` (rows, R) keeps each row to its own adapter's columns
+(export/weight_writers.py `_lora`); base rows keep none. A step whose rows all share one adapter feeds it
+alone, as `Model.generate` does.
 A graph without per-row adapter inputs (a merged export: no LoRA inputs at all) batches only rows of one
 adapter at a time, which for a merged export is every row.
 
@@ -30,7 +31,7 @@ import onnxruntime as ort
 from qlora_rt.errors import QloraError
 from qlora_rt.runtime.decoder import Model, Sampling, Text, _held_back
 
-ROW_SLOT, ROW_LENGTHS = "lora.row_slot", "row_lengths"
+ROW_LENGTHS = "row_lengths"
 STACKS = 2  # sets of adapters kept stacked (each a copy of its adapters' tensors), least recently used dropped
 
 
@@ -97,12 +98,13 @@ class Engine:
         if ROW_LENGTHS not in model.input_names:
             raise QloraError(f"{model.folder} was exported before the graph took per-row cache lengths; export it "
                              "again with this qlora-rt to serve it")
-        self.mixed = ROW_SLOT in model.input_names
+        # an adapter-aware export takes a mask per group (one from before them batches one adapter at a time)
+        self.mixed = any(n.endswith(".lora_mask") for n in model.input_names)
         self.names = [f"past_key_values.{i}.{kv}" for i in range(meta.layers) for kv in ("key", "value")]
         self.cache = {n: np.zeros((max_batch, meta.kv_heads, self.capacity, meta.head_dim), np.float32)
                       for n in self.names}
         self._views: dict[tuple[int, int], list[ort.OrtValue]] = {}  # (first slot, rows) -> the cache's OrtValues
-        self._stacks: dict[tuple[int, ...], dict[str, ort.OrtValue]] = {}  # adapter sets fed side by side
+        self._stacks: dict[tuple[int, ...], tuple] = {}  # adapter sets fed side by side, and their column slots
         self.adapters: dict[str, dict[str, ort.OrtValue]] = {}
         self._base: dict[str, ort.OrtValue] = {}  # the base's LoRA inputs: none (one object, shared by its rows)
         self.slots: list[_Live | None] = [None] * max_batch
@@ -283,7 +285,7 @@ class Engine:
 
     def _lora(self, rows: list[_Live], first: int, n: int) -> dict[str, ort.OrtValue]:
         """The LoRA inputs of a step: one adapter's own when the rows share it, else the present adapters
-        side by side with each row's slot."""
+        side by side with each group's mask of each row's columns."""
         sets = {id(r.params): r.params for r in rows}
         if len(sets) == 1:
             return next(iter(sets.values()))
@@ -295,12 +297,21 @@ class Engine:
             while len(self._stacks) >= STACKS:
                 del self._stacks[next(iter(self._stacks))]
             self._stacks[key] = _stack(present)
+        stacked, columns = self._stacks[key]
         slot_of = {id(p): k + 1 for k, p in enumerate(present)}
         slots = np.zeros(n, np.int64)
         for r in rows:
             slots[r.slot - first] = slot_of.get(id(r.params), 0)
-        self._row_slots = slots  # kept alive while the step runs
-        return {**self._stacks[key], ROW_SLOT: ort.OrtValue.ortvalue_from_numpy(slots)}
+        masks: dict[bytes, ort.OrtValue] = {}  # one (rows, R) mask per column layout, shared by its groups
+        extra = {}
+        for g, c in columns.items():
+            layout = c.tobytes()
+            if layout not in masks:
+                masks[layout] = ort.OrtValue.ortvalue_from_numpy(
+                    np.ascontiguousarray(slots[:, None] == c[None, :], np.float32))
+            extra[f"{g}.lora_mask"] = masks[layout]
+        self._step_inputs = extra  # kept alive while the step runs
+        return {**stacked, **extra}
 
     def _take(self, live: _Live, logits: np.ndarray) -> None:
         """The row's next token from its logits: emitted (as text that cannot be the start of a stop string),
@@ -354,21 +365,22 @@ class Engine:
                         completion_tokens=len(live.tokens)))
 
 
-def _stack(adapters: list[dict[str, ort.OrtValue]]) -> dict[str, ort.OrtValue]:
-    """Several adapters as one set of LoRA inputs: each group's A side by side, B stacked, and the slot
-    (1-based, in list order) of every rank column; groups none of them adapts keep their defaults."""
+def _stack(adapters: list[dict[str, ort.OrtValue]]) -> tuple[dict[str, ort.OrtValue], dict[str, np.ndarray]]:
+    """Several adapters as one set of LoRA inputs: each group's A side by side and B stacked, and the slot
+    (1-based, in list order) of every rank column of each group; groups none of them adapts keep their
+    defaults."""
     out: dict[str, ort.OrtValue] = {}
+    columns: dict[str, np.ndarray] = {}
     groups = {k[: -len(".lora_A")] for a in adapters for k in a if k.endswith(".lora_A")}
     for g in groups:
         parts = [(k + 1, a[f"{g}.lora_A"].numpy(), a[f"{g}.lora_B"].numpy()) for k, a in enumerate(adapters)
                  if f"{g}.lora_A" in a]
         A = np.ascontiguousarray(np.concatenate([p[1] for p in parts], 1))
         B = np.ascontiguousarray(np.concatenate([p[2] for p in parts], 0))
-        slots = np.concatenate([np.full(p[1].shape[1], p[0], np.int64) for p in parts])
         out[f"{g}.lora_A"] = ort.OrtValue.ortvalue_from_numpy(A)
         out[f"{g}.lora_B"] = ort.OrtValue.ortvalue_from_numpy(B)
-        out[f"{g}.lora_slot"] = ort.OrtValue.ortvalue_from_numpy(slots)
-    return out
+        columns[g] = np.concatenate([np.full(p[1].shape[1], p[0], np.int64) for p in parts])
+    return out, columns
 
 
 __all__ = ["Engine", "Event", "QueueFull", "Request"]
