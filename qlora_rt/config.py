@@ -25,7 +25,11 @@ BOUNDS = {"at_least": ("at least", operator.ge), "above": ("above", operator.gt)
 
 
 # the base settings' values before `auto` existed: what a run.yaml that lacks one of them was trained with
-LEGACY = {"quant": "nf4", "gguf_q4_1": "exact", "quant_head": False}
+LEGACY = {"quant": "nf4", "gguf_q4_1": "exact", "quant_head": False, "batch_size": 4, "lr": 2e-4}
+# what training takes where a flag is not given: a decoder (QLoRA's usual recipe) and an encoder classifier (a
+# sentence classifier's usual recipe: few examples, a larger batch and rate, 3 epochs; docs/classification.md)
+FAMILY_DEFAULTS = {"decoder": {"batch_size": 4, "lr": 2e-4, "epochs": 1.0},
+                   "encoder": {"batch_size": 32, "lr": 5e-4, "epochs": 3.0}}
 GRAD_CHECKPOINTING_FROM = 1e9  # parameters: --grad-checkpointing is on by default from this size
 
 def option(default, help: str, *, at_least: float | None = None, above: float | None = None,
@@ -180,13 +184,15 @@ class TrainConfig:
     loftq_iters: int = option(1, "loftq: alternating steps, 1..5", at_least=1, at_most=5)
     svd: str = option("auto", "pissa/loftq: exact SVD, lowrank (randomized, torch.svd_lowrank), or auto (exact up "
                       "to 2048 rows/columns)", choices=("auto", "exact", "lowrank"))
-    steps: int | None = option(None, "optimizer steps (default: --epochs 1)", at_least=1)
+    steps: int | None = option(None, "optimizer steps (default: --epochs 1 for a decoder, 3 for an encoder)",
+                               at_least=1)
     epochs: float | None = option(None, "passes over the data, instead of --steps", above=0)
-    batch_size: int = option(4, "examples per micro-batch", at_least=1)
+    batch_size: int | None = option(None, "examples per micro-batch (default: 4 for a decoder, 32 for an encoder)",
+                                    at_least=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", at_least=1)
     seq_len: int = option(512, "truncate examples to this many tokens (encoders: at most their position table)",
                           at_least=2)
-    lr: float = option(2e-4, "peak learning rate", above=0)
+    lr: float | None = option(None, "peak learning rate (default: 2e-4 for a decoder, 5e-4 for an encoder)", above=0)
     warmup: float = option(0.03, "warm-up: a fraction of the steps (<1) or a number of steps", at_least=0)
     weight_decay: float = option(0.0, "AdamW weight decay", at_least=0)
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = off)", at_least=0)
@@ -234,7 +240,14 @@ class TrainConfig:
             return value if value not in ("auto", None) else previous.get(name, LEGACY[name]) if previous else auto
 
         quant = pick("quant", "int4", self.quant)
-        return replace(self, quant=quant,
+        fam = FAMILY_DEFAULTS["encoder" if encoder else "decoder"]
+        length = {}
+        if self.steps is None and self.epochs is None:  # a resumed run keeps its own (it saved one, or neither: 1)
+            length = {"steps": previous.get("steps"), "epochs": previous.get("epochs")} if previous else \
+                {"epochs": fam["epochs"]}
+        return replace(self, quant=quant, **length,
+                       batch_size=pick("batch_size", fam["batch_size"], self.batch_size),
+                       lr=pick("lr", fam["lr"], self.lr),
                        gguf_q4_1=pick("gguf_q4_1", "round" if quant == "int4" else "exact", self.gguf_q4_1),
                        quant_head=pick("quant_head", quant == "int4" and not encoder, self.quant_head))
 

@@ -36,6 +36,21 @@ def test_auto_settings_resolve_per_family_and_keep_a_resumed_runs():
     assert (given.quant, given.gguf_q4_1, given.quant_head) == ("nf4", "exact", False)
 
 
+def test_training_length_batch_and_rate_default_per_family_and_a_resumed_run_keeps_its_own():
+    """A decoder: QLoRA's recipe (1 epoch, batch 4, lr 2e-4); an encoder classifier: a sentence
+    classifier's (3 epochs, batch 32, lr 5e-4), which scores as PEFT's usual recipe (docs/classification.md)."""
+    cfg = TrainConfig(model="m", data="d", out="o")
+    dec, enc = cfg.resolved(encoder=False), cfg.resolved(encoder=True)
+    assert (dec.epochs, dec.steps, dec.batch_size, dec.lr) == (1.0, None, 4, 2e-4)
+    assert (enc.epochs, enc.steps, enc.batch_size, enc.lr) == (3.0, None, 32, 5e-4)
+    given = TrainConfig(model="m", data="d", out="o", steps=7, batch_size=2, lr=1e-3).resolved(encoder=True)
+    assert (given.epochs, given.steps, given.batch_size, given.lr) == (None, 7, 2, 1e-3)
+    old = cfg.resolved(encoder=True, previous={"steps": None, "epochs": None, "batch_size": 4, "lr": 2e-4})
+    assert (old.epochs, old.steps, old.batch_size, old.lr) == (None, None, 4, 2e-4)  # trained as then: 1 epoch
+    lowered = TrainConfig(model="m", data="d", out="o", lr=1e-4).resolved(encoder=True, previous={"lr": 5e-4})
+    assert lowered.lr == 1e-4  # a resume may lower the rate
+
+
 @pytest.mark.parametrize("mode", ["adapter-aware", "merged"])
 def test_default_exports_of_a_default_run_pass_their_check(tiny_llama, default_run, tmp_path, mode):
     from qlora_rt.export.exporter import export
