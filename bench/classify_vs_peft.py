@@ -55,8 +55,9 @@ def run_ours(train: Path, test: Path, out: Path, seed: int, defaults: bool) -> d
             "--eval-data", str(test), "--out", str(out), "--seed", str(seed), "--eval-every", "0",
             "--checkpoint-every", "0"]
     if not defaults:
-        args += ["--epochs", str(BUDGET["epochs"]), "--batch-size", str(BUDGET["batch_size"]), "--lr", str(BUDGET["lr"]), "--rank", str(BUDGET["rank"]),
-                 "--alpha", str(BUDGET["alpha"]), "--dropout", str(BUDGET["dropout"]), "--targets", "all-linear",
+        args += ["--epochs", str(BUDGET["epochs"]), "--batch-size", str(BUDGET["batch_size"]), "--lr",
+                 str(BUDGET["lr"]), "--rank", str(BUDGET["rank"]), "--alpha", str(BUDGET["alpha"]), "--dropout",
+                 str(BUDGET["dropout"]), "--targets", "all-linear",
                  "--quant", "nf4", "--seq-len", str(BUDGET["max_length"])]
     p, rss = timed(args)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
