@@ -338,16 +338,16 @@ class Engine:
             self._finish(live, "stop")
             return
         finish = "stop" if live.text.add(token) else None
-        text = live.text.text
         if finish is None and req.constraint is not None and req.constraint.done:
             finish = "stop"
         elif finish is None and (len(live.tokens) >= req.max_new_tokens or live.length + 1 >= self.capacity):
             finish = "length"
         if finish:
+            text = live.text.text  # the whole text, an incomplete last character included
             end = len(text)
         else:  # whole characters only, and none that could begin a stop string
-            done = live.text.done
-            end = len(done) - _held_back(done, req.stop)
+            text = live.text.done  # not done + pending: no copy of the whole text a token
+            end = len(text) - _held_back(text, req.stop)
         piece = text[live.sent:end] if end > live.sent else ""
         live.sent = max(live.sent, end)
         live.emit(Event(text=piece, tokens=[token], logprobs=info, prompt_tokens=len(req.ids),
