@@ -1,7 +1,8 @@
 """LoRA adapters as onnxruntime `.onnx_adapter` files, bound to the graph's LoRA inputs by name.
 
 An adapter file holds `<module>.lora_A` (in, r) and `<module>.lora_B` (r, out, scale folded in) for
-the modules it adapts (q/k/v and gate/up as one pair each: export/weight_writers.py `group_lora`); the
+the modules it adapts (q/k/v and gate/up share an A, and a B or one B each: export/weight_writers.py
+`group_lora`, laid out as the export's LoRA inputs are); the
 graph's other LoRA inputs keep their rank-0 defaults. A plain session activates one per run with
 `RunOptions.add_active_adapter`; the runtime, which needs I/O binding, binds the file's tensors itself.
 Either way switching adapters never reloads the model.
@@ -30,7 +31,7 @@ def adapter_arrays(adapter: str | Path, export_meta: Manifest) -> tuple[dict[str
     an encoder, its head and label names as the head inputs)."""
     _, meta, lora = read_lora(adapter)
     pairs = {name: lora_arrays(A, B, scale) for name, (A, B, scale) in lora.items()}
-    arrays = group_lora(pairs, export_meta.lora_groups)
+    arrays = group_lora(pairs, export_meta.lora_groups, export_meta.lora_inputs)
     if export_meta.family == "encoder":
         head = read_head(adapter)
         if not head:

@@ -5,8 +5,9 @@
                    (bit-identical base), int4 = an int4-trained base's own bytes in MatMulNBits (any other
                    base requantized, error reported), fp32 | fp16 = dequantized;
                    each adapted Linear, or group of Linears reading one input (q/k/v, gate/up), gets
-                   two graph inputs, `<name>.lora_A` (in, r) and `<name>.lora_B` (r, out) with s folded
-                   into B, whose rank-0 initializers mean "no adapter" by default.
+                   graph inputs `<name>.lora_A` (in, r) and `<name>.lora_B` (r, out) with s folded
+                   into B, whose rank-0 initializers mean "no adapter" by default; a group whose outputs
+                   are used apart (gate/up) takes one B per member Linear (`LinearWriter._lora`).
 """
 
 from __future__ import annotations
@@ -186,20 +187,26 @@ class LinearWriter:
             ys = self._float(names, x)
         sizes = [self.layers[n].out_features for n in names]
         bias = self._bias(names)
-        lora = self._lora(names, x) if self.mode == "adapter-aware" and self.adapted.intersection(names) else None
-        if len(ys) == 1:  # one product: add the group's bias and LoRA once, then split
+        lora = None
+        if self.mode == "adapter-aware" and self.adapted.intersection(names):
+            lora = self._lora(names, x, per_member=not packed)
+        whole = lora is not None and len(lora[1]) == 1  # one B over the group's outputs side by side
+        if len(ys) == 1:  # one product: add the group's bias (and a whole-group LoRA) once, then split
             y = ys[0]
             if bias:
                 y = self.g.op("Add", [y, bias])
-            if lora:  # x·A·B + y as one Gemm (C = y): the add costs no node of its own
-                y = self.g.op("Gemm", [*lora, y])
+            if whole:  # x·A·B + y as one Gemm (C = y): the add costs no node of its own
+                y = self.g.op("Gemm", [*lora[0], *lora[1], y])
             if packed or len(names) == 1:
                 return [y]
-            return list(self.g.op("Split", [y, self.g.const(sizes)], outputs=len(names), axis=-1))
-        extra = [bias, self.g.op("MatMul", lora) if lora else None]
-        for e in filter(None, extra):  # separate products: split what is added to them
-            parts = self.g.op("Split", [e, self.g.const(sizes)], outputs=len(names), axis=-1)
-            ys = [self.g.op("Add", [y, part]) for y, part in zip(ys, parts)]
+            ys = list(self.g.op("Split", [y, self.g.const(sizes)], outputs=len(names), axis=-1))
+        else:
+            extra = [bias, self.g.op("MatMul", [*lora[0], *lora[1]]) if whole else None]
+            for e in filter(None, extra):  # separate products: split what is added to them
+                parts = self.g.op("Split", [e, self.g.const(sizes)], outputs=len(names), axis=-1)
+                ys = [self.g.op("Add", [y, part]) for y, part in zip(ys, parts)]
+        if lora is not None and not whole:  # each member's x·A_m·B_m + y_m as its own Gemm
+            ys = [self.g.op("Gemm", [xa, b, y]) for xa, b, y in zip(*lora, ys)]
         return ys
 
     def _bias(self, names: list[str]) -> str | None:
@@ -210,28 +217,43 @@ class LinearWriter:
                 for n, b in zip(names, biases)]
         return self.g.init(f"{group_name(names)}.bias", torch.cat(full).numpy())
 
-    def _lora(self, names: list[str], x: str) -> tuple[str, str]:
-        """(x @ A, B) for a group of Linears reading x, with A (in, r) and B (r, Σout) overridable graph
+    def _lora(self, names: list[str], x: str, per_member: bool = False) -> tuple[list[str], list[str]]:
+        """([x @ A], [B]) for a group of Linears reading x, with A (in, r) and B (r, Σout) overridable graph
         inputs: an adapter's pairs for the group's Linears sit side by side in A and block-diagonally in B
         (`group_lora`), so q/k/v cost two small products, not six. Rank-0 defaults give zeros.
 
-        row_slots: several adapters may be fed at once, their A side by side and their B stacked, with
-        `<group>.lora_mask` (B*T, R) holding 1 where rank column r belongs to the adapter of token row i and
-        0 elsewhere: x @ A is masked to each row's own columns, so each row gets its own adapter's x·A·B in
-        the same two products (a base row: all zeros). The runtime makes the masks (one per column layout,
-        shared by the groups that have it); the default, ones (1, 1), is one adapter for every row: a single
-        adapter fed as before needs none."""
+        per_member (a group whose outputs the graph uses apart, e.g. gate/up): one B per member Linear,
+        `<member>.lora_B` (r, out_m), and x @ A split into the members' equal column blocks, so no product
+        reads the zero blocks of a block-diagonal B (half of gate/up's bytes). Returns the M column blocks
+        and the M Bs. (q/k/v feeding a packed attention keep one B: one Gemm into the packed output costs
+        less than three and a Concat at small batch.)
+
+        row_slots: several adapters may be fed at once, their A side by side and their B stacked (per member:
+        member-major columns), with `<group>.lora_mask` (B*T, R) holding 1 where rank column r belongs to the
+        adapter of token row i and 0 elsewhere: x @ A is masked to each row's own columns, so each row gets
+        its own adapter's x·A·B in the same products (a base row: all zeros). The runtime makes the masks
+        (one per column layout, shared by the groups that have it); the default, ones (1, 1), is one adapter
+        for every row: a single adapter fed as before needs none."""
         group = group_name(names)
-        a_name, b_name = lora_input_names(group)
-        k, n = self.layers[names[0]].in_features, sum(self.layers[m].out_features for m in names)
-        self.g.init(a_name, np.zeros((k, 0), np.float32))
-        self.g.init(b_name, np.zeros((0, n), np.float32))
+        per_member = per_member and len(names) > 1
+        a_name = f"{group}.lora_A"
+        k = self.layers[names[0]].in_features
         # one rank symbol per group: an adapter may target some layers (rank r) and not others (rank 0),
         # and a shared symbol lets onnxruntime's memory planner assume they are equal
         rank = f"{group}.rank"
-        self.g.inputs.append(helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [k, rank]))
-        self.g.inputs.append(helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [rank, n]))
-        self.lora_inputs[a_name], self.lora_inputs[b_name] = [k, None], [None, n]
+        self._lora_input(a_name, np.zeros((k, 0), np.float32), [k, rank])
+        self.lora_inputs[a_name] = [k, None]
+        if per_member:
+            bs = [f"{m}.lora_B" for m in names]
+            for m, b in zip(names, bs):
+                out = self.layers[m].out_features
+                self._lora_input(b, np.zeros((0, out), np.float32), [f"{group}.member_rank", out])
+                self.lora_inputs[b] = [None, out]
+        else:
+            bs = [f"{group}.lora_B"]
+            n = sum(self.layers[m].out_features for m in names)
+            self._lora_input(bs[0], np.zeros((0, n), np.float32), [rank, n])
+            self.lora_inputs[bs[0]] = [None, n]
         if len(names) > 1:
             self.lora_groups[group] = [[m, self.layers[m].out_features] for m in names]
         xa = self.g.op("MatMul", [x, a_name])  # (rows, R)
@@ -239,13 +261,23 @@ class LinearWriter:
             mask = self.g.init(f"{group}.lora_mask", np.ones((1, 1), np.float32))
             self.g.inputs.append(helper.make_tensor_value_info(mask, TensorProto.FLOAT, ["lora_rows", rank]))
             xa = self.g.op("Mul", [xa, mask])  # (rows, R)
-        return xa, b_name
+        if per_member:
+            return list(self.g.op("Split", [xa], outputs=len(names), axis=-1, num_outputs=len(names))), bs
+        return [xa], bs
+
+    def _lora_input(self, name: str, default: np.ndarray, dims: list) -> None:
+        self.g.init(name, default)
+        self.g.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
 
 
-def group_lora(pairs: dict[str, tuple[np.ndarray, np.ndarray]], groups: dict[str, list]) -> dict[str, np.ndarray]:
+def group_lora(pairs: dict[str, tuple[np.ndarray, np.ndarray]], groups: dict[str, list],
+               inputs: dict[str, list] | None = None) -> dict[str, np.ndarray]:
     """Per-Linear LoRA pairs {name: (A (in, r), B (r, out))} as the graph's inputs: the pairs of a group's
-    Linears (export metadata `lora_groups`: {group: [[name, out], ...]}) become one A side by side and
-    one block-diagonal B; a Linear the adapter leaves out gets zero columns in B."""
+    Linears (export metadata `lora_groups`: {group: [[name, out], ...]}) become one A side by side, and one
+    block-diagonal B, or, where the export takes one B per member (`inputs`, its `lora_inputs`, name
+    `<member>.lora_B`), a B per member with every member's block of A the same width (a Linear the adapter
+    leaves out, or gives a smaller rank, is padded with zeros). A Linear the adapter leaves out gets zero
+    columns in a block-diagonal B."""
     out: dict[str, np.ndarray] = {}
     grouped = {m for members in groups.values() for m, _ in members}
     for name, (A, B) in pairs.items():
@@ -255,16 +287,29 @@ def group_lora(pairs: dict[str, tuple[np.ndarray, np.ndarray]], groups: dict[str
         present = [m for m, _ in members if m in pairs]
         if not present:
             continue
+        for m, o in members:
+            if m in pairs and pairs[m][1].shape[1] != o:
+                raise QloraError(f"adapter: {m}.lora_B has {pairs[m][1].shape[1]} outputs, this export "
+                                 f"expects {o}: it was made for another model")
+        if inputs is not None and f"{members[0][0]}.lora_B" in inputs:  # one B per member
+            r = max(pairs[m][1].shape[0] for m in present)
+            k = pairs[present[0]][0].shape[0]
+            A = np.zeros((k, r * len(members)), np.float32)
+            for j, (m, o) in enumerate(members):
+                Bm = np.zeros((r, o), np.float32)
+                if m in pairs:
+                    a, b = pairs[m]
+                    A[:, j * r: j * r + a.shape[1]] = a
+                    Bm[: b.shape[0]] = b
+                out[f"{m}.lora_B"] = Bm
+            out[f"{group}.lora_A"] = A
+            continue
         A = np.concatenate([pairs[m][0] for m in present], axis=1)  # (in, Σr)
         B = np.zeros((A.shape[1], sum(o for _, o in members)), np.float32)  # (Σr, Σout)
         row, col = 0, 0
         for m, o in members:
             if m in pairs:
                 r = pairs[m][1].shape[0]
-                if pairs[m][1].shape[1] != o:
-                    raise QloraError(f"adapter: {m}.lora_B has {pairs[m][1].shape[1]} outputs, this export "
-                                     f"expects {o}: "
-                                     "it was made for another model")
                 B[row:row + r, col:col + o] = pairs[m][1]
                 row += r
             col += o

@@ -35,7 +35,7 @@ def session(m, names, mode, weights="fp32"):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # the LoRA inputs' rank-0 defaults are initializers on purpose
     s = ort.InferenceSession(g.model("test").SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    s.lora_groups = writer.lora_groups
+    s.lora_groups, s.lora_inputs = writer.lora_groups, writer.lora_inputs
     return s, spec
 
 
@@ -48,10 +48,10 @@ def feed(spec, ids, mask, pos, past=None, lora=None):
     return {**f, **(lora or {})}
 
 
-def adapter_feed(m, names, groups):
+def adapter_feed(m, names, s):
     layers = lora_layers(m)
     return group_lora({n: lora_arrays(layers[n].lora_A.weight, layers[n].lora_B.weight, layers[n].scale)
-                       for n in names}, groups)
+                       for n in names}, s.lora_groups, s.lora_inputs)
 
 
 @pytest.mark.parametrize("model_type,tie", [("llama", False), ("llama", True), ("mistral", False),
@@ -66,7 +66,7 @@ def test_logits_match_pytorch_with_left_padding(model_type, tie, mode):
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         ref = m(input_ids=ids, attention_mask=mask, position_ids=pos).logits.numpy()
-    lora = adapter_feed(m, names, s.lora_groups) if mode == "adapter-aware" else None
+    lora = adapter_feed(m, names, s) if mode == "adapter-aware" else None
     logits = s.run(["logits"], feed(spec, ids, mask, pos, lora=lora))[0]
     assert np.abs(logits - ref)[mask.numpy().astype(bool)].max() <= 1e-4
 
@@ -97,11 +97,11 @@ def test_rank0_default_is_the_base_and_adapters_of_different_ranks_share_a_sessi
     with torch.no_grad(), disabled(m4):
         base = m4(input_ids=ids).logits.numpy()
     assert np.abs(s.run(["logits"], feed(spec, ids, mask, pos))[0] - base).max() <= 1e-4
-    m8, names8 = trained(rank=8, seed=5, targets="q_proj,v_proj")
+    m8, names8 = trained(rank=8, seed=5, targets="q_proj,v_proj,up_proj")  # gate left out: zeros in its B
     for model, n in ((m4, names), (m8, names8)):
         with torch.no_grad():
             ref = model(input_ids=ids).logits.numpy()
-        got = s.run(["logits"], feed(spec, ids, mask, pos, lora=adapter_feed(model, n, s.lora_groups)))[0]
+        got = s.run(["logits"], feed(spec, ids, mask, pos, lora=adapter_feed(model, n, s)))[0]
         assert np.abs(got - ref).max() <= 1e-4
 
 
@@ -122,3 +122,25 @@ def test_group_lora_lays_pairs_side_by_side_and_block_diagonal():
     np.testing.assert_allclose(got[:, 12:], x @ pairs["l.v"][0] @ pairs["l.v"][1], rtol=1e-5, atol=1e-5)
     with pytest.raises(QloraError, match="l.v.lora_B has 5 outputs, this export expects 4"):
         group_lora({"l.v": (np.zeros((8, 1), np.float32), np.zeros((1, 5), np.float32))}, groups)
+
+
+def test_group_lora_gives_each_member_its_own_b_where_the_export_takes_one():
+    """gate/up as an export with a B per member takes them: up adapted at rank 3, gate at rank 2, a third
+    member not at all: A's column blocks are equal (padded with zeros), and x·A_m·B_m is each member's own
+    product, with no block of zeros to read."""
+    rng = np.random.default_rng(1)
+    pairs = {n: (rng.normal(size=(8, r)).astype(np.float32), rng.normal(size=(r, 6)).astype(np.float32))
+             for n, r in (("l.gate", 2), ("l.up", 3))}
+    groups = {"l.gate_up_x": [["l.gate", 6], ["l.up", 6], ["l.x", 6]]}
+    inputs = {"l.gate_up_x.lora_A": [8, None], "l.gate.lora_B": [None, 6], "l.up.lora_B": [None, 6],
+              "l.x.lora_B": [None, 6]}
+    out = group_lora(pairs, groups, inputs)
+    assert sorted(out) == ["l.gate.lora_B", "l.gate_up_x.lora_A", "l.up.lora_B", "l.x.lora_B"]
+    assert out["l.gate_up_x.lora_A"].shape == (8, 9) and all(out[f"l.{m}.lora_B"].shape == (3, 6)
+                                                             for m in ("gate", "up", "x"))
+    x = rng.normal(size=(5, 8)).astype(np.float32)
+    blocks = np.split(x @ out["l.gate_up_x.lora_A"], 3, axis=1)
+    for block, m in zip(blocks, ("gate", "up")):
+        np.testing.assert_allclose(block @ out[f"l.{m}.lora_B"], x @ pairs[f"l.{m}"][0] @ pairs[f"l.{m}"][1],
+                                   rtol=1e-5, atol=1e-5)
+    assert not (blocks[2] @ out["l.x.lora_B"]).any()

@@ -72,14 +72,32 @@ def test_mixed_adapter_streams_give_the_tokens_each_gives_alone(tiny_export):
         engine.close(5)
 
 
-def test_a_mixed_step_equals_single_row_runs(tiny_export):
-    m = Model(tiny_export)
-    engine = Engine(m, max_batch=3)
+@pytest.fixture(scope="module")
+def export_abc(tiny_export, tiny_llama, tiny_data, tmp_path_factory):
+    """tiny_export with a third adapter, c: rank 2 on up_proj alone (gate/up take a B per member: c's gate
+    block is zeros, and its blocks are narrower than a's when stacked with them)."""
+    from qlora_rt.cli import main
+    from qlora_rt.config import TrainConfig
+    from qlora_rt.train.run import train
+
+    tmp = tmp_path_factory.mktemp("abc")
+    out = shutil.copytree(tiny_export, tmp / "export")
+    run = train(TrainConfig(model=str(tiny_llama), data=str(tiny_data / "train.jsonl"), out=str(tmp / "c"),
+                            quant="nf4", steps=4, rank=2, targets="up_proj", seed=2, lr=1e-2, batch_size=2,
+                            seq_len=64, checkpoint_every=0, eval_every=0)).adapter
+    assert main(["export-adapter", "--adapter", str(run), "--onnx", str(out), "--name", "c"]) == 0
+    return out
+
+
+def test_a_mixed_step_equals_single_row_runs(export_abc):
+    m = Model(export_abc)
+    assert {"model.layers.0.mlp.gate_proj.lora_B", "model.layers.0.mlp.up_proj.lora_B"} <= set(m.input_names)
+    engine = Engine(m, max_batch=4)
     try:
-        engine.add_adapter("a", "a")
-        engine.add_adapter("b", "b")
-        prompts = [m.encode(t) for t in PROMPTS[:3]]
-        params = [{}, engine.adapters["a"], engine.adapters["b"]]
+        for name in "abc":
+            engine.add_adapter(name, name)
+        prompts = [m.encode(t) for t in PROMPTS[:4]]
+        params = [{}, engine.adapters["a"], engine.adapters["b"], engine.adapters["c"]]
         singles = []
         for slot, (ids, p) in enumerate(zip(prompts, params)):  # each prompt alone, into its own slot
             singles.append(engine._run(slot, np.array([ids]), np.array([len(ids)]), p)[0])
@@ -87,18 +105,53 @@ def test_a_mixed_step_equals_single_row_runs(tiny_export):
         class Row:  # what _lora reads of a live request
             def __init__(self, slot, p):
                 self.slot, self.params = slot, p
-        lora = engine._lora([Row(i, p) for i, p in enumerate(params)], 0, 3)
+        lora = engine._lora([Row(i, p) for i, p in enumerate(params)], 0, 4)
         nxt = np.array([[int(s.argmax())] for s in singles])
         lengths = np.array([len(x) + 1 for x in prompts])
         mixed = engine._run(0, nxt, lengths, lora)
         for i, (ids, p) in enumerate(zip(prompts, params)):
-            alone = m.logits(ids + [int(nxt[i, 0])], adapter=(None, "a", "b")[i])[-1]
+            alone = m.logits(ids + [int(nxt[i, 0])], adapter=(None, "a", "b", "c")[i])[-1]
             assert np.abs(mixed[i] - alone).max() <= 1e-4
+            base = m.logits(ids + [int(nxt[i, 0])])[-1]
+            assert i == 0 or np.abs(alone - base).max() > 1e-3, "each adapter changes its row's logits"
     finally:
         engine.close(5)
 
 
 # ---- the API ----------------------------------------------------------------------------------------------
+def test_an_export_with_one_b_per_group_still_mixes_adapters(tiny_llama, tiny_runs, tmp_path, monkeypatch):
+    """Exports made before gate/up took a B per member have one block-diagonal B per group: their adapter
+    files (export-adapter writes what the export takes) are stacked as such, and a mixed step is exact."""
+    from qlora_rt.cli import main
+    from qlora_rt.config import ExportConfig
+    from qlora_rt.export import weight_writers
+    from qlora_rt.export.exporter import export
+
+    whole = weight_writers.LinearWriter._lora
+    monkeypatch.setattr(weight_writers.LinearWriter, "_lora", lambda self, names, x, per_member=False:
+                        whole(self, names, x, per_member=False))
+    out = tmp_path / "export"
+    export(ExportConfig(model=str(tiny_llama), out=str(out), quant="nf4", weights="fp32"))
+    monkeypatch.undo()
+    for name in ("a", "b"):
+        assert main(["export-adapter", "--adapter", str(tiny_runs[1][name]), "--onnx", str(out), "--name", name]) == 0
+    m = Model(out)
+    assert "model.layers.0.mlp.gate_proj_up_proj.lora_B" in m.input_names
+    engine = Engine(m, max_batch=3, prefill_chunk=3)
+    try:
+        for name in ("a", "b"):
+            engine.add_adapter(name, name)
+        jobs = []
+        for i, text in enumerate(PROMPTS[:6]):
+            q = queue.Queue()
+            engine.submit(Request(m.encode(text), (None, "a", "b")[i % 3], max_new_tokens=6, ignore_eos=True), q.put)
+            jobs.append((text, (None, "a", "b")[i % 3], q))
+        for text, adapter, q in jobs:
+            assert _events(q) == m.generate(text, adapter=adapter, max_new_tokens=6, ignore_eos=True).tokens
+    finally:
+        engine.close(5)
+
+
 def test_models_lists_the_base_and_each_adapter(app):
     async def go():
         async with _client(app) as c:

@@ -296,7 +296,7 @@ class Engine:
         else:
             while len(self._stacks) >= STACKS:
                 del self._stacks[next(iter(self._stacks))]
-            self._stacks[key] = _stack(present)
+            self._stacks[key] = _stack(present, self.m.meta.lora_groups)
         stacked, columns = self._stacks[key]
         slot_of = {id(p): k + 1 for k, p in enumerate(present)}
         slots = np.zeros(n, np.int64)
@@ -365,22 +365,29 @@ class Engine:
                         completion_tokens=len(live.tokens)))
 
 
-def _stack(adapters: list[dict[str, ort.OrtValue]]) -> tuple[dict[str, ort.OrtValue], dict[str, np.ndarray]]:
+def _stack(adapters: list[dict[str, ort.OrtValue]], groups: dict[str, list]) -> tuple[dict[str, ort.OrtValue],
+                                                                                  dict[str, np.ndarray]]:
     """Several adapters as one set of LoRA inputs: each group's A side by side and B stacked, and the slot
     (1-based, in list order) of every rank column of each group; groups none of them adapts keep their
-    defaults."""
-    out: dict[str, ort.OrtValue] = {}
+    defaults. A group with a B per member (`groups`: the export's lora_groups) keeps its A's columns in
+    member blocks: member j's block is every adapter's j-th block, side by side, and B_j stacks theirs."""
+    out: dict[str, np.ndarray] = {}
     columns: dict[str, np.ndarray] = {}
-    groups = {k[: -len(".lora_A")] for a in adapters for k in a if k.endswith(".lora_A")}
-    for g in groups:
-        parts = [(k + 1, a[f"{g}.lora_A"].numpy(), a[f"{g}.lora_B"].numpy()) for k, a in enumerate(adapters)
-                 if f"{g}.lora_A" in a]
-        A = np.ascontiguousarray(np.concatenate([p[1] for p in parts], 1))
-        B = np.ascontiguousarray(np.concatenate([p[2] for p in parts], 0))
-        out[f"{g}.lora_A"] = ort.OrtValue.ortvalue_from_numpy(A)
-        out[f"{g}.lora_B"] = ort.OrtValue.ortvalue_from_numpy(B)
-        columns[g] = np.concatenate([np.full(p[1].shape[1], p[0], np.int64) for p in parts])
-    return out, columns
+    for g in {k[: -len(".lora_A")] for a in adapters for k in a if k.endswith(".lora_A")}:
+        having = [(k + 1, a) for k, a in enumerate(adapters) if f"{g}.lora_A" in a]
+        if f"{g}.lora_B" in having[0][1]:
+            bs = [f"{g}.lora_B"]
+            blocks = [[(slot, a[f"{g}.lora_A"].numpy()) for slot, a in having]]
+        else:  # a B per member: A's columns come as len(members) blocks of the adapter's member rank
+            bs = [f"{m}.lora_B" for m, _ in groups[g]]
+            blocks = [[(slot, part) for slot, a in having
+                       for part in [np.split(a[f"{g}.lora_A"].numpy(), len(bs), axis=1)[j]]]
+                      for j in range(len(bs))]
+        out[f"{g}.lora_A"] = np.concatenate([a for block in blocks for _, a in block], 1)
+        for b in bs:
+            out[b] = np.concatenate([a[b].numpy() for _, a in having], 0)
+        columns[g] = np.concatenate([np.full(a.shape[1], slot, np.int64) for block in blocks for slot, a in block])
+    return {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}, columns
 
 
 __all__ = ["Engine", "Event", "QueueFull", "Request"]

@@ -81,13 +81,14 @@ def read_adapter_file(path: Path, meta: Manifest) -> dict[str, ort.OrtValue]:
     params = fmt.get_parameters()
     where = f"--adapter: {path.name}"
     check_fits({k: v.shape() for k, v in params.items()}, meta.lora_inputs, where)
-    check_adapter_values(params, where)
+    check_adapter_values(params, where, meta.lora_groups)
     return params
 
 
-def check_adapter_values(params: dict[str, ort.OrtValue], where: str) -> None:
+def check_adapter_values(params: dict[str, ort.OrtValue], where: str, groups: dict[str, list] | None = None) -> None:
     """What shapes alone do not say: fp32 tensors (the label names: UTF-8 JSON bytes), each A of the rank
-    of its B, and no NaN or infinity (which would answer `nan` or nothing, silently)."""
+    of its B (of its members' Bs, side by side, where a group takes one B per member: `groups`, the export's
+    lora_groups), and no NaN or infinity (which would answer `nan` or nothing, silently)."""
     import json
 
     import numpy as np
@@ -111,3 +112,12 @@ def check_adapter_values(params: dict[str, ort.OrtValue], where: str) -> None:
         if not np.isfinite(v.numpy()).all():
             raise QloraError(f"{where}: {key} holds NaN or infinite values (a diverged training run?); it would "
                              "answer nothing useful")
+    for group, members in (groups or {}).items():  # a group with a B per member: A's rank is theirs, side by side
+        bs = [f"{m}.lora_B" for m, _ in members]
+        if f"{group}.lora_B" in params or not any(k in params for k in [f"{group}.lora_A", *bs]):
+            continue
+        ranks = [params[b].shape()[0] if b in params else None for b in bs]
+        a = params.get(f"{group}.lora_A")
+        if a is None or None in ranks or len(set(ranks)) > 1 or a.shape()[-1] != sum(ranks):
+            raise QloraError(f"{where}: {group}.lora_A has rank {a.shape()[-1] if a is not None else 'none'} and "
+                             f"its members' lora_B ranks {ranks}: not one adapter")
