@@ -520,6 +520,45 @@ def test_response_format_json_schema_constrains_the_reply(app):
     assert broken.status_code == 400 and broken.json()["error"]["param"] == "response_format"
 
 
+def test_completions_take_response_format_too(app):
+    """vLLM's /v1/completions takes response_format; a request that asks for JSON never gets free text."""
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+
+    async def go():
+        async with _client(app) as c:
+            good = await c.post("/v1/completions", json={
+                "model": "b", "prompt": "count", "max_tokens": 60, "temperature": 0.7, "seed": 1,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+            missing = await c.post("/v1/completions", json={
+                "model": "b", "prompt": "count", "response_format": {"type": "json_schema"}})
+            return good, missing
+    good, missing = _run(go())
+    choice = good.json()["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    assert isinstance(json.loads(choice["text"])["ok"], bool)
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "response_format"
+    assert "json_schema: required" in missing.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("extra,param,says", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "does not call tools"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content", "only text parts are supported; got a 'image_url' part"),
+])
+def test_chat_features_it_lacks_are_refused_not_ignored(app, extra, param, says):
+    async def go():
+        async with _client(app) as c:
+            body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+            fine = await c.post("/v1/chat/completions", json={**body, "tool_choice": "none"}) if "tools" in extra \
+                else None
+            return await c.post("/v1/chat/completions", json=body), fine
+    r, fine = _run(go())
+    assert r.status_code == 400 and r.json()["error"]["param"] == param and says in r.json()["error"]["message"]
+    assert fine is None or fine.status_code == 200, "tool_choice none: answered in text, as asked"
+
+
 def test_a_merged_export_batches_its_requests(merged_export):
     m = Model(merged_export)
     engine = Engine(m, max_batch=4)

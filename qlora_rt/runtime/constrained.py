@@ -79,7 +79,9 @@ def schema_of(response_format: dict) -> dict | None:
     """OpenAI's response_format → the schema to enforce (None: any JSON object)."""
     if response_format.get("type") == "json_object":
         return None
-    spec = response_format.get("json_schema") or {}
+    spec = response_format.get("json_schema")
+    if not spec:
+        raise QloraError("response_format.json_schema: required with type json_schema ({\"name\", \"schema\"})")
     schema = spec.get("schema", spec) if isinstance(spec, dict) else None
     if not isinstance(schema, dict):
         raise QloraError("response_format.json_schema.schema: expected a JSON schema object")

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -80,6 +80,16 @@ class Message(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v):
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if kind != "text":
+                    raise ValueError(f"only text parts are supported; got a {kind!r} part")
+        return v
+
     def text(self) -> str:
         if self.content is None:
             return ""
@@ -97,6 +107,8 @@ class ChatBody(Sampled):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
 
 
 class CompletionBody(Sampled):
@@ -104,6 +116,7 @@ class CompletionBody(Sampled):
     max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for completions
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    response_format: ResponseFormat | None = None  # an extra field here, as vLLM takes it
 
 
 class ClassifyBody(_Body):
@@ -278,6 +291,17 @@ def create_app(folder: str | Path, *, api_key: str | None = None, max_batch: int
                            "wrong_endpoint")
         return state["engine"]
 
+    async def constrain(reqs: list[EngineRequest], fmt: ResponseFormat | None) -> None:
+        """response_format json_object / json_schema: each request's tokens kept to the JSON it allows."""
+        if fmt is None or fmt.type == "text":
+            return
+        try:
+            schema = schema_of(fmt.model_dump())
+            for r in reqs:
+                r.constraint = await run_in_threadpool(state["grammars"].json, schema)
+        except QloraError as e:
+            raise APIError(400, str(e), "response_format") from None
+
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         engine = engine_or_400()
@@ -291,14 +315,11 @@ def create_app(folder: str | Path, *, api_key: str | None = None, max_batch: int
             raise APIError(400, str(e), "messages") from None
         limit = body.max_completion_tokens or body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
+        if body.tools and body.tool_choice != "none":  # answering in plain text would be silently wrong
+            raise APIError(400, "tools: this server does not call tools (function calling); send no tools, or "
+                                "tool_choice \"none\"", "tools")
         reqs = [_request(engine, ids, adapter, limit, body, top, i, "messages") for i in range(body.n)]
-        if body.response_format is not None and body.response_format.type != "text":
-            try:
-                schema = schema_of(body.response_format.model_dump())
-                for r in reqs:
-                    r.constraint = await run_in_threadpool(state["grammars"].json, schema)
-            except QloraError as e:
-                raise APIError(400, str(e), "response_format") from None
+        await constrain(reqs, body.response_format)
         rid, kind = f"chatcmpl-{uuid.uuid4().hex[:24]}", "chat.completion"
         return await _respond(engine, model, reqs, body, request, rid, kind, chat=True)
 
@@ -325,6 +346,7 @@ def create_app(folder: str | Path, *, api_key: str | None = None, max_batch: int
                 all_ids.append(list(p))
         reqs = [_request(engine, ids, adapter, body.max_tokens, body, body.logprobs, i, "prompt")
                 for ids in all_ids for i in range(body.n)]
+        await constrain(reqs, body.response_format)
         rid, kind = f"cmpl-{uuid.uuid4().hex[:24]}", "text_completion"
         return await _respond(engine, model, reqs, body, request, rid, kind, chat=False)
 
