@@ -257,6 +257,17 @@ def test_malformed_json_and_wrong_endpoints_are_400(app):
         assert r.status_code == 400 and "error" in r.json(), r.text
 
 
+def test_a_body_past_the_limit_is_413_before_it_is_parsed(app):
+    from qlora_rt.runtime.server import MAX_BODY
+
+    async def go():
+        async with _client(app) as c:
+            body = b'{"model": "tiny", "prompt": "' + b"a" * MAX_BODY + b'"}'
+            return await c.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    r = _run(go())
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", r.text
+
+
 def test_api_key_is_required_when_set(tiny_export):
     from qlora_rt.runtime.server import create_app
 

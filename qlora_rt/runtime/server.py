@@ -43,6 +43,9 @@ class APIError(Exception):
         self.headers = headers
 
 
+MAX_BODY = 32 << 20  # bytes of a request body (by its Content-Length)
+
+
 def _error(status: int, message: str, param=None, code=None, kind="invalid_request_error", headers=None):
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)
@@ -196,6 +199,14 @@ def create_app(folder: str | Path, *, api_key: str | None = None, max_batch: int
     async def crashed(request: Request, e: Exception):  # a bug of ours: still the API's shape, and one line
         return _error(500, f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                       None, None, "server_error")
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):  # added first: runs after auth
+        size = request.headers.get("content-length", "0")
+        if not size.isdigit() or int(size) > MAX_BODY:
+            return _error(413, f"the body is {size} bytes; this server takes at most {MAX_BODY >> 20} MiB "
+                               "(a prompt longer than any context fits in far less)", None, "body_too_large")
+        return await call_next(request)
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
