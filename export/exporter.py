@@ -140,7 +140,8 @@ def export(cfg: ExportConfig, trained: TrainedModel | None = None) -> dict:
     cfg.check()
     check_out(cfg.out, cfg.overwrite, META, FORMAT, "export", reads=(cfg.adapter, cfg.model, cfg.calibration))
     t0 = time.perf_counter()
-    trained = trained or open_trained(cfg.model, cfg.adapter, cfg.quant)
+    if trained is None or cfg.int4_compute not in (None, trained.quant.int4_compute):
+        trained = open_trained(cfg.model, cfg.adapter, cfg.quant, int4_compute=cfg.int4_compute)
     if cfg.weights == "auto":  # the trained base's own format where onnxruntime runs it exactly and fast
         cfg = replace(cfg, weights="int4" if trained.quant.format == "int4" else "fp32")
     family = _family(cfg, trained)

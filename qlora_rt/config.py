@@ -293,6 +293,12 @@ class ExportConfig:
                        "--quant-head: its own bytes, exact; else int4 where the int4 export is approximate anyway: "
                        "requantized or int8 compute; fp32 where it is exact)",
                        choices=("auto", "fp32", "int8", "int4"))
+    int4_compute: str | None = option(None, "an int4 base's products: int8 (int8 activations, MatMulNBits "
+                                      "accuracy_level 4: faster on the CPU, and much faster decoding several "
+                                      "rows at once, as `serve` does; the export is then approximate, judged by "
+                                      "its distributions against the trained model computed the same way) or "
+                                      "fp32 (exact); default: as trained (`train --int4-compute`)",
+                                      choices=("fp32", "int8"))
     int4_rounding: str = option("gptq", "requantized int4 weights: gptq (error feedback on calibration inputs, keeps "
                                 "the layer outputs close) or rtn (round to nearest)", choices=("gptq", "rtn"))
     calibration: str | None = option(None, "JSONL for gptq rounding (default: the training data named in the "

@@ -5,6 +5,7 @@ Merge and export start from here; nothing they do changes it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,12 +26,13 @@ class TrainedModel(NamedTuple):
 
 
 def open_trained(model_path: str | Path, adapter: str | Path | None = None, quant_format: str | None = None,
-                 device: torch.device | str = "cpu") -> TrainedModel:
+                 device: torch.device | str = "cpu", int4_compute: str | None = None) -> TrainedModel:
     """The quantized base with its adapter, exactly as it was trained: what merge and export start from.
 
     The base's 4-bit format comes from the adapter's metadata; `quant_format` overrides it (needed for
     adapters from PEFT, which do not record it; those default to NF4 with double quantization). A bare base
-    takes `train`'s default format (`bare_base`).
+    takes `train`'s default format (`bare_base`). `int4_compute` computes an int4 base's products another
+    way than it was trained (the same bytes; int8 activations emulated as training with them does).
     """
     config, meta = read_adapter(adapter) if adapter else ({}, {})
     if adapter:
@@ -41,6 +43,11 @@ def open_trained(model_path: str | Path, adapter: str | Path | None = None, quan
             raise QloraError(f"--quant {quant_format}: the adapter was trained on a {cfg.format} base; "
                              f"merging it onto another base would not give the trained model")
         cfg = QuantConfig(format=quant_format)
+    if int4_compute and int4_compute != cfg.int4_compute:
+        if cfg.format != "int4":
+            raise QloraError(f"--int4-compute {int4_compute}: the base was trained as {cfg.format}; only an int4 "
+                             "base's products have a compute type to choose")
+        cfg = replace(cfg, int4_compute=int4_compute)
     labels = labels_of(meta, read_head(adapter), Path(adapter)) if adapter else None
     if not adapter and family(model_path) == "encoder":
         labels = ["LABEL_0", "LABEL_1"]  # a bare base: a placeholder head (an adapter-aware export takes each's)

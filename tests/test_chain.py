@@ -96,3 +96,11 @@ def test_the_fast_exact_path_is_plain_matmulnbits_and_exact(tmp_path):
     ops = [n.op_type for n in nodes]
     assert ops.count("MatMulNBits") == 30 * 4 + 1 and "ReduceSum" not in ops  # q/k/v, o, gate/up, down; head
     assert all(a.i == 0 for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level")
+    # --int4-compute int8 at export: the same bytes with int8 activations (serving's fast batched path),
+    # approximate, judged by distributions against the trained model computed the same way
+    fast = export(ExportConfig(model="smollm2-135m", adapter=str(result.adapter), out=str(tmp_path / "int8"),
+                               weights="int4", int4_compute="int8"), trained)
+    nodes = onnx.load(str(tmp_path / "int8" / "model.onnx"), load_external_data=False).graph.node
+    levels = [a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"]
+    assert len(levels) == 30 * 4 + 1 and set(levels) == {4}
+    assert fast["tolerance"] is None and fast["mean_kl"] <= 0.2 and fast["top1_agreement"] >= 0.75, fast

@@ -317,3 +317,11 @@ def test_a_broken_chat_template_breaks_chat_only(tiny_export, tmp_path):
     assert m.generate("count to three", max_new_tokens=3).tokens
     with pytest.raises(QloraError, match=r"chat template \(.*chat_template.jinja\): line 1:"):
         m.generate("count to three", chat=True, max_new_tokens=3)
+
+
+def test_int4_compute_at_export_needs_an_int4_base(tiny_llama, tiny_runs, tmp_path, capsys):
+    code = main(["export", "--model", str(tiny_llama), "--adapter", str(tiny_runs[1]["a"]), "--out",
+                 str(tmp_path / "x"), "--int4-compute", "int8"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--int4-compute int8: the base was trained as nf4" in err, err
+    assert not (tmp_path / "x").exists()
