@@ -1,11 +1,12 @@
 """`qlora-rt serve` under load on SmolLM2-135M: mixed-adapter continuous batching, and llama.cpp's server.
 
     python bench/serve.py [--work runs/serve] [--streams 1,2,4,8,16] [--new 64] [--int4-compute fp32|int8]
-                          [--llama-server PATH]
+                          [--export-int4-compute fp32|int8] [--llama-server PATH]
 
 Prepares (once, in --work) an r16 all-linear adapter trained for a few steps on the dates task, the
 adapter-aware int4 export with it as `a` (trained with --int4-compute: fp32 by default, exact; int8 trains
-and exports the faster int8-activation products), and the same adapter added as `b` and `c` (three files,
+and exports the faster int8-activation products; --export-int4-compute int8 exports an fp32-trained
+adapter's base with them), and the same adapter added as `b` and `c` (three files,
 so three adapters as far as the server knows: the cost of a mixed step does not depend on their values).
 Then, with the server in its own process (`qlora-rt serve --max-batch 16 --max-seq-len 512`), for each
 number of concurrent streams: every stream one streamed /v1/completions request of --new tokens
@@ -45,7 +46,7 @@ def sh(*args: str, **kw) -> None:
     subprocess.run(args, check=True, **kw)
 
 
-def prepare(work: Path, compute: str = "fp32") -> Path:
+def prepare(work: Path, compute: str = "fp32", export_compute: str | None = None) -> Path:
     export = work / "export"
     if (export / "adapters" / "c.onnx_adapter").is_file():
         return export
@@ -56,7 +57,8 @@ def prepare(work: Path, compute: str = "fp32") -> Path:
         sh(*q, "train", "--model", "smollm2-135m", "--data", str(DATA / "dates-train.jsonl"), "--out",
            str(work / "run"), "--steps", "4", "--rank", "16", "--int4-compute", compute)
     sh(*q, "export", "--model", "smollm2-135m", "--adapter", str(work / "run" / "adapter"), "--out", str(export),
-       "--mode", "adapter-aware", "--weights", "int4", "--name", "a")
+       "--mode", "adapter-aware", "--weights", "int4", "--name", "a",
+       *(["--int4-compute", export_compute] if export_compute else []))
     for name in ("b", "c"):
         sh(*q, "export-adapter", "--adapter", str(work / "run" / "adapter"), "--onnx", str(export), "--name", name,
            "--overwrite")
@@ -207,16 +209,18 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--int4-compute", default="fp32", choices=("fp32", "int8"))
+    ap.add_argument("--export-int4-compute", default=None, choices=("fp32", "int8"),
+                    help="the export's products, if not as trained")
     ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (optional)")
     a = ap.parse_args()
     work = Path(a.work)
-    export = prepare(work, a.int4_compute)
+    export = prepare(work, a.int4_compute, a.export_int4_compute)
     streams = [int(x) for x in a.streams.split(",")]
     print(f"qlora-rt serve, {export} ({a.threads} threads):", file=sys.stderr)
     rows, memory = bench_ours(export, streams, a.new, a.threads)
     one_stream = next((r["mixed"]["decode_tok_s"] for r in rows if r["streams"] == 1), None)
     print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU threads, SmolLM2-135M adapter-aware int4 "
-          f"({a.int4_compute} activations), r16 "
+          f"({a.export_int4_compute or a.int4_compute} activations, trained with {a.int4_compute}), r16 "
           f"all-linear adapters, {a.new} new tokens a stream, prompts of ~40 tokens, all streams sent at once; "
           "mixed = round-robin over the base and adapters a, b, c\n")
     print("| streams | mixed: decode tok/s | x one stream | output tok/s | TTFT p50 / p95 (s) | one adapter: decode "
