@@ -83,7 +83,9 @@ class DecoderFamily:
                         inputs=["input_ids", "attention_mask", "position_ids", "past_key_values.N.key",
                                 "past_key_values.N.value", "logits_to_keep"],
                         outputs=["logits", "present.N.key", "present.N.value"],
-                        lora_inputs=writer.lora_inputs, lora_groups=writer.lora_groups)
+                        lora_inputs=writer.lora_inputs, lora_groups=writer.lora_groups,
+                        int4_activations=("fp32" if 0 in writer.accuracy_levels else "int8")
+                        if writer.accuracy_levels else None)
 
     def save_files(self, folder: Path) -> None:
         self.trained.loaded.tokenizer.save_pretrained(folder)

@@ -63,6 +63,7 @@ class LinearWriter:
         self.lora_inputs: dict[str, list] = {}  # adapter-aware: each LoRA input's fixed dims (metadata)
         self.lora_groups: dict[str, list] = {}  # ... and the Linears each grouped pair covers
         self.row_slots = row_slots  # adapter-aware decoders: each batch row may take its own adapter (_lora)
+        self.accuracy_levels: set[int] = set()  # of the MatMulNBits written (HeadWriter adds the head's)
 
     def _weight(self, name: str, w: torch.Tensor) -> str:
         """A (out, in) fp32 weight stored as (in, out) for MatMul, in the chosen float format."""
@@ -110,6 +111,7 @@ class LinearWriter:
 
     def _emit_nbits(self, name: str, x: str, inputs: dict[str, np.ndarray], s: int4.Int4, accuracy: int) -> str:
         g = self.g
+        self.accuracy_levels.add(accuracy)
         y = matmul_nbits(g, name, x, inputs, s.K, 4, s.block, accuracy)
         if "correction" in inputs:  # GGUF Q4_1: + (block sums of x) @ (8·scale + min)
             y = g.op("Gemm", [self._block_sums(x, s), g.init(f"{name}.correction", inputs["correction"]), y])

@@ -185,6 +185,10 @@ def _serve(args: argparse.Namespace) -> None:
         "reach it" + ("" if cfg.api_key else ", with no --api-key")
     print(f"serving {cfg.folder} ({names}) on http://{cfg.host}:{cfg.port}/v1 — reachable from {where}",
           file=sys.stderr)
+    if "engine" in state and state["model"].meta.int4_activations == "fp32" and cfg.max_batch > 1:
+        print("note: this export's 4-bit products take fp32 activations (exact), and onnxruntime gains little from "
+              "decoding several streams at once that way; for throughput export it with --int4-compute int8 "
+              "(docs/serving.md#speed)", file=sys.stderr)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=30)
 
 

@@ -104,3 +104,6 @@ def test_the_fast_exact_path_is_plain_matmulnbits_and_exact(tmp_path):
     levels = [a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"]
     assert len(levels) == 30 * 4 + 1 and set(levels) == {4}
     assert fast["tolerance"] is None and fast["mean_kl"] <= 0.2 and fast["top1_agreement"] >= 0.75, fast
+    activations = [json.loads((tmp_path / d / "qlora_rt_export.json").read_text())["int4_activations"]
+                   for d in ("aware", "int8")]
+    assert activations == ["fp32", "int8"]  # what `serve` reads to say how to batch faster

@@ -54,6 +54,7 @@ class Manifest:
     max_context: int | None = None
     eos_token_ids: list[int] | None = None
     kv_cache: str | None = None
+    int4_activations: str | None = None  # the 4-bit products' activations: fp32 (exact) or int8 (fast batched)
     # encoder
     max_length: int | None = None       # longest input in tokens (position table); longer texts are truncated
     token_type_ids: bool | None = None  # whether the graph takes them (BERT does; RoBERTa, DistilBERT do not)
