@@ -87,7 +87,7 @@ class LinearWriter:
         """The block a requantized weight is rounded in: --block-size, else 32, or twice the base's block where
         the base is int4 on an integer grid (its own grid would round a merged weight back onto the base)."""
         own = self._trained_nbits(name)
-        block = self.block_size or (min(2 * own[1].block, 256) if own and own[1].mins is None else 32)
+        block = self.block_size or (min(2 * own.state.block, 256) if own and own.state.mins is None else 32)
         self.requant_blocks.add(block)
         return block
 
@@ -95,7 +95,7 @@ class LinearWriter:
         """Whether these Linears' int4 products can be one MatMulNBits: same K, block, accuracy, inputs."""
         kinds = set()
         for n in names:
-            s = None if self.requantizes(n) else self._trained_nbits(n)[1]
+            s = None if self.requantizes(n) else self._trained_nbits(n).state
             kinds.add((s.K, s.block, s.compute, s.zeros is None, s.mins is None) if s else ("requantized",))
         return len(kinds) == 1
 
@@ -130,18 +130,20 @@ class LinearWriter:
         """MatMulBnb4 over the trained NF4/FP4 bytes; Linears whose blocks do not straddle their ends (each
         weight a whole number of blocks) are one node over the concatenated bytes, which is the same thing."""
         parts = [self._trained_bnb4(n) for n in names]
-        whole = all(p[0].numel() * 2 % p[3] == 0 and p[2:] == parts[0][2:] for p in parts)
+        first = parts[0]
+        whole = all(p.packed.numel() * 2 % p.block == 0 and (p.quant_type, p.block) == (first.quant_type, first.block)
+                    for p in parts)
         groups = [names] if whole else [[n] for n in names]
         part = dict(zip(names, parts))
         out, g = [], self.g
         for group in groups:
-            packed = np.concatenate([part[n][0].numpy() for n in group])
-            absmax = np.concatenate([part[n][1].numpy() for n in group])
+            packed = np.concatenate([part[n].packed.numpy() for n in group])
+            absmax = np.concatenate([part[n].absmax.numpy() for n in group])
             name = group_name(group)
             out.append(g.op("MatMulBnb4", [x, g.init(f"{name}.qweight", packed), g.init(f"{name}.absmax", absmax)],
                             domain=MS, K=self.layers[group[0]].in_features,
-                            N=sum(self.layers[n].out_features for n in group), block_size=parts[0][3],
-                            quant_type=parts[0][2]))
+                            N=sum(self.layers[n].out_features for n in group), block_size=parts[0].block,
+                            quant_type=parts[0].quant_type))
         return out
 
     def _float(self, names: list[str], x: str) -> list[str]:
@@ -149,12 +151,12 @@ class LinearWriter:
         w = torch.cat([self._float_weight(n) for n in names])  # (Σout, in)
         return [self.g.op("MatMul", [x, self._weight(group_name(names), w)])]
 
-    def _trained_nbits(self, name: str):
+    def _trained_nbits(self, name: str) -> formats.NBitsBytes | None:
         """The trained base's own MatMulNBits form (its format has one: the int4 format), or None."""
         w = self.layers[name].weight
         return formats.format_of(w).nbits(w)
 
-    def _trained_bnb4(self, name: str):
+    def _trained_bnb4(self, name: str) -> formats.Bnb4Bytes:
         w = self.layers[name].weight
         found = formats.format_of(w).bnb4(w)
         if found is None:

@@ -17,6 +17,7 @@ Formats:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,20 @@ def _bnb():
     return bnb
 
 
+class NBitsBytes(NamedTuple):
+    """A weight as com.microsoft.MatMulNBits takes it: the packed bytes and their int4 state."""
+    packed: torch.Tensor
+    state: int4.Int4
+
+
+class Bnb4Bytes(NamedTuple):
+    """A weight as com.microsoft.MatMulBnb4 takes it."""
+    packed: torch.Tensor   # uint8, two 4-bit codes a byte
+    absmax: torch.Tensor   # fp32, one per block
+    quant_type: int        # 0 fp4, 1 nf4
+    block: int
+
+
 class Format:
     """A frozen base weight's storage: a Parameter the format made (`quantize`), read only through it."""
 
@@ -128,13 +143,12 @@ class Format:
         return {}
 
     # What the exporter may ask: the weight's exact form for an onnxruntime 4-bit kernel, where it has one.
-    def nbits(self, weight: torch.Tensor) -> tuple[torch.Tensor, int4.Int4] | None:
+    def nbits(self, weight: torch.Tensor) -> NBitsBytes | None:
         """The stored bytes and state as com.microsoft.MatMulNBits takes them (exact), or None."""
         return None
 
-    def bnb4(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
-        """(packed uint8, fp32 absmax, quant_type 0 fp4 / 1 nf4, block) as com.microsoft.MatMulBnb4 takes
-        them (exact), or None."""
+    def bnb4(self, weight: torch.Tensor) -> Bnb4Bytes | None:
+        """The stored bytes as com.microsoft.MatMulBnb4 takes them (exact), or None."""
         return None
 
     def approximate_in_onnx(self, weight: torch.Tensor) -> bool:
@@ -215,8 +229,8 @@ class Bnb4(Format):
         bnbf = _bnb().functional
         state = weight.quant_state
         absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
-        return (weight.data.reshape(-1).cpu(), absmax.float().cpu(), {"fp4": 0, "nf4": 1}[state.quant_type],
-                state.blocksize)
+        return Bnb4Bytes(weight.data.reshape(-1).cpu(), absmax.float().cpu(), {"fp4": 0, "nf4": 1}[state.quant_type],
+                         state.blocksize)
 
 
 class Int4Format(Format):
@@ -276,7 +290,7 @@ class Int4Format(Format):
         return imported
 
     def nbits(self, weight):
-        return weight.data, weight.int4
+        return NBitsBytes(weight.data, weight.int4)
 
     def approximate_in_onnx(self, weight):
         return weight.int4.compute == "int8"
