@@ -349,6 +349,38 @@ def test_adapters_load_only_from_inside_the_export_or_adapters_dir(tiny_export, 
         app.state.qlora["engine"].close(5)
 
 
+def test_unloading_an_adapter_in_use_lets_its_running_request_finish(tiny_export):
+    """The stream on `b` started before the unload decodes to the end, the tokens it decodes alone; a request
+    after it gets 404."""
+    from qlora_rt.runtime.server import create_app
+
+    app = create_app(tiny_export, max_batch=2, served_model_name="tiny")
+    m = Model(tiny_export)
+
+    async def go():
+        async with _client(app) as c:
+            body = {"model": "b", "prompt": "count to three", "max_tokens": 30, "temperature": 0, "ignore_eos": True,
+                    "stream": True}
+            tokens, unloaded = [], None
+            async with c.stream("POST", "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    tokens.append(json.loads(line[6:]))
+                    if unloaded is None:
+                        unloaded = await c.post("/v1/unload_lora_adapter", json={"lora_name": "b"})
+            after = await c.post("/v1/completions", json={**body, "stream": False})
+            return tokens, unloaded, after
+    try:
+        chunks, unloaded, after = _run(go())
+    finally:
+        app.state.qlora["engine"].close(5)
+    assert unloaded.status_code == 200 and after.status_code == 404
+    text = "".join(ch["choices"][0]["text"] for ch in chunks if ch["choices"])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert text == m.generate("count to three", adapter="b", max_new_tokens=30, ignore_eos=True).text
+
+
 def test_an_adapter_for_another_base_is_refused_on_load(tiny_export, tmp_path):
     from qlora_rt.runtime.server import create_app
 
