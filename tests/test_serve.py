@@ -556,6 +556,7 @@ def test_response_format_json_schema_constrains_the_reply(app):
     reply = json.loads(choice["message"]["content"])  # a random tiny model, but the grammar holds it
     assert choice["finish_reason"] == "stop" and reply["answer"] in ("yes", "no") and isinstance(reply["n"], int)
     assert set(reply) == {"answer", "n"}
+    assert choice["message"]["content"] == json.dumps(reply)  # laid out as json.dumps: no runs of whitespace
     text = any_object.json()["choices"][0]["message"]["content"]
     assert text.startswith("{")
     if any_object.json()["choices"][0]["finish_reason"] == "stop":

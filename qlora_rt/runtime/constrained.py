@@ -16,6 +16,11 @@ import numpy as np
 
 from qlora_rt.errors import QloraError
 
+# The JSON's layout: one space after ':' and ',', none elsewhere (as json.dumps writes it). Left free
+# (llguidance's default), a small model decoding greedily fills the reply with newlines between tokens and
+# runs out of max_tokens before the closing brace. A schema's own "x-guidance" overrides this.
+LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
 
 class Grammars:
     """Matchers for one export's tokenizer (built once, on the first constrained request: ~0.3 s)."""
@@ -42,8 +47,8 @@ class Grammars:
 
         tok = self._tok()
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema if schema is not None else
-                                                                    {"type": "object"})
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                schema if schema is not None else {"type": "object"}, defaults=LAYOUT)
         except (ValueError, TypeError, RuntimeError) as e:
             raise QloraError(f"the JSON schema cannot be used: {str(e).splitlines()[0][:200]}") from None
         matcher = llguidance.LLMatcher(tok, grammar)
