@@ -375,18 +375,16 @@ def _stack(adapters: list[dict[str, ort.OrtValue]], groups: dict[str, list]) -> 
     columns: dict[str, np.ndarray] = {}
     for g in {k[: -len(".lora_A")] for a in adapters for k in a if k.endswith(".lora_A")}:
         having = [(k + 1, a) for k, a in enumerate(adapters) if f"{g}.lora_A" in a]
-        if f"{g}.lora_B" in having[0][1]:
+        if f"{g}.lora_B" in having[0][1]:  # one B over the group's outputs side by side
             bs = [f"{g}.lora_B"]
-            blocks = [[(slot, a[f"{g}.lora_A"].numpy()) for slot, a in having]]
-        else:  # a B per member: A's columns come as len(members) blocks of the adapter's member rank
+        else:  # a B per member: each adapter's A is one equal block of columns per member
             bs = [f"{m}.lora_B" for m, _ in groups[g]]
-            blocks = [[(slot, part) for slot, a in having
-                       for part in [np.split(a[f"{g}.lora_A"].numpy(), len(bs), axis=1)[j]]]
-                      for j in range(len(bs))]
-        out[f"{g}.lora_A"] = np.concatenate([a for block in blocks for _, a in block], 1)
+        parts = {slot: np.split(a[f"{g}.lora_A"].numpy(), len(bs), axis=1) for slot, a in having}
+        blocks = [(slot, parts[slot][j]) for j in range(len(bs)) for slot, _ in having]  # member-major
+        out[f"{g}.lora_A"] = np.concatenate([a for _, a in blocks], 1)
         for b in bs:
             out[b] = np.concatenate([a[b].numpy() for _, a in having], 0)
-        columns[g] = np.concatenate([np.full(a.shape[1], slot, np.int64) for block in blocks for slot, a in block])
+        columns[g] = np.concatenate([np.full(a.shape[1], slot, np.int64) for slot, a in blocks])
     return {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}, columns
 
 
