@@ -311,3 +311,15 @@ def test_text_decoded_token_by_token_is_the_whole_decode(kind):
             first = next(i for i, t in enumerate(ids) if cut.add(t))  # callers stop adding there
             assert cut.text == full[: full.index(stop)]
             assert stop not in tok.decode(ids[:first]) and stop in tok.decode(ids[: first + 1])
+
+
+def test_penalties_count_the_generated_tokens_and_bias_adds():
+    from qlora_rt.runtime.decoder import Sampling
+
+    z = np.zeros(6, np.float32)
+    out = Sampling(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={5: 3.0}).adjust(z, [1, 1, 2])
+    np.testing.assert_allclose(out, [0, -1.0, -0.75, 0, 0, 3.0])
+    assert not z.any(), "the row itself is left as it was"
+    assert Sampling().adjust(z, [1]) is z
+    with pytest.raises(QloraError, match="frequency_penalty must be in"):
+        Sampling(frequency_penalty=float("nan")).check()

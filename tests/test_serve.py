@@ -603,6 +603,28 @@ def test_chat_features_it_lacks_are_refused_not_ignored(app, extra, param, says)
     assert fine is None or fine.status_code == 200, "tool_choice none: answered in text, as asked"
 
 
+def test_penalties_and_logit_bias_apply_as_generate_applies_them(app, tiny_export):
+    """OpenAI's sampling adjustments: a +100 bias makes greedy decoding repeat its token; a frequency
+    penalty of 2 changes a greedy reply, the same way in the server and in Model.generate; out of range: 400."""
+    m = Model(tiny_export)
+    forced = m.encode(" the")[-1]
+
+    async def go():
+        async with _client(app) as c:
+            post = lambda body: c.post("/v1/completions", json={"model": "a", "prompt": "count to three",  # noqa: E731
+                                                                "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+                                                                **body})
+            return [await post(b) for b in ({"logit_bias": {str(forced): 100}}, {"frequency_penalty": 2.0},
+                                             {}, {"logit_bias": {"x": 1}}, {"logit_bias": {"-1": 1}},
+                                             {"presence_penalty": 2.5})]
+    biased, penalized, plain, *bad = _run(go())
+    assert biased.json()["choices"][0]["text"] == m.tokenizer.decode([forced] * 12)
+    alone = m.generate("count to three", adapter="a", max_new_tokens=12, ignore_eos=True, frequency_penalty=2.0)
+    assert penalized.json()["choices"][0]["text"] == alone.text != plain.json()["choices"][0]["text"]
+    assert [r.status_code for r in bad] == [400, 400, 400]
+    assert [r.json()["error"]["param"] for r in bad] == ["logit_bias", "logit_bias", "presence_penalty"]
+
+
 def test_a_merged_export_batches_its_requests(merged_export):
     m = Model(merged_export)
     engine = Engine(m, max_batch=4)

@@ -320,15 +320,17 @@ class Engine:
             live.finished = True
             return
         req = live.req
+        raw = logits  # logprobs are the model's own
+        logits = req.sampling.adjust(logits, live.tokens)
         if req.constraint is not None:
-            logits = logits.astype(np.float32, copy=True)
+            logits = logits.astype(np.float32, copy=logits is raw)
             req.constraint.mask(logits)
         token = int(req.sampling.pick(logits[None], live.rng)[0])
         if req.constraint is not None and token not in self.m.eos:
             req.constraint.accept(token)
         info = []
         if req.logprobs is not None:
-            z = logits.astype(np.float64)
+            z = raw.astype(np.float64)
             lse = z.max() + np.log(np.exp(z - z.max()).sum())
             top = np.argpartition(-z, req.logprobs)[: req.logprobs] if req.logprobs else np.array([], int)
             top = top[np.argsort(-z[top])]

@@ -34,11 +34,16 @@ from qlora_rt.runtime.session import adapter_names, find_adapter, open_session, 
 
 @dataclass
 class Sampling:
-    """temperature 0 = greedy; otherwise softmax(logits / temperature) cut to top_k, then to top_p mass."""
+    """temperature 0 = greedy; otherwise softmax(logits / temperature) cut to top_k, then to top_p mass.
+    Before either, as OpenAI's API defines them: logit_bias {token: b} added, and for each token already
+    generated presence_penalty subtracted once and frequency_penalty once per time it was generated."""
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
 
     def check(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -47,6 +52,27 @@ class Sampling:
             raise QloraError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise QloraError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:  # NaN fails this too
+                raise QloraError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if any(not -100 <= b <= 100 for b in (self.logit_bias or {}).values()):
+            raise QloraError("logit_bias: each bias must be in [-100, 100]")
+
+    @property
+    def adjusts(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    def adjust(self, logits: np.ndarray, generated: list[int]) -> np.ndarray:
+        """One row's logits (V,) with the bias and penalties applied (a copy), or the row itself without any."""
+        if not self.adjusts:
+            return logits
+        z = logits.astype(np.float32, copy=True)
+        if self.logit_bias:
+            z[np.fromiter(self.logit_bias, np.int64)] += np.fromiter(self.logit_bias.values(), np.float32)
+        if generated and (self.presence_penalty or self.frequency_penalty):
+            ids, counts = np.unique(np.asarray(generated, np.int64), return_counts=True)
+            z[ids] -= self.frequency_penalty * counts + self.presence_penalty
+        return z
 
     def pick(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One token per row of logits (B, V)."""
@@ -184,7 +210,7 @@ class Model:
         """Complete one prompt (-> Completion) or a list of them, batched with left padding (-> list).
 
         kw: adapter (name or path; None = the base), max_new_tokens=128, stop=(), temperature=0 (greedy),
-        top_k=0, top_p=1, seed=None.
+        top_k=0, top_p=1, seed=None, presence_penalty=0, frequency_penalty=0, logit_bias=None ({token: bias}).
         """
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict))
         batch = [prompts] if single else list(prompts)
@@ -195,10 +221,11 @@ class Model:
 
     def generate_ids(self, ids: list[list[int]], *, adapter: str | Path | None = None, max_new_tokens: int = 128,
                      stop: list[str] | tuple = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                     seed: int | None = None, ignore_eos: bool = False) -> list[Completion]:
+                     seed: int | None = None, ignore_eos: bool = False, presence_penalty: float = 0.0,
+                     frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None) -> list[Completion]:
         """Completions of token-id prompts; ignore_eos decodes exactly max_new_tokens (benchmarks)."""
-        steps = self._steps(ids, adapter, max_new_tokens, _stops(stop), Sampling(temperature, top_k, top_p, seed),
-                            ignore_eos=ignore_eos)
+        sampling = Sampling(temperature, top_k, top_p, seed, presence_penalty, frequency_penalty, logit_bias)
+        steps = self._steps(ids, adapter, max_new_tokens, _stops(stop), sampling, ignore_eos=ignore_eos)
         for _ in steps:
             pass
         return steps.result
@@ -317,7 +344,10 @@ class _Steps:
         logits = self.prompt()
         positions, t_first = self.positions, None
         for step in range(self.max_new):
-            tokens = self.sampling.pick(logits[:, -1], self.rng)  # (B,)
+            last = logits[:, -1]
+            if self.sampling.adjusts:
+                last = np.stack([self.sampling.adjust(z, row.tokens) for z, row in zip(last, self.rows)])
+            tokens = self.sampling.pick(last, self.rng)  # (B,)
             t_first = t_first or time.perf_counter()
             self._record(tokens, step + 1 == self.max_new)
             yield tokens
@@ -358,10 +388,12 @@ class Stream:
 
     def __init__(self, model: Model, prompt, *, chat: bool = False, system: str | None = None, adapter=None,
                  max_new_tokens: int = 128, stop=(), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 logit_bias: dict[int, float] | None = None) -> None:
         self.stop = _stops(stop)
+        sampling = Sampling(temperature, top_k, top_p, seed, presence_penalty, frequency_penalty, logit_bias)
         self._steps = model._steps([model.encode(prompt, chat, system)], adapter, max_new_tokens, self.stop,
-                                   Sampling(temperature, top_k, top_p, seed), live_text=True)
+                                   sampling, live_text=True)
         self.result: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:

@@ -72,6 +72,9 @@ class Sampled(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False                  # an extra field (vLLM's): decode max_tokens exactly (benchmarks)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI's) -> bias in [-100, 100]
 
 
 class TextPart(_Body):
@@ -393,8 +396,18 @@ def _request(engine: Engine, ids: list[int], adapter: str | None, limit: int | N
         raise APIError(400, str(e), "stop") from None
     seed = body.seed + i if body.seed is not None else None
     top_k = body.top_k if body.top_k > 0 else 0
-    return EngineRequest(ids, adapter, limit or room, Sampling(body.temperature, top_k, body.top_p, seed), stop,
-                         logprobs, body.ignore_eos)
+    bias = None
+    if body.logit_bias:
+        vocab = engine.m.meta.vocab
+        try:
+            bias = {int(k): float(v) for k, v in body.logit_bias.items()}
+        except ValueError:
+            raise APIError(400, "logit_bias: keys are token ids (integers, as strings)", "logit_bias") from None
+        if any(not 0 <= t < vocab for t in bias) or any(not -100 <= b <= 100 for b in bias.values()):
+            raise APIError(400, f"logit_bias: token ids must be in [0, {vocab}) and biases in [-100, 100]",
+                           "logit_bias")
+    sampling = Sampling(body.temperature, top_k, body.top_p, seed, body.presence_penalty, body.frequency_penalty, bias)
+    return EngineRequest(ids, adapter, limit or room, sampling, stop, logprobs, body.ignore_eos)
 
 
 async def _respond(engine: Engine, model, reqs: list[EngineRequest], body: Sampled, request: Request, rid: str,
