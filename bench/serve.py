@@ -119,6 +119,41 @@ async def load(base: str, bodies: list[dict]) -> dict:
             "ttft_p50": statistics.median(ttft), "ttft_p95": p95, "wall": wall}
 
 
+async def stall(base: str, running: int = 7, new: int = 96, long_words: int = 450) -> dict:
+    """Inter-token gaps of `running` decoding streams, alone and while a ~450-token prompt comes in (its
+    prefill runs in chunks of 256 between their steps): p50 / p99 / max of the gaps, and the long prompt's
+    TTFT."""
+    async with httpx.AsyncClient(base_url=base, timeout=600) as c:
+        async def stream(body: dict) -> list[float]:
+            times = []
+            async with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                if r.status_code != 200:
+                    raise SystemExit(f"{r.status_code}: {(await r.aread())[:300]!r}")
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        times.append(time.perf_counter())
+            return times
+
+        async def gaps(with_long: bool) -> tuple[list[float], float]:
+            tasks = [asyncio.ensure_future(stream(b)) for b in bodies(running, new, [None, "a", "b", "c"])]
+            ttft = float("nan")
+            if with_long:
+                await asyncio.sleep(1.0)  # the streams are decoding
+                t0 = time.perf_counter()
+                times = await stream({"model": "a", "prompt": "one two three " * (long_words // 3), "max_tokens": 1})
+                ttft = times[0] - t0
+            out = []
+            for times in await asyncio.gather(*tasks):
+                out += [b - a for a, b in zip(times[1:], times[2:])]  # from the 2nd token: decoding only
+            return sorted(out), ttft
+        result = {}
+        for name, with_long in (("alone", False), ("long prompt arriving", True)):
+            g, ttft = await gaps(with_long)
+            result[name] = {"p50": statistics.median(g), "p99": g[int(0.99 * (len(g) - 1))], "max": g[-1],
+                            "ttft": ttft}
+        return result
+
+
 def bodies(n: int, new: int, models: list, extra=lambda m: {}) -> list[dict]:
     return [{"model": "base" if m is None else m, "prompt": PROMPT.format(i=i + 1, j=i), "max_tokens": new,
              "temperature": 0, "ignore_eos": True, **extra(m)} for i, m in zip(range(n), models * n)]
@@ -146,6 +181,7 @@ def bench_ours(export: Path, streams: list[int], new: int, threads: int) -> tupl
             print(f"  {n:2d} streams: mixed {mixed['decode_tok_s']:6.1f} decode tok/s, {mixed['tok_s']:6.1f} output "
                   f"tok/s (TTFT p50 {mixed['ttft_p50']:.2f} s) | one adapter {one['decode_tok_s']:6.1f} decode tok/s",
                   file=sys.stderr)
+        memory["stall"] = asyncio.run(stall(base))
         memory["base + 3 adapters, after the loads above"] = rss_mib(proc.pid)[0]
         for k in range(13):  # 16 adapters in all
             r = httpx.post(base + "/v1/load_lora_adapter",
@@ -228,9 +264,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         m, o = r["mixed"], r["one"]
-        print(f"| {r['streams']} | {m['decode_tok_s']:.1f} | {m['decode_tok_s'] / one_stream:.2f} | {m['tok_s']:.1f} | "
+        times = m["decode_tok_s"] / one_stream if one_stream else float("nan")  # without a 1-stream run: nan
+        print(f"| {r['streams']} | {m['decode_tok_s']:.1f} | {times:.2f} | {m['tok_s']:.1f} | "
               f"{m['ttft_p50']:.2f} / {m['ttft_p95']:.2f} | {o['decode_tok_s']:.1f} | {o['tok_s']:.1f} | "
               f"{m['decode_tok_s'] / o['decode_tok_s']:.2f} |")
+    gaps = memory.pop("stall")
+    print("\n7 streams decoding (mixed), inter-token gaps p50 / p99 / max: " + "; ".join(
+        f"{k} {v['p50'] * 1000:.0f} / {v['p99'] * 1000:.0f} / {v['max'] * 1000:.0f} ms" for k, v in gaps.items())
+        + f" (the long prompt's first token after {gaps['long prompt arriving']['ttft']:.2f} s)")
     print("\nserver RSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
     if a.llama_server:
         n = 8

@@ -1,7 +1,8 @@
 """Continuous batching over one decoder export: many independent streams, each with its own adapter.
 
 The engine owns one KV cache of `max_batch` rows (slots). A request takes a free slot, its prompt is
-run into that slot's cache in chunks (between decode steps, so running streams keep going), and from
+run into that slot's cache in chunks (between decode steps, so running streams keep going; while any
+stream decodes, chunks of BUSY_CHUNK tokens, so none waits long), and from
 then on it is one row of every decode step until it finishes; then the slot is free for the next one.
 Rows are right-aligned: each holds its own number of positions from 0 (the graph's `row_lengths`), so
 streams of any lengths share a step without padding, and a finished row leaves nothing to compact.
@@ -32,6 +33,7 @@ from qlora_rt.errors import QloraError
 from qlora_rt.runtime.decoder import Model, Sampling, Text, _held_back
 
 ROW_LENGTHS = "row_lengths"
+BUSY_CHUNK = 64  # prompt tokens a chunk while other streams decode: their longest wait is one such chunk
 STACKS = 2  # sets of adapters kept stacked (each a copy of its adapters' tensors), least recently used dropped
 
 
@@ -188,9 +190,11 @@ class Engine:
                     continue
             try:
                 prefilling = [s for s in active if s.done_prompt < len(s.req.ids)]
-                if prefilling:  # one chunk of one prompt per round: running streams wait at most one chunk
-                    self._prefill(min(prefilling, key=lambda s: s.t_submit))
                 decoding = [s for s in active if s.next_token is not None and not s.finished]
+                if prefilling:  # one chunk of one prompt per round: running streams wait at most one chunk
+                    chunk = min(self.prefill_chunk, BUSY_CHUNK) if decoding else self.prefill_chunk
+                    self._prefill(min(prefilling, key=lambda s: s.t_submit), chunk)
+                    decoding = [s for s in active if s.next_token is not None and not s.finished]
                 if decoding:
                     self._decode(decoding)
             except Exception as e:  # onnxruntime failed: every request in the step gets the reason, not a hang
@@ -256,8 +260,8 @@ class Engine:
         self.m.session.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()[:, -1]
 
-    def _prefill(self, live: _Live) -> None:
-        ids = live.req.ids[live.done_prompt: live.done_prompt + self.prefill_chunk]
+    def _prefill(self, live: _Live, chunk: int) -> None:
+        ids = live.req.ids[live.done_prompt: live.done_prompt + chunk]
         live.length = live.done_prompt + len(ids)
         logits = self._run(live.slot, np.array([ids], np.int64), np.array([live.length], np.int64), live.params)
         live.done_prompt = live.length
