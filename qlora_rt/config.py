@@ -355,6 +355,10 @@ class RuntimeConfig:
     top_p: float = option(1.0, "sample from the smallest set of tokens with this much probability", above=0,
                           at_most=1)
     seed: int | None = option(None, "random seed: the same seed gives the same sample", at_least=0)
+    presence_penalty: float = option(0.0, "subtracted from the logit of every token already generated "
+                                     "(OpenAI's; -2 to 2)", at_least=-2, at_most=2)
+    frequency_penalty: float = option(0.0, "subtracted once per time a token was already generated (OpenAI's; "
+                                      "-2 to 2)", at_least=-2, at_most=2)
     threads: int = option(0, "CPU threads for onnxruntime (0 = its default)", at_least=0)
     verbose: bool = option(False, "print time to first token and decode tokens/s")
 
@@ -365,7 +369,8 @@ class RuntimeConfig:
 
     def sampling(self) -> dict:
         return {"adapter": self.adapter, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed}
+                "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty}
 
 
 @dataclass
