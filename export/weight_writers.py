@@ -31,8 +31,6 @@ WEIGHTS = ("fp32", "fp16", "int4", "nf4")
 INT4_ACCURACY = 4  # MatMulNBits computes with int8-quantized activations: the fast CPU path
 
 
-
-
 def lora_input_names(name: str) -> tuple[str, str]:
     return f"{name}.lora_A", f"{name}.lora_B"
 
@@ -142,8 +140,8 @@ class LinearWriter:
             name = group_name(group)
             out.append(g.op("MatMulBnb4", [x, g.init(f"{name}.qweight", packed), g.init(f"{name}.absmax", absmax)],
                             domain=MS, K=self.layers[group[0]].in_features,
-                            N=sum(self.layers[n].out_features for n in group), block_size=parts[0].block,
-                            quant_type=parts[0].quant_type))
+                            N=sum(self.layers[n].out_features for n in group), block_size=first.block,
+                            quant_type=first.quant_type))
         return out
 
     def _float(self, names: list[str], x: str) -> list[str]:
@@ -240,24 +238,19 @@ class LinearWriter:
         for every row: a single adapter fed as before needs none."""
         group = group_name(names)
         per_member = per_member and len(names) > 1
-        a_name = f"{group}.lora_A"
+        a_name, b_name = lora_input_names(group)
         k = self.layers[names[0]].in_features
         # one rank symbol per group: an adapter may target some layers (rank r) and not others (rank 0),
         # and a shared symbol lets onnxruntime's memory planner assume they are equal
         rank = f"{group}.rank"
-        self._lora_input(a_name, np.zeros((k, 0), np.float32), [k, rank])
-        self.lora_inputs[a_name] = [k, None]
+        self._lora_input(a_name, k, rank)
         if per_member:
-            bs = [f"{m}.lora_B" for m in names]
+            bs = [lora_input_names(m)[1] for m in names]
             for m, b in zip(names, bs):
-                out = self.layers[m].out_features
-                self._lora_input(b, np.zeros((0, out), np.float32), [f"{group}.member_rank", out])
-                self.lora_inputs[b] = [None, out]
+                self._lora_input(b, f"{group}.member_rank", self.layers[m].out_features)
         else:
-            bs = [f"{group}.lora_B"]
-            n = sum(self.layers[m].out_features for m in names)
-            self._lora_input(bs[0], np.zeros((0, n), np.float32), [rank, n])
-            self.lora_inputs[bs[0]] = [None, n]
+            bs = [b_name]
+            self._lora_input(b_name, rank, sum(self.layers[m].out_features for m in names))
         if len(names) > 1:
             self.lora_groups[group] = [[m, self.layers[m].out_features] for m in names]
         xa = self.g.op("MatMul", [x, a_name])  # (rows, R)
@@ -269,9 +262,12 @@ class LinearWriter:
             return list(self.g.op("Split", [xa], outputs=len(names), axis=-1, num_outputs=len(names))), bs
         return [xa], bs
 
-    def _lora_input(self, name: str, default: np.ndarray, dims: list) -> None:
-        self.g.init(name, default)
-        self.g.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+    def _lora_input(self, name: str, rows: int | str, cols: int | str) -> None:
+        """An overridable (rows, cols) LoRA input, one dimension a rank symbol, whose rank-0 default is no
+        adapter; its fixed dimension is recorded for the adapter check (`lora_inputs`)."""
+        self.g.init(name, np.zeros([0 if isinstance(d, str) else d for d in (rows, cols)], np.float32))
+        self.g.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [rows, cols]))
+        self.lora_inputs[name] = [None if isinstance(d, str) else d for d in (rows, cols)]
 
 
 def group_lora(pairs: dict[str, tuple[np.ndarray, np.ndarray]], groups: dict[str, list],

@@ -190,11 +190,11 @@ class Engine:
                     continue
             try:
                 prefilling = [s for s in active if s.done_prompt < len(s.req.ids)]
-                decoding = [s for s in active if s.next_token is not None and not s.finished]
                 if prefilling:  # one chunk of one prompt per round: running streams wait at most one chunk
-                    chunk = min(self.prefill_chunk, BUSY_CHUNK) if decoding else self.prefill_chunk
+                    busy = any(s.next_token is not None and not s.finished for s in active)
+                    chunk = min(self.prefill_chunk, BUSY_CHUNK) if busy else self.prefill_chunk
                     self._prefill(min(prefilling, key=lambda s: s.t_submit), chunk)
-                    decoding = [s for s in active if s.next_token is not None and not s.finished]
+                decoding = [s for s in active if s.next_token is not None and not s.finished]
                 if decoding:
                     self._decode(decoding)
             except Exception as e:  # onnxruntime failed: every request in the step gets the reason, not a hang
@@ -301,19 +301,15 @@ class Engine:
             while len(self._stacks) >= STACKS:
                 del self._stacks[next(iter(self._stacks))]
             self._stacks[key] = _stack(present, self.m.meta.lora_groups)
-        stacked, columns = self._stacks[key]
+        stacked, layouts = self._stacks[key]
         slot_of = {id(p): k + 1 for k, p in enumerate(present)}
         slots = np.zeros(n, np.int64)
         for r in rows:
             slots[r.slot - first] = slot_of.get(id(r.params), 0)
-        masks: dict[bytes, ort.OrtValue] = {}  # one (rows, R) mask per column layout, shared by its groups
         extra = {}
-        for g, c in columns.items():
-            layout = c.tobytes()
-            if layout not in masks:
-                masks[layout] = ort.OrtValue.ortvalue_from_numpy(
-                    np.ascontiguousarray(slots[:, None] == c[None, :], np.float32))
-            extra[f"{g}.lora_mask"] = masks[layout]
+        for columns, groups in layouts:  # one (rows, R) mask per column layout, shared by its groups
+            mask = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(slots[:, None] == columns[None], np.float32))
+            extra.update((f"{g}.lora_mask", mask) for g in groups)
         self._step_inputs = extra  # kept alive while the step runs
         return {**stacked, **extra}
 
@@ -371,14 +367,15 @@ class Engine:
                         completion_tokens=len(live.tokens)))
 
 
-def _stack(adapters: list[dict[str, ort.OrtValue]], groups: dict[str, list]) -> tuple[dict[str, ort.OrtValue],
-                                                                                  dict[str, np.ndarray]]:
+def _stack(adapters: list[dict[str, ort.OrtValue]], groups: dict[str, list]
+           ) -> tuple[dict[str, ort.OrtValue], list[tuple[np.ndarray, list[str]]]]:
     """Several adapters as one set of LoRA inputs: each group's A side by side and B stacked, and the slot
-    (1-based, in list order) of every rank column of each group; groups none of them adapts keep their
-    defaults. A group with a B per member (`groups`: the export's lora_groups) keeps its A's columns in
-    member blocks: member j's block is every adapter's j-th block, side by side, and B_j stacks theirs."""
+    (1-based, in list order) of every rank column, once per column layout with the groups that have it;
+    groups none of them adapts keep their defaults. A group with a B per member (`groups`: the export's
+    lora_groups) keeps its A's columns in member blocks: member j's block is every adapter's j-th block,
+    side by side, and B_j stacks theirs."""
     out: dict[str, np.ndarray] = {}
-    columns: dict[str, np.ndarray] = {}
+    layouts: dict[bytes, tuple[np.ndarray, list[str]]] = {}
     for g in {k[: -len(".lora_A")] for a in adapters for k in a if k.endswith(".lora_A")}:
         having = [(k + 1, a) for k, a in enumerate(adapters) if f"{g}.lora_A" in a]
         if f"{g}.lora_B" in having[0][1]:  # one B over the group's outputs side by side
@@ -390,8 +387,10 @@ def _stack(adapters: list[dict[str, ort.OrtValue]], groups: dict[str, list]) -> 
         out[f"{g}.lora_A"] = np.concatenate([a for _, a in blocks], 1)
         for b in bs:
             out[b] = np.concatenate([a[b].numpy() for _, a in having], 0)
-        columns[g] = np.concatenate([np.full(a.shape[1], slot, np.int64) for slot, a in blocks])
-    return {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}, columns
+        columns = np.concatenate([np.full(a.shape[1], slot, np.int64) for slot, a in blocks])
+        layouts.setdefault(columns.tobytes(), (columns, []))[1].append(g)
+    return ({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in out.items()},
+            list(layouts.values()))
 
 
 __all__ = ["Engine", "Event", "QueueFull", "Request"]
