@@ -11,12 +11,15 @@ from qlora_rt.base.load import SUPPORTED
 from qlora_rt.config import ExportConfig
 from qlora_rt.errors import QloraError
 from qlora_rt.lora.layers import lora_layers
-from qlora_rt.runtime.manifest import FORMAT, KV_CACHE, Manifest
+from qlora_rt.merge import save_tokenizer
+from qlora_rt.runtime import graph_io as io
+from qlora_rt.runtime.manifest import FORMAT, KV_CACHE, MIN_ONNXRUNTIME, Manifest
 from qlora_rt.train.text_data import load_examples
 from qlora_rt.trained import TrainedModel
 
 from .calibration import HEAD, calibration_data, hessians
 from .decoder_graph import DecoderSpec, build_decoder
+from .devices import write_device_files
 from .graph import Graph
 from .verify import verify
 from .weight_writers import HeadWriter, LinearWriter, add_shared_tensors, head_format, trained_head
@@ -80,17 +83,19 @@ class DecoderFamily:
                         base_fingerprint=loaded.fingerprint, base_quant=self.trained.quant.base_name,
                         # PiSSA/LoftQ: the digest of the residual base the adapter was trained on (lora/svd_init.py)
                         base_residual=info.metadata.get("base.residual") if info else None, kv_cache=KV_CACHE,
-                        inputs=["input_ids", "attention_mask", "position_ids", "past_key_values.N.key",
-                                "past_key_values.N.value", "logits_to_keep"],
-                        outputs=["logits", "present.N.key", "present.N.value"],
+                        inputs=[io.INPUT_IDS, io.ATTENTION_MASK, io.POSITION_IDS, io.PAST_KEY.replace("%d", "N"),
+                                io.PAST_VALUE.replace("%d", "N"), io.LOGITS_TO_KEEP],
+                        outputs=[io.LOGITS, io.PRESENT_KEY.replace("%d", "N"), io.PRESENT_VALUE.replace("%d", "N")],
                         lora_inputs=writer.lora_inputs, lora_groups=writer.lora_groups,
                         int4_activations=("fp32" if 0 in writer.accuracy_levels else "int8")
-                        if writer.accuracy_levels else None)
+                        if writer.accuracy_levels else None, min_onnxruntime=MIN_ONNXRUNTIME)
 
-    def save_files(self, folder: Path) -> None:
-        self.trained.loaded.tokenizer.save_pretrained(folder)
+    def save_files(self, folder: Path, meta: Manifest) -> None:
+        tokenizer = self.trained.loaded.tokenizer
+        save_tokenizer(tokenizer, folder)
         if self.model.generation_config is not None:
             self.model.generation_config.save_pretrained(folder)
+        write_device_files(folder, meta, self.model, tokenizer)
 
     def exact(self, writer: LinearWriter) -> bool:
         # int8 activations are chaotic at the 1e-3 level (qlora_rt/base/packed_int4.py): never exact

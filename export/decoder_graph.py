@@ -12,7 +12,8 @@ Inside, hidden states are (B*T, d) rows: every Linear is a 2-D product, so a LoR
 added by the Gemm that computes it (its C input) instead of a separate Add; only attention sees
 (B, T, ·), through one Reshape each side.
 
-Batches are left-padded. Attention is one com.microsoft.GroupQueryAttention a layer (rotary, KV append,
+Batches may be left-padded (this project's runtime) or right-padded (onnxruntime-genai): see `_mask`.
+Attention is one com.microsoft.GroupQueryAttention a layer (rotary, KV append,
 masks, softmax). Fed a max-length buffer bound as both past and present (what the runtime does), it
 appends in place and present keeps the buffer's length; fed plain arrays, it returns P+T rows.
 position_ids drive rotary only where it is done outside the op (Qwen3); elsewhere they are accepted
@@ -30,9 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto, helper
 
-from .graph import MS, Graph
+from qlora_rt.runtime import graph_io as io
+from qlora_rt.runtime.graph_io import ROW_LENGTHS
 
-ROW_LENGTHS = "row_lengths"  # (B,) int64, optional: each row's own cache length (_mask)
+from .graph import MS, Graph
 
 
 @dataclass(frozen=True)
@@ -72,13 +74,19 @@ def _head_norm(g: Graph, x: str, weight: str, n: int, hd: int, eps: float) -> st
 
 
 def _mask(g: Graph, attention_mask: str, batch: str, length: str) -> tuple[str, str, str]:
-    """What GroupQueryAttention takes in place of a mask.
+    """What GroupQueryAttention takes in place of a mask: seqlens_k (B,) int32, each row's last cache
+    position; total_sequence_length () int32, P+T; an additive bias (B, 1, T, P+T) (the op applies the
+    causal mask itself).
 
-    Rows are left-padded, so every row's cache holds the same P+T positions: seqlens_k (B,) int32 is
-    P+T-1 for each row and total_sequence_length () int32 is P+T; an additive bias (B, 1, T, P+T) hides
-    the padding (the op applies the causal mask itself). The op's rotary takes a token's position from
-    its cache row, so a padded row's tokens sit as many places further on as it has pads: rotary
-    attention depends only on the distance between query and key, which that shift does not change.
+    One graph takes both ways of padding a batch:
+    - left-padded rows (this project's runtime): [0 0 1 1 1]; the row's cache spans every position, its
+      leading pads hidden by the bias. The op's rotary takes a token's position from its cache row, so a
+      padded row's tokens sit as many places further on as it has pads: rotary attention depends only on
+      the distance between query and key, which that shift does not change.
+    - right-padded rows (onnxruntime-genai): [1 1 0] for a prompt, then [1 1 0 1 ...] as it decodes; the
+      mask counts the row's tokens, which the op keeps at cache positions 0 .. count-1 (a new token goes
+      over the pad's slot), as genai's own builder computes it.
+    So seqlens_k = (ones in the row) + (its leading zeros) - 1, and the bias hides leading zeros only.
 
     `row_lengths` (B,) int64, when fed, says instead that each row's cache holds its own number of
     positions from the start (right-aligned rows, as a server's batch of independent streams): row b's
@@ -86,11 +94,16 @@ def _mask(g: Graph, attention_mask: str, batch: str, length: str) -> tuple[str, 
     Its default [-1] means "not fed"."""
     total = g.op("Shape", [attention_mask], start=1, end=2)  # (1,) P+T
     lengths = g.init(ROW_LENGTHS, np.array([-1], np.int64))
-    g.inputs.append(helper.make_tensor_value_info(lengths, TensorProto.INT64, ["row_lengths"]))
+    # its own dim, not the batch's: the default is [-1] whatever the batch
+    g.inputs.append(helper.make_tensor_value_info(lengths, TensorProto.INT64, [ROW_LENGTHS]))
     given = g.op("Less", [g.const([0]), lengths])
-    seqlens = g.op("Where", [given, lengths, g.op("Expand", [total, batch])])
+    started = g.op("Less", [g.const(0, np.int64), g.op("CumSum", [attention_mask, g.const(1)])])  # (B, P+T) bool
+    counted = g.op("ReduceSum", [g.op("Cast", [started], to=TensorProto.INT64), g.const([1])], keepdims=0)
+    ones = g.op("ReduceSum", [attention_mask, g.const([1])], keepdims=0)  # (B,)
+    own = g.op("Sub", [g.op("Add", [ones, g.op("Squeeze", [total, g.const([0])])]), counted])  # ones + leading 0s
+    seqlens = g.op("Where", [given, lengths, own])
     seqlens = g.op("Cast", [g.op("Sub", [seqlens, g.const([1])])], to=TensorProto.INT32)
-    keep = g.op("Cast", [g.op("Unsqueeze", [attention_mask, g.const([1, 2])])], to=TensorProto.BOOL)  # (B,1,1,P+T)
+    keep = g.op("Unsqueeze", [started, g.const([1, 2])])  # (B,1,1,P+T)
     # not float32's min: the op adds the score to it, and a row of -inf would be NaN
     bias = g.op("Where", [keep, g.const(0.0, np.float32), g.const(-1e30, np.float32)])
     bias = g.op("Expand", [bias, g.op("Concat", [batch, g.const([1]), length, total], axis=0)])  # (B,1,T,P+T)
@@ -116,10 +129,11 @@ def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, mask: tuple[str
     else:
         qkv, rotary = [g.op("Reshape", [lin.many(names, x, packed=True)[0], rows3])], 1
     seqlens, total, bias = mask
-    out, _, _ = g.op("GroupQueryAttention", [*qkv, *[""] * (3 - len(qkv)), f"past_key_values.{i}.key",
-                                       f"past_key_values.{i}.value", seqlens, total, "rope.cos", "rope.sin", "", bias],
-               [f"attn_{i}", f"present.{i}.key", f"present.{i}.value"], domain=MS, num_heads=spec.heads,
-               kv_num_heads=spec.kv_heads, do_rotary=rotary, rotary_interleaved=0, scale=spec.head_dim ** -0.5)
+    past = [io.PAST_KEY % i, io.PAST_VALUE % i]
+    out, _, _ = g.op("GroupQueryAttention", [*qkv, *[""] * (3 - len(qkv)), *past, seqlens, total, "rope.cos",
+                                             "rope.sin", "", bias],
+                     [f"attn_{i}", *map(io.present_of, past)], domain=MS, num_heads=spec.heads,
+                     kv_num_heads=spec.kv_heads, do_rotary=rotary, rotary_interleaved=0, scale=spec.head_dim ** -0.5)
     return lin(f"{p}.o_proj", g.op("Reshape", [out, g.const([-1, spec.heads * spec.head_dim])]))
 
 
@@ -131,21 +145,21 @@ def _mlp(g: Graph, lin, i: int, x: str) -> str:
 
 
 def _io(g: Graph, spec: DecoderSpec) -> None:
+    """Inputs and outputs, with genai's builder's and Optimum's names for them and for their dimensions."""
     i64, f32 = TensorProto.INT64, TensorProto.FLOAT
-    g.inputs += [helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
-                 helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_sequence"]),
-                 helper.make_tensor_value_info("position_ids", i64, ["batch", "sequence"])]
+    g.inputs += [helper.make_tensor_value_info(io.INPUT_IDS, i64, [io.BATCH, io.SEQUENCE]),
+                 helper.make_tensor_value_info(io.ATTENTION_MASK, i64, [io.BATCH, io.TOTAL_SEQUENCE]),
+                 helper.make_tensor_value_info(io.POSITION_IDS, i64, [io.BATCH, io.SEQUENCE])]
     # logits of the last N positions only (0, the default: all): a prompt needs its last one, and the head is
     # then one row's product instead of T rows' (the runtime binds 1; the self-check reads them all)
-    g.init("logits_to_keep", np.array(0, np.int64))
-    g.inputs.append(helper.make_tensor_value_info("logits_to_keep", i64, []))
-    g.outputs.append(helper.make_tensor_value_info("logits", f32, ["batch", "logits_sequence", spec.vocab]))
-    for i in range(spec.layers):
-        for kv in ("key", "value"):
-            g.inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32,
-                                                          ["batch", spec.kv_heads, "past_sequence", spec.head_dim]))
-            g.outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", f32,
-                                                           ["batch", spec.kv_heads, "total_sequence", spec.head_dim]))
+    g.init(io.LOGITS_TO_KEEP, np.array(0, np.int64))
+    g.inputs.append(helper.make_tensor_value_info(io.LOGITS_TO_KEEP, i64, []))
+    g.outputs.append(helper.make_tensor_value_info(io.LOGITS, f32, [io.BATCH, "logits_sequence_length", spec.vocab]))
+    for past, present in zip(io.past_names(spec.layers), map(io.present_of, io.past_names(spec.layers))):
+        g.inputs.append(helper.make_tensor_value_info(past, f32, [io.BATCH, spec.kv_heads, io.PAST_SEQUENCE,
+                                                                  spec.head_dim]))
+        g.outputs.append(helper.make_tensor_value_info(present, f32, [io.BATCH, spec.kv_heads, io.TOTAL_SEQUENCE,
+                                                                      spec.head_dim]))
 
 
 def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
@@ -155,11 +169,11 @@ def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
     rotary tables `rope.cos` / `rope.sin` (max_positions, head_dim/2) must already be initializers.
     """
     _io(g, spec)
-    batch = g.op("Shape", ["input_ids"], start=0, end=1)  # (1,) B
-    length = g.op("Shape", ["input_ids"], start=1, end=2)  # (1,) T
+    batch = g.op("Shape", [io.INPUT_IDS], start=0, end=1)  # (1,) B
+    length = g.op("Shape", [io.INPUT_IDS], start=1, end=2)  # (1,) T
     rows3 = g.op("Concat", [batch, length, g.const([-1])], axis=0)  # (B*T, n) -> (B, T, n)
-    h = g.op("Gather", ["model.embed_tokens.weight", g.op("Reshape", ["input_ids", g.const([-1])])])  # (B*T, d)
-    mask = _mask(g, "attention_mask", batch, length)
+    h = g.op("Gather", ["model.embed_tokens.weight", g.op("Reshape", [io.INPUT_IDS, g.const([-1])])])  # (B*T, d)
+    mask = _mask(g, io.ATTENTION_MASK, batch, length)
     x = _rms_norm(g, h, "model.layers.0.input_layernorm.weight", spec.eps)
     for i in range(spec.layers):
         # each residual add is fused with the norm that follows it: x = norm(h += sublayer(x))
@@ -167,6 +181,6 @@ def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
         x, h = _add_norm(g, _attention(g, spec, lin, i, x, mask, rows3), h,
                          f"model.layers.{i}.post_attention_layernorm.weight", spec.eps)
         x, h = _add_norm(g, _mlp(g, lin, i, x), h, after, spec.eps)
-    start = g.op("Neg", [g.op("Reshape", ["logits_to_keep", g.const([1])])])  # (1,): -N, and 0 for all
+    start = g.op("Neg", [g.op("Reshape", [io.LOGITS_TO_KEEP, g.const([1])])])  # (1,): -N, and 0 for all
     kept = g.op("Slice", [g.op("Reshape", [x, rows3]), start, g.const([2**62]), g.const([1])])  # (B, N or T, d)
-    g.op("Identity", [head(kept)], ["logits"])
+    g.op("Identity", [head(kept)], [io.LOGITS])

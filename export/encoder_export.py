@@ -16,6 +16,7 @@ import torch
 from qlora_rt import __version__
 from qlora_rt.config import ExportConfig
 from qlora_rt.lora.layers import lora_layers
+from qlora_rt.merge import save_tokenizer
 from qlora_rt.runtime.classifier import Classifier
 from qlora_rt.runtime.manifest import FORMAT, Manifest
 from qlora_rt.trained import TrainedModel
@@ -74,8 +75,8 @@ class EncoderFamily:
                         outputs=["logits", "label_names"], lora_inputs={**writer.lora_inputs, **self.head.inputs},
                         lora_groups=writer.lora_groups)
 
-    def save_files(self, folder: Path) -> None:
-        self.trained.loaded.tokenizer.save_pretrained(folder)
+    def save_files(self, folder: Path, meta: Manifest) -> None:
+        save_tokenizer(self.trained.loaded.tokenizer, folder)
 
     def exact(self, writer: LinearWriter) -> bool:
         return not writer.requant_err and self.trained.quant.int4_compute == "fp32"

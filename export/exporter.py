@@ -31,6 +31,7 @@ from qlora_rt.trained import TrainedModel, open_trained
 
 from .calibration import calibration_data
 from .decoder_export import DecoderFamily
+from .devices import ORT_MODEL, ORT_TOLERANCE, write_ort_format
 from .encoder_export import EncoderFamily
 from .graph import Graph
 from .onnx_adapters import ADAPTER_DIR, SUFFIX, adapter_arrays, write_adapter
@@ -64,8 +65,8 @@ class Family(Protocol):
 
     def manifest(self, writer: LinearWriter) -> Manifest: ...
 
-    def save_files(self, folder: Path) -> None:
-        """Tokenizer (and generation settings) beside the graph."""
+    def save_files(self, folder: Path, meta: Manifest) -> None:
+        """Tokenizer (and generation settings, and what other runtimes look for) beside the graph."""
 
     def exact(self, writer: LinearWriter) -> bool:
         """Whether the ONNX weights compute what PyTorch computes (nothing requantized, fp32 activations)."""
@@ -153,7 +154,7 @@ def export(cfg: ExportConfig, trained: TrainedModel | None = None) -> dict:
         g.save(tmp / "model.onnx", f"qlora-rt {__version__}")
         meta = family.manifest(writer)
         meta.external_data = {WEIGHTS_FILE: (tmp / WEIGHTS_FILE).stat().st_size}  # a copy is checked on load
-        family.save_files(tmp)
+        family.save_files(tmp, meta)
         write_json(tmp / META, meta.to_json())
         adapter_file = None
         if cfg.mode == "adapter-aware" and cfg.adapter:
@@ -163,6 +164,11 @@ def export(cfg: ExportConfig, trained: TrainedModel | None = None) -> dict:
         exact = family.exact(writer)
         # an approximate export is judged by distributions, which its check computes on calibration examples
         report = family.check(tmp, meta, adapter_file, distributions=tolerance(cfg, exact) == float("inf"))
+        if cfg.ort_format:
+            report["ort_format_max_abs_logit_diff"] = diff = write_ort_format(tmp, adapter_file)
+            if diff > ORT_TOLERANCE:
+                raise QloraError(f"--ort-format: {ORT_MODEL} differs from model.onnx by {diff:.2e} in the logits "
+                                 f"(limit {ORT_TOLERANCE:g}); nothing was written to {cfg.out}")
         report.update(export_seconds=export_s, base_quant=trained.quant.format, mode=cfg.mode, weights=cfg.weights,
                       adapter=cfg.adapter,
                       files_bytes={p.name: p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()})
@@ -190,5 +196,7 @@ def summary(r: dict, cfg: ExportConfig, family: Family) -> str:
                            f"over {r['positions']} positions{limits}"),
         ("int4 requantization", requant),
         *family.summary_rows(r),
+        *([("ORT format", f"{ORT_MODEL}: max |dlogit| vs model.onnx {r['ort_format_max_abs_logit_diff']:.2e}")]
+          if "ort_format_max_abs_logit_diff" in r else []),
         ("model size", f"{size:,.1f} MiB"), ("export time", f"{r['export_seconds']:.1f} s"),
     ])

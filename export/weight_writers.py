@@ -22,6 +22,7 @@ from qlora_rt.base import formats
 from qlora_rt.errors import QloraError
 from qlora_rt.lora.layers import lora_layers
 from qlora_rt.merge import merge_weight
+from qlora_rt.runtime import graph_io as io
 
 from . import int4_weights as int4
 from .graph import MS, Graph
@@ -255,12 +256,23 @@ class LinearWriter:
             self.lora_groups[group] = [[m, self.layers[m].out_features] for m in names]
         xa = self.g.op("MatMul", [x, a_name])  # (rows, R)
         if self.row_slots:
-            mask = self.g.init(f"{group}.lora_mask", np.ones((1, 1), np.float32))
+            mask = self.g.init(group + io.LORA_MASK, np.ones((1, 1), np.float32))
             self.g.inputs.append(helper.make_tensor_value_info(mask, TensorProto.FLOAT, ["lora_rows", rank]))
             xa = self.g.op("Mul", [xa, mask])  # (rows, R)
         if per_member:
-            return list(self.g.op("Split", [xa], outputs=len(names), axis=-1, num_outputs=len(names))), bs
+            return self._split_equal(xa, a_name, len(names)), bs
         return [xa], bs
+
+    def _split_equal(self, xa: str, a_name: str, m: int) -> list[str]:
+        """xa (rows, R) in m equal column blocks, with the sizes spelled out: Split(num_outputs=m) is refused
+        by older onnxruntime builds (node 1.30, web) when R is the rank-0 default.
+
+            Shape(A)[1:2] ─► Div m ─► Expand (m,) ─► Split(xa, sizes) ─► m × (rows, R/m)
+        """
+        g = self.g
+        width = g.op("Div", [g.op("Shape", [a_name], start=1, end=2), g.const([m])])  # (1,) R/m
+        sizes = g.op("Expand", [width, g.const([m])])  # (m,)
+        return list(g.op("Split", [xa, sizes], outputs=m, axis=-1))
 
     def _lora_input(self, name: str, rows: int | str, cols: int | str) -> None:
         """An overridable (rows, cols) LoRA input, one dimension a rank symbol, whose rank-0 default is no

@@ -315,6 +315,9 @@ class ExportConfig:
                            "calibration examples, before the export fails", at_least=0)
     min_top1: float = option(0.75, "approximate exports: the smallest share of those positions whose most likely "
                              "next token is PyTorch's (encoders: label)", at_least=0, at_most=1)
+    ort_format: bool = option(False, "also write model.ort, onnxruntime's ORT format (ORT Mobile and minimal builds), "
+                              "and model.required_operators.config, the operators a minimal build must include; "
+                              "model.ort is checked against model.onnx, adapter applied")
     overwrite: bool = option(False, "replace --out if it exists (only after the new export verified)")
 
     def check(self) -> None:

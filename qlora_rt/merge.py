@@ -23,6 +23,7 @@ from qlora_rt.files import atomic_dir, check_out, write_json
 from qlora_rt.lora.layers import QuantLinear
 
 MANIFEST, FORMAT = "qlora_rt_merge.json", "qlora-rt-merged"
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # what tokenizer_config.json names (save_tokenizer)
 
 
 def merge_weight(base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, name: str) -> torch.Tensor:
@@ -113,25 +114,44 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, ...], Call
             release_freed_memory()
 
 
-def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: bool = False,
-                adapter: str | None = None) -> Path:
-    """Write a loadable HF checkpoint folder (config, safetensors shards, tokenizer) atomically, with a
-    manifest that marks it as a merge (so that `merge --overwrite` may replace it, and nothing else)."""
-    weights = merged_weights(model)
+def hf_config(model: torch.nn.Module):
+    """The model's Hugging Face config as a folder of its fp32 weights holds it (merge's checkpoint, an ONNX
+    export's config.json): no quantization config, and the class the weights are for (a config read from
+    GGUF names none, and a classifier merged from a base encoder's checkpoint (BertModel) now holds its
+    head: tools that read config.json need the right one)."""
     config = model.config.to_dict()
     for key in ("quantization_config", "_name_or_path"):
         config.pop(key, None)
     config_obj = type(model.config).from_dict(config)
     config_obj.dtype = torch.float32
-    # the class the weights are for: a config read from GGUF names none, and a classifier merged from a base
-    # encoder's checkpoint (BertModel) now holds its head (tools that read config.json need the right one)
     config_obj.architectures = [type(model).__name__]
+    return config_obj
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """The tokenizer's files, naming a class that transformers 4.x and 5.x (and transformers.js) all load:
+    5.x writes `TokenizersBackend`, which 4.x does not know; the tokenizer itself is tokenizer.json."""
+    tokenizer.save_pretrained(folder)
+    path = Path(folder) / "tokenizer_config.json"
+    if path.exists():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if config.get("tokenizer_class") in (None, "TokenizersBackend"):
+            config["tokenizer_class"] = TOKENIZER_CLASS
+            write_json(path, config)
+
+
+def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: bool = False,
+                adapter: str | None = None) -> Path:
+    """Write a loadable HF checkpoint folder (config, safetensors shards, tokenizer) atomically, with a
+    manifest that marks it as a merge (so that `merge --overwrite` may replace it, and nothing else)."""
+    weights = merged_weights(model)
+    config_obj = hf_config(model)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_shards(weights, tmp)
         config_obj.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         write_json(tmp / MANIFEST, {"format": FORMAT, "version": __version__, "adapter": adapter})
     return Path(out)
 

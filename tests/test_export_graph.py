@@ -71,6 +71,39 @@ def test_logits_match_pytorch_with_left_padding(model_type, tie, mode):
     assert np.abs(logits - ref)[mask.numpy().astype(bool)].max() <= 1e-4
 
 
+@pytest.mark.parametrize("mode", ["merged", "adapter-aware"])
+def test_right_padded_rows_decode_as_they_do_alone(mode):
+    """onnxruntime-genai's layout: a prompt batch padded on the right ([1 1 0]), then each step's token
+    appended to every row's mask ([1 1 0 1]): each row's logits are those of the row run alone."""
+    m, names = trained()
+    s, spec = session(m, names, mode)
+    lora = adapter_feed(m, names, s) if mode == "adapter-aware" else None
+    gen = torch.Generator().manual_seed(3)
+    ids, steps = torch.randint(1, 320, (2, 7), generator=gen), torch.randint(1, 320, (2, 3), generator=gen)
+    lengths = [7, 4]
+    mask = torch.tensor([[1] * n + [0] * (7 - n) for n in lengths])
+    ids = ids * mask
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def run(ids, mask, pos, past=None):
+        return s.run(None, feed(spec, ids, mask, pos, past=past, lora=lora))
+
+    res = run(ids, mask, pos)
+    batch = [[res[0][b, n - 1] for b, n in enumerate(lengths)]]
+    for t in range(steps.shape[1]):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        res = run(steps[:, t:t + 1], mask, torch.tensor(lengths)[:, None] + t, past=res[1:])
+        batch.append(list(res[0][:, 0]))
+    for b, n in enumerate(lengths):
+        res = run(ids[b:b + 1, :n], torch.ones(1, n, dtype=torch.long), torch.arange(n)[None])
+        alone = [res[0][0, n - 1]]
+        for t in range(steps.shape[1]):
+            res = run(steps[b:b + 1, t:t + 1], torch.ones(1, n + t + 1, dtype=torch.long), torch.tensor([[n + t]]),
+                      past=res[1:])
+            alone.append(res[0][0, 0])
+        assert max(np.abs(batch[k][b] - alone[k]).max() for k in range(len(alone))) <= 1e-5
+
+
 def test_kv_cache_decoding_step_by_step_equals_full_forward():
     m, names = trained()
     s, spec = session(m, names, "merged")

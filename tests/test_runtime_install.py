@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import write_jsonl
 
+from qlora_rt.runtime.manifest import MIN_ONNXRUNTIME
+
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = [{"text": "good great lovely"}, {"text": "awful terrible poor"}]
 
@@ -103,12 +105,13 @@ def test_every_runtime_verb_runs_with_torch_unimportable(tiny_export, encoder_ex
 
 @pytest.mark.slow
 def test_every_runtime_verb_runs_in_a_venv_without_torch(tiny_export, encoder_export, tmp_path):
-    """`pip install qlora-rt[runtime,serve]` into a fresh venv pulls no torch, and every runtime verb runs there."""
+    """`pip install qlora-rt[runtime,serve]` into a fresh venv pulls no torch, and every runtime verb runs there,
+    on the oldest onnxruntime the exports name (MIN_ONNXRUNTIME), with the same tokens as this interpreter's."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
     pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                          f"{REPO}[runtime,serve]"], capture_output=True, text=True)
+                          f"{REPO}[runtime,serve]", f"onnxruntime=={MIN_ONNXRUNTIME}"], capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr[-2000:]
     probe = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch'), "
                             "u.find_spec('export'), u.find_spec('qlora_rt.export') is not None)"],
@@ -121,3 +124,11 @@ def test_every_runtime_verb_runs_in_a_venv_without_torch(tiny_export, encoder_ex
         assert run.returncode == 0, (argv, run.stderr[-2000:])
     _check_outputs(tmp_path)
     _check_serve([str(venv / "bin" / "qlora-rt")], tiny_export, tmp_path)
+    version = subprocess.run([str(py), "-c", "import onnxruntime; print(onnxruntime.__version__)"],
+                             capture_output=True, text=True).stdout.strip()
+    assert version == MIN_ONNXRUNTIME
+    argv = ["generate", str(tiny_export), "--prompt", "the capital of", "--adapter", "a", "--max-new-tokens", "12"]
+    oldest = subprocess.run([str(venv / "bin" / "qlora-rt"), *argv], capture_output=True, text=True, cwd=tmp_path)
+    here = subprocess.run([sys.executable, "-m", "qlora_rt", *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert oldest.stdout == here.stdout and here.stdout.strip(), (oldest.stdout, here.stdout, oldest.stderr[-1000:])

@@ -30,9 +30,9 @@ import numpy as np
 import onnxruntime as ort
 
 from qlora_rt.errors import QloraError
+from qlora_rt.runtime import graph_io as io
 from qlora_rt.runtime.decoder import Model, Sampling, Text, _held_back
 
-ROW_LENGTHS = "row_lengths"
 BUSY_CHUNK = 64  # prompt tokens a chunk while other streams decode: their longest wait is one such chunk
 STACKS = 2  # sets of adapters kept stacked (each a copy of its adapters' tensors), least recently used dropped
 
@@ -97,12 +97,12 @@ class Engine:
         self.capacity = min(max_seq_len, meta.max_context)
         if self.capacity < 2:
             raise QloraError(f"--max-seq-len {max_seq_len}: must be at least 2")
-        if ROW_LENGTHS not in model.input_names:
+        if io.ROW_LENGTHS not in model.input_names:
             raise QloraError(f"{model.folder} was exported before the graph took per-row cache lengths; export it "
                              "again with this qlora-rt to serve it")
         # an adapter-aware export takes a mask per group (one from before them batches one adapter at a time)
-        self.mixed = any(n.endswith(".lora_mask") for n in model.input_names)
-        self.names = [f"past_key_values.{i}.{kv}" for i in range(meta.layers) for kv in ("key", "value")]
+        self.mixed = any(n.endswith(io.LORA_MASK) for n in model.input_names)
+        self.names = io.past_names(meta.layers)
         self.cache = {n: np.zeros((max_batch, meta.kv_heads, self.capacity, meta.head_dim), np.float32)
                       for n in self.names}
         self._views: dict[tuple[int, int], list[ort.OrtValue]] = {}  # (first slot, rows) -> the cache's OrtValues
@@ -244,16 +244,16 @@ class Engine:
         """One run over the slots first .. first+B-1: ids (B, T) at the end of each row's cache (lengths (B,)
         count them in); the last position's logits (B, V)."""
         b = self.m.session.io_binding()
-        b.bind_output("logits")
+        b.bind_output(io.LOGITS)
         for name, value in zip(self.names, self._view(first, len(ids))):
             b.bind_ortvalue_input(name, value)
-            b.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
+            b.bind_ortvalue_output(io.present_of(name), value)
         t = ids.shape[1]
         width = int(lengths.max())
         keep = [np.ascontiguousarray(a) for a in (
             ids, (np.arange(width)[None] < lengths[:, None]).astype(np.int64),
             lengths[:, None] - t + np.arange(t)[None], lengths, np.array(1, np.int64))]
-        for name, a in zip(("input_ids", "attention_mask", "position_ids", ROW_LENGTHS, "logits_to_keep"), keep):
+        for name, a in zip((io.INPUT_IDS, io.ATTENTION_MASK, io.POSITION_IDS, io.ROW_LENGTHS, io.LOGITS_TO_KEEP), keep):
             b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(a))
         for name, value in lora.items():
             b.bind_ortvalue_input(name, value)
@@ -309,7 +309,7 @@ class Engine:
         extra = {}
         for columns, groups in layouts:  # one (rows, R) mask per column layout, shared by its groups
             mask = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(slots[:, None] == columns[None], np.float32))
-            extra.update((f"{g}.lora_mask", mask) for g in groups)
+            extra.update((g + io.LORA_MASK, mask) for g in groups)
         self._step_inputs = extra  # kept alive while the step runs
         return {**stacked, **extra}
 

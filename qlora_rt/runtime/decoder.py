@@ -27,6 +27,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from qlora_rt.errors import QloraError
+from qlora_rt.runtime import graph_io as io
 from qlora_rt.runtime import manifest
 from qlora_rt.runtime.chat_template import ChatTemplate
 from qlora_rt.runtime.session import adapter_names, find_adapter, open_session, read_adapter_file
@@ -266,8 +267,7 @@ class Model:
 
     def _check_session(self) -> None:
         names = self.input_names
-        want = {"input_ids", "attention_mask", "position_ids"} | {
-            f"past_key_values.{i}.{kv}" for i in range(self.meta.layers) for kv in ("key", "value")}
+        want = {io.INPUT_IDS, io.ATTENTION_MASK, io.POSITION_IDS, *io.past_names(self.meta.layers)}
         missing = sorted(want - names)
         if missing:
             raise QloraError(f"{self.folder}: model.onnx does not match {manifest.NAME} (missing inputs "
@@ -294,26 +294,25 @@ class _Steps:
         self.rng = np.random.default_rng(sampling.seed)
         self.result: list[Completion] = []
         self.binding = self._bind(adapter, width + max_new)
-        if not all_logits and "logits_to_keep" in model.input_names:  # exports before it compute every position's
+        if not all_logits and io.LOGITS_TO_KEEP in model.input_names:  # exports before it compute every position's
             # the last position only (an overridable input: bind_cpu_input does not find those, so the value
             # is bound as an OrtValue, kept alive with the binding)
             self._keep = ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64))
-            self.binding.bind_ortvalue_input("logits_to_keep", self._keep)
+            self.binding.bind_ortvalue_input(io.LOGITS_TO_KEEP, self._keep)
 
     def _bind(self, adapter: dict, capacity: int):
         """Outputs first (logits is output 0), then the cache: one zeroed (B, kv, capacity, hd) buffer per
         tensor, bound as both past and present so the attention op appends in place."""
         meta, b = self.m.meta, len(self.rows)
         binding = self.m.session.io_binding()
-        binding.bind_output("logits")
+        binding.bind_output(io.LOGITS)
         self._cache = []  # the numpy arrays behind the bound buffers: they must outlive the binding
-        for i in range(meta.layers):
-            for kv in ("key", "value"):
-                buf = np.zeros((b, meta.kv_heads, capacity, meta.head_dim), np.float32)
-                self._cache.append(buf)
-                value = ort.OrtValue.ortvalue_from_numpy(buf)
-                binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
-                binding.bind_ortvalue_output(f"present.{i}.{kv}", value)
+        for name in io.past_names(meta.layers):
+            buf = np.zeros((b, meta.kv_heads, capacity, meta.head_dim), np.float32)
+            self._cache.append(buf)
+            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(io.present_of(name), value)
         for name, value in adapter.items():
             binding.bind_ortvalue_input(name, value)
         logits = np.empty((b, 1, meta.vocab), np.float32)
@@ -324,9 +323,9 @@ class _Steps:
     def run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One step over ids (B, T) at positions (B, T), the mask already covering them: logits (B, T, V)."""
         b = self.binding
-        b.bind_cpu_input("input_ids", ids)
-        b.bind_cpu_input("attention_mask", self.mask)
-        b.bind_cpu_input("position_ids", positions)
+        b.bind_cpu_input(io.INPUT_IDS, ids)
+        b.bind_cpu_input(io.ATTENTION_MASK, self.mask)
+        b.bind_cpu_input(io.POSITION_IDS, positions)
         self.m.session.run_with_iobinding(b)
         return self._step_logits[0] if self._into_buffer else b.get_outputs()[0].numpy()
 
@@ -335,7 +334,7 @@ class _Steps:
         decoding steps after it write theirs into a (B, 1, V) buffer of our own, bound once here, not a
         fresh array a step."""
         logits = self.run(self.ids, self.positions)
-        self.binding.bind_ortvalue_output("logits", self._step_logits[1])
+        self.binding.bind_ortvalue_output(io.LOGITS, self._step_logits[1])
         self._into_buffer = True
         return logits
 

@@ -18,6 +18,9 @@ from pathlib import Path
 from qlora_rt.errors import QloraError
 
 NAME, FORMAT = "qlora_rt_export.json", "qlora-rt-onnx"
+# the oldest onnxruntime that runs the graphs export writes (GroupQueryAttention's attention_bias input; tested
+# in tests/test_runtime_install.py); pyproject.toml requires it too
+MIN_ONNXRUNTIME = "1.22.0"
 KV_CACHE = "in-place"  # decoders: the graph appends to a bound max-length cache; older ones concatenated
 TASKS = {"decoder": ("causal-lm",), "encoder": ("classify",)}
 # What each family's runtime cannot do without (beyond the common fields without a default).
@@ -55,6 +58,7 @@ class Manifest:
     eos_token_ids: list[int] | None = None
     kv_cache: str | None = None
     int4_activations: str | None = None  # the 4-bit products' activations: fp32 (exact) or int8 (fast batched)
+    min_onnxruntime: str | None = None  # the oldest onnxruntime that runs the graph
     # encoder
     max_length: int | None = None       # longest input in tokens (position table); longer texts are truncated
     token_type_ids: bool | None = None  # whether the graph takes them (BERT does; RoBERTa, DistilBERT do not)
@@ -128,6 +132,21 @@ def _check_values(m: Manifest, where: str) -> None:
                              f"{m.vocab} (a damaged file)")
 
 
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """1.22.0 -> (1, 22, 0); a local or pre-release tail (1.23.0.dev20250101, 1.22.0+cpu) is ignored."""
+    parts = []
+    for p in text.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in p if c.isdigit()) if p[:1].isdigit() else ""
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
 def _describe(hint) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
@@ -146,6 +165,9 @@ def read(folder: Path) -> Manifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QloraError(f"{path} is not valid JSON ({e})") from None
     m = parse(raw, str(path))
+    if m.min_onnxruntime and _version(ort_version()) < _version(m.min_onnxruntime):
+        raise QloraError(f"{folder} needs onnxruntime >= {m.min_onnxruntime}; this is {ort_version()}: "
+                         f"pip install -U 'onnxruntime>={m.min_onnxruntime}'")
     for name, size in m.external_data.items():  # the weights beside model.onnx
         data = folder / name
         if not data.is_file():

@@ -1,0 +1,119 @@
+"""An export loads as written in the runtimes that put models on devices (docs/devices.md), and gives
+the same tokens as qlora-rt's own runtime: onnxruntime-genai (with its adapter API), Hugging Face's
+loaders (config.json, tokenizer files), and onnxruntime's ORT format."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import CORPUS, save_checkpoint, write_jsonl
+
+from qlora_rt.runtime import Model
+from qlora_rt.runtime import graph_io as io
+
+og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the test extra")
+
+PROMPTS = ["the quick brown", "hello world, how are you today? the capital of", "one"]
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def int4_export(tmp_path_factory):
+    """train's defaults (an int4 base) on a tiny Llama, exported adapter-aware with its adapter (and --ort-format)."""
+    from qlora_rt.config import ExportConfig, TrainConfig
+    from qlora_rt.export.exporter import export
+    from qlora_rt.train.run import train
+
+    d = tmp_path_factory.mktemp("devices")
+    ck = save_checkpoint(d / "tiny", seed=4)
+    data = write_jsonl(d / "train.jsonl", [{"text": CORPUS[i % 5]} for i in range(24)])
+    adapter = train(TrainConfig(model=str(ck), data=str(data), out=str(d / "run"), steps=8, rank=4, lr=3e-2,
+                                batch_size=2, seq_len=64, checkpoint_every=0, eval_every=0)).adapter
+    export(ExportConfig(model=str(ck), adapter=str(adapter), out=str(d / "onnx"), ort_format=True))
+    return d / "onnx"
+
+
+def _ours(folder, adapter=None):
+    m = Model(folder)
+    ids = [m.tokenizer.encode(p, add_special_tokens=False).ids for p in PROMPTS]
+    return ids, [c.tokens for c in m.generate_ids(ids, adapter=adapter, max_new_tokens=NEW, ignore_eos=True)]
+
+
+def _genai(folder, ids, adapter=None):
+    """Greedy tokens from onnxruntime-genai for a batch of prompts (it pads them on the right)."""
+    model = og.Model(str(folder))
+    pad = json.loads((folder / "genai_config.json").read_text())["model"]["pad_token_id"]
+    width = max(map(len, ids))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=width + NEW, do_sample=False, batch_size=len(ids))
+    gen = og.Generator(model, params)
+    if adapter is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(folder / "adapters" / f"{adapter}.onnx_adapter"), adapter)
+        gen.set_active_adapter(adapters, adapter)
+    gen.append_tokens(np.array([x + [pad] * (width - len(x)) for x in ids], np.int32))
+    out = [[] for _ in ids]
+    for _ in range(NEW):
+        gen.generate_next_token()
+        for row, token in zip(out, gen.get_next_tokens()):
+            row.append(int(token))
+    return out
+
+
+@pytest.mark.parametrize("adapter", [None, "default"])
+def test_genai_loads_the_export_and_gives_our_tokens(int4_export, adapter):
+    ids, ours = _ours(int4_export, adapter)
+    assert _genai(int4_export, ids, adapter) == ours, "genai's right-padded batch == our left-padded one"
+    assert [_genai(int4_export, [x], adapter)[0] for x in ids] == ours
+    if adapter:
+        assert ours != _ours(int4_export)[1], "the adapter changes the tokens (else this test proves little)"
+
+
+def test_the_graph_names_its_dims_as_genai_and_optimum_do(int4_export):
+    graph = onnx.load(str(int4_export / "model.onnx"), load_external_data=False).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*graph.input, *graph.output]}
+    assert dims[io.INPUT_IDS] == [io.BATCH, io.SEQUENCE]
+    assert dims[io.ATTENTION_MASK] == [io.BATCH, io.TOTAL_SEQUENCE]
+    assert dims[io.PAST_KEY % 0][::2] == [io.BATCH, io.PAST_SEQUENCE]
+    assert dims[io.PRESENT_VALUE % 1][::2] == [io.BATCH, io.TOTAL_SEQUENCE]
+
+
+def test_hugging_face_loaders_read_the_folder(int4_export):
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(int4_export)
+    assert (config.model_type, config.num_hidden_layers, config.architectures) == ("llama", 2, ["LlamaForCausalLM"])
+    assert "quantization_config" not in json.loads((int4_export / "config.json").read_text())
+    assert json.loads((int4_export / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "PreTrainedTokenizerFast", "a class transformers 4.x knows too"
+    tok = AutoTokenizer.from_pretrained(int4_export)
+    assert tok.encode(PROMPTS[1], add_special_tokens=False) == Model(int4_export).tokenizer.encode(
+        PROMPTS[1], add_special_tokens=False).ids
+    assert GenerationConfig.from_pretrained(int4_export).eos_token_id is not None
+
+
+def test_ort_format_is_written_checked_and_takes_the_adapter(int4_export, tmp_path):
+    """ORT Mobile: --ort-format writes model.ort and the operator list of a minimal build; model.ort gives
+    model.onnx's logits with the adapter applied through onnxruntime's own LoraAdapter."""
+    import onnxruntime as ort
+
+    from qlora_rt.export.devices import _probe, write_ort_format
+
+    report = json.loads((int4_export / "export_report.json").read_text())
+    assert report["ort_format_max_abs_logit_diff"] <= 1e-4 and report["files_bytes"]["model.ort"] > 0
+
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    for name in ("model.onnx", "model.onnx.data"):
+        (folder / name).write_bytes((int4_export / name).read_bytes())
+    adapter = int4_export / "adapters" / "default.onnx_adapter"
+    assert write_ort_format(folder, adapter) <= 1e-4
+    ops = (folder / "model.required_operators.config").read_text()
+    assert "com.microsoft;1;" in ops and "GroupQueryAttention" in ops and "MatMulNBits" in ops
+    assert np.abs(_probe(folder / "model.ort", adapter) - _probe(folder / "model.ort", None)).max() > 1e-3, \
+        "the adapter applies to model.ort"
+    assert ort.InferenceSession(str(folder / "model.ort")).get_inputs()[0].name == io.INPUT_IDS
