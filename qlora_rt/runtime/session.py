@@ -7,6 +7,7 @@ import os
 import zlib
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from qlora_rt.errors import QloraError
@@ -78,7 +79,9 @@ def read_adapter_file(path: Path, meta: Manifest) -> dict[str, ort.OrtValue]:
     if fmt.get_model_version() != adapter_model_version(meta):
         raise QloraError(f"--adapter: {path.name} was made for another base model (or 4-bit format) than this "
                          f"export's {meta.base_model} ({meta.base_quant})")
-    params = fmt.get_parameters()
+    # onnxruntime before 1.28 hands tensors that point into `fmt`'s own buffer, freed with it (a segfault
+    # at the next run): hold each in an array of its own
+    params = {k: ort.OrtValue.ortvalue_from_numpy(np.array(v.numpy())) for k, v in fmt.get_parameters().items()}
     where = f"--adapter: {path.name}"
     check_fits({k: v.shape() for k, v in params.items()}, meta.lora_inputs, where)
     check_adapter_values(params, where, meta.lora_groups)
