@@ -49,7 +49,9 @@ def genai_config(meta: Manifest, gen, bos_token_id: int | None) -> dict:
             "bos_token_id": bos_token_id if bos_token_id is not None else (eos[0] if eos else 0),
             "context_length": meta.max_context,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                # errors only: the LoRA inputs' rank-0 defaults are initializers that are also graph inputs on
+                # purpose (overridable), and onnxruntime warns once for each of them
+                "session_options": {"log_id": "onnxruntime-genai", "log_severity_level": 3, "provider_options": []},
                 "filename": "model.onnx",
                 "head_size": meta.head_dim, "hidden_size": meta.hidden,
                 "inputs": {"input_ids": io.INPUT_IDS, "attention_mask": io.ATTENTION_MASK,

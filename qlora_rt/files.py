@@ -12,11 +12,39 @@ import errno
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from qlora_rt.errors import QloraError
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (a `kill`, a closing terminal's or a container's stop) raises SystemExit here, as Ctrl-C raises
+    KeyboardInterrupt, so a half-written folder is removed instead of left behind; outside the main
+    thread, or where a handler is already set, nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _aside(final: Path) -> Path:
@@ -34,8 +62,10 @@ def atomic_dir(final: str | Path, overwrite: bool = True, keep: Path | None = No
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a process killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would follow the folder to a device or a web server
     try:
-        yield tmp
+        with _sigterm_unwinds():
+            yield tmp
         for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
             if f.is_file():
                 with open(f, "rb") as h:

@@ -36,9 +36,10 @@ def int4_export(tmp_path_factory):
     return d / "onnx"
 
 
-def _ours(folder, adapter=None):
+def _ours(folder, adapter=None, prompts=PROMPTS, chat=False):
+    """Our runtime's greedy tokens (a left-padded batch) and the prompts' token ids."""
     m = Model(folder)
-    ids = [m.tokenizer.encode(p, add_special_tokens=False).ids for p in PROMPTS]
+    ids = [m.encode(p, chat=chat) if chat else m.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
     return ids, [c.tokens for c in m.generate_ids(ids, adapter=adapter, max_new_tokens=NEW, ignore_eos=True)]
 
 
@@ -63,6 +64,33 @@ def _genai(folder, ids, adapter=None):
     return out
 
 
+@pytest.mark.slow
+def test_genai_gives_our_tokens_on_smollm2(tmp_path):
+    """The bundled SmolLM2-135M, trained a few steps with the defaults and exported adapter-aware: genai's
+    greedy tokens equal ours, with and without the adapter, batched (right-padded) and alone."""
+    from pathlib import Path
+
+    from qlora_rt.config import ExportConfig, TrainConfig
+    from qlora_rt.export.exporter import export
+    from qlora_rt.train.run import train
+
+    data = Path(__file__).resolve().parents[1] / "examples" / "data" / "dates-train.jsonl"
+    adapter = train(TrainConfig(model="smollm2-135m", data=str(data), out=str(tmp_path / "run"), steps=6,
+                                batch_size=2, seq_len=128, lr=2e-3, eval_every=0, checkpoint_every=0)).adapter
+    folder = tmp_path / "onnx"
+    export(ExportConfig(model="smollm2-135m", adapter=str(adapter), out=str(folder)))
+    prompts = ["Rewrite 4 July 2047 as ISO 8601.", "What is the capital of France?", "Hi"]
+    eos = set(json.loads((folder / "qlora_rt_export.json").read_text())["eos_token_ids"])
+
+    def upto_eos(rows):  # genai ends a row at its end-of-text token, then pads it
+        return [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
+
+    for name in (None, "default"):
+        ids, ours = _ours(folder, name, prompts, chat=True)
+        assert upto_eos(_genai(folder, ids, name)) == upto_eos(ours)
+        assert upto_eos([_genai(folder, [x], name)[0] for x in ids]) == upto_eos(ours)
+
+
 @pytest.mark.parametrize("adapter", [None, "default"])
 def test_genai_loads_the_export_and_gives_our_tokens(int4_export, adapter):
     ids, ours = _ours(int4_export, adapter)
@@ -70,6 +98,11 @@ def test_genai_loads_the_export_and_gives_our_tokens(int4_export, adapter):
     assert [_genai(int4_export, [x], adapter)[0] for x in ids] == ours
     if adapter:
         assert ours != _ours(int4_export)[1], "the adapter changes the tokens (else this test proves little)"
+
+
+def test_genai_runs_a_merged_export(merged_export):
+    ids, ours = _ours(merged_export)
+    assert _genai(merged_export, ids) == ours
 
 
 def test_the_graph_names_its_dims_as_genai_and_optimum_do(int4_export):

@@ -1,4 +1,10 @@
 import errno
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +86,27 @@ def test_a_really_full_disk_is_one_line_and_keeps_what_was_saved(small_disk):
     with pytest.raises(QloraError, match=r"the disk is full .*; nothing was written"):
         checkpoint.save(small_disk / "checkpoint", model, opt.state_dict(), sched, {"step": 1})
     assert sorted(p.name for p in small_disk.iterdir()) == ["adapter"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o755), (0o077, 0o700)])
+def test_a_written_folder_follows_the_umask(tmp_path, umask, mode):
+    """Exports are copied to devices and served by other users: not mkdtemp's 0700 whatever the umask."""
+    old = os.umask(umask)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "model.onnx").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == mode
+
+
+def test_sigterm_while_writing_leaves_no_temporary_folder(tmp_path):
+    code = ("import sys, time; from pathlib import Path; from qlora_rt.files import atomic_dir\n"
+            "with atomic_dir(Path(sys.argv[1]) / 'out') as tmp:\n"
+            "    (tmp / 'model.onnx.data').write_bytes(b'x' * 1000); print('writing', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == [], "neither the folder nor its temporary one"
