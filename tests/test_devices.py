@@ -150,3 +150,18 @@ def test_ort_format_is_written_checked_and_takes_the_adapter(int4_export, tmp_pa
     assert np.abs(_probe(folder / "model.ort", adapter) - _probe(folder / "model.ort", None)).max() > 1e-3, \
         "the adapter applies to model.ort"
     assert ort.InferenceSession(str(folder / "model.ort")).get_inputs()[0].name == io.INPUT_IDS
+
+
+def test_an_onnxruntime_older_than_the_export_needs_is_one_line(int4_export, tmp_path):
+    import shutil
+
+    from qlora_rt.errors import QloraError
+    from qlora_rt.runtime.manifest import MIN_ONNXRUNTIME, _version
+
+    meta = json.loads((int4_export / "qlora_rt_export.json").read_text())
+    assert meta["min_onnxruntime"] == MIN_ONNXRUNTIME
+    assert _version("1.22.0") < _version("1.23.0.dev20250101") < _version("1.23.1+cpu") < _version("10.0")
+    folder = shutil.copytree(int4_export, tmp_path / "onnx")
+    (folder / "qlora_rt_export.json").write_text(json.dumps({**meta, "min_onnxruntime": "99.0.0"}))
+    with pytest.raises(QloraError, match=r"needs onnxruntime >= 99\.0\.0; this is .*pip install -U"):
+        Model(folder)
