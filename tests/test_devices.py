@@ -8,13 +8,12 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime_genai as og  # the test extra installs it: a missing one fails, never skips
 import pytest
 from conftest import CORPUS, save_checkpoint, write_jsonl
 
 from qlora_rt.runtime import Model
 from qlora_rt.runtime import graph_io as io
-
-og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the test extra")
 
 PROMPTS = ["the quick brown", "hello world, how are you today? the capital of", "one"]
 NEW = 10
