@@ -43,10 +43,10 @@ def _search(gen, context: int) -> dict:
 
 def genai_config(meta: Manifest, gen, bos_token_id: int | None) -> dict:
     """onnxruntime-genai's genai_config.json for a decoder export (the fields its model builder writes)."""
-    eos = meta.eos_token_ids or []
+    eos = meta.eos_token_ids  # a decoder's manifest always has at least one (manifest._check_values)
     return {
         "model": {
-            "bos_token_id": bos_token_id if bos_token_id is not None else (eos[0] if eos else 0),
+            "bos_token_id": bos_token_id if bos_token_id is not None else eos[0],
             "context_length": meta.max_context,
             "decoder": {
                 # errors only: the LoRA inputs' rank-0 defaults are initializers that are also graph inputs on
@@ -63,7 +63,7 @@ def genai_config(meta: Manifest, gen, bos_token_id: int | None) -> dict:
                 "num_key_value_heads": meta.kv_heads,
             },
             "eos_token_id": eos if len(eos) != 1 else eos[0],
-            "pad_token_id": meta.pad_token_id if meta.pad_token_id is not None else (eos[0] if eos else 0),
+            "pad_token_id": meta.pad_token_id if meta.pad_token_id is not None else eos[0],
             "type": meta.model_type,
             "vocab_size": meta.vocab,
         },
