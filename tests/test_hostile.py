@@ -270,8 +270,8 @@ def test_config_sizes_that_disagree_with_the_weights_are_one_line(tmp_path, caps
     ("{{ 'a' | center(999999999) }}", "passed"),
     ("{% set s = 'aaaa' * 900000 %}{{ s | replace('a', 'aaaaaaaa') }}", "passed"),
     ("{{ messages | tojson(indent=999999999) }}", "passed"),
-    ("{% for i in range(2000) %}{% for j in range(100) %}{{ 'x' * 30 }}{% endfor %}{% endfor %}",
-     "rendered prompt passed"),
+    # many harmless pieces whose sum is too long, in few loop turns, so a slow machine cannot reach the clock first
+    ("{% for i in range(2000) %}{{ 'x' * 3000 }}{% endfor %}", "rendered prompt passed"),
     ("{{ messages.__class__.__mro__ }}", "SecurityError"),
     ("{{ ''.__class__.__subclasses__() }}", "SecurityError"),
     ("{% include 'x' %}", "no loader"),
