@@ -1,19 +1,25 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast lint demo sentiment bench bench-decode clean
+.PHONY: setup setup-web test test-fast lint demo sentiment bench bench-decode clean
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 
 setup: $(VENV)/.installed
 
+# The browser runtime's npm packages and Chromium (qlora-rt web and tests/test_web.py).
+qlora_rt/web/node_modules/.installed: qlora_rt/web/package-lock.json scripts/setup-web.sh
+	bash scripts/setup-web.sh
+
+setup-web: qlora_rt/web/node_modules/.installed
+
 # All tests, the real-model (slow) ones included.
-test: setup
+test: setup setup-web
 	$(PY) -m pytest -q -ra
 
 # Unit tests on tiny random models only (a few minutes): run them on every change.
-test-fast: setup
+test-fast: setup setup-web
 	$(PY) -m pytest -q -ra -m "not slow"
 
 # ruff: pyflakes, pycodestyle (120 columns), import order, pyupgrade (pyproject.toml [tool.ruff]).

@@ -22,6 +22,7 @@ from qlora_rt.config import (
     MergeConfig,
     ServeConfig,
     TrainConfig,
+    WebConfig,
     resolve_paths,
     typed_values,
 )
@@ -192,6 +193,18 @@ def _serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=30)
 
 
+def _web(args: argparse.Namespace) -> None:
+    from qlora_rt.runtime.web import build_site, serve
+
+    cfg = _build(WebConfig, args)
+    cfg.check()
+    out = build_site(cfg.folder, cfg.out, cfg.node_modules, cfg.overwrite)
+    print(f"site written to {out}: serve it from any static host (with the headers in docs/devices.md#browser "
+          "for several threads), or here with --serve", file=sys.stderr)
+    if cfg.serve:
+        serve(out, cfg.host, cfg.port)
+
+
 TRAINING_PACKAGES = ("torch", "bitsandbytes", "transformers", "safetensors", "gguf", "tqdm", "onnx")
 
 VERBS = {
@@ -217,6 +230,10 @@ VERBS = {
               "Serve an export over HTTP with the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models; "
               "/v1/classify for encoder exports). The model name of a request picks its adapter; requests with "
               "different adapters are decoded together. Binds 127.0.0.1 unless --host says otherwise."),
+    "web": (_web, WebConfig, "a static web page that runs an export in the browser (no server compute)",
+            "Write a site folder: a page and its JavaScript runtime (onnxruntime-web, adapters swapped with "
+            "ort.LoraAdapter, the tokenizer and chat template) with the export beside them. Any static host serves "
+            "it; --serve serves it here."),
     "chat": (_chat, ChatConfig, "talk to an export interactively (no torch needed)",
              "An interactive conversation with an exported folder, using its chat template. "
              "/adapter NAME switches adapters without reloading; /reset forgets; /exit quits."),

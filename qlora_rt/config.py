@@ -450,3 +450,21 @@ class ServeConfig:
         check_values(self)
         if self.adapters_dir and not Path(self.adapters_dir).is_dir():
             raise QloraError(f"--adapters-dir: {self.adapters_dir} is not a folder")
+
+
+@dataclass
+class WebConfig:
+    folder: str = option("", "a decoder export folder (adapter-aware: its adapters come along)", positional=True,
+                         path=True)
+    out: str = option("site", "the site folder to write: index.html, the runtime, vendor/, model/", path=True)
+    overwrite: bool = option(False, "replace --out if `qlora-rt web` wrote it")
+    node_modules: str | None = option(None, "where the npm packages the page loads are installed (default: "
+                                      "qlora_rt/web/node_modules, written by `npm ci` there)", path=True)
+    serve: bool = option(False, "then serve the site at http://HOST:PORT/ (Ctrl-C stops)")
+    host: str = option("127.0.0.1", "--serve: address to listen on")
+    port: int = option(8000, "--serve: TCP port", at_least=0, at_most=65535)
+
+    def check(self) -> None:
+        if not self.folder:
+            raise QloraError("FOLDER is required: a decoder export folder written by `qlora-rt export`")
+        check_values(self)

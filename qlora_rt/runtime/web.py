@@ -1,0 +1,157 @@
+"""`qlora-rt web EXPORT --out SITE`: a static site that runs a decoder export in the visitor's browser.
+
+The site is plain files: the page (index.html, app.mjs), the browser runtime (qlora-rt.mjs: onnxruntime-web
+with ort.LoraAdapter, tokenizers.js, jinja), those three npm packages' browser builds under vendor/, and
+the export under model/ (its adapters checked as `generate` checks them). Any static host serves it; the
+host computes nothing. `--serve` serves it here, with the two headers that let onnxruntime-web use several
+threads (cross-origin isolation). Torch-free.
+
+The npm packages come from the `node_modules` that `npm ci` writes beside qlora_rt/web/package.json (the
+versions its lockfile pins), or from --node-modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from qlora_rt.errors import QloraError
+from qlora_rt.files import atomic_dir, check_out
+from qlora_rt.runtime import manifest
+from qlora_rt.runtime.session import ADAPTER_DIR, ADAPTER_SUFFIX, adapter_names, read_adapter_file
+
+WEB = Path(__file__).resolve().parents[1] / "web"  # the page, the runtime module, package.json + lockfile
+PAGE = ("index.html", "app.mjs", "qlora-rt.mjs")
+SITE, SITE_FORMAT = "qlora_rt_site.json", "qlora-rt-web"
+# each npm package: the files the browser loads, and the one the import map names
+VENDOR = {
+    "onnxruntime-web": ("dist", ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"),
+                        "ort.wasm.min.mjs"),
+    "@huggingface/tokenizers": ("dist", ("tokenizers.min.mjs",), "tokenizers.min.mjs"),
+    "@huggingface/jinja": ("dist", ("index.js",), "index.js"),
+}
+# what the page fetches from an export besides model.onnx, its external data and adapters
+MODEL_FILES = ("qlora_rt_export.json", "tokenizer.json", "tokenizer_config.json")
+OPTIONAL_FILES = ("chat_template.jinja", "generation_config.json", "config.json")
+
+
+def pinned_versions() -> dict[str, str]:
+    """The npm packages the page needs, at the versions package.json pins."""
+    deps = json.loads((WEB / "package.json").read_text())["dependencies"]
+    return {name: deps[name] for name in VENDOR}
+
+
+def find_node_modules(given: str | None) -> Path:
+    """The node_modules folder holding VENDOR's packages at the pinned versions, or one line saying how to get it."""
+    folder = Path(given) if given else WEB / "node_modules"
+    install = (f"install them with `npm ci --omit=dev --prefix {WEB}` (Node.js 18 or newer), or pass "
+               "--node-modules DIR where they are installed")
+    for name, version in pinned_versions().items():
+        meta = folder / name / "package.json"
+        if not meta.is_file():
+            raise QloraError(f"the browser runtime needs the npm package {name} {version}, not found in {folder}; "
+                             f"{install}")
+        found = json.loads(meta.read_text()).get("version")
+        if found != version:
+            raise QloraError(f"{meta}: {name} {found}; the browser runtime is tested with {version}: {install}")
+    return folder
+
+
+def _place(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows one (an export's data can be GBs), else a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def build_site(export: str | Path, out: str | Path, node_modules: str | None = None, overwrite: bool = False) -> Path:
+    """Write the site for a decoder export; returns its folder."""
+    export, out = Path(export), Path(out)
+    meta = manifest.read(export)
+    manifest.expect(meta, "decoder", export, "web")
+    check_out(out, overwrite, SITE, SITE_FORMAT, "web", reads=(str(export),))
+    modules = find_node_modules(node_modules)
+    for name in MODEL_FILES:
+        if not (export / name).is_file():
+            raise QloraError(f"{export} has no {name} (the export writes one); export it again")
+    names = adapter_names(export) if meta.mode == "adapter-aware" else []
+    for name in names:  # the checks `generate` makes, here, not as a wrong answer in a visitor's browser
+        read_adapter_file(export / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}", meta)
+    versions = pinned_versions()
+    imports = {}
+    with atomic_dir(out) as tmp:
+        for name in PAGE:
+            shutil.copyfile(WEB / name, tmp / name)
+        for package, (sub, files, entry) in VENDOR.items():
+            short = package.split("/")[-1]
+            (tmp / "vendor" / short).mkdir(parents=True)
+            for f in files:
+                shutil.copyfile(modules / package / sub / f, tmp / "vendor" / short / f)
+            imports[package] = f"./vendor/{short}/{entry}"
+        page = (tmp / "index.html").read_text()
+        marker = '<script type="importmap">{"imports": {}}</script>'
+        (tmp / "index.html").write_text(page.replace(marker, '<script type="importmap">' +
+                                                     json.dumps({"imports": imports}) + "</script>"))
+        model = tmp / "model"
+        for name in (*MODEL_FILES, *OPTIONAL_FILES, "model.onnx", *meta.external_data):
+            if (export / name).is_file():
+                _place(export / name, model / name)
+        for name in names:
+            _place(export / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}", model / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
+        (model / "adapters.json").write_text(json.dumps(names))
+        (tmp / SITE).write_text(json.dumps({"format": SITE_FORMAT, "export": str(export.resolve()),
+                                            "mode": meta.mode, "adapters": names, "npm": versions}, indent=2))
+    if meta.int4_activations == "int8":
+        print(f"note: {export} computes its 4-bit products with int8 activations, which onnxruntime-web's wasm "
+              "kernels round differently from the native ones: the page's tokens can part from `qlora-rt generate`'s "
+              "after a few tokens. Export with --int4-compute fp32 for a page that matches it exactly "
+              "(docs/devices.md#browser)", file=sys.stderr)
+    return out
+
+
+def serve(site: str | Path, host: str = "127.0.0.1", port: int = 8000, announce: bool = True):
+    """Serve a site folder over HTTP (blocks). Sends the headers that make the page cross-origin isolated, so
+    onnxruntime-web may run several threads (SharedArrayBuffer)."""
+    server = make_server(site, host, port)
+    if announce:
+        where = f"http://{'localhost' if host in ('127.0.0.1', '::1') else host}:{server.server_address[1]}/"
+        print(f"serving {site} on {where} (Ctrl-C stops)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+def make_server(site: str | Path, host: str = "127.0.0.1", port: int = 0):
+    """A ThreadingHTTPServer for the site folder (port 0 = any free port: server.server_address[1])."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    site = Path(site)
+    if not (site / SITE).is_file():
+        raise QloraError(f"{site} is not a site written by `qlora-rt web` (no {SITE})")
+
+    class Handler(SimpleHTTPRequestHandler):
+        extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript",
+                          ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
+                          ".onnx": "application/octet-stream", ".onnx_adapter": "application/octet-stream"}
+
+        def end_headers(self):
+            self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+            self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+            self.send_header("Cross-Origin-Resource-Policy", "same-origin")
+            super().end_headers()
+
+        def log_message(self, format, *args):  # one line per failed request only
+            if args and str(args[1] if len(args) > 1 else "").startswith(("4", "5")):
+                super().log_message(format, *args)
+
+    try:
+        return ThreadingHTTPServer((host, port), functools.partial(Handler, directory=str(site)))
+    except OSError as e:
+        raise QloraError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

@@ -1,0 +1,270 @@
+// qlora-rt in the browser: a qlora-rt decoder export (model.onnx, its adapters, tokenizer files) run by
+// onnxruntime-web on the page's own CPU (wasm). No server computes anything; adapters are switched per
+// request with ort.LoraAdapter, without reloading the base.
+//
+//   import { Model } from "./qlora-rt.mjs";
+//   const model = await Model.load("./model/");
+//   for await (const piece of model.stream("Rewrite 5 March 2021 as ISO 8601", { chat: true, adapter: "default" }))
+//     out.textContent += piece.text;
+//   const { text, tokens } = await model.generate("Hello", { maxNewTokens: 32 });    // greedy, the base
+//
+// The three imports are bare names: the page maps them to files (`qlora-rt web` writes that import map).
+import * as ort from "onnxruntime-web";
+import { Tokenizer } from "@huggingface/tokenizers";
+import { Template } from "@huggingface/jinja";
+
+export { ort };
+
+// The graph's input, output and dimension names: the same as qlora_rt/runtime/graph_io.py (a test compares).
+export const IO = {
+  "input_ids": "input_ids",
+  "attention_mask": "attention_mask",
+  "position_ids": "position_ids",
+  "logits": "logits",
+  "logits_to_keep": "logits_to_keep",
+  "past_key": "past_key_values.%d.key",
+  "past_value": "past_key_values.%d.value",
+  "present_key": "present.%d.key",
+  "present_value": "present.%d.value"
+};
+const MANIFEST = "qlora_rt_export.json", FORMAT = "qlora-rt-onnx", KV_CACHE = "in-place";
+const ADAPTER_SUFFIX = ".onnx_adapter";
+
+/** One error type with one line that says what is wrong and what to do. */
+export class QloraError extends Error {
+  constructor(message) { super(message); this.name = "QloraError"; }
+}
+
+async function fetchOk(url, what, fetchFn) {
+  let response;
+  try {
+    response = await fetchFn(url);
+  } catch (e) {
+    throw new QloraError(`${url}: cannot fetch ${what} (${e.message})`);
+  }
+  if (!response.ok) throw new QloraError(`${url}: ${response.status} ${response.statusText} (${what})`);
+  return response;
+}
+
+const int64 = (values, dims) => new ort.Tensor("int64", BigInt64Array.from(values, BigInt), dims);
+
+/** A seeded generator of floats in [0, 1) (mulberry32): the same seed gives the same sampled tokens. */
+function randomFrom(seed) {
+  let a = (seed ?? Math.floor(Math.random() * 2 ** 32)) >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = Math.imul(a ^ (a >>> 15), 1 | a);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** One token from a row of logits: greedy at temperature 0, else softmax(z / T) cut to top_k, then to top_p mass. */
+export function pick(logits, { temperature = 0, topK = 0, topP = 1 } = {}, random = Math.random) {
+  if (temperature === 0) {
+    let best = 0;
+    for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
+    return best;
+  }
+  let order = Array.from(logits.keys()).sort((i, j) => logits[j] - logits[i]);
+  if (topK > 0 && topK < order.length) order = order.slice(0, topK);
+  const top = logits[order[0]];
+  let p = order.map((i) => Math.exp((logits[i] - top) / temperature));
+  let total = p.reduce((s, x) => s + x, 0);
+  p = p.map((x) => x / total);
+  if (topP < 1) {  // keep the smallest head of the sorted tokens whose mass reaches top_p
+    let mass = 0, keep = 0;
+    while (keep < p.length && mass < topP) mass += p[keep++];
+    order = order.slice(0, keep);
+    p = p.slice(0, keep);
+    total = mass;
+  }
+  let r = random() * total;
+  for (let k = 0; k < p.length; k++) {
+    r -= p[k];
+    if (r <= 0) return order[k];
+  }
+  return order[order.length - 1];
+}
+
+function checkSampling({ temperature = 0, topK = 0, topP = 1, maxNewTokens = 128 }) {
+  if (!(temperature >= 0) || !Number.isFinite(temperature))
+    throw new QloraError(`temperature must be >= 0 (0 = greedy), got ${temperature}`);
+  if (!(topP > 0 && topP <= 1)) throw new QloraError(`topP must be in (0, 1], got ${topP}`);
+  if (!(Number.isInteger(topK) && topK >= 0)) throw new QloraError(`topK must be an integer >= 0 (0 = off), got ${topK}`);
+  if (!(Number.isInteger(maxNewTokens) && maxNewTokens >= 1))
+    throw new QloraError(`maxNewTokens must be an integer >= 1, got ${maxNewTokens}`);
+}
+
+export class Model {
+  /**
+   * Load an export folder served at `url` (ending in "/"): its manifest, tokenizer, chat template and
+   * model.onnx with its external data, into an onnxruntime-web session.
+   * options: executionProviders (["wasm"]), onProgress(stage, detail), fetch (a fetch function).
+   */
+  static async load(url, { executionProviders = ["wasm"], onProgress = () => {}, fetch: fetchFn = fetch } = {}) {
+    const base = new URL(url, globalThis.location?.href);
+    if (!base.pathname.endsWith("/")) base.pathname += "/";
+    const at = (name) => new URL(name, base).href;
+    const t0 = performance.now();
+    onProgress("manifest", at(MANIFEST));
+    const meta = await (await fetchOk(at(MANIFEST), "the export's manifest", fetchFn)).json();
+    if (meta.format !== FORMAT) throw new QloraError(`${at(MANIFEST)} is not a qlora-rt export description`);
+    if (meta.family !== "decoder")
+      throw new QloraError(`${base.href} is a ${meta.family} export; the browser runtime runs decoders`);
+    if (meta.kv_cache !== KV_CACHE)
+      throw new QloraError(`${base.href} was exported by an older qlora-rt; export it again with \`qlora-rt export\``);
+    onProgress("tokenizer", at("tokenizer.json"));
+    const [tokenizerJson, tokenizerConfig] = await Promise.all([
+      fetchOk(at("tokenizer.json"), "the tokenizer", fetchFn).then((r) => r.json()),
+      fetchOk(at("tokenizer_config.json"), "the tokenizer's config", fetchFn).then((r) => r.json()),
+    ]);
+    let template = await fetchFn(at("chat_template.jinja")).then((r) => (r.ok ? r.text() : null), () => null);
+    template ??= typeof tokenizerConfig.chat_template === "string" ? tokenizerConfig.chat_template : null;
+    const adapters = await fetchFn(at("adapters.json")).then((r) => (r.ok ? r.json() : []), () => []);
+    onProgress("model", at("model.onnx"));
+    const modelBytes = new Uint8Array(await (await fetchOk(at("model.onnx"), "the model", fetchFn)).arrayBuffer());
+    const externalData = Object.keys(meta.external_data ?? {}).map((path) => ({ path, data: at(path) }));
+    let session;
+    try {
+      session = await ort.InferenceSession.create(modelBytes, {
+        executionProviders, externalData, graphOptimizationLevel: "all", logSeverityLevel: 3,
+      });
+    } catch (e) {
+      throw new QloraError(`${at("model.onnx")}: onnxruntime-web cannot load it (${String(e.message ?? e).split("\n")[0]})`);
+    }
+    const model = new Model(base.href, meta, session, new Tokenizer(tokenizerJson, tokenizerConfig), tokenizerConfig,
+                            template, adapters, fetchFn);
+    model.loadSeconds = (performance.now() - t0) / 1000;
+    onProgress("ready", model.loadSeconds);
+    return model;
+  }
+
+  constructor(url, meta, session, tokenizer, tokenizerConfig, template, adapterNames, fetchFn) {
+    Object.assign(this, { url, meta, session, tokenizer, adapterNames, fetchFn });
+    this.template = template ? new Template(template) : null;
+    this.specialTokens = Object.fromEntries(
+      ["bos_token", "eos_token", "pad_token", "unk_token"].map((k) => [k, tokenizerConfig[k] ?? null]));
+    this.eos = new Set(meta.eos_token_ids);
+    this.keepsLast = (meta.inputs ?? []).includes(IO.logits_to_keep);
+    this._adapters = new Map();  // name -> Promise<ort.LoraAdapter>
+  }
+
+  /** The ort.LoraAdapter of adapters/NAME.onnx_adapter (fetched once), or a URL ending in .onnx_adapter. */
+  adapter(name) {
+    if (this.meta.mode !== "adapter-aware")
+      throw new QloraError(`adapter ${name}: ${this.url} is a merged export; its adapter is already in the weights`);
+    if (!this._adapters.has(name)) {
+      const known = this.adapterNames.length === 0 || this.adapterNames.includes(name);
+      if (!name.endsWith(ADAPTER_SUFFIX) && !known)
+        throw new QloraError(`no adapter named ${JSON.stringify(name)} (available: ${this.adapterNames.join(", ") || "none"})`);
+      const url = new URL(name.endsWith(ADAPTER_SUFFIX) ? name : `adapters/${name}${ADAPTER_SUFFIX}`, this.url).href;
+      const loading = fetchOk(url, "the adapter", this.fetchFn)
+        .then((r) => r.arrayBuffer())
+        .then((bytes) => ort.LoraAdapter.create(new Uint8Array(bytes)))
+        .catch((e) => {
+          this._adapters.delete(name);
+          throw e instanceof QloraError ? e : new QloraError(`${url}: not a readable .onnx_adapter file (${e.message ?? e})`);
+        });
+      this._adapters.set(name, loading);
+    }
+    return this._adapters.get(name);
+  }
+
+  /** Token ids of a prompt; chat (or a list of messages) renders the folder's chat template first. */
+  encode(prompt, { chat = false, system = null } = {}) {
+    if (typeof prompt === "string" && !prompt.trim()) throw new QloraError("the prompt is empty");
+    if (chat || typeof prompt !== "string") {
+      if (!this.template) throw new QloraError(`${this.url} has no chat template (chat_template.jinja or tokenizer_config.json)`);
+      const messages = typeof prompt === "string" ? [{ role: "user", content: prompt }] : [...prompt];
+      if (system) messages.unshift({ role: "system", content: system });
+      const text = this.template.render({ messages, add_generation_prompt: true, ...this.specialTokens });
+      return this.tokenizer.encode(text, { add_special_tokens: false }).ids;
+    }
+    return this.tokenizer.encode(prompt).ids;
+  }
+
+  decode(tokens) {
+    return this.tokenizer.decode(tokens, { skip_special_tokens: true });
+  }
+
+  /**
+   * The completion as it is produced: yields { token, text } per token (text: what the token adds; empty while
+   * a character is incomplete), and returns { text, tokens, finishReason, promptTokens, ttftSeconds,
+   * decodeTokensPerSecond }.
+   * options: chat, system, adapter (a name; null = the base), maxNewTokens (128), temperature (0 = greedy),
+   * topK (0 = off), topP (1), seed, stop (strings), ids (token ids instead of a prompt), signal (an AbortSignal).
+   */
+  async *stream(prompt, options = {}) {
+    const { chat = false, system = null, adapter = null, maxNewTokens = 128, stop = [], seed = null, signal } = options;
+    checkSampling(options);
+    const ids = options.ids ?? this.encode(prompt, { chat, system });
+    const ctx = this.meta.max_context;
+    if (ids.length < 1) throw new QloraError("the prompt has no tokens");
+    if (ids.length >= ctx) throw new QloraError(`the prompt is ${ids.length} tokens; this export's context is ${ctx} tokens`);
+    const runOptions = adapter ? { activeLoraAdapters: [await this.adapter(adapter)] } : {};
+    const random = randomFrom(seed);
+    const steps = Math.min(maxNewTokens, ctx - ids.length);
+    const { layers, kv_heads: kvHeads, head_dim: headDim, vocab } = this.meta;
+    const names = [];
+    for (let i = 0; i < layers; i++) names.push(IO.past_key.replace("%d", i), IO.past_value.replace("%d", i));
+    let past = Object.fromEntries(names.map((n) => [n, new ort.Tensor("float32", new Float32Array(0), [1, kvHeads, 0, headDim])]));
+    const tokens = [];
+    let text = "", finishReason = "length", input = ids, done = 0;
+    const t0 = performance.now();
+    let tFirst = null;
+    try {
+      for (let step = 0; step < steps; step++) {
+        if (signal?.aborted) { finishReason = "abort"; break; }
+        const feeds = {
+          [IO.input_ids]: int64(input, [1, input.length]),
+          [IO.attention_mask]: int64(new Array(done + input.length).fill(1), [1, done + input.length]),
+          [IO.position_ids]: int64(input.map((_, k) => done + k), [1, input.length]),
+          ...past,
+        };
+        const out = await this.session.run(feeds, runOptions);
+        const logits = out[IO.logits];
+        const rows = logits.dims[1];
+        const last = logits.data.subarray((rows - 1) * vocab, rows * vocab);
+        const token = pick(last, options, random);
+        logits.dispose();
+        for (const t of Object.values(past)) t.dispose();
+        past = Object.fromEntries(names.map((n) => [n, out[n.replace("past_key_values.", "present.")]]));
+        done += input.length;
+        input = [token];
+        tFirst ??= performance.now();
+        if (this.eos.has(token)) { finishReason = "eos"; break; }
+        tokens.push(token);
+        let full = this.decode(tokens);
+        let stopped = false;
+        for (const s of stop) {
+          const at = s ? full.indexOf(s) : -1;
+          if (at >= 0) { full = full.slice(0, at); stopped = true; }
+        }
+        if (full.endsWith("\ufffd") && !stopped) { yield { token, text: "" }; continue; }  // a character not yet whole
+        const piece = full.startsWith(text) ? full.slice(text.length) : full;
+        text = full;
+        yield { token, text: piece };
+        if (stopped) { finishReason = "stop"; break; }
+      }
+    } finally {
+      for (const t of Object.values(past)) t.dispose();
+    }
+    const tEnd = performance.now();
+    if (text !== this.decode(tokens) && finishReason !== "stop") text = this.decode(tokens);
+    return {
+      text, tokens, finishReason, promptTokens: ids.length,
+      ttftSeconds: ((tFirst ?? tEnd) - t0) / 1000,
+      decodeTokensPerSecond: tokens.length > 1 && tEnd > tFirst ? ((tokens.length - 1) * 1000) / (tEnd - tFirst) : 0,
+    };
+  }
+
+  /** The whole completion at once (see stream for the options and the result). */
+  async generate(prompt, options = {}) {
+    const it = this.stream(prompt, options);
+    for (;;) {
+      const { value, done } = await it.next();
+      if (done) return value;
+    }
+  }
+}

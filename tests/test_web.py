@@ -1,0 +1,211 @@
+"""The browser runtime (`qlora-rt web`): the page, run by onnxruntime-web in a real headless Chromium, gives
+`qlora-rt generate`'s greedy tokens for the base and for each adapter, switching adapters back and forth in
+one page without reloading the base.
+
+Needs Node.js, the npm packages of qlora_rt/web (`npm ci` there) and Chromium: scripts/setup.sh installs
+them, and a machine without them fails here with the command that installs them (never a skip)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import CORPUS, save_checkpoint, write_jsonl
+
+from qlora_rt.errors import QloraError
+from qlora_rt.runtime import Model
+from qlora_rt.runtime import graph_io as io
+from qlora_rt.runtime.web import WEB, build_site, make_server
+
+DRIVER = Path(__file__).parent / "web" / "drive.mjs"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+NEW = 12
+
+
+def _needs_browser() -> None:
+    missing = [what for what, ok in (("node", shutil.which("node")), (CHROMIUM, Path(CHROMIUM).is_file()),
+                                     ("qlora_rt/web/node_modules", (WEB / "node_modules" / "puppeteer-core").is_dir()))
+               if not ok]
+    if missing:
+        pytest.fail(f"the browser tests need {', '.join(missing)}: run `bash scripts/setup.sh` (it runs `npm ci` "
+                    "in qlora_rt/web and installs Debian's chromium)", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def web_export(tmp_path_factory):
+    """train's defaults (an int4 base) on a tiny Llama, exported adapter-aware with two adapters: `default` (r=4,
+    every Linear) and `qv` (r=8, q/v only), as a user would add a second one."""
+    from qlora_rt.cli import main
+    from qlora_rt.config import ExportConfig, TrainConfig
+    from qlora_rt.export.exporter import export
+    from qlora_rt.train.run import train
+
+    d = tmp_path_factory.mktemp("web")
+    ck = save_checkpoint(d / "tiny", seed=4)
+    runs = {}
+    for name, rank, targets, texts in (("default", 4, "all-linear", CORPUS[:5]),
+                                       ("qv", 8, "q_proj,v_proj", CORPUS[4:5])):
+        data = write_jsonl(d / f"{name}.jsonl", [{"text": texts[i % len(texts)]} for i in range(24)])
+        runs[name] = train(TrainConfig(model=str(ck), data=str(data), out=str(d / name), steps=8, rank=rank, lr=3e-2,
+                                       targets=targets, seed=rank, batch_size=2, seq_len=64, checkpoint_every=0,
+                                       eval_every=0)).adapter
+    export(ExportConfig(model=str(ck), adapter=str(runs["default"]), out=str(d / "onnx")))
+    assert main(["export-adapter", "--adapter", str(runs["qv"]), "--onnx", str(d / "onnx"), "--name", "qv"]) == 0
+    return d / "onnx"
+
+
+def run_page(site: Path, cases: list[dict], tmp_path: Path, timeout: float = 600) -> dict:
+    """Serve the site on a free port, drive it in headless Chromium, return the driver's JSON."""
+    _needs_browser()
+    server = make_server(site, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        spec = tmp_path / "cases.json"
+        spec.write_text(json.dumps({"cases": cases, "timeoutMs": int(timeout * 1000)}))
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        done = subprocess.run(["node", str(DRIVER), url, str(spec)], capture_output=True, text=True,
+                              timeout=timeout + 60, env={**os.environ, "CHROMIUM": CHROMIUM})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, f"the driver failed:\n{done.stderr[-3000:]}"
+    out = json.loads(done.stdout)
+    assert out["page"]["error"] is None, out
+    errors = [line for line in out["console"] if line.startswith(("error", "pageerror", "crash"))]
+    assert not errors, errors
+    return out
+
+
+def _ours(folder: Path, prompt: str, adapter: str | None, chat: bool = False, new: int = NEW):
+    m = Model(folder)
+    ids = m.encode(prompt, chat=chat)
+    return ids, m.generate_ids([ids], adapter=adapter, max_new_tokens=new)[0]
+
+
+def test_the_page_gives_generates_tokens_switching_adapters(web_export, tmp_path):
+    """Greedy tokens, text and prompt ids equal `qlora-rt generate`'s for the base and both adapters, in the
+    order base, default, qv, default, base (one page, one session: the adapters switch per request); the form's
+    Generate button gives the same; a seeded sampled reply repeats with its seed."""
+    site = build_site(web_export, tmp_path / "site")
+    order = [(None, "the quick brown", False), ("default", "the quick brown", False), ("qv", "the quick brown", False),
+             ("default", "hello world, how are you", True), (None, "hello world, how are you", True)]
+    cases = [{"api": {"prompt": p, "options": {"maxNewTokens": NEW, "adapter": a, "chat": c}}} for a, p, c in order]
+    cases.append({"ui": {"prompt": "what is the capital", "adapter": "qv", "chat": False, "maxNewTokens": NEW}})
+    sampled = {"maxNewTokens": NEW, "adapter": "default", "temperature": 0.9, "topP": 0.9, "topK": 50, "seed": 7}
+    cases += [{"api": {"prompt": "one two", "options": sampled}}] * 2
+    out = run_page(site, cases, tmp_path)
+    assert out["page"]["adapters"] == ["default", "qv"] and out["page"]["crossOriginIsolated"]
+    results = out["results"]
+    for (adapter, prompt, chat), got in zip(order, results):
+        ids, want = _ours(web_export, prompt, adapter, chat)
+        assert "error" not in got, got
+        assert got["promptIds"] == ids, (adapter, prompt)
+        assert (got["tokens"], got["text"]) == (want.tokens, want.text), (adapter, prompt)
+    by_adapter = {a: tuple(r["tokens"]) for (a, p, c), r in zip(order[:3], results)}
+    assert len(set(by_adapter.values())) == 3, "each adapter changes the tokens (else switching proves little)"
+    assert results[5]["tokens"] == _ours(web_export, "what is the capital", "qv")[1].tokens, results[5]
+    assert results[6]["tokens"] == results[7]["tokens"] and len(results[6]["tokens"]) > 0
+
+
+def test_the_page_stops_at_eos_and_stop_strings_and_says_bad_options_in_one_line(web_export, tmp_path):
+    site = build_site(web_export, tmp_path / "site")
+    ids, long = _ours(web_export, "the quick brown", "default", new=NEW)
+    stop = long.text[3:6]
+    cases = [{"api": {"prompt": "the quick brown", "options": {"maxNewTokens": NEW, "adapter": "default",
+                                                               "stop": [stop]}}},
+             {"api": {"prompt": "the quick brown", "options": {"adapter": "nope"}}},
+             {"api": {"prompt": "  ", "options": {}}},
+             {"api": {"prompt": "x", "options": {"temperature": -1}}},
+             {"api": {"prompt": "x", "options": {"ids": list(range(300))}}}]
+    r = run_page(site, cases, tmp_path)["results"]
+    want = Model(web_export).generate_ids([ids], adapter="default", max_new_tokens=NEW, stop=[stop])[0]
+    assert (r[0]["text"], r[0]["finishReason"]) == (want.text, "stop") == (long.text[: long.text.index(stop)], "stop")
+    assert r[1]["error"] == 'QloraError: no adapter named "nope" (available: default, qv)'
+    assert r[2]["error"] == "QloraError: the prompt is empty"
+    assert r[3]["error"].startswith("QloraError: temperature must be >= 0")
+    assert r[4]["error"] == "QloraError: the prompt is 300 tokens; this export's context is 256 tokens"
+
+
+def test_a_merged_export_runs_in_the_page(merged_export, tmp_path):
+    """A merged export (no adapters to choose): the page's tokens equal ours where the export's 4-bit products
+    take fp32 activations; an int8-activation export is said to differ on the web when the site is written."""
+    site = build_site(merged_export, tmp_path / "site")
+    assert json.loads((site / "model" / "adapters.json").read_text()) == []
+    out = run_page(site, [{"api": {"prompt": "the capital of", "options": {"maxNewTokens": NEW}}}], tmp_path)
+    ids, want = _ours(merged_export, "the capital of", None)
+    if Model(merged_export).meta.int4_activations != "int8":
+        assert out["results"][0]["tokens"] == want.tokens
+    else:
+        assert len(out["results"][0]["tokens"]) == NEW
+
+
+def test_the_site_is_plain_files_with_the_export_beside_the_page(web_export, tmp_path, capsys):
+    from qlora_rt.cli import main
+
+    assert main(["web", str(web_export), "--out", str(tmp_path / "site")]) == 0
+    site = tmp_path / "site"
+    page = (site / "index.html").read_text()
+    imports = json.loads(re.search(r'<script type="importmap">(.*?)</script>', page).group(1))["imports"]
+    assert set(imports) == {"onnxruntime-web", "@huggingface/tokenizers", "@huggingface/jinja"}
+    assert all((site / path).is_file() for path in imports.values()), "every import resolves to a file of the site"
+    assert (site / "vendor" / "onnxruntime-web" / "ort-wasm-simd-threaded.wasm").stat().st_size > 1e6
+    assert {p.name for p in (site / "model" / "adapters").iterdir()} == {"default.onnx_adapter", "qv.onnx_adapter"}
+    assert (site / "model" / "model.onnx").read_bytes() == (web_export / "model.onnx").read_bytes()
+    assert main(["web", str(web_export), "--out", str(site)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["web", str(web_export), "--out", str(site), "--overwrite"]) == 0
+    assert main(["web", str(web_export), "--out", str(web_export.parent), "--overwrite"]) == 2
+    assert "not written by `qlora-rt web`" in capsys.readouterr().err, "never replaces a folder it did not write"
+
+
+def test_the_site_refuses_what_the_page_could_not_run(web_export, encoder_export, tmp_path):
+    with pytest.raises(QloraError, match=r"encoder \(classify\) export; `qlora-rt web` runs decoders"):
+        build_site(encoder_export, tmp_path / "a")
+    with pytest.raises(QloraError, match=r"needs the npm package onnxruntime-web 1\.31\.1, not found in .*npm ci"):
+        build_site(web_export, tmp_path / "b", node_modules=str(tmp_path))
+    broken = shutil.copytree(web_export, tmp_path / "broken")
+    (broken / "adapters" / "bad.onnx_adapter").write_bytes(b"not an adapter")
+    with pytest.raises(QloraError, match="bad.onnx_adapter is not a readable .onnx_adapter file"):
+        build_site(broken, tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_the_browser_runtime_names_the_graph_io_as_the_python_runtime_does():
+    source = (WEB / "qlora-rt.mjs").read_text()
+    names = json.loads(re.search(r"export const IO = (\{.*?\});", source, re.S).group(1))
+    assert names == {"input_ids": io.INPUT_IDS, "attention_mask": io.ATTENTION_MASK, "position_ids": io.POSITION_IDS,
+                     "logits": io.LOGITS, "logits_to_keep": io.LOGITS_TO_KEEP, "past_key": io.PAST_KEY,
+                     "past_value": io.PAST_VALUE, "present_key": io.PRESENT_KEY, "present_value": io.PRESENT_VALUE}
+    pinned = json.loads((WEB / "package.json").read_text())["dependencies"]
+    lock = json.loads((WEB / "package-lock.json").read_text())["packages"]
+    assert all(lock[f"node_modules/{name}"]["version"] == v for name, v in pinned.items()), "the lockfile pins them"
+
+
+@pytest.mark.slow
+def test_the_page_gives_generates_tokens_on_smollm2(tmp_path):
+    """The bundled SmolLM2-135M, trained a few steps with the defaults and exported adapter-aware: the page's
+    greedy chat replies equal `qlora-rt generate`'s with and without the adapter (int4 products with fp32
+    activations: onnxruntime-web's wasm kernels give the native ones' tokens)."""
+    from qlora_rt.config import ExportConfig, TrainConfig
+    from qlora_rt.export.exporter import export
+    from qlora_rt.train.run import train
+
+    data = Path(__file__).resolve().parents[1] / "examples" / "data" / "dates-train.jsonl"
+    adapter = train(TrainConfig(model="smollm2-135m", data=str(data), out=str(tmp_path / "run"), steps=6,
+                                batch_size=2, seq_len=128, lr=2e-3, eval_every=0, checkpoint_every=0)).adapter
+    folder = tmp_path / "onnx"
+    export(ExportConfig(model="smollm2-135m", adapter=str(adapter), out=str(folder)))
+    site = build_site(folder, tmp_path / "site")
+    order = [(a, p) for p in ("Rewrite 4 July 2047 as ISO 8601.", "What is the capital of France?")
+             for a in ("default", None)]
+    out = run_page(site, [{"api": {"prompt": p, "options": {"maxNewTokens": 24, "adapter": a, "chat": True}}}
+                          for a, p in order], tmp_path)
+    for (adapter, prompt), got in zip(order, out["results"]):
+        ids, want = _ours(folder, prompt, adapter, chat=True, new=24)
+        assert (got["promptIds"], got["tokens"]) == (ids, want.tokens), (adapter, prompt)
