@@ -3,7 +3,8 @@ written (docs/devices.md):
 
     genai_config.json       onnxruntime-genai (phones, desktop apps): the graph's I/O names, its sizes, and
                             search defaults from the model's generation config
-    config.json             Hugging Face's model config: Optimum's ORTModelForCausalLM, transformers.js
+    config.json             Hugging Face's model config: Optimum's ORTModelForCausalLM, transformers.js (with
+                            its "transformers.js_config": the weights file, fp32)
     tokenizer_config.json   a tokenizer class that transformers 4.x and 5.x know (qlora_rt.merge.save_tokenizer)
     model.ort               with --ort-format: onnxruntime's ORT format (ORT Mobile, minimal builds), and
     model.required_operators.config, the operators a minimal build must include
@@ -71,9 +72,19 @@ def genai_config(meta: Manifest, gen, bos_token_id: int | None) -> dict:
     }
 
 
+def transformers_js_config(meta: Manifest) -> dict:
+    """config.json's "transformers.js_config": the graph's weights file, which a browser cannot find by itself
+    (transformers.js names it `model.onnx_data`), and the cache's precision."""
+    data = [name for name in meta.external_data if name.startswith("model.onnx")]
+    return {"use_external_data_format": {"model.onnx": len(data)} if data == ["model.onnx_data"] else {},
+            "kv_cache_dtype": "float32", "dtype": "fp32"}
+
+
 def write_device_files(folder: Path, meta: Manifest, model: torch.nn.Module, tokenizer) -> None:
     """config.json and genai_config.json (the tokenizer files are `save_tokenizer`'s)."""
-    hf_config(model).save_pretrained(folder)
+    config = hf_config(model)
+    config.update({"transformers.js_config": transformers_js_config(meta)})
+    config.save_pretrained(folder)
     write_json(folder / GENAI_CONFIG, genai_config(meta, model.generation_config, tokenizer.bos_token_id))
 
 

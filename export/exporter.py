@@ -1,6 +1,6 @@
 """`qlora-rt export`: the trained model as a self-contained, self-checked ONNX folder.
 
-    OUT/model.onnx (+ model.onnx.data)   the graph: a decoder (decoder_graph.py) or an encoder (encoder_graph.py)
+    OUT/model.onnx (+ model.onnx_data)   the graph: a decoder (decoder_graph.py) or an encoder (encoder_graph.py)
     OUT/tokenizer.json, ...              the tokenizer (decoders: chat template, generation_config.json)
     OUT/qlora_rt_export.json             the manifest: family, task, I/O, dimensions, the LoRA inputs
     OUT/adapters/NAME.onnx_adapter       adapter-aware exports: one file per adapter
@@ -43,7 +43,7 @@ TOLERANCE = {"fp32": 1e-3, "nf4": 1e-3, "int4": 1e-3}  # max |dlogit| of the exp
 # fp16 weights round every weight (relative 2^-11): at 135M that moves a logit by up to ~0.07 while the next-token
 # distributions stay the same, so fp16 is judged by its distributions, held to far stricter limits than int4's
 FP16_LIMITS = (1e-3, 0.98)  # mean KL at most, top-1 agreement at least
-WEIGHTS_FILE = "model.onnx.data"
+WEIGHTS_FILE = "model.onnx_data"  # the name Optimum and transformers.js look for
 
 
 class Family(Protocol):

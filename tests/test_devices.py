@@ -140,7 +140,7 @@ def test_ort_format_is_written_checked_and_takes_the_adapter(int4_export, tmp_pa
 
     folder = tmp_path / "onnx"
     folder.mkdir()
-    for name in ("model.onnx", "model.onnx.data"):
+    for name in ("model.onnx", "model.onnx_data"):
         (folder / name).write_bytes((int4_export / name).read_bytes())
     adapter = int4_export / "adapters" / "default.onnx_adapter"
     assert write_ort_format(folder, adapter) <= 1e-4
@@ -164,3 +164,26 @@ def test_an_onnxruntime_older_than_the_export_needs_is_one_line(int4_export, tmp
     (folder / "qlora_rt_export.json").write_text(json.dumps({**meta, "min_onnxruntime": "99.0.0"}))
     with pytest.raises(QloraError, match=r"needs onnxruntime >= 99\.0\.0; this is .*pip install -U"):
         Model(folder)
+
+
+@pytest.mark.parametrize("which", ["merged", "adapter-aware base"])
+def test_transformers_js_loads_the_export_and_gives_our_tokens(which, merged_export, int4_export, tmp_path):
+    """transformers.js in Node (its onnxruntime-node), loaded as docs/devices.md says: its tokenizer's ids and its
+    greedy tokens equal ours (transformers.js has no adapter API: merged exports, or an adapter-aware one's base)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    folder = merged_export if which == "merged" else int4_export
+    spec = tmp_path / "prompts.json"
+    spec.write_text(json.dumps(PROMPTS))
+    script = Path(__file__).parent / "web" / "transformers_js.mjs"
+    done = subprocess.run(["node", str(script), str(folder), str(spec), str(NEW)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "NODE_NO_WARNINGS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    eos = set(Model(folder).meta.eos_token_ids)
+    ids, ours = _ours(folder, None)
+    for got, x, want in zip(json.loads(done.stdout), ids, ours):
+        assert got["ids"] == x
+        tokens = got["tokens"][: next((i for i, t in enumerate(got["tokens"]) if t in eos), len(got["tokens"]))]
+        assert tokens == want[: len(tokens)] and (len(tokens) == NEW or want[len(tokens)] in eos), (got, want)

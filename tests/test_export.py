@@ -70,11 +70,11 @@ def test_export_errors(tiny_llama, tiny_runs, tmp_path, capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
     good = tmp_path / "good"
     export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(good)))
-    before = (good / "model.onnx.data").read_bytes()
+    before = (good / "model.onnx_data").read_bytes()
     with pytest.raises(QloraError, match="exceeds --tolerance"):
         export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["b"]), out=str(good), overwrite=True,
                             tolerance=0.0, weights="fp16"))
-    assert (good / "model.onnx.data").read_bytes() == before  # the failed export replaced nothing
+    assert (good / "model.onnx_data").read_bytes() == before  # the failed export replaced nothing
     merged = tmp_path / "merged"
     export(ExportConfig(model=str(tiny_llama), adapter=str(adapters["a"]), out=str(merged), mode="merged"))
     assert main(["export-adapter", "--adapter", str(adapters["b"]), "--onnx", str(merged), "--name", "b"]) == 2
@@ -184,12 +184,12 @@ def test_a_damaged_export_folder_is_one_line(tiny_runs, tiny_export, tmp_path):
     from qlora_rt.runtime import Model
 
     bad = shutil.copytree(tiny_export, tmp_path / "bad")
-    data = bad / "model.onnx.data"
+    data = bad / "model.onnx_data"
     data.write_bytes(data.read_bytes()[:1000])
-    with pytest.raises(QloraError, match=r"model.onnx.data is 1,000 bytes; the export wrote [\d,]+: it was cut short"):
+    with pytest.raises(QloraError, match=r"model.onnx_data is 1,000 bytes; the export wrote [\d,]+: it was cut short"):
         Model(bad)
     data.unlink()
-    with pytest.raises(QloraError, match=r"has no model.onnx.data \(the model's weights, [\d,]+ bytes\)"):
+    with pytest.raises(QloraError, match=r"has no model.onnx_data \(the model's weights, [\d,]+ bytes\)"):
         Model(bad)
     meta = json.loads((tiny_export / "qlora_rt_export.json").read_text())
     del meta["external_data"]  # an export made before the size was recorded: onnxruntime's own error, in one line

@@ -103,7 +103,7 @@ def test_a_written_folder_follows_the_umask(tmp_path, umask, mode):
 def test_sigterm_while_writing_leaves_no_temporary_folder(tmp_path):
     code = ("import sys, time; from pathlib import Path; from qlora_rt.files import atomic_dir\n"
             "with atomic_dir(Path(sys.argv[1]) / 'out') as tmp:\n"
-            "    (tmp / 'model.onnx.data').write_bytes(b'x' * 1000); print('writing', flush=True); time.sleep(60)\n")
+            "    (tmp / 'model.onnx_data').write_bytes(b'x' * 1000); print('writing', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert proc.stdout.readline().strip() == "writing"

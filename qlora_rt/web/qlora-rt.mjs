@@ -193,7 +193,8 @@ export class Model {
    * a character is incomplete), and returns { text, tokens, finishReason, promptTokens, ttftSeconds,
    * decodeTokensPerSecond }.
    * options: chat, system, adapter (a name; null = the base), maxNewTokens (128), temperature (0 = greedy),
-   * topK (0 = off), topP (1), seed, stop (strings), ids (token ids instead of a prompt), signal (an AbortSignal).
+   * topK (0 = off), topP (1), seed, stop (strings), ids (token ids instead of a prompt), signal (an AbortSignal),
+   * ignoreEos (decode exactly maxNewTokens: benchmarks).
    */
   async *stream(prompt, options = {}) {
     const { chat = false, system = null, adapter = null, maxNewTokens = 128, stop = [], seed = null, signal } = options;
@@ -233,7 +234,7 @@ export class Model {
         done += input.length;
         input = [token];
         tFirst ??= performance.now();
-        if (this.eos.has(token)) { finishReason = "eos"; break; }
+        if (this.eos.has(token) && !options.ignoreEos) { finishReason = "eos"; break; }
         tokens.push(token);
         let full = this.decode(tokens);
         let stopped = false;
