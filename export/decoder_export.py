@@ -92,7 +92,7 @@ class DecoderFamily:
 
     def save_files(self, folder: Path, meta: Manifest) -> None:
         tokenizer = self.trained.loaded.tokenizer
-        save_tokenizer(tokenizer, folder)
+        save_tokenizer(tokenizer, folder, [io.INPUT_IDS, io.ATTENTION_MASK])
         if self.model.generation_config is not None:
             self.model.generation_config.save_pretrained(folder)
         write_device_files(folder, meta, self.model, tokenizer)

@@ -128,16 +128,19 @@ def hf_config(model: torch.nn.Module):
     return config_obj
 
 
-def save_tokenizer(tokenizer, folder: Path) -> None:
+def save_tokenizer(tokenizer, folder: Path, input_names: list[str] | None = None) -> None:
     """The tokenizer's files, naming a class that transformers 4.x and 5.x (and transformers.js) all load:
-    5.x writes `TokenizersBackend`, which 4.x does not know; the tokenizer itself is tokenizer.json."""
+    5.x writes `TokenizersBackend`, which 4.x does not know; the tokenizer itself is tokenizer.json. The
+    generic class returns token_type_ids unless told otherwise, which a decoder's `generate` refuses: the
+    inputs it returns are `input_names` (default: the tokenizer's own)."""
     tokenizer.save_pretrained(folder)
     path = Path(folder) / "tokenizer_config.json"
     if path.exists():
         config = json.loads(path.read_text(encoding="utf-8"))
         if config.get("tokenizer_class") in (None, "TokenizersBackend"):
             config["tokenizer_class"] = TOKENIZER_CLASS
-            write_json(path, config)
+        config["model_input_names"] = list(input_names or tokenizer.model_input_names)
+        write_json(path, config)
 
 
 def save_merged(model: torch.nn.Module, tokenizer, out: str | Path, overwrite: bool = False,

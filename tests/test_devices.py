@@ -123,6 +123,7 @@ def test_hugging_face_loaders_read_the_folder(int4_export):
     assert json.loads((int4_export / "tokenizer_config.json").read_text())["tokenizer_class"] == \
         "PreTrainedTokenizerFast", "a class transformers 4.x knows too"
     tok = AutoTokenizer.from_pretrained(int4_export)
+    assert set(tok(PROMPTS[1])) == {"input_ids", "attention_mask"}, "what the graph takes: generate() refuses more"
     assert tok.encode(PROMPTS[1], add_special_tokens=False) == Model(int4_export).tokenizer.encode(
         PROMPTS[1], add_special_tokens=False).ids
     assert GenerationConfig.from_pretrained(int4_export).eos_token_id is not None
@@ -184,6 +185,48 @@ def test_transformers_js_loads_the_export_and_gives_our_tokens(which, merged_exp
     eos = set(Model(folder).meta.eos_token_ids)
     ids, ours = _ours(folder, None)
     for got, x, want in zip(json.loads(done.stdout), ids, ours):
+        assert got["ids"] == x
+        tokens = got["tokens"][: next((i for i, t in enumerate(got["tokens"]) if t in eos), len(got["tokens"]))]
+        assert tokens == want[: len(tokens)] and (len(tokens) == NEW or want[len(tokens)] in eos), (got, want)
+
+
+OPTIMUM = ["torch==2.13.0", "transformers==4.57.*", "optimum==2.1.*", "optimum-onnx==0.1.*", "onnxruntime"]
+OPTIMUM_RUN = """
+import json, sys
+import onnxruntime as ort
+from optimum.onnxruntime import ORTModelForCausalLM
+from transformers import AutoTokenizer
+folder, prompts, new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+opts = ort.SessionOptions()
+opts.log_severity_level = 3
+tok = AutoTokenizer.from_pretrained(folder)
+model = ORTModelForCausalLM.from_pretrained(folder, session_options=opts)
+out = []
+for p in prompts:
+    enc = tok(p, add_special_tokens=False, return_tensors="pt")
+    seq = model.generate(**enc, max_new_tokens=new, do_sample=False)
+    out.append({"ids": enc.input_ids[0].tolist(), "tokens": seq[0, enc.input_ids.shape[1]:].tolist()})
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_optimum_loads_the_export_and_gives_our_tokens(int4_export, tmp_path):
+    """Optimum's ORTModelForCausalLM with transformers 4.57 (its own venv: this one has transformers 5), loaded
+    as docs/devices.md says: its tokenizer's ids and greedy tokens equal ours (the adapter-aware export's base)."""
+    import subprocess
+    import sys
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", *OPTIMUM], check=True)
+    done = subprocess.run([py, "-c", OPTIMUM_RUN, str(int4_export), json.dumps(PROMPTS), str(NEW)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    eos = set(Model(int4_export).meta.eos_token_ids)
+    ids, ours = _ours(int4_export, None)
+    for got, x, want in zip(json.loads(done.stdout.strip().splitlines()[-1]), ids, ours):
         assert got["ids"] == x
         tokens = got["tokens"][: next((i for i, t in enumerate(got["tokens"]) if t in eos), len(got["tokens"]))]
         assert tokens == want[: len(tokens)] and (len(tokens) == NEW or want[len(tokens)] in eos), (got, want)
