@@ -36,10 +36,14 @@ def _verbs(decoder: Path, encoder: Path, work: Path) -> list[tuple[list[str], st
         (["classify", str(encoder), "--text", "good great", "--text", "awful poor"], None),
         (["classify", str(encoder), "--input", str(texts), "--output", str(work / "labels.jsonl")], None),
         (["classify", str(encoder), "--input", str(texts)], None),
+        # the site's page and runtime are package data: an installed package writes them too
+        (["web", str(decoder), "--out", str(work / "site"), "--node-modules", str(REPO / "qlora_rt" / "web" /
+                                                                                 "node_modules")], None),
     ]
 
 
 def _check_outputs(work: Path) -> None:
+    assert all((work / "site" / name).is_file() for name in ("index.html", "qlora-rt.mjs", "model/model.onnx"))
     lines = [json.loads(line) for line in (work / "labels.jsonl").read_text().splitlines()]
     assert len(lines) == len(TEXTS) and all(set(p["probs"]) == {"negative", "positive"} for p in lines)
     assert all(abs(sum(p["probs"].values()) - 1) < 1e-5 for p in lines)
