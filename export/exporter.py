@@ -27,7 +27,7 @@ from qlora_rt.files import atomic_dir, check_out, write_json
 from qlora_rt.runtime.manifest import FORMAT, Manifest
 from qlora_rt.runtime.manifest import NAME as META
 from qlora_rt.train.report import table
-from qlora_rt.trained import TrainedModel, open_trained
+from qlora_rt.trained import TrainedModel, base_config, open_trained
 
 from .calibration import calibration_data
 from .decoder_export import DecoderFamily
@@ -141,6 +141,12 @@ def export(cfg: ExportConfig, trained: TrainedModel | None = None) -> dict:
     cfg.check()
     check_out(cfg.out, cfg.overwrite, META, FORMAT, "export", reads=(cfg.adapter, cfg.model, cfg.calibration))
     t0 = time.perf_counter()
+    if trained is None:  # what the adapter's files say is checked before the model loads (minutes on a big one)
+        base, _ = base_config(cfg.model, cfg.adapter, cfg.quant, cfg.int4_compute)
+        if cfg.weights == "nf4" and base.format not in ("nf4", "fp4"):
+            what = "the adapter's base" if cfg.adapter else "a bare base (without --quant)"
+            raise QloraError(f"--weights nf4 needs a base trained in nf4 or fp4, and {what} is {base.format}: use "
+                             "--weights auto (its own format) or int4|fp16|fp32")
     if trained is None or cfg.int4_compute not in (None, trained.quant.int4_compute):
         trained = open_trained(cfg.model, cfg.adapter, cfg.quant, int4_compute=cfg.int4_compute)
     if cfg.weights == "auto":  # the trained base's own format where onnxruntime runs it exactly and fast

@@ -34,6 +34,23 @@ def open_trained(model_path: str | Path, adapter: str | Path | None = None, quan
     takes `train`'s default format (`bare_base`). `int4_compute` computes an int4 base's products another
     way than it was trained (the same bytes; int8 activations emulated as training with them does).
     """
+    cfg, meta = base_config(model_path, adapter, quant_format, int4_compute)
+    labels = labels_of(meta, read_head(adapter), Path(adapter)) if adapter else None
+    if not adapter and family(model_path) == "encoder":
+        labels = ["LABEL_0", "LABEL_1"]  # a bare base: a placeholder head (an adapter-aware export takes each's)
+    loaded = load(model_path, lazy=True, labels=labels)
+    quantize_model(loaded.model, cfg, torch.device(device), loaded.gguf, tensors=loaded.tensors)
+    info = load_adapter(loaded.model, adapter, loaded.fingerprint) if adapter else None
+    if "base.residual" in meta:  # PiSSA/LoftQ: the run's residual base replaces quantize(W)
+        load_residual(loaded.model, Path(adapter) / RESIDUAL, cfg, torch.device(device), meta["base.residual"],
+                      loaded.fingerprint)
+    return TrainedModel(loaded, cfg, info)
+
+
+def base_config(model_path: str | Path, adapter: str | Path | None = None, quant_format: str | None = None,
+                int4_compute: str | None = None) -> tuple[QuantConfig, dict[str, str]]:
+    """The base's 4-bit configuration (see open_trained) and the adapter's metadata, read from the adapter's
+    files alone: what can be checked before a model loads."""
     config, meta = read_adapter(adapter) if adapter else ({}, {})
     if adapter:
         check_own_base(adapter, config, meta)
@@ -48,16 +65,7 @@ def open_trained(model_path: str | Path, adapter: str | Path | None = None, quan
             raise QloraError(f"--int4-compute {int4_compute}: the base was trained as {cfg.format}; only an int4 "
                              "base's products have a compute type to choose")
         cfg = replace(cfg, int4_compute=int4_compute)
-    labels = labels_of(meta, read_head(adapter), Path(adapter)) if adapter else None
-    if not adapter and family(model_path) == "encoder":
-        labels = ["LABEL_0", "LABEL_1"]  # a bare base: a placeholder head (an adapter-aware export takes each's)
-    loaded = load(model_path, lazy=True, labels=labels)
-    quantize_model(loaded.model, cfg, torch.device(device), loaded.gguf, tensors=loaded.tensors)
-    info = load_adapter(loaded.model, adapter, loaded.fingerprint) if adapter else None
-    if "base.residual" in meta:  # PiSSA/LoftQ: the run's residual base replaces quantize(W)
-        load_residual(loaded.model, Path(adapter) / RESIDUAL, cfg, torch.device(device), meta["base.residual"],
-                      loaded.fingerprint)
-    return TrainedModel(loaded, cfg, info)
+    return cfg, meta
 
 
 def bare_base(model_path: str | Path) -> QuantConfig:

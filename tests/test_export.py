@@ -415,3 +415,21 @@ def test_gptq_statistics_a_layer_at_a_time_equal_one_whole_forward(tiny_llama, t
     lazy.names.add(order[0])  # asked for again once the hidden states have passed its layer
     with pytest.raises(QloraError, match="after its layer was calibrated"):
         lazy.get(order[0])
+
+
+def test_weights_nf4_for_an_int4_base_is_refused_before_the_model_loads(tiny_llama, tiny_runs, tmp_path, monkeypatch):
+    """What the adapter's files (or a bare base's default) say is checked before open_trained loads the model."""
+    import qlora_rt.export.exporter as exporter
+    from qlora_rt.config import ExportConfig
+    from qlora_rt.errors import QloraError
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(exporter, "open_trained", never)
+    with pytest.raises(QloraError, match=r"needs a base trained in nf4 or fp4, and a bare base .* is int4: use"):
+        exporter.export(ExportConfig(model=str(tiny_llama), out=str(tmp_path / "a"), weights="nf4"))
+    with pytest.raises(AssertionError, match="loaded before"):  # an nf4-trained adapter passes the check
+        exporter.export(ExportConfig(model=str(tiny_llama), adapter=str(tiny_runs[1]["a"]), out=str(tmp_path / "b"),
+                                     weights="nf4"))
+    assert not (tmp_path / "a").exists()
