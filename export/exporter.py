@@ -117,12 +117,19 @@ def judge(report: dict, cfg: ExportConfig, exact: bool, base: str = "int4") -> N
                          f"{_what_passes(cfg, base)}; {where}")
 
 
-def _calibrate(cfg: ExportConfig, family: Family, writer: LinearWriter) -> str:
+def _stage(t0: float, what: str) -> None:
+    """One progress line on stderr, as training prints its steps: an export of a large model takes minutes."""
+    print(f"export [{time.perf_counter() - t0:6.1f} s] {what}", file=sys.stderr, flush=True)
+
+
+def _calibrate(cfg: ExportConfig, family: Family, writer: LinearWriter, t0: float) -> str:
     """GPTQ statistics for what this export requantizes to int4; returns how it is rounded."""
     names = family.calibration_targets(writer)
     if not names or cfg.int4_rounding == "rtn":
         return "rtn"
     data = calibration_data(cfg)
+    if data is not None:
+        _stage(t0, f"GPTQ calibration of {len(names)} weights on {data.name}")
     if data is None:
         print("int4: no calibration data (--calibration, or a run.yaml beside the adapter): rounding to nearest",
               file=sys.stderr)
@@ -148,6 +155,7 @@ def export(cfg: ExportConfig, trained: TrainedModel | None = None) -> dict:
             raise QloraError(f"--weights nf4 needs a base trained in nf4 or fp4, and {what} is {base.format}: use "
                              "--weights auto (its own format) or int4|fp16|fp32")
     if trained is None or cfg.int4_compute not in (None, trained.quant.int4_compute):
+        _stage(t0, f"loading {cfg.model}" + (f" with {cfg.adapter}" if cfg.adapter else ""))
         trained = open_trained(cfg.model, cfg.adapter, cfg.quant, int4_compute=cfg.int4_compute)
     if cfg.weights == "auto":  # the trained base's own format where onnxruntime runs it exactly and fast
         cfg = replace(cfg, weights="int4" if trained.quant.format == "int4" else "fp32")
@@ -155,7 +163,8 @@ def export(cfg: ExportConfig, trained: TrainedModel | None = None) -> dict:
     with atomic_dir(cfg.out, overwrite=True) as tmp:
         g = Graph(family.name, data=tmp / WEIGHTS_FILE)  # weights go to disk as they are made
         writer = family.start(g)
-        rounding = _calibrate(cfg, family, writer)
+        rounding = _calibrate(cfg, family, writer, t0)
+        _stage(t0, f"building the {cfg.mode} graph ({cfg.weights} weights)")
         family.build(g, writer)
         g.save(tmp / "model.onnx", f"qlora-rt {__version__}")
         meta = family.manifest(writer)
@@ -168,9 +177,11 @@ def export(cfg: ExportConfig, trained: TrainedModel | None = None) -> dict:
             adapter_file = write_adapter(arrays, tmp / ADAPTER_DIR / f"{cfg.name}{SUFFIX}", meta)
         export_s = time.perf_counter() - t0
         exact = family.exact(writer)
+        _stage(t0, "checking the written folder against PyTorch")
         # an approximate export is judged by distributions, which its check computes on calibration examples
         report = family.check(tmp, meta, adapter_file, distributions=tolerance(cfg, exact) == float("inf"))
         if cfg.ort_format:
+            _stage(t0, "writing and checking model.ort")
             report["ort_format_max_abs_logit_diff"] = diff = write_ort_format(tmp, adapter_file)
             if diff > ORT_TOLERANCE:
                 raise QloraError(f"--ort-format: {ORT_MODEL} differs from model.onnx by {diff:.2e} in the logits "
