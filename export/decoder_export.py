@@ -22,7 +22,14 @@ from .decoder_graph import DecoderSpec, build_decoder
 from .devices import write_device_files
 from .graph import Graph
 from .verify import verify
-from .weight_writers import HeadWriter, LinearWriter, add_shared_tensors, head_format, trained_head
+from .weight_writers import (
+    HeadWriter,
+    LinearWriter,
+    add_shared_tensors,
+    head_format,
+    linear_writer,
+    trained_head,
+)
 
 MAX_ROPE_TABLE = 32768  # positions; longer contexts need a larger table (recorded as max_context)
 
@@ -53,7 +60,7 @@ class DecoderFamily:
         add_shared_tensors(g, model, self.max_context)
         # adapter-aware: LoRA inputs on the trained adapter's modules, or on every Linear for a bare base
         adapted = set(info.modules) if info else set(lora_layers(model))
-        writer = LinearWriter(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size, row_slots=True)
+        writer = linear_writer(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size, row_slots=True)
         approximate = cfg.weights == "int4" and (any(map(writer.requantizes, writer.layers)) or any(
             formats.format_of(m.weight).approximate_in_onnx(m.weight) for m in writer.layers.values()))
         self.head_kind = head_format(cfg.head, approximate, trained_head(model, cfg.weights))

@@ -26,7 +26,7 @@ from .encoder_graph import HeadWriter, add_shared_tensors, build_encoder, head_a
 from .graph import Graph
 from .onnx_adapters import SUFFIX, write_adapter
 from .verify import distribution_gap
-from .weight_writers import LinearWriter
+from .weight_writers import LinearWriter, linear_writer
 
 TEXTS = ["a wonderful, moving film", "the battery died after two days and support never answered",
          "it is fine", "Absolutely terrible. Would not buy again!", "ok", "great value for the price",
@@ -48,7 +48,7 @@ class EncoderFamily:
         cfg, info = self.cfg, self.trained.adapter
         add_shared_tensors(g, self.model, self.spec)
         adapted = set(info.modules) if info else set(lora_layers(self.model))
-        writer = LinearWriter(g, self.model, cfg.mode, cfg.weights, adapted, cfg.block_size)
+        writer = linear_writer(g, self.model, cfg.mode, cfg.weights, adapted, cfg.block_size)
         self.head = HeadWriter(g, self.model, self.spec, cfg.mode, self.labels)
         return writer
 

@@ -28,7 +28,6 @@ from . import int4_weights as int4
 from .graph import MS, Graph
 
 MODES = ("merged", "adapter-aware")
-WEIGHTS = ("fp32", "fp16", "int4", "nf4")
 INT4_ACCURACY = 4  # MatMulNBits computes with int8-quantized activations: the fast CPU path
 
 
@@ -42,17 +41,28 @@ def lora_arrays(A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[np.ndar
             (B.detach().float() * scale).T.contiguous().numpy())
 
 
+def linear_writer(g: Graph, model: torch.nn.Module, mode: str, weights: str, adapted: set[str],
+                  block_size: int | None = None, hessians: dict[str, torch.Tensor] | None = None,
+                  row_slots: bool = False) -> LinearWriter:
+    """The LinearWriter of one --weights (WRITERS) for one --mode."""
+    if mode not in MODES or weights not in WRITERS:
+        raise QloraError(f"--mode {mode} --weights {weights}: not supported; modes {', '.join(MODES)}, "
+                         f"weights {', '.join(WRITERS)}")
+    return WRITERS[weights](g, model, mode, adapted, block_size, hessians, row_slots)
+
+
 class LinearWriter:
     """Called as `lin(name, x)` by the graph builder, or `lin.many(names, x)` for Linears sharing their
-    input; emits their nodes and returns the outputs."""
+    input; emits their nodes and returns the outputs. What is the same for every weight format lives here:
+    the adapter folded in (merged) or the LoRA inputs (adapter-aware), biases, splitting a shared product.
+    Each --weights is a subclass (WRITERS) that writes the products themselves (`products`)."""
 
-    def __init__(self, g: Graph, model: torch.nn.Module, mode: str, weights: str, adapted: set[str],
+    weights: str = ""  # the --weights this class writes
+
+    def __init__(self, g: Graph, model: torch.nn.Module, mode: str, adapted: set[str],
                  block_size: int | None = None, hessians: dict[str, torch.Tensor] | None = None,
                  row_slots: bool = False) -> None:
-        if mode not in MODES or weights not in WEIGHTS:
-            raise QloraError(f"--mode {mode} --weights {weights}: not supported; modes {', '.join(MODES)}, "
-                             f"weights {', '.join(WEIGHTS)}")
-        self.g, self.mode, self.weights, self.block_size = g, mode, weights, block_size
+        self.g, self.mode, self.block_size = g, mode, block_size
         self.requant_err: list[float] = []  # int4: relative Frobenius error of each requantized weight
         self.requant_blocks: set[int] = set()  # ... and the block sizes they were rounded in
         self.layers = lora_layers(model)
@@ -64,108 +74,13 @@ class LinearWriter:
         self.row_slots = row_slots  # adapter-aware decoders: each batch row may take its own adapter (_lora)
         self.accuracy_levels: set[int] = set()  # of the MatMulNBits written (HeadWriter adds the head's)
 
-    def _weight(self, name: str, w: torch.Tensor) -> str:
-        """A (out, in) fp32 weight stored as (in, out) for MatMul, in the chosen float format."""
-        wt = w.detach().T.contiguous().numpy()
-        if self.weights == "fp16":
-            return self.g.op("Cast", [self.g.init(f"{name}.weight_fp16", wt.astype(np.float16))], to=1)
-        return self.g.init(f"{name}.weight", wt)
-
-    def _nbits(self, name: str) -> tuple[dict[str, np.ndarray], int4.Int4, int]:
-        """One Linear's MatMulNBits inputs, int4 state and accuracy level: the trained int4 bytes as they
-        are, or the (merged) float weight requantized (GPTQ where calibration gave an H)."""
-        if not self.requantizes(name):
-            packed, s = self._trained_nbits(name)
-            return int4.nbits_inputs(packed, s), s, {"int8": 4, "fp32": 0}[s.compute]
-        w = self._float_weight(name)
-        inputs, s, err = int4.requantize(w, self.requant_block(name), self.hessians.pop(name, None))
-        self.requant_err.append(err)
-        return inputs, s, INT4_ACCURACY
-
-    def requant_block(self, name: str) -> int:
-        """The block a requantized weight is rounded in: --block-size, else 32, or twice the base's block where
-        the base is int4 on an integer grid (its own grid would round a merged weight back onto the base)."""
-        own = self._trained_nbits(name)
-        block = self.block_size or (min(2 * own.state.block, 256) if own and own.state.mins is None else 32)
-        self.requant_blocks.add(block)
-        return block
-
-    def _fusable(self, names: list[str]) -> bool:
-        """Whether these Linears' int4 products can be one MatMulNBits: same K, block, accuracy, inputs."""
-        kinds = set()
-        for n in names:
-            s = None if self.requantizes(n) else self._trained_nbits(n).state
-            kinds.add((s.K, s.block, s.compute, s.zeros is None, s.mins is None) if s else ("requantized",))
-        return len(kinds) == 1
-
-    def _int4(self, names: list[str], x: str) -> list[str]:
-        """MatMulNBits for Linears that read the same x (q/k/v, gate/up): one node over their stacked rows
-        when their formats agree (fewer, larger products), else one node each."""
-        parts = [self._nbits(n) for n in names]
-        if len(names) > 1 and self._fusable(names):
-            axis = {"correction": 1}  # (kb, N); every other input has N first
-            inputs = {k: np.concatenate([i[k] for i, _, _ in parts], axis=axis.get(k, 0)) for k in parts[0][0]}
-            return [self._emit_nbits(group_name(names), x, inputs, parts[0][1], parts[0][2])]
-        return [self._emit_nbits(n, x, i, s, acc) for n, (i, s, acc) in zip(names, parts)]
-
-    def _emit_nbits(self, name: str, x: str, inputs: dict[str, np.ndarray], s: int4.Int4, accuracy: int) -> str:
-        g = self.g
-        self.accuracy_levels.add(accuracy)
-        y = matmul_nbits(g, name, x, inputs, s.K, 4, s.block, accuracy)
-        if "correction" in inputs:  # GGUF Q4_1: + (block sums of x) @ (8·scale + min)
-            y = g.op("Gemm", [self._block_sums(x, s), g.init(f"{name}.correction", inputs["correction"]), y])
-        return y
-
-    def _block_sums(self, x: str, s) -> str:
-        """(rows, K) -> (rows, k_blocks), once per input (q/k/v and gate/up share theirs)."""
-        key = (x, s.block)
-        if key not in self._sums:
-            g = self.g
-            blocks = g.op("Reshape", [x, g.const([0, -1, s.block])])  # (rows, kb, block)
-            self._sums[key] = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)
-        return self._sums[key]
-
-    def _nf4(self, names: list[str], x: str) -> list[str]:
-        """MatMulBnb4 over the trained NF4/FP4 bytes; Linears whose blocks do not straddle their ends (each
-        weight a whole number of blocks) are one node over the concatenated bytes, which is the same thing."""
-        parts = [self._trained_bnb4(n) for n in names]
-        first = parts[0]
-        whole = all(p.packed.numel() * 2 % p.block == 0 and (p.quant_type, p.block) == (first.quant_type, first.block)
-                    for p in parts)
-        groups = [names] if whole else [[n] for n in names]
-        part = dict(zip(names, parts))
-        out, g = [], self.g
-        for group in groups:
-            packed = np.concatenate([part[n].packed.numpy() for n in group])
-            absmax = np.concatenate([part[n].absmax.numpy() for n in group])
-            name = group_name(group)
-            out.append(g.op("MatMulBnb4", [x, g.init(f"{name}.qweight", packed), g.init(f"{name}.absmax", absmax)],
-                            domain=MS, K=self.layers[group[0]].in_features,
-                            N=sum(self.layers[n].out_features for n in group), block_size=first.block,
-                            quant_type=first.quant_type))
-        return out
-
-    def _float(self, names: list[str], x: str) -> list[str]:
-        """One fp32/fp16 MatMul over the Linears' weights side by side (in, Σout)."""
-        w = torch.cat([self._float_weight(n) for n in names])  # (Σout, in)
-        return [self.g.op("MatMul", [x, self._weight(group_name(names), w)])]
-
-    def _trained_nbits(self, name: str) -> formats.NBitsBytes | None:
-        """The trained base's own MatMulNBits form (its format has one: the int4 format), or None."""
-        w = self.layers[name].weight
-        return formats.format_of(w).nbits(w)
-
-    def _trained_bnb4(self, name: str) -> formats.Bnb4Bytes:
-        w = self.layers[name].weight
-        found = formats.format_of(w).bnb4(w)
-        if found is None:
-            raise QloraError(f"--weights nf4 needs a base trained in nf4 or fp4 ({name} is "
-                             f"{formats.format_of(w).describe(w)})")
-        return found
+    def products(self, names: list[str], x: str) -> list[str]:
+        """x times each Linear's base weight: one output per Linear, or one over all of them side by side."""
+        raise NotImplementedError
 
     def requantizes(self, name: str) -> bool:
-        """Whether this Linear's int4 weight is rounded here rather than copied from training."""
-        return self.weights == "int4" and not (self.mode == "adapter-aware" and self._trained_nbits(name) is not None)
+        """Whether this Linear's weight is rounded to int4 here rather than copied from training."""
+        return False
 
     def _float_weight(self, name: str) -> torch.Tensor:
         """The base as trained, in fp32, with the adapter folded in when merging."""
@@ -182,12 +97,7 @@ class LinearWriter:
         """The outputs of Linears that all read `x` (q/k/v, gate/up), each with its bias and (adapter-aware)
         LoRA added. They are computed as one product where the format allows, and their LoRA pairs as one
         pair (`_lora`). packed=True returns that product's (rows, Σout) output whole instead of split."""
-        if self.weights == "int4":
-            ys = self._int4(names, x)
-        elif self.weights == "nf4":
-            ys = self._nf4(names, x)
-        else:
-            ys = self._float(names, x)
+        ys = self.products(names, x)
         sizes = [self.layers[n].out_features for n in names]
         bias = self._bias(names)
         lora = None
@@ -280,6 +190,140 @@ class LinearWriter:
         self.g.init(name, np.zeros([0 if isinstance(d, str) else d for d in (rows, cols)], np.float32))
         self.g.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [rows, cols]))
         self.lora_inputs[name] = [None if isinstance(d, str) else d for d in (rows, cols)]
+
+
+class FloatWriter(LinearWriter):
+    """--weights fp32: the trained base dequantized (and the adapter folded in, merged) as MatMul weights."""
+
+    weights = "fp32"
+
+    def products(self, names: list[str], x: str) -> list[str]:
+        """One fp32/fp16 MatMul over the Linears' weights side by side (in, Σout)."""
+        w = torch.cat([self._float_weight(n) for n in names])  # (Σout, in)
+        return [self.g.op("MatMul", [x, self._weight(group_name(names), w)])]
+
+    def _weight(self, name: str, w: torch.Tensor) -> str:
+        """A (out, in) fp32 weight stored as (in, out) for MatMul."""
+        return self.g.init(f"{name}.weight", w.detach().T.contiguous().numpy())
+
+
+class Fp16Writer(FloatWriter):
+    """--weights fp16: as fp32, stored in half the bytes."""
+
+    weights = "fp16"
+
+    def _weight(self, name: str, w: torch.Tensor) -> str:
+        """Stored in fp16 (half the bytes), cast to fp32 once at session load."""
+        wt = w.detach().T.contiguous().numpy().astype(np.float16)
+        return self.g.op("Cast", [self.g.init(f"{name}.weight_fp16", wt)], to=1)
+
+
+class Int4Writer(LinearWriter):
+    """--weights int4: MatMulNBits. An adapter-aware export of an int4-trained base copies the trained bytes
+    (exact); anything else is requantized here (GPTQ where calibration gave an H, `hessians`)."""
+
+    weights = "int4"
+
+    def products(self, names: list[str], x: str) -> list[str]:
+        """MatMulNBits for Linears that read the same x (q/k/v, gate/up): one node over their stacked rows
+        when their formats agree (fewer, larger products), else one node each."""
+        parts = [self._nbits(n) for n in names]
+        if len(names) > 1 and self._fusable(names):
+            axis = {"correction": 1}  # (kb, N); every other input has N first
+            inputs = {k: np.concatenate([i[k] for i, _, _ in parts], axis=axis.get(k, 0)) for k in parts[0][0]}
+            return [self._emit_nbits(group_name(names), x, inputs, parts[0][1], parts[0][2])]
+        return [self._emit_nbits(n, x, i, s, acc) for n, (i, s, acc) in zip(names, parts)]
+
+    def _nbits(self, name: str) -> tuple[dict[str, np.ndarray], int4.Int4, int]:
+        """One Linear's MatMulNBits inputs, int4 state and accuracy level: the trained int4 bytes as they
+        are, or the (merged) float weight requantized (GPTQ where calibration gave an H)."""
+        if not self.requantizes(name):
+            packed, s = self._trained_nbits(name)
+            return int4.nbits_inputs(packed, s), s, {"int8": 4, "fp32": 0}[s.compute]
+        w = self._float_weight(name)
+        inputs, s, err = int4.requantize(w, self.requant_block(name), self.hessians.pop(name, None))
+        self.requant_err.append(err)
+        return inputs, s, INT4_ACCURACY
+
+    def requant_block(self, name: str) -> int:
+        """The block a requantized weight is rounded in: --block-size, else 32, or twice the base's block where
+        the base is int4 on an integer grid (its own grid would round a merged weight back onto the base)."""
+        own = self._trained_nbits(name)
+        block = self.block_size or (min(2 * own.state.block, 256) if own and own.state.mins is None else 32)
+        self.requant_blocks.add(block)
+        return block
+
+    def _fusable(self, names: list[str]) -> bool:
+        """Whether these Linears' int4 products can be one MatMulNBits: same K, block, accuracy, inputs."""
+        kinds = set()
+        for n in names:
+            s = None if self.requantizes(n) else self._trained_nbits(n).state
+            kinds.add((s.K, s.block, s.compute, s.zeros is None, s.mins is None) if s else ("requantized",))
+        return len(kinds) == 1
+
+    def _emit_nbits(self, name: str, x: str, inputs: dict[str, np.ndarray], s: int4.Int4, accuracy: int) -> str:
+        g = self.g
+        self.accuracy_levels.add(accuracy)
+        y = matmul_nbits(g, name, x, inputs, s.K, 4, s.block, accuracy)
+        if "correction" in inputs:  # GGUF Q4_1: + (block sums of x) @ (8·scale + min)
+            y = g.op("Gemm", [self._block_sums(x, s), g.init(f"{name}.correction", inputs["correction"]), y])
+        return y
+
+    def _block_sums(self, x: str, s) -> str:
+        """(rows, K) -> (rows, k_blocks), once per input (q/k/v and gate/up share theirs)."""
+        key = (x, s.block)
+        if key not in self._sums:
+            g = self.g
+            blocks = g.op("Reshape", [x, g.const([0, -1, s.block])])  # (rows, kb, block)
+            self._sums[key] = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)
+        return self._sums[key]
+
+    def _trained_nbits(self, name: str) -> formats.NBitsBytes | None:
+        """The trained base's own MatMulNBits form (its format has one: the int4 format), or None."""
+        w = self.layers[name].weight
+        return formats.format_of(w).nbits(w)
+
+    def requantizes(self, name: str) -> bool:
+        """Whether this Linear's int4 weight is rounded here rather than copied from training."""
+        return not (self.mode == "adapter-aware" and self._trained_nbits(name) is not None)
+
+
+class Nf4Writer(LinearWriter):
+    """--weights nf4: MatMulBnb4 over the trained NF4/FP4 bytes (adapter-aware only; a merged weight is no
+    longer the trained base)."""
+
+    weights = "nf4"
+
+    def products(self, names: list[str], x: str) -> list[str]:
+        """MatMulBnb4 over the trained NF4/FP4 bytes; Linears whose blocks do not straddle their ends (each
+        weight a whole number of blocks) are one node over the concatenated bytes, which is the same thing."""
+        parts = [self._trained_bnb4(n) for n in names]
+        first = parts[0]
+        whole = all(p.packed.numel() * 2 % p.block == 0 and (p.quant_type, p.block) == (first.quant_type, first.block)
+                    for p in parts)
+        groups = [names] if whole else [[n] for n in names]
+        part = dict(zip(names, parts))
+        out, g = [], self.g
+        for group in groups:
+            packed = np.concatenate([part[n].packed.numpy() for n in group])
+            absmax = np.concatenate([part[n].absmax.numpy() for n in group])
+            name = group_name(group)
+            out.append(g.op("MatMulBnb4", [x, g.init(f"{name}.qweight", packed), g.init(f"{name}.absmax", absmax)],
+                            domain=MS, K=self.layers[group[0]].in_features,
+                            N=sum(self.layers[n].out_features for n in group), block_size=first.block,
+                            quant_type=first.quant_type))
+        return out
+
+    def _trained_bnb4(self, name: str) -> formats.Bnb4Bytes:
+        w = self.layers[name].weight
+        found = formats.format_of(w).bnb4(w)
+        if found is None:
+            raise QloraError(f"--weights nf4 needs a base trained in nf4 or fp4 ({name} is "
+                             f"{formats.format_of(w).describe(w)})")
+        return found
+
+
+WRITERS: dict[str, type[LinearWriter]] = {c.weights: c for c in (FloatWriter, Fp16Writer, Int4Writer, Nf4Writer)}
 
 
 def group_lora(pairs: dict[str, tuple[np.ndarray, np.ndarray]], groups: dict[str, list],

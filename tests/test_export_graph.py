@@ -9,7 +9,7 @@ from conftest import make_model
 from qlora_rt.base import formats
 from qlora_rt.export.decoder_graph import DecoderSpec, build_decoder
 from qlora_rt.export.graph import Graph
-from qlora_rt.export.weight_writers import HeadWriter, LinearWriter, add_shared_tensors, group_lora, lora_arrays
+from qlora_rt.export.weight_writers import HeadWriter, add_shared_tensors, group_lora, linear_writer, lora_arrays
 from qlora_rt.lora.layers import LoraConfig, add_adapters, lora_layers, quantize_model
 
 
@@ -30,7 +30,7 @@ def session(m, names, mode, weights="fp32"):
                        c.head_dim, c.vocab_size, c.rms_norm_eps, c.model_type == "qwen3")
     g = Graph()
     add_shared_tensors(g, m, 256)
-    writer = LinearWriter(g, m, mode, weights, set(names))
+    writer = linear_writer(g, m, mode, weights, set(names))
     build_decoder(spec, g, writer, HeadWriter(g, m, weights))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # the LoRA inputs' rank-0 defaults are initializers on purpose
