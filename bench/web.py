@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_web import run_page  # noqa: E402  (the tests' driver: serves the site, runs headless Chromium)
+from test_web import SOFTWARE_WEBGPU, run_page  # noqa: E402  (the tests' driver: serves the site, runs Chromium)
 
 from qlora_rt.runtime import Model  # noqa: E402
 from qlora_rt.runtime.web import build_site  # noqa: E402
@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", choices=("wasm", "webgpu"), default="wasm",
+                    help="webgpu: Chromium's software adapter (SwiftShader) where there is no GPU: tokens, not speed")
     args = ap.parse_args()
     ours = Model(args.export)
     ids = ours.tokenizer.encode(TEXT * 20, add_special_tokens=False).ids[: args.prompt_tokens]
@@ -42,7 +44,8 @@ def main() -> None:
         cases = [{"api": {"prompt": None, "options": {"ids": ids, "adapter": name, "maxNewTokens": args.new,
                                                       "ignoreEos": True}}}
                  for _ in range(args.repeats) for name in names]
-        out = run_page(site, cases, Path(tmp), timeout=1800)
+        extra = {"chromiumArgs": SOFTWARE_WEBGPU, "query": "?device=webgpu"} if args.device == "webgpu" else {}
+        out = run_page(site, cases, Path(tmp), timeout=1800, **extra)
     page = out["page"]
     print(f"page: loaded in {page['loadSeconds']:.2f} s ({page['pageSeconds']:.2f} s to ready), "
           f"cross-origin isolated: {page['crossOriginIsolated']}; {page['status']}")
@@ -53,7 +56,8 @@ def main() -> None:
               for _ in range(args.repeats)]
         equal = all(r["tokens"] == py[0].tokens for r in web)
         for label, tps, ttft in (
-                ("onnxruntime-web (wasm)", [r["decodeTokensPerSecond"] for r in web], [r["ttftSeconds"] for r in web]),
+                (f"onnxruntime-web ({page['device']})", [r["decodeTokensPerSecond"] for r in web],
+                 [r["ttftSeconds"] for r in web]),
                 ("qlora-rt (native)", [c.decode_tokens_per_s for c in py], [c.ttft_s for c in py])):
             print(f"{label:<22}{name or 'base':<10}{statistics.median(tps):>13.1f}{statistics.median(ttft):>15.2f}"
                   f"  {equal}")

@@ -60,14 +60,20 @@ def web_export(tmp_path_factory):
     return d / "onnx"
 
 
-def run_page(site: Path, cases: list[dict], tmp_path: Path, timeout: float = 600) -> dict:
-    """Serve the site on a free port, drive it in headless Chromium, return the driver's JSON."""
+# Chromium's software Vulkan (SwiftShader) as a WebGPU adapter: the WebGPU path runs here without a GPU
+SOFTWARE_WEBGPU = ["--enable-unsafe-webgpu", "--enable-features=Vulkan", "--use-angle=swiftshader",
+                   "--use-webgpu-adapter=swiftshader"]
+
+
+def run_page(site: Path, cases: list[dict], tmp_path: Path, timeout: float = 600, **options) -> dict:
+    """Serve the site on a free port, drive it in headless Chromium, return the driver's JSON.
+    options: chromiumArgs, query (tests/web/drive.mjs)."""
     _needs_browser()
     server = make_server(site, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         spec = tmp_path / "cases.json"
-        spec.write_text(json.dumps({"cases": cases, "timeoutMs": int(timeout * 1000)}))
+        spec.write_text(json.dumps({"cases": cases, "timeoutMs": int(timeout * 1000), **options}))
         url = f"http://127.0.0.1:{server.server_address[1]}/"
         done = subprocess.run(["node", str(DRIVER), url, str(spec)], capture_output=True, text=True,
                               timeout=timeout + 60, env={**os.environ, "CHROMIUM": CHROMIUM})
@@ -101,6 +107,7 @@ def test_the_page_gives_generates_tokens_switching_adapters(web_export, tmp_path
     cases += [{"api": {"prompt": "one two", "options": sampled}}] * 2
     out = run_page(site, cases, tmp_path)
     assert out["page"]["adapters"] == ["default", "qv"] and out["page"]["crossOriginIsolated"]
+    assert out["page"]["device"] == "wasm", "no WebGPU adapter in this headless Chromium: the CPU build"
     results = out["results"]
     for (adapter, prompt, chat), got in zip(order, results):
         ids, want = _ours(web_export, prompt, adapter, chat)
@@ -111,6 +118,18 @@ def test_the_page_gives_generates_tokens_switching_adapters(web_export, tmp_path
     assert len(set(by_adapter.values())) == 3, "each adapter changes the tokens (else switching proves little)"
     assert results[5]["tokens"] == _ours(web_export, "what is the capital", "qv")[1].tokens, results[5]
     assert results[6]["tokens"] == results[7]["tokens"] and len(results[6]["tokens"]) > 0
+
+
+def test_the_page_on_webgpu_gives_the_same_tokens(web_export, tmp_path):
+    """The WebGPU build (software Vulkan here, a GPU on a device): greedy tokens equal `qlora-rt generate`'s for
+    the base and both adapters, switched back and forth."""
+    site = build_site(web_export, tmp_path / "site")
+    order = [None, "default", "qv", "default", None]
+    cases = [{"api": {"prompt": "the quick brown", "options": {"maxNewTokens": NEW, "adapter": a}}} for a in order]
+    out = run_page(site, cases, tmp_path, chromiumArgs=SOFTWARE_WEBGPU, query="?device=webgpu")
+    assert out["page"]["device"] == "webgpu", out["page"]
+    for adapter, got in zip(order, out["results"]):
+        assert got.get("tokens") == _ours(web_export, "the quick brown", adapter)[1].tokens, (adapter, got)
 
 
 def test_the_page_stops_at_eos_and_stop_strings_and_says_bad_options_in_one_line(web_export, tmp_path):
@@ -152,7 +171,8 @@ def test_the_site_is_plain_files_with_the_export_beside_the_page(web_export, tmp
     site = tmp_path / "site"
     page = (site / "index.html").read_text()
     imports = json.loads(re.search(r'<script type="importmap">(.*?)</script>', page).group(1))["imports"]
-    assert set(imports) == {"onnxruntime-web", "@huggingface/tokenizers", "@huggingface/jinja"}
+    assert set(imports) == {"onnxruntime-web", "onnxruntime-web/webgpu", "@huggingface/tokenizers",
+                            "@huggingface/jinja"}
     assert all((site / path).is_file() for path in imports.values()), "every import resolves to a file of the site"
     assert (site / "vendor" / "onnxruntime-web" / "ort-wasm-simd-threaded.wasm").stat().st_size > 1e6
     assert {p.name for p in (site / "model" / "adapters").iterdir()} == {"default.onnx_adapter", "qv.onnx_adapter"}

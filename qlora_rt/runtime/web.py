@@ -1,7 +1,7 @@
 """`qlora-rt web EXPORT --out SITE`: a static site that runs a decoder export in the visitor's browser.
 
 The site is plain files: the page (index.html, app.mjs), the browser runtime (qlora-rt.mjs: onnxruntime-web
-with ort.LoraAdapter, tokenizers.js, jinja), those three npm packages' browser builds under vendor/, and
+with ort.LoraAdapter, on WebGPU or wasm; tokenizers.js, jinja), those npm packages' browser builds under vendor/, and
 the export under model/ (its adapters checked as `generate` checks them). Any static host serves it; the
 host computes nothing. `--serve` serves it here, with the two headers that let onnxruntime-web use several
 threads (cross-origin isolation). Torch-free.
@@ -26,12 +26,15 @@ from qlora_rt.runtime.session import ADAPTER_DIR, ADAPTER_SUFFIX, adapter_names,
 WEB = Path(__file__).resolve().parents[1] / "web"  # the page, the runtime module, package.json + lockfile
 PAGE = ("index.html", "app.mjs", "qlora-rt.mjs")
 SITE, SITE_FORMAT = "qlora_rt_site.json", "qlora-rt-web"
-# each npm package: the files the browser loads, and the one the import map names
+# each npm package: the files the browser loads, and the import names the import map gives them (onnxruntime-web:
+# the wasm build, and the WebGPU one, whose wasm part is the asyncify build)
 VENDOR = {
-    "onnxruntime-web": ("dist", ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"),
-                        "ort.wasm.min.mjs"),
-    "@huggingface/tokenizers": ("dist", ("tokenizers.min.mjs",), "tokenizers.min.mjs"),
-    "@huggingface/jinja": ("dist", ("index.js",), "index.js"),
+    "onnxruntime-web": ("dist", ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
+                                 "ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs",
+                                 "ort-wasm-simd-threaded.asyncify.wasm"),
+                        {"onnxruntime-web": "ort.wasm.min.mjs", "onnxruntime-web/webgpu": "ort.webgpu.min.mjs"}),
+    "@huggingface/tokenizers": ("dist", ("tokenizers.min.mjs",), {"@huggingface/tokenizers": "tokenizers.min.mjs"}),
+    "@huggingface/jinja": ("dist", ("index.js",), {"@huggingface/jinja": "index.js"}),
 }
 # what the page fetches from an export besides model.onnx, its external data and adapters
 MODEL_FILES = ("qlora_rt_export.json", "tokenizer.json", "tokenizer_config.json")
@@ -87,12 +90,12 @@ def build_site(export: str | Path, out: str | Path, node_modules: str | None = N
     with atomic_dir(out) as tmp:
         for name in PAGE:
             shutil.copyfile(WEB / name, tmp / name)
-        for package, (sub, files, entry) in VENDOR.items():
+        for package, (sub, files, entries) in VENDOR.items():
             short = package.split("/")[-1]
             (tmp / "vendor" / short).mkdir(parents=True)
             for f in files:
                 shutil.copyfile(modules / package / sub / f, tmp / "vendor" / short / f)
-            imports[package] = f"./vendor/{short}/{entry}"
+            imports.update({name: f"./vendor/{short}/{entry}" for name, entry in entries.items()})
         page = (tmp / "index.html").read_text()
         marker = '<script type="importmap">{"imports": {}}</script>'
         (tmp / "index.html").write_text(page.replace(marker, '<script type="importmap">' +

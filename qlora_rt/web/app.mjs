@@ -1,14 +1,16 @@
 // The page: loads the export under ./model/ and streams completions into #output. window.qlora holds the
 // loaded Model for scripts (and tests) that drive it directly.
-import { Model, ort } from "./qlora-rt.mjs";
+import { Model } from "./qlora-rt.mjs";
 
 const $ = (id) => document.getElementById(id);
 const status = (text, error = false) => { $("status").textContent = text; $("status").className = error ? "error" : ""; };
 window.qlora = { ready: false, error: null };
 
 async function main() {
-  ort.env.wasm.numThreads = crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
-  const model = await Model.load("./model/", { onProgress: (stage) => status(`loading ${stage}…`) });
+  // ?device=webgpu|wasm picks the backend (default: WebGPU where the browser has an adapter)
+  const device = new URLSearchParams(location.search).get("device") ?? "auto";
+  const threads = crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
+  const model = await Model.load("./model/", { device, threads, onProgress: (stage) => status(`loading ${stage}…`) });
   Object.assign(window.qlora, { model, ready: true });
   $("model-name").textContent = model.meta.base_model.split("/").pop();
   for (const name of model.adapterNames) $("adapter").add(new Option(name, name));
@@ -16,7 +18,8 @@ async function main() {
   $("chat").checked = model.template !== null;
   $("chat").disabled = model.template === null;
   status(`ready: ${model.meta.mode} export, loaded in ${model.loadSeconds.toFixed(1)} s ` +
-         `(onnxruntime-web ${ort.env.versions.web}, ${ort.env.wasm.numThreads} thread(s))`);
+         `(onnxruntime-web ${model.ort.env.versions.web}, ${model.device}` +
+         `${model.device === "wasm" ? `, ${model.ort.env.wasm.numThreads} thread(s)` : ""})`);
   $("generate").disabled = false;
   let controller = null;
   $("cancel").onclick = () => controller?.abort();

@@ -8,12 +8,11 @@
 //     out.textContent += piece.text;
 //   const { text, tokens } = await model.generate("Hello", { maxNewTokens: 32 });    // greedy, the base
 //
-// The three imports are bare names: the page maps them to files (`qlora-rt web` writes that import map).
-import * as ort from "onnxruntime-web";
+// The imports are bare names: the page maps them to files (`qlora-rt web` writes that import map).
+// onnxruntime-web comes in two builds, loaded when a model is: "onnxruntime-web" (wasm, the CPU) and
+// "onnxruntime-web/webgpu" (WebGPU, with the CPU for what WebGPU does not run).
 import { Tokenizer } from "@huggingface/tokenizers";
 import { Template } from "@huggingface/jinja";
-
-export { ort };
 
 // The graph's input, output and dimension names: the same as qlora_rt/runtime/graph_io.py (a test compares).
 export const IO = {
@@ -46,7 +45,21 @@ async function fetchOk(url, what, fetchFn) {
   return response;
 }
 
-const int64 = (values, dims) => new ort.Tensor("int64", BigInt64Array.from(values, BigInt), dims);
+/** "webgpu" where the browser offers a WebGPU adapter, else "wasm". */
+export async function bestDevice() {
+  try {
+    return (await globalThis.navigator?.gpu?.requestAdapter()) ? "webgpu" : "wasm";
+  } catch {
+    return "wasm";
+  }
+}
+
+/** The onnxruntime-web build for a device ("wasm" or "webgpu"), imported once. */
+export async function runtime(device) {
+  if (device === "webgpu") return import("onnxruntime-web/webgpu");
+  if (device === "wasm") return import("onnxruntime-web");
+  throw new QloraError(`device must be "auto", "webgpu" or "wasm", got ${JSON.stringify(device)}`);
+}
 
 /** A seeded generator of floats in [0, 1) (mulberry32): the same seed gives the same sampled tokens. */
 function randomFrom(seed) {
@@ -100,9 +113,11 @@ export class Model {
   /**
    * Load an export folder served at `url` (ending in "/"): its manifest, tokenizer, chat template and
    * model.onnx with its external data, into an onnxruntime-web session.
-   * options: executionProviders (["wasm"]), onProgress(stage, detail), fetch (a fetch function).
+   * options: device ("auto": WebGPU where the browser has an adapter, else "wasm"; or "webgpu" | "wasm"),
+   * threads (wasm threads: 0 = onnxruntime-web's choice; more than 1 needs a cross-origin isolated page),
+   * onProgress(stage, detail), fetch (a fetch function).
    */
-  static async load(url, { executionProviders = ["wasm"], onProgress = () => {}, fetch: fetchFn = fetch } = {}) {
+  static async load(url, { device = "auto", threads = 0, onProgress = () => {}, fetch: fetchFn = fetch } = {}) {
     const base = new URL(url, globalThis.location?.href);
     if (!base.pathname.endsWith("/")) base.pathname += "/";
     const at = (name) => new URL(name, base).href;
@@ -122,19 +137,25 @@ export class Model {
     let template = await fetchFn(at("chat_template.jinja")).then((r) => (r.ok ? r.text() : null), () => null);
     template ??= typeof tokenizerConfig.chat_template === "string" ? tokenizerConfig.chat_template : null;
     const adapters = await fetchFn(at("adapters.json")).then((r) => (r.ok ? r.json() : []), () => []);
+    if (device === "auto") device = await bestDevice();
+    const ort = await runtime(device);
+    if (threads > 0) ort.env.wasm.numThreads = threads;
     onProgress("model", at("model.onnx"));
     const modelBytes = new Uint8Array(await (await fetchOk(at("model.onnx"), "the model", fetchFn)).arrayBuffer());
     const externalData = Object.keys(meta.external_data ?? {}).map((path) => ({ path, data: at(path) }));
+    // The cache comes back to the CPU after each step, on WebGPU too: onnxruntime-web refuses LoRA adapters in
+    // a session whose outputs stay on the GPU ("preferredOutputLocation").
     let session;
     try {
       session = await ort.InferenceSession.create(modelBytes, {
-        executionProviders, externalData, graphOptimizationLevel: "all", logSeverityLevel: 3,
+        executionProviders: [device], externalData, graphOptimizationLevel: "all", logSeverityLevel: 3,
       });
     } catch (e) {
-      throw new QloraError(`${at("model.onnx")}: onnxruntime-web cannot load it (${String(e.message ?? e).split("\n")[0]})`);
+      throw new QloraError(`${at("model.onnx")}: onnxruntime-web (${device}) cannot load it (${String(e.message ?? e).split("\n")[0]})`);
     }
     const model = new Model(base.href, meta, session, new Tokenizer(tokenizerJson, tokenizerConfig), tokenizerConfig,
                             template, adapters, fetchFn);
+    Object.assign(model, { ort, device });
     model.loadSeconds = (performance.now() - t0) / 1000;
     onProgress("ready", model.loadSeconds);
     return model;
@@ -161,7 +182,7 @@ export class Model {
       const url = new URL(name.endsWith(ADAPTER_SUFFIX) ? name : `adapters/${name}${ADAPTER_SUFFIX}`, this.url).href;
       const loading = fetchOk(url, "the adapter", this.fetchFn)
         .then((r) => r.arrayBuffer())
-        .then((bytes) => ort.LoraAdapter.create(new Uint8Array(bytes)))
+        .then((bytes) => this.ort.LoraAdapter.create(new Uint8Array(bytes)))
         .catch((e) => {
           this._adapters.delete(name);
           throw e instanceof QloraError ? e : new QloraError(`${url}: not a readable .onnx_adapter file (${e.message ?? e})`);
@@ -209,7 +230,9 @@ export class Model {
     const { layers, kv_heads: kvHeads, head_dim: headDim, vocab } = this.meta;
     const names = [];
     for (let i = 0; i < layers; i++) names.push(IO.past_key.replace("%d", i), IO.past_value.replace("%d", i));
-    let past = Object.fromEntries(names.map((n) => [n, new ort.Tensor("float32", new Float32Array(0), [1, kvHeads, 0, headDim])]));
+    const { Tensor } = this.ort;
+    const int64 = (values, dims) => new Tensor("int64", BigInt64Array.from(values, BigInt), dims);
+    let past = Object.fromEntries(names.map((n) => [n, new Tensor("float32", new Float32Array(0), [1, kvHeads, 0, headDim])]));
     const tokens = [];
     let text = "", finishReason = "length", input = ids, done = 0;
     const t0 = performance.now();
@@ -226,7 +249,7 @@ export class Model {
         const out = await this.session.run(feeds, runOptions);
         const logits = out[IO.logits];
         const rows = logits.dims[1];
-        const last = logits.data.subarray((rows - 1) * vocab, rows * vocab);
+        const last = (await logits.getData()).subarray((rows - 1) * vocab, rows * vocab);
         const token = pick(last, options, random);
         logits.dispose();
         for (const t of Object.values(past)) t.dispose();

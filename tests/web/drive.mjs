@@ -13,7 +13,8 @@ import { fileURLToPath } from "node:url";
 const web = process.env.QLORA_RT_WEB ?? join(dirname(fileURLToPath(import.meta.url)), "..", "..", "qlora_rt", "web");
 const puppeteer = createRequire(join(web, "package.json"))("puppeteer-core");
 const [url, casesFile] = process.argv.slice(2);
-const { cases, timeoutMs = 600000 } = JSON.parse(readFileSync(casesFile, "utf8"));
+// chromiumArgs: more flags (e.g. a software WebGPU adapter); query: appended to the URL (e.g. "?device=webgpu")
+const { cases, timeoutMs = 600000, chromiumArgs = [], query = "" } = JSON.parse(readFileSync(casesFile, "utf8"));
 const profile = mkdtempSync(join(tmpdir(), "qlora-rt-chromium-"));
 const browser = await puppeteer.launch({
   executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
@@ -21,8 +22,9 @@ const browser = await puppeteer.launch({
   protocolTimeout: timeoutMs,
   userDataDir: profile,
   // as root in a container Chromium needs --no-sandbox; the rest keep it off this machine's closed network
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"],
+  args: ["--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+         ...(chromiumArgs.length ? chromiumArgs : ["--disable-gpu"])],
 });
 const consoleLines = [];
 
@@ -43,12 +45,12 @@ try {
   if (process.env.QLORA_RT_WEB_DEBUG) page.on("framenavigated", (f) => process.stderr.write(`navigated: ${f.url()}\n`));
   if (process.env.QLORA_RT_WEB_DEBUG) page.on("console", (m) => process.stderr.write(`${m.type()}: ${m.text()}\n`));
   const t0 = Date.now();
-  await page.goto(url);
+  await page.goto(url + query);
   await until(page, () => window.qlora && (window.qlora.ready || window.qlora.error));
   const info = await page.evaluate(() => ({
     error: window.qlora.error, status: document.getElementById("status").textContent,
     loadSeconds: window.qlora.model?.loadSeconds, adapters: window.qlora.model?.adapterNames,
-    crossOriginIsolated: globalThis.crossOriginIsolated, webgpu: "gpu" in navigator,
+    crossOriginIsolated: globalThis.crossOriginIsolated, device: window.qlora.model?.device,
   }));
   info.pageSeconds = (Date.now() - t0) / 1000;
   const results = [];
