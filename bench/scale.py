@@ -11,6 +11,10 @@ same checkpoint in 4 bits (`from_pretrained(load_in_4bit=...)`, PEFT's path).
                                    export-merged-int4,export-merged-int4-gptq,decode-aware-int4,
                                    decode-merged-int4]
 
+The defaults' path (train and export with no format flags) and its alternatives:
+    --verbs train-defaults,train-int8,export-defaults-aware,export-defaults-aware-int8,export-defaults-merged,
+            decode-defaults-aware,decode-defaults-aware-int8,decode-defaults-merged
+
 train-whole is `train` as it was before lazy loading (the whole model read in fp32 first), for a
 same-run comparison. merge and export use the adapter the train verb wrote (random-init weights:
 the exports' parity figures mean nothing here, only their memory and time). decode-* load an
@@ -99,7 +103,22 @@ def text_data(work: Path) -> Path:
 def child(verb: str, folder: str, work: str) -> dict:
     """One verb in this process; returns its wall time (peak RSS is read by the parent)."""
     t0 = time.perf_counter()
-    if verb in ("train", "train-whole"):
+    if verb in ("train-defaults", "train-int8"):  # `train`'s defaults (an int4 base), or its products with int8
+        from qlora_rt.config import TrainConfig  # activations (--int4-compute int8)
+        from qlora_rt.train.run import train
+
+        train(TrainConfig(model=folder, data=str(text_data(Path(work).parent)), out=work, steps=2, batch_size=2,
+                          seq_len=64, rank=16, checkpoint_every=0, eval_every=0,
+                          int4_compute="int8" if verb == "train-int8" else "fp32"))
+    elif verb.startswith("export-defaults-"):  # `export`'s defaults on the train-defaults adapter: adapter-aware
+        from qlora_rt.config import ExportConfig  # (-aware), the same with int8 activations (-aware-int8), merged
+        from qlora_rt.export.exporter import export
+
+        kind = verb[len("export-defaults-"):]
+        export(ExportConfig(model=folder, adapter=str(Path(work).parent / "run-train-defaults" / "adapter"), out=work,
+                            mode="merged" if kind == "merged" else "adapter-aware",
+                            int4_compute="int8" if kind.endswith("int8") else None, max_kl=1e9, min_top1=0))
+    elif verb in ("train", "train-whole"):
         import qlora_rt.train.run as tr
         from qlora_rt.config import TrainConfig
         from qlora_rt.train.run import train
