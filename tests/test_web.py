@@ -141,9 +141,15 @@ def test_the_page_stops_at_eos_and_stop_strings_and_says_bad_options_in_one_line
              {"api": {"prompt": "the quick brown", "options": {"adapter": "nope"}}},
              {"api": {"prompt": "  ", "options": {}}},
              {"api": {"prompt": "x", "options": {"temperature": -1}}},
-             {"api": {"prompt": "x", "options": {"ids": list(range(300))}}}]
+             {"api": {"prompt": "x", "options": {"ids": list(range(300))}}},
+             {"api": {"prompt": "the quick brown", "stream": True,
+                      "options": {"maxNewTokens": NEW, "adapter": "default", "stop": [stop]}}},
+             {"api": {"prompt": "the quick brown", "stream": True, "options": {"maxNewTokens": NEW}}}]
     r = run_page(site, cases, tmp_path)["results"]
     want = Model(web_export).generate_ids([ids], adapter="default", max_new_tokens=NEW, stop=[stop])[0]
+    # streamed pieces add up to the reply (a stop string's start held back, never sent then taken back)
+    assert (r[5]["streamed"], r[5]["finishReason"]) == (want.text, "stop"), r[5]
+    assert r[6]["streamed"] == r[6]["text"] == _ours(web_export, "the quick brown", None)[1].text, r[6]
     assert (r[0]["text"], r[0]["finishReason"]) == (want.text, "stop") == (long.text[: long.text.index(stop)], "stop")
     assert r[1]["error"] == 'QloraError: no adapter named "nope" (available: default, qv)'
     assert r[2]["error"] == "QloraError: the prompt is empty"

@@ -100,6 +100,53 @@ export function pick(logits, { temperature = 0, topK = 0, topP = 1 } = {}, rando
   return order[order.length - 1];
 }
 
+/**
+ * A reply's text as its tokens arrive, decoded incrementally (as qlora_rt/runtime/decoder.py's Text): each token
+ * decodes a window from the previous token boundary, not the whole reply, and stop strings are looked for only
+ * where the new text could complete one.
+ */
+class Text {
+  constructor(decode, stops) {
+    Object.assign(this, { decode, stops: stops.filter(Boolean), tokens: [], done: "", pending: "", prefix: 0, read: 0 });
+    this.longest = Math.max(0, ...this.stops.map((s) => s.length));
+  }
+
+  get text() { return this.done + this.pending; }
+
+  /** Take one token; true when the text now holds a stop string (the text is then cut before it). */
+  add(token) {
+    const before = this.text.length;
+    this.tokens.push(token);
+    const head = this.decode(this.tokens.slice(this.prefix, this.read));
+    const tail = this.decode(this.tokens.slice(this.prefix));
+    if (tail.startsWith(head)) {
+      this.pending = tail.slice(head.length);
+    } else {  // the new token changed how earlier ones decode: decode it all again, once
+      Object.assign(this, { done: "", prefix: 0, read: 0, pending: this.decode(this.tokens) });
+    }
+    if (!this.pending.endsWith("\ufffd")) {  // whole characters: the next window starts here
+      if (this.pending) this.prefix = this.read;
+      Object.assign(this, { done: this.done + this.pending, pending: "", read: this.tokens.length });
+    }
+    const text = this.text, start = Math.max(0, before - this.longest + 1);
+    let cut = -1;
+    for (const s of this.stops) {
+      const at = text.indexOf(s, start);
+      if (at >= 0 && (cut < 0 || at < cut)) cut = at;
+    }
+    if (cut < 0) return false;
+    Object.assign(this, { done: text.slice(0, cut), pending: "" });
+    return true;
+  }
+}
+
+/** How many trailing characters of text could start a stop string (held back from a stream until known). */
+function heldBack(text, stops) {
+  let k = 0;
+  for (const s of stops) for (let j = 1; j < s.length; j++) if (text.endsWith(s.slice(0, j))) k = Math.max(k, j);
+  return k;
+}
+
 function checkSampling({ temperature = 0, topK = 0, topP = 1, maxNewTokens = 128 }) {
   if (!(temperature >= 0) || !Number.isFinite(temperature))
     throw new QloraError(`temperature must be >= 0 (0 = greedy), got ${temperature}`);
@@ -205,13 +252,14 @@ export class Model {
     return this.tokenizer.encode(prompt).ids;
   }
 
-  decode(tokens) {
-    return this.tokenizer.decode(tokens, { skip_special_tokens: true });
+  decode(tokens) {  // tokenizers.js refuses an empty list
+    return tokens.length ? this.tokenizer.decode(tokens, { skip_special_tokens: true }) : "";
   }
 
   /**
    * The completion as it is produced: yields { token, text } per token (text: what the token adds; empty while
-   * a character is incomplete), and returns { text, tokens, finishReason, promptTokens, ttftSeconds,
+   * a character is incomplete or the text may be starting a stop string; a last { token: null, text } releases
+   * what was held back when the reply ends at its end-of-text token), and returns { text, tokens, finishReason, promptTokens, ttftSeconds,
    * decodeTokensPerSecond }.
    * options: chat, system, adapter (a name; null = the base), maxNewTokens (128), temperature (0 = greedy),
    * topK (0 = off), topP (1), seed, stop (strings), ids (token ids instead of a prompt), signal (an AbortSignal),
@@ -234,7 +282,8 @@ export class Model {
     const int64 = (values, dims) => new Tensor("int64", BigInt64Array.from(values, BigInt), dims);
     let past = Object.fromEntries(names.map((n) => [n, new Tensor("float32", new Float32Array(0), [1, kvHeads, 0, headDim])]));
     const tokens = [];
-    let text = "", finishReason = "length", input = ids, done = 0;
+    const state = new Text((t) => this.decode(t), stop);
+    let sent = 0, finishReason = "length", input = ids, done = 0;
     const t0 = performance.now();
     let tFirst = null;
     try {
@@ -259,23 +308,21 @@ export class Model {
         tFirst ??= performance.now();
         if (this.eos.has(token) && !options.ignoreEos) { finishReason = "eos"; break; }
         tokens.push(token);
-        let full = this.decode(tokens);
-        let stopped = false;
-        for (const s of stop) {
-          const at = s ? full.indexOf(s) : -1;
-          if (at >= 0) { full = full.slice(0, at); stopped = true; }
+        const stopped = state.add(token);
+        let shown = state.text;
+        if (!stopped && step + 1 < steps) {  // hold back an incomplete character, or what may start a stop string
+          shown = shown.endsWith("\ufffd") ? shown.slice(0, sent) : shown.slice(0, shown.length - heldBack(shown, stop));
         }
-        if (full.endsWith("\ufffd") && !stopped) { yield { token, text: "" }; continue; }  // a character not yet whole
-        const piece = full.startsWith(text) ? full.slice(text.length) : full;
-        text = full;
-        yield { token, text: piece };
+        yield { token, text: shown.length > sent ? shown.slice(sent) : "" };
+        sent = Math.max(sent, shown.length);
         if (stopped) { finishReason = "stop"; break; }
       }
     } finally {
       for (const t of Object.values(past)) t.dispose();
     }
     const tEnd = performance.now();
-    if (text !== this.decode(tokens) && finishReason !== "stop") text = this.decode(tokens);
+    const text = finishReason === "stop" ? state.text : this.decode(tokens);
+    if (text.length > sent) yield { token: null, text: text.slice(sent) };
     return {
       text, tokens, finishReason, promptTokens: ids.length,
       ttftSeconds: ((tFirst ?? tEnd) - t0) / 1000,

@@ -58,9 +58,15 @@ try {
     for (const c of cases) {
       process.stderr.write(`case ${JSON.stringify(c)}\n`);
       if (c.api) {
-        results.push(await page.evaluate(async ({ prompt, options }) => {
+        results.push(await page.evaluate(async ({ prompt, options, stream }) => {
           try {
             const m = window.qlora.model;
+            if (stream) {  // the pieces as they come, joined: they must add up to the reply's text
+              const it = m.stream(prompt, options), pieces = [];
+              let step;
+              while (!(step = await it.next()).done) pieces.push(step.value.text);
+              return { ...step.value, streamed: pieces.join(""), pieces: pieces.length };
+            }
             const r = await m.generate(prompt, options);
             return { ...r, promptIds: options.ids ?? m.encode(prompt, options) };
           } catch (e) {
