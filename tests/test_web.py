@@ -190,6 +190,16 @@ def test_the_site_is_plain_files_with_the_export_beside_the_page(web_export, tmp
     assert "not written by `qlora-rt web`" in capsys.readouterr().err, "never replaces a folder it did not write"
 
 
+def test_a_model_too_large_for_wasm_is_said_when_the_site_is_written(web_export, tmp_path, monkeypatch, capsys):
+    import qlora_rt.runtime.web as web
+
+    build_site(web_export, tmp_path / "a")
+    assert "wasm" not in capsys.readouterr().err
+    monkeypatch.setattr(web, "WASM_MODEL_LIMIT", 1000)
+    build_site(web_export, tmp_path / "b")
+    assert "addresses 4 GB in all and will not load it: the page needs WebGPU" in capsys.readouterr().err
+
+
 def test_the_site_refuses_what_the_page_could_not_run(web_export, encoder_export, tmp_path):
     with pytest.raises(QloraError, match=r"encoder \(classify\) export; `qlora-rt web` runs decoders"):
         build_site(encoder_export, tmp_path / "a")

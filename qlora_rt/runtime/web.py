@@ -38,6 +38,8 @@ VENDOR = {
 }
 # what the page fetches from an export besides model.onnx, its external data and adapters
 MODEL_FILES = ("qlora_rt_export.json", "tokenizer.json", "tokenizer_config.json")
+# wasm32 addresses 4 GB, which the model's bytes, their copy in onnxruntime-web and its work buffers share
+WASM_MODEL_LIMIT = 2 * 2**30
 OPTIONAL_FILES = ("chat_template.jinja", "generation_config.json", "config.json")
 
 
@@ -109,6 +111,10 @@ def build_site(export: str | Path, out: str | Path, node_modules: str | None = N
         (model / "adapters.json").write_text(json.dumps(names))
         (tmp / SITE).write_text(json.dumps({"format": SITE_FORMAT, "export": str(export.resolve()),
                                             "mode": meta.mode, "adapters": names, "npm": versions}, indent=2))
+    size = sum((export / name).stat().st_size for name in ("model.onnx", *meta.external_data))
+    if size > WASM_MODEL_LIMIT:
+        print(f"note: {export}'s model is {size / 2**30:.1f} GiB; onnxruntime-web's wasm build (the CPU) addresses "
+              "4 GB in all and will not load it: the page needs WebGPU (docs/devices.md#browser)", file=sys.stderr)
     if meta.int4_activations == "int8":
         print(f"note: {export} computes its 4-bit products with int8 activations, which onnxruntime-web's wasm "
               "kernels round differently from the native ones: the page's tokens can part from `qlora-rt generate`'s "
