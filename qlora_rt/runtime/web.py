@@ -156,9 +156,12 @@ def make_server(site: str | Path, host: str = "127.0.0.1", port: int = 0):
             self.send_header("Cross-Origin-Resource-Policy", "same-origin")
             super().end_headers()
 
-        def log_message(self, format, *args):  # one line per failed request only
-            if args and str(args[1] if len(args) > 1 else "").startswith(("4", "5")):
-                super().log_message(format, *args)
+        def log_request(self, code="-", size="-"):  # one line per failed request only
+            if str(getattr(code, "value", code)).startswith(("4", "5")):
+                super().log_request(code, size)
+
+        def log_error(self, format, *args):  # its request's line says it
+            pass
 
     try:
         return ThreadingHTTPServer((host, port), functools.partial(Handler, directory=str(site)))

@@ -214,7 +214,6 @@ export class Model {
     this.specialTokens = Object.fromEntries(
       ["bos_token", "eos_token", "pad_token", "unk_token"].map((k) => [k, tokenizerConfig[k] ?? null]));
     this.eos = new Set(meta.eos_token_ids);
-    this.keepsLast = (meta.inputs ?? []).includes(IO.logits_to_keep);
     this._adapters = new Map();  // name -> Promise<ort.LoraAdapter>
   }
 

@@ -42,7 +42,6 @@ try {
   page.on("console", (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
   page.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.message}`));
   page.on("error", (e) => { consoleLines.push(`crash: ${e.message}`); process.stderr.write(`page crashed: ${e.message}\n`); });
-  if (process.env.QLORA_RT_WEB_DEBUG) page.on("framenavigated", (f) => process.stderr.write(`navigated: ${f.url()}\n`));
   if (process.env.QLORA_RT_WEB_DEBUG) page.on("console", (m) => process.stderr.write(`${m.type()}: ${m.text()}\n`));
   const t0 = Date.now();
   await page.goto(url + query);
