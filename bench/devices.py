@@ -2,9 +2,12 @@
 qlora-rt's own runtime, base and adapter, in one process, alternating, greedy, one stream.
 
     python bench/devices.py --export onnx/my-model [--adapter default] [--prompt-tokens 128] [--new 128]
+                            [--builder runs/genai-own --merged runs/merged-hf]
 
 Prints a table: runtime x adapter -> decode tok/s (the tokens after the first), and whether the two
-runtimes' tokens agree (up to the first end-of-text token).
+runtimes' tokens agree (up to the first end-of-text token). --builder adds onnxruntime-genai decoding its
+own builder's int4 graph of the same model with the adapter merged in (`qlora-rt merge` writes the
+--merged folder; the builder runs once, `-p int4 -e cpu`): what a genai user gets without qlora-rt's export.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +52,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--builder", type=Path, help="genai builder output folder (made from --merged if missing)")
+    ap.add_argument("--merged", type=Path, help="the merged Hugging Face folder the builder reads")
     args = ap.parse_args()
     ours = Model(args.export)
     ids = (ours.tokenizer.encode(TEXT * 20, add_special_tokens=False).ids)[: args.prompt_tokens]
@@ -56,6 +63,13 @@ def main() -> None:
     names = [None] + ([args.adapter] if args.adapter != "none" else [])
     for name in names[1:]:
         adapters.load(str(args.export / "adapters" / f"{name}.onnx_adapter"), name)
+    own = None
+    if args.builder:
+        if not (args.builder / "genai_config.json").exists():
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(args.merged), "-o",
+                            str(args.builder), "-p", "int4", "-e", "cpu", "-c", str(args.builder) + "-cache"],
+                           check=True)
+        own = og.Model(str(args.builder))
     rows = []
     for name in names:
         speeds = {"genai": [], "qlora-rt": []}
@@ -64,15 +78,20 @@ def main() -> None:
             c = ours.generate_ids([ids], adapter=name, max_new_tokens=args.new, ignore_eos=True)[0]
             speeds["genai"].append(g_speed)
             speeds["qlora-rt"].append(c.decode_tokens_per_s)
+            if own is not None and name is not None:  # its graph has the adapter merged: the adapter's rows only
+                speeds.setdefault("builder", []).append(genai_run(own, ids, args.new, None, None)[1])
         cut = next((i + 1 for i, t in enumerate(c.tokens) if t in eos), len(c.tokens))
         same = g_tokens[:cut] == c.tokens[:cut]
         g, q = statistics.median(speeds["genai"]), statistics.median(speeds["qlora-rt"])
-        rows.append((name or "(base)", g, q, same, cut))
-    print(f"| adapter | genai tok/s | qlora-rt tok/s | genai / qlora-rt | tokens equal |  "
-          f"({args.prompt_tokens} prompt + {args.new} new, median of {args.repeats})")
-    print("|---|---|---|---|---|")
-    for name, g, q, same, cut in rows:
-        print(f"| {name} | {g:.1f} | {q:.1f} | {g / q:.2f} | {'yes' if same else 'NO'} ({cut} tokens) |")
+        b = statistics.median(speeds["builder"]) if "builder" in speeds else None
+        rows.append((name or "(base)", g, q, same, cut, b))
+    print(f"| adapter | genai tok/s | qlora-rt tok/s | genai / qlora-rt | tokens equal | genai, own builder's graph "
+          f"(adapter merged) tok/s | ours in genai / builder's |  ({args.prompt_tokens} prompt + {args.new} new, "
+          f"median of {args.repeats})")
+    print("|---|---|---|---|---|---|---|")
+    for name, g, q, same, cut, b in rows:
+        builder = f"{b:.1f} | {g / b:.2f}" if b else "- | -"
+        print(f"| {name} | {g:.1f} | {q:.1f} | {g / q:.2f} | {'yes' if same else 'NO'} ({cut} tokens) | {builder} |")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
    YYYY-MM-DD) with `train`'s defaults: the frozen int4 base, the GGUF's Q4_1 weights rounded once to
    integer zero points, and a 4-bit output head (the fast exact path; --gguf-q4-1 exact --no-quant-head
    trains on the file's own weights and an fp32 head, exact too but slower to decode);
-2. export it twice with `export`'s defaults: adapter-aware int4 (the trained bytes +
-   adapters/default.onnx_adapter) and merged int4 (the adapter folded in, requantized), each verified against PyTorch;
+2. export it twice with `export`'s defaults: adapter-aware int4 (the trained bytes, computed with int8
+   activations, + adapters/default.onnx_adapter) and merged int4 (the adapter folded in, requantized), each
+   verified against PyTorch;
 3. answer the held-out prompts with the torch-free runtime: the base (no adapter), the adapter-aware
    export with its adapter, the merged export; and with PyTorch as the reference;
 4. print answers side by side and a table of held-out exact match, times and decode speed.
@@ -113,8 +114,9 @@ def main() -> None:
         ("fine-tuned, ONNX adapter-aware int4", kept("aware")),
         ("fine-tuned, ONNX merged int4", kept("merged")),
         ("training", f"{result.steps} steps, {train_s:.0f} s (load included), {result.tokens_per_s:.0f} tok/s"),
-        ("export (both, one load)", f"{export_s:.0f} s; max |dlogit| vs PyTorch: adapter-aware "
-                                    f"{ra['max_abs_logit_diff']:.1e}, merged {rm['max_abs_logit_diff']:.1e}"),
+        ("export (both, one load)", f"{export_s:.0f} s; next-token mean KL vs PyTorch: adapter-aware "
+                                    f"{ra['mean_kl']:.1e} ({ra['int4_activations']} activations), merged "
+                                    f"{rm['mean_kl']:.1e}"),
         ("decode tokens/s (runtime, batch 1)", f"adapter-aware + adapter {aware_tps:.1f}, merged {merged_tps:.1f}, "
                                                f"base {base_tps:.1f}"),
         ("exports", f"{aware}  {out / 'onnx-merged'}"),

@@ -60,9 +60,11 @@ class DecoderFamily:
         add_shared_tensors(g, model, self.max_context)
         # adapter-aware: LoRA inputs on the trained adapter's modules, or on every Linear for a bare base
         adapted = set(info.modules) if info else set(lora_layers(model))
-        writer = linear_writer(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size, row_slots=True)
-        approximate = cfg.weights == "int4" and (any(map(writer.requantizes, writer.layers)) or any(
-            formats.format_of(m.weight).approximate_in_onnx(m.weight) for m in writer.layers.values()))
+        writer = linear_writer(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size, row_slots=True,
+                               int4_compute=cfg.int4_compute)
+        int8 = cfg.int4_compute == "int8" if cfg.int4_compute else any(
+            formats.format_of(m.weight).approximate_in_onnx(m.weight) for m in writer.layers.values())
+        approximate = cfg.weights == "int4" and (any(map(writer.requantizes, writer.layers)) or int8)
         self.head_kind = head_format(cfg.head, approximate, trained_head(model, cfg.weights))
         return writer
 
@@ -74,7 +76,7 @@ class DecoderFamily:
 
     def build(self, g: Graph, writer: LinearWriter) -> None:
         self.head = HeadWriter(g, self.model, self.cfg.weights, self.head_kind,
-                               H=lambda: writer.hessians.pop(HEAD, None))
+                               H=lambda: writer.hessians.pop(HEAD, None), int4_compute=self.cfg.int4_compute)
         build_decoder(self.spec, g, writer, self.head)
 
     def manifest(self, writer: LinearWriter) -> Manifest:
@@ -106,7 +108,8 @@ class DecoderFamily:
 
     def exact(self, writer: LinearWriter) -> bool:
         # int8 activations are chaotic at the 1e-3 level (qlora_rt/base/packed_int4.py): never exact
-        return not writer.requant_err and self.trained.quant.int4_compute == "fp32"
+        return not writer.requant_err and self.trained.quant.int4_compute == "fp32" \
+            and self.cfg.int4_compute in (None, "fp32")
 
     def check(self, folder: Path, meta: Manifest, adapter_file: Path | None, distributions: bool) -> dict:
         # the calibration examples' distributions judge approximate exports; an exact one is judged by its

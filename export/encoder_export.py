@@ -48,7 +48,8 @@ class EncoderFamily:
         cfg, info = self.cfg, self.trained.adapter
         add_shared_tensors(g, self.model, self.spec)
         adapted = set(info.modules) if info else set(lora_layers(self.model))
-        writer = linear_writer(g, self.model, cfg.mode, cfg.weights, adapted, cfg.block_size)
+        writer = linear_writer(g, self.model, cfg.mode, cfg.weights, adapted, cfg.block_size,
+                               int4_compute=cfg.int4_compute)
         self.head = HeadWriter(g, self.model, self.spec, cfg.mode, self.labels)
         return writer
 
@@ -79,7 +80,8 @@ class EncoderFamily:
         save_tokenizer(self.trained.loaded.tokenizer, folder)
 
     def exact(self, writer: LinearWriter) -> bool:
-        return not writer.requant_err and self.trained.quant.int4_compute == "fp32"
+        return not writer.requant_err and self.trained.quant.int4_compute == "fp32" \
+            and self.cfg.int4_compute in (None, "fp32")
 
     def check(self, folder: Path, meta: Manifest, adapter_file: Path | None, distributions: bool) -> dict:
         texts, pairs = self._texts()

@@ -43,12 +43,23 @@ def lora_arrays(A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[np.ndar
 
 def linear_writer(g: Graph, model: torch.nn.Module, mode: str, weights: str, adapted: set[str],
                   block_size: int | None = None, hessians: dict[str, torch.Tensor] | None = None,
-                  row_slots: bool = False) -> LinearWriter:
-    """The LinearWriter of one --weights (WRITERS) for one --mode."""
+                  row_slots: bool = False, int4_compute: str | None = None) -> LinearWriter:
+    """The LinearWriter of one --weights (WRITERS) for one --mode. int4_compute: how the trained int4 bytes'
+    products are computed (fp32 or int8 activations); None: as trained."""
     if mode not in MODES or weights not in WRITERS:
         raise QloraError(f"--mode {mode} --weights {weights}: not supported; modes {', '.join(MODES)}, "
                          f"weights {', '.join(WRITERS)}")
-    return WRITERS[weights](g, model, mode, adapted, block_size, hessians, row_slots)
+    writer = WRITERS[weights](g, model, mode, adapted, block_size, hessians, row_slots)
+    writer.int4_compute = int4_compute
+    return writer
+
+
+ACCURACY = {"int8": 4, "fp32": 0}  # MatMulNBits accuracy_level of each int4 compute
+
+
+def accuracy_level(state: int4.Int4, int4_compute: str | None) -> int:
+    """The accuracy_level of trained int4 bytes: as this export computes them, else as they were trained."""
+    return ACCURACY[int4_compute or state.compute]
 
 
 class LinearWriter:
@@ -73,6 +84,7 @@ class LinearWriter:
         self.lora_groups: dict[str, list] = {}  # ... and the Linears each grouped pair covers
         self.row_slots = row_slots  # adapter-aware decoders: each batch row may take its own adapter (_lora)
         self.accuracy_levels: set[int] = set()  # of the MatMulNBits written (HeadWriter adds the head's)
+        self.int4_compute: str | None = None  # the trained int4 bytes' products: fp32|int8 activations, or as trained
 
     def products(self, names: list[str], x: str) -> list[str]:
         """x times each Linear's base weight: one output per Linear, or one over all of them side by side."""
@@ -239,7 +251,7 @@ class Int4Writer(LinearWriter):
         are, or the (merged) float weight requantized (GPTQ where calibration gave an H)."""
         if not self.requantizes(name):
             packed, s = self._trained_nbits(name)
-            return int4.nbits_inputs(packed, s), s, {"int8": 4, "fp32": 0}[s.compute]
+            return int4.nbits_inputs(packed, s), s, accuracy_level(s, self.int4_compute)
         w = self._float_weight(name)
         inputs, s, err = int4.requantize(w, self.requant_block(name), self.hessians.pop(name, None))
         self.requant_err.append(err)
@@ -258,7 +270,8 @@ class Int4Writer(LinearWriter):
         kinds = set()
         for n in names:
             s = None if self.requantizes(n) else self._trained_nbits(n).state
-            kinds.add((s.K, s.block, s.compute, s.zeros is None, s.mins is None) if s else ("requantized",))
+            kinds.add((s.K, s.block, accuracy_level(s, self.int4_compute), s.zeros is None, s.mins is None)
+                      if s else ("requantized",))
         return len(kinds) == 1
 
     def _emit_nbits(self, name: str, x: str, inputs: dict[str, np.ndarray], s: int4.Int4, accuracy: int) -> str:
@@ -439,16 +452,17 @@ class HeadWriter:
     the export is approximate anyway (requantized or int8-compute int4): on the demo's merged SmolLM2
     export it kept held-out exact match (95.0%, as with int8) and moved mean |dlogit| 1.24 -> 1.25.
     A head trained quantized (--quant-head) is, under `auto`, its own bytes: MatMulNBits computed as it
-    was trained (fp32 activations, accuracy_level 0, unless --int4-compute int8) or MatMulBnb4, so the
+    was trained or as --int4-compute says (accuracy_level 0 for fp32 activations, 4 for int8), or MatMulBnb4, so the
     export stays exact and reads a 4-bit head (the demo, one run each: 56.4 -> 73.8 tok/s adapter-aware
     + adapter)."""
 
     def __init__(self, g: Graph, model: torch.nn.Module, weights: str, head: str = "auto",
-                 approximate: bool = False, H: Callable[[], torch.Tensor | None] | None = None) -> None:
+                 approximate: bool = False, H: Callable[[], torch.Tensor | None] | None = None,
+                 int4_compute: str | None = None) -> None:
         """H: gives the head's GPTQ statistics when the graph reaches the head (calibration runs a layer
-        at a time, and the head comes last); rounded to nearest without."""
+        at a time, and the head comes last); rounded to nearest without. int4_compute: as LinearWriter's."""
         layer = model.get_output_embeddings()
-        self.g, self.weights, self.trained = g, weights, None
+        self.g, self.weights, self.trained, self.int4_compute = g, weights, None, int4_compute
         self.N, self.K = layer.out_features, layer.in_features
         w = layer.weight
         self.bias = None if layer.bias is None else layer.bias.detach().float().numpy()
@@ -492,7 +506,7 @@ class HeadWriter:
         if self.trained is not None and self.weights == "int4":
             packed, s = self.trained
             return matmul_nbits(g, "lm_head", x, int4.nbits_inputs(packed, s), K, 4, s.block,
-                                {"int8": 4, "fp32": 0}[s.compute])
+                                accuracy_level(s, self.int4_compute))
         if self.trained is not None:  # NF4/FP4 bytes
             packed, absmax, quant_type, block = self.trained
             return g.op("MatMulBnb4", [x, g.init("lm_head.qweight", packed.numpy()),

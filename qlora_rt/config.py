@@ -158,10 +158,11 @@ class TrainConfig:
     block_size: int | None = option(None, "weights per quantization block (default: 64 for nf4/fp4, 32 for int4)")
     symmetric: bool = option(False, "int4: one scale per block and zero point 8 (as GGUF Q4_0), not a zero point "
                              "per block")
-    int4_compute: str = option("fp32", "int4: the product as onnxruntime's MatMulNBits computes it: fp32 "
-                               "(accuracy_level 0; the export matches PyTorch exactly) or int8 activations "
-                               "(accuracy_level 4; faster on the CPU, emulated in training, but the export is "
-                               "approximate)", choices=("fp32", "int8"))
+    int4_compute: str = option("fp32", "int4: the product as training computes it, as onnxruntime's MatMulNBits "
+                               "does: fp32 activations (accuracy_level 0: `export --int4-compute fp32` is then this "
+                               "model exactly) or int8 activations (accuracy_level 4, emulated: the export's default "
+                               "int8 products are then the trained ones; training is slower)",
+                               choices=("fp32", "int8"))
     gguf_q4_1: str = option("auto", "int4 from a GGUF: its Q4_1 Linears as stored (exact = a float minimum per "
                             "block; the export adds a correction product to each Linear, which slows decoding, and "
                             "a merged int4 export drifts further from the trained model) or round = rounded once "
@@ -293,12 +294,13 @@ class ExportConfig:
                        "--quant-head: its own bytes, exact; else int4 where the int4 export is approximate anyway: "
                        "requantized or int8 compute; fp32 where it is exact)",
                        choices=("auto", "fp32", "int8", "int4"))
-    int4_compute: str | None = option(None, "an int4 base's products: int8 (int8 activations, MatMulNBits "
-                                      "accuracy_level 4: faster on the CPU, and much faster decoding several "
-                                      "rows at once, as `serve` does; the export is then approximate, judged by "
-                                      "its distributions against the trained model computed the same way) or "
-                                      "fp32 (exact); default: as trained (`train --int4-compute`)",
-                                      choices=("fp32", "int8"))
+    int4_compute: str = option("auto", "a trained int4 base's products: int8 (int8 activations, MatMulNBits "
+                               "accuracy_level 4: the fast CPU path, ~1.4x a decode step at the 1B shape, and much "
+                               "faster decoding several rows at once, as `serve` does; approximate: judged by its "
+                               "next-token distributions against the trained model), fp32 (fp32 activations: exactly "
+                               "the trained model; what a browser page computes) or auto (a decoder: int8, and fp32 "
+                               "where int8 fails the check; an encoder: as trained)",
+                               choices=("auto", "fp32", "int8"))
     int4_rounding: str = option("gptq", "requantized int4 weights: gptq (error feedback on calibration inputs, keeps "
                                 "the layer outputs close) or rtn (round to nearest)", choices=("gptq", "rtn"))
     calibration: str | None = option(None, "JSONL for gptq rounding (default: the training data named in the "

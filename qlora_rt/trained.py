@@ -26,15 +26,14 @@ class TrainedModel(NamedTuple):
 
 
 def open_trained(model_path: str | Path, adapter: str | Path | None = None, quant_format: str | None = None,
-                 device: torch.device | str = "cpu", int4_compute: str | None = None) -> TrainedModel:
+                 device: torch.device | str = "cpu") -> TrainedModel:
     """The quantized base with its adapter, exactly as it was trained: what merge and export start from.
 
     The base's 4-bit format comes from the adapter's metadata; `quant_format` overrides it (needed for
     adapters from PEFT, which do not record it; those default to NF4 with double quantization). A bare base
-    takes `train`'s default format (`bare_base`). `int4_compute` computes an int4 base's products another
-    way than it was trained (the same bytes; int8 activations emulated as training with them does).
+    takes `train`'s default format (`bare_base`).
     """
-    cfg, meta = base_config(model_path, adapter, quant_format, int4_compute)
+    cfg, meta = base_config(model_path, adapter, quant_format)
     labels = labels_of(meta, read_head(adapter), Path(adapter)) if adapter else None
     if not adapter and family(model_path) == "encoder":
         labels = ["LABEL_0", "LABEL_1"]  # a bare base: a placeholder head (an adapter-aware export takes each's)
@@ -50,7 +49,7 @@ def open_trained(model_path: str | Path, adapter: str | Path | None = None, quan
 def base_config(model_path: str | Path, adapter: str | Path | None = None, quant_format: str | None = None,
                 int4_compute: str | None = None) -> tuple[QuantConfig, dict[str, str]]:
     """The base's 4-bit configuration (see open_trained) and the adapter's metadata, read from the adapter's
-    files alone: what can be checked before a model loads."""
+    files alone: what can be checked before a model loads. int4_compute: refused unless the base is int4."""
     config, meta = read_adapter(adapter) if adapter else ({}, {})
     if adapter:
         check_own_base(adapter, config, meta)

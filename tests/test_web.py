@@ -55,7 +55,8 @@ def web_export(tmp_path_factory):
         runs[name] = train(TrainConfig(model=str(ck), data=str(data), out=str(d / name), steps=8, rank=rank, lr=3e-2,
                                        targets=targets, seed=rank, batch_size=2, seq_len=64, checkpoint_every=0,
                                        eval_every=0)).adapter
-    export(ExportConfig(model=str(ck), adapter=str(runs["default"]), out=str(d / "onnx")))
+    # fp32 activations: what the page computes, so its tokens equal the native runtime's (docs/devices.md)
+    export(ExportConfig(model=str(ck), adapter=str(runs["default"]), out=str(d / "onnx"), int4_compute="fp32"))
     assert main(["export-adapter", "--adapter", str(runs["qv"]), "--onnx", str(d / "onnx"), "--name", "qv"]) == 0
     return d / "onnx"
 
@@ -157,14 +158,16 @@ def test_the_page_stops_at_eos_and_stop_strings_and_says_bad_options_in_one_line
     assert r[4]["error"] == "QloraError: the prompt is 300 tokens; this export's context is 256 tokens"
 
 
-def test_a_merged_export_runs_in_the_page(merged_export, tmp_path):
+def test_a_merged_export_runs_in_the_page(merged_export, tmp_path, capsys):
     """A merged export (no adapters to choose): the page's tokens equal ours where the export's 4-bit products
     take fp32 activations; an int8-activation export is said to differ on the web when the site is written."""
     site = build_site(merged_export, tmp_path / "site")
+    int8 = Model(merged_export).meta.int4_activations == "int8"
+    assert ("Export with --int4-compute fp32 for native tokens equal to the page's" in capsys.readouterr().err) == int8
     assert json.loads((site / "model" / "adapters.json").read_text()) == []
     out = run_page(site, [{"api": {"prompt": "the capital of", "options": {"maxNewTokens": NEW}}}], tmp_path)
     ids, want = _ours(merged_export, "the capital of", None)
-    if Model(merged_export).meta.int4_activations != "int8":
+    if not int8:
         assert out["results"][0]["tokens"] == want.tokens
     else:
         assert len(out["results"][0]["tokens"]) == NEW
@@ -236,7 +239,7 @@ def test_the_page_gives_generates_tokens_on_smollm2(tmp_path):
     adapter = train(TrainConfig(model="smollm2-135m", data=str(data), out=str(tmp_path / "run"), steps=6,
                                 batch_size=2, seq_len=128, lr=2e-3, eval_every=0, checkpoint_every=0)).adapter
     folder = tmp_path / "onnx"
-    export(ExportConfig(model="smollm2-135m", adapter=str(adapter), out=str(folder)))
+    export(ExportConfig(model="smollm2-135m", adapter=str(adapter), out=str(folder), int4_compute="fp32"))
     site = build_site(folder, tmp_path / "site")
     order = [(a, p) for p in ("Rewrite 4 July 2047 as ISO 8601.", "What is the capital of France?")
              for a in ("default", None)]

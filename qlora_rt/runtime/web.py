@@ -116,9 +116,9 @@ def build_site(export: str | Path, out: str | Path, node_modules: str | None = N
         print(f"note: {export}'s model is {size / 2**30:.1f} GiB; onnxruntime-web's wasm build (the CPU) addresses "
               "4 GB in all and will not load it: the page needs WebGPU (docs/devices.md#browser)", file=sys.stderr)
     if meta.int4_activations == "int8":
-        print(f"note: {export} computes its 4-bit products with int8 activations, which onnxruntime-web's wasm "
-              "kernels round differently from the native ones: the page's tokens can part from `qlora-rt generate`'s "
-              "after a few tokens. Export with --int4-compute fp32 for a page that matches it exactly "
+        print(f"note: {export} computes its 4-bit products with int8 activations natively (export's default), and "
+              "onnxruntime-web computes them with fp32 ones: the page's tokens can part from `qlora-rt generate`'s "
+              "after a few tokens. Export with --int4-compute fp32 for native tokens equal to the page's "
               "(docs/devices.md#browser)", file=sys.stderr)
     return out
 
