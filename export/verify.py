@@ -70,7 +70,7 @@ def greedy_prefix(ref_logits: np.ndarray, n_prompt: int, tokens: list[int], fini
     (onnxruntime's continuation, EOS excluded). Returns (agreeing steps, steps compared): a step is one
     chosen token, plus the stop when onnxruntime ended at end-of-sequence."""
     picks = ref_logits[n_prompt - 1:].argmax(-1)  # PyTorch's choice after each prefix
-    steps = len(tokens) + (finish == "eos")
+    steps = len(tokens) + (finish == "stop")  # run without stop strings: "stop" is end-of-text
     for i in range(steps):
         if (picks[i] not in eos) if i == len(tokens) else (picks[i] != tokens[i]):
             return i, steps

@@ -173,7 +173,7 @@ def _serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from qlora_rt.runtime.server import create_app
+        from qlora_rt.server import create_app
     except ModuleNotFoundError as e:
         raise QloraError(f"serve needs {e.name}, which this install does not include: pip install "
                          "'qlora-rt[serve]'") from None
@@ -181,12 +181,12 @@ def _serve(args: argparse.Namespace) -> None:
                      adapters_dir=cfg.adapters_dir, served_model_name=cfg.served_model_name,
                      max_seq_len=cfg.max_seq_len, max_queue=cfg.max_queue)
     state = app.state.qlora
-    names = ", ".join([*(["(base)"]), *sorted(state["adapters"])])
+    names = ", ".join(["(base)", *state.adapters.names()])
     where = "this machine only" if cfg.host in ("127.0.0.1", "localhost", "::1") else "the network: anyone who can " \
         "reach it" + ("" if cfg.api_key else ", with no --api-key")
     print(f"serving {cfg.folder} ({names}) on http://{cfg.host}:{cfg.port}/v1 — reachable from {where}",
           file=sys.stderr)
-    if "engine" in state and state["model"].meta.int4_activations == "fp32" and cfg.max_batch > 1:
+    if state.engine is not None and state.model.meta.int4_activations == "fp32" and cfg.max_batch > 1:
         print("note: this export's 4-bit products take fp32 activations (exact), and onnxruntime gains little from "
               "decoding several streams at once that way; for throughput export it with --int4-compute int8 "
               "(docs/serving.md#speed)", file=sys.stderr)

@@ -150,7 +150,7 @@ class TrainConfig:
                        "head is trained in full and saved with the adapter) | auto (classify where the data's "
                        "examples have a 'label')", choices=("auto", "causal-lm", "classify"))
     quant: str = option("auto", "4-bit format of the frozen base: int4 (exported byte for byte to onnxruntime's "
-                        "fast MatMulNBits: the adapter-aware int4 export is the trained model exactly; a GGUF's Q4 "
+                        "fast MatMulNBits: the adapter-aware int4 export runs these very bytes; a GGUF's Q4 "
                         "weights are used as they are), nf4/fp4 (bitsandbytes, as QLoRA and PEFT), none = plain "
                         "LoRA, or auto = int4 with --gguf-q4-1 round and, for decoders, --quant-head",
                         choices=("auto", *QUANT_FORMATS))

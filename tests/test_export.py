@@ -326,9 +326,9 @@ def test_teacher_forced_greedy_check_finds_the_first_disagreement():
     assert greedy_prefix(logits_picking([0, 0, 5, 4, 7]), prompt, [5, 6, 7], "length", [1]) == (1, 3)
     assert greedy_prefix(logits_picking([0, 0, 4, 6, 7]), prompt, [5, 6, 7], "length", [1]) == (0, 3)
     # onnxruntime stopped at end-of-sequence: PyTorch must choose to stop there too
-    assert greedy_prefix(logits_picking([0, 0, 5, 6, 1]), prompt, [5, 6], "eos", [1]) == (3, 3)
-    assert greedy_prefix(logits_picking([0, 0, 5, 6, 2]), prompt, [5, 6], "eos", [1]) == (2, 3)
-    assert greedy_prefix(logits_picking([0, 0, 1]), prompt, [], "eos", [1]) == (1, 1)
+    assert greedy_prefix(logits_picking([0, 0, 5, 6, 1]), prompt, [5, 6], "stop", [1]) == (3, 3)
+    assert greedy_prefix(logits_picking([0, 0, 5, 6, 2]), prompt, [5, 6], "stop", [1]) == (2, 3)
+    assert greedy_prefix(logits_picking([0, 0, 1]), prompt, [], "stop", [1]) == (1, 1)
 
 
 def test_weights_wait_on_disk_while_onnxruntime_runs(tmp_path):

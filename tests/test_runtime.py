@@ -290,7 +290,7 @@ def test_text_decoded_token_by_token_is_the_whole_decode(kind):
     """The incremental text of a completion (`runtime.decoder.Text`, the streaming and serving path) equals
     decoding all its tokens at once after every token, characters split across tokens included, and a stop
     string is cut where it first appears."""
-    from qlora_rt.runtime.decoder import Text
+    from qlora_rt.runtime.text import Text
 
     tok = _tokenizers()[kind]
     rng = np.random.default_rng(0)
@@ -314,7 +314,7 @@ def test_text_decoded_token_by_token_is_the_whole_decode(kind):
 
 
 def test_penalties_count_the_generated_tokens_and_bias_adds():
-    from qlora_rt.runtime.decoder import Sampling
+    from qlora_rt.runtime.sampling import Sampling
 
     z = np.zeros(6, np.float32)
     out = Sampling(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={5: 3.0}).adjust(z, [1, 1, 2])

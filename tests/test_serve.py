@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 
 from qlora_rt.runtime import Model  # noqa: E402
 from qlora_rt.runtime.batching import Engine, Request  # noqa: E402
-from qlora_rt.runtime.decoder import Sampling  # noqa: E402
+from qlora_rt.runtime.sampling import Sampling  # noqa: E402
 
 PROMPTS = ["count to three", "one two", "hello there, how are you", "five", "the cat sat on", "a b c d e f",
            "two three four", "count"]
@@ -32,11 +32,11 @@ def _run(coro):
 
 @pytest.fixture(scope="module")
 def app(tiny_export):
-    from qlora_rt.runtime.server import create_app
+    from qlora_rt.server.app import create_app
 
     app = create_app(tiny_export, max_batch=4, max_queue=64, served_model_name="tiny")
     yield app
-    app.state.qlora["engine"].close(5)
+    app.state.qlora.engine.close(5)
 
 
 # ---- the engine -------------------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def test_malformed_json_and_wrong_endpoints_are_400(app):
 
 
 def test_a_body_past_the_limit_is_413_before_it_is_parsed(app):
-    from qlora_rt.runtime.server import MAX_BODY
+    from qlora_rt.server.protocol import MAX_BODY
 
     async def go():
         async with _client(app) as c:
@@ -269,7 +269,7 @@ def test_a_body_past_the_limit_is_413_before_it_is_parsed(app):
 
 
 def test_api_key_is_required_when_set(tiny_export):
-    from qlora_rt.runtime.server import create_app
+    from qlora_rt.server.app import create_app
 
     app = create_app(tiny_export, api_key="sesame", max_batch=1)
 
@@ -285,14 +285,14 @@ def test_api_key_is_required_when_set(tiny_export):
         assert none.status_code == wrong.status_code == 401 and none.json()["error"]["code"] == "invalid_api_key"
         assert right.status_code == health.status_code == 200
     finally:
-        app.state.qlora["engine"].close(5)
+        app.state.qlora.engine.close(5)
 
 
 def test_a_full_queue_is_429_with_retry_after(tiny_export):
-    from qlora_rt.runtime.server import create_app
+    from qlora_rt.server.app import create_app
 
     app = create_app(tiny_export, max_batch=1, max_queue=0, served_model_name="tiny")
-    engine = app.state.qlora["engine"]
+    engine = app.state.qlora.engine
     run = engine._run
     engine._run = lambda *a: (time.sleep(0.02), run(*a))[1]  # a slow model: 40 steps take 0.8 s
 
@@ -314,7 +314,7 @@ def test_a_full_queue_is_429_with_retry_after(tiny_export):
 
 
 def test_adapters_load_only_from_inside_the_export_or_adapters_dir(tiny_export, tmp_path):
-    from qlora_rt.runtime.server import create_app
+    from qlora_rt.server.app import create_app
 
     outside = tmp_path / "outside.onnx_adapter"
     shutil.copy(tiny_export / "adapters" / "a.onnx_adapter", outside)
@@ -346,13 +346,13 @@ def test_adapters_load_only_from_inside_the_export_or_adapters_dir(tiny_export, 
         assert "b2" in models and used.status_code == 200 and gone.status_code == 200
         assert after.status_code == 404 and again.status_code == 404
     finally:
-        app.state.qlora["engine"].close(5)
+        app.state.qlora.engine.close(5)
 
 
 def test_unloading_an_adapter_in_use_lets_its_running_request_finish(tiny_export):
     """The stream on `b` started before the unload decodes to the end, the tokens it decodes alone; a request
     after it gets 404."""
-    from qlora_rt.runtime.server import create_app
+    from qlora_rt.server.app import create_app
 
     app = create_app(tiny_export, max_batch=2, served_model_name="tiny")
     m = Model(tiny_export)
@@ -374,7 +374,7 @@ def test_unloading_an_adapter_in_use_lets_its_running_request_finish(tiny_export
     try:
         chunks, unloaded, after = _run(go())
     finally:
-        app.state.qlora["engine"].close(5)
+        app.state.qlora.engine.close(5)
     assert unloaded.status_code == 200 and after.status_code == 404
     text = "".join(ch["choices"][0]["text"] for ch in chunks if ch["choices"])
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
@@ -382,7 +382,7 @@ def test_unloading_an_adapter_in_use_lets_its_running_request_finish(tiny_export
 
 
 def test_an_adapter_for_another_base_is_refused_on_load(tiny_export, tmp_path):
-    from qlora_rt.runtime.server import create_app
+    from qlora_rt.server.app import create_app
 
     allowed = tmp_path / "allowed"
     allowed.mkdir()
@@ -396,7 +396,7 @@ def test_an_adapter_for_another_base_is_refused_on_load(tiny_export, tmp_path):
         r = _run(go())
         assert r.status_code == 400 and "not a readable .onnx_adapter" in r.json()["error"]["message"]
     finally:
-        app.state.qlora["engine"].close(5)
+        app.state.qlora.engine.close(5)
 
 
 def test_64_concurrent_mixed_requests_all_complete(app):
@@ -420,7 +420,7 @@ def test_64_concurrent_mixed_requests_all_complete(app):
             return await asyncio.gather(*(one(i) for i in range(64)))
     results = _run(go())
     assert all(status == 200 and ok for status, ok in results), results
-    assert app.state.qlora["engine"].load == (0, 0)
+    assert app.state.qlora.engine.load == (0, 0)
 
 
 def test_a_client_that_disconnects_frees_its_row(tiny_export):
@@ -469,7 +469,7 @@ def _serve_in_thread(folder):
     """A real uvicorn server on a free port, in a thread: (engine, port, stop)."""
     import uvicorn
 
-    from qlora_rt.runtime.server import create_app
+    from qlora_rt.server.app import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -485,12 +485,12 @@ def _serve_in_thread(folder):
     def stop():
         server.should_exit = True
         thread.join(20)
-    return app.state.qlora["engine"], port, stop
+    return app.state.qlora.engine, port, stop
 
 
 def test_classify_endpoint_on_an_encoder_export(encoder_export):
     from qlora_rt.runtime.classifier import Classifier
-    from qlora_rt.runtime.server import create_app
+    from qlora_rt.server.app import create_app
 
     app = create_app(encoder_export)
 

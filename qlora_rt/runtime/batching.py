@@ -31,7 +31,10 @@ import onnxruntime as ort
 
 from qlora_rt.errors import QloraError
 from qlora_rt.runtime import graph_io as io
-from qlora_rt.runtime.decoder import Model, Sampling, Text, _held_back
+from qlora_rt.runtime.decoder import Model
+from qlora_rt.runtime.kv_cache import KVCache
+from qlora_rt.runtime.sampling import Sampling
+from qlora_rt.runtime.text import Text, held_back
 
 BUSY_CHUNK = 64  # prompt tokens a chunk while other streams decode: their longest wait is one such chunk
 STACKS = 2  # sets of adapters kept stacked (each a copy of its adapters' tensors), least recently used dropped
@@ -102,10 +105,7 @@ class Engine:
                              "again with this qlora-rt to serve it")
         # an adapter-aware export takes a mask per group (one from before them batches one adapter at a time)
         self.mixed = any(n.endswith(io.LORA_MASK) for n in model.input_names)
-        self.names = io.past_names(meta.layers)
-        self.cache = {n: np.zeros((max_batch, meta.kv_heads, self.capacity, meta.head_dim), np.float32)
-                      for n in self.names}
-        self._views: dict[tuple[int, int], list[ort.OrtValue]] = {}  # (first slot, rows) -> the cache's OrtValues
+        self.kv = KVCache(meta, max_batch, self.capacity)
         self._stacks: dict[tuple[int, ...], tuple] = {}  # adapter sets fed side by side, and their column slots
         self.adapters: dict[str, dict[str, ort.OrtValue]] = {}
         self._base: dict[str, ort.OrtValue] = {}  # the base's LoRA inputs: none (one object, shared by its rows)
@@ -234,20 +234,12 @@ class Engine:
             running.add(id(live.params))
             self.slots[i] = live
 
-    def _view(self, first: int, rows: int) -> list[ort.OrtValue]:
-        key = (first, rows)
-        if key not in self._views:
-            self._views[key] = [ort.OrtValue.ortvalue_from_numpy(self.cache[n][first:first + rows]) for n in self.names]
-        return self._views[key]
-
     def _run(self, first: int, ids: np.ndarray, lengths: np.ndarray, lora: dict[str, ort.OrtValue]) -> np.ndarray:
         """One run over the slots first .. first+B-1: ids (B, T) at the end of each row's cache (lengths (B,)
         count them in); the last position's logits (B, V)."""
         b = self.m.session.io_binding()
         b.bind_output(io.LOGITS)
-        for name, value in zip(self.names, self._view(first, len(ids))):
-            b.bind_ortvalue_input(name, value)
-            b.bind_ortvalue_output(io.present_of(name), value)
+        self.kv.bind(b, first, len(ids))
         t = ids.shape[1]
         width = int(lengths.max())
         keep = [np.ascontiguousarray(a) for a in (
@@ -349,7 +341,7 @@ class Engine:
             end = len(text)
         else:  # whole characters only, and none that could begin a stop string
             text = live.text.done  # not done + pending: no copy of the whole text a token
-            end = len(text) - _held_back(text, req.stop)
+            end = len(text) - held_back(text, req.stop)
         piece = text[live.sent:end] if end > live.sent else ""
         live.sent = max(live.sent, end)
         live.emit(Event(text=piece, tokens=[token], logprobs=info, prompt_tokens=len(req.ids),

@@ -4,19 +4,16 @@
     model.generate("Rewrite 5 March 2021 as ISO 8601", chat=True, adapter="default")
     for piece in model.stream("Tell me a story", chat=True, temperature=0.7, seed=0): print(piece, end="")
 
-The KV cache lives in one max-length buffer per layer, bound by I/O binding as both
-`past_key_values.N.*` and `present.N.*`: GroupQueryAttention appends each step's keys and values in
-place, so nothing is copied between steps. Adapters are `.onnx_adapter` files read once with
-onnxruntime's adapter API, and their tensors are bound per call as the graph's LoRA inputs; switching
-adapters never reloads the model. No adapter = the base. (`RunOptions.add_active_adapter` would do the
-same binding, but onnxruntime ignores it under I/O binding, and I/O binding is what keeps the cache in
-place.)
+The KV cache lives in one max-length buffer per layer, appended in place (kv_cache.py). Adapters are
+`.onnx_adapter` files read with onnxruntime's adapter API (once, and again when the file changes), and
+their tensors are bound per call as the graph's LoRA inputs; switching adapters never reloads the model.
+No adapter = the base. (`RunOptions.add_active_adapter` would do the same binding, but onnxruntime ignores
+it under I/O binding, and I/O binding is what keeps the cache in place.)
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,121 +27,20 @@ from qlora_rt.errors import QloraError
 from qlora_rt.runtime import graph_io as io
 from qlora_rt.runtime import manifest
 from qlora_rt.runtime.chat_template import ChatTemplate
+from qlora_rt.runtime.kv_cache import KVCache
+from qlora_rt.runtime.sampling import Sampling, stop_strings
 from qlora_rt.runtime.session import adapter_names, find_adapter, open_session, read_adapter_file
-
-
-@dataclass
-class Sampling:
-    """temperature 0 = greedy; otherwise softmax(logits / temperature) cut to top_k, then to top_p mass.
-    Before either, as OpenAI's API defines them: logit_bias {token: b} added, and for each token already
-    generated presence_penalty subtracted once and frequency_penalty once per time it was generated."""
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] | None = None
-
-    def check(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise QloraError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:  # NaN fails this too
-            raise QloraError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise QloraError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:  # NaN fails this too
-                raise QloraError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if any(not -100 <= b <= 100 for b in (self.logit_bias or {}).values()):
-            raise QloraError("logit_bias: each bias must be in [-100, 100]")
-
-    @property
-    def adjusts(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
-
-    def adjust(self, logits: np.ndarray, generated: list[int]) -> np.ndarray:
-        """One row's logits (V,) with the bias and penalties applied (a copy), or the row itself without any."""
-        if not self.adjusts:
-            return logits
-        z = logits.astype(np.float32, copy=True)
-        if self.logit_bias:
-            z[np.fromiter(self.logit_bias, np.int64)] += np.fromiter(self.logit_bias.values(), np.float32)
-        if generated and (self.presence_penalty or self.frequency_penalty):
-            ids, counts = np.unique(np.asarray(generated, np.int64), return_counts=True)
-            z[ids] -= self.frequency_penalty * counts + self.presence_penalty
-        return z
-
-    def pick(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One token per row of logits (B, V)."""
-        if self.temperature == 0:
-            return logits.argmax(-1)
-        z = logits.astype(np.float64) / self.temperature
-        if 0 < self.top_k < z.shape[-1]:
-            kth = np.partition(z, -self.top_k, axis=-1)[:, -self.top_k][:, None]
-            z = np.where(z < kth, -np.inf, z)
-        p = np.exp(z - z.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        if self.top_p < 1:
-            order = np.argsort(-p, axis=-1)
-            sorted_p = np.take_along_axis(p, order, -1)
-            drop = np.cumsum(sorted_p, -1) - sorted_p >= self.top_p  # keep the smallest set reaching top_p
-            np.put_along_axis(p, order, np.where(drop, 0.0, sorted_p), -1)
-            p /= p.sum(-1, keepdims=True)
-        return np.array([rng.choice(p.shape[-1], p=row) for row in p])
+from qlora_rt.runtime.text import Text, held_back
 
 
 @dataclass
 class Completion:
     text: str
     tokens: list[int]
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "stop" (end of text or a stop string) | "length"
     prompt_tokens: int
     ttft_s: float = 0.0  # prompt in -> first token out
     decode_tokens_per_s: float = 0.0  # the tokens after the first, per second
-
-
-class Text:
-    """A completion's text as its tokens arrive, decoded incrementally: each token decodes a window that
-    starts at the previous token boundary (so a tokenizer that strips a leading space, or a character split
-    across tokens, decodes as the whole sequence does), and stop strings are looked for only where the new
-    text could complete one. Per token the cost is the window, not the whole completion so far."""
-
-    def __init__(self, tokenizer, stops: tuple[str, ...] = ()) -> None:
-        self.tokenizer, self.stops = tokenizer, stops
-        self.tokens: list[int] = []
-        self.done = ""            # the text of tokens[:read], whole characters
-        self.pending = ""         # the text after it: an incomplete character ends it (U+FFFD)
-        self.prefix = self.read = 0
-        self.longest = max(map(len, stops), default=0)
-
-    @property
-    def text(self) -> str:
-        return self.done + self.pending
-
-    def add(self, token: int) -> bool:
-        """Take one token; True when the text now holds a stop string (the text is then cut before it)."""
-        before = len(self.text)
-        self.tokens.append(token)
-        head = self.tokenizer.decode(self.tokens[self.prefix:self.read])
-        tail = self.tokenizer.decode(self.tokens[self.prefix:])
-        if tail.startswith(head):
-            self.pending = tail[len(head):]
-        else:  # the new token changed how earlier ones decode: decode it all again, once
-            self.done, self.prefix, self.read = "", 0, 0
-            self.pending = self.tokenizer.decode(self.tokens)
-        if not self.pending.endswith("\ufffd"):
-            if self.pending:  # the next window starts at a token with text (one without, e.g. a lone space a
-                self.prefix = self.read  # tokenizer strips at the start of a decode, would lose it)
-            self.done, self.pending, self.read = self.done + self.pending, "", len(self.tokens)
-        if not self.stops:
-            return False
-        text, start = self.text, max(0, before - self.longest + 1)
-        cut = min((i for i in (text.find(s, start) for s in self.stops if s) if i >= 0), default=-1)
-        if cut < 0:
-            return False
-        self.done, self.pending = text[:cut], ""
-        return True
 
 
 @dataclass
@@ -226,7 +122,7 @@ class Model:
                      frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None) -> list[Completion]:
         """Completions of token-id prompts; ignore_eos decodes exactly max_new_tokens (benchmarks)."""
         sampling = Sampling(temperature, top_k, top_p, seed, presence_penalty, frequency_penalty, logit_bias)
-        steps = self._steps(ids, adapter, max_new_tokens, _stops(stop), sampling, ignore_eos=ignore_eos)
+        steps = self._steps(ids, adapter, max_new_tokens, stop_strings(stop), sampling, ignore_eos=ignore_eos)
         for _ in steps:
             pass
         return steps.result
@@ -301,18 +197,12 @@ class _Steps:
             self.binding.bind_ortvalue_input(io.LOGITS_TO_KEEP, self._keep)
 
     def _bind(self, adapter: dict, capacity: int):
-        """Outputs first (logits is output 0), then the cache: one zeroed (B, kv, capacity, hd) buffer per
-        tensor, bound as both past and present so the attention op appends in place."""
+        """Outputs first (logits is output 0), then the cache (kv_cache.py: appended in place)."""
         meta, b = self.m.meta, len(self.rows)
         binding = self.m.session.io_binding()
         binding.bind_output(io.LOGITS)
-        self._cache = []  # the numpy arrays behind the bound buffers: they must outlive the binding
-        for name in io.past_names(meta.layers):
-            buf = np.zeros((b, meta.kv_heads, capacity, meta.head_dim), np.float32)
-            self._cache.append(buf)
-            value = ort.OrtValue.ortvalue_from_numpy(buf)
-            binding.bind_ortvalue_input(name, value)
-            binding.bind_ortvalue_output(io.present_of(name), value)
+        self.kv = KVCache(meta, b, capacity)
+        self.kv.bind(binding)
         for name, value in adapter.items():
             binding.bind_ortvalue_input(name, value)
         logits = np.empty((b, 1, meta.vocab), np.float32)
@@ -368,7 +258,7 @@ class _Steps:
             if row.finish:
                 continue
             if t in self.eos:
-                row.finish = "eos"
+                row.finish = "stop"  # as OpenAI's API says it: the model ended its text (or a stop string did)
                 continue
             row.tokens.append(t)
             if self.live_text:
@@ -389,7 +279,7 @@ class Stream:
                  max_new_tokens: int = 128, stop=(), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                  logit_bias: dict[int, float] | None = None) -> None:
-        self.stop = _stops(stop)
+        self.stop = stop_strings(stop)
         sampling = Sampling(temperature, top_k, top_p, seed, presence_penalty, frequency_penalty, logit_bias)
         self._steps = model._steps([model.encode(prompt, chat, system)], adapter, max_new_tokens, self.stop,
                                    sampling, live_text=True)
@@ -402,24 +292,11 @@ class Stream:
             if not row.finish:
                 if text.endswith("\ufffd"):  # a multi-byte character still incomplete
                     continue
-                text = text[: len(text) - _held_back(text, self.stop)]
+                text = text[: len(text) - held_back(text, self.stop)]
             if len(text) > sent:
                 yield text[sent:]
                 sent = len(text)
         self.result = self._steps.result[0]
-
-
-def _stops(stop) -> tuple[str, ...]:
-    """Stop strings: one string, or several (a str is one stop string, not its characters)."""
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if not all(isinstance(s, str) for s in stops):
-        raise QloraError(f"stop: expected a string or a list of strings, got {stop!r:.60}")
-    return stops
-
-
-def _held_back(text: str, stops: tuple) -> int:
-    """How many trailing characters of text could be the start of a stop string."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def _special_tokens(folder: Path) -> dict:

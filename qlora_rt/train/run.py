@@ -200,8 +200,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     cfg = _resolved(cfg)
     if auto and os.environ.get("RANK", "0") == "0":
         print(f"--quant auto: {cfg.quant} base (block {cfg.block_size or DEFAULT_BLOCK[cfg.quant]}"
-              f"{', output head in 4 bits too' if cfg.quant_head else ''}): its int4 export is the trained model "
-              "exactly; --quant nf4 trains a bitsandbytes/PEFT base", file=sys.stderr)
+              f"{', output head in 4 bits too' if cfg.quant_head else ''}): its int4 export runs these very bytes "
+              "(fast; exactly this model with --int4-compute fp32); --quant nf4 trains a bitsandbytes/PEFT base",
+              file=sys.stderr)
     device, dtype = _device_and_dtype(cfg)
     d = distributed.setup(device, cfg.dist_timeout)  # torchrun's processes join here; one process runs alone
     if cfg.fsdp and not d.on:  # recorded as it runs: run.yaml says fsdp false
