@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import types
 import typing
 from dataclasses import fields
@@ -27,6 +28,8 @@ from qlora_rt.config import (
     typed_values,
 )
 from qlora_rt.errors import QloraError
+
+DRAIN_S = 20  # serve: on SIGTERM, how long running requests may go on before they are ended
 
 
 def _flag_type(annotation) -> type:
@@ -177,20 +180,31 @@ def _serve(args: argparse.Namespace) -> None:
     except ModuleNotFoundError as e:
         raise QloraError(f"serve needs {e.name}, which this install does not include: pip install "
                          "'qlora-rt[serve]'") from None
-    app = create_app(cfg.folder, api_key=cfg.api_key, max_batch=cfg.max_batch, threads=cfg.threads,
+    key = cfg.key()
+    app = create_app(cfg.folder, api_key=key, max_batch=cfg.max_batch, threads=cfg.threads,
                      adapters_dir=cfg.adapters_dir, served_model_name=cfg.served_model_name,
-                     max_seq_len=cfg.max_seq_len, max_queue=cfg.max_queue)
+                     max_seq_len=cfg.max_seq_len, max_queue=cfg.max_queue, max_body=cfg.max_body_mb << 20,
+                     allowed_hosts=cfg.hosts())
     state = app.state.qlora
     names = ", ".join(["(base)", *state.adapters.names()])
     where = "this machine only" if cfg.host in ("127.0.0.1", "localhost", "::1") else "the network: anyone who can " \
-        "reach it" + ("" if cfg.api_key else ", with no --api-key")
+        "reach it" + ("" if key else ", with no --api-key")
     print(f"serving {cfg.folder} ({names}) on http://{cfg.host}:{cfg.port}/v1 — reachable from {where}",
           file=sys.stderr)
     if state.engine is not None and state.model.meta.int4_activations == "fp32" and cfg.max_batch > 1:
         print("note: this export's 4-bit products take fp32 activations (exact), and onnxruntime gains little from "
               "decoding several streams at once that way; for throughput export it with --int4-compute int8 "
               "(docs/serving.md#speed)", file=sys.stderr)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=30)
+    engine = state.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM / Ctrl-C: running streams get DRAIN_S to finish, then each
+            if engine is not None and not self.should_exit:  # ends with an error event and [DONE], not a cut
+                threading.Thread(target=engine.close, args=(DRAIN_S,), daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                          timeout_graceful_shutdown=DRAIN_S + 10)).run()
 
 
 def _web(args: argparse.Namespace) -> None:

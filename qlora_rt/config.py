@@ -426,6 +426,10 @@ class ChatConfig(RuntimeConfig):
     max_new_tokens: int = option(256, "longest reply, in tokens", at_least=1)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # a server bound to one of these answers to these Host names only
+API_KEY_ENV = "QLORA_RT_API_KEY"
+
+
 @dataclass
 class ServeConfig:
     folder: str = option("", "an export folder (decoder: chat and completions; encoder: classification)",
@@ -433,7 +437,15 @@ class ServeConfig:
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 = every interface: anyone who can reach this "
                        "machine can use the model)")
     port: int = option(8000, "TCP port", at_least=0, at_most=65535)
-    api_key: str | None = option(None, "require `Authorization: Bearer KEY` on /v1/ (default: no key)")
+    api_key: str | None = option(None, "require `Authorization: Bearer KEY` on every path but /health (default: "
+                                 "no key; a key given here shows in `ps`: prefer --api-key-file or the "
+                                 "QLORA_RT_API_KEY environment variable)")
+    api_key_file: str | None = option(None, "read the API key from this file (its first line)", path=True)
+    allowed_hosts: list[str] = option(None, "a Host header name the server answers to (repeatable; default: with "
+                                             "--host on this machine only, 127.0.0.1, localhost and ::1; "
+                                             "otherwise any)")
+    max_body_mb: int = option(32, "largest request body, in MiB (a chunked one is counted as it arrives)",
+                              at_least=1, at_most=4096)
     max_batch: int = option(8, "streams decoded together in one step (rows of the KV cache)", at_least=1,
                             at_most=256)
     max_seq_len: int = option(2048, "longest prompt + reply per stream, in tokens (each stream's KV cache "
@@ -452,6 +464,25 @@ class ServeConfig:
         check_values(self)
         if self.adapters_dir and not Path(self.adapters_dir).is_dir():
             raise QloraError(f"--adapters-dir: {self.adapters_dir} is not a folder")
+        if self.api_key and self.api_key_file:
+            raise QloraError("--api-key and --api-key-file: give one")
+
+    def key(self) -> str | None:
+        """The API key: --api-key, else the first line of --api-key-file, else $QLORA_RT_API_KEY."""
+        if self.api_key_file:
+            try:
+                lines = Path(self.api_key_file).read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise QloraError(f"--api-key-file: cannot read {self.api_key_file} ({e})") from None
+            if not lines or not lines[0].strip():
+                raise QloraError(f"--api-key-file: {self.api_key_file} is empty")
+            return lines[0].strip()
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+    def hosts(self) -> tuple[str, ...] | None:
+        if self.allowed_hosts:
+            return tuple(self.allowed_hosts)
+        return LOOPBACK if self.host in LOOPBACK else None
 
 
 @dataclass

@@ -34,14 +34,20 @@ from qlora_rt.runtime import graph_io as io
 from qlora_rt.runtime.decoder import Model
 from qlora_rt.runtime.kv_cache import KVCache
 from qlora_rt.runtime.sampling import Sampling
+from qlora_rt.runtime.session import release_memory
 from qlora_rt.runtime.text import Text, held_back
 
+STOPPING = "the server is shutting down; retry on another"
 BUSY_CHUNK = 64  # prompt tokens a chunk while other streams decode: their longest wait is one such chunk
 STACKS = 2  # sets of adapters kept stacked (each a copy of its adapters' tensors), least recently used dropped
 
 
 class QueueFull(QloraError):
-    """More requests wait than the engine queues; the caller should retry later."""
+    """More rows wait than the engine queues; the caller should retry later."""
+
+
+class ShuttingDown(QloraError):
+    """The engine takes no more requests: the server is stopping."""
 
 
 @dataclass
@@ -65,6 +71,7 @@ class Event:
     logprobs: list[dict] = field(default_factory=list)   # per token: {"token", "logprob", "top": [(id, lp)]}
     finish: str | None = None
     error: str | None = None
+    code: str | None = None  # with an error: "shutting_down" (the server is stopping) or None (the model failed)
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -113,6 +120,7 @@ class Engine:
         self.waiting: deque[_Live] = deque()
         self.cond = threading.Condition()
         self.closing = False
+        self._removed = False  # an adapter was unloaded: stacks holding it are dropped once no row uses it
         self.steps = 0
         self.thread = threading.Thread(target=self._loop, name="qlora-rt-engine", daemon=True)
         self.thread.start()
@@ -120,38 +128,55 @@ class Engine:
     # ---- adapters ----------------------------------------------------------------------------------
     def add_adapter(self, name: str, name_or_path) -> None:
         """Load (and check) an adapter under a name; requests already running keep the one they started with."""
-        params = self.m.load_adapter(name_or_path)
+        params = self.m.load_adapter(name_or_path, keep=False)  # held here only: unloading frees it
         with self.cond:
             self.adapters[name] = params
 
     def remove_adapter(self, name: str) -> None:
-        """Unknown to new requests at once; running requests that use it finish with it (they hold it)."""
+        """Unknown to new requests at once; running requests that use it finish with it (they hold it), and
+        its memory is freed when the last of them has (stacked copies included: _purge)."""
         with self.cond:
             self.adapters.pop(name)
+            self._removed = True
+            self.cond.notify()
 
     # ---- requests ----------------------------------------------------------------------------------
     def submit(self, req: Request, emit: Callable[[Event], None]) -> _Live:
-        if not req.ids:
-            raise QloraError("the prompt is empty")
-        if len(req.ids) >= self.capacity:
-            raise QloraError(f"the prompt is {len(req.ids)} tokens; this server's context is {self.capacity} "
-                             "tokens (--max-seq-len)")
-        if req.max_new_tokens < 1:
-            raise QloraError(f"max_tokens must be at least 1, got {req.max_new_tokens}")
-        req.sampling.check()
+        return self.submit_many([req], [emit])[0]
+
+    def submit_many(self, reqs: list[Request], emits: list[Callable[[Event], None]]) -> list[_Live]:
+        """Several rows (one request's prompts x n) queued together or not at all: a request never holds more
+        than the queue's room, counted in rows (--max-queue waiting beside --max-batch running)."""
+        for req in reqs:
+            if not req.ids:
+                raise QloraError("the prompt is empty")
+            if len(req.ids) >= self.capacity:
+                raise QloraError(f"the prompt is {len(req.ids)} tokens; this server's context is {self.capacity} "
+                                 "tokens (--max-seq-len)")
+            if req.max_new_tokens < 1:
+                raise QloraError(f"max_tokens must be at least 1, got {req.max_new_tokens}")
+            req.sampling.check(self.m.meta.vocab)
+        most = self.max_queue + self.max_batch
+        if len(reqs) > most:
+            raise QloraError(f"this request decodes {len(reqs)} rows (prompts x n); this server takes at most {most} "
+                             "at once (--max-queue + --max-batch)")
         with self.cond:
             if self.closing:
-                raise QloraError("the server is shutting down")
-            if req.adapter is not None and req.adapter not in self.adapters:
-                raise QloraError(f"no adapter named {req.adapter!r} is loaded")
+                raise ShuttingDown(STOPPING)
+            for req in reqs:
+                if req.adapter is not None and req.adapter not in self.adapters:
+                    raise QloraError(f"no adapter named {req.adapter!r} is loaded")
             busy = sum(s is not None for s in self.slots)
-            if len(self.waiting) >= self.max_queue and busy >= self.max_batch:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting already; retry shortly")
-            live = _Live(req, emit, self.adapters[req.adapter] if req.adapter is not None else self._base,
-                         self.m.tokenizer)
-            self.waiting.append(live)
+            room = self.max_queue + self.max_batch - busy - len(self.waiting)
+            if len(reqs) > room:
+                raise QueueFull(f"{busy} rows are decoding and {len(self.waiting)} waiting (--max-batch "
+                                f"{self.max_batch}, --max-queue {self.max_queue}); this request needs {len(reqs)}: "
+                                "retry shortly")
+            lives = [_Live(req, emit, self.adapters[req.adapter] if req.adapter is not None else self._base,
+                           self.m.tokenizer) for req, emit in zip(reqs, emits)]
+            self.waiting.extend(lives)
             self.cond.notify()
-        return live
+        return lives
 
     def cancel(self, live: _Live) -> None:
         """Free the request's row at the next step (a client that went away)."""
@@ -160,16 +185,21 @@ class Engine:
             self.cond.notify()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Take no more requests, let the running ones finish (up to timeout), then stop the thread."""
+        """Take no more requests and end the waiting ones at once; let the running ones finish (up to timeout),
+        end those still running with an error event, then stop the thread. Every request hears how it ended."""
         with self.cond:
             self.closing = True
+            for live in self.waiting:
+                self._finish(live, "error", STOPPING, "shutting_down")
+            self.waiting.clear()
             self.cond.notify()
         self.thread.join(timeout)
         with self.cond:
-            for live in [*self.waiting, *filter(None, self.slots)]:
-                self._finish(live, "error", "the server stopped before this request finished")
-            self.waiting.clear()
+            for live in filter(None, self.slots):
+                live.cancelled = True
+                self._finish(live, "error", "the server stopped before this request finished", "shutting_down")
             self.slots = [None] * self.max_batch
+            self.cond.notify()
 
     @property
     def load(self) -> tuple[int, int]:
@@ -181,6 +211,7 @@ class Engine:
         while True:
             with self.cond:
                 self._drop_cancelled()
+                self._purge()
                 self._admit()
                 active = [s for s in self.slots if s is not None]
                 if not active:
@@ -213,6 +244,18 @@ class Engine:
             if live is not None and live.cancelled:
                 live.finished = True
                 self.slots[i] = None
+
+    def _purge(self) -> None:
+        """Drop the stacked copies of adapters that are neither loaded nor used by a row any more."""
+        if not self._removed:
+            return
+        used = {id(p) for p in self.adapters.values()} | {id(s.params) for s in self.slots if s is not None} \
+            | {id(w.params) for w in self.waiting}
+        self._stacks = {k: v for k, v in self._stacks.items() if all(i in used for i in k)}
+        self._removed = any(id(s.params) not in {id(p) for p in self.adapters.values()}
+                            for s in [*filter(None, self.slots), *self.waiting] if s.params)
+        if not self._removed:
+            release_memory()
 
     def _admit(self) -> None:
         """Waiting requests into free slots, oldest first (lowest slot first, so steps stay short). An export
@@ -292,8 +335,8 @@ class Engine:
         else:
             while len(self._stacks) >= STACKS:
                 del self._stacks[next(iter(self._stacks))]
-            self._stacks[key] = _stack(present, self.m.meta.lora_groups)
-        stacked, layouts = self._stacks[key]
+            self._stacks[key] = (*_stack(present, self.m.meta.lora_groups), present)  # `present` pins the ids
+        stacked, layouts, _ = self._stacks[key]
         slot_of = {id(p): k + 1 for k, p in enumerate(present)}
         slots = np.zeros(n, np.int64)
         for r in rows:
@@ -312,6 +355,10 @@ class Engine:
             live.finished = True
             return
         req = live.req
+        if not np.isfinite(logits).all():  # this row's own adapter overflowed: its reply alone says so
+            self._finish(live, "error", "the model's next-token scores for this request are not finite numbers"
+                         + (f" (adapter {req.adapter!r})" if req.adapter else ""))
+            return
         raw = logits  # logprobs are the model's own
         logits = req.sampling.adjust(logits, live.tokens)
         if req.constraint is not None:
@@ -351,11 +398,11 @@ class Engine:
         else:
             live.next_token = token
 
-    def _finish(self, live: _Live, reason: str, error: str | None = None) -> None:
+    def _finish(self, live: _Live, reason: str, error: str | None = None, code: str | None = None) -> None:
         if live.finished:
             return
         live.finished = True
-        live.emit(Event(finish=reason, error=error, prompt_tokens=len(live.req.ids),
+        live.emit(Event(finish=reason, error=error, code=code, prompt_tokens=len(live.req.ids),
                         completion_tokens=len(live.tokens)))
 
 
@@ -385,4 +432,4 @@ def _stack(adapters: list[dict[str, ort.OrtValue]], groups: dict[str, list]
             list(layouts.values()))
 
 
-__all__ = ["Engine", "Event", "QueueFull", "Request"]
+__all__ = ["Engine", "Event", "QueueFull", "Request", "ShuttingDown"]

@@ -24,7 +24,14 @@ from qlora_rt.errors import QloraError
 from qlora_rt.files import disk_full
 from qlora_rt.jsonl import read_jsonl
 from qlora_rt.runtime import manifest
-from qlora_rt.runtime.session import HEAD_LABELS, adapter_names, find_adapter, open_session, read_adapter_file
+from qlora_rt.runtime.session import (
+    HEAD_LABELS,
+    adapter_names,
+    file_signature,
+    find_adapter,
+    open_session,
+    read_adapter_file,
+)
 
 
 @dataclass
@@ -54,7 +61,7 @@ class Classifier:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.meta.max_length)
         self.pad_id = self.meta.pad_token_id or 0
-        self._adapters: dict[Path, tuple[ort.LoraAdapter, list[str]]] = {}
+        self._adapters: dict[Path, tuple] = {}  # each file's (signature, (LoraAdapter, labels)): read again on change
         self.truncated = 0  # texts cut to max_length so far (the CLI reports it)
 
     @property
@@ -75,9 +82,15 @@ class Classifier:
                                  f"(available: {', '.join(names) or 'none; add one with qlora-rt export-adapter'})")
             name_or_path = names[0]
         path = find_adapter(self.folder, name_or_path)
-        if path not in self._adapters:
-            self._adapters[path] = self._read_adapter(path)
-        return self._adapters[path]
+        signature = file_signature(path)
+        held = self._adapters.get(path)
+        if held is None or held[0] != signature:
+            self._adapters[path] = held = signature, self._read_adapter(path)
+        return held[1]
+
+    def forget(self, name_or_path: str | Path) -> None:
+        """Free an adapter read before (the server's unload)."""
+        self._adapters.pop(find_adapter(self.folder, name_or_path), None)
 
     def _read_adapter(self, path: Path) -> tuple[ort.LoraAdapter, list[str]]:
         params = read_adapter_file(path, self.meta)

@@ -29,7 +29,7 @@ from qlora_rt.runtime import manifest
 from qlora_rt.runtime.chat_template import ChatTemplate
 from qlora_rt.runtime.kv_cache import KVCache
 from qlora_rt.runtime.sampling import Sampling, stop_strings
-from qlora_rt.runtime.session import adapter_names, find_adapter, open_session, read_adapter_file
+from qlora_rt.runtime.session import adapter_names, file_signature, find_adapter, open_session, read_adapter_file
 from qlora_rt.runtime.text import Text, held_back
 
 
@@ -69,21 +69,28 @@ class Model:
         self.eos = set(self.meta.eos_token_ids)
         pad = self.meta.pad_token_id
         self.pad = pad if pad is not None else self.meta.eos_token_ids[0]
-        self._adapters: dict[Path, dict[str, ort.OrtValue]] = {}  # each file's tensors, read once
+        self._adapters: dict[Path, tuple] = {}  # each file's (signature, tensors): read again when it changes
 
     # ---- adapters -------------------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
         return adapter_names(self.folder)
 
-    def load_adapter(self, name_or_path: str | Path) -> dict[str, ort.OrtValue]:
-        """Load (once) and check an adapter: a name under adapters/, or a path to an .onnx_adapter file."""
+    def load_adapter(self, name_or_path: str | Path, keep: bool = True) -> dict[str, ort.OrtValue]:
+        """Load and check an adapter: a name under adapters/, or a path to an .onnx_adapter file. keep: hold
+        its tensors for the next call (read again if the file changed since); False: the caller holds them
+        (the server, which frees them on unload)."""
         if self.meta.mode != "adapter-aware":
             raise QloraError(f"--adapter: {self.folder} is a merged export; its adapter is already in the weights")
         path = find_adapter(self.folder, name_or_path)
-        if path not in self._adapters:
-            self._adapters[path] = read_adapter_file(path, self.meta)
-        return self._adapters[path]
+        signature = file_signature(path)
+        held = self._adapters.get(path)
+        if held is not None and held[0] == signature:
+            return held[1]
+        params = read_adapter_file(path, self.meta)
+        if keep:
+            self._adapters[path] = signature, params
+        return params
 
     # ---- prompts --------------------------------------------------------------------------------
     def encode(self, prompt: str | list[dict], chat: bool = False, system: str | None = None) -> list[int]:

@@ -3,6 +3,8 @@ checked against the export's base and LoRA inputs, read once)."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import zlib
 from pathlib import Path
@@ -70,8 +72,29 @@ def find_adapter(folder: Path, name_or_path: str | Path) -> Path:
     return path.resolve()
 
 
+MAX_ADAPTER_VALUE = 65504.0  # fp16's largest: a trained LoRA's values are far smaller (see check_adapter_values)
+
+
+def max_adapter_bytes(meta: Manifest) -> int:
+    """The largest file an adapter of this export can be: every LoRA input at rank max(hidden, 1024) (no Linear
+    of the model has a useful rank above its hidden size) in fp32, plus 16 MiB for its metadata."""
+    rank = max(meta.hidden or 0, 1024)
+    return 4 * rank * sum(math.prod(d for d in dims if d is not None) for dims in meta.lora_inputs.values()) \
+        + (16 << 20)
+
+
+def file_signature(path: Path) -> tuple[int, int, int]:
+    """What changes when a file is replaced or rewritten: a cached read of it is then stale."""
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 def read_adapter_file(path: Path, meta: Manifest) -> dict[str, ort.OrtValue]:
     """An .onnx_adapter file's tensors, after checking they were made for this export's base and fit its inputs."""
+    size, most = path.stat().st_size, max_adapter_bytes(meta)
+    if size > most:  # before reading a byte: a huge (or sparse) file is refused at once
+        raise QloraError(f"--adapter: {path.name} is {size / 2**20:,.0f} MiB; an adapter of this export is at most "
+                         f"{most / 2**20:,.0f} MiB (every LoRA input at full rank): not an adapter for it")
     try:
         fmt = ort.AdapterFormat.read_adapter(str(path))
     except Exception as e:  # onnxruntime raises its own error types for a bad flatbuffer
@@ -91,7 +114,8 @@ def read_adapter_file(path: Path, meta: Manifest) -> dict[str, ort.OrtValue]:
 def check_adapter_values(params: dict[str, ort.OrtValue], where: str, groups: dict[str, list] | None = None) -> None:
     """What shapes alone do not say: fp32 tensors (the label names: UTF-8 JSON bytes), each A of the rank
     of its B (of its members' Bs, side by side, where a group takes one B per member: `groups`, the export's
-    lora_groups), and no NaN or infinity (which would answer `nan` or nothing, silently)."""
+    lora_groups), no NaN or infinity (which would answer `nan` or nothing, silently), and no value beyond
+    ±MAX_ADAPTER_VALUE."""
     import json
 
     import numpy as np
@@ -112,9 +136,15 @@ def check_adapter_values(params: dict[str, ort.OrtValue], where: str, groups: di
             if b is not None and v.shape()[-1] != b.shape()[0]:
                 raise QloraError(f"{where}: {key} has rank {v.shape()[-1]} and its lora_B rank {b.shape()[0]}: "
                                  "not one adapter")
-        if not np.isfinite(v.numpy()).all():
+        a = v.numpy()
+        if not np.isfinite(a).all():
             raise QloraError(f"{where}: {key} holds NaN or infinite values (a diverged training run?); it would "
                              "answer nothing useful")
+        # a huge finite value could overflow another row's x·A in a step shared with other adapters (serve):
+        # within ±65504, that needs an input ~1e33, which no row of a working model holds
+        if a.size and (peak := float(np.abs(a).max())) > MAX_ADAPTER_VALUE:
+            raise QloraError(f"{where}: {key} holds values up to {peak:.3g}; an adapter's values must lie within "
+                             f"±{MAX_ADAPTER_VALUE:g} (fp16's range; a trained LoRA's are far smaller)")
     for group, members in (groups or {}).items():  # a group with a B per member: A's rank is theirs, side by side
         bs = [f"{m}.lora_B" for m, _ in members]
         if f"{group}.lora_B" in params or not any(k in params for k in [f"{group}.lora_A", *bs]):
@@ -124,3 +154,14 @@ def check_adapter_values(params: dict[str, ort.OrtValue], where: str, groups: di
         if a is None or None in ranks or len(set(ranks)) > 1 or a.shape()[-1] != sum(ranks):
             raise QloraError(f"{where}: {group}.lora_A has rank {a.shape()[-1] if a is not None else 'none'} and "
                              f"its members' lora_B ranks {ranks}: not one adapter")
+
+
+def release_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc keeps them for reuse otherwise, so a server's
+    memory would not fall after an adapter is unloaded)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)

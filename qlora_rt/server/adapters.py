@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qlora_rt.runtime.session import ADAPTER_SUFFIX, adapter_names
+from qlora_rt.runtime.session import ADAPTER_SUFFIX, adapter_names, release_memory
 from qlora_rt.server.protocol import APIError
 
 
@@ -28,6 +28,8 @@ class Adapters:
 
     def resolve(self, lora_path: str) -> Path:
         """A client's lora_path: an .onnx_adapter file inside one of the roots (or a folder named like it)."""
+        if "\x00" in lora_path:
+            raise APIError(400, "lora_path: a path cannot hold a NUL character", "lora_path")
         path = Path(lora_path)
         path = (path if path.is_absolute() else self.roots[-1] / path).resolve()
         if not any(path.is_relative_to(r) for r in self.roots):
@@ -52,9 +54,12 @@ class Adapters:
         if name not in self.paths:
             raise APIError(404, f"no adapter named {name!r} is loaded", "lora_name", "model_not_found",
                            "not_found_error")
-        del self.paths[name]
+        path = self.paths.pop(name)
         if self.engine is not None:
-            self.engine.remove_adapter(name)  # requests using it finish with it
+            self.engine.remove_adapter(name)  # requests using it finish with it; then its memory is freed
+        else:
+            self.classifier.forget(path)
+            release_memory()
 
     def path(self, name: str) -> Path:
         return self.paths[name]

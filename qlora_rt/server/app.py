@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qlora_rt.runtime import manifest
 from qlora_rt.server.adapters import Adapters
+from qlora_rt.server.middleware import Guard
 from qlora_rt.server.protocol import MAX_BODY, APIError, error
 from qlora_rt.server.routes import router
 from qlora_rt.server.state import State
@@ -21,8 +22,10 @@ from qlora_rt.server.state import State
 
 def create_app(folder: str | Path, *, api_key: str | None = None, max_batch: int = 8, threads: int = 0,
                adapters_dir: str | Path | None = None, served_model_name: str | None = None,
-               max_seq_len: int = 2048, max_queue: int | None = None) -> FastAPI:
-    """The server's app for one export folder (uvicorn runs it; tests call it in-process)."""
+               max_seq_len: int = 2048, max_queue: int | None = None, max_body: int = MAX_BODY,
+               allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
+    """The server's app for one export folder (uvicorn runs it; tests call it in-process). allowed_hosts:
+    the Host names it answers to (None: any; `serve` on this machine passes its loopback names)."""
     folder = Path(folder)
     meta = manifest.read(folder)
     state = State(folder, meta, served_model_name or _default_name(meta.base_model), Adapters(folder, adapters_dir))
@@ -35,6 +38,10 @@ def create_app(folder: str | Path, *, api_key: str | None = None, max_batch: int
         state.engine = Engine(state.model, max_batch=max_batch, max_seq_len=max_seq_len,
                               max_queue=max_queue if max_queue is not None else 4 * max_batch)
         state.grammars = Grammars(folder, state.model.meta.vocab, sorted(state.model.eos))
+        # no token covers more characters than the vocabulary's longest; normalization may shrink text a
+        # little (composed characters): 4x that is a bound no text that fits the context comes near
+        longest = max(map(len, state.model.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+        state.max_prompt_chars = 4 * longest * state.engine.capacity
     else:
         from qlora_rt.runtime.classifier import Classifier
 
@@ -75,22 +82,7 @@ def create_app(folder: str | Path, *, api_key: str | None = None, max_batch: int
         return error(500, f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                      None, None, "server_error")
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):  # added first: runs after auth
-        size = request.headers.get("content-length", "0")
-        if not size.isdigit() or int(size) > MAX_BODY:
-            return error(413, f"the body is {size} bytes; this server takes at most {MAX_BODY >> 20} MiB "
-                              "(a prompt longer than any context fits in far less)", None, "body_too_large")
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error(401, "missing or wrong API key (send Authorization: Bearer KEY)", None,
-                             "invalid_api_key", "authentication_error")
-        return await call_next(request)
-
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body, allowed_hosts=allowed_hosts)
     app.include_router(router)
     return app
 

@@ -35,6 +35,29 @@ def error(status: int, message: str, param=None, code=None, kind="invalid_reques
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _unicode(cls, v):
+        """JSON may carry a lone surrogate (\\ud800), which no tokenizer can take: refused here, as a 400."""
+        _check_unicode(v)
+        return v
+
+
+def _check_unicode(v) -> None:
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"not valid Unicode text: a lone surrogate ({v[e.start]!r}) at character {e.start}") \
+                from None
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            _check_unicode(x)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _check_unicode(k)
+            _check_unicode(x)
+
 
 class StreamOptions(_Body):
     include_usage: bool = False
@@ -124,8 +147,22 @@ class CompletionBody(Sampled):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for completions
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = False                        # the prompt's text before each choice's
+    best_of: int | None = Field(None, ge=1)  # only = n: ranking more candidates than are returned is not done
+    suffix: str | None = None                 # refused: no fill-in-the-middle
     response_format: ResponseFormat | None = None  # an extra field here, as vLLM takes it
+
+    def refuse_unsupported(self) -> None:
+        """Fields OpenAI's completions take that this server does not honour: a 400 naming each, never ignored."""
+        if self.suffix:
+            raise APIError(400, "suffix: this server does not insert text between a prompt and a suffix "
+                                "(fill-in-the-middle); send no suffix", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, f"best_of: only best_of = n ({self.n}) is served (every candidate is returned); "
+                                "use n", "best_of")
+        if self.echo and self.logprobs is not None:
+            raise APIError(400, "echo: with logprobs the prompt's own log-probabilities would be returned, which "
+                                "this server does not compute; send echo or logprobs", "echo")
 
 
 class ClassifyBody(_Body):

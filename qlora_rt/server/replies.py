@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from qlora_rt.errors import QloraError
-from qlora_rt.runtime.batching import Engine, Event, QueueFull
+from qlora_rt.runtime.batching import Engine, Event, QueueFull, ShuttingDown
 from qlora_rt.runtime.batching import Request as EngineRequest
 from qlora_rt.server.protocol import APIError
 
@@ -30,6 +30,7 @@ class Reply:
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self.created = int(time.time())
+        self.echo: list[str] | None = None  # completions with echo: each row's prompt text, sent first
 
     # ---- pieces ------------------------------------------------------------------------------------
     def _token(self, token: int) -> str:
@@ -86,9 +87,9 @@ class Reply:
                                        "model": self.name, "choices": choices, **extra}) + "\n\n"
 
     @staticmethod
-    def error_event(message: str) -> str:
+    def error_event(message: str, code: str) -> str:
         return "data: " + json.dumps({"error": {"message": message, "type": "server_error", "param": None,
-                                                "code": "model_error"}}) + "\n\n"
+                                                "code": code}}) + "\n\n"
 
 
 async def respond(engine: Engine, reqs: list[EngineRequest], reply: Reply, request: Request, stream: bool,
@@ -96,53 +97,63 @@ async def respond(engine: Engine, reqs: list[EngineRequest], reply: Reply, reque
     """Submit the rows (all or none: a full queue is a 429), then the reply, whole or streamed."""
     loop = asyncio.get_running_loop()
     queues: list[asyncio.Queue] = [asyncio.Queue() for _ in reqs]
-    lives = []
+    emits = [lambda ev, q=q: loop.call_soon_threadsafe(q.put_nowait, ev) for q in queues]
     try:
-        for q, r in zip(queues, reqs):
-            lives.append(engine.submit(r, lambda ev, q=q: loop.call_soon_threadsafe(q.put_nowait, ev)))
+        lives = engine.submit_many(reqs, emits)
     except QueueFull as e:
-        for live in lives:
-            engine.cancel(live)
         raise APIError(429, str(e), None, "rate_limit_exceeded", "rate_limit_error", {"Retry-After": "1"}) from None
+    except ShuttingDown as e:
+        raise APIError(503, str(e), None, "shutting_down", "server_error", {"Retry-After": "5"}) from None
     except QloraError as e:
-        for live in lives:
-            engine.cancel(live)
         raise APIError(400, str(e)) from None
     if stream:
         return StreamingResponse(_stream(engine, lives, queues, reply, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    gone = asyncio.ensure_future(_disconnected(request))
     results = []
     try:
         for q in queues:
-            results.append(await _collect(q, request))
+            results.append(await _collect(q, gone))
+            if results[-1] is None:
+                break
     finally:
+        gone.cancel()
         for live in lives:
             engine.cancel(live)  # no-op for finished ones; frees the rest if the client went away
     if any(r is None for r in results):
         return JSONResponse({}, status_code=499)
-    failed = next((r[0].error for r in results if r[0].finish == "error"), None)
-    if failed:
-        raise APIError(500, failed, None, "model_error", "server_error")
+    failed = next((r[0] for r in results if r[0].finish == "error"), None)
+    if failed is not None:
+        if failed.code == "shutting_down":
+            raise APIError(503, failed.error, None, "shutting_down", "server_error", {"Retry-After": "5"})
+        raise APIError(500, failed.error, None, "model_error", "server_error")
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for index, (done, pieces, lps) in enumerate(results):
-        choices.append(reply.choice(index, "".join(pieces), done.finish, lps))
+        choices.append(reply.choice(index, (reply.echo[index] if reply.echo else "") + "".join(pieces), done.finish,
+                                    lps))
         completion_tokens += done.completion_tokens
         if index % reply.n == 0:
             prompt_tokens += done.prompt_tokens
     return reply.body(choices, reply.usage(prompt_tokens, completion_tokens))
 
 
-async def _collect(q: asyncio.Queue, request: Request):
-    """A request's events until it finishes: (last event, text pieces, logprobs); None if the client went
-    away first."""
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body was read already: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(q: asyncio.Queue, gone: asyncio.Future):
+    """A row's events until it finishes: (last event, text pieces, logprobs); None as soon as the client
+    goes away (`gone` done), so its rows are freed at the engine's next step."""
     pieces, lps = [], []
     while True:
-        try:
-            ev: Event = await asyncio.wait_for(q.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                return None
-            continue
+        get = asyncio.ensure_future(q.get())
+        await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not get.done():
+            get.cancel()
+            return None
+        ev: Event = get.result()
         if ev.finish:
             return ev, pieces, lps
         pieces.append(ev.text)
@@ -158,6 +169,8 @@ async def _stream(engine: Engine, lives: list, queues: list[asyncio.Queue], repl
             for i in range(len(queues)):
                 yield reply.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                     "finish_reason": None}])
+        for i, text in enumerate(reply.echo or []):
+            yield reply.chunk([reply.piece(i, text, [])])
         pending.update({asyncio.ensure_future(q.get()): i for i, q in enumerate(queues)})
         prompt_tokens = completion_tokens = 0
         while pending:
@@ -166,7 +179,7 @@ async def _stream(engine: Engine, lives: list, queues: list[asyncio.Queue], repl
                 i = pending.pop(fut)
                 ev: Event = fut.result()
                 if ev.finish == "error":
-                    yield reply.error_event(ev.error)
+                    yield reply.error_event(ev.error, ev.code or "model_error")
                     continue
                 if ev.finish:
                     prompt_tokens += ev.prompt_tokens if i % reply.n == 0 else 0  # once a prompt, not a choice

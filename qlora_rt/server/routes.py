@@ -103,6 +103,7 @@ async def chat(body: ChatBody, request: Request):
     engine = state.decoder()
     adapter = state.resolve_model(body.model)
     messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
+    state.check_length(sum(len(m["content"]) for m in messages), "messages")
     try:
         ids = await run_in_threadpool(state.model.encode, messages)
     except QloraError as e:
@@ -122,6 +123,7 @@ async def chat(body: ChatBody, request: Request):
 async def completions(body: CompletionBody, request: Request):
     state = _state(request)
     engine = state.decoder()
+    body.refuse_unsupported()
     adapter = state.resolve_model(body.model)
     model = state.model
     prompts = body.prompt
@@ -135,6 +137,7 @@ async def completions(body: CompletionBody, request: Request):
         if isinstance(p, str):
             if not p:
                 raise APIError(400, "prompt: an empty string", "prompt")
+            state.check_length(len(p), "prompt")  # before tokenizing: a 30 MB prompt is refused at once
             all_ids.append(await run_in_threadpool(lambda p=p: model.tokenizer.encode(p).ids))
         else:
             if not p or any(not 0 <= t < vocab for t in p):
@@ -143,8 +146,11 @@ async def completions(body: CompletionBody, request: Request):
     reqs = [_request(engine, ids, adapter, body.max_tokens, body, body.logprobs, i, "prompt")
             for ids in all_ids for i in range(body.n)]
     await _constrain(state, reqs, body.response_format)
-    return await respond(engine, reqs, Reply(model, False, body.model, body.n), request, body.stream,
-                         _include_usage(body))
+    reply = Reply(model, False, body.model, body.n)
+    if body.echo:  # each choice's text starts with its prompt's
+        texts = [p if isinstance(p, str) else model.tokenizer.decode(list(p)) for p in prompts]
+        reply.echo = [t for t in texts for _ in range(body.n)]
+    return await respond(engine, reqs, reply, request, body.stream, _include_usage(body))
 
 
 def _include_usage(body: Sampled) -> bool:

@@ -22,7 +22,15 @@ class State:
     model: object | None = None       # runtime.decoder.Model
     grammars: object | None = None    # runtime.constrained.Grammars
     classifier: object | None = None  # runtime.classifier.Classifier (encoder exports)
+    max_prompt_chars: int = 0  # longer text cannot fit the context (check_length); 0 = no limit
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def check_length(self, chars: int, field: str) -> None:
+        """Refuse, before tokenizing, text of more characters than the context's tokens could ever cover."""
+        if self.max_prompt_chars and chars > self.max_prompt_chars:
+            capacity = self.engine.capacity if self.engine is not None else 0
+            raise APIError(400, f"{field}: {chars:,} characters cannot fit this server's context of {capacity} tokens "
+                                "(--max-seq-len)", field, "context_length_exceeded")
 
     def resolve_model(self, name: str) -> str | None:
         """The adapter a model name picks (None = the base), or 404."""
