@@ -1,18 +1,19 @@
 """`qlora-rt serve` under load on SmolLM2-135M: mixed-adapter continuous batching, and llama.cpp's server.
 
     python bench/serve.py [--work runs/serve] [--streams 1,2,4,8,16] [--new 64] [--int4-compute fp32|int8]
-                          [--export-int4-compute fp32|int8] [--llama-server PATH]
+                          [--export-int4-compute fp32|int8] [--llama-server PATH] [--only-prefix]
 
 Prepares (once, in --work) an r16 all-linear adapter trained for a few steps on the dates task, the
-adapter-aware int4 export with it as `a` (trained with --int4-compute: fp32 by default, exact; int8 trains
-and exports the faster int8-activation products; --export-int4-compute int8 exports an fp32-trained
-adapter's base with them), and the same adapter added as `b` and `c` (three files,
+adapter-aware int4 export with it as `a` (trained with --int4-compute, fp32 by default; exported with
+export's default, int8 activations, or --export-int4-compute fp32 for the exact products), and the same
+adapter added as `b` and `c` (three files,
 so three adapters as far as the server knows: the cost of a mixed step does not depend on their values).
 Then, with the server in its own process (`qlora-rt serve --max-batch 16 --max-seq-len 512`), for each
 number of concurrent streams: every stream one streamed /v1/completions request of --new tokens
 (ignore_eos, greedy) on a prompt of about 40 tokens, models round-robin over the base and a, b, c
 ("mixed") or all `a` ("one adapter"). Reported: decode tokens/s while all streams decode, output tokens/s
-over the whole run, time to first token p50 / p95, and the server's RSS with 3 and with 16 adapters.
+over the whole run, time to first token p50 / p95, and the server's RSS with 3 and with 16 adapters. And the
+prefix cache: a request's first token on a ~1,000-token prompt, cold and then warm (the same start, another end).
 
 With --llama-server (llama.cpp's `llama-server` binary), the same 8-stream mixed load runs against it, on
 the same GGUF base with the same adapter converted by llama.cpp's convert_lora_to_gguf.py (three copies,
@@ -196,6 +197,40 @@ def bench_ours(export: Path, streams: list[int], new: int, threads: int) -> tupl
     return rows, memory
 
 
+def bench_prefix(export: Path, threads: int, rounds: int = 3, words: int = 700) -> dict:
+    """The prefix cache: time to first token of a request on a ~1,000-token prompt (cold), then of another
+    with the same start and a different end (warm: the start is taken from the cache), each round with a
+    fresh start; a server of its own (--max-seq-len 2048, --max-batch 4). Medians over the rounds."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_rt", "serve", str(export), "--port", str(port),
+                             "--max-batch", "4", "--max-seq-len", "2048", "--served-model-name", "base",
+                             "--threads", str(threads)])
+    base = f"http://127.0.0.1:{port}"
+
+    def ttft(prompt: str, model: str) -> float:
+        t0 = time.perf_counter()
+        with httpx.stream("POST", base + "/v1/completions", timeout=600, json={
+                "model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    return time.perf_counter() - t0
+        raise SystemExit(f"no token from {base}")
+    try:
+        wait_up(base + "/health", proc)
+        ttft("warm up", "base")
+        cold, warm = [], []
+        for k in range(rounds):
+            start = " ".join(f"w{k}x{i}" for i in range(words))  # no two rounds share a start
+            cold.append(ttft(start + " first question?", "a"))
+            warm.append(ttft(start + " a second, different question?", "a"))
+        reply = httpx.post(base + "/v1/completions", json={"model": "a", "prompt": start, "max_tokens": 1})
+        tokens = reply.json()["usage"]["prompt_tokens"]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return {"cold": statistics.median(cold), "warm": statistics.median(warm), "tokens": tokens}
+
+
 def bench_llama(server: Path, work: Path, n: int, new: int, threads: int) -> dict:
     """llama.cpp's server on the same base and adapter (converted with its own script)."""
     import importlib.util
@@ -248,15 +283,23 @@ def main() -> None:
     ap.add_argument("--export-int4-compute", default=None, choices=("fp32", "int8"),
                     help="the export's products, if not as trained")
     ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (optional)")
+    ap.add_argument("--only-prefix", action="store_true", help="only the prefix-cache phase")
     a = ap.parse_args()
     work = Path(a.work)
     export = prepare(work, a.int4_compute, a.export_int4_compute)
+    p = bench_prefix(export, a.threads)
+    prefix = (f"prefix cache (`--max-batch 4 --max-seq-len 2048`, adapter a, median of 3): a {p['tokens']}-token "
+              f"shared start, first token cold {p['cold']:.2f} s, warm {p['warm']:.2f} s "
+              f"({100 * p['warm'] / p['cold']:.0f}% of cold)")
+    if a.only_prefix:
+        print(prefix)
+        return
     streams = [int(x) for x in a.streams.split(",")]
     print(f"qlora-rt serve, {export} ({a.threads} threads):", file=sys.stderr)
     rows, memory = bench_ours(export, streams, a.new, a.threads)
     one_stream = next((r["mixed"]["decode_tok_s"] for r in rows if r["streams"] == 1), None)
     print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU threads, SmolLM2-135M adapter-aware int4 "
-          f"({a.export_int4_compute or a.int4_compute} activations, trained with {a.int4_compute}), r16 "
+          f"({a.export_int4_compute or 'int8'} activations, trained with {a.int4_compute}), r16 "
           f"all-linear adapters, {a.new} new tokens a stream, prompts of ~40 tokens, all streams sent at once; "
           "mixed = round-robin over the base and adapters a, b, c\n")
     print("| streams | mixed: decode tok/s | x one stream | output tok/s | TTFT p50 / p95 (s) | one adapter: decode "
@@ -273,6 +316,7 @@ def main() -> None:
         f"{k} {v['p50'] * 1000:.0f} / {v['p99'] * 1000:.0f} / {v['max'] * 1000:.0f} ms" for k, v in gaps.items())
         + f" (the long prompt's first token after {gaps['long prompt arriving']['ttft']:.2f} s)")
     print("\nserver RSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
+    print("\n" + prefix)
     if a.llama_server:
         n = 8
         ours = next(r for r in rows if r["streams"] == n) if n in streams else None

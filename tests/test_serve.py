@@ -654,3 +654,38 @@ def test_streamed_usage_counts_each_prompt_once(app, tiny_export):
     usage = json.loads(lines[-2][6:])["usage"]
     assert usage["prompt_tokens"] == len(m.encode("one two")) + len(m.encode("three four five"))
     assert usage["completion_tokens"] == 4 * 3
+
+
+def test_metrics_in_prometheus_text_format(tiny_export):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from qlora_rt.server.app import create_app
+
+    app = create_app(tiny_export, max_batch=2, served_model_name="tiny")
+
+    async def go():
+        async with _client(app) as c:
+            ok = await c.post("/v1/completions", json={"model": "a", "prompt": "the cat", "max_tokens": 3,
+                                                        "ignore_eos": True})
+            missing = await c.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+            again = await c.post("/v1/completions", json={"model": "a", "prompt": "the cat", "max_tokens": 3,
+                                                           "ignore_eos": True})
+            return ok, missing, again, await c.get("/metrics")
+    try:
+        ok, missing, again, r = _run(go())
+        assert ok.status_code == again.status_code == 200 and missing.status_code == 404
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(r.text) for s in f.samples}
+        assert samples[("qlora_rt_requests_total", (("model", "a"), ("status", "200")))] == 2
+        assert samples[("qlora_rt_requests_total", (("model", "nope"), ("status", "404")))] == 1
+        prompt = ok.json()["usage"]["prompt_tokens"]
+        assert samples[("qlora_rt_prompt_tokens_total", (("model", "a"),))] == 2 * prompt
+        assert samples[("qlora_rt_generation_tokens_total", (("model", "a"),))] == 6
+        assert samples[("qlora_rt_prefix_cache_tokens_total", ())] == prompt - 1  # the second ran its last token
+        assert samples[("qlora_rt_time_to_first_token_seconds_count", (("model", "a"),))] == 2
+        assert samples[("qlora_rt_step_seconds_count", ())] >= 4
+        assert samples[("qlora_rt_adapters_loaded", ())] == 2
+        assert samples[("qlora_rt_rows_running", ())] == samples[("qlora_rt_rows_waiting", ())] == 0
+    finally:
+        app.state.qlora.engine.close(5)

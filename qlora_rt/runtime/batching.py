@@ -117,6 +117,14 @@ class Engine:
         self.adapters: dict[str, dict[str, ort.OrtValue]] = {}
         self._base: dict[str, ort.OrtValue] = {}  # the base's LoRA inputs: none (one object, shared by its rows)
         self.slots: list[_Live | None] = [None] * max_batch
+        # the prefix cache: what each slot's KV cache holds once its request has left (the tokens at positions
+        # 0.., and the adapter they were computed with), reused by the next request that starts the same way
+        self.held: list[tuple[object, list[int]]] = [(None, [])] * max_batch
+        self.last_used = [0.0] * max_batch  # when each slot last took a request: the least recent is reused first
+        self.prefix_tokens = 0  # prompt tokens taken from the cache instead of run (since start)
+        # observers (the server's metrics): a decode step's seconds; a row's adapter and its time to first token
+        self.on_step: Callable[[float], None] | None = None
+        self.on_first_token: Callable[[str | None, float], None] | None = None
         self.waiting: deque[_Live] = deque()
         self.cond = threading.Condition()
         self.closing = False
@@ -233,17 +241,23 @@ class Engine:
                 with self.cond:
                     for live in active:
                         self._finish(live, "error", message)
+                        live.length = 0  # what its slot holds is not known: nothing is kept for reuse
             with self.cond:
                 for i, live in enumerate(self.slots):
                     if live is not None and live.finished:
-                        self.slots[i] = None
+                        self._leave(i, live)
 
     def _drop_cancelled(self) -> None:
         self.waiting = deque(w for w in self.waiting if not w.cancelled)
         for i, live in enumerate(self.slots):
             if live is not None and live.cancelled:
                 live.finished = True
-                self.slots[i] = None
+                self._leave(i, live)
+
+    def _leave(self, slot: int, live: _Live) -> None:
+        """A finished request frees its slot; what its cache holds stays there for a request with the same start."""
+        self.slots[slot] = None
+        self.held[slot] = (live.params, (live.req.ids + live.tokens)[: live.length])
 
     def _purge(self) -> None:
         """Drop the stacked copies of adapters that are neither loaded nor used by a row any more."""
@@ -252,6 +266,7 @@ class Engine:
         used = {id(p) for p in self.adapters.values()} | {id(s.params) for s in self.slots if s is not None} \
             | {id(w.params) for w in self.waiting}
         self._stacks = {k: v for k, v in self._stacks.items() if all(i in used for i in k)}
+        self.held = [(p, h) if p is None or id(p) in used else (None, []) for p, h in self.held]
         self._removed = any(id(s.params) not in {id(p) for p in self.adapters.values()}
                             for s in [*filter(None, self.slots), *self.waiting] if s.params)
         if not self._removed:
@@ -261,11 +276,9 @@ class Engine:
         """Waiting requests into free slots, oldest first (lowest slot first, so steps stay short). An export
         without per-row adapters takes only requests of the running rows' adapter."""
         running = {id(s.params) for s in self.slots if s is not None}
-        for i in range(self.max_batch):
+        for _ in range(self.slots.count(None)):
             if not self.waiting:
                 return
-            if self.slots[i] is not None:
-                continue
             pick = 0
             if not self.mixed and running:
                 pick = next((k for k, w in enumerate(self.waiting) if id(w.params) in running), None)
@@ -273,9 +286,32 @@ class Engine:
                     return
             live = self.waiting[pick]
             del self.waiting[pick]
-            live.slot = i
+            i = self._slot_for(live)
             running.add(id(live.params))
             self.slots[i] = live
+
+    def _slot_for(self, live: _Live) -> int:
+        """The free slot whose held tokens (same adapter) share the longest start with the prompt: those positions
+        are not run again (at least the prompt's last token is, for its logits). Without one, the slot used
+        least recently, so recent prefixes stay."""
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        ids = live.req.ids
+
+        def shared(i: int) -> int:
+            params, held = self.held[i]
+            if params is not live.params or not held:
+                return 0
+            n = min(len(held), len(ids) - 1)
+            a, b = np.asarray(held[:n]), np.asarray(ids[:n])
+            differ = np.flatnonzero(a != b)
+            return int(differ[0]) if differ.size else n
+        best = max(free, key=lambda i: (shared(i), -self.last_used[i]))
+        reuse = shared(best)
+        live.slot, live.done_prompt, live.length = best, reuse, reuse
+        self.prefix_tokens += reuse
+        self.held[best] = (None, [])  # from here the slot's cache is this request's
+        self.last_used[best] = time.perf_counter()
+        return best
 
     def _run(self, first: int, ids: np.ndarray, lengths: np.ndarray, lora: dict[str, ort.OrtValue]) -> np.ndarray:
         """One run over the slots first .. first+B-1: ids (B, T) at the end of each row's cache (lengths (B,)
@@ -307,16 +343,24 @@ class Engine:
         first, last = min(r.slot for r in rows), max(r.slot for r in rows)
         n = last - first + 1
         ids = np.zeros((n, 1), np.int64)
-        lengths = np.ones(n, np.int64)  # a slot not decoding writes one throwaway position its next prompt overwrites
+        lengths = np.ones(n, np.int64)
         for r in rows:
             ids[r.slot - first, 0] = r.next_token
             lengths[r.slot - first] = r.length + 1
-        for i in range(n):  # a row still in its prompt: its dummy goes where its next chunk will write
+        for i in range(n):  # a slot not decoding writes one throwaway position where nothing is kept:
             other = self.slots[first + i]
-            if other is not None and other not in rows:
+            if other is None:  # a free slot: just past the tokens it holds for reuse
+                params, held = self.held[first + i]
+                keep = min(len(held), self.capacity - 1)
+                self.held[first + i] = (params, held[:keep])
+                lengths[i] = keep + 1
+            elif other not in rows:  # a row still in its prompt: where its next chunk will write
                 lengths[i] = other.length + 1
+        t0 = time.perf_counter()
         logits = self._run(first, ids, lengths, self._lora(rows, first, n))
         self.steps += 1
+        if self.on_step is not None:
+            self.on_step(time.perf_counter() - t0)
         for r in rows:
             r.length += 1
             r.next_token = None
@@ -391,6 +435,8 @@ class Engine:
             end = len(text) - held_back(text, req.stop)
         piece = text[live.sent:end] if end > live.sent else ""
         live.sent = max(live.sent, end)
+        if len(live.tokens) == 1 and self.on_first_token is not None:
+            self.on_first_token(req.adapter, time.perf_counter() - live.t_submit)
         live.emit(Event(text=piece, tokens=[token], logprobs=info, prompt_tokens=len(req.ids),
                         completion_tokens=len(live.tokens)))
         if finish:

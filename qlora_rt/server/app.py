@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qlora_rt.runtime import manifest
 from qlora_rt.server.adapters import Adapters
+from qlora_rt.server.metrics import Metrics
 from qlora_rt.server.middleware import Guard
 from qlora_rt.server.protocol import MAX_BODY, APIError, error
 from qlora_rt.server.routes import router
@@ -82,7 +83,9 @@ def create_app(folder: str | Path, *, api_key: str | None = None, max_batch: int
         return error(500, f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                      None, None, "server_error")
 
-    app.add_middleware(Guard, api_key=api_key, max_body=max_body, allowed_hosts=allowed_hosts)
+    state.metrics = Metrics(state)
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body, allowed_hosts=allowed_hosts,
+                       answered=state.metrics.answered)
     app.include_router(router)
     return app
 

@@ -16,9 +16,11 @@ OPEN_PATHS = ("/health",)  # answered without the key: a load balancer's probe
 
 
 class Guard:
-    def __init__(self, app, *, api_key: str | None, max_body: int, allowed_hosts: tuple[str, ...] | None) -> None:
-        """allowed_hosts: the Host names (without port) this server answers to; None = any."""
-        self.app, self.api_key, self.max_body = app, api_key, max_body
+    def __init__(self, app, *, api_key: str | None, max_body: int, allowed_hosts: tuple[str, ...] | None,
+                 answered=None) -> None:
+        """allowed_hosts: the Host names (without port) this server answers to; None = any. answered(scope,
+        status): called as each response the app makes starts (the metrics)."""
+        self.app, self.api_key, self.max_body, self.answered = app, api_key, max_body, answered
         self.allowed_hosts = {h.lower() for h in allowed_hosts} if allowed_hosts else None
 
     async def __call__(self, scope, receive, send):
@@ -55,7 +57,14 @@ class Guard:
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
             return await receive()  # then the client's disconnect, when it comes
 
-        return await self.app(scope, replay, send)
+        if self.answered is None:
+            return await self.app(scope, replay, send)
+
+        async def observed(message):
+            if message["type"] == "http.response.start":
+                self.answered(scope, message["status"])
+            await send(message)
+        return await self.app(scope, replay, observed)
 
     def _too_large(self, size: str) -> str:
         return (f"the body is {size} bytes; this server takes at most {self.max_body >> 20} MiB (--max-body-mb; "

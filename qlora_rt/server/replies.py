@@ -22,10 +22,10 @@ from qlora_rt.server.protocol import APIError
 
 
 class Reply:
-    def __init__(self, model, chat: bool, name: str, n: int) -> None:
+    def __init__(self, model, chat: bool, name: str, n: int, metrics=None) -> None:
         """model: the runtime Model (its tokenizer spells logprobs); name: the model name the client sent;
-        n: choices per prompt (usage counts a prompt once)."""
-        self.m, self.chat, self.name, self.n = model, chat, name, n
+        n: choices per prompt (usage counts a prompt once); metrics: told the tokens of each finished reply."""
+        self.m, self.chat, self.name, self.n, self.metrics = model, chat, name, n, metrics
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
@@ -73,8 +73,9 @@ class Reply:
         c.update({"delta": {}} if self.chat else {"text": ""})
         return c
 
-    @staticmethod
-    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        if self.metrics is not None:
+            self.metrics.finished(self.name, prompt_tokens, completion_tokens)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 

@@ -5,13 +5,14 @@ adapter's name. Each route parses, hands the work to the engine (or classifier) 
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from qlora_rt.errors import QloraError
 from qlora_rt.runtime.batching import Engine
 from qlora_rt.runtime.batching import Request as EngineRequest
 from qlora_rt.runtime.constrained import schema_of
+from qlora_rt.server.metrics import CONTENT_TYPE
 from qlora_rt.server.protocol import (
     APIError,
     ChatBody,
@@ -39,6 +40,11 @@ async def health(request: Request):
     if state.engine is not None:
         out["running"], out["waiting"] = state.engine.load
     return out
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/v1/models")
@@ -75,6 +81,7 @@ async def unload_lora_adapter(body: UnloadAdapter, request: Request):
 @router.post("/v1/classify")
 async def classify(body: ClassifyBody, request: Request):
     state = _state(request)
+    request.state.model = body.model
     if state.classifier is None:
         raise APIError(400, f"{state.folder} is a decoder export; use /v1/chat/completions or /v1/completions",
                        None, "wrong_endpoint")
@@ -100,6 +107,7 @@ async def classify(body: ClassifyBody, request: Request):
 @router.post("/v1/chat/completions")
 async def chat(body: ChatBody, request: Request):
     state = _state(request)
+    request.state.model = body.model
     engine = state.decoder()
     adapter = state.resolve_model(body.model)
     messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
@@ -115,13 +123,14 @@ async def chat(body: ChatBody, request: Request):
                             "tool_choice \"none\"", "tools")
     reqs = [_request(engine, ids, adapter, limit, body, top, i, "messages") for i in range(body.n)]
     await _constrain(state, reqs, body.response_format)
-    return await respond(engine, reqs, Reply(state.model, True, body.model, body.n), request, body.stream,
-                         _include_usage(body))
+    return await respond(engine, reqs, Reply(state.model, True, body.model, body.n, state.metrics), request,
+                         body.stream, _include_usage(body))
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionBody, request: Request):
     state = _state(request)
+    request.state.model = body.model
     engine = state.decoder()
     body.refuse_unsupported()
     adapter = state.resolve_model(body.model)
@@ -146,7 +155,7 @@ async def completions(body: CompletionBody, request: Request):
     reqs = [_request(engine, ids, adapter, body.max_tokens, body, body.logprobs, i, "prompt")
             for ids in all_ids for i in range(body.n)]
     await _constrain(state, reqs, body.response_format)
-    reply = Reply(model, False, body.model, body.n)
+    reply = Reply(model, False, body.model, body.n, state.metrics)
     if body.echo:  # each choice's text starts with its prompt's
         texts = [p if isinstance(p, str) else model.tokenizer.decode(list(p)) for p in prompts]
         reply.echo = [t for t in texts for _ in range(body.n)]

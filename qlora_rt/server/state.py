@@ -22,6 +22,7 @@ class State:
     model: object | None = None       # runtime.decoder.Model
     grammars: object | None = None    # runtime.constrained.Grammars
     classifier: object | None = None  # runtime.classifier.Classifier (encoder exports)
+    metrics: object | None = None     # server.metrics.Metrics
     max_prompt_chars: int = 0  # longer text cannot fit the context (check_length); 0 = no limit
     created: int = field(default_factory=lambda: int(time.time()))
 
