@@ -420,6 +420,9 @@ def test_64_concurrent_mixed_requests_all_complete(app):
             return await asyncio.gather(*(one(i) for i in range(64)))
     results = _run(go())
     assert all(status == 200 and ok for status, ok in results), results
+    deadline = time.time() + 5  # the replies can arrive before the engine's thread frees the rows
+    while app.state.qlora.engine.load != (0, 0) and time.time() < deadline:
+        time.sleep(0.01)
     assert app.state.qlora.engine.load == (0, 0)
 
 
@@ -587,7 +590,6 @@ def test_completions_take_response_format_too(app):
 
 
 @pytest.mark.parametrize("extra,param,says", [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "does not call tools"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content", "only text parts are supported; got a 'image_url' part"),
 ])
@@ -595,12 +597,9 @@ def test_chat_features_it_lacks_are_refused_not_ignored(app, extra, param, says)
     async def go():
         async with _client(app) as c:
             body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
-            fine = await c.post("/v1/chat/completions", json={**body, "tool_choice": "none"}) if "tools" in extra \
-                else None
-            return await c.post("/v1/chat/completions", json=body), fine
-    r, fine = _run(go())
+            return await c.post("/v1/chat/completions", json=body)
+    r = _run(go())
     assert r.status_code == 400 and r.json()["error"]["param"] == param and says in r.json()["error"]["message"]
-    assert fine is None or fine.status_code == 200, "tool_choice none: answered in text, as asked"
 
 
 def test_penalties_and_logit_bias_apply_as_generate_applies_them(app, tiny_export):
@@ -670,6 +669,9 @@ def test_metrics_in_prometheus_text_format(tiny_export):
             missing = await c.post("/v1/completions", json={"model": "nope", "prompt": "x"})
             again = await c.post("/v1/completions", json={"model": "a", "prompt": "the cat", "max_tokens": 3,
                                                            "ignore_eos": True})
+            engine = app.state.qlora.engine
+            while engine.load != (0, 0):  # the reply can arrive before the engine's thread frees the row
+                await asyncio.sleep(0.01)
             return ok, missing, again, await c.get("/metrics")
     try:
         ok, missing, again, r = _run(go())

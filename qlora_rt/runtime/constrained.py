@@ -57,6 +57,21 @@ class Grammars:
         return JsonConstraint(matcher, tok.vocab_size)
 
 
+    def lark(self, grammar: str) -> JsonConstraint:
+        """A matcher for one reply under a Lark grammar (llguidance's dialect; tool calls)."""
+        import llguidance
+
+        tok = self._tok()
+        try:
+            compiled = llguidance.LLMatcher.grammar_from_lark(grammar)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise QloraError(f"the tools' schemas cannot be used: {str(e).splitlines()[0][:200]}") from None
+        matcher = llguidance.LLMatcher(tok, compiled)
+        if matcher.is_error():
+            raise QloraError(f"the tools' schemas cannot be used: {matcher.get_error()[:200]}")
+        return JsonConstraint(matcher, tok.vocab_size)
+
+
 class JsonConstraint:
     def __init__(self, matcher, vocab: int) -> None:
         from llguidance.numpy import allocate_token_bitmask

@@ -14,6 +14,7 @@ it under I/O binding, and I/O binding is what keeps the cache in place.)
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -93,8 +94,10 @@ class Model:
         return params
 
     # ---- prompts --------------------------------------------------------------------------------
-    def encode(self, prompt: str | list[dict], chat: bool = False, system: str | None = None) -> list[int]:
-        """Token ids of a prompt; chat=True (or a list of messages) goes through the folder's chat template."""
+    def encode(self, prompt: str | list[dict], chat: bool = False, system: str | None = None,
+               tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a prompt; chat=True (or a list of messages) goes through the folder's chat template
+        (with `tools` for a template that takes them: see template_takes_tools)."""
         if isinstance(prompt, str) and not prompt.strip():
             raise QloraError("--prompt is empty")
         if chat or not isinstance(prompt, str):
@@ -104,9 +107,15 @@ class Model:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
             if system:
                 messages.insert(0, {"role": "system", "content": system})
-            text = self.template.render(messages=messages, add_generation_prompt=True, **self._template_vars)
+            extra = {"tools": tools} if tools else {}
+            text = self.template.render(messages=messages, add_generation_prompt=True, **self._template_vars, **extra)
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         return self.tokenizer.encode(prompt).ids
+
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders a `tools` variable (Hugging Face's convention for tool calls)."""
+        return self.template is not None and re.search(r"\btools\b", self.template.source) is not None
 
     # ---- generation -----------------------------------------------------------------------------
     def generate(self, prompts: str | list, *, chat: bool = False, system: str | None = None,

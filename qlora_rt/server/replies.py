@@ -31,6 +31,7 @@ class Reply:
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self.created = int(time.time())
         self.echo: list[str] | None = None  # completions with echo: each row's prompt text, sent first
+        self.tools = None  # server.tools.Tools of a chat request that may call them: a call becomes tool_calls
 
     # ---- pieces ------------------------------------------------------------------------------------
     def _token(self, token: int) -> str:
@@ -51,8 +52,11 @@ class Reply:
                 "text_offset": []}
 
     def choice(self, index: int, text: str, finish: str, lps: list[dict]) -> dict:
-        c: dict[str, Any] = {"index": index, "finish_reason": finish}
-        if self.chat:
+        calls = self.tools.read(text) if self.tools is not None else None
+        c: dict[str, Any] = {"index": index, "finish_reason": "tool_calls" if calls else finish}
+        if calls:
+            c["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+        elif self.chat:
             c["message"] = {"role": "assistant", "content": text}
         else:
             c["text"] = text
@@ -165,6 +169,7 @@ async def _stream(engine: Engine, lives: list, queues: list[asyncio.Queue], repl
     """Server-sent events: one chunk per piece of text, a last chunk with finish_reason, then (with
     stream_options.include_usage) a chunk of usage, then `data: [DONE]`."""
     pending: dict[asyncio.Future, int] = {}
+    held = [["", [], reply.tools is not None] for _ in queues]  # text and logprobs held back, still maybe a call
     try:
         if reply.chat:
             for i in range(len(queues)):
@@ -185,8 +190,24 @@ async def _stream(engine: Engine, lives: list, queues: list[asyncio.Queue], repl
                 if ev.finish:
                     prompt_tokens += ev.prompt_tokens if i % reply.n == 0 else 0  # once a prompt, not a choice
                     completion_tokens += ev.completion_tokens
-                    yield reply.chunk([reply.last_piece(i, ev.finish)])
+                    text, lps, _ = held[i]
+                    calls = reply.tools.read(text) if text and reply.tools is not None else None
+                    if calls:
+                        yield reply.chunk([{"index": i, "delta": {"tool_calls": [{**c, "index": k} for k, c in
+                                                                                 enumerate(calls)]},
+                                            "finish_reason": None, "logprobs": None}])
+                    elif text or lps:
+                        yield reply.chunk([reply.piece(i, text, lps)])
+                    yield reply.chunk([reply.last_piece(i, "tool_calls" if calls else ev.finish)])
                     continue
+                if held[i][2]:  # a reply that may still be a tool call is held until it is known
+                    held[i][0] += ev.text
+                    held[i][1] += ev.logprobs
+                    if reply.tools.may_become_call(held[i][0]):
+                        pending[asyncio.ensure_future(queues[i].get())] = i
+                        continue
+                    ev = Event(text=held[i][0], logprobs=held[i][1])
+                    held[i] = ["", [], False]
                 if ev.text or ev.logprobs:
                     yield reply.chunk([reply.piece(i, ev.text, ev.logprobs)])
                 pending[asyncio.ensure_future(queues[i].get())] = i

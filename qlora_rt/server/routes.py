@@ -25,6 +25,7 @@ from qlora_rt.server.protocol import (
 )
 from qlora_rt.server.replies import Reply, respond
 from qlora_rt.server.state import State
+from qlora_rt.server.tools import Tools
 
 router = APIRouter()
 
@@ -110,21 +111,30 @@ async def chat(body: ChatBody, request: Request):
     request.state.model = body.model
     engine = state.decoder()
     adapter = state.resolve_model(body.model)
-    messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
-    state.check_length(sum(len(m["content"]) for m in messages), "messages")
+    tools = Tools(body)
+    if tools.active and body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, "response_format: not with tools (a reply is either a call or that format)",
+                       "response_format")
+    messages, extra = tools.messages(body.messages, state.model.template_takes_tools)
+    state.check_length(sum(len(m["content"] or "") for m in messages), "messages")
     try:
-        ids = await run_in_threadpool(state.model.encode, messages)
+        ids = await run_in_threadpool(lambda: state.model.encode(messages, tools=extra.get("tools")))
     except QloraError as e:
         raise APIError(400, str(e), "messages") from None
     limit = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
-    if body.tools and body.tool_choice != "none":  # answering in plain text would be silently wrong
-        raise APIError(400, "tools: this server does not call tools (function calling); send no tools, or "
-                            "tool_choice \"none\"", "tools")
     reqs = [_request(engine, ids, adapter, limit, body, top, i, "messages") for i in range(body.n)]
-    await _constrain(state, reqs, body.response_format)
-    return await respond(engine, reqs, Reply(state.model, True, body.model, body.n, state.metrics), request,
-                         body.stream, _include_usage(body))
+    if tools.active:
+        try:
+            for r in reqs:
+                r.constraint = await run_in_threadpool(state.grammars.lark, tools.grammar())
+        except QloraError as e:
+            raise APIError(400, str(e), "tools") from None
+    else:
+        await _constrain(state, reqs, body.response_format)
+    reply = Reply(state.model, True, body.model, body.n, state.metrics)
+    reply.tools = tools if tools.active else None
+    return await respond(engine, reqs, reply, request, body.stream, _include_usage(body))
 
 
 @router.post("/v1/completions")
