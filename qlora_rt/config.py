@@ -195,6 +195,9 @@ class TrainConfig:
                           at_least=2)
     lr: float | None = option(None, "peak learning rate (default: 2e-4 for a decoder, 5e-4 for an encoder)", above=0)
     warmup: float = option(0.03, "warm-up: a fraction of the steps (<1) or a number of steps", at_least=0)
+    schedule: str = option("cosine", "the learning rate after warm-up: cosine (down to 0 at the last step) or "
+                           "constant (a run extended with --resume --steps then equals a longer run from the "
+                           "start)", choices=("cosine", "constant"))
     weight_decay: float = option(0.0, "AdamW weight decay", at_least=0)
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = off)", at_least=0)
     optim: str = option("adamw", "optimizer (paged_adamw_8bit needs CUDA)", choices=("adamw", "paged_adamw_8bit"))
@@ -203,7 +206,8 @@ class TrainConfig:
                                              "memory, slower steps. Default: on for bases of "
                                              f"{GRAD_CHECKPOINTING_FROM / 1e9:g}B+ parameters, off below")
     eval_every: int = option(50, "evaluate every N steps (0 = only at start and end)", at_least=0)
-    checkpoint_every: int = option(50, "checkpoint every N steps (0 = never)", at_least=0)
+    checkpoint_every: int = option(50, "checkpoint every N steps and at the end, so a finished run can be "
+                                   "extended with --resume (0 = never)", at_least=0)
     log_every: int = option(10, "when not on a terminal, print a progress line every N steps", at_least=1)
     device: str = option("auto", "cuda | cpu | auto", choices=("auto", "cuda", "cpu"))
     dtype: str = option("auto", "compute dtype; auto = bfloat16 on CUDA, float32 on CPU",

@@ -97,6 +97,30 @@ def test_divergence_keeps_the_last_checkpoint_a_finite_step_came_from(tiny_llama
     assert yaml.safe_load((run / "run.yaml").read_text())["lr"] == 1e-3
 
 
+def test_a_finished_run_can_be_extended_and_equals_the_longer_run(tiny_llama, tiny_data, tmp_path):
+    """A run shorter than --checkpoint-every still ends with a checkpoint; --resume with more --steps
+    continues it (the data order goes on, the schedule is recomputed for the new length): with a constant
+    schedule and no warm-up, the extended run is the longer run from the start."""
+    kw = dict(schedule="constant", warmup=0, checkpoint_every=50, eval_every=0)
+    train(config(tiny_llama, tiny_data, tmp_path / "long", steps=6, **kw))
+    train(config(tiny_llama, tiny_data, tmp_path / "ext", steps=4, **kw))
+    assert (tmp_path / "ext" / "checkpoint").exists()
+    with pytest.raises(QloraError, match=r"is complete \(4 steps\); pass a larger --steps"):
+        train(config(tiny_llama, tiny_data, tmp_path / "ext", steps=4, resume=True, **kw))
+    with pytest.raises(QloraError, match="can be extended, not shortened"):
+        train(config(tiny_llama, tiny_data, tmp_path / "ext", steps=3, resume=True, **kw))
+    with pytest.raises(QloraError, match=r"settings differ .*schedule"):
+        train(config(tiny_llama, tiny_data, tmp_path / "ext", steps=6, resume=True, **{**kw, "schedule": "cosine"}))
+    r = train(config(tiny_llama, tiny_data, tmp_path / "ext", steps=6, resume=True, **kw))
+    assert r.steps == 6
+    records = [json.loads(x) for x in (tmp_path / "ext" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in records if "loss" in x] == list(range(1, 7))
+    assert {"step": 4, "resumed_with": {"steps": [4, 6]}} in records
+    assert yaml.safe_load((tmp_path / "ext" / "run.yaml").read_text())["steps"] == 6
+    longer, extended = adapter(tmp_path / "long"), adapter(tmp_path / "ext")
+    assert max((longer[k] - extended[k]).abs().max().item() for k in longer) <= 1e-6
+
+
 def test_run_folder_is_never_overwritten_and_resume_needs_a_run(tiny_llama, tiny_data, tmp_path):
     cfg = config(tiny_llama, tiny_data, tmp_path / "run", steps=4, checkpoint_every=2)
     train(cfg)

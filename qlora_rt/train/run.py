@@ -72,6 +72,9 @@ def _device_and_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
 # (a lower --lr after a divergence is the usual one). The change is recorded in metrics.jsonl and run.yaml.
 RESUMABLE = ("lr", "warmup", "weight_decay", "max_grad_norm", "eval_every", "checkpoint_every", "log_every",
              "eval_data", "dist_timeout", "grad_checkpointing")
+# How long the run is: a resume may extend it (the schedule is recomputed for the new length; the data order
+# continues). Shorter than the checkpoint's step is refused once the length in steps is known (_train).
+EXTENDABLE = ("steps", "epochs")
 # Compared by what they hold, not by how they are spelled: the base by its fingerprint, the data by its digest.
 BY_CONTENT = ("model", "data", "out")
 # What a run folder holds, temporary names included: a run killed before run.yaml may leave some of them.
@@ -113,11 +116,12 @@ def _run_folder(cfg: TrainConfig, main: bool = True) -> dict | None:
     # what a run saved before a setting existed had
     defaults = {**TrainConfig(model="-", data="-", out="-").saved(), **LEGACY}
     diff = [f"{k} ({before.get(k)!r} -> {v!r})" for k, v in now.items()
-            if k not in RESUMABLE + BY_CONTENT and before.get(k, defaults[k]) != v]
+            if k not in RESUMABLE + EXTENDABLE + BY_CONTENT and before.get(k, defaults[k]) != v]
     if diff:
         raise QloraError(f"--resume: settings differ from the run's ({', '.join(diff)}); only "
-                         f"{', '.join(flag(k) for k in RESUMABLE)} may change on resume")
-    saved["changed"] = {k: [before.get(k), now[k]] for k in RESUMABLE if before.get(k) != now[k]}
+                         f"{', '.join(flag(k) for k in RESUMABLE)} may change on resume, and --steps or --epochs "
+                         "to extend it")
+    saved["changed"] = {k: [before.get(k), now[k]] for k in RESUMABLE + EXTENDABLE if before.get(k) != now[k]}
     return saved
 
 
@@ -294,10 +298,11 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
         release_freed_memory()  # the whole copy each process built: its pages back to the OS
     params = trainable_parameters(model)
     optimizer = _optimizer(cfg, params)
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     warmup = int(cfg.warmup) if cfg.warmup >= 1 else math.ceil(cfg.warmup * total_steps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps) if cfg.schedule == "cosine" \
+        else get_constant_schedule_with_warmup(optimizer, warmup)
     step, order = 0, Order(len(train_set), cfg.seed)
     identity = {"config": cfg.saved(), "base": loaded.fingerprint, "data": data_digest, "world_size": d.world}
     if saved is not None:
@@ -305,6 +310,11 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
                                             lambda state: distributed.load_optimizer(root, optimizer, state),
                                             scheduler, d.rank)
         step, order = progress["step"], Order(len(train_set), cfg.seed, **progress["order"])
+        if step >= total_steps:
+            raise QloraError(f"--resume: the run in {out} is complete ({step} steps); pass a larger --steps (or "
+                             f"--epochs) to extend it" if step == total_steps else
+                             f"--resume: the run in {out} is at step {step}, past the {total_steps} steps asked for; "
+                             "a run can be extended, not shortened")
         _apply_schedule(cfg, optimizer, scheduler)
         if d.main:
             _drop_metrics_after(out / "metrics.jsonl", step)
@@ -468,6 +478,14 @@ class _Loop:
             release_freed_memory()  # a step's transient fp32 weights: their pages back to the OS
         return loss_sum, float(norm), tokens
 
+    def _checkpoint(self, step: int, order: Order) -> None:
+        rng = distributed.gather(self.d, checkpoint.rng_state())  # each rank's dropout stream
+        with distributed.gathered(self.root, self.optimizer) as optimizer_state:
+            if self.d.main:
+                checkpoint.save(self.out / "checkpoint", self.model, optimizer_state, self.scheduler,
+                                {"step": step, "order": order.state(), **self.identity}, rng)
+        self.last_checkpoint = step
+
     def run(self, train_set, eval_set, order, step, total_steps, loaded, qcfg, lcfg, trainable, total) -> TrainResult:
         cfg, model = self.cfg, self.model
         first_eval = self._eval(eval_set, 0) if step == 0 else None
@@ -496,13 +514,8 @@ class _Loop:
                     print(f"step {step}/{total_steps}  loss {loss:.4f}  {tps:.0f} tok/s", file=sys.stderr)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                     last_eval = self._eval(eval_set, step)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                    rng = distributed.gather(self.d, checkpoint.rng_state())  # each rank's dropout stream
-                    with distributed.gathered(self.root, self.optimizer) as optimizer_state:
-                        if self.d.main:
-                            checkpoint.save(self.out / "checkpoint", model, optimizer_state, self.scheduler,
-                                            {"step": step, "order": order.state(), **self.identity}, rng)
-                    self.last_checkpoint = step
+                if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total_steps):
+                    self._checkpoint(step, order)  # and at the end: a finished run can always be extended
                 if self.on_step:
                     self.on_step(record)
         except KeyboardInterrupt:
