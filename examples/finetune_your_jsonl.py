@@ -22,5 +22,6 @@ p.add_argument("--out", default="runs/mine")
 args = p.parse_args()
 
 result = train(TrainConfig(model=args.model, data=args.data, eval_data=args.eval_data, out=args.out, quant="int4",
-                           steps=args.steps, batch_size=4, seq_len=512, rank=16, alpha=32, lr=5e-4))
-print(f"adapter: {result.adapter}  (final loss {result.train_loss:.4f}, eval loss {result.eval_loss})")
+                           steps=args.steps, batch_size=4, seq_len=512, rank=16, alpha=32))
+evaluated = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+print(f"adapter: {result.adapter}  (final loss {result.train_loss:.4f}{evaluated})")

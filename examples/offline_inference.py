@@ -7,10 +7,15 @@ One session, several adapters: each call picks one (or none = the base) without 
 """
 
 import sys
+from pathlib import Path
 
 from qlora_rt.runtime import Model
 
-model = Model(sys.argv[1] if len(sys.argv) > 1 else "runs/demo/onnx-adapter-aware", threads=2)
+folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo/onnx-adapter-aware")
+if not (folder / "qlora_rt_export.json").is_file():
+    sys.exit(f"usage: python examples/offline_inference.py EXPORT_FOLDER  ({folder} is not an export: run "
+             "`make demo` to make runs/demo/onnx-adapter-aware, or `qlora-rt export ...`)")
+model = Model(folder, threads=2)
 question = "Rewrite this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only.\n4th of July 2031"
 for adapter in [None, *model.adapter_names]:
     reply = model.generate(question, chat=True, adapter=adapter, max_new_tokens=16)

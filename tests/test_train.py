@@ -352,3 +352,23 @@ def test_gradient_checkpointing_changes_memory_not_the_adapter(tiny_llama, tiny_
     assert max((plain[k] - recomputed[k]).abs().max().item() for k in plain) <= 1e-6
     off = adapter(tmp_path / "off")
     assert all(torch.equal(plain[k], off[k]) for k in plain)
+
+
+def test_output_is_quiet_and_exact(tiny_llama, tiny_data, tmp_path, capsys):
+    """The --quant auto note comes with a run that starts, not before an error; a run too short to time shows
+    no tokens/s; one step is "1 step"; bitsandbytes' hub-kernel warning is silenced."""
+    import logging
+
+    from qlora_rt.base.formats import _bnb
+
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(QloraError, match="no examples"):
+        train(config(tiny_llama, tiny_data, tmp_path / "bad", data=str(tmp_path / "empty.jsonl"), quant="auto"))
+    assert "--quant auto" not in capsys.readouterr().err
+    r = train(config(tiny_llama, tiny_data, tmp_path / "one", steps=1, quant="auto", checkpoint_every=0,
+                     eval_data=None))
+    err = capsys.readouterr().err
+    assert "--quant auto: int4 base" in err and " 1 step on " in err
+    assert r.tokens_per_s == 0 and "- (too short to time)" in err
+    _bnb()
+    assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() >= logging.ERROR

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -67,6 +66,8 @@ def _device_and_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
         return device, torch.bfloat16 if bf16 else torch.float32
     return device, getattr(torch, cfg.dtype)
 
+
+MIN_TIMED_S = 1.0  # seconds of steps below which a run's tokens/s says nothing (its summary shows none)
 
 # Settings a resume may change: they steer the optimizer and the logging, not what the run has learnt so far
 # (a lower --lr after a divergence is the usual one). The change is recorded in metrics.jsonl and run.yaml.
@@ -202,11 +203,11 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     icfg = InitConfig(cfg.init, cfg.loftq_iters, cfg.svd)  # a bad --init fails before the model loads
     auto = cfg.quant == "auto"
     cfg = _resolved(cfg)
-    if auto and os.environ.get("RANK", "0") == "0":
-        print(f"--quant auto: {cfg.quant} base (block {cfg.block_size or DEFAULT_BLOCK[cfg.quant]}"
-              f"{', output head in 4 bits too' if cfg.quant_head else ''}): its int4 export runs these very bytes "
-              "(fast; exactly this model with --int4-compute fp32); --quant nf4 trains a bitsandbytes/PEFT base",
-              file=sys.stderr)
+    note = None  # said when a new run starts, not before every error
+    if auto:
+        note = (f"--quant auto: {cfg.quant} base (block {cfg.block_size or DEFAULT_BLOCK[cfg.quant]}"
+                f"{', output head in 4 bits too' if cfg.quant_head else ''}): its int4 export runs these very bytes "
+                "(fast; exactly this model with --int4-compute fp32); --quant nf4 trains a bitsandbytes/PEFT base")
     device, dtype = _device_and_dtype(cfg)
     d = distributed.setup(device, cfg.dist_timeout)  # torchrun's processes join here; one process runs alone
     if cfg.fsdp and not d.on:  # recorded as it runs: run.yaml says fsdp false
@@ -214,7 +215,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
               file=sys.stderr)
         cfg = replace(cfg, fsdp=False)
     try:
-        return _train(cfg, on_step, icfg, device, dtype, d)
+        return _train(cfg, on_step, icfg, device, dtype, d, note)
     except RuntimeError as e:
         if d.on and distributed.lost_peer(e):
             raise QloraError(f"rank {d.rank}: another training process stopped or stopped answering "
@@ -226,7 +227,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
 
 
 def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dtype: torch.dtype,
-           d: distributed.Dist) -> TrainResult:
+           d: distributed.Dist, note: str | None = None) -> TrainResult:
     if d.on and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
@@ -327,11 +328,14 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
     how = f"FSDP: {held / whole:.0%} of the {whole / 2**20:,.1f} MiB of weights on each" if fsdp else "DDP"
     procs = f" x {d.world} processes ({how}; global batch {cfg.batch_size * cfg.grad_accum * d.world})" if d.on else ""
     if d.main:
+        if note and saved is None:
+            print(note, file=sys.stderr)
         dropped_note = f" ({dropped} dropped: no target token left after truncation)" if dropped else ""
         print(f"base {loaded.source}: {total / 1e6:.1f}M params, {cfg.quant} linears in {base_mib:,.1f} MiB; {what}"
               f"adapters on {len(targets)} layers, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
               f"{len(train_set)} examples{dropped_note}; "
-              f"{total_steps} steps on {device.type}{procs}{'; gradient checkpointing' if checkpointing else ''}",
+              f"{total_steps} step{'s' if total_steps != 1 else ''} on {device.type}"
+              f"{procs}{'; gradient checkpointing' if checkpointing else ''}",
               file=sys.stderr)
     distributed.barrier(d)  # the run folder is ready before any rank steps
     loop = _Loop(cfg, root, optimizer, scheduler, params, device, out, on_step, residual, identity, d)
@@ -534,7 +538,8 @@ class _Loop:
                              labels=getattr(self.task, "labels", None))
         distributed.barrier(self.d)  # the adapter is written before any rank returns
         result = TrainResult(adapter, step, loss, last_eval and last_eval["eval_loss"], last_eval,
-                             tokens / max(step_time, 1e-9), peak_memory(self.device), trainable, total)
+                             tokens / step_time if step_time >= MIN_TIMED_S else 0.0, peak_memory(self.device),
+                             trainable, total)
         if self.d.main:
             print(_summary(result, first_eval, self.task), file=sys.stderr)
         return result
@@ -547,8 +552,9 @@ def _summary(r: TrainResult, first_eval: dict | None, task) -> str:
         if confusion else ""
     return table("training summary", [
         ("trainable params", f"{r.trainable:,} of {r.total:,} ({100 * r.trainable / r.total:.2f}%)"),
-        ("steps", r.steps), ("final train loss", f"{r.train_loss:.4f}"),
+        ("steps", f"{r.steps:,}"), ("final train loss", f"{r.train_loss:.4f}"),
         ("eval at start", ev(first_eval)), ("eval at end", ev(r.eval_metrics)),
-        ("tokens/s", f"{r.tokens_per_s:,.0f}"), ("peak memory", r.peak_memory), ("adapter", r.adapter),
+        ("tokens/s", f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "- (too short to time)"),
+        ("peak memory", r.peak_memory), ("adapter", r.adapter),
     ]) + after
 
