@@ -229,8 +229,8 @@ VERBS = {
               "Dequantize the 4-bit base exactly as trained, add (alpha/r)*B@A in fp32, check for NaN, "
               "and write a plain Hugging Face checkpoint (safetensors)."),
     "export": (_export, ExportConfig, "export to ONNX (merged or adapter-aware), verified against PyTorch",
-               "Build the decoder graph op by op from the trained weights, write a self-contained folder, "
-               "and check it against the PyTorch model (export_report.json); fails above --tolerance."),
+               "Build the graph (decoder or encoder) op by op from the trained weights, write a self-contained "
+               "folder, and check it against the PyTorch model (export_report.json); fails above --tolerance."),
     "export-adapter": (_export_adapter, ExportAdapterConfig, "add an adapter to an adapter-aware export",
                        "Write another trained adapter as OUT/adapters/NAME.onnx_adapter, without re-exporting."),
     "generate": (_generate, GenerateConfig, "complete prompts offline with an export (no torch needed)",
