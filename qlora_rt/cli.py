@@ -179,7 +179,7 @@ def _serve(args: argparse.Namespace) -> None:
         from qlora_rt.server import create_app
     except ModuleNotFoundError as e:
         raise QloraError(f"serve needs {e.name}, which this install does not include: pip install "
-                         "'qlora-rt[serve]'") from None
+                         "'qlora-rt[serve]' (in a clone: pip install '.[serve]')") from None
     key = cfg.key()
     app = create_app(cfg.folder, api_key=key, max_batch=cfg.max_batch, threads=cfg.threads,
                      adapters_dir=cfg.adapters_dir, served_model_name=cfg.served_model_name,
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] in TRAINING_PACKAGES:
             print(f"qlora-rt {args.verb}: error: needs {e.name.split('.')[0]}, which the runtime-only install does "
-                  "not include: pip install 'qlora-rt[export]'", file=sys.stderr)
+                  "not include: pip install 'qlora-rt[export]' (in a clone: pip install '.[export]')", file=sys.stderr)
             return 2
         raise
     except KeyboardInterrupt:

@@ -36,7 +36,8 @@ class Grammars:
                 try:
                     import llguidance
                 except ModuleNotFoundError:
-                    raise QloraError("response_format needs llguidance: pip install 'qlora-rt[serve]'") from None
+                    raise QloraError("response_format needs llguidance: pip install 'qlora-rt[serve]' (in a clone: "
+                                     "pip install '.[serve]')") from None
                 self._tokenizer = llguidance.LLTokenizer((self.folder / "tokenizer.json").read_text(),
                                                          n_vocab=self.vocab, eos_token=self.eos)
             return self._tokenizer
