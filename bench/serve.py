@@ -197,7 +197,7 @@ def bench_ours(export: Path, streams: list[int], new: int, threads: int) -> tupl
     return rows, memory
 
 
-def bench_prefix(export: Path, threads: int, rounds: int = 3, words: int = 700) -> dict:
+def bench_prefix(export: Path, threads: int, rounds: int = 3, words: int = 250) -> dict:
     """The prefix cache: time to first token of a request on a ~1,000-token prompt (cold), then of another
     with the same start and a different end (warm: the start is taken from the cache), each round with a
     fresh start; a server of its own (--max-seq-len 2048, --max-batch 4). Medians over the rounds."""
@@ -211,6 +211,8 @@ def bench_prefix(export: Path, threads: int, rounds: int = 3, words: int = 700) 
         t0 = time.perf_counter()
         with httpx.stream("POST", base + "/v1/completions", timeout=600, json={
                 "model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True}) as r:
+            if r.status_code != 200:
+                raise SystemExit(f"{r.status_code}: {r.read()[:300]!r}")
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     return time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""The project's int4 weights (qlora_rt/packed_int4.py) as the inputs of `com.microsoft.MatMulNBits`.
+"""The project's int4 weights (qlora_rt/base/packed_int4.py) as the inputs of `com.microsoft.MatMulNBits`.
 
     B            uint8 (N, k_blocks, block/2)   the stored bytes, as they are
     scales       fp32  (N, k_blocks)

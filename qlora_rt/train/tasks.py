@@ -1,6 +1,6 @@
 """What a training task is, over the one loop in qlora_rt/train/run.py: its examples, batches, loss and metrics.
 
-    causal-lm   decoders: next-token loss on the completion / assistant tokens (qlora_rt/text_data.py)
+    causal-lm   decoders: next-token loss on the completion / assistant tokens (qlora_rt/train/text_data.py)
     classify    encoders: a label per text (or text pair), cross-entropy on the classification head's logits,
                 accuracy, macro-F1 and the confusion matrix (qlora_rt/label_data.py)
 

@@ -221,7 +221,7 @@ def test_classify_output_that_cannot_be_written_is_one_line_and_loses_nothing(tm
     assert data.read_bytes() == before
 
 
-# --- checkpoints whose config.json does not fit (item 4: another label count; item 11: other sizes) ------
+# --- checkpoints whose config.json does not fit (another label count, other sizes) ----------------------
 def test_a_classifier_checkpoint_with_another_label_count_gets_a_fresh_head(tmp_path, capsys):
     from conftest import ENCODER_CONFIGS, make_encoder_tokenizer
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -257,7 +257,7 @@ def test_config_sizes_that_disagree_with_the_weights_are_one_line(tmp_path, caps
     assert not (tmp_path / "run").exists()
 
 
-# --- the chat template (item 6): bounded in time and size, one line for its errors ------------------------
+# --- the chat template: bounded in time and size, one line for its errors ------------------------
 @pytest.mark.parametrize("source,says", [
     ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took over"),
     ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
