@@ -229,3 +229,27 @@ def merged_export(tiny_llama, tiny_runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("merged") / "onnx"
     export(ExportConfig(model=str(tiny_llama), adapter=str(tiny_runs[1]["a"]), out=str(out), mode="merged"))
     return out
+
+
+def serve_in_thread(app):
+    """A real uvicorn server for an app, on a free port, in a thread: (port, stop)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(20)
+    return port, stop

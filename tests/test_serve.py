@@ -4,8 +4,6 @@ import asyncio
 import json
 import queue
 import shutil
-import socket
-import threading
 import time
 
 import numpy as np
@@ -469,26 +467,13 @@ def test_the_official_openai_client_talks_to_it(tiny_export):
 
 
 def _serve_in_thread(folder):
-    """A real uvicorn server on a free port, in a thread: (engine, port, stop)."""
-    import uvicorn
+    """A real uvicorn server over the export on a free port, in a thread: (engine, port, stop)."""
+    from conftest import serve_in_thread
 
     from qlora_rt.server.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = create_app(folder, max_batch=2, served_model_name="base")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(20)
-    return app.state.qlora.engine, port, stop
+    return (app.state.qlora.engine, *serve_in_thread(app))
 
 
 def test_classify_endpoint_on_an_encoder_export(encoder_export):

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import serve_in_thread
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -40,26 +41,6 @@ def _slow(engine, seconds=0.02):
     engine._run = lambda *a: (time.sleep(seconds), run(*a))[1]
 
 
-def _serve(app):
-    """A real uvicorn server on a free port, in a thread: (port, stop)."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(20)
-    return port, stop
-
-
 def _write_adapter(src, dst, change):
     """A copy of an .onnx_adapter file with its arrays changed by change(name, array) -> array."""
     fmt = ort.AdapterFormat.read_adapter(str(src))
@@ -77,7 +58,7 @@ def _write_adapter(src, dst, change):
 def test_a_chunked_body_is_counted_as_it_arrives_and_refused_at_the_limit(tiny_export):
     """No Content-Length: the body is refused once it passes --max-body-mb, never read whole."""
     app = _app(tiny_export, max_body=1 << 20)
-    port, stop = _serve(app)
+    port, stop = serve_in_thread(app)
     sent = 0
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -178,7 +159,7 @@ def test_a_non_streaming_request_stops_decoding_when_its_client_leaves(tiny_expo
     app = _app(tiny_export, max_batch=2, max_seq_len=4096)
     engine = app.state.qlora.engine
     _slow(engine, 0.01)
-    port, stop = _serve(app)
+    port, stop = serve_in_thread(app)
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": engine.capacity - 8,

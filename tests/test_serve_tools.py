@@ -2,9 +2,6 @@
 none, required, a named function), `tool_calls` streamed and not, `role: "tool"` results sent back."""
 
 import json
-import socket
-import threading
-import time
 
 import pytest
 
@@ -38,23 +35,13 @@ def tools_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(tools_export):
-    import uvicorn
+    from conftest import serve_in_thread
 
     from qlora_rt.server.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(tools_export, max_batch=2, served_model_name="base")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
+    port, stop = serve_in_thread(create_app(tools_export, max_batch=2, served_model_name="base"))
     yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
-    server.should_exit = True
-    thread.join(20)
+    stop()
 
 
 def _call_args(call, name):

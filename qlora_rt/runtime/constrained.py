@@ -46,30 +46,27 @@ class Grammars:
         """A matcher for one reply: any JSON object (schema None) or one that fits `schema`."""
         import llguidance
 
-        tok = self._tok()
-        try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                schema if schema is not None else {"type": "object"}, defaults=LAYOUT)
-        except (ValueError, TypeError, RuntimeError) as e:
-            raise QloraError(f"the JSON schema cannot be used: {str(e).splitlines()[0][:200]}") from None
-        matcher = llguidance.LLMatcher(tok, grammar)
-        if matcher.is_error():
-            raise QloraError(f"the JSON schema cannot be used: {matcher.get_error()[:200]}")
-        return JsonConstraint(matcher, tok.vocab_size)
+        return self._constraint(lambda: llguidance.LLMatcher.grammar_from_json_schema(
+            schema if schema is not None else {"type": "object"}, defaults=LAYOUT), "the JSON schema")
 
 
     def lark(self, grammar: str) -> JsonConstraint:
         """A matcher for one reply under a Lark grammar (llguidance's dialect; tool calls)."""
         import llguidance
 
+        return self._constraint(lambda: llguidance.LLMatcher.grammar_from_lark(grammar), "the tools' schemas")
+
+    def _constraint(self, compile_grammar, what: str) -> JsonConstraint:
+        import llguidance
+
         tok = self._tok()
         try:
-            compiled = llguidance.LLMatcher.grammar_from_lark(grammar)
+            grammar = compile_grammar()
         except (ValueError, TypeError, RuntimeError) as e:
-            raise QloraError(f"the tools' schemas cannot be used: {str(e).splitlines()[0][:200]}") from None
-        matcher = llguidance.LLMatcher(tok, compiled)
+            raise QloraError(f"{what} cannot be used: {str(e).splitlines()[0][:200]}") from None
+        matcher = llguidance.LLMatcher(tok, grammar)
         if matcher.is_error():
-            raise QloraError(f"the tools' schemas cannot be used: {matcher.get_error()[:200]}")
+            raise QloraError(f"{what} cannot be used: {matcher.get_error()[:200]}")
         return JsonConstraint(matcher, tok.vocab_size)
 
 
