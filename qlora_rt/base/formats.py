@@ -16,7 +16,6 @@ Formats:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -90,10 +89,6 @@ class QuantConfig:
 
 
 def _bnb():
-    # on CPUs with AVX512-BF16 bitsandbytes tries to fetch a kernel from the Hugging Face hub at import and
-    # logs a warning when it cannot (offline, or without the `kernels` package): its own CPU path is used
-    # either way, so the line only worries users
-    logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
     import bitsandbytes as bnb  # imported on first use: it probes the GPU and logs on import
 
     return bnb
