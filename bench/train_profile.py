@@ -1,7 +1,7 @@
 """Where a CPU training step's time goes: torch.profiler over steps of `train` on SmolLM2-135M, with
 bench/train_vs_peft.py's config (r16 all-linear, batch 4 x seq 256), after two steps of warm-up.
 
-    python bench/train_profile.py [--quant int4|nf4] [--active 3] [--threads 2] [--rows 20]
+    python bench/train_profile.py [--quant int4|nf4] [--dropout 0.05] [--active 3] [--threads 2] [--rows 20]
 
 Prints the operators by self CPU time (what the step spends its time in, kernels and Python glue alike)
 and the share of the step the top ones take.
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (train's default: 0.05)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     times: list[float] = []
@@ -48,11 +49,13 @@ def main() -> None:
             prof.step()
         train(TrainConfig(model="smollm2-135m", data=str(ROOT / "examples/data/dates-train.jsonl"),
                           out=str(Path(tmp) / "run"), quant=a.quant, steps=2 + a.active, rank=16,
-                          batch_size=a.batch_size, seq_len=a.seq_len, lr=2e-4, checkpoint_every=0, eval_every=0),
+                          batch_size=a.batch_size, seq_len=a.seq_len, lr=2e-4, dropout=a.dropout, checkpoint_every=0,
+                          eval_every=0),
               on_step=step)
     averages = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in averages)
-    print(f"{a.quant}, batch {a.batch_size} x {a.seq_len}, {a.threads} threads: {a.active} profiled steps, "
+    print(f"{a.quant}, dropout {a.dropout:g}, batch {a.batch_size} x {a.seq_len}, {a.threads} threads: "
+          f"{a.active} profiled steps, "
           f"{sum(times[2:]) / max(len(times) - 2, 1):.2f} s a step (unprofiled steps "
           f"{' / '.join(f'{t:.2f}' for t in times[:2])} s)\n")
     print("| operator | self CPU s a step | share | calls a step |")
