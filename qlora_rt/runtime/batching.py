@@ -3,7 +3,8 @@
 The engine owns one KV cache of `max_batch` rows (slots). A request takes a free slot, its prompt is
 run into that slot's cache in chunks (between decode steps, so running streams keep going; while any
 stream decodes, chunks of BUSY_CHUNK tokens, so none waits long), and from
-then on it is one row of every decode step until it finishes; then the slot is free for the next one.
+then on it is one row of every decode step until it finishes; then the slot is free for the next one,
+and what its cache holds stays there for a request that starts the same way (the prefix cache: `_slot_for`).
 Rows are right-aligned: each holds its own number of positions from 0 (the graph's `row_lengths`), so
 streams of any lengths share a step without padding, and a finished row leaves nothing to compact.
 
@@ -263,17 +264,17 @@ class Engine:
         """Drop the stacked copies of adapters that are neither loaded nor used by a row any more."""
         if not self._removed:
             return
-        used = {id(p) for p in self.adapters.values()} | {id(s.params) for s in self.slots if s is not None} \
-            | {id(w.params) for w in self.waiting}
+        loaded = {id(p) for p in self.adapters.values()}
+        rows = [*filter(None, self.slots), *self.waiting]
+        used = loaded | {id(r.params) for r in rows}
         self._stacks = {k: v for k, v in self._stacks.items() if all(i in used for i in k)}
         self.held = [(p, h) if p is None or id(p) in used else (None, []) for p, h in self.held]
-        self._removed = any(id(s.params) not in {id(p) for p in self.adapters.values()}
-                            for s in [*filter(None, self.slots), *self.waiting] if s.params)
+        self._removed = any(r.params and id(r.params) not in loaded for r in rows)  # purge again when they end
         if not self._removed:
             release_memory()
 
     def _admit(self) -> None:
-        """Waiting requests into free slots, oldest first (lowest slot first, so steps stay short). An export
+        """Waiting requests into free slots, oldest first (each into the slot `_slot_for` picks). An export
         without per-row adapters takes only requests of the running rows' adapter."""
         running = {id(s.params) for s in self.slots if s is not None}
         for _ in range(self.slots.count(None)):

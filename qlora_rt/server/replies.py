@@ -78,6 +78,7 @@ class Reply:
         return c
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        """The reply's usage, once it is complete (the metrics count it here, streamed or not)."""
         if self.metrics is not None:
             self.metrics.finished(self.name, prompt_tokens, completion_tokens)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -211,8 +212,9 @@ async def _stream(engine: Engine, lives: list, queues: list[asyncio.Queue], repl
                 if ev.text or ev.logprobs:
                     yield reply.chunk([reply.piece(i, ev.text, ev.logprobs)])
                 pending[asyncio.ensure_future(queues[i].get())] = i
+        usage = reply.usage(prompt_tokens, completion_tokens)
         if include_usage:
-            yield reply.chunk([], usage=reply.usage(prompt_tokens, completion_tokens))
+            yield reply.chunk([], usage=usage)
         yield "data: [DONE]\n\n"
     finally:  # the client went away (the response task is cancelled) or all finished: free the rows
         for live in lives:
