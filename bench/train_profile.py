@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rows", type=int, default=20)
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (train's default: 0.05)")
+    ap.add_argument("--dtype", default="auto", help="train's --dtype (auto: float32 on the CPU)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     times: list[float] = []
@@ -49,12 +50,12 @@ def main() -> None:
             prof.step()
         train(TrainConfig(model="smollm2-135m", data=str(ROOT / "examples/data/dates-train.jsonl"),
                           out=str(Path(tmp) / "run"), quant=a.quant, steps=2 + a.active, rank=16,
-                          batch_size=a.batch_size, seq_len=a.seq_len, lr=2e-4, dropout=a.dropout, checkpoint_every=0,
+                          batch_size=a.batch_size, seq_len=a.seq_len, lr=2e-4, dropout=a.dropout, dtype=a.dtype, checkpoint_every=0,
                           eval_every=0),
               on_step=step)
     averages = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in averages)
-    print(f"{a.quant}, dropout {a.dropout:g}, batch {a.batch_size} x {a.seq_len}, {a.threads} threads: "
+    print(f"{a.quant}, {a.dtype}, dropout {a.dropout:g}, batch {a.batch_size} x {a.seq_len}, {a.threads} threads: "
           f"{a.active} profiled steps, "
           f"{sum(times[2:]) / max(len(times) - 2, 1):.2f} s a step (unprofiled steps "
           f"{' / '.join(f'{t:.2f}' for t in times[:2])} s)\n")

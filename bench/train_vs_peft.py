@@ -1,13 +1,20 @@
 """qlora-rt training vs PEFT + bitsandbytes + transformers on the same config, in one run.
 
-Both sides start from the same fp32 weights (the bundled SmolLM2-135M GGUF, saved once as an HF
-folder), quantize them to NF4 + double quantization (block 64), put r=16 LoRA on all linear layers,
-and train on the same batches in the same order (the same tokenization and sampler) with AdamW and
-the same cosine schedule. Each side runs in its own process so peak RSS is its own.
+Every run starts from the same fp32 weights (the bundled SmolLM2-135M GGUF, saved once as an HF folder),
+puts r=16 LoRA (dropout 0.05) on all linear layers, and trains on the same batches in the same order (the
+same tokenization and sampler) with AdamW and the same cosine schedule. Each run is its own process, so
+peak RSS is its own. The runs:
 
-    python bench/train_vs_peft.py [--steps 60] [--batch-size 4] [--seq-len 256] [--threads 2]
+  qlora-rt int4 / nf4          `train` with its defaults (--dtype auto: bf16 products on a CPU with bf16
+                               matrix units)
+  qlora-rt int4 / nf4 fp32     the same with --dtype float32 (fp32 products): the reference loss curve
+  PEFT nf4 fp32 / bf16         transformers + PEFT + bitsandbytes NF4 + double quant, bnb_4bit_compute_dtype
+                               float32 / bfloat16 (PEFT at its own best on this CPU)
 
-Prints a table: tokens/s, seconds per step, peak RSS, first/last loss, and the ratios.
+    python bench/train_vs_peft.py [--steps 30] [--batch-size 4] [--seq-len 256] [--threads 2] [--runs a,b]
+
+Prints tokens/s, peak RSS and first/last loss with each run's ratio to the faster PEFT run, and how far
+each qlora-rt curve lies from its fp32 reference (the largest per-step loss difference).
 """
 
 from __future__ import annotations
@@ -43,25 +50,25 @@ def batches(tokenizer, steps: int, batch_size: int, seq_len: int, seed: int = 0)
     return [collate([examples[i] for i in order.take(batch_size)], tokenizer.pad_token_id) for _ in range(steps)]
 
 
-def run_ours(model_dir: str, steps: int, batch_size: int, seq_len: int, out: str) -> dict:
+def run_ours(model_dir: str, steps: int, batch_size: int, seq_len: int, out: str, quant: str, dtype: str) -> dict:
     from qlora_rt.config import TrainConfig
     from qlora_rt.train.run import train
 
     r = train(TrainConfig(model=model_dir, data=str(DATA), out=out, steps=steps, batch_size=batch_size,
-                          seq_len=seq_len, rank=16, alpha=32, dropout=0.05, targets="all-linear", quant="nf4",
-                          double_quant=True, checkpoint_every=0, eval_every=0, log_every=10))
+                          seq_len=seq_len, rank=16, alpha=32, dropout=0.05, targets="all-linear", quant=quant,
+                          double_quant=True, dtype=dtype, checkpoint_every=0, eval_every=0, log_every=10))
     losses = [json.loads(l)["loss"] for l in open(Path(out) / "metrics.jsonl") if '"loss"' in l]
-    return {"tokens_per_s": r.tokens_per_s, "first_loss": losses[0], "last_loss": losses[-1]}
+    return {"tokens_per_s": r.tokens_per_s, "losses": losses}
 
 
-def run_peft(model_dir: str, steps: int, batch_size: int, seq_len: int) -> dict:
+def run_peft(model_dir: str, steps: int, batch_size: int, seq_len: int, compute: str) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, get_cosine_schedule_with_warmup
 
     torch.manual_seed(0)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
+                             bnb_4bit_compute_dtype=getattr(torch, compute))
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, device_map="cpu",
                                                  dtype=torch.float32)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -81,7 +88,14 @@ def run_peft(model_dir: str, steps: int, batch_size: int, seq_len: int) -> dict:
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         tokens += int(batch["attention_mask"].sum())
-    return {"tokens_per_s": tokens / (time.perf_counter() - start), "first_loss": losses[0], "last_loss": losses[-1]}
+    return {"tokens_per_s": tokens / (time.perf_counter() - start), "losses": losses}
+
+
+RUNS = {  # name: (side, quant or PEFT's compute dtype, qlora-rt's --dtype)
+    "qlora-rt int4": ("ours", "int4", "auto"), "qlora-rt nf4": ("ours", "nf4", "auto"),
+    "qlora-rt int4 fp32": ("ours", "int4", "float32"), "qlora-rt nf4 fp32": ("ours", "nf4", "float32"),
+    "PEFT nf4 fp32": ("peft", "float32", None), "PEFT nf4 bf16": ("peft", "bfloat16", None),
+}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -90,44 +104,58 @@ def child(args: argparse.Namespace) -> None:
     from qlora_rt.train.report import peak_rss_mib
 
     torch.set_num_threads(args.threads)
-    if args.side == "ours":
-        result = run_ours(args.model_dir, args.steps, args.batch_size, args.seq_len, tempfile.mkdtemp() + "/run")
+    side, what, dtype = RUNS[args.run]
+    if side == "ours":
+        result = run_ours(args.model_dir, args.steps, args.batch_size, args.seq_len, tempfile.mkdtemp() + "/run",
+                          what, dtype)
     else:
-        result = run_peft(args.model_dir, args.steps, args.batch_size, args.seq_len)
+        result = run_peft(args.model_dir, args.steps, args.batch_size, args.seq_len, what)
     result["peak_rss_mib"] = peak_rss_mib()
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--side", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma list among: {', '.join(RUNS)}")
+    p.add_argument("--run", choices=list(RUNS), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.side:
+    if args.run:
         return child(args)
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        sys.exit(f"--runs: unknown {', '.join(unknown)}; expected among {', '.join(RUNS)}")
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = str(Path(tmp) / "smollm2-fp32")
         export_fp32(Path(tmp))
-        results = {}
-        for side in ("ours", "peft"):
-            cmd = [sys.executable, __file__, "--side", side, "--model-dir", tmp, "--steps", str(args.steps),
+        for run in runs:
+            cmd = [sys.executable, __file__, "--run", run, "--model-dir", tmp, "--steps", str(args.steps),
                    "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
             if out.returncode or not line:
-                sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-            results[side] = json.loads(line[0][7:])
-    o, q = results["ours"], results["peft"]
-    print(f"\nQLoRA NF4+DQ, r=16 all-linear, {args.steps} steps, batch {args.batch_size}, seq {args.seq_len}, "
-          f"{args.threads} threads, CPU fp32, SmolLM2-135M")
-    print(f"{'':<16}{'qlora-rt':>12}{'PEFT+bnb':>12}{'ratio':>8}")
-    for key, label, fmt in (("tokens_per_s", "tokens/s", "{:.1f}"), ("peak_rss_mib", "peak RSS MiB", "{:.0f}"),
-                            ("first_loss", "first loss", "{:.4f}"), ("last_loss", "last loss", "{:.4f}")):
-        print(f"{label:<16}{fmt.format(o[key]):>12}{fmt.format(q[key]):>12}{o[key] / q[key]:>8.2f}")
+                sys.exit(f"{run} failed:\n{out.stderr[-3000:]}")
+            results[run] = json.loads(line[0][7:])
+            print(f"{run}: {results[run]['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+    peft = [results[r] for r in results if RUNS[r][0] == "peft"]
+    best = max(peft, key=lambda r: r["tokens_per_s"]) if peft else None
+    print(f"\nr=16 all-linear, dropout 0.05, {args.steps} steps, batch {args.batch_size}, seq {args.seq_len}, "
+          f"{args.threads} threads, SmolLM2-135M; ratios to the faster PEFT run")
+    print("| run | tokens/s | x PEFT | peak RSS MiB | x PEFT | first loss | last loss | max loss diff vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for run, r in results.items():
+        ref = results.get(f"{run} fp32") if RUNS[run][2] == "auto" else None
+        diff = (f"{max(abs(a - b) for a, b in zip(r['losses'], ref['losses'])):.4f}" if ref else "")
+        speed = f"{r['tokens_per_s'] / best['tokens_per_s']:.2f}" if best else ""
+        mem = f"{r['peak_rss_mib'] / best['peak_rss_mib']:.2f}" if best else ""
+        print(f"| {run} | {r['tokens_per_s']:.1f} | {speed} | {r['peak_rss_mib']:.0f} | {mem} | "
+              f"{r['losses'][0]:.4f} | {r['losses'][-1]:.4f} | {diff} |")
 
 
 if __name__ == "__main__":

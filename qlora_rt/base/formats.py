@@ -117,7 +117,9 @@ class Format:
                  imported: tuple[torch.Tensor, int4.Int4] | None = None) -> torch.nn.Parameter:
         raise NotImplementedError
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x @ W.T + b, the product in `dtype` where given (x's own otherwise), the result in x's dtype."""
         raise NotImplementedError
 
     def dequantize(self, weight: torch.Tensor) -> torch.Tensor:
@@ -164,8 +166,11 @@ class Plain(Format):
     def quantize(self, weight, cfg, device, imported=None):
         return torch.nn.Parameter(weight.detach().to(device=device, dtype=cfg.compute_dtype), requires_grad=False)
 
-    def linear(self, x, weight, bias):
-        return F.linear(x, weight, bias)
+    def linear(self, x, weight, bias, dtype=None):
+        if dtype is None or dtype == x.dtype:
+            return F.linear(x, weight, bias)
+        y = F.linear(x.to(dtype), weight.to(dtype)).to(x.dtype)
+        return y if bias is None else y + bias
 
     def dequantize(self, weight):
         return weight.detach().float()
@@ -197,8 +202,12 @@ class Bnb4(Format):
                                  compress_statistics=cfg.double_quant, quant_type=self.name, bnb_quantized=True,
                                  module=None)
 
-    def linear(self, x, weight, bias):
-        return _bnb().matmul_4bit(x, weight.t(), bias=bias, quant_state=weight.quant_state)
+    def linear(self, x, weight, bias, dtype=None):
+        if dtype is None or dtype == x.dtype:
+            return _bnb().matmul_4bit(x, weight.t(), bias=bias, quant_state=weight.quant_state)
+        # bitsandbytes dequantizes to its input's dtype: a bf16 x makes it a bf16 product
+        y = _bnb().matmul_4bit(x.to(dtype), weight.t(), quant_state=weight.quant_state).to(x.dtype)
+        return y if bias is None else y + bias
 
     def dequantize(self, weight):
         return _bnb().functional.dequantize_4bit(weight.data, weight.quant_state).float()  # double quant folded
@@ -252,8 +261,8 @@ class Int4Format(Format):
         param.int4 = state
         return param
 
-    def linear(self, x, weight, bias):
-        return int4.linear(x, weight, weight.int4, bias)
+    def linear(self, x, weight, bias, dtype=None):
+        return int4.linear(x, weight, weight.int4, bias, dtype)
 
     def dequantize(self, weight):
         return int4.dequantize(weight.data, weight.int4)
@@ -347,9 +356,11 @@ def quantize(weight: torch.Tensor, cfg: QuantConfig, device: torch.device,
     return FORMATS[cfg.format].quantize(weight, cfg, device, imported)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W.T + b for a weight in any format; gradients flow to x only (the base is frozen)."""
-    return format_of(weight).linear(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = x @ W.T + b for a weight in any format; gradients flow to x only (the base is frozen).
+    dtype: the product's, where it differs from x's (bf16 products in fp32 training); y is in x's dtype."""
+    return format_of(weight).linear(x, weight, bias, dtype)
 
 
 def dequantize(weight: torch.Tensor) -> torch.Tensor:

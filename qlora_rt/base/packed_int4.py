@@ -140,14 +140,27 @@ def gptq(w: torch.Tensor, H: torch.Tensor, block: int = 32, damp: float = 0.01, 
     return packed, Int4(scales, zeros.to(torch.uint8), None, K, block)
 
 
-def dequantize(packed: torch.Tensor, s: Int4, symmetric_part: bool = False) -> torch.Tensor:
-    """The (N, K) fp32 weight. symmetric_part: for Q4_1, only (q - 8)·scale (what MatMulNBits holds)."""
-    q = unpack(packed).float()  # (N, kb, block)
+def dequantize(packed: torch.Tensor, s: Int4, symmetric_part: bool = False, dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+    """The (N, K) weight, computed in fp32 and stored in `dtype` (a bf16 result is the fp32 weight rounded once).
+    symmetric_part: for Q4_1, only (q - 8)·scale (what MatMulNBits holds).
+
+    Four passes: the nibbles written straight into their interleaved places, the integer q - zero (exact in
+    int8), then one product that also casts. Bit for bit `((q.float() - zero) * scale)` with fewer passes
+    over the weight than float arithmetic on the codes."""
+    N, kb, half = packed.shape
+    q = torch.empty(N, kb, half, 2, dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(packed, 0xF, out=q[..., 0])
+    torch.bitwise_right_shift(packed, 4, out=q[..., 1])
+    q = q.view(N, kb, 2 * half)
     if s.mins is not None and not symmetric_part:
-        w = q * s.scales[..., None] + s.mins[..., None]  # gguf's own formula, bit for bit
+        # gguf's own formula, bit for bit (not addcmul: a fused multiply-add rounds once, differently)
+        out = torch.mul(q, s.scales[..., None]).add_(s.mins[..., None]).to(dtype)
     else:
-        w = (q - (8 if s.zeros is None else s.zeros[..., None].float())) * s.scales[..., None]
-    return w.flatten(1)[:, : s.K]
+        out = torch.empty(N, kb, 2 * half, dtype=dtype, device=packed.device)
+        centred = torch.sub(q.view(torch.int8), 8 if s.zeros is None else s.zeros.view(torch.int8)[..., None])
+        torch.mul(centred, s.scales[..., None], out=out)
+    return out.flatten(1)[:, : s.K]
 
 
 def quantize_activations(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -194,20 +207,23 @@ def relative_error(packed: torch.Tensor, s: Int4, w: torch.Tensor) -> float:
 
 
 class _Linear(torch.autograd.Function):
-    """x @ W.T with W rebuilt from its bytes a slice of rows at a time, forward and backward: the transient fp32
-    weight is at most CHUNK values (an output head of 49152 x 576, or a 14336 x 4096 MLP weight, would
-    otherwise be dequantized whole, 113-235 MB and a few temporaries each, in every step)."""
+    """x @ W.T with W rebuilt from its bytes a slice of rows at a time, forward and backward: the transient weight
+    is at most CHUNK values (an output head of 49152 x 576, or a 14336 x 4096 MLP weight, would otherwise be
+    dequantized whole, 113-235 MB and a few temporaries each, in every step).
+
+    dtype: the product's (x's own by default). bf16 (a training choice, `qlora_rt.lora.layers.fast_products`)
+    multiplies the fp32 weight rounded to bf16 by x rounded to bf16 and returns x's dtype: what the CPU's bf16
+    matrix units (AMX, AVX512-BF16) take."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, s: Int4) -> torch.Tensor:
-        ctx.packed, ctx.s = packed, s  # the frozen bytes only; backward rebuilds the weight
-        xq = quantize_activations(x, s.block) if s.compute == "int8" else x
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, s: Int4, dtype: torch.dtype) -> torch.Tensor:
+        ctx.packed, ctx.s, ctx.dtype = packed, s, dtype  # the frozen bytes only; backward rebuilds the weight
+        xq = (quantize_activations(x, s.block) if s.compute == "int8" else x).to(dtype)
         sums = block_sums(x, s.block) if s.mins is not None else None
         slices = list(_row_slices(s, packed.shape[0]))
         y = x.new_empty(*x.shape[:-1], packed.shape[0]) if len(slices) > 1 else None
         for r0, r1, part in slices:
-            w = dequantize(packed[r0:r1], part, symmetric_part=True).to(x.dtype)
-            out = xq @ w.T
+            out = (xq @ dequantize(packed[r0:r1], part, symmetric_part=True, dtype=dtype).T).to(x.dtype)
             if sums is not None:
                 out += sums @ part.correction.to(x.dtype).T
             if y is None:
@@ -219,14 +235,16 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         # straight-through the activation rounding: d/dx of x @ W.T with W the full dequantized weight
         gx = None
+        g16 = grad.to(ctx.dtype)
         for r0, r1, part in _row_slices(ctx.s, ctx.packed.shape[0]):
-            g = grad[..., r0:r1] @ dequantize(ctx.packed[r0:r1], part).to(grad.dtype)
+            g = (g16[..., r0:r1] @ dequantize(ctx.packed[r0:r1], part, dtype=ctx.dtype)).to(grad.dtype)
             gx = g if gx is None else gx.add_(g)
-        return gx, None, None
+        return gx, None, None, None
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, s: Int4, bias: torch.Tensor | None = None) -> torch.Tensor:
-    y = _Linear.apply(x, packed, s)
+def linear(x: torch.Tensor, packed: torch.Tensor, s: Int4, bias: torch.Tensor | None = None,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
+    y = _Linear.apply(x, packed, s, dtype or x.dtype)
     return y if bias is None else y + bias
 
 

@@ -28,11 +28,13 @@ from qlora_rt.files import write_yaml
 from qlora_rt.lora.layers import (
     LoraConfig,
     add_adapters,
+    bf16_matrix_units,
     count_parameters,
     lora_layers,
     quantize_model,
     select_targets,
     trainable_parameters,
+    use_bf16_products,
 )
 from qlora_rt.lora.peft_io import save_adapter
 from qlora_rt.lora.svd_init import RESIDUAL, InitConfig, Plan, load_residual, save_residual
@@ -260,6 +262,7 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
         plan = Plan(icfg, qcfg, cfg.rank, lcfg.scale(), names, build)
     quantize_model(model, qcfg, build, loaded.gguf, plan, loaded.tensors)
     targets = add_adapters(model, lcfg)
+    bf16_products = cfg.dtype == "auto" and device.type == "cpu" and bf16_matrix_units() and use_bf16_products(model)
     if d.on:  # dropout differs between ranks, as it does between the examples of one batch
         torch.manual_seed(cfg.seed * 1000 + d.rank)
     head = train_head(model)  # an encoder's classification head (and pooler): trained in full, saved with the adapter
@@ -335,7 +338,8 @@ def _train(cfg: TrainConfig, on_step, icfg: InitConfig, device: torch.device, dt
               f"adapters on {len(targets)} layers, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
               f"{len(train_set)} examples{dropped_note}; "
               f"{total_steps} step{'s' if total_steps != 1 else ''} on {device.type}"
-              f"{procs}{'; gradient checkpointing' if checkpointing else ''}",
+              f"{procs}{'; gradient checkpointing' if checkpointing else ''}"
+              f"{'; the 4-bit products in bf16 (this CPU has bf16 matrix units)' if bf16_products else ''}",
               file=sys.stderr)
     distributed.barrier(d)  # the run folder is ready before any rank steps
     loop = _Loop(cfg, root, optimizer, scheduler, params, device, out, on_step, residual, identity, d)
