@@ -50,8 +50,8 @@ def main() -> None:
             prof.step()
         train(TrainConfig(model="smollm2-135m", data=str(ROOT / "examples/data/dates-train.jsonl"),
                           out=str(Path(tmp) / "run"), quant=a.quant, steps=2 + a.active, rank=16,
-                          batch_size=a.batch_size, seq_len=a.seq_len, lr=2e-4, dropout=a.dropout, dtype=a.dtype, checkpoint_every=0,
-                          eval_every=0),
+                          batch_size=a.batch_size, seq_len=a.seq_len, lr=2e-4, dropout=a.dropout, dtype=a.dtype,
+                          checkpoint_every=0, eval_every=0),
               on_step=step)
     averages = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in averages)

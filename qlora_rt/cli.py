@@ -9,9 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-import types
-import typing
-from dataclasses import fields
 from pathlib import Path
 
 from qlora_rt.config import (
@@ -24,71 +21,17 @@ from qlora_rt.config import (
     ServeConfig,
     TrainConfig,
     WebConfig,
-    resolve_paths,
-    typed_values,
 )
 from qlora_rt.errors import QloraError
+from qlora_rt.flags import add_flags, build
 
 DRAIN_S = 20  # serve: on SIGTERM, how long running requests may go on before they are ended
-
-
-def _flag_type(annotation) -> type:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if isinstance(annotation, types.UnionType) and args else annotation
-
-
-def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        kind = _flag_type(hints[f.name])
-        shown = "" if f.default in ("", None) else f" (default: {f.default})"
-        # argparse formats help texts with %: a literal one (say "75%") must reach it doubled
-        text = (f.metadata.get("help", "") + shown).replace("%", "%%")
-        kw = {"default": argparse.SUPPRESS, "help": text}
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, metavar=f.name.upper(), nargs="?", **kw)
-            continue
-        kw["dest"] = f.name
-        if typing.get_origin(kind) is list:
-            kw.update(action="append", type=typing.get_args(kind)[0], metavar=f.name.upper())
-        elif kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = kind
-            kw["metavar"] = f.name.upper() if "choices" not in f.metadata else None
-            if "choices" in f.metadata:
-                kw["choices"] = f.metadata["choices"]
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
-
-
-def _build(cls: type, args: argparse.Namespace):
-    """The config: defaults < --config YAML < flags given."""
-    values: dict = {}
-    if getattr(args, "config", None):
-        import yaml
-
-        path = Path(args.config)
-        if not path.is_file():
-            raise QloraError(f"--config: {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise QloraError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise QloraError(f"--config: {path} is not a YAML mapping of settings (field: value)")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise QloraError(f"--config: {path}: unknown field(s) {', '.join(unknown)}")
-        values = resolve_paths(cls, typed_values(cls, values, f"--config {path}"), path.parent)
-    values.update({f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
-    return cls(**values)
 
 
 def _train(args: argparse.Namespace) -> int:
     import os
 
-    cfg = _build(TrainConfig, args)
+    cfg = build(TrainConfig, args)
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # launch the same command on N processes
         from qlora_rt.train.distributed import launch
         from qlora_rt.train.run import preflight
@@ -116,8 +59,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def _merge(args: argparse.Namespace) -> None:
     from qlora_rt.merge import merge
 
-    cfg = _build(MergeConfig, args)
-    cfg.check()
+    cfg = build(MergeConfig, args)
     out = merge(cfg.model, cfg.adapter, cfg.out, cfg.quant, cfg.overwrite)
     print(f"merged checkpoint written to {out}", file=sys.stderr)
 
@@ -125,27 +67,26 @@ def _merge(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from qlora_rt.export.exporter import export
 
-    export(_build(ExportConfig, args))
+    export(build(ExportConfig, args))
 
 
 def _export_adapter(args: argparse.Namespace) -> None:
     from qlora_rt.export.onnx_adapters import export_adapter
 
-    cfg = _build(ExportAdapterConfig, args)
-    cfg.check()
+    cfg = build(ExportAdapterConfig, args)
     print(f"adapter written to {export_adapter(cfg.adapter, cfg.onnx, cfg.name, cfg.overwrite)}", file=sys.stderr)
 
 
 def _generate(args: argparse.Namespace) -> None:
     from qlora_rt.runtime.console import generate
 
-    generate(_build(GenerateConfig, args))
+    generate(build(GenerateConfig, args))
 
 
 def _chat(args: argparse.Namespace) -> None:
     from qlora_rt.runtime.console import chat
 
-    chat(_build(ChatConfig, args))
+    chat(build(ChatConfig, args))
 
 
 def _classify(args: argparse.Namespace) -> None:
@@ -153,8 +94,7 @@ def _classify(args: argparse.Namespace) -> None:
 
     from qlora_rt.runtime.classifier import Classifier, classify_file, warn_truncated
 
-    cfg = _build(ClassifyConfig, args)
-    cfg.check()
+    cfg = build(ClassifyConfig, args)
     clf = Classifier(cfg.folder, threads=cfg.threads)
     if cfg.input and cfg.output:
         n = classify_file(clf, Path(cfg.input), Path(cfg.output), cfg.adapter, cfg.batch_size)
@@ -171,8 +111,7 @@ def _classify(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    cfg = _build(ServeConfig, args)
-    cfg.check()
+    cfg = build(ServeConfig, args)
     try:
         import uvicorn
 
@@ -210,8 +149,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _web(args: argparse.Namespace) -> None:
     from qlora_rt.runtime.web import build_site, serve
 
-    cfg = _build(WebConfig, args)
-    cfg.check()
+    cfg = build(WebConfig, args)
     out = build_site(cfg.folder, cfg.out, cfg.node_modules, cfg.overwrite)
     print(f"site written to {out}: serve it from any static host (with the headers in docs/devices.md#browser "
           "for several threads), or here with --serve", file=sys.stderr)
@@ -264,7 +202,7 @@ def parser() -> argparse.ArgumentParser:
     for name, (func, cls, short, long) in VERBS.items():
         sp = sub.add_parser(name, help=short, description=long)
         sp.add_argument("--config", help="YAML file of settings (a run.yaml works); flags given override it")
-        _add_fields(sp, cls)
+        add_flags(sp, cls)
         sp.set_defaults(func=func)
     return p
 

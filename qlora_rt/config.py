@@ -1,141 +1,32 @@
-"""The settings of each verb, as dataclasses: each field is a command-line flag.
-
-`grad_accum` is `--grad-accum`, a bool is `--x/--no-x`, the field's metadata is its help text, and a
-run's `run.yaml` is a dump of its `TrainConfig`. Nothing here imports torch, so `--help` is instant.
+"""The settings of each verb, as dataclasses: each field is a command-line flag (qlora_rt/flags.py), its
+`check` the one validation the CLI and the Python API both run; a run's `run.yaml` is a dump of its
+`TrainConfig`. Nothing here imports torch, so `--help` is instant.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import operator
 import os
-import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from qlora_rt.errors import QloraError
+from qlora_rt.families import BY_TASK, Family
+from qlora_rt.flags import (  # noqa: F401  (flag, portable_paths, resolve_paths, typed_values: used through here)
+    check_name,
+    check_values,
+    flag,
+    option,
+    portable_paths,
+    require,
+    resolve_paths,
+    typed_values,
+)
 
 QUANT_FORMATS = ("nf4", "fp4", "int4", "none")
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a plain file name: no folder, no '..', no hidden file
-
-
-BOUNDS = {"at_least": ("at least", operator.ge), "above": ("above", operator.gt),
-          "at_most": ("at most", operator.le), "below": ("below", operator.lt)}
-
 
 # the base settings' values before `auto` existed: what a run.yaml that lacks one of them was trained with
 LEGACY = {"quant": "nf4", "gguf_q4_1": "exact", "quant_head": False, "batch_size": 4, "lr": 2e-4}
-# what training takes where a flag is not given: a decoder (QLoRA's usual recipe) and an encoder classifier (a
-# sentence classifier's usual recipe: few examples, a larger batch and rate, 3 epochs; docs/classification.md)
-FAMILY_DEFAULTS = {"decoder": {"batch_size": 4, "lr": 2e-4, "epochs": 1.0},
-                   "encoder": {"batch_size": 32, "lr": 5e-4, "epochs": 3.0}}
 GRAD_CHECKPOINTING_FROM = 1e9  # parameters: --grad-checkpointing is on by default from this size
-
-def option(default, help: str, *, at_least: float | None = None, above: float | None = None,
-           at_most: float | None = None, below: float | None = None, **kw):
-    """A flag; numeric bounds (inclusive at_least/at_most, exclusive above/below) are checked by `check_values`."""
-    given = {"at_least": at_least, "above": above, "at_most": at_most, "below": below}
-    bounds = {k: v for k, v in given.items() if v is not None}
-    return field(default=default, metadata={"help": help, "bounds": bounds, **kw})
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_values(cfg) -> None:
-    """Every flag among its choices and every numeric one in its range (and finite), in one line naming the
-    flag: before any model loads, for the Python API as for the command line."""
-    for f in fields(cfg):
-        value, bounds = getattr(cfg, f.name), f.metadata.get("bounds") or {}
-        choices = f.metadata.get("choices")
-        if choices and value is not None and value not in choices:
-            raise QloraError(f"{flag(f.name)}: expected one of {', '.join(map(str, choices))}, got {value!r}")
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if not (math.isfinite(value) and all(BOUNDS[k][1](value, b) for k, b in bounds.items())):
-            rule = " and ".join(f"{BOUNDS[k][0]} {b:g}" for k, b in bounds.items()) or "a finite number"
-            raise QloraError(f"{flag(f.name)} must be {rule}, got {value}")
-
-
-def _path_fields(cls) -> list[str]:
-    return [f.name for f in fields(cls) if f.metadata.get("path")]
-
-
-def portable_paths(cls, values: dict, base: Path) -> dict:
-    """values to save in a YAML file in folder `base`: every existing path relative to `base`, so that the
-    file works from any directory (`resolve_paths` reads it back). A name that is no path stays as it is."""
-    out = dict(values)
-    for name in _path_fields(cls):
-        v = out.get(name)
-        if v and Path(v).exists():
-            out[name] = os.path.relpath(Path(v).resolve(), base.resolve())
-    return out
-
-
-def resolve_paths(cls, values: dict, base: Path) -> dict:
-    """values read from a YAML file in folder `base`: relative paths are relative to that file. (A relative
-    path that is not there but exists from the working directory, as older run.yaml files wrote it, is kept.)"""
-    out = dict(values)
-    for name in _path_fields(cls):
-        v = out.get(name)
-        if isinstance(v, str) and v and not Path(v).is_absolute() and (base / v).exists():
-            out[name] = os.path.normpath(base / v)
-    return out
-
-
-def typed_values(cls, values: dict, where: str) -> dict:
-    """Settings read from a file, each checked against its field's type: one line for a wrong one. A single
-    string where a list is taken (`prompt: hi`) is a list of one; an integer where a float is, a float."""
-    import types
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for name, value in values.items():
-        kind = hints[name]
-        options = [a for a in typing.get_args(kind) if a is not type(None)] if isinstance(kind, types.UnionType) \
-            else [kind]
-        if value is None and type(None) in typing.get_args(kind):
-            out[name] = value
-            continue
-        base = options[0]
-        if typing.get_origin(base) is list:
-            value = [value] if isinstance(value, str) else value
-            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-            want = "a string or a list of strings"
-        elif base is bool:
-            ok, want = isinstance(value, bool), "true or false"
-        elif base is int:
-            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
-        elif base is float:
-            if isinstance(value, str):  # YAML 1.1 reads `2e-4` (no dot) as a string
-                with contextlib.suppress(ValueError):
-                    value = float(value)
-            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-            value = float(value) if ok else value
-        else:
-            ok, want = isinstance(value, str), "a string"
-        if not ok:
-            raise QloraError(f"{where}: {name} must be {want}, got {value!r:.60}")
-        out[name] = value
-    return out
-
-
-def require(cfg, *names: str) -> None:
-    """Every named flag must be given (non-empty)."""
-    for name in names:
-        if not getattr(cfg, name):
-            raise QloraError(f"{flag(name)} is required")
-
-
-def check_name(name: str, what: str = "--name") -> None:
-    """Names become file names inside the export folder: nothing that reaches outside it."""
-    if not NAME.fullmatch(name) or name.endswith("."):
-        raise QloraError(f"{what}: {name!r} is not a plain name (letters, digits, '.', '_', '-'; no folders, no "
-                         "leading dot, at most 128 characters)")
-
 
 @dataclass
 class TrainConfig:
@@ -148,7 +39,7 @@ class TrainConfig:
                                    "macro-F1 and a confusion matrix (classify)", path=True)
     task: str = option("auto", "causal-lm (decoders: generate, chat) | classify (encoders: a label per text; the "
                        "head is trained in full and saved with the adapter) | auto (classify where the data's "
-                       "examples have a 'label')", choices=("auto", "causal-lm", "classify"))
+                       "examples have a 'label')", choices=("auto", *BY_TASK))
     quant: str = option("auto", "4-bit format of the frozen base: int4 (exported byte for byte to onnxruntime's "
                         "fast MatMulNBits: the adapter-aware int4 export runs these very bytes; a GGUF's Q4 "
                         "weights are used as they are), nf4/fp4 (bitsandbytes, as QLoRA and PEFT), none = plain "
@@ -211,8 +102,8 @@ class TrainConfig:
     log_every: int = option(10, "when not on a terminal, print a progress line every N steps", at_least=1)
     device: str = option("auto", "cuda | cpu | auto", choices=("auto", "cuda", "cpu"))
     dtype: str = option("auto", "compute dtype; auto = bfloat16 on CUDA; on a CPU float32, with the frozen 4-bit "
-                        "products in bfloat16 where the CPU has bf16 matrix units (AMX or AVX512-BF16: ~2x faster "
-                        "steps); float32 = fp32 products too",
+                        "products in bfloat16 where the CPU has bf16 matrix units (AMX or AVX512-BF16: faster steps, "
+                        "docs/benchmarks.md); float32 = fp32 products too",
                     choices=("auto", "float32", "bfloat16"))
     resume: bool = option(False, "continue the run in --out from its last checkpoint")
     nproc: int = option(1, "train on N processes (torch.distributed DDP, launched with torchrun for you; NCCL on GPUs, "
@@ -237,7 +128,7 @@ class TrainConfig:
     def saved(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("resume", "nproc")}
 
-    def resolved(self, encoder: bool, previous: dict | None = None) -> TrainConfig:
+    def resolved(self, family: Family, previous: dict | None = None) -> TrainConfig:
         """The `auto` base settings made concrete: the format that exports exactly and fast (int4, a GGUF's Q4_1
         rounded to MatMulNBits' integer grid, a decoder's head in 4 bits too). `previous`: a resumed run's saved
         settings, which an `auto` keeps."""
@@ -247,7 +138,7 @@ class TrainConfig:
             return value if value not in ("auto", None) else previous.get(name, LEGACY[name]) if previous else auto
 
         quant = pick("quant", "int4", self.quant)
-        fam = FAMILY_DEFAULTS["encoder" if encoder else "decoder"]
+        fam = family.train_defaults  # what training takes where a flag is not given
         length = {}
         if self.steps is None and self.epochs is None:  # a resumed run keeps its own (it saved one, or neither: 1)
             length = {"steps": previous.get("steps"), "epochs": previous.get("epochs")} if previous else \
@@ -256,7 +147,7 @@ class TrainConfig:
                        batch_size=pick("batch_size", fam["batch_size"], self.batch_size),
                        lr=pick("lr", fam["lr"], self.lr),
                        gguf_q4_1=pick("gguf_q4_1", "round" if quant == "int4" else "exact", self.gguf_q4_1),
-                       quant_head=pick("quant_head", quant == "int4" and not encoder, self.quant_head))
+                       quant_head=pick("quant_head", quant == "int4" and family.quantizable_head, self.quant_head))
 
 
 @dataclass

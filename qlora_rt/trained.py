@@ -35,7 +35,7 @@ def open_trained(model_path: str | Path, adapter: str | Path | None = None, quan
     """
     cfg, meta = base_config(model_path, adapter, quant_format)
     labels = labels_of(meta, read_head(adapter), Path(adapter)) if adapter else None
-    if not adapter and family(model_path) == "encoder":
+    if not adapter and family(model_path).trained_head:
         labels = ["LABEL_0", "LABEL_1"]  # a bare base: a placeholder head (an adapter-aware export takes each's)
     loaded = load(model_path, lazy=True, labels=labels)
     quantize_model(loaded.model, cfg, torch.device(device), loaded.gguf, tensors=loaded.tensors)
@@ -70,8 +70,7 @@ def base_config(model_path: str | Path, adapter: str | Path | None = None, quant
 def bare_base(model_path: str | Path) -> QuantConfig:
     """A base with no adapter in the format `train` gives it by default (`--quant auto`), so that the adapters
     trained with the defaults fit its adapter-aware export."""
-    encoder = family(model_path) == "encoder"
-    return QuantConfig(format="int4", gguf_q4_1="round", head=not encoder)
+    return QuantConfig(format="int4", gguf_q4_1="round", head=family(model_path).quantizable_head)
 
 
 def check_own_base(path: str | Path, config: dict, meta: dict[str, str]) -> None:

@@ -5,8 +5,9 @@ from dataclasses import dataclass, fields
 
 import pytest
 
-from qlora_rt.cli import VERBS, _add_fields, main
+from qlora_rt.cli import VERBS, main
 from qlora_rt.config import option
+from qlora_rt.flags import add_flags, build
 
 TRAIN = ["train", "--model", "no-such-model", "--data", "no-such.jsonl", "--out", "never-written"]
 
@@ -55,6 +56,20 @@ def test_python_api_checks_the_same_ranges():
 
 
 @pytest.mark.parametrize("verb", sorted(VERBS))
+def test_every_verb_checks_its_settings_as_the_python_api_does(verb, monkeypatch):
+    """The CLI builds every verb's settings through `build`, which runs the settings' own `check`: the one the
+    Python API runs (train, export, generate, chat call it themselves)."""
+    from qlora_rt.errors import QloraError
+
+    cls = VERBS[verb][1]
+    checked = []
+    monkeypatch.setattr(cls, "check", lambda self: checked.append(self) or (_ for _ in ()).throw(QloraError("no")))
+    with pytest.raises(QloraError, match="no"):
+        build(cls, argparse.Namespace())
+    assert len(checked) == 1 and isinstance(checked[0], cls)
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
 def test_every_verb_prints_its_help(verb, capsys):
     with pytest.raises(SystemExit) as stop:
         main([verb, "--help"])
@@ -72,5 +87,5 @@ def test_a_percent_sign_in_a_help_text_is_printed_not_formatted():
         share: float = option(0.75, "keep 75% of the tokens")
 
     p = argparse.ArgumentParser(prog="x")
-    _add_fields(p, Settings)
+    add_flags(p, Settings)
     assert "keep 75% of the tokens (default: 0.75)" in " ".join(p.format_help().split())

@@ -8,6 +8,7 @@ import yaml
 
 from qlora_rt.config import ExportConfig, TrainConfig
 from qlora_rt.errors import QloraError
+from qlora_rt.families import DECODER, ENCODER
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +28,12 @@ def test_auto_is_the_format_that_exports_exactly(default_run):
 
 def test_auto_settings_resolve_per_family_and_keep_a_resumed_runs():
     cfg = TrainConfig(model="m", data="d", out="o")
-    assert (cfg.resolved(encoder=True).quant, cfg.resolved(encoder=True).quant_head) == ("int4", False)
-    kept = cfg.resolved(encoder=False, previous={"quant": "nf4", "gguf_q4_1": "exact", "quant_head": False})
+    assert (cfg.resolved(ENCODER).quant, cfg.resolved(ENCODER).quant_head) == ("int4", False)
+    kept = cfg.resolved(DECODER, previous={"quant": "nf4", "gguf_q4_1": "exact", "quant_head": False})
     assert (kept.quant, kept.gguf_q4_1, kept.quant_head) == ("nf4", "exact", False)
-    old = cfg.resolved(encoder=False, previous={"steps": 3})  # a run.yaml from before `auto`: its defaults then
+    old = cfg.resolved(DECODER, previous={"steps": 3})  # a run.yaml from before `auto`: its defaults then
     assert (old.quant, old.gguf_q4_1, old.quant_head) == ("nf4", "exact", False)
-    given = TrainConfig(model="m", data="d", out="o", quant="nf4").resolved(encoder=False)
+    given = TrainConfig(model="m", data="d", out="o", quant="nf4").resolved(DECODER)
     assert (given.quant, given.gguf_q4_1, given.quant_head) == ("nf4", "exact", False)
 
 
@@ -40,14 +41,14 @@ def test_training_length_batch_and_rate_default_per_family_and_a_resumed_run_kee
     """A decoder: QLoRA's recipe (1 epoch, batch 4, lr 2e-4); an encoder classifier: a sentence
     classifier's (3 epochs, batch 32, lr 5e-4), which scores as PEFT's usual recipe (docs/classification.md)."""
     cfg = TrainConfig(model="m", data="d", out="o")
-    dec, enc = cfg.resolved(encoder=False), cfg.resolved(encoder=True)
+    dec, enc = cfg.resolved(DECODER), cfg.resolved(ENCODER)
     assert (dec.epochs, dec.steps, dec.batch_size, dec.lr) == (1.0, None, 4, 2e-4)
     assert (enc.epochs, enc.steps, enc.batch_size, enc.lr) == (3.0, None, 32, 5e-4)
-    given = TrainConfig(model="m", data="d", out="o", steps=7, batch_size=2, lr=1e-3).resolved(encoder=True)
+    given = TrainConfig(model="m", data="d", out="o", steps=7, batch_size=2, lr=1e-3).resolved(ENCODER)
     assert (given.epochs, given.steps, given.batch_size, given.lr) == (None, 7, 2, 1e-3)
-    old = cfg.resolved(encoder=True, previous={"steps": None, "epochs": None, "batch_size": 4, "lr": 2e-4})
+    old = cfg.resolved(ENCODER, previous={"steps": None, "epochs": None, "batch_size": 4, "lr": 2e-4})
     assert (old.epochs, old.steps, old.batch_size, old.lr) == (None, None, 4, 2e-4)  # trained as then: 1 epoch
-    lowered = TrainConfig(model="m", data="d", out="o", lr=1e-4).resolved(encoder=True, previous={"lr": 5e-4})
+    lowered = TrainConfig(model="m", data="d", out="o", lr=1e-4).resolved(ENCODER, previous={"lr": 5e-4})
     assert lowered.lr == 1e-4  # a resume may lower the rate
 
 

@@ -84,8 +84,10 @@ def test_bad_classification_rows_are_one_line(tiny_bert, tmp_path, row, message)
 def test_task_and_model_family_must_agree(tiny_bert, tiny_llama, tiny_data, sentiment, tmp_path):
     with pytest.raises(QloraError, match="is an encoder: it trains on classification data .*has no 'label'"):
         train(config(tiny_bert, tiny_data, tmp_path / "a", eval_data=None))
-    with pytest.raises(QloraError, match="--task classify: --model .* is a decoder"):
+    with pytest.raises(QloraError, match="is a decoder: it trains on .*has labels: classification trains an encoder"):
         train(config(tiny_llama, sentiment, tmp_path / "b"))
+    with pytest.raises(QloraError, match="--task classify: --model .* is a decoder; --task classify needs an encoder"):
+        train(config(tiny_llama, sentiment, tmp_path / "b", task="classify"))
     with pytest.raises(QloraError, match="--task causal-lm needs a decoder"):
         train(config(tiny_bert, sentiment, tmp_path / "c", task="causal-lm"))
     with pytest.raises(QloraError, match="--quant-head: a classifier's head is trained in full"):

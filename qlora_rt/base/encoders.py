@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from qlora_rt.errors import QloraError
+from qlora_rt.families import ENCODER
 
-ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")
+ENCODERS = ENCODER.model_types
 # Module names (last component) trained in full: what PEFT's modules_to_save names for the family.
 HEADS = {"bert": ("pooler", "classifier"), "roberta": ("classifier",), "xlm-roberta": ("classifier",),
          "distilbert": ("pre_classifier", "classifier")}

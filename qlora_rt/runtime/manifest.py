@@ -16,16 +16,16 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from qlora_rt.errors import QloraError
+from qlora_rt.families import FAMILIES
 
 NAME, FORMAT = "qlora_rt_export.json", "qlora-rt-onnx"
 # the oldest onnxruntime that runs the graphs export writes (GroupQueryAttention's attention_bias input; tested
 # in tests/test_runtime_install.py); pyproject.toml requires it too
 MIN_ONNXRUNTIME = "1.22.0"
 KV_CACHE = "in-place"  # decoders: the graph appends to a bound max-length cache; older ones concatenated
-TASKS = {"decoder": ("causal-lm",), "encoder": ("classify",)}
+TASKS = {f.name: (f.task,) for f in FAMILIES.values()}
 # What each family's runtime cannot do without (beyond the common fields without a default).
-REQUIRED = {"decoder": ("kv_heads", "head_dim", "vocab", "max_context", "eos_token_ids", "kv_cache"),
-            "encoder": ("max_length", "token_type_ids")}
+REQUIRED = {f.name: f.manifest_fields for f in FAMILIES.values()}
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """What a training task is, over the one loop in qlora_rt/train/run.py: its examples, batches, loss and metrics.
+A family's task is `TASKS[family.task]` (qlora_rt/families.py): `read`, `read_labels`, then `build` for a model.
 
     causal-lm   decoders: next-token loss on the completion / assistant tokens (qlora_rt/train/text_data.py)
     classify    encoders: a label per text (or text pair), cross-entropy on the classification head's logits,
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qlora_rt.base.encoders import max_tokens, takes_token_types
 from qlora_rt.train import label_data, text_data
 
 
@@ -25,6 +27,15 @@ class CausalLM:
     def __init__(self, tokenizer, seq_len: int) -> None:
         self.tokenizer, self.seq_len = tokenizer, seq_len
         self.pad_id = tokenizer.pad_token_id
+
+    @staticmethod
+    def read_labels(rows: list[dict], lines: list[int], path: str) -> None:
+        """The label names the data holds: none, a language model predicts tokens."""
+        return None
+
+    @classmethod
+    def build(cls, tokenizer, model: torch.nn.Module, seq_len: int, labels: None) -> CausalLM:
+        return cls(tokenizer, seq_len)
 
     @staticmethod
     def read(path: str | Path, flag: str) -> tuple[list[dict], list[int]]:
@@ -46,7 +57,7 @@ class CausalLM:
         """Sum of token cross-entropies / n_units, with the output head applied only where a label is.
 
         The head of a small model is a large share of its compute (SmolLM2-135M: 49k x 576), and in chat
-        data most positions carry no loss; skipping them makes a training step ~17% faster, same loss.
+        data most positions carry no loss: skipping them makes a step faster for the same loss.
         """
         hidden = model.get_decoder()(input_ids=batch["input_ids"],
                                      attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, d)
@@ -80,6 +91,13 @@ class Classify:
         self.pad_id = tokenizer.pad_token_id
 
     read = staticmethod(label_data.read)
+    read_labels = staticmethod(label_data.label_names)  # (rows, lines, path): the label set, sorted
+
+    @classmethod
+    def build(cls, tokenizer, model: torch.nn.Module, seq_len: int, labels: list[str]) -> Classify:
+        """seq_len within the encoder's position table; token type ids where the architecture takes them."""
+        return cls(tokenizer, min(seq_len, max_tokens(model.config)), labels,
+                   takes_token_types(model.config.model_type))
 
     def examples(self, path: str | Path, rows: list[dict], lines: list[int]) -> tuple[list, int]:
         return label_data.encode(rows, self.tokenizer, self.seq_len, self.labels, str(path), lines,
@@ -117,6 +135,9 @@ class Classify:
         return "-" if metrics is None else (f"loss {metrics['eval_loss']:.4f}, accuracy "
                                             f"{100 * metrics['eval_accuracy']:.1f}%, macro-F1 "
                                             f"{100 * metrics['eval_macro_f1']:.1f}%")
+
+
+TASKS = {task.name: task for task in (CausalLM, Classify)}
 
 
 def scores(truth: list[int], pred: list[int], n_labels: int) -> dict:
