@@ -187,7 +187,7 @@ def export(cfg: ExportConfig, trained: TrainedModel | None = None) -> dict:
 
 def int4_compute(cfg: ExportConfig, trained: TrainedModel) -> str | None:
     """How the trained int4 bytes' products are computed: as --int4-compute says, or under `auto` with int8
-    activations for a decoder (MatMulNBits' fast CPU path: a decode step ~1.4x faster at the 1B shape; judged
+    activations for a decoder (MatMulNBits' fast CPU path, docs/benchmarks.md; judged
     by its distributions against the trained model, with the exact fp32 path as the fallback) and as trained
     for an encoder. None where nothing is int4."""
     if cfg.int4_compute != "auto":

@@ -6,8 +6,8 @@ greedy check is teacher-forced: onnxruntime generates, and one PyTorch forward o
 continuation says, position by position, whether PyTorch's greedy choice is the token onnxruntime
 chose. Their first disagreement is where PyTorch's own greedy decode would have left onnxruntime's:
 the same prefix, at the cost of one forward instead of one per new token. onnxruntime runs its
-side batched too (left-padded, as users' batches are). Measured at the Llama-3.2-1B shape (merged
-int4): 288 s before, ~80 s with both.
+side batched too (left-padded, as users' batches are). (What that saves: docs/benchmarks.md, "Measurements
+behind the code".)
 """
 
 from __future__ import annotations

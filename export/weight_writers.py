@@ -447,14 +447,12 @@ class HeadWriter:
     """The output head. Tied heads reuse the embedding (transposed once, at session load) in fp32, or the
     head is MatMulNBits with int8 activations (accuracy_level 4), 8-bit (4x fewer bytes read per token
     than fp32; the head is SmolLM2-135M's largest matrix) or 4-bit (8x, GPTQ-rounded when calibration
-    gave its H). (Measured, ORT 1.32, 2 threads, 576x49152 at batch 1: fp32 4.6 ms, 8-bit 2.8 ms; with
-    fp32 activations the 8-bit kernel takes 130 ms, so that is not offered.) `auto` takes int4 where
-    the export is approximate anyway (requantized or int8-compute int4): on the demo's merged SmolLM2
-    export it kept held-out exact match (95.0%, as with int8) and moved mean |dlogit| 1.24 -> 1.25.
-    A head trained quantized (--quant-head) is, under `auto`, its own bytes: MatMulNBits computed as it
-    was trained or as --int4-compute says (accuracy_level 0 for fp32 activations, 4 for int8), or MatMulBnb4, so the
-    export stays exact and reads a 4-bit head (the demo, one run each: 56.4 -> 73.8 tok/s adapter-aware
-    + adapter)."""
+    gave its H). An 8-bit head is offered with int8 activations only: onnxruntime's 8-bit kernel with fp32
+    activations is slower than the fp32 head. `auto` takes int4 where the export is approximate anyway
+    (requantized or int8-compute int4), where it costs no held-out accuracy. A head trained quantized
+    (--quant-head) is, under `auto`, its own bytes: MatMulNBits computed as it was trained or as
+    --int4-compute says (accuracy_level 0 for fp32 activations, 4 for int8), or MatMulBnb4, so the export
+    stays exact and reads a 4-bit head. (The figures: docs/benchmarks.md, "Measurements behind the code".)"""
 
     def __init__(self, g: Graph, model: torch.nn.Module, weights: str, head: str = "auto",
                  approximate: bool = False, H: Callable[[], torch.Tensor | None] | None = None,

@@ -8,7 +8,7 @@
 
 Q4_1's min is no integer zero point, so it runs as symmetric MatMulNBits plus a per-block correction
 c = 8·scale + min applied to the block sums of x: exact, and still the fast kernel (float zero points
-make onnxruntime's CPU kernel ~20x slower, measured).
+take onnxruntime's CPU kernel off its fast path).
 
 compute="fp32" (the default) matches accuracy_level 0: the export equals PyTorch to ~3e-4 in SmolLM2's
 logits. compute="int8" reproduces MatMulNBits with accuracy_level 4, the faster CPU path: x is quantized to int8

@@ -104,7 +104,7 @@ class LoRALinear(QuantLinear):
 class LoraDropout(nn.Dropout):
     """nn.Dropout on the adapter's input, with a cheaper mask on the CPU: 16 random bits an element, four taken
     from each 64-bit draw of the default generator, against torch's bernoulli_ (which drew one number an
-    element and was 16% of a CPU training step at 135M). p is then rounded to a multiple of 1/65536 and the
+    element and was a large share of a CPU training step). p is then rounded to a multiple of 1/65536 and the
     kept values scaled by 1/(1 - that p), so the expectation is unchanged. Elsewhere it is nn.Dropout.
     Gradient checkpointing replays the same masks: they come from the default generator, whose state
     torch.utils.checkpoint restores."""
@@ -122,8 +122,8 @@ class LoraDropout(nn.Dropout):
 
 
 def bf16_matrix_units() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16): there, a bf16 product takes
-    a quarter to half the time of an fp32 one (measured at SmolLM2-135M's shapes)."""
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16), where a bf16 product is
+    several times faster than an fp32 one."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     return any(probe is not None and probe() for probe in probes)
 

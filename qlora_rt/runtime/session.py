@@ -44,7 +44,7 @@ def open_session(folder: Path, threads: int = 0) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # the LoRA (and head) inputs' initializers are meant to be overridable
     cores = os.cpu_count() or 1
-    if threads > cores:  # more threads than cores only wait on each other (512 took 30x as long as 2)
+    if threads > cores:  # more threads than cores only wait on each other: far slower, never faster
         raise QloraError(f"--threads {threads}: this machine has {cores} CPU threads; use at most {cores} "
                          "(0 = onnxruntime's default, one per core)")
     opts.intra_op_num_threads = threads
