@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # lowest first; a module may import from its own layer and the layers below it
 LAYERS = [
-    ("shared", ["qlora_rt", "qlora_rt.errors", "qlora_rt.files", "qlora_rt.jsonl", "qlora_rt.config"]),
+    ("shared", ["qlora_rt", "qlora_rt.errors", "qlora_rt.files", "qlora_rt.jsonl", "qlora_rt.flags",
+                "qlora_rt.families", "qlora_rt.config"]),
     ("runtime", ["qlora_rt.runtime"]),
     ("server", ["qlora_rt.server"]),
     ("base", ["qlora_rt.base"]),
