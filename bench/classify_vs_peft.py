@@ -1,6 +1,7 @@
 """Sentiment classification at the same budget: qlora-rt against PEFT + bitsandbytes, several seeds, one run.
 
     python bench/classify_vs_peft.py [--seeds 0,1,2,3,4] [--train 2000] [--work runs/classify-vs-peft]
+                                     [--sides peft,peft-bf16,ours,ours-defaults]
 
 Data: examples/make_sentiment.py's split of real human-rated texts (Amazon review snippets and tweets),
 its 1,000 test texts, and the first --train of its training texts. Model: the bundled all-MiniLM-L6-v2.
@@ -8,7 +9,8 @@ The budget, the same for both: 3 epochs, batch 32, lr 5e-4, LoRA r16 / alpha 32 
 linears, NF4 + double quantization, the head trained in full, max length 96.
 - PEFT: `AutoModelForSequenceClassification` loaded 4-bit by bitsandbytes, `get_peft_model(SEQ_CLS,
   target_modules="all-linear", modules_to_save=["classifier"])`, torch AdamW (its default weight decay
-  0.01), 10 warm-up steps then linear decay: PEFT's usual recipe.
+  0.01), 10 warm-up steps then linear decay: PEFT's usual recipe; with bnb_4bit_compute_dtype float32 (peft)
+  or bfloat16 (peft-bf16).
 - qlora-rt: `qlora-rt train --task classify` with the same flags (its own schedule and defaults otherwise),
   and with no flags but --model/--data (what a user gets).
 Each run is its own process (peak RSS is its own). Prints mean ± standard deviation over the seeds of test
@@ -76,6 +78,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Bit
 from qlora_rt.base.load import resolve
 
 train_path, test_path, seed, budget = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+compute = getattr(torch, sys.argv[5])
 random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
 rows = [json.loads(l) for l in open(train_path)]
 test = [json.loads(l) for l in open(test_path)]
@@ -83,7 +86,7 @@ labels = sorted({r["label"] for r in rows})
 folder = resolve("all-minilm-l6-v2")
 tok = AutoTokenizer.from_pretrained(folder)
 bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                         bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"])
+                         bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=["classifier"])
 model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=len(labels), quantization_config=bnb,
                                                            id2label=dict(enumerate(labels)), device_map={"": "cpu"})
 model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=budget["rank"], lora_alpha=budget["alpha"],
@@ -126,8 +129,8 @@ print(json.dumps({"accuracy": acc, "macro_f1": sum(f1s) / len(f1s), "tokens_per_
 '''
 
 
-def run_peft(train: Path, test: Path, seed: int) -> dict:
-    p, rss = timed([sys.executable, "-c", PEFT_RUN, str(train), str(test), str(seed), json.dumps(BUDGET)])
+def run_peft(train: Path, test: Path, seed: int, compute: str = "float32") -> dict:
+    p, rss = timed([sys.executable, "-c", PEFT_RUN, str(train), str(test), str(seed), json.dumps(BUDGET), compute])
     return {**json.loads(p.stdout.strip().splitlines()[-1]), "rss_gib": rss}
 
 
@@ -146,7 +149,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--train", type=int, default=2000)
     ap.add_argument("--work", default="runs/classify-vs-peft")
-    ap.add_argument("--sides", default="peft,ours,ours-defaults")
+    ap.add_argument("--sides", default="peft,peft-bf16,ours,ours-defaults")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -157,8 +160,8 @@ def main() -> None:
     for seed in seeds:
         for side in sides:
             t0 = time.perf_counter()
-            if side == "peft":
-                r = run_peft(train, test, seed)
+            if side in ("peft", "peft-bf16"):
+                r = run_peft(train, test, seed, "bfloat16" if side == "peft-bf16" else "float32")
             else:
                 out = work / f"{side}-{seed}"
                 subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -167,7 +170,8 @@ def main() -> None:
             print(f"seed {seed} {side:14s} accuracy {100 * r['accuracy']:.1f}%  macro-F1 {100 * r['macro_f1']:.1f}%  "
                   f"{r['tokens_per_s']:.0f} tok/s  {r['rss_gib']:.2f} GiB  ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
-    names = {"peft": "PEFT + bitsandbytes (same budget)", "ours": "qlora-rt (same budget)",
+    names = {"peft": "PEFT + bitsandbytes (same budget)",
+             "peft-bf16": "PEFT, bnb_4bit_compute_dtype bf16", "ours": "qlora-rt (same budget)",
              "ours-defaults": "qlora-rt defaults (no flags)"}
     print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU threads, all-MiniLM-L6-v2, {a.train} train / 1000 "
           f"test texts, seeds {a.seeds}\n")

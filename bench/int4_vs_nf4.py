@@ -85,7 +85,7 @@ def main() -> None:
                                          overwrite=True), held)
             proc = subprocess.run([sys.executable, str(ROOT / "bench" / "decode.py"), "--one", "runtime", str(folder)],
                                   stdout=subprocess.PIPE, text=True, check=True)
-            ttft, tps = json.loads(proc.stdout.strip().splitlines()[-1])
+            *_, tps = json.loads(proc.stdout.strip().splitlines()[-1])  # cold TTFT, warm TTFT, tokens/s
             rows.append((f"{fmt}-trained, adapter-aware {weights}", report["max_abs_logit_diff"],
                          report.get("int4_relative_weight_error_mean"), score(folder), tps))
         del held

@@ -187,3 +187,18 @@ def test_gptq_keeps_layer_outputs_closer_than_round_to_nearest(K, block):
     # the same bytes run in MatMulNBits: the layout is the one `quantize` writes
     y = _matmul_nbits(X[:5].numpy(), packed, s, 0)
     assert np.allclose(y, (X[:5] @ out.T).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("K", [64, 100])
+def test_dequantize_is_the_reference_formula_bit_for_bit_in_fp32_and_bf16(symmetric, K):
+    torch.manual_seed(0)
+    packed, s = int4.quantize(torch.randn(24, K), 32, symmetric)
+    codes = int4.unpack(packed).float()
+    zero = 8 if s.zeros is None else s.zeros[..., None].float()
+    ref = ((codes - zero) * s.scales[..., None]).flatten(1)[:, :K]
+    assert torch.equal(int4.dequantize(packed, s), ref)
+    assert torch.equal(int4.dequantize(packed, s, dtype=torch.bfloat16), ref.bfloat16())
+    s.mins = torch.randn_like(s.scales)  # GGUF Q4_1: q * scale + min
+    ref = (codes * s.scales[..., None] + s.mins[..., None]).flatten(1)[:, :K]
+    assert torch.equal(int4.dequantize(packed, s), ref)

@@ -90,3 +90,50 @@ def test_disabled_runs_the_base_alone():
         with disabled(model):
             assert torch.equal(model(ids).logits, base)
         assert torch.equal(model(ids).logits, tuned) and not torch.equal(base, tuned)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nf4", "none"])
+def test_bf16_products_stay_close_to_fp32_forward_and_backward(fmt):
+    """`use_bf16_products` (training on a CPU with bf16 matrix units): the frozen products in bf16, the result
+    and every gradient fp32 and within bf16 rounding of the fp32 model's."""
+    from qlora_rt.lora.layers import use_bf16_products
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 320, (2, 12))
+    runs = []
+    for bf16 in (False, True):
+        torch.manual_seed(1)
+        model = quantize_model(make_model(), formats.QuantConfig(fmt), CPU)
+        add_adapters(model, LoraConfig(rank=8, dropout=0.0))
+        for layer in lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
+        if bf16:  # every quantized Linear (a plain --quant none weight keeps its own dtype)
+            assert use_bf16_products(model) == (0 if fmt == "none" else 14)
+        logits = model(ids).logits
+        assert logits.dtype == torch.float32
+        logits.square().mean().backward()
+        runs.append((logits.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (a, ga), (b, gb) = runs
+    assert (a - b).abs().max() <= 0.02 * a.abs().max()
+    for x, y in zip(ga, gb):
+        assert (x - y).norm() <= 0.05 * x.norm() + 1e-8
+
+
+def test_cpu_dropout_keeps_the_expectation_and_replays_with_the_generator():
+    from qlora_rt.lora.layers import LoraDropout
+
+    drop = LoraDropout(0.25).train()
+    x = torch.ones(400, 500)
+    torch.manual_seed(3)
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.75) < 0.01 and abs(y.mean().item() - 1.0) < 0.02
+    scale = torch.tensor(65536 / (65536 - round(0.25 * 65536))).item()  # in fp32
+    assert set(torch.unique(y).tolist()) == {0.0, scale}
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y)  # the default generator's state gives the mask (checkpoint replay, resume)
+    x.requires_grad_(True)
+    torch.manual_seed(3)
+    drop(x).sum().backward()
+    assert torch.equal(x.grad, y)  # d(mask * x * scale)/dx
+    assert torch.equal(drop.eval()(x), x)

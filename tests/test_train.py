@@ -366,3 +366,19 @@ def test_output_is_quiet_and_exact(tiny_llama, tiny_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--quant auto: int4 base" in err and " 1 step on " in err
     assert r.tokens_per_s == 0 and "- (too short to time)" in err
+
+
+def test_bf16_products_on_a_cpu_with_bf16_units_and_not_with_dtype_float32(tiny_llama, tiny_data, tmp_path,
+                                                                            monkeypatch, capsys):
+    import qlora_rt.train.run as run
+
+    monkeypatch.setattr(run, "bf16_matrix_units", lambda: True)  # as on an AMX / AVX512-BF16 CPU
+    fast = train(config(tiny_llama, tiny_data, tmp_path / "auto", steps=4, lr=2e-2))
+    assert "the 4-bit products in bf16" in capsys.readouterr().err
+    exact = train(config(tiny_llama, tiny_data, tmp_path / "fp32", steps=4, lr=2e-2, dtype="float32"))
+    assert "products in bf16" not in capsys.readouterr().err
+    # the same run but for the products' rounding: the losses agree to bf16's precision
+    assert math.isclose(fast.train_loss, exact.train_loss, rel_tol=0.05)
+    monkeypatch.setattr(run, "bf16_matrix_units", lambda: False)
+    train(config(tiny_llama, tiny_data, tmp_path / "plain", steps=1))
+    assert "products in bf16" not in capsys.readouterr().err
