@@ -131,9 +131,9 @@ def bf16_matrix_units() -> bool:
 def use_bf16_products(model: nn.Module) -> int:
     """Training on a CPU with bf16 matrix units: every frozen 4-bit product runs in bf16 (the weight dequantized
     straight to bf16, the input rounded to bf16, the result back in fp32), forward and backward, as PEFT's
-    `bnb_4bit_compute_dtype=bfloat16` does. The adapters, their gradients, the optimizer, norms, attention and
-    the output head stay fp32. Merge and export rebuild the model with exact fp32 products. Returns how many
-    layers it set."""
+    `bnb_4bit_compute_dtype=bfloat16` does (a head in 4 bits too, --quant-head). The adapters, their gradients,
+    the optimizer, norms, attention and an unquantized head stay fp32. Merge and export rebuild the model with
+    exact fp32 products. Returns how many layers it set."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear) and quant.is_quantized(m.weight)]
     for layer in layers:
         layer.product_dtype = torch.bfloat16
