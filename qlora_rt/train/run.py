@@ -185,6 +185,8 @@ class Built:
     residual: Path | None           # PiSSA/LoftQ: the run's frozen residual base
     bf16_products: bool             # the 4-bit products in bf16 (a CPU with bf16 matrix units)
     checkpointing: bool             # gradient checkpointing
+    trainable: int                  # parameters trained
+    total: int                      # parameters in all (a 4-bit weight counts its logical size)
 
 
 class Trainer:
@@ -219,7 +221,7 @@ class Trainer:
         self.total_steps = cfg.steps or steps_for_epochs(cfg.epochs or 1.0, len(self.train_set), cfg.batch_size,
                                                          cfg.grad_accum)
         distributed.broadcast_parameters(d, trainable_parameters(self.model))
-        self.trainable, self.total = count_parameters(self.model)
+        self.trainable, self.total = built.trainable, built.total
         saved_state = self._open_run(built, data)
         self.root = TaskLoss(self.model, self.task)  # every forward goes through it: what DDP wraps, FSDP's root
         held = whole = 0
@@ -280,7 +282,7 @@ class Trainer:
             print(plan.summary(), file=sys.stderr)
         elif residual:  # resuming: the run's own residual base, not a recomputed one
             load_residual(model, residual, qcfg, build, fingerprint=loaded.fingerprint)
-        _, total = count_parameters(model)
+        trainable, total = count_parameters(model)
         checkpointing = (cfg.grad_checkpointing if cfg.grad_checkpointing is not None
                          else total >= GRAD_CHECKPOINTING_FROM)
         if checkpointing:
@@ -288,7 +290,7 @@ class Trainer:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return Built(loaded, model, targets, head, residual, bf16, checkpointing)
+        return Built(loaded, model, targets, head, residual, bf16, checkpointing, trainable, total)
 
     def _open_run(self, built: Built, data: Data) -> dict | None:
         """A resumed run: its base and data checked, its adapter restored (before FSDP shards it); returns the
