@@ -12,12 +12,13 @@
 4. print answers side by side and a table of held-out exact match, times and decode speed.
 
     python examples/demo.py [--steps 60] [--out runs/demo] [--gguf-q4-1 round|exact] [--[no-]quant-head]
-                            [--int4-compute fp32|int8]
+                            [--int4-compute fp32|int8] [--model gemma3-270m]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -28,6 +29,7 @@ sys.path.insert(0, str(HERE))
 
 from make_dataset import main as make_dataset  # noqa: E402
 
+from qlora_rt.base.load import check_model  # noqa: E402
 from qlora_rt.config import ExportConfig, TrainConfig  # noqa: E402
 from qlora_rt.export.exporter import export  # noqa: E402
 from qlora_rt.runtime.decoder import Model  # noqa: E402
@@ -49,8 +51,22 @@ def offline_answers(folder: Path, prompts: list, adapter: str | None) -> tuple[l
     return out, speed.decode_tokens_per_s
 
 
+def has_chat_template(model: str) -> bool:
+    from transformers import AutoTokenizer
+
+    _, kwargs, folder = check_model(model)
+    return AutoTokenizer.from_pretrained(folder, **kwargs).chat_template is not None
+
+
+def as_completion(row: dict) -> dict:
+    """A chat row as a prompt and its completion, for a base model without a chat template (Gemma 3 270M's file
+    has none): the question, a newline, the answer."""
+    return {"prompt": prompt_messages(row)[-1]["content"] + "\n", "completion": reference_answer(row)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=MODEL, help="a bundled name (smollm2-135m, gemma3-270m), a .gguf or a folder")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--show", type=int, default=8, help="held-out answers to print side by side")
@@ -70,21 +86,29 @@ def main() -> None:
         print(f"removing the previous demo run in {out}", file=sys.stderr)
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    result = train(TrainConfig(model=MODEL, data=str(DATA / "dates-train.jsonl"), out=str(out / "run"),
+    model_name = args.model
+    chat = has_chat_template(model_name)
+    data = DATA / "dates-train.jsonl"
+    if not chat:
+        out.mkdir(parents=True)
+        data = out / "dates-train-completion.jsonl"
+        data.write_text("".join(json.dumps(as_completion(r)) + "\n" for r in read_examples(DATA / "dates-train.jsonl")))
+    result = train(TrainConfig(model=model_name, data=str(data), out=str(out / "run"),
                                gguf_q4_1=args.gguf_q4_1, quant_head=args.quant_head, int4_compute=args.int4_compute,
                                steps=args.steps, batch_size=4, seq_len=256, rank=16, alpha=32,
                                lr=1e-3, eval_every=0, checkpoint_every=20))
     train_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    trained = open_trained(MODEL, result.adapter)  # one load for both exports and the PyTorch reference
-    reports = {mode: export(ExportConfig(model=MODEL, adapter=str(result.adapter), out=str(out / f"onnx-{mode}"),
+    trained = open_trained(model_name, result.adapter)  # one load for both exports and the PyTorch reference
+    reports = {mode: export(ExportConfig(model=model_name, adapter=str(result.adapter), out=str(out / f"onnx-{mode}"),
                                          mode=mode), trained)
                for mode in ("adapter-aware", "merged")}
     export_s = time.perf_counter() - t0
 
     rows = read_examples(DATA / "dates-heldout.jsonl")
-    prompts, refs = [prompt_messages(r) for r in rows], [reference_answer(r) for r in rows]
+    prompts = [prompt_messages(r) if chat else as_completion(r)["prompt"] for r in rows]
+    refs = [reference_answer(r) for r in rows]
     aware = out / "onnx-adapter-aware"
     base, base_tps = offline_answers(aware, prompts, None)  # no adapter: the int4 base alone
     tuned_onnx, aware_tps = offline_answers(aware, prompts, "default")
@@ -109,7 +133,7 @@ def main() -> None:
     ra, rm = reports["adapter-aware"], reports["merged"]
     print()
     print(table(f"demo: held-out date rewriting, exact match over {len(rows)} prompts", [
-        ("base SmolLM2-135M (int4, runtime)", f"{100 * scores['base']:.1f}%"),
+        (f"base {model_name} (int4, runtime)", f"{100 * scores['base']:.1f}%"),
         ("fine-tuned, PyTorch (int4 + LoRA r=16)", f"{100 * scores['torch']:.1f}%"),
         ("fine-tuned, ONNX adapter-aware int4", kept("aware")),
         ("fine-tuned, ONNX merged int4", kept("merged")),
@@ -121,8 +145,9 @@ def main() -> None:
                                                f"base {base_tps:.1f}"),
         ("exports", f"{aware}  {out / 'onnx-merged'}"),
     ]))
-    print(f"\ntry it:  qlora-rt generate {aware} --adapter default --chat --prompt "
-          "\"Rewrite this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only.\n4th of July 2031\"")
+    question = "Rewrite this date in ISO 8601 format (YYYY-MM-DD). Answer with the date only.\n4th of July 2031"
+    print(f"\ntry it:  qlora-rt generate {aware} --adapter default {'--chat ' if chat else ''}--prompt "
+          f"\"{question}{'' if chat else chr(10)}\"")
 
 
 if __name__ == "__main__":

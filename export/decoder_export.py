@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from qlora_rt import __version__
+from qlora_rt.architectures import ACTIVATIONS, ARCHITECTURES, Architecture
 from qlora_rt.base import formats
-from qlora_rt.base.load import SUPPORTED
 from qlora_rt.config import ExportConfig
 from qlora_rt.errors import QloraError
 from qlora_rt.lora.layers import lora_layers
@@ -34,14 +36,44 @@ from .weight_writers import (
 MAX_ROPE_TABLE = 32768  # positions; longer contexts need a larger table (recorded as max_context)
 
 
-def spec_of(config) -> DecoderSpec:
-    if config.model_type not in SUPPORTED:
+def architecture_of(config) -> Architecture:
+    if config.model_type not in ARCHITECTURES:
         raise QloraError(f"architecture {config.model_type!r} is not supported by the exporter yet; "
-                         f"supported: {', '.join(SUPPORTED)}")
+                         f"supported: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[config.model_type]
+
+
+def rope_tables(config) -> dict[str | None, str]:
+    """The rotary tables' names by layer type: one `rope` table, or (layer types with their own RoPE
+    settings, Gemma 3) `rope` for full attention and `rope.<type>` for the others."""
+    if not architecture_of(config).sliding_layers:
+        return {None: "rope"}
+    return {t: "rope" if t == "full_attention" else f"rope.{t}" for t in dict.fromkeys(config.layer_types)}
+
+
+def spec_of(config) -> DecoderSpec:
+    """The architecture's record and the config's numbers, read once: what the graph builder needs."""
+    arch = architecture_of(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise QloraError(f"{config.model_type}: the MLP's activation {act!r} is not supported by the exporter; "
+                         f"supported: {', '.join(ACTIVATIONS)}")
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, cap, None):
+            raise QloraError(f"{config.model_type}: {cap} is not supported by the exporter yet")
+    windows, rope = (), ()
+    if arch.sliding_layers:
+        tables = rope_tables(config)
+        windows = tuple(config.sliding_window if t == "sliding_attention" else 0 for t in config.layer_types)
+        rope = tuple(tables[t] for t in config.layer_types)
+    scale = getattr(config, arch.attention_scale) ** -0.5 if arch.attention_scale else None
     return DecoderSpec(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
                        config.num_key_value_heads, head_dim, config.vocab_size, config.rms_norm_eps,
-                       config.model_type == "qwen3")
+                       qk_norm=arch.qk_norm, sandwich_norms=arch.sandwich_norms, activation=ACTIVATIONS[act],
+                       # transformers multiplies by sqrt(hidden) rounded to the weights' dtype (fp32)
+                       embed_scale=float(np.float32(config.hidden_size ** 0.5)) if arch.embed_scale else None,
+                       scale=scale, windows=windows, rope=rope)
 
 
 class DecoderFamily:
@@ -57,7 +89,8 @@ class DecoderFamily:
 
     def start(self, g: Graph) -> LinearWriter:
         cfg, model, info = self.cfg, self.model, self.trained.adapter
-        add_shared_tensors(g, model, self.max_context)
+        add_shared_tensors(g, model, self.max_context, architecture_of(model.config).norm_offset,
+                           rope_tables(model.config))
         # adapter-aware: LoRA inputs on the trained adapter's modules, or on every Linear for a bare base
         adapted = set(info.modules) if info else set(lora_layers(model))
         writer = linear_writer(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size, row_slots=True,

@@ -1,8 +1,11 @@
-"""The Llama-family decoder as an ONNX graph, built op by op from the weights (no tracing).
+"""The decoder as an ONNX graph, built op by op from the weights (no tracing).
 
-Llama, Mistral, Qwen2, Qwen3 and SmolLM share one block: RMSNorm, rotary position embedding,
-grouped-query attention with a KV cache, a SwiGLU MLP, a tied or untied head. Qwen2 adds q/k/v biases,
-and Qwen3 adds per-head RMSNorm on q and k. The I/O follows onnxruntime-genai and Optimum:
+Every architecture (qlora_rt/architectures.py) is this one block with its variants as data in the
+DecoderSpec: RMSNorm (Gemma's 1 + w folded into the weights), rotary position embedding (one table, or one
+per layer type), grouped-query attention with a KV cache (sliding-window layers, a scale of their own),
+a gated MLP (SiLU or tanh-GELU), optional per-head q/k norms (Qwen3, Gemma 3), optional norms on each
+sublayer's output (Gemma's "sandwich"), an embedding scale, a tied or untied head; Qwen2's q/k/v biases
+are the Linears'. The I/O follows onnxruntime-genai and Optimum:
 
     inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64, position_ids (B, T) int64,
              past_key_values.N.key / .value (B, kv_heads, P, head_dim)
@@ -46,7 +49,19 @@ class DecoderSpec:
     head_dim: int
     vocab: int
     eps: float
-    qk_norm: bool  # Qwen3
+    qk_norm: bool = False                # per-head RMSNorm of q and k before rotary (Qwen3, Gemma 3)
+    sandwich_norms: bool = False         # each sublayer's output normed before its residual add (Gemma)
+    activation: str = "silu"             # the MLP's gate: silu | gelu_tanh
+    embed_scale: float | None = None     # the embedding times this (Gemma: sqrt(hidden), in fp32)
+    scale: float | None = None           # attention's; None: head_dim ** -0.5
+    windows: tuple[int, ...] = ()        # per layer: a sliding window of this many positions, 0 = all
+    rope: tuple[str, ...] = ()           # per layer: its rotary tables' name (`rope` if empty)
+
+    def window(self, i: int) -> int:
+        return self.windows[i] if self.windows else 0
+
+    def rope_of(self, i: int) -> str:
+        return self.rope[i] if self.rope else "rope"
 
 
 def _rms_norm(g: Graph, x: str, weight: str, eps: float) -> str:
@@ -60,15 +75,15 @@ def _add_norm(g: Graph, x: str, residual: str, weight: str, eps: float) -> tuple
     return normed, total
 
 
-def _rope(g: Graph, x: str, n: int, hd: int) -> str:
+def _rope(g: Graph, x: str, n: int, hd: int, table: str = "rope") -> str:
     """Rotary embedding of (B, T, n*hd) at `position_ids`, rotate-half style as transformers does (one
-    com.microsoft.RotaryEmbedding op over the `rope.cos` / `rope.sin` (max_positions, hd/2) tables)."""
-    return g.op("RotaryEmbedding", [x, "position_ids", "rope.cos", "rope.sin"], domain=MS, interleaved=0,
+    com.microsoft.RotaryEmbedding op over the `<table>.cos` / `<table>.sin` (max_positions, hd/2) tables)."""
+    return g.op("RotaryEmbedding", [x, "position_ids", f"{table}.cos", f"{table}.sin"], domain=MS, interleaved=0,
                 num_heads=n, rotary_embedding_dim=hd)
 
 
 def _head_norm(g: Graph, x: str, weight: str, n: int, hd: int, eps: float) -> str:
-    """Qwen3's per-head RMSNorm of (B, T, n*hd)."""
+    """The per-head RMSNorm of (B, T, n*hd) (Qwen3, Gemma 3)."""
     heads = g.op("Reshape", [x, g.const([0, 0, n, hd])])  # (B, T, n, hd)
     return g.op("Reshape", [_rms_norm(g, heads, weight, eps), g.const([0, 0, n * hd])])
 
@@ -119,29 +134,36 @@ def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, mask: tuple[str
     (B*T, d); `rows3` is the shape (B, T, -1) the op's inputs take."""
     p = f"model.layers.{i}.self_attn"
     names = [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"]
-    if spec.qk_norm:  # Qwen3: per-head norms go before rotary, which the CPU op cannot do inside
+    table, hd = spec.rope_of(i), spec.head_dim
+    if spec.qk_norm:  # per-head norms go before rotary, which the CPU op cannot do inside
         q, k, v = (g.op("Reshape", [t, rows3]) for t in lin.many(names, x))
-        q = _rope(g, _head_norm(g, q, f"{p}.q_norm.weight", spec.heads, spec.head_dim, spec.eps), spec.heads,
-                  spec.head_dim)
-        k = _rope(g, _head_norm(g, k, f"{p}.k_norm.weight", spec.kv_heads, spec.head_dim, spec.eps), spec.kv_heads,
-                  spec.head_dim)
+        q = _rope(g, _head_norm(g, q, f"{p}.q_norm.weight", spec.heads, hd, spec.eps), spec.heads, hd, table)
+        k = _rope(g, _head_norm(g, k, f"{p}.k_norm.weight", spec.kv_heads, hd, spec.eps), spec.kv_heads, hd, table)
         qkv, rotary = [q, k, v], 0
     else:
         qkv, rotary = [g.op("Reshape", [lin.many(names, x, packed=True)[0], rows3])], 1
     seqlens, total, bias = mask
     past = [io.PAST_KEY % i, io.PAST_VALUE % i]
-    out, _, _ = g.op("GroupQueryAttention", [*qkv, *[""] * (3 - len(qkv)), *past, seqlens, total, "rope.cos",
-                                             "rope.sin", "", bias],
+    # a sliding window of w positions: the query and the w - 1 before it, as transformers' sliding_window = w
+    # (the op's local_window_size is the same count: tests/test_architectures.py decodes past it)
+    window = {"local_window_size": spec.window(i)} if spec.window(i) else {}
+    out, _, _ = g.op("GroupQueryAttention", [*qkv, *[""] * (3 - len(qkv)), *past, seqlens, total, f"{table}.cos",
+                                             f"{table}.sin", "", bias],
                      [f"attn_{i}", *map(io.present_of, past)], domain=MS, num_heads=spec.heads,
-                     kv_num_heads=spec.kv_heads, do_rotary=rotary, rotary_interleaved=0, scale=spec.head_dim ** -0.5)
+                     kv_num_heads=spec.kv_heads, do_rotary=rotary, rotary_interleaved=0,
+                     scale=spec.scale or hd ** -0.5, **window)
     return lin(f"{p}.o_proj", g.op("Reshape", [out, g.const([-1, spec.heads * spec.head_dim])]))
 
 
-def _mlp(g: Graph, lin, i: int, x: str) -> str:
+def _mlp(g: Graph, spec: DecoderSpec, lin, i: int, x: str) -> str:
+    """down(act(gate(x)) * up(x)), act SiLU or tanh-GELU (transformers' gelu_pytorch_tanh: Gelu-20's tanh form)."""
     p = f"model.layers.{i}.mlp"
     gate, up = lin.many([f"{p}.gate_proj", f"{p}.up_proj"], x)
-    silu = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
-    return lin(f"{p}.down_proj", g.op("Mul", [silu, up]))
+    if spec.activation == "gelu_tanh":
+        act = g.op("Gelu", [gate], approximate="tanh")
+    else:
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
+    return lin(f"{p}.down_proj", g.op("Mul", [act, up]))
 
 
 def _io(g: Graph, spec: DecoderSpec) -> None:
@@ -173,14 +195,24 @@ def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
     length = g.op("Shape", [io.INPUT_IDS], start=1, end=2)  # (1,) T
     rows3 = g.op("Concat", [batch, length, g.const([-1])], axis=0)  # (B*T, n) -> (B, T, n)
     h = g.op("Gather", ["model.embed_tokens.weight", g.op("Reshape", [io.INPUT_IDS, g.const([-1])])])  # (B*T, d)
+    if spec.embed_scale is not None:
+        h = g.op("Mul", [h, g.const(spec.embed_scale, np.float32)])
     mask = _mask(g, io.ATTENTION_MASK, batch, length)
     x = _rms_norm(g, h, "model.layers.0.input_layernorm.weight", spec.eps)
     for i in range(spec.layers):
-        # each residual add is fused with the norm that follows it: x = norm(h += sublayer(x))
+        # each residual add is fused with the norm that follows it: x = norm(h += sublayer(x)); with sandwich
+        # norms the sublayer's output is normed first, and the norm before the MLP is pre_feedforward_layernorm
+        p = f"model.layers.{i}."
         after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < spec.layers else "model.norm.weight"
-        x, h = _add_norm(g, _attention(g, spec, lin, i, x, mask, rows3), h,
-                         f"model.layers.{i}.post_attention_layernorm.weight", spec.eps)
-        x, h = _add_norm(g, _mlp(g, lin, i, x), h, after, spec.eps)
+        a = _attention(g, spec, lin, i, x, mask, rows3)
+        if spec.sandwich_norms:
+            a = _rms_norm(g, a, p + "post_attention_layernorm.weight", spec.eps)
+        x, h = _add_norm(g, a, h, p + ("pre_feedforward_layernorm.weight" if spec.sandwich_norms else
+                                       "post_attention_layernorm.weight"), spec.eps)
+        m = _mlp(g, spec, lin, i, x)
+        if spec.sandwich_norms:
+            m = _rms_norm(g, m, p + "post_feedforward_layernorm.weight", spec.eps)
+        x, h = _add_norm(g, m, h, after, spec.eps)
     start = g.op("Neg", [g.op("Reshape", [io.LOGITS_TO_KEEP, g.const([1])])])  # (1,): -N, and 0 for all
     kept = g.op("Slice", [g.op("Reshape", [x, rows3]), start, g.const([2**62]), g.const([1])])  # (B, N or T, d)
     g.op("Identity", [head(kept)], [io.LOGITS])

@@ -403,22 +403,31 @@ def group_name(names: list[str]) -> str:
         n.rpartition(".")[2] for n in names)
 
 
-def add_shared_tensors(g: Graph, model: torch.nn.Module, max_positions: int) -> None:
-    """Embedding, norms and the rotary tables, as initializers the graph refers to by name."""
+def add_shared_tensors(g: Graph, model: torch.nn.Module, max_positions: int, norm_offset: float = 0.0,
+                       rope_tables: dict[str | None, str] | None = None) -> None:
+    """Embedding, norms and the rotary tables, as initializers the graph refers to by name.
+
+    norm_offset: added to every RMSNorm weight (Gemma's norms scale by 1 + w; the sum is the one transformers
+    computes in fp32, so folding it in is exact). rope_tables: the table name for each layer type (None: a
+    model with one rotary table), each `<name>.cos` / `<name>.sin` (max_positions, head_dim/2)."""
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or name == "model.embed_tokens.weight":
+        if name.endswith("norm.weight"):
+            g.init(name, (p.detach().float() + norm_offset).numpy())
+        elif name == "model.embed_tokens.weight":
             g.init(name, p.detach().float().numpy())
     rotary = model.model.rotary_emb
     positions = torch.arange(max_positions)[None]  # (1, P)
-    with torch.no_grad():  # the model's own rotary module: every rope type/scaling it knows is honoured
-        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     half = head_dim // 2  # rotate-half tables repeat their first half: RotaryEmbedding takes it once
-    if cos.shape[-1] != head_dim or not torch.equal(cos[..., :half], cos[..., half:]):
-        raise QloraError(f"rotary embedding of {cfg.model_type}: only full rotate-half rotary is supported")
-    g.init("rope.cos", cos[0, :, :half].float().numpy())  # (P, head_dim/2)
-    g.init("rope.sin", sin[0, :, :half].float().numpy())
+    for layer_type, table in (rope_tables or {None: "rope"}).items():
+        kw = {} if layer_type is None else {"layer_type": layer_type}
+        with torch.no_grad():  # the model's own rotary module: every rope type/scaling it knows is honoured
+            cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions, **kw)
+        if cos.shape[-1] != head_dim or not torch.equal(cos[..., :half], cos[..., half:]):
+            raise QloraError(f"rotary embedding of {cfg.model_type}: only full rotate-half rotary is supported")
+        g.init(f"{table}.cos", cos[0, :, :half].float().numpy())  # (P, head_dim/2)
+        g.init(f"{table}.sin", sin[0, :, :half].float().numpy())
 
 
 HEADS = ("auto", "fp32", "int8", "int4")

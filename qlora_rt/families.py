@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qlora_rt.architectures import ARCHITECTURES
+
 
 @dataclass(frozen=True)
 class Family:
@@ -26,7 +28,7 @@ class Family:
 
 
 DECODER = Family(
-    "decoder", "causal-lm", ("llama", "mistral", "qwen2", "qwen3"), "AutoModelForCausalLM",
+    "decoder", "causal-lm", tuple(ARCHITECTURES), "AutoModelForCausalLM",  # one record each: architectures.py
     quantizable_head=True, trained_head=False,
     data="JSONL lines of text, prompt+completion or messages",
     other_data="has labels: classification trains an encoder (BERT, RoBERTa, DistilBERT, MiniLM, ...)",

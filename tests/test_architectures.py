@@ -1,0 +1,162 @@
+"""Every decoder architecture (qlora_rt/architectures.py) on a tiny random checkpoint of its real config shape
+(head sizes, windows, RoPE bases and scales as the real models have them; layers and width cut down):
+PyTorch with LoRA equals transformers + PEFT both ways, both exports pass their exact checks, and a prompt
+longer than the sliding window decodes as transformers does through the runtime, the server and
+onnxruntime-genai. A row here is what a new architecture needs (docs/architectures.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import CORPUS, save_checkpoint, write_jsonl
+from test_adapters import IDS, ours_with_random_adapter, peft_model
+
+from qlora_rt.architectures import ARCHITECTURES
+from qlora_rt.base import formats
+from qlora_rt.config import ExportConfig, TrainConfig
+from qlora_rt.export.exporter import export
+from qlora_rt.lora.layers import LoraConfig
+from qlora_rt.lora.peft_io import save_adapter
+from qlora_rt.runtime import Model
+from qlora_rt.train.run import train
+from qlora_rt.trained import open_trained
+
+GEMMA3 = dict(  # google/gemma-3-270m's attention: 4 heads of 256, one kv head, window 512, two RoPE bases
+    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"], sliding_window=512,
+    hidden_activation="gelu_pytorch_tanh", max_position_embeddings=1024, tie=True,
+    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+# name -> (model_type, config overrides, the sliding window a long prompt must pass: 0 = none)
+TINY = {
+    "llama": ("llama", {}, 0),
+    "qwen3": ("qwen3", {}, 0),
+    "gemma3": ("gemma3_text", GEMMA3, 512),
+    # a scale that is not head_dim's and a window of 4: what the real shape cannot tell apart
+    "gemma3-small-window": ("gemma3_text", {**GEMMA3, "head_dim": 16, "query_pre_attn_scalar": 24,
+                                            "sliding_window": 4}, 4),
+}
+
+
+def test_every_architecture_has_a_tiny_row():
+    assert {model_type for model_type, _, _ in TINY.values()} == set(ARCHITECTURES) - {"mistral", "qwen2"}
+
+
+@pytest.fixture(scope="module", params=list(TINY))
+def tiny(request, tmp_path_factory):
+    model_type, over, window = TINY[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    model = save_checkpoint(folder / "model", model_type=model_type, **over)
+    with torch.no_grad():  # Gemma's norms start at 0 (= a scale of 1): random ones catch a missed 1 + w
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(str(model / "model.safetensors"))
+        for k, v in weights.items():
+            if k.endswith("norm.weight"):
+                weights[k] = v + 0.3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(len(k)))
+        save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    return request.param, model, window, folder
+
+
+def test_our_adapter_equals_peft_and_peft_adapters_load_here(tiny):
+    name, model, _, folder = tiny
+    ours = ours_with_random_adapter(model)
+    save_adapter(ours.model, folder / "ours", LoraConfig(rank=4, alpha=8, dropout=0.0), formats.QuantConfig(),
+                 str(model), ours.fingerprint)
+    assert (ours.model.eval()(input_ids=IDS).logits - peft_model(model, folder / "ours")(input_ids=IDS).logits
+            ).abs().max().item() <= 1e-4
+    peft = peft_model(model, r=6, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"],
+                      init_lora_weights=False)
+    peft.save_pretrained(folder / "peft")
+    loaded, _, _ = open_trained(model, folder / "peft")
+    with torch.no_grad():
+        assert (loaded.model.eval()(input_ids=IDS).logits - peft(input_ids=IDS).logits).abs().max().item() <= 1e-4
+
+
+def _long_prompt(runtime: Model, window: int) -> str:
+    """Text of more tokens than the sliding window (and a few dozen where there is none)."""
+    text, n = CORPUS[0] + " ", max(window + 8, 24)
+    while len(runtime.encode(text)) < n:
+        text += CORPUS[len(text) % 5] + " "
+    return text
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    name, model, window, folder = tiny
+    rows = [{"prompt": "the capital of france? ", "completion": "paris."}, {"text": CORPUS[0]}] * 12
+    write_jsonl(folder / "train.jsonl", rows)
+    adapter = train(TrainConfig(model=str(model), data=str(folder / "train.jsonl"), out=str(folder / "run"),
+                                steps=3, lr=1e-2, batch_size=2, seq_len=64, eval_every=0,
+                                checkpoint_every=0)).adapter
+    return tiny, adapter
+
+
+@pytest.mark.parametrize("mode,weights", [("adapter-aware", "auto"), ("merged", "fp32")])
+def test_exports_are_exact_and_decode_past_the_window_as_transformers(trained, mode, weights):
+    (name, model, window, folder), adapter = trained
+    out = folder / f"onnx-{mode}"
+    report = export(ExportConfig(model=str(model), adapter=str(adapter), out=str(out), mode=mode, weights=weights,
+                                 int4_compute="fp32"))
+    assert report["tolerance"] == 1e-3 and report["max_abs_logit_diff"] <= 1e-3, report
+    runtime = Model(out)
+    loaded, _, _ = open_trained(str(model), str(adapter))
+    ids = runtime.encode(_long_prompt(runtime, window))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        theirs = loaded.model.eval().generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12,
+                                              do_sample=False, min_new_tokens=12, pad_token_id=0)[0, len(ids):]
+    adapter_name = "default" if mode == "adapter-aware" else None
+    got = runtime.generate_ids([ids], adapter=adapter_name, max_new_tokens=12, ignore_eos=True)[0].tokens
+    assert got == theirs.tolist()
+    if window:  # the prompt fills the window: its first tokens are out of a sliding layer's reach
+        assert len(ids) > window
+
+
+def test_the_server_and_genai_give_the_runtimes_tokens(trained):
+    pytest.importorskip("fastapi")
+    import httpx
+    import onnxruntime_genai as og
+
+    from qlora_rt.server.app import create_app
+
+    (name, model, window, folder), adapter = trained
+    out = folder / "onnx-serve"
+    export(ExportConfig(model=str(model), adapter=str(adapter), out=str(out), int4_compute="fp32"))
+    runtime = Model(out)
+    text = _long_prompt(runtime, window)
+    alone = runtime.generate(text, adapter="default", max_new_tokens=8, ignore_eos=True)
+    app = create_app(out, max_batch=4, max_queue=8, served_model_name="tiny")
+
+    async def ask():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as c:
+            r = await c.post("/v1/completions", json={"model": "default", "prompt": text, "max_tokens": 8,
+                                                      "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+    try:
+        assert asyncio.run(ask()) == alone.text
+    finally:
+        app.state.qlora.engine.close(5)
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["model"]["type"] == ARCHITECTURES[TINY[name][0]].genai
+    og_model = og.Model(str(out))
+    params = og.GeneratorParams(og_model)
+    ids = runtime.encode(text)
+    params.set_search_options(max_length=len(ids) + 8, do_sample=False)
+    gen = og.Generator(og_model, params)
+    adapters = og.Adapters(og_model)
+    adapters.load(str(out / "adapters" / "default.onnx_adapter"), "default")
+    gen.set_active_adapter(adapters, "default")
+    gen.append_tokens(np.array([ids], np.int32))
+    tokens = []
+    for _ in range(8):
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    assert tokens == alone.tokens
+
