@@ -303,7 +303,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool
     hf_logging.disable_progress_bar()
     p, kwargs, folder = check_model(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        meta = gguf_reader.metadata_folder(p) if p.is_file() else None
+        tokenizer = AutoTokenizer.from_pretrained(meta) if meta else AutoTokenizer.from_pretrained(folder, **kwargs)
         if family(p).trained_head:  # a classifier: its head is the task's, trained in full
             if not labels:
                 raise QloraError(f"--model {p}: an encoder trains on classification data ({{\"text\": ..., "
@@ -377,8 +378,9 @@ def _lazy_model(folder: Path, dtype: torch.dtype, gguf: Path | None = None
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    kwargs = {"gguf_file": gguf.name} if gguf else {}
-    config = AutoConfig.from_pretrained(folder, **kwargs)
+    meta = gguf_reader.metadata_folder(gguf) if gguf else None
+    config = AutoConfig.from_pretrained(meta) if meta else AutoConfig.from_pretrained(
+        folder, **({"gguf_file": gguf.name} if gguf else {}))
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary) computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # a tied head shares the embedding's parameter (and has no tensor of its own)
