@@ -1,6 +1,7 @@
 """qlora-rt training vs PEFT + bitsandbytes + transformers on the same config, in one run.
 
-Every run starts from the same fp32 weights (the bundled SmolLM2-135M GGUF, saved once as an HF folder),
+Every run starts from the same fp32 weights (a bundled GGUF, SmolLM2-135M by default or --model gemma3-270m,
+saved once as an HF folder; a model without a chat template trains on the data as prompt and completion),
 puts r=16 LoRA (dropout 0.05) on all linear layers, and trains on the same batches in the same order (the
 same tokenization and sampler) with AdamW and the same cosine schedule. Each run is its own process, so
 peak RSS is its own. The runs:
@@ -11,7 +12,8 @@ peak RSS is its own. The runs:
   PEFT nf4 fp32 / bf16         transformers + PEFT + bitsandbytes NF4 + double quant, bnb_4bit_compute_dtype
                                float32 / bfloat16 (PEFT at its own best on this CPU)
 
-    python bench/train_vs_peft.py [--steps 30] [--batch-size 4] [--seq-len 256] [--threads 2] [--runs a,b]
+    python bench/train_vs_peft.py [--model smollm2-135m] [--steps 30] [--batch-size 4] [--seq-len 256]
+                                  [--threads 2] [--runs a,b]
 
 Prints tokens/s, peak RSS and first/last loss with each run's ratio to the faster PEFT run, and how far
 each qlora-rt curve lies from its fp32 reference (the largest per-step loss difference).
@@ -33,35 +35,45 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data" / "dates-train.jsonl"
 
 
-def export_fp32(folder: Path) -> None:
-    """The GGUF as an fp32 HF checkpoint (transformers will not save a GGUF-loaded model itself)."""
+def export_fp32(model: str, folder: Path) -> Path:
+    """The GGUF as an fp32 HF checkpoint (transformers will not save a GGUF-loaded model itself), and the
+    training data: the dates as chat, or as prompt and completion where the tokenizer has no chat template."""
     from qlora_rt.base.load import load
     from qlora_rt.merge import save_merged
+    from qlora_rt.train.text_data import read_examples
 
-    loaded = load("smollm2-135m")
+    loaded = load(model)
     save_merged(loaded.model, loaded.tokenizer, folder)
+    if loaded.tokenizer.chat_template is not None:
+        return DATA
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["messages"][0]["content"] + "\n",
+                                        "completion": r["messages"][1]["content"]}) + "\n"
+                            for r in read_examples(DATA)))
+    return data
 
 
-def batches(tokenizer, steps: int, batch_size: int, seq_len: int, seed: int = 0):
+def batches(tokenizer, data: str, steps: int, batch_size: int, seq_len: int, seed: int = 0):
     from qlora_rt.train.text_data import Order, collate, load_examples
 
-    examples, _ = load_examples(DATA, tokenizer, seq_len)
+    examples, _ = load_examples(data, tokenizer, seq_len)
     order = Order(len(examples), seed)
     return [collate([examples[i] for i in order.take(batch_size)], tokenizer.pad_token_id) for _ in range(steps)]
 
 
-def run_ours(model_dir: str, steps: int, batch_size: int, seq_len: int, out: str, quant: str, dtype: str) -> dict:
+def run_ours(model_dir: str, data: str, steps: int, batch_size: int, seq_len: int, out: str, quant: str,
+             dtype: str) -> dict:
     from qlora_rt.config import TrainConfig
     from qlora_rt.train.run import train
 
-    r = train(TrainConfig(model=model_dir, data=str(DATA), out=out, steps=steps, batch_size=batch_size,
+    r = train(TrainConfig(model=model_dir, data=data, out=out, steps=steps, batch_size=batch_size,
                           seq_len=seq_len, rank=16, alpha=32, dropout=0.05, targets="all-linear", quant=quant,
                           double_quant=True, dtype=dtype, checkpoint_every=0, eval_every=0, log_every=10))
     losses = [json.loads(l)["loss"] for l in open(Path(out) / "metrics.jsonl") if '"loss"' in l]
     return {"tokens_per_s": r.tokens_per_s, "losses": losses}
 
 
-def run_peft(model_dir: str, steps: int, batch_size: int, seq_len: int, compute: str) -> dict:
+def run_peft(model_dir: str, data: str, steps: int, batch_size: int, seq_len: int, compute: str) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, get_cosine_schedule_with_warmup
@@ -78,10 +90,9 @@ def run_peft(model_dir: str, steps: int, batch_size: int, seq_len: int, compute:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(0.03 * steps), steps)  # as qlora-rt
-    data = batches(tok, steps, batch_size, seq_len)
     model.train()
     losses, tokens, start = [], 0, time.perf_counter()
-    for batch in data:
+    for batch in batches(tok, data, steps, batch_size, seq_len):
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -106,16 +117,17 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     side, what, dtype = RUNS[args.run]
     if side == "ours":
-        result = run_ours(args.model_dir, args.steps, args.batch_size, args.seq_len, tempfile.mkdtemp() + "/run",
-                          what, dtype)
+        result = run_ours(args.model_dir, args.data, args.steps, args.batch_size, args.seq_len,
+                          tempfile.mkdtemp() + "/run", what, dtype)
     else:
-        result = run_peft(args.model_dir, args.steps, args.batch_size, args.seq_len, what)
+        result = run_peft(args.model_dir, args.data, args.steps, args.batch_size, args.seq_len, what)
     result["peak_rss_mib"] = peak_rss_mib()
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="a bundled GGUF name: smollm2-135m, gemma3-270m")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
@@ -123,6 +135,7 @@ def main() -> None:
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma list among: {', '.join(RUNS)}")
     p.add_argument("--run", choices=list(RUNS), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.run:
         return child(args)
@@ -132,10 +145,11 @@ def main() -> None:
         sys.exit(f"--runs: unknown {', '.join(unknown)}; expected among {', '.join(RUNS)}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = str(Path(tmp) / "smollm2-fp32")
-        export_fp32(Path(tmp))
+        tmp = str(Path(tmp) / f"{args.model}-fp32")
+        data = export_fp32(args.model, Path(tmp))
         for run in runs:
-            cmd = [sys.executable, __file__, "--run", run, "--model-dir", tmp, "--steps", str(args.steps),
+            cmd = [sys.executable, __file__, "--run", run, "--model-dir", tmp, "--data", str(data),
+                   "--steps", str(args.steps),
                    "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
@@ -146,7 +160,7 @@ def main() -> None:
     peft = [results[r] for r in results if RUNS[r][0] == "peft"]
     best = max(peft, key=lambda r: r["tokens_per_s"]) if peft else None
     print(f"\nr=16 all-linear, dropout 0.05, {args.steps} steps, batch {args.batch_size}, seq {args.seq_len}, "
-          f"{args.threads} threads, SmolLM2-135M; ratios to the faster PEFT run")
+          f"{args.threads} threads, {args.model}; ratios to the faster PEFT run")
     print("| run | tokens/s | x PEFT | peak RSS MiB | x PEFT | first loss | last loss | max loss diff vs fp32 |")
     print("|---|---|---|---|---|---|---|---|")
     for run, r in results.items():

@@ -248,3 +248,30 @@ def test_the_page_gives_generates_tokens_on_smollm2(tmp_path):
     for (adapter, prompt), got in zip(order, out["results"]):
         ids, want = _ours(folder, prompt, adapter, chat=True, new=24)
         assert (got["promptIds"], got["tokens"]) == (ids, want.tokens), (adapter, prompt)
+
+
+def test_the_page_runs_gemma3_past_its_sliding_window(tmp_path):
+    """A tiny Gemma 3 (tests/test_architectures.py: a window of 4, tanh-GELU, sandwich norms, two RoPE tables),
+    trained with train's defaults and exported adapter-aware: the page's greedy tokens for a prompt longer than
+    the window equal `qlora-rt generate`'s, with the adapter and without."""
+    from test_architectures import TINY
+
+    from qlora_rt.config import ExportConfig, TrainConfig
+    from qlora_rt.export.exporter import export
+    from qlora_rt.train.run import train
+
+    model_type, over, window = TINY["gemma3-small-window"]
+    ck = save_checkpoint(tmp_path / "gemma", model_type=model_type, seed=4, **over)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": CORPUS[i % 5]} for i in range(24)])
+    adapter = train(TrainConfig(model=str(ck), data=str(data), out=str(tmp_path / "run"), steps=6, lr=3e-2,
+                                batch_size=2, seq_len=64, checkpoint_every=0, eval_every=0)).adapter
+    export(ExportConfig(model=str(ck), adapter=str(adapter), out=str(tmp_path / "onnx"), int4_compute="fp32"))
+    prompt = "the quick brown fox jumps over the lazy dog"
+    assert len(Model(tmp_path / "onnx").encode(prompt)) > window
+    site = build_site(tmp_path / "onnx", tmp_path / "site")
+    cases = [{"api": {"prompt": prompt, "options": {"maxNewTokens": NEW, "adapter": a}}} for a in ("default", None)]
+    out = run_page(site, cases, tmp_path)
+    for adapter_name, got in zip(("default", None), out["results"]):
+        ids, want = _ours(tmp_path / "onnx", prompt, adapter_name)
+        assert "error" not in got, got
+        assert (got["promptIds"], got["tokens"]) == (ids, want.tokens), adapter_name
