@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from qlora_rt import __version__
-from qlora_rt.architectures import ACTIVATIONS, ARCHITECTURES, Architecture
+from qlora_rt.architectures import ACTIVATIONS, ARCHITECTURES, Architecture, numbers
 from qlora_rt.base import formats
 from qlora_rt.config import ExportConfig
 from qlora_rt.errors import QloraError
@@ -44,36 +42,27 @@ def architecture_of(config) -> Architecture:
 
 
 def rope_tables(config) -> dict[str | None, str]:
-    """The rotary tables' names by layer type: one `rope` table, or (layer types with their own RoPE
-    settings, Gemma 3) `rope` for full attention and `rope.<type>` for the others."""
-    if not architecture_of(config).sliding_layers:
-        return {None: "rope"}
-    return {t: "rope" if t == "full_attention" else f"rope.{t}" for t in dict.fromkeys(config.layer_types)}
+    """The rotary tables' names by layer type: `rope` for the model's one table (None) or for full attention's,
+    `rope.<type>` for another layer type's own RoPE settings (Gemma 3's sliding layers)."""
+    kinds = dict.fromkeys(r for r in numbers(config).rope if r != "") or {None: None}
+    return {t: "rope" if t in (None, "full_attention") else f"rope.{t}" for t in kinds}
 
 
 def spec_of(config) -> DecoderSpec:
     """The architecture's record and the config's numbers, read once: what the graph builder needs."""
-    arch = architecture_of(config)
+    arch, n = architecture_of(config), numbers(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
     if act not in ACTIVATIONS:
         raise QloraError(f"{config.model_type}: the MLP's activation {act!r} is not supported by the exporter; "
                          f"supported: {', '.join(ACTIVATIONS)}")
-    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(config, cap, None):
-            raise QloraError(f"{config.model_type}: {cap} is not supported by the exporter yet")
-    windows, rope = (), ()
-    if arch.sliding_layers:
-        tables = rope_tables(config)
-        windows = tuple(config.sliding_window if t == "sliding_attention" else 0 for t in config.layer_types)
-        rope = tuple(tables[t] for t in config.layer_types)
-    scale = getattr(config, arch.attention_scale) ** -0.5 if arch.attention_scale else None
+    tables = rope_tables(config)
     return DecoderSpec(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
                        config.num_key_value_heads, head_dim, config.vocab_size, config.rms_norm_eps,
                        qk_norm=arch.qk_norm, sandwich_norms=arch.sandwich_norms, activation=ACTIVATIONS[act],
-                       # transformers multiplies by sqrt(hidden) rounded to the weights' dtype (fp32)
-                       embed_scale=float(np.float32(config.hidden_size ** 0.5)) if arch.embed_scale else None,
-                       scale=scale, windows=windows, rope=rope)
+                       embed_scale=n.embed_scale, scale=n.attention_scale, residual_scale=n.residual_scale,
+                       attn_softcap=n.attn_softcap, logit_softcap=n.logit_softcap, logits_divisor=n.logits_divisor,
+                       windows=n.windows, rope=tuple("" if r == "" else tables[r] for r in n.rope))
 
 
 class DecoderFamily:

@@ -54,8 +54,12 @@ class DecoderSpec:
     activation: str = "silu"             # the MLP's gate: silu | gelu_tanh
     embed_scale: float | None = None     # the embedding times this (Gemma: sqrt(hidden), in fp32)
     scale: float | None = None           # attention's; None: head_dim ** -0.5
+    residual_scale: float | None = None  # each sublayer's output times this before its residual add (Granite)
+    attn_softcap: float | None = None    # attention scores -> tanh(s / c) * c (Gemma 2)
+    logit_softcap: float | None = None   # logits -> tanh(l / c) * c (Gemma 2)
+    logits_divisor: float | None = None  # logits / this (Granite)
     windows: tuple[int, ...] = ()        # per layer: a sliding window of this many positions, 0 = all
-    rope: tuple[str, ...] = ()           # per layer: its rotary tables' name (`rope` if empty)
+    rope: tuple[str, ...] = ()           # per layer: its rotary tables' name, "" for none (`rope` if empty)
 
     def window(self, i: int) -> int:
         return self.windows[i] if self.windows else 0
@@ -134,24 +138,29 @@ def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, mask: tuple[str
     (B*T, d); `rows3` is the shape (B, T, -1) the op's inputs take."""
     p = f"model.layers.{i}.self_attn"
     names = [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"]
-    table, hd = spec.rope_of(i), spec.head_dim
+    table, hd = spec.rope_of(i), spec.head_dim  # table "": a layer without RoPE (SmolLM3's every 4th)
     if spec.qk_norm:  # per-head norms go before rotary, which the CPU op cannot do inside
         q, k, v = (g.op("Reshape", [t, rows3]) for t in lin.many(names, x))
-        q = _rope(g, _head_norm(g, q, f"{p}.q_norm.weight", spec.heads, hd, spec.eps), spec.heads, hd, table)
-        k = _rope(g, _head_norm(g, k, f"{p}.k_norm.weight", spec.kv_heads, hd, spec.eps), spec.kv_heads, hd, table)
+        q = _head_norm(g, q, f"{p}.q_norm.weight", spec.heads, hd, spec.eps)
+        k = _head_norm(g, k, f"{p}.k_norm.weight", spec.kv_heads, hd, spec.eps)
+        if table:
+            q, k = _rope(g, q, spec.heads, hd, table), _rope(g, k, spec.kv_heads, hd, table)
         qkv, rotary = [q, k, v], 0
     else:
-        qkv, rotary = [g.op("Reshape", [lin.many(names, x, packed=True)[0], rows3])], 1
+        qkv, rotary = [g.op("Reshape", [lin.many(names, x, packed=True)[0], rows3])], int(bool(table))
+    table = table or "rope"  # the op takes its tables as inputs even where it does no rotary
     seqlens, total, bias = mask
     past = [io.PAST_KEY % i, io.PAST_VALUE % i]
     # a sliding window of w positions: the query and the w - 1 before it, as transformers' sliding_window = w
     # (the op's local_window_size is the same count: tests/test_architectures.py decodes past it)
-    window = {"local_window_size": spec.window(i)} if spec.window(i) else {}
+    extra = {"local_window_size": spec.window(i)} if spec.window(i) else {}
+    if spec.attn_softcap:
+        extra["softcap"] = spec.attn_softcap
     out, _, _ = g.op("GroupQueryAttention", [*qkv, *[""] * (3 - len(qkv)), *past, seqlens, total, f"{table}.cos",
                                              f"{table}.sin", "", bias],
                      [f"attn_{i}", *map(io.present_of, past)], domain=MS, num_heads=spec.heads,
                      kv_num_heads=spec.kv_heads, do_rotary=rotary, rotary_interleaved=0,
-                     scale=spec.scale or hd ** -0.5, **window)
+                     scale=spec.scale or hd ** -0.5, **extra)
     return lin(f"{p}.o_proj", g.op("Reshape", [out, g.const([-1, spec.heads * spec.head_dim])]))
 
 
@@ -207,12 +216,26 @@ def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
         a = _attention(g, spec, lin, i, x, mask, rows3)
         if spec.sandwich_norms:
             a = _rms_norm(g, a, p + "post_attention_layernorm.weight", spec.eps)
+        if spec.residual_scale is not None:
+            a = g.op("Mul", [a, g.const(spec.residual_scale, np.float32)])
         x, h = _add_norm(g, a, h, p + ("pre_feedforward_layernorm.weight" if spec.sandwich_norms else
                                        "post_attention_layernorm.weight"), spec.eps)
         m = _mlp(g, spec, lin, i, x)
         if spec.sandwich_norms:
             m = _rms_norm(g, m, p + "post_feedforward_layernorm.weight", spec.eps)
+        if spec.residual_scale is not None:
+            m = g.op("Mul", [m, g.const(spec.residual_scale, np.float32)])
         x, h = _add_norm(g, m, h, after, spec.eps)
     start = g.op("Neg", [g.op("Reshape", [io.LOGITS_TO_KEEP, g.const([1])])])  # (1,): -N, and 0 for all
     kept = g.op("Slice", [g.op("Reshape", [x, rows3]), start, g.const([2**62]), g.const([1])])  # (B, N or T, d)
-    g.op("Identity", [head(kept)], [io.LOGITS])
+    g.op("Identity", [_logits(g, spec, head(kept))], [io.LOGITS])
+
+
+def _logits(g: Graph, spec: DecoderSpec, x: str) -> str:
+    """What the model's forward does to the head's output: Granite's divisor, Gemma 2's soft-cap."""
+    if spec.logits_divisor is not None:
+        x = g.op("Div", [x, g.const(spec.logits_divisor, np.float32)])
+    if spec.logit_softcap:
+        cap = g.const(spec.logit_softcap, np.float32)
+        x = g.op("Mul", [g.op("Tanh", [g.op("Div", [x, cap])]), cap])
+    return x

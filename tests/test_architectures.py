@@ -31,19 +31,49 @@ GEMMA3 = dict(  # google/gemma-3-270m's attention: 4 heads of 256, one kv head, 
     hidden_activation="gelu_pytorch_tanh", max_position_embeddings=1024, tie=True,
     rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+GEMMA2 = dict(  # google/gemma-2-2b's attention (heads of 256, scalar 256, soft-caps 50 and 30), window cut to 8
+    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=256, query_pre_attn_scalar=256,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8,
+    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+    max_position_embeddings=1024, tie=True)
+SMOLLM3 = dict(  # HuggingFaceTB/SmolLM3-3B's: heads of 128, every 4th layer without RoPE, theta 5e6
+    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=128, no_rope_layers=[1, 1, 1, 0],
+    rope_parameters={"rope_type": "default", "rope_theta": 5e6}, tie=True, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2)
+GRANITE = dict(  # ibm-granite/granite-3.x-2b's multipliers
+    embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22, logits_scaling=8.0)
 # name -> (model_type, config overrides, the sliding window a long prompt must pass: 0 = none)
 TINY = {
     "llama": ("llama", {}, 0),
     "qwen3": ("qwen3", {}, 0),
+    "gemma2": ("gemma2", GEMMA2, 8),
     "gemma3": ("gemma3_text", GEMMA3, 512),
     # a scale that is not head_dim's and a window of 4: what the real shape cannot tell apart
     "gemma3-small-window": ("gemma3_text", {**GEMMA3, "head_dim": 16, "query_pre_attn_scalar": 24,
                                             "sliding_window": 4}, 4),
+    "smollm3": ("smollm3", SMOLLM3, 0),
+    "granite": ("granite", GRANITE, 0),
 }
 
 
 def test_every_architecture_has_a_tiny_row():
     assert {model_type for model_type, _, _ in TINY.values()} == set(ARCHITECTURES) - {"mistral", "qwen2"}
+
+
+def test_the_training_loss_is_the_models_own(tiny):
+    """The loss applies the head only where a label is (train/tasks.py), so it must make the logits as the
+    model's forward does (Granite divides them, Gemma 2 soft-caps them)."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_rt.train.tasks import CausalLM
+
+    name, model_dir, _, _ = tiny
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    batch = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": IDS}
+    with torch.no_grad():
+        theirs = model(input_ids=IDS, labels=IDS).loss
+        ours = CausalLM.loss(model, batch, IDS.shape[0] * (IDS.shape[1] - 1))
+    assert abs(ours.item() - theirs.item()) <= 1e-5 * abs(theirs.item())
 
 
 @pytest.fixture(scope="module", params=list(TINY))
@@ -106,13 +136,13 @@ def test_exports_are_exact_and_decode_past_the_window_as_transformers(trained, m
     runtime = Model(out)
     loaded, _, _ = open_trained(str(model), str(adapter))
     ids = runtime.encode(_long_prompt(runtime, window))
-    x = torch.tensor([ids])
+    x, eos = torch.tensor([ids]), loaded.tokenizer.eos_token_id
     with torch.no_grad():
         theirs = loaded.model.eval().generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12,
-                                              do_sample=False, min_new_tokens=12, pad_token_id=0)[0, len(ids):]
+                                              do_sample=False, eos_token_id=eos, pad_token_id=eos)[0, len(ids):]
+    theirs = theirs.tolist()[: theirs.tolist().index(eos)] if eos in theirs else theirs.tolist()
     adapter_name = "default" if mode == "adapter-aware" else None
-    got = runtime.generate_ids([ids], adapter=adapter_name, max_new_tokens=12, ignore_eos=True)[0].tokens
-    assert got == theirs.tolist()
+    assert runtime.generate_ids([ids], adapter=adapter_name, max_new_tokens=12)[0].tokens == theirs
     if window:  # the prompt fills the window: its first tokens are out of a sliding layer's reach
         assert len(ids) > window
 
@@ -158,5 +188,9 @@ def test_the_server_and_genai_give_the_runtimes_tokens(trained):
     for _ in range(8):
         gen.generate_next_token()
         tokens.append(int(gen.get_next_tokens()[0]))
-    assert tokens == alone.tokens
+    eos = set(runtime.meta.eos_token_ids)  # genai ends a row at its end-of-text token, then pads it
+
+    def upto_eos(row):
+        return row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))]
+    assert upto_eos(tokens) == upto_eos(alone.tokens)
 

@@ -3,14 +3,28 @@ encoder's classification head (and pooler), which are trained in full."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from qlora_rt.architectures import numbers
 from qlora_rt.base.encoders import head_modules
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
     get = getattr(model, "get_output_embeddings", None)
     return get() if get else None
+
+
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A decoder's logits from its last hidden states, as its own forward makes them: the head, then what the
+    architecture does after it (Granite's divisor, Gemma 2's soft-cap: qlora_rt/architectures.py)."""
+    logits = model.get_output_embeddings()(hidden)
+    n = numbers(model.config)
+    if n.logits_divisor is not None:
+        logits = logits / n.logits_divisor
+    if n.logit_softcap:
+        logits = torch.tanh(logits / n.logit_softcap) * n.logit_softcap
+    return logits
 
 
 def linear_names(model: nn.Module) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora_rt.base.encoders import max_tokens, takes_token_types
+from qlora_rt.base.linears import output_logits
 from qlora_rt.train import label_data, text_data
 
 
@@ -63,7 +64,7 @@ class CausalLM:
                                      attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, d)
         labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
         keep = labels != text_data.IGNORE
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (N, vocab)
+        logits = output_logits(model, hidden[:, :-1][keep]).float()  # (N, vocab)
         return F.cross_entropy(logits, labels[keep], reduction="sum") / n_units
 
     @torch.no_grad()
