@@ -62,7 +62,21 @@ def spec_of(config) -> DecoderSpec:
                        qk_norm=arch.qk_norm, sandwich_norms=arch.sandwich_norms, activation=ACTIVATIONS[act],
                        embed_scale=n.embed_scale, scale=n.attention_scale, residual_scale=n.residual_scale,
                        attn_softcap=n.attn_softcap, logit_softcap=n.logit_softcap, logits_divisor=n.logits_divisor,
-                       windows=n.windows, rope=tuple("" if r == "" else tables[r] for r in n.rope))
+                       windows=n.windows, rope=tuple("" if r == "" else tables[r] for r in n.rope),
+                       rotary_dim=rotary_dim(config, head_dim), long_rope_from=long_rope_from(config),
+                       fused=arch.fused)
+
+
+def rotary_dim(config, head_dim: int) -> int:
+    """The dims of a head that rotate: all, or partial_rotary_factor of them (Phi-4-mini: 0.75)."""
+    factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    return int(head_dim * factor) if factor != 1.0 else 0
+
+
+def long_rope_from(config) -> int:
+    """LongRoPE's switch length where an export's context can pass it (else one set of tables does)."""
+    n = numbers(config).long_rope_from
+    return n if n and min(config.max_position_embeddings, MAX_ROPE_TABLE) > n else 0
 
 
 class DecoderFamily:
@@ -79,7 +93,7 @@ class DecoderFamily:
     def start(self, g: Graph) -> LinearWriter:
         cfg, model, info = self.cfg, self.model, self.trained.adapter
         add_shared_tensors(g, model, self.max_context, architecture_of(model.config).norm_offset,
-                           rope_tables(model.config))
+                           rope_tables(model.config), long_rope_from(model.config))
         # adapter-aware: LoRA inputs on the trained adapter's modules, or on every Linear for a bare base
         adapted = set(info.modules) if info else set(lora_layers(model))
         writer = linear_writer(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size, row_slots=True,

@@ -60,6 +60,9 @@ class DecoderSpec:
     logits_divisor: float | None = None  # logits / this (Granite)
     windows: tuple[int, ...] = ()        # per layer: a sliding window of this many positions, 0 = all
     rope: tuple[str, ...] = ()           # per layer: its rotary tables' name, "" for none (`rope` if empty)
+    rotary_dim: int = 0                  # dims of a head that rotate (partial rotary, Phi-4-mini); 0: all
+    long_rope_from: int = 0              # LongRoPE: past this total length, the long tables (0: one set)
+    fused: bool = False                  # q/k/v one Linear `qkv_proj`, gate/up one `gate_up_proj` (Phi-3)
 
     def window(self, i: int) -> int:
         return self.windows[i] if self.windows else 0
@@ -79,11 +82,29 @@ def _add_norm(g: Graph, x: str, residual: str, weight: str, eps: float) -> tuple
     return normed, total
 
 
-def _rope(g: Graph, x: str, n: int, hd: int, table: str = "rope") -> str:
+def _rope(g: Graph, x: str, n: int, hd: int, table: str = "rope", rotary_dim: int = 0) -> str:
     """Rotary embedding of (B, T, n*hd) at `position_ids`, rotate-half style as transformers does (one
-    com.microsoft.RotaryEmbedding op over the `<table>.cos` / `<table>.sin` (max_positions, hd/2) tables)."""
+    com.microsoft.RotaryEmbedding op over the `<table>.cos` / `<table>.sin` (max_positions, rot/2) tables)."""
     return g.op("RotaryEmbedding", [x, "position_ids", f"{table}.cos", f"{table}.sin"], domain=MS, interleaved=0,
-                num_heads=n, rotary_embedding_dim=hd)
+                num_heads=n, rotary_embedding_dim=rotary_dim or hd)
+
+
+def _long_rope(g: Graph, spec: DecoderSpec, tables: set[str]) -> None:
+    """LongRoPE (Phi-3.x), as transformers computes it: every position of a sequence takes the long factors
+    once the sequence (P+T) passes the original length, the short ones before.
+
+        P+T ─> Greater(·, from) ─┐
+        <t>.long.cos[:P+T]  ─────┼─ Where ─> <t>.cos    (and .sin alike)
+        <t>.short.cos[:P+T] ─────┘
+
+    Only the rows a run can read are sliced, so the choice costs P+T rows a run, not the whole table."""
+    total = g.op("Shape", [io.ATTENTION_MASK], start=1, end=2)  # (1,) P+T
+    longer = g.op("Greater", [g.op("Squeeze", [total, g.const([0])]), g.const(spec.long_rope_from, np.int64)])
+    for table in tables:
+        for part in ("cos", "sin"):
+            rows = [g.op("Slice", [f"{table}.{kind}.{part}", g.const([0]), total, g.const([0])])
+                    for kind in ("long", "short")]
+            g.op("Where", [longer, *rows], [f"{table}.{part}"])
 
 
 def _head_norm(g: Graph, x: str, weight: str, n: int, hd: int, eps: float) -> str:
@@ -137,16 +158,17 @@ def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, mask: tuple[str
     max-length cache) makes the append in place: the runtime does that; plain feeds work too. x is
     (B*T, d); `rows3` is the shape (B, T, -1) the op's inputs take."""
     p = f"model.layers.{i}.self_attn"
-    names = [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"]
+    names = [f"{p}.qkv_proj"] if spec.fused else [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"]
     table, hd = spec.rope_of(i), spec.head_dim  # table "": a layer without RoPE (SmolLM3's every 4th)
     if spec.qk_norm:  # per-head norms go before rotary, which the CPU op cannot do inside
         q, k, v = (g.op("Reshape", [t, rows3]) for t in lin.many(names, x))
         q = _head_norm(g, q, f"{p}.q_norm.weight", spec.heads, hd, spec.eps)
         k = _head_norm(g, k, f"{p}.k_norm.weight", spec.kv_heads, hd, spec.eps)
         if table:
-            q, k = _rope(g, q, spec.heads, hd, table), _rope(g, k, spec.kv_heads, hd, table)
+            q = _rope(g, q, spec.heads, hd, table, spec.rotary_dim)
+            k = _rope(g, k, spec.kv_heads, hd, table, spec.rotary_dim)
         qkv, rotary = [q, k, v], 0
-    else:
+    else:  # one (B, T, (n+2kv)*hd) tensor: the op's packed form, and a fused qkv_proj's own layout
         qkv, rotary = [g.op("Reshape", [lin.many(names, x, packed=True)[0], rows3])], int(bool(table))
     table = table or "rope"  # the op takes its tables as inputs even where it does no rotary
     seqlens, total, bias = mask
@@ -167,7 +189,11 @@ def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, mask: tuple[str
 def _mlp(g: Graph, spec: DecoderSpec, lin, i: int, x: str) -> str:
     """down(act(gate(x)) * up(x)), act SiLU or tanh-GELU (transformers' gelu_pytorch_tanh: Gelu-20's tanh form)."""
     p = f"model.layers.{i}.mlp"
-    gate, up = lin.many([f"{p}.gate_proj", f"{p}.up_proj"], x)
+    if spec.fused:  # gate_up_proj: gate's rows, then up's (transformers' chunk(2))
+        half = lin.layers[f"{p}.gate_up_proj"].out_features // 2
+        gate, up = g.op("Split", [lin(f"{p}.gate_up_proj", x), g.const([half, half])], outputs=2, axis=-1)
+    else:
+        gate, up = lin.many([f"{p}.gate_proj", f"{p}.up_proj"], x)
     if spec.activation == "gelu_tanh":
         act = g.op("Gelu", [gate], approximate="tanh")
     else:
@@ -207,6 +233,8 @@ def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
     if spec.embed_scale is not None:
         h = g.op("Mul", [h, g.const(spec.embed_scale, np.float32)])
     mask = _mask(g, io.ATTENTION_MASK, batch, length)
+    if spec.long_rope_from:
+        _long_rope(g, spec, {spec.rope_of(i) for i in range(spec.layers)} - {""})
     x = _rms_norm(g, h, "model.layers.0.input_layernorm.weight", spec.eps)
     for i in range(spec.layers):
         # each residual add is fused with the norm that follows it: x = norm(h += sublayer(x)); with sandwich

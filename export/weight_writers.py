@@ -404,12 +404,16 @@ def group_name(names: list[str]) -> str:
 
 
 def add_shared_tensors(g: Graph, model: torch.nn.Module, max_positions: int, norm_offset: float = 0.0,
-                       rope_tables: dict[str | None, str] | None = None) -> None:
+                       rope_tables: dict[str | None, str] | None = None, long_rope_from: int = 0) -> None:
     """Embedding, norms and the rotary tables, as initializers the graph refers to by name.
 
     norm_offset: added to every RMSNorm weight (Gemma's norms scale by 1 + w; the sum is the one transformers
     computes in fp32, so folding it in is exact). rope_tables: the table name for each layer type (None: a
-    model with one rotary table), each `<name>.cos` / `<name>.sin` (max_positions, head_dim/2)."""
+    model with one rotary table), each `<name>.cos` / `<name>.sin` (max_positions, rotary_dim/2); partial
+    rotary (Phi-4-mini) makes rotary_dim < head_dim. long_rope_from (LongRoPE, Phi-3.x): the model's own
+    rotary module switches to its long factors for every position once a sequence passes this length, so two
+    tables go in, `<name>.long.*` and `<name>.short.*` (short factors up to that length, the long rows after:
+    never read), and the graph picks one a run (decoder_graph._rope_tables)."""
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             g.init(name, (p.detach().float() + norm_offset).numpy())
@@ -419,15 +423,23 @@ def add_shared_tensors(g: Graph, model: torch.nn.Module, max_positions: int, nor
     positions = torch.arange(max_positions)[None]  # (1, P)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    half = head_dim // 2  # rotate-half tables repeat their first half: RotaryEmbedding takes it once
     for layer_type, table in (rope_tables or {None: "rope"}).items():
         kw = {} if layer_type is None else {"layer_type": layer_type}
         with torch.no_grad():  # the model's own rotary module: every rope type/scaling it knows is honoured
             cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions, **kw)
-        if cos.shape[-1] != head_dim or not torch.equal(cos[..., :half], cos[..., half:]):
-            raise QloraError(f"rotary embedding of {cfg.model_type}: only full rotate-half rotary is supported")
-        g.init(f"{table}.cos", cos[0, :, :half].float().numpy())  # (P, head_dim/2)
-        g.init(f"{table}.sin", sin[0, :, :half].float().numpy())
+            if long_rope_from:  # the same module, asked for a sequence within the original length
+                short = rotary(torch.zeros(1, dtype=torch.float32), positions[:, :long_rope_from], **kw)
+        half = cos.shape[-1] // 2  # rotate-half tables repeat their first half: the ops take it once
+        if cos.shape[-1] > head_dim or cos.shape[-1] % 2 or not torch.equal(cos[..., :half], cos[..., half:]):
+            raise QloraError(f"rotary embedding of {cfg.model_type}: only rotate-half rotary is supported")
+        if not long_rope_from:
+            g.init(f"{table}.cos", cos[0, :, :half].float().numpy())  # (P, rotary_dim/2)
+            g.init(f"{table}.sin", sin[0, :, :half].float().numpy())
+            continue
+        for name, long, short_part in (("cos", cos, short[0]), ("sin", sin, short[1])):
+            g.init(f"{table}.long.{name}", long[0, :, :half].float().numpy())
+            g.init(f"{table}.short.{name}", torch.cat([short_part[0, :, :half], long[0, long_rope_from:, :half]]
+                                                      ).float().numpy())
 
 
 HEADS = ("auto", "fp32", "int8", "int4")

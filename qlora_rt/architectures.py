@@ -30,6 +30,7 @@ class Architecture:
     residual_scale: str | None = None   # the config field each sublayer's output is multiplied by (Granite)
     logits_divisor: str | None = None   # the config field the logits are divided by (Granite)
     nope_layers: str | None = None      # the config field whose 0s mark layers without RoPE (SmolLM3)
+    fused: bool = False             # q/k/v one Linear `qkv_proj`, gate/up one `gate_up_proj` (Phi-3)
     gguf_qk_permuted: bool = False  # llama.cpp's converter interleaved q/k rows for its RoPE (Llama, Mistral)
 
 
@@ -43,6 +44,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("gemma3_text", gguf=("gemma3",), genai="gemma3_text", norm_offset=1.0, sandwich_norms=True,
                  embed_scale="sqrt_hidden", qk_norm=True, attention_scale=("query_pre_attn_scalar", -0.5)),
     Architecture("smollm3", genai="smollm3", nope_layers="no_rope_layers"),
+    Architecture("phi3", genai="phi3", fused=True),
     Architecture("granite", genai="granite", embed_scale="embedding_multiplier",
                  attention_scale=("attention_multiplier", 1.0), residual_scale="residual_multiplier",
                  logits_divisor="logits_scaling"),
@@ -69,6 +71,7 @@ class Numbers:
     windows: tuple[int, ...]         # per layer: a sliding window of this many positions, 0 = all; () = none
     rope: tuple[str | None, ...]     # per layer: the layer type whose RoPE it takes (None: the model's one
                                      # table), "" for a layer without RoPE; () = every layer the one table
+    long_rope_from: int = 0          # LongRoPE: past this many positions the long factors (0: no LongRoPE)
 
 
 def numbers(config) -> Numbers:
@@ -93,6 +96,7 @@ def numbers(config) -> Numbers:
         [None] * config.num_hidden_layers
     if arch.nope_layers:
         rope = [r if used else "" for r, used in zip(rope, getattr(config, arch.nope_layers))]
+    long_from = per_type.get("original_max_position_embeddings", 0) if per_type.get("rope_type") == "longrope" else 0
     return Numbers(embed, scale, field(arch.residual_scale), field(arch.logits_divisor),
                    field("attn_logit_softcapping"), field("final_logit_softcapping"), windows,
-                   () if all(r is None for r in rope) else tuple(rope))
+                   () if all(r is None for r in rope) else tuple(rope), int(long_from))

@@ -42,6 +42,25 @@ SMOLLM3 = dict(  # HuggingFaceTB/SmolLM3-3B's: heads of 128, every 4th layer wit
     eos_token_id=2)
 GRANITE = dict(  # ibm-granite/granite-3.x-2b's multipliers
     embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22, logits_scaling=8.0)
+
+
+def longrope(head_dim: int, rotary: float = 1.0, original: int = 36) -> dict:
+    """Phi-3.5-mini's kind of rope_parameters, its original length cut to 36: the tests' 32-token prompts start
+    on the short factors and decode past 36 onto the long ones."""
+    n = int(head_dim * rotary) // 2
+    return {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": rotary,
+            "original_max_position_embeddings": original, "short_factor": [1.0 + 0.05 * i for i in range(n)],
+            "long_factor": [1.0 + 0.9 * i for i in range(n)]}
+
+
+PHI35 = dict(  # microsoft/Phi-3.5-mini's: heads of 96, as many kv heads, LongRoPE
+    num_attention_heads=4, num_key_value_heads=4, head_dim=96, hidden_size=384, max_position_embeddings=256,
+    original_max_position_embeddings=36, rope_parameters=longrope(96), pad_token_id=0, bos_token_id=1,
+    eos_token_id=2)
+PHI4 = dict(  # microsoft/Phi-4-mini's: heads of 128 of which 96 rotate, 3 query heads a kv head, LongRoPE
+    num_attention_heads=6, num_key_value_heads=2, head_dim=128, hidden_size=768, max_position_embeddings=256,
+    original_max_position_embeddings=36, rope_parameters=longrope(128, 0.75), partial_rotary_factor=0.75,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2, tie=True)
 # name -> (model_type, config overrides, the sliding window a long prompt must pass: 0 = none)
 TINY = {
     "llama": ("llama", {}, 0),
@@ -53,6 +72,8 @@ TINY = {
                                             "sliding_window": 4}, 4),
     "smollm3": ("smollm3", SMOLLM3, 0),
     "granite": ("granite", GRANITE, 0),
+    "phi3.5": ("phi3", PHI35, 0),
+    "phi4-mini": ("phi3", PHI4, 0),
 }
 
 
@@ -99,12 +120,24 @@ def test_our_adapter_equals_peft_and_peft_adapters_load_here(tiny):
                  str(model), ours.fingerprint)
     assert (ours.model.eval()(input_ids=IDS).logits - peft_model(model, folder / "ours")(input_ids=IDS).logits
             ).abs().max().item() <= 1e-4
-    peft = peft_model(model, r=6, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"],
-                      init_lora_weights=False)
+    fused = TINY[name][0] == "phi3"  # PEFT's adapters for Phi-3 name the fused Linears
+    peft = peft_model(model, r=6, lora_alpha=12, init_lora_weights=False,
+                      target_modules=["qkv_proj", "down_proj"] if fused else ["q_proj", "v_proj", "down_proj"])
     peft.save_pretrained(folder / "peft")
     loaded, _, _ = open_trained(model, folder / "peft")
     with torch.no_grad():
         assert (loaded.model.eval()(input_ids=IDS).logits - peft(input_ids=IDS).logits).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+def _greedy(model, ids: list[int], n: int) -> list[int]:
+    """transformers' forward with its own KV cache, n argmax steps, end-of-text not special (as ignore_eos)."""
+    out = model(torch.tensor([ids]), use_cache=True)
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
 
 
 def _long_prompt(runtime: Model, window: int) -> str:
@@ -136,15 +169,14 @@ def test_exports_are_exact_and_decode_past_the_window_as_transformers(trained, m
     runtime = Model(out)
     loaded, _, _ = open_trained(str(model), str(adapter))
     ids = runtime.encode(_long_prompt(runtime, window))
-    x, eos = torch.tensor([ids]), loaded.tokenizer.eos_token_id
-    with torch.no_grad():
-        theirs = loaded.model.eval().generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12,
-                                              do_sample=False, eos_token_id=eos, pad_token_id=eos)[0, len(ids):]
-    theirs = theirs.tolist()[: theirs.tolist().index(eos)] if eos in theirs else theirs.tolist()
+    theirs = _greedy(loaded.model.eval(), ids, 12)
     adapter_name = "default" if mode == "adapter-aware" else None
-    assert runtime.generate_ids([ids], adapter=adapter_name, max_new_tokens=12)[0].tokens == theirs
+    assert runtime.generate_ids([ids], adapter=adapter_name, max_new_tokens=12, ignore_eos=True)[0].tokens == theirs
     if window:  # the prompt fills the window: its first tokens are out of a sliding layer's reach
         assert len(ids) > window
+    original = (getattr(loaded.model.config, "rope_parameters", None) or {}).get("original_max_position_embeddings")
+    if original:  # LongRoPE: the prompt on the short factors, the decode passing onto the long ones
+        assert len(ids) <= original < len(ids) + len(theirs), (len(ids), len(theirs))
 
 
 def test_the_server_and_genai_give_the_runtimes_tokens(trained):
