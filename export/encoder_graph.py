@@ -4,7 +4,9 @@ BERT/MiniLM, RoBERTa/XLM-R and DistilBERT share one post-norm block: self-attent
 a GELU (or ReLU) MLP, add & LayerNorm. They differ in names, in positions (RoBERTa counts them from its
 padding index, over the non-pad tokens) and in token types (BERT reads them). The head reads the first
 token: BERT's pooler (dense + tanh) then its classifier; RoBERTa's dense + tanh + out_proj; DistilBERT's
-pre_classifier + ReLU + classifier.
+pre_classifier + ReLU + classifier. ModernBERT is a pre-norm block of its own (`_modernbert`: rotary
+positions, a fused q/k/v Linear, GeGLU, local layers that see a band of tokens) whose head pools the first
+token or the mean, then dense + GELU + LayerNorm + classifier.
 
     inputs   input_ids (B, T) int64, attention_mask (B, T) int64, [token_type_ids (B, T) int64: BERT]
     outputs  logits (B, labels) float32, label_names (bytes) uint8: the labels' names as a JSON list
@@ -36,7 +38,8 @@ from .graph import MS, Graph
 
 ACTIVATIONS = {"gelu": ("Gelu", MS), "gelu_new": ("FastGelu", MS), "gelu_pytorch_tanh": ("FastGelu", MS),
                "gelu_fast": ("FastGelu", MS), "relu": ("Relu", "")}
-BASES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "distilbert": "distilbert"}  # attribute
+BASES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "distilbert": "distilbert",
+         "modernbert": "model"}  # the encoder's attribute in the classifier
 LABEL_NAMES = "label_names"  # graph output; the input that feeds it is HEAD_LABELS
 # com.microsoft.MultiHeadAttention / SkipLayerNormalization + Gelu, or the same arithmetic in standard ONNX ops
 # (bench/encoder_ops.py measures each choice).
@@ -57,6 +60,9 @@ class EncoderSpec:
     max_length: int     # positions the table holds (RoBERTa: after its padding offset)
     token_types: bool   # BERT reads token_type_ids
     pad_id: int
+    pooling: str = "cls"            # the head reads the first token's state, or the mean over the tokens
+    windows: tuple[int, ...] = ()   # ModernBERT: per layer, the tokens either side it sees (0: all)
+    rope: tuple[str, ...] = ()      # ModernBERT: per layer, its rotary tables' name
 
 
 def spec_of(model: torch.nn.Module) -> EncoderSpec:
@@ -66,7 +72,16 @@ def spec_of(model: torch.nn.Module) -> EncoderSpec:
     act = getattr(c, "hidden_act", None) or getattr(c, "activation", None)
     if base is None:
         raise QloraError(f"architecture {kind!r} is not supported by the encoder exporter; "
-                         "supported: bert, roberta, xlm-roberta, distilbert")
+                         f"supported: {', '.join(BASES)}")
+    if kind == "modernbert":
+        act = c.hidden_activation
+        if act not in ACTIVATIONS or c.classifier_activation not in ACTIVATIONS:
+            raise QloraError(f"{kind}: activation {act!r} / {c.classifier_activation!r} is not supported by the "
+                             f"exporter ({', '.join(ACTIVATIONS)})")
+        return EncoderSpec(kind, base, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.norm_eps, act,
+                           c.max_position_embeddings, False, c.pad_token_id or 0, c.classifier_pooling,
+                           tuple(c.sliding_window if t == "sliding_attention" else 0 for t in c.layer_types),
+                           tuple(f"rope.{t}" for t in c.layer_types))
     if act not in ACTIVATIONS:
         raise QloraError(f"{kind}: activation {act!r} is not supported by the exporter ({', '.join(ACTIVATIONS)})")
     if getattr(c, "position_embedding_type", "absolute") != "absolute":
@@ -93,10 +108,21 @@ def layer_names(spec: EncoderSpec, i: int) -> dict[str, str]:
 
 
 def add_shared_tensors(g: Graph, model: torch.nn.Module, spec: EncoderSpec) -> None:
-    """Embedding tables and every LayerNorm's weight and bias, as initializers named as in the model."""
+    """Embedding tables and every LayerNorm's weight and bias, as initializers named as in the model (a head's
+    own norm is the head's); ModernBERT's rotary tables, `rope.<layer type>.cos` / `.sin` (positions, hd/2)."""
+    heads = tuple(f"{m}." for m in head_modules(model))
     for name, p in model.named_parameters():
-        if ".embeddings." in f".{name}" or "LayerNorm" in name or "layer_norm" in name:
+        norm = "LayerNorm" in name or "layer_norm" in name or name.endswith(("norm.weight", "norm.bias"))
+        if (".embeddings." in f".{name}" or norm) and not name.startswith(heads):
             g.init(name, p.detach().float().numpy())
+    if spec.rope:
+        positions = torch.arange(spec.max_length)[None]
+        for table in dict.fromkeys(spec.rope):
+            with torch.no_grad():  # the model's own rotary module, one table per layer type
+                cos, sin = model.model.rotary_emb(torch.zeros(1), positions, table.removeprefix("rope."))
+            half = cos.shape[-1] // 2
+            g.init(f"{table}.cos", cos[0, :, :half].float().numpy())
+            g.init(f"{table}.sin", sin[0, :, :half].float().numpy())
 
 
 def _embeddings(g: Graph, spec: EncoderSpec) -> str:
@@ -162,6 +188,61 @@ def _layer(g: Graph, spec: EncoderSpec, lin, i: int, x: str, bias: str, rows3: s
     return _add_norm(g, spec, lin(n["down"], act), x, n["ln2"])
 
 
+def _layer_norm(g: Graph, spec: EncoderSpec, x: str, norm: str) -> str:
+    """LayerNorm with the module's weight, and its bias where it has one (ModernBERT's have none: the input is
+    left off, since onnxruntime 1.32 crashes on an empty-named optional B)."""
+    bias = [f"{norm}.bias"] if f"{norm}.bias" in g.names else []
+    return g.op("LayerNormalization", [x, f"{norm}.weight", *bias], axis=-1, epsilon=spec.eps)
+
+
+def _band(g: Graph, length: str, window: int) -> str:
+    """(1, 1, T, T) additive bias: -1e30 where query and key are more than `window` tokens apart."""
+    r = g.op("Range", [g.const(0), g.op("Squeeze", [length, g.const([0])]), g.const(1)])  # (T,)
+    apart = g.op("Abs", [g.op("Sub", [g.op("Unsqueeze", [r, g.const([1])]), g.op("Unsqueeze", [r, g.const([0])])])])
+    far = g.op("Unsqueeze", [g.op("Greater", [apart, g.const(window)]), g.const([0, 1])])
+    return g.op("Where", [far, g.const(-1e30, np.float32), g.const(0.0, np.float32)])
+
+
+def _modernbert(g: Graph, spec: EncoderSpec, lin, bias: str, length: str, rows3: str) -> str:
+    """ModernBERT's encoder, (B*T, d) after its final norm. A pre-norm block (layer 0 without the norm before
+    attention), as transformers' ModernBertEncoderLayer:
+
+        x ─┬─ norm ─ Wqkv ─ split ─ rotary(q, k) ─ MultiHeadAttention (+ band on local layers) ─ Wo ─(+)─┬─ ...
+           └──────────────────────────────────────────────────────────────────────────────────────┘   │
+           ┌──────────────────────────────────────────────────────────────────────────────────────────┘
+           └─ norm ─ Wi ─ split(input, gate) ─ GELU(input) · gate ─ Wo ─(+)─> x
+    """
+    d, hd = spec.hidden, spec.hidden // spec.heads
+    h = g.op("Gather", ["model.embeddings.tok_embeddings.weight", g.op("Reshape", ["input_ids", g.const([-1])])])
+    x = _layer_norm(g, spec, h, "model.embeddings.norm")  # (B*T, d)
+    bands = {w: g.op("Add", [bias, _band(g, length, w)]) for w in set(spec.windows) if w}
+    act, domain = ACTIVATIONS[spec.act]
+    for i in range(spec.layers):
+        p = f"model.layers.{i}"
+        a = x if i == 0 else _layer_norm(g, spec, x, f"{p}.attn_norm")
+        q, k, v = g.op("Split", [lin(f"{p}.attn.Wqkv", a), g.const([d, d, d])], outputs=3, axis=-1)
+        q, k, v = (g.op("Reshape", [t, rows3]) for t in (q, k, v))  # (B, T, d)
+        q, k = (g.op("RotaryEmbedding", [t, g.const([0]), f"{spec.rope[i]}.cos", f"{spec.rope[i]}.sin"], domain=MS,
+                     interleaved=0, num_heads=spec.heads, rotary_embedding_dim=hd) for t in (q, k))
+        attn = g.op("MultiHeadAttention", [q, k, v, "", "", bands.get(spec.windows[i], bias)], domain=MS,
+                    num_heads=spec.heads)
+        x = g.op("Add", [x, lin(f"{p}.attn.Wo", g.op("Reshape", [attn, g.const([-1, d])]))])
+        up, gate = g.op("Split", [lin(f"{p}.mlp.Wi", _layer_norm(g, spec, x, f"{p}.mlp_norm")),
+                                  g.const([lin.layers[f"{p}.mlp.Wi"].out_features // 2] * 2)], outputs=2, axis=-1)
+        x = g.op("Add", [x, lin(f"{p}.mlp.Wo", g.op("Mul", [g.op(act, [up], domain=domain), gate]))])
+    return _layer_norm(g, spec, x, "model.final_norm")
+
+
+def _pool(g: Graph, spec: EncoderSpec, x: str, rows3: str) -> str:
+    """(B, d): the first token's state ([CLS] / <s>), or the mean over the tokens the mask keeps."""
+    x = g.op("Reshape", [x, rows3])  # (B, T, d)
+    if spec.pooling == "cls":
+        return g.op("Gather", [x, g.const(0)], axis=1)
+    mask = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], to=TensorProto.FLOAT), g.const([2])])  # (B, T, 1)
+    total = g.op("ReduceSum", [g.op("Mul", [x, mask]), g.const([1])], keepdims=0)  # (B, d)
+    return g.op("Div", [total, g.op("ReduceSum", [mask, g.const([1])], keepdims=0)])
+
+
 def _io(g: Graph, spec: EncoderSpec) -> None:
     i64 = TensorProto.INT64
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if spec.token_types else [])
@@ -177,26 +258,33 @@ def build_encoder(spec: EncoderSpec, g: Graph, lin, head: HeadWriter) -> None:
     length = g.op("Shape", ["input_ids"], start=1, end=2)  # (1,) T
     rows3 = g.op("Concat", [batch, length, g.const([-1])], axis=0)  # (B*T, n) -> (B, T, n)
     bias = _padding_bias(g, batch, length)
-    x = _embeddings(g, spec)
-    for i in range(spec.layers):
-        x = _layer(g, spec, lin, i, x, bias, rows3)
-    first = g.op("Gather", [g.op("Reshape", [x, rows3]), g.const(0)], axis=1)  # (B, d): [CLS] / <s>
-    head(first)
+    if spec.rope:
+        x = _modernbert(g, spec, lin, bias, length, rows3)
+    else:
+        x = _embeddings(g, spec)
+        for i in range(spec.layers):
+            x = _layer(g, spec, lin, i, x, bias, rows3)
+    head(_pool(g, spec, x, rows3))
 
 
-# The head's Linears in the order they run, and the activation after each but the last.
+# The head's modules in the order they run: each a Linear and the activation after it (None: none), or a
+# LayerNorm ("LayerNorm"). Keyed by the encoder's attribute (BASES); ModernBERT's is `model`.
 HEAD_CHAIN = {"bert": (("bert.pooler.dense", "Tanh"), ("classifier", None)),
               "roberta": (("classifier.dense", "Tanh"), ("classifier.out_proj", None)),
-              "distilbert": (("pre_classifier", "Relu"), ("classifier", None))}
+              "distilbert": (("pre_classifier", "Relu"), ("classifier", None)),
+              "model": (("head.dense", "gelu"), ("head.norm", "LayerNorm"), ("classifier", None))}
 
 
 def head_arrays(tensors: dict[str, torch.Tensor], labels: list[str], base: str) -> dict[str, np.ndarray]:
-    """A head's tensors ({model param name: tensor}) and label names as the graph's head inputs: each weight
-    (out, in) as (in, out) for MatMul, its bias, and the names as UTF-8 JSON bytes."""
+    """A head's tensors ({model param name: tensor}) and label names as the graph's head inputs: each Linear's
+    weight (out, in) as (in, out) for MatMul, a LayerNorm's as it is, their biases where they have them, and the
+    names as UTF-8 JSON bytes."""
     out = {}
-    for module, _ in HEAD_CHAIN[base]:
-        out[f"head.{module}.weight"] = tensors[f"{module}.weight"].detach().float().T.contiguous().numpy()
-        out[f"head.{module}.bias"] = tensors[f"{module}.bias"].detach().float().contiguous().numpy()
+    for module, op in HEAD_CHAIN[base]:
+        w = tensors[f"{module}.weight"].detach().float()
+        out[f"head.{module}.weight"] = (w if op == "LayerNorm" else w.T).contiguous().numpy()
+        if f"{module}.bias" in tensors:
+            out[f"head.{module}.bias"] = tensors[f"{module}.bias"].detach().float().contiguous().numpy()
     out[HEAD_LABELS] = np.frombuffer(json.dumps(labels).encode(), np.uint8).copy()
     return out
 
@@ -216,18 +304,23 @@ class HeadWriter:
     def __call__(self, x: str) -> str:
         g = self.g
         arrays = head_arrays(self.tensors, self.labels, self.spec.base)
-        for i, (module, act) in enumerate(self.chain):
+        for i, (module, op) in enumerate(self.chain):
             w, b = f"head.{module}.weight", f"head.{module}.bias"
             last = i == len(self.chain) - 1
-            if self.mode == "adapter-aware":
-                self._input(w, arrays[w], TensorProto.FLOAT, last)
-                self._input(b, arrays[b], TensorProto.FLOAT, last)
-            else:
-                g.init(w, arrays[w])
-                g.init(b, arrays[b])
-            x = g.op("Add", [g.op("MatMul", [x, w]), b])
-            if act:
-                x = g.op(act, [x])
+            for name in (w, b) if b in arrays else (w,):
+                if self.mode == "adapter-aware":
+                    self._input(name, arrays[name], TensorProto.FLOAT, last)
+                else:
+                    g.init(name, arrays[name])
+            if op == "LayerNorm":
+                x = g.op("LayerNormalization", [x, w, *([b] if b in arrays else [])], axis=-1, epsilon=self.spec.eps)
+                continue
+            x = g.op("MatMul", [x, w])
+            if b in arrays:
+                x = g.op("Add", [x, b])
+            if op:
+                kind, domain = ACTIVATIONS.get(op, (op, ""))  # a model's name for it (gelu), or an op (Tanh)
+                x = g.op(kind, [x], domain=domain)
         g.op("Identity", [x], ["logits"])
         if self.mode == "adapter-aware":
             self._input(HEAD_LABELS, arrays[HEAD_LABELS], TensorProto.UINT8, True)

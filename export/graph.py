@@ -33,6 +33,7 @@ class Graph:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._n = 0
         self._consts: dict[tuple, str] = {}
+        self.names: set[str] = set()  # the initializers' names
 
     def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "",
            **attrs) -> str | list[str]:
@@ -43,6 +44,7 @@ class Graph:
 
     def init(self, name: str, array: np.ndarray) -> str:
         a = np.ascontiguousarray(array) if np.ndim(array) else np.asarray(array)  # keeps 0-d
+        self.names.add(name)
         if self._data is None or a.nbytes < EXTERNAL_MIN:
             self.initializers.append(numpy_helper.from_array(a, name))
             return name

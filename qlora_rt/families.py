@@ -36,7 +36,8 @@ DECODER = Family(
     train_defaults={"batch_size": 4, "lr": 2e-4, "epochs": 1.0},
     manifest_fields=("kv_heads", "head_dim", "vocab", "max_context", "eos_token_ids", "kv_cache"))
 ENCODER = Family(
-    "encoder", "classify", ("bert", "roberta", "xlm-roberta", "distilbert"), "AutoModelForSequenceClassification",
+    "encoder", "classify", ("bert", "roberta", "xlm-roberta", "distilbert", "modernbert"),
+    "AutoModelForSequenceClassification",
     quantizable_head=False, trained_head=True,
     data='classification data (lines of {"text": ..., "label": ...})',
     other_data="has no 'label'",

@@ -138,6 +138,11 @@ ENCODER_CONFIGS = {
     "roberta": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     max_position_embeddings=66, type_vocab_size=1),
     "distilbert": dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4, max_position_embeddings=64),
+    # answerdotai/ModernBERT-base's attention: heads of 64, a global layer then two local ones (window 128,
+    # here cut to 8 so a test sentence passes it), RoPE 160000 / 10000; GeGLU; no biases
+    "modernbert": dict(hidden_size=128, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
+                       max_position_embeddings=64, local_attention=8, classifier_pooling="mean",
+                       layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
 }
 ENCODER_CONFIGS["xlm-roberta"] = ENCODER_CONFIGS["roberta"]
 

@@ -28,6 +28,7 @@ def config(model, data, out, **kw) -> TrainConfig:
     ("roberta", "int4", {"classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight",
                          "classifier.out_proj.bias"}),
     ("distilbert", "fp4", {"pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"}),
+    ("modernbert", "int4", {"head.dense.weight", "head.norm.weight", "classifier.weight", "classifier.bias"}),
 ])
 def test_each_encoder_learns_sentiment_on_a_4bit_base(model_type, quant, heads, sentiment, tmp_path, capfd):
     """Every encoder Linear in 4 bits with LoRA; the head (and BERT's pooler) trained in full and saved with the
@@ -110,12 +111,15 @@ def test_scores_by_hand():
     assert s["eval_macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
 
 
-def test_adapter_moves_both_ways_with_peft(tiny_bert, sentiment, tmp_path):
+@pytest.mark.parametrize("kind,targets,heads", [("bert", ["query", "value"], ["classifier", "pooler"]),
+                                                ("modernbert", ["Wqkv", "Wi"], ["head", "classifier"])])
+def test_adapter_moves_both_ways_with_peft(kind, targets, heads, sentiment, tmp_path):
     """Plain LoRA (--quant none): our classifier adapter loads in PEFT and PEFT's in ours, logits equal."""
     from peft import LoraConfig as PeftConfig
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
+    tiny_bert = save_encoder(tmp_path / "base", kind)
     r = train(config(tiny_bert, sentiment, tmp_path / "run", quant="none", steps=4, dropout=0.0))
     batch = {"input_ids": torch.tensor([[2, 10, 11, 12, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
     ours, _, _ = open_trained(tiny_bert, r.adapter)
@@ -125,8 +129,7 @@ def test_adapter_moves_both_ways_with_peft(tiny_bert, sentiment, tmp_path):
         assert torch.allclose(peft(**batch).logits, ours.model(**batch).logits, atol=1e-5)
     torch.manual_seed(3)
     theirs = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2),
-                            PeftConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"],
-                                       modules_to_save=["classifier", "pooler"]))
+                            PeftConfig(task_type="SEQ_CLS", r=4, target_modules=targets, modules_to_save=heads))
     with torch.no_grad():
         for n, p in theirs.named_parameters():
             if "lora_B" in n or "modules_to_save" in n:

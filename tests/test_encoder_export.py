@@ -35,18 +35,19 @@ def torch_logits(trained, feeds: dict[str, np.ndarray]) -> np.ndarray:
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     """A base and a trained adapter per family: BERT on text pairs (token types), RoBERTa on int4 (positions
-    from the padding index), DistilBERT on fp4, XLM-R on pairs (one token type: both texts are type 0)."""
+    from the padding index), DistilBERT on fp4, XLM-R on pairs (one token type: both texts are type 0),
+    ModernBERT on int4 (rotary, local layers whose band the test texts pass, mean pooling)."""
     tmp = tmp_path_factory.mktemp("families")
     out = {}
     for kind, quant, pairs in (("bert", "nf4", True), ("roberta", "int4", False), ("distilbert", "fp4", False),
-                               ("xlm-roberta", "nf4", True)):
+                               ("xlm-roberta", "nf4", True), ("modernbert", "int4", False)):
         base = save_encoder(tmp / f"{kind}-base", kind)
         data = write_jsonl(tmp / f"{kind}.jsonl", sentiment_rows(24, 0, pairs=pairs))
         out[kind] = (base, run(base, data, tmp / f"{kind}-run", quant=quant), pairs)
     return tmp, out
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert", "xlm-roberta"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert", "xlm-roberta", "modernbert"])
 @pytest.mark.parametrize("mode,weights", [("merged", "fp32"), ("adapter-aware", "fp32"), ("adapter-aware", "nf4"),
                                           ("adapter-aware", "int4"), ("merged", "fp16"), ("merged", "int4")])
 def test_export_matches_pytorch_through_the_runtime(families, kind, mode, weights):
@@ -55,7 +56,8 @@ def test_export_matches_pytorch_through_the_runtime(families, kind, mode, weight
     reads alone."""
     tmp, runs = families
     base, adapter, pairs = runs[kind]
-    trained_as = {"bert": "nf4", "roberta": "int4", "distilbert": "fp4", "xlm-roberta": "nf4"}[kind]
+    trained_as = {"bert": "nf4", "roberta": "int4", "distilbert": "fp4", "xlm-roberta": "nf4",
+                  "modernbert": "int4"}[kind]
     if weights == "nf4" and trained_as not in ("nf4", "fp4"):
         pytest.skip("MatMulBnb4 holds NF4/FP4 bases")
     out = tmp / f"onnx-{kind}-{mode}-{weights}"

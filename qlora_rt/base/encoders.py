@@ -17,7 +17,7 @@ from qlora_rt.families import ENCODER
 ENCODERS = ENCODER.model_types
 # Module names (last component) trained in full: what PEFT's modules_to_save names for the family.
 HEADS = {"bert": ("pooler", "classifier"), "roberta": ("classifier",), "xlm-roberta": ("classifier",),
-         "distilbert": ("pre_classifier", "classifier")}
+         "distilbert": ("pre_classifier", "classifier"), "modernbert": ("head", "classifier")}
 
 
 def takes_token_types(model_type: str) -> bool:
