@@ -107,7 +107,15 @@ class GGUFTensors:
         from gguf.quants import dequantize
 
         name, entry = self._where[key]
-        weights = dequantize(gguf_reader.read(self.path, name, entry), entry.kind)
+        raw = gguf_reader.read(self.path, name, entry)
+        if raw.ndim == 2 and raw.dtype == np.uint8:  # quantized blocks, a row each: dequantized a slice at a time
+            # (gguf-py makes fp32 temporaries the size of the whole tensor: a 262k x 640 embedding is 671 MB each)
+            rows = max(1, (1 << 22) // max(1, entry.ne[0]))
+            weights = np.empty((raw.shape[0], entry.ne[0]), np.float32)
+            for r0 in range(0, raw.shape[0], rows):
+                weights[r0:r0 + rows] = dequantize(raw[r0:r0 + rows], entry.kind)
+        else:
+            weights = dequantize(raw, entry.kind)
         weights = self._processor.process(weights=weights, name=name).weights
         t = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
         return t if t.dtype == dtype else t.to(dtype)
