@@ -16,8 +16,14 @@ def table(title: str, rows: list[tuple[str, object]]) -> str:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident memory of this process. On Linux its VmHWM: getrusage's ru_maxrss carries the parent's
+    peak across fork and exec, so a bench's child that its parent outgrew would report the parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB, macOS bytes
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
