@@ -133,7 +133,8 @@ class DecoderFamily:
                         outputs=[io.LOGITS, io.PRESENT_KEY.replace("%d", "N"), io.PRESENT_VALUE.replace("%d", "N")],
                         lora_inputs=writer.lora_inputs, lora_groups=writer.lora_groups,
                         int4_activations=("fp32" if 0 in writer.accuracy_levels else "int8")
-                        if writer.accuracy_levels else None, min_onnxruntime=MIN_ONNXRUNTIME)
+                        if writer.accuracy_levels else None, min_onnxruntime=MIN_ONNXRUNTIME,
+                        chat_template=loaded.tokenizer.chat_template is not None)
 
     def save_files(self, folder: Path, meta: Manifest) -> None:
         tokenizer = self.trained.loaded.tokenizer

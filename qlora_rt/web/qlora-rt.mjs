@@ -181,7 +181,9 @@ export class Model {
       fetchOk(at("tokenizer.json"), "the tokenizer", fetchFn).then((r) => r.json()),
       fetchOk(at("tokenizer_config.json"), "the tokenizer's config", fetchFn).then((r) => r.json()),
     ]);
-    let template = await fetchFn(at("chat_template.jinja")).then((r) => (r.ok ? r.text() : null), () => null);
+    // an export that says it has no template is not asked for one (a 404 is an error in the visitor's console)
+    let template = meta.chat_template === false ? null
+      : await fetchFn(at("chat_template.jinja")).then((r) => (r.ok ? r.text() : null), () => null);
     template ??= typeof tokenizerConfig.chat_template === "string" ? tokenizerConfig.chat_template : null;
     const adapters = await fetchFn(at("adapters.json")).then((r) => (r.ok ? r.json() : []), () => []);
     if (device === "auto") device = await bestDevice();
