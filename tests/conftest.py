@@ -258,3 +258,25 @@ def serve_in_thread(app):
         server.should_exit = True
         thread.join(20)
     return port, stop
+
+
+def genai_greedy(folder: Path, ids: list[int], new: int, adapter: str | None = None) -> list[int]:
+    """onnxruntime-genai's greedy tokens for one prompt on an export folder, its adapter active where named; genai
+    ends a row at its end-of-text token and pads it after."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new, do_sample=False)
+    gen = og.Generator(model, params)
+    if adapter is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(folder / "adapters" / f"{adapter}.onnx_adapter"), adapter)
+        gen.set_active_adapter(adapters, adapter)
+    gen.append_tokens(np.array([ids], np.int32))
+    tokens = []
+    for _ in range(new):
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens

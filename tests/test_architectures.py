@@ -9,10 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, save_checkpoint, write_jsonl
+from conftest import CORPUS, genai_greedy, save_checkpoint, write_jsonl
 from test_adapters import IDS, ours_with_random_adapter, peft_model
 
 from qlora_rt.architectures import ARCHITECTURES
@@ -182,7 +181,6 @@ def test_exports_are_exact_and_decode_past_the_window_as_transformers(trained, m
 def test_the_server_and_genai_give_the_runtimes_tokens(trained):
     pytest.importorskip("fastapi")
     import httpx
-    import onnxruntime_genai as og
 
     from qlora_rt.server.app import create_app
 
@@ -207,19 +205,7 @@ def test_the_server_and_genai_give_the_runtimes_tokens(trained):
         app.state.qlora.engine.close(5)
     config = json.loads((out / "genai_config.json").read_text())
     assert config["model"]["type"] == ARCHITECTURES[TINY[name][0]].genai
-    og_model = og.Model(str(out))
-    params = og.GeneratorParams(og_model)
-    ids = runtime.encode(text)
-    params.set_search_options(max_length=len(ids) + 8, do_sample=False)
-    gen = og.Generator(og_model, params)
-    adapters = og.Adapters(og_model)
-    adapters.load(str(out / "adapters" / "default.onnx_adapter"), "default")
-    gen.set_active_adapter(adapters, "default")
-    gen.append_tokens(np.array([ids], np.int32))
-    tokens = []
-    for _ in range(8):
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
+    tokens = genai_greedy(out, runtime.encode(text), 8, "default")
     eos = set(runtime.meta.eos_token_ids)  # genai ends a row at its end-of-text token, then pads it
 
     def upto_eos(row):

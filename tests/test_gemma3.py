@@ -8,10 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-import numpy as np
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import genai_greedy, write_jsonl
 
 from qlora_rt.base import formats
 from qlora_rt.base.load import load, resolve
@@ -76,7 +75,6 @@ def test_default_exports_pass_their_checks_and_answer(run, mode):
 def test_serve_and_genai_give_the_runtimes_tokens(run):
     pytest.importorskip("fastapi")
     import httpx
-    import onnxruntime_genai as og
 
     from qlora_rt.runtime import Model
     from qlora_rt.server.app import create_app
@@ -98,17 +96,4 @@ def test_serve_and_genai_give_the_runtimes_tokens(run):
     finally:
         app.state.qlora.engine.close(5)
     assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == "gemma3_text"
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    ids = Model(out).encode(PROMPTS[1])
-    params.set_search_options(max_length=len(ids) + 8, do_sample=False)
-    gen = og.Generator(model, params)
-    adapters = og.Adapters(model)
-    adapters.load(str(out / "adapters" / "default.onnx_adapter"), "default")
-    gen.set_active_adapter(adapters, "default")
-    gen.append_tokens(np.array([ids], np.int32))
-    tokens = []
-    for _ in range(8):
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    assert tokens == alone.tokens
+    assert genai_greedy(out, Model(out).encode(PROMPTS[1]), 8, "default") == alone.tokens
