@@ -280,3 +280,26 @@ def genai_greedy(folder: Path, ids: list[int], new: int, adapter: str | None = N
         gen.generate_next_token()
         tokens.append(int(gen.get_next_tokens()[0]))
     return tokens
+
+
+def served_completion(folder: Path, prompt: str, new: int, model: str = "default") -> str:
+    """The text `serve` answers a greedy completion of `new` tokens with (end-of-text ignored), through the app
+    in process; the engine is closed after."""
+    import asyncio
+
+    import httpx
+
+    from qlora_rt.server.app import create_app
+
+    app = create_app(folder, max_batch=2, max_queue=4, served_model_name="served")
+
+    async def ask() -> str:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=300) as c:
+            r = await c.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": new,
+                                                      "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+    try:
+        return asyncio.run(ask())
+    finally:
+        app.state.qlora.engine.close(5)

@@ -6,12 +6,11 @@ onnxruntime-genai. A row here is what a new architecture needs (docs/architectur
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 import torch
-from conftest import CORPUS, genai_greedy, save_checkpoint, write_jsonl
+from conftest import CORPUS, genai_greedy, save_checkpoint, served_completion, write_jsonl
 from test_adapters import IDS, ours_with_random_adapter, peft_model
 
 from qlora_rt.architectures import ARCHITECTURES
@@ -180,29 +179,13 @@ def test_exports_are_exact_and_decode_past_the_window_as_transformers(trained, m
 
 def test_the_server_and_genai_give_the_runtimes_tokens(trained):
     pytest.importorskip("fastapi")
-    import httpx
-
-    from qlora_rt.server.app import create_app
-
     (name, model, window, folder), adapter = trained
     out = folder / "onnx-serve"
     export(ExportConfig(model=str(model), adapter=str(adapter), out=str(out), int4_compute="fp32"))
     runtime = Model(out)
     text = _long_prompt(runtime, window)
     alone = runtime.generate(text, adapter="default", max_new_tokens=8, ignore_eos=True)
-    app = create_app(out, max_batch=4, max_queue=8, served_model_name="tiny")
-
-    async def ask():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as c:
-            r = await c.post("/v1/completions", json={"model": "default", "prompt": text, "max_tokens": 8,
-                                                      "temperature": 0, "ignore_eos": True})
-            assert r.status_code == 200, r.text
-            return r.json()["choices"][0]["text"]
-    try:
-        assert asyncio.run(ask()) == alone.text
-    finally:
-        app.state.qlora.engine.close(5)
+    assert served_completion(out, text, 8) == alone.text
     config = json.loads((out / "genai_config.json").read_text())
     assert config["model"]["type"] == ARCHITECTURES[TINY[name][0]].genai
     tokens = genai_greedy(out, runtime.encode(text), 8, "default")

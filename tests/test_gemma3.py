@@ -5,12 +5,11 @@ onnxruntime-genai on the result."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 import torch
-from conftest import genai_greedy, write_jsonl
+from conftest import genai_greedy, served_completion, write_jsonl
 
 from qlora_rt.base import formats
 from qlora_rt.base.load import load, resolve
@@ -74,26 +73,12 @@ def test_default_exports_pass_their_checks_and_answer(run, mode):
 
 def test_serve_and_genai_give_the_runtimes_tokens(run):
     pytest.importorskip("fastapi")
-    import httpx
-
     from qlora_rt.runtime import Model
-    from qlora_rt.server.app import create_app
 
     tmp, adapter = run
     out = tmp / "serve"
     export(ExportConfig(model="gemma3-270m", adapter=str(adapter), out=str(out), int4_compute="fp32"))
     alone = Model(out).generate(PROMPTS[1], adapter="default", max_new_tokens=8, ignore_eos=True)
-    app = create_app(out, max_batch=2, max_queue=4, served_model_name="gemma")
-
-    async def ask():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=300) as c:
-            r = await c.post("/v1/completions", json={"model": "default", "prompt": PROMPTS[1], "max_tokens": 8,
-                                                      "temperature": 0, "ignore_eos": True})
-            assert r.status_code == 200, r.text
-            return r.json()["choices"][0]["text"]
-    try:
-        assert asyncio.run(ask()) == alone.text
-    finally:
-        app.state.qlora.engine.close(5)
+    assert served_completion(out, PROMPTS[1], 8) == alone.text
     assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == "gemma3_text"
     assert genai_greedy(out, Model(out).encode(PROMPTS[1]), 8, "default") == alone.tokens
