@@ -4,8 +4,10 @@ Every architecture (qlora_rt/architectures.py) is this one block with its varian
 DecoderSpec: RMSNorm (Gemma's 1 + w folded into the weights), rotary position embedding (one table, or one
 per layer type), grouped-query attention with a KV cache (sliding-window layers, a scale of their own),
 a gated MLP (SiLU or tanh-GELU), optional per-head q/k norms (Qwen3, Gemma 3), optional norms on each
-sublayer's output (Gemma's "sandwich"), an embedding scale, a tied or untied head; Qwen2's q/k/v biases
-are the Linears'. The I/O follows onnxruntime-genai and Optimum:
+sublayer's output (Gemma's "sandwich"), an embedding scale, a tied or untied head; Gemma 2's soft-caps,
+Granite's residual multiplier and logits divisor, SmolLM3's layers without RoPE, Phi-3's fused q/k/v and
+gate/up Linears, LongRoPE and partial rotary; Qwen2's q/k/v biases are the Linears'. The I/O follows
+onnxruntime-genai and Optimum:
 
     inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64, position_ids (B, T) int64,
              past_key_values.N.key / .value (B, kv_heads, P, head_dim)

@@ -413,7 +413,7 @@ def add_shared_tensors(g: Graph, model: torch.nn.Module, max_positions: int, nor
     rotary (Phi-4-mini) makes rotary_dim < head_dim. long_rope_from (LongRoPE, Phi-3.x): the model's own
     rotary module switches to its long factors for every position once a sequence passes this length, so two
     tables go in, `<name>.long.*` and `<name>.short.*` (short factors up to that length, the long rows after:
-    never read), and the graph picks one a run (decoder_graph._rope_tables)."""
+    never read), and the graph picks one a run (decoder_graph._long_rope)."""
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             g.init(name, (p.detach().float() + norm_offset).numpy())

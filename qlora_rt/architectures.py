@@ -8,7 +8,7 @@ what every transformers config spells the same way is read from the config for a
 windows (`sliding_window`, per layer by `layer_types`), RoPE settings per layer type (`rope_parameters` keyed by
 layer type), soft-caps (`attn_logit_softcapping`, `final_logit_softcapping`). The export reads it all once into
 its DecoderSpec; training's loss computes the head's logits as the model's forward does (base/linears.py).
-Torch-free: the runtime and the docs read it too.
+Torch-free, in the shared layer: families.py takes the decoder family's model types from it.
 """
 
 from __future__ import annotations
