@@ -196,7 +196,7 @@ def prepare(work: Path, adapter: Path | None) -> dict[str, Path]:
         from qlora_rt.train.run import train
 
         train(TrainConfig(model="smollm2-135m", data=str(ROOT / "examples/data/dates-train.jsonl"),
-                          out=str(work / "run-int4"), quant="int4", gguf_q4_1="round", quant_head=True, steps=10,
+                          out=str(work / "run-int4"), quant="int4", gguf="int4", quant_head=True, steps=10,
                           batch_size=4, seq_len=256, lr=1e-3, checkpoint_every=0, eval_every=0))
     paths = {}
     for label, (kind, mode, weights) in ENGINES.items():

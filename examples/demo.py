@@ -1,9 +1,9 @@
 """The main job, end to end on a bundled model (SmolLM2-135M-Instruct by default, --model gemma3-270m), CPU only.
 
 1. train r=16 LoRA adapters on the date task (examples/make_dataset.py: rewrite any date as
-   YYYY-MM-DD) with `train`'s defaults: the frozen int4 base, the GGUF's Q4_1 weights rounded once to
-   integer zero points, and a 4-bit output head (the fast exact path; --gguf-q4-1 exact --no-quant-head
-   trains on the file's own weights and an fp32 head, exact too but slower to decode);
+   YYYY-MM-DD) with `train`'s defaults: the frozen base is the GGUF's own tensors as it stores them (4-bit
+   types in 4 bits, 5-, 6- and 8-bit types in 8, the Q8_0 output head too: the model llama.cpp runs; --gguf
+   int4 rounds every weight to 4 bits with integer zero points instead);
 2. export it twice with `export`'s defaults: adapter-aware int4 (the trained bytes, computed with int8
    activations, + adapters/default.onnx_adapter) and merged int4 (the adapter folded in, requantized), each
    verified against PyTorch;
@@ -11,7 +11,7 @@
    export with its adapter, the merged export; and with PyTorch as the reference;
 4. print answers side by side and a table of held-out exact match, times and decode speed.
 
-    python examples/demo.py [--steps 60] [--out runs/demo] [--gguf-q4-1 round|exact] [--[no-]quant-head]
+    python examples/demo.py [--steps 60] [--out runs/demo] [--gguf file|int4] [--[no-]quant-head]
                             [--int4-compute fp32|int8] [--model gemma3-270m]
 """
 
@@ -70,14 +70,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--show", type=int, default=8, help="held-out answers to print side by side")
-    p.add_argument("--gguf-q4-1", default="auto", choices=("auto", "exact", "round"),
-                   help="the GGUF's Q4_1 weights as stored (exact), or rounded once to integer zero points (round, "
-                        "the default)")
+    p.add_argument("--gguf", default="auto", choices=("auto", "file", "int4"),
+                   help="the GGUF's tensors as stored (file, the default), or rounded once to 4 bits with integer "
+                        "zero points (int4)")
     p.add_argument("--int4-compute", default="fp32", choices=("fp32", "int8"),
                    help="fp32: the adapter-aware export is exact; int8: faster, approximate "
                         "(see qlora_rt/base/packed_int4.py)")
     p.add_argument("--quant-head", action=argparse.BooleanOptionalAction, default=None,
-                   help="train on a 4-bit head too, so the int4 exports run it exactly (the default)")
+                   help="train on a quantized head too (the file's own, for a GGUF), so the int4 exports run it "
+                        "exactly (the default)")
     args = p.parse_args()
     out = Path(args.out)
     if not (DATA / "dates-train.jsonl").exists():
@@ -94,7 +95,7 @@ def main() -> None:
         data = out / "dates-train-completion.jsonl"
         data.write_text("".join(json.dumps(as_completion(r)) + "\n" for r in read_examples(DATA / "dates-train.jsonl")))
     result = train(TrainConfig(model=model_name, data=str(data), out=str(out / "run"),
-                               gguf_q4_1=args.gguf_q4_1, quant_head=args.quant_head, int4_compute=args.int4_compute,
+                               gguf=args.gguf, quant_head=args.quant_head, int4_compute=args.int4_compute,
                                steps=args.steps, batch_size=4, seq_len=256, rank=16, alpha=32,
                                lr=1e-3, eval_every=0, checkpoint_every=20))
     train_s = time.perf_counter() - t0

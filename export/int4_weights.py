@@ -1,10 +1,12 @@
 """The project's int4 weights (qlora_rt/base/packed_int4.py) as the inputs of `com.microsoft.MatMulNBits`.
 
-    B            uint8 (N, k_blocks, block/2)   the stored bytes, as they are
+    B            uint8 (N, k_blocks, block/2)   the stored bytes, as they are (bits=8: (N, k_blocks, block))
     scales       fp32  (N, k_blocks)
-    zero_points  uint8 (N, ceil(k_blocks/2))    two 4-bit zero points a byte, low nibble first;
-                                                absent for symmetric weights (the kernel's default is 8)
-    correction   fp32  (k_blocks, N)            GGUF Q4_1 only: 8·scale + min, applied to x's block sums
+    zero_points  uint8 (N, ceil(k_blocks/2))    two 4-bit zero points a byte, low nibble first (bits=8: one a
+                                                byte, (N, k_blocks)); absent for symmetric weights (the kernel's
+                                                default is 2**(bits-1))
+    correction   fp32  (k_blocks, N)            float minimums only (GGUF Q4_1, Q5_1, Q4_K, Q5_K):
+                                                mid·scale + min, applied to x's block sums
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from qlora_rt.base.packed_int4 import Int4
 
 def nbits_inputs(packed: torch.Tensor, s: Int4) -> dict[str, np.ndarray]:
     out = {"qweight": packed.cpu().contiguous().numpy(), "scales": s.scales.float().cpu().contiguous().numpy()}
-    if s.zeros is not None:
+    if s.zeros is not None and s.bits == 8:
+        out["zero_points"] = s.zeros.cpu().contiguous().numpy()
+    elif s.zeros is not None:
         z = s.zeros.cpu()
         if z.shape[1] % 2:
             z = torch.cat([z, torch.zeros(z.shape[0], 1, dtype=torch.uint8)], dim=1)

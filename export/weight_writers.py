@@ -266,30 +266,17 @@ class Int4Writer(LinearWriter):
         return block
 
     def _fusable(self, names: list[str]) -> bool:
-        """Whether these Linears' int4 products can be one MatMulNBits: same K, block, accuracy, inputs."""
+        """Whether these Linears' int4 products can be one MatMulNBits: same K, block, bits, accuracy, inputs."""
         kinds = set()
         for n in names:
             s = None if self.requantizes(n) else self._trained_nbits(n).state
-            kinds.add((s.K, s.block, accuracy_level(s, self.int4_compute), s.zeros is None, s.mins is None)
+            kinds.add((s.K, s.block, s.bits, accuracy_level(s, self.int4_compute), s.zeros is None, s.mins is None)
                       if s else ("requantized",))
         return len(kinds) == 1
 
     def _emit_nbits(self, name: str, x: str, inputs: dict[str, np.ndarray], s: int4.Int4, accuracy: int) -> str:
-        g = self.g
         self.accuracy_levels.add(accuracy)
-        y = matmul_nbits(g, name, x, inputs, s.K, 4, s.block, accuracy)
-        if "correction" in inputs:  # GGUF Q4_1: + (block sums of x) @ (8·scale + min)
-            y = g.op("Gemm", [self._block_sums(x, s), g.init(f"{name}.correction", inputs["correction"]), y])
-        return y
-
-    def _block_sums(self, x: str, s) -> str:
-        """(rows, K) -> (rows, k_blocks), once per input (q/k/v and gate/up share theirs)."""
-        key = (x, s.block)
-        if key not in self._sums:
-            g = self.g
-            blocks = g.op("Reshape", [x, g.const([0, -1, s.block])])  # (rows, kb, block)
-            self._sums[key] = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)
-        return self._sums[key]
+        return nbits_product(self.g, name, x, inputs, s, accuracy, self._sums)
 
     def _trained_nbits(self, name: str) -> formats.NBitsBytes | None:
         """The trained base's own MatMulNBits form (its format has one: the int4 format), or None."""
@@ -395,6 +382,21 @@ def matmul_nbits(g: Graph, name: str, x: str, inputs: dict[str, np.ndarray], K: 
         args.append(g.init(f"{name}.zero_points", inputs["zero_points"]))
     return g.op("MatMulNBits", args, domain=MS, K=K, N=inputs["scales"].shape[0], bits=bits, block_size=block,
                 accuracy_level=accuracy)
+
+
+def nbits_product(g: Graph, name: str, x: str, inputs: dict[str, np.ndarray], s: int4.Int4, accuracy: int,
+                  sums: dict) -> str:
+    """x times a trained (or requantized) weight in MatMulNBits at its own bits and block; a weight with float
+    minimums (GGUF Q4_1, Q5_1, Q4_K, Q5_K) adds (block sums of x) @ (mid·scale + min). `sums` keeps each
+    input's block sums, made once (q/k/v and gate/up share theirs)."""
+    y = matmul_nbits(g, name, x, inputs, s.K, s.bits, s.block, accuracy)
+    if "correction" not in inputs:
+        return y
+    key = (x, s.block)
+    if key not in sums:
+        blocks = g.op("Reshape", [x, g.const([0, -1, s.block])])  # (rows, kb, block)
+        sums[key] = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)
+    return g.op("Gemm", [sums[key], g.init(f"{name}.correction", inputs["correction"]), y])
 
 
 def group_name(names: list[str]) -> str:
@@ -524,8 +526,8 @@ class HeadWriter:
             self._round()
         if self.trained is not None and self.weights == "int4":
             packed, s = self.trained
-            return matmul_nbits(g, "lm_head", x, int4.nbits_inputs(packed, s), K, 4, s.block,
-                                accuracy_level(s, self.int4_compute))
+            return nbits_product(g, "lm_head", x, int4.nbits_inputs(packed, s), s, accuracy_level(s, self.int4_compute),
+                                 {})
         if self.trained is not None:  # NF4/FP4 bytes
             packed, absmax, quant_type, block = self.trained
             return g.op("MatMulBnb4", [x, g.init("lm_head.qweight", packed.numpy()),

@@ -25,7 +25,17 @@ from qlora_rt.flags import (  # noqa: F401  (flag, portable_paths, resolve_paths
 QUANT_FORMATS = ("nf4", "fp4", "int4", "none")
 
 # the base settings' values before `auto` existed: what a run.yaml that lacks one of them was trained with
-LEGACY = {"quant": "nf4", "gguf_q4_1": "exact", "quant_head": False, "batch_size": 4, "lr": 2e-4}
+LEGACY = {"quant": "nf4", "gguf": "q4", "quant_head": False, "batch_size": 4, "lr": 2e-4}
+
+
+def upgraded(saved: dict) -> dict:
+    """A run's saved settings in today's names: `gguf_q4_1` (exact | round) became `gguf` (q4 | int4)."""
+    if "gguf_q4_1" not in saved:
+        return saved
+    saved = dict(saved)
+    old = saved.pop("gguf_q4_1")
+    saved.setdefault("gguf", {"round": "int4"}.get(old, "q4"))
+    return saved
 GRAD_CHECKPOINTING_FROM = 1e9  # parameters: --grad-checkpointing is on by default from this size
 
 @dataclass
@@ -41,9 +51,9 @@ class TrainConfig:
                        "head is trained in full and saved with the adapter) | auto (classify where the data's "
                        "examples have a 'label')", choices=("auto", *BY_TASK))
     quant: str = option("auto", "4-bit format of the frozen base: int4 (exported byte for byte to onnxruntime's "
-                        "fast MatMulNBits: the adapter-aware int4 export runs these very bytes; a GGUF's Q4 "
-                        "weights are used as they are), nf4/fp4 (bitsandbytes, as QLoRA and PEFT), none = plain "
-                        "LoRA, or auto = int4 with --gguf-q4-1 round and, for decoders, --quant-head",
+                        "fast MatMulNBits: the adapter-aware int4 export runs these very bytes; a GGUF's "
+                        "tensors are used as they are, --gguf), nf4/fp4 (bitsandbytes, as QLoRA and PEFT), none = "
+                        "plain LoRA, or auto = int4 and, for decoders, --quant-head",
                         choices=("auto", *QUANT_FORMATS))
     double_quant: bool = option(True, "nf4/fp4: quantize the per-block absmax too (QLoRA's double quantization)")
     block_size: int | None = option(None, "weights per quantization block (default: 64 for nf4/fp4, 32 for int4)")
@@ -54,13 +64,16 @@ class TrainConfig:
                                "model exactly) or int8 activations (accuracy_level 4, emulated: the export's default "
                                "int8 products are then the trained ones; training is slower)",
                                choices=("fp32", "int8"))
-    gguf_q4_1: str = option("auto", "int4 from a GGUF: its Q4_1 Linears as stored (exact = a float minimum per "
-                            "block; the export adds a correction product to each Linear, which slows decoding, and "
-                            "a merged int4 export drifts further from the trained model) or round = rounded once "
-                            "at load to an integer zero point per block (plain MatMulNBits, the fast path; the "
-                            "weight error is printed); auto = round", choices=("auto", "exact", "round"))
-    quant_head: bool | None = option(None, "quantize the output head too (frozen, in --quant's format; untied from "
-                                     "the embedding, which stays in full precision): every int4 export then runs "
+    gguf: str = option("auto", "int4 from a GGUF file: file = every tensor exactly as the file stores it (4-bit types "
+                       "as 4-bit MatMulNBits, 5-, 6- and 8-bit types as 8-bit, the head too: the model llama.cpp "
+                       "runs), int4 = 4 bits with integer zero points (every other type rounded once at load, the "
+                       "weight error printed: fewer bytes, another model); auto = file",
+                  choices=("auto", "file", "int4"))
+    gguf_q4_1: str | None = option(None, "replaced by --gguf (exact: --gguf file; round: --gguf int4)",
+                                   choices=("exact", "round"))
+    quant_head: bool | None = option(None, "quantize the output head too (frozen, in --quant's format, or as a GGUF "
+                                     "stores it; untied from the embedding, which stays in full precision): every "
+                                     "int4 export then runs "
                                      "the trained 4-bit head exactly, and decoding reads 8x fewer head bytes. Off: "
                                      "the head stays in the compute dtype, as in QLoRA. Default: on for an int4 "
                                      "decoder")
@@ -121,18 +134,22 @@ class TrainConfig:
         check_values(self)
         if self.steps is not None and self.epochs is not None:
             raise QloraError("--steps and --epochs: give one, not both")
+        if self.gguf_q4_1 is not None:
+            raise QloraError(f"--gguf-q4-1 is replaced by --gguf: use --gguf "
+                             f"{ {'exact': 'file', 'round': 'int4'}[self.gguf_q4_1]} (file keeps every tensor as the "
+                             "GGUF stores it; int4 rounds to 4 bits with integer zero points)")
         if self.fsdp and self.optim == "paged_adamw_8bit":
             raise QloraError("--fsdp with --optim paged_adamw_8bit: bitsandbytes' paged optimizer does not take "
                              "sharded parameters; use --optim adamw (its state is sharded too)")
 
     def saved(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("resume", "nproc")}
+        return {k: v for k, v in asdict(self).items() if k not in ("resume", "nproc", "gguf_q4_1")}
 
     def resolved(self, family: Family, previous: dict | None = None) -> TrainConfig:
-        """The `auto` base settings made concrete: the format that exports exactly and fast (int4, a GGUF's Q4_1
-        rounded to MatMulNBits' integer grid, a decoder's head in 4 bits too). `previous`: a resumed run's saved
-        settings, which an `auto` keeps."""
-        previous = previous or {}
+        """The `auto` base settings made concrete: the format that exports exactly and fast (int4, a GGUF's tensors
+        as stored, a decoder's head quantized too). `previous`: a resumed run's saved settings, which an `auto`
+        keeps."""
+        previous = upgraded(previous or {})
 
         def pick(name, auto, value):  # a run saved before a setting existed had its old default
             return value if value not in ("auto", None) else previous.get(name, LEGACY[name]) if previous else auto
@@ -146,7 +163,7 @@ class TrainConfig:
         return replace(self, quant=quant, **length,
                        batch_size=pick("batch_size", fam["batch_size"], self.batch_size),
                        lr=pick("lr", fam["lr"], self.lr),
-                       gguf_q4_1=pick("gguf_q4_1", "round" if quant == "int4" else "exact", self.gguf_q4_1),
+                       gguf=pick("gguf", "file", self.gguf),
                        quant_head=pick("quant_head", quant == "int4" and family.quantizable_head, self.quant_head))
 
 

@@ -70,7 +70,7 @@ def base_config(model_path: str | Path, adapter: str | Path | None = None, quant
 def bare_base(model_path: str | Path) -> QuantConfig:
     """A base with no adapter in the format `train` gives it by default (`--quant auto`), so that the adapters
     trained with the defaults fit its adapter-aware export."""
-    return QuantConfig(format="int4", gguf_q4_1="round", head=family(model_path).quantizable_head)
+    return QuantConfig(format="int4", gguf="file", head=family(model_path).quantizable_head)
 
 
 def check_own_base(path: str | Path, config: dict, meta: dict[str, str]) -> None:

@@ -21,7 +21,7 @@ def test_int4_run_exports_exactly_and_answers_offline(tmp_path):
     from qlora_rt.runtime import Model
 
     result = train(TrainConfig(model="smollm2-135m", data=str(DATA / "dates-train.jsonl"), out=str(tmp_path / "run"),
-                               quant="int4", gguf_q4_1="exact", quant_head=False, steps=6, batch_size=4,
+                               quant="int4", gguf="file", quant_head=False, steps=6, batch_size=4,
                                seq_len=256, lr=1e-3, eval_every=0, checkpoint_every=0))
     files = sorted(p.name for p in result.adapter.iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]  # PEFT's layout
@@ -77,7 +77,7 @@ def _corrupted_scale_fails(adapter, trained, tmp_path):
 
 
 def test_the_fast_exact_path_is_plain_matmulnbits_and_exact(tmp_path):
-    """--gguf-q4-1 round --quant-head on the real model: every product of the adapter-aware graph, the head
+    """--gguf int4 --quant-head on the real model: every product of the adapter-aware graph, the head
     included, is one plain MatMulNBits over the trained bytes (no Q4_1 correction, no fp32 head), and the
     export still equals PyTorch within 1e-3."""
     import onnx
@@ -85,7 +85,7 @@ def test_the_fast_exact_path_is_plain_matmulnbits_and_exact(tmp_path):
     from qlora_rt.export.exporter import export
 
     result = train(TrainConfig(model="smollm2-135m", data=str(DATA / "dates-train.jsonl"), out=str(tmp_path / "run"),
-                               quant="int4", gguf_q4_1="round", quant_head=True, steps=2, batch_size=2, seq_len=128,
+                               quant="int4", gguf="int4", quant_head=True, steps=2, batch_size=2, seq_len=128,
                                lr=1e-3, eval_every=0, checkpoint_every=0))
     trained = open_trained("smollm2-135m", result.adapter)
     sources = {layer.weight.int4.source for layer in trained[0].model.modules() if hasattr(layer, "lora_A")}

@@ -23,18 +23,28 @@ def default_run(tiny_llama, tiny_data, tmp_path_factory):
 
 def test_auto_is_the_format_that_exports_exactly(default_run):
     saved = yaml.safe_load((default_run / "run.yaml").read_text())
-    assert (saved["quant"], saved["gguf_q4_1"], saved["quant_head"]) == ("int4", "round", True)
+    assert (saved["quant"], saved["gguf"], saved["quant_head"]) == ("int4", "file", True) and "gguf_q4_1" not in saved
 
 
 def test_auto_settings_resolve_per_family_and_keep_a_resumed_runs():
     cfg = TrainConfig(model="m", data="d", out="o")
     assert (cfg.resolved(ENCODER).quant, cfg.resolved(ENCODER).quant_head) == ("int4", False)
-    kept = cfg.resolved(DECODER, previous={"quant": "nf4", "gguf_q4_1": "exact", "quant_head": False})
-    assert (kept.quant, kept.gguf_q4_1, kept.quant_head) == ("nf4", "exact", False)
+    kept = cfg.resolved(DECODER, previous={"quant": "nf4", "gguf": "file", "quant_head": False})
+    assert (kept.quant, kept.gguf, kept.quant_head) == ("nf4", "file", False)
     old = cfg.resolved(DECODER, previous={"steps": 3})  # a run.yaml from before `auto`: its defaults then
-    assert (old.quant, old.gguf_q4_1, old.quant_head) == ("nf4", "exact", False)
+    assert (old.quant, old.gguf, old.quant_head) == ("nf4", "q4", False)
+    # a run.yaml from before --gguf: --gguf-q4-1 round is --gguf int4, exact kept only Q4_0/Q4_1 as stored
+    was = cfg.resolved(DECODER, previous={"quant": "int4", "gguf_q4_1": "round", "quant_head": True})
+    assert (was.quant, was.gguf, was.quant_head) == ("int4", "int4", True)
+    assert cfg.resolved(DECODER, previous={"quant": "int4", "gguf_q4_1": "exact"}).gguf == "q4"
     given = TrainConfig(model="m", data="d", out="o", quant="nf4").resolved(DECODER)
-    assert (given.quant, given.gguf_q4_1, given.quant_head) == ("nf4", "exact", False)
+    assert (given.quant, given.gguf, given.quant_head) == ("nf4", "file", False)
+
+
+@pytest.mark.parametrize("old,new", [("exact", "file"), ("round", "int4")])
+def test_the_old_gguf_q4_1_flag_names_its_replacement(old, new):
+    with pytest.raises(QloraError, match=f"--gguf-q4-1 is replaced by --gguf: use --gguf {new} "):
+        TrainConfig(model="m", data="d", out="o", gguf_q4_1=old).check()
 
 
 def test_training_length_batch_and_rate_default_per_family_and_a_resumed_run_keeps_its_own():

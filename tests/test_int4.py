@@ -7,6 +7,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from qlora_rt.base import formats as quant
+from qlora_rt.base import gguf_reader
 from qlora_rt.base import packed_int4 as int4
 from qlora_rt.errors import QloraError
 from qlora_rt.export.int4_weights import nbits_inputs
@@ -35,7 +36,7 @@ def _matmul_nbits(x: np.ndarray, packed, s: int4.Int4, accuracy: int) -> np.ndar
     names = ["x", "B", "s"] + (["z"] if "zero_points" in inputs else [])
     inits = [numpy_helper.from_array(inputs[k], n) for k, n in (("qweight", "B"), ("scales", "s"), ("zero_points", "z"))
              if k in inputs]
-    node = helper.make_node("MatMulNBits", names, ["y"], domain="com.microsoft", K=s.K, N=packed.shape[0], bits=4,
+    node = helper.make_node("MatMulNBits", names, ["y"], domain="com.microsoft", K=s.K, N=packed.shape[0], bits=s.bits,
                             block_size=s.block, accuracy_level=accuracy)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, list(x.shape))],
                               [helper.make_tensor_value_info("y", 1, [x.shape[0], packed.shape[0]])], initializer=inits)
@@ -66,7 +67,7 @@ def test_gradients_match_an_fp32_reference_on_the_dequantized_weight(kind):
     torch.manual_seed(0)
     w = torch.randn(48, 64)
     raw = quants.quantize(w.numpy(), GGMLQuantizationType[kind.upper()])
-    packed, s = int4.from_gguf_blocks(raw, kind, 64, compute="fp32")
+    packed, s = gguf_reader.as_nbits(raw, kind.upper(), 64, compute="fp32")
     lora_a, lora_b = torch.randn(4, 64, requires_grad=True), torch.randn(48, 4, requires_grad=True)
     x = torch.randn(3, 5, 64, requires_grad=True)
     y = int4.linear(x, packed, s) + x @ lora_a.T @ lora_b.T
@@ -86,7 +87,7 @@ def test_gguf_q4_import_equals_ggufs_own_dequantization_bit_for_bit(kind):
 
     w = np.random.default_rng(0).standard_normal((40, 96)).astype(np.float32)
     raw = quants.quantize(w, GGMLQuantizationType[kind.upper()])
-    packed, s = int4.from_gguf_blocks(raw, kind, 96)
+    packed, s = gguf_reader.as_nbits(raw, kind.upper(), 96)
     theirs = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[kind.upper()]))
     assert torch.equal(int4.dequantize(packed, s), theirs)
     assert s.source == f"gguf-{kind}" and s.block == 32 and (s.mins is None) == (kind == "q4_0")
@@ -97,7 +98,7 @@ def test_q4_1_runs_as_symmetric_matmulnbits_plus_a_block_correction():
     from gguf import GGMLQuantizationType, quants
 
     w = np.random.default_rng(1).standard_normal((64, 128)).astype(np.float32) * 0.05
-    packed, s = int4.from_gguf_blocks(quants.quantize(w, GGMLQuantizationType.Q4_1), "q4_1", 128, compute="fp32")
+    packed, s = gguf_reader.as_nbits(quants.quantize(w, GGMLQuantizationType.Q4_1), "Q4_1", 128, compute="fp32")
     x = torch.randn(4, 128)
     kernel = _matmul_nbits(x.numpy(), packed, s, accuracy=0)  # no zero points: (q - 8)·scale
     onnx_form = kernel + int4.block_sums(x, 32).numpy() @ nbits_inputs(packed, s)["correction"]
@@ -106,15 +107,15 @@ def test_q4_1_runs_as_symmetric_matmulnbits_plus_a_block_correction():
 
 
 def test_q4_1_rounded_to_integer_zero_points_is_plain_matmulnbits(capsys):
-    """--gguf-q4-1 round: Q4_1's float minimum moves to the nearest step of its block, so the weight is plain
+    """--gguf int4: Q4_1's float minimum moves to the nearest step of its block, so the weight is plain
     asymmetric MatMulNBits (no correction product): at most half a step from the stored weight, and Q4_0
     weights are left as they are."""
     from gguf import GGMLQuantizationType, quants
 
     w = np.random.default_rng(2).standard_normal((64, 128)).astype(np.float32) * 0.05
-    q41 = int4.from_gguf_blocks(quants.quantize(w, GGMLQuantizationType.Q4_1), "q4_1", 128)
-    q40 = int4.from_gguf_blocks(quants.quantize(w, GGMLQuantizationType.Q4_0), "q4_0", 128)
-    out = quant._round_q4_1({"a": q41, "b": q40}, quant.QuantConfig("int4", gguf_q4_1="round"))
+    q41 = gguf_reader.as_nbits(quants.quantize(w, GGMLQuantizationType.Q4_1), "Q4_1", 128)
+    q40 = gguf_reader.as_nbits(quants.quantize(w, GGMLQuantizationType.Q4_0), "Q4_0", 128)
+    out = quant._round_q4_1({"a": q41, "b": q40}, quant.QuantConfig("int4", gguf="int4"))
     packed, s = out["a"]
     assert s.mins is None and s.zeros is not None and s.source == "gguf-q4_1-rounded" and out["b"] is q40
     stored, rounded = int4.dequantize(*q41), int4.dequantize(packed, s)
@@ -129,22 +130,27 @@ def test_unpermute_rows_inverts_llama_cpp_permutation():
     heads, hd = 3, 8
     w = torch.arange(heads * hd)[:, None].float()
     permuted = w.view(heads, 2, hd // 2, 1).transpose(1, 2).reshape(heads * hd, 1)  # llama.cpp's convert
-    assert torch.equal(permuted[int4.unpermute_rows(heads * hd, heads)], w)
+    assert torch.equal(permuted[gguf_reader.unpermute_rows(heads * hd, heads)], w)
 
 
 def test_int4_config_errors():
     with pytest.raises(QloraError, match="not a MatMulNBits block size"):
         quant.QuantConfig("int4", block_size=48)
     assert quant.QuantConfig("int4").block_size == 32 and quant.QuantConfig("nf4").block_size == 64
-    cfg = quant.QuantConfig("int4", symmetric=True, int4_compute="fp32", head=True, gguf_q4_1="round")
+    cfg = quant.QuantConfig("int4", symmetric=True, int4_compute="fp32", head=True, gguf="int4")
     assert quant.QuantConfig.from_metadata(cfg.as_metadata()) == cfg and cfg.base_name == "int4+head"
     assert quant.QuantConfig.from_metadata(quant.QuantConfig("nf4").as_metadata()) == quant.QuantConfig("nf4")
-    with pytest.raises(QloraError, match="--gguf-q4-1: expected one of exact, round"):
-        quant.QuantConfig("int4", gguf_q4_1="q4_0")
+    with pytest.raises(QloraError, match="--gguf: expected one of file, int4"):
+        quant.QuantConfig("int4", gguf="q4_0")
+    # adapters from before --gguf: --gguf-q4-1 round is int4, exact (or neither recorded) kept Q4_0/Q4_1 only
+    old = {k: v for k, v in quant.QuantConfig("int4").as_metadata().items() if k != "quant.gguf"}
+    assert quant.QuantConfig.from_metadata({**old, "quant.gguf_q4_1": "round"}).gguf == "int4"
+    assert quant.QuantConfig.from_metadata({**old, "quant.gguf_q4_1": "exact"}).gguf == "q4"
+    assert quant.QuantConfig.from_metadata(old).gguf == "q4"
     with pytest.raises(QloraError, match="--quant-head: the base is not quantized"):
         quant.QuantConfig("none", head=True)
-    with pytest.raises(QloraError, match="--gguf-q4-1 round: only with --quant int4"):
-        quant.QuantConfig("nf4", gguf_q4_1="round")
+    with pytest.raises(QloraError, match="--gguf int4: only with --quant int4"):
+        quant.QuantConfig("nf4", gguf="int4")
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

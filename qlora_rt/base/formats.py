@@ -9,8 +9,10 @@ Formats:
   nf4 / fp4  bitsandbytes 4-bit, block-wise absmax (blocksize 64 by default); with double quantization
              the absmax values are themselves 8-bit quantized (bitsandbytes' `compress_statistics`).
   int4       the project's own format (qlora_rt/base/packed_int4.py): laid out and computed as onnxruntime's
-             MatMulNBits, so the adapter-aware int4 export is the trained model, byte for byte.
-             A GGUF base's Q4_0/Q4_1 tensors are imported as they are, never requantized.
+             MatMulNBits, so the adapter-aware int4 export is the trained model, byte for byte. From a GGUF
+             (`gguf="file"`), every tensor keeps its stored type: 4-bit types (Q4_0, Q4_1, Q4_K) at bits=4,
+             5-, 6- and 8-bit ones (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) at bits=8, the head too; so "int4" names the
+             MatMulNBits family, and each weight's own state says its bits, block and GGUF type.
   none       the weight stays a plain floating-point tensor (useful for plain LoRA and for tests).
 """
 
@@ -27,7 +29,10 @@ from qlora_rt.config import QUANT_FORMATS
 from qlora_rt.errors import QloraError
 
 DEFAULT_BLOCK = {"nf4": 64, "fp4": 64, "int4": 32, "none": 64}
-GGUF_Q4_1 = ("exact", "round")
+# a GGUF base under int4: file = every tensor in its stored type (exact); int4 = 4 bits with integer zero points
+# (Q4_0 as stored, every other type rounded once); q4 = Q4_0/Q4_1 as stored and the rest rounded (what adapters
+# trained before `gguf` existed were trained on, `--gguf-q4-1 exact`; read from their files, not a choice)
+GGUF_MODES = ("file", "int4", "q4")
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,7 @@ class QuantConfig:
     symmetric: bool = False  # int4: zero point 8 (as GGUF Q4_0) instead of one per block
     int4_compute: str = "fp32"  # int4: as MatMulNBits accuracy_level 0 (fp32) or 4 (int8 activations)
     head: bool = False  # the output head is quantized (frozen) too, in the same format: see lora.quantize_head
-    gguf_q4_1: str = "exact"  # int4: a GGUF's Q4_1 Linears as stored, or rounded once to integer zero points
+    gguf: str = "file"  # int4 from a GGUF: GGUF_MODES
 
     def __post_init__(self) -> None:
         if self.format not in QUANT_FORMATS:
@@ -53,11 +58,11 @@ class QuantConfig:
             raise QloraError(f"--block-size: {self.block_size} is not a MatMulNBits block size (16, 32, 64, 128, 256)")
         if self.int4_compute not in int4.COMPUTE:
             raise QloraError(f"--int4-compute: expected one of {', '.join(int4.COMPUTE)}, got {self.int4_compute!r}")
-        if self.gguf_q4_1 not in GGUF_Q4_1:
-            raise QloraError(f"--gguf-q4-1: expected one of {', '.join(GGUF_Q4_1)}, got {self.gguf_q4_1!r}")
-        if self.gguf_q4_1 != "exact" and self.format != "int4":
-            raise QloraError(f"--gguf-q4-1 {self.gguf_q4_1}: only with --quant int4 (a GGUF's Q4_1 weights become the "
-                             f"int4 base); --quant {self.format} quantizes the GGUF's dequantized weights")
+        if self.gguf not in GGUF_MODES:
+            raise QloraError(f"--gguf: expected one of file, int4, got {self.gguf!r}")
+        if self.gguf == "int4" and self.format != "int4":
+            raise QloraError(f"--gguf int4: only with --quant int4 (a GGUF's weights become the int4 base); "
+                             f"--quant {self.format} quantizes the GGUF's dequantized weights")
         if self.head and self.format == "none":
             raise QloraError("--quant-head: the base is not quantized (--quant none); nothing to do")
 
@@ -72,7 +77,7 @@ class QuantConfig:
                 "quant.block_size": str(self.block_size)}
         if self.format == "int4":
             meta.update({"quant.symmetric": str(self.symmetric).lower(), "quant.int4_compute": self.int4_compute,
-                         "quant.gguf_q4_1": self.gguf_q4_1})
+                         "quant.gguf": self.gguf})
         if self.head:
             meta["quant.head"] = "true"
         return meta
@@ -85,7 +90,8 @@ class QuantConfig:
                    block_size=int(meta.get("quant.block_size", "64")), compute_dtype=compute_dtype,
                    symmetric=meta.get("quant.symmetric", "false") == "true",
                    int4_compute=meta.get("quant.int4_compute", "fp32"), head=meta.get("quant.head") == "true",
-                   gguf_q4_1=meta.get("quant.gguf_q4_1", "exact"))
+                   gguf=meta.get("quant.gguf") or ("file" if meta["quant.format"] != "int4" else
+                                                   {"round": "int4"}.get(meta.get("quant.gguf_q4_1", ""), "q4")))
 
 
 def _bnb():
@@ -274,29 +280,43 @@ class Int4Format(Format):
 
     def state_tensors(self, weight):
         s = weight.int4
-        out = {"weight": weight.data, "scales": s.scales, "K": torch.tensor([s.K, s.block])}
+        out = {"weight": weight.data, "scales": s.scales, "K": torch.tensor([s.K, s.block, s.bits])}
         out.update({k: v for k, v in (("zeros", s.zeros), ("mins", s.mins)) if v is not None})
         return out
 
     def from_state_tensors(self, t, cfg, device):
-        K, block = (int(v) for v in t["K"])
-        state = int4.Int4(t["scales"], t.get("zeros"), t.get("mins"), K, block, cfg.int4_compute, "rtn")
+        K, block, *bits = (int(v) for v in t["K"])
+        state = int4.Int4(t["scales"], t.get("zeros"), t.get("mins"), K, block, cfg.int4_compute, "rtn", *bits)
         return self._param(t["weight"], state, device)
 
     def import_gguf(self, path, config, cfg):
+        """gguf="file": every block-type Linear, and the head under --quant-head (as "lm_head"), as stored;
+        "int4"/"q4": the Q4_0/Q4_1 Linears (Q4_1 rounded once under "int4"), the rest rounded from their weights."""
         import warnings
 
+        from qlora_rt.base import gguf_reader
+
+        if cfg.gguf == "file":
+            imported, other = gguf_reader.stored_linears(path, config, compute=cfg.int4_compute, head=cfg.head)
+            if other:
+                warnings.warn(f"{len(other)} weights of {path.name} are stored as floats or in a type not read as "
+                              f"stored (e.g. {other[0]}): they are quantized to int4 by rounding")
+            return imported
         if cfg.block_size != 32:
             warnings.warn(f"--block-size {cfg.block_size}: GGUF Q4 blocks hold 32 weights, so the base is requantized "
                           "from its dequantized weights; use --block-size 32 to train on the file's own int4 weights")
             return {}
-        imported, other = int4.read_gguf_linears(path, config, cfg.int4_compute)
+        imported, other = gguf_reader.stored_linears(path, config, kinds=("Q4_0", "Q4_1"), compute=cfg.int4_compute)
         if other:
             warnings.warn(f"{len(other)} Linear weights of {path.name} are not Q4_0/Q4_1 (e.g. {other[0]}): they are "
-                          "dequantized and requantized to int4 by rounding")
-        if cfg.gguf_q4_1 == "round":
+                          "dequantized and requantized to int4 by rounding (--gguf file keeps every type as stored)")
+        if cfg.gguf == "int4":
             imported = _round_q4_1(imported, cfg)
         return imported
+
+    def describe(self, weight):
+        s = weight.int4
+        return s.source.removeprefix("gguf-").upper() + f" ({s.bits}-bit)" if s.source.startswith("gguf") else "int4"
 
     def nbits(self, weight):
         return NBitsBytes(weight.data, weight.int4)
@@ -307,7 +327,7 @@ class Int4Format(Format):
 
 def _round_q4_1(imported: dict[str, tuple[torch.Tensor, int4.Int4]], cfg: QuantConfig
                 ) -> dict[str, tuple[torch.Tensor, int4.Int4]]:
-    """`--gguf-q4-1 round`: each Q4_1 weight (a float minimum per block) rounded once to int4 with an integer
+    """`--gguf int4`: each Q4_1 weight (a float minimum per block) rounded once to int4 with an integer
     zero point per block, so its export is one plain MatMulNBits. Where a block's codes span 0..15 around
     zero this keeps its codes and scale and moves its minimum to the nearest step (an error of at most half
     a step, the same for the block's 32 weights); deterministic, so merge and export rebuild the same base.
@@ -324,7 +344,7 @@ def _round_q4_1(imported: dict[str, tuple[torch.Tensor, int4.Int4]], cfg: QuantC
         errors.append(float((int4.dequantize(packed2, s2) - w).norm() / w.norm().clamp_min(1e-30)))
         imported[name] = (packed2, s2)
     if errors:
-        print(f"--gguf-q4-1 round: {len(errors)} Q4_1 Linears rounded to int4 with integer zero points, mean relative "
+        print(f"--gguf int4: {len(errors)} Q4_1 Linears rounded to int4 with integer zero points, mean relative "
               f"weight error {100 * sum(errors) / len(errors):.2f}% (max {100 * max(errors):.2f}%)", file=sys.stderr)
     return imported
 

@@ -1,5 +1,7 @@
-"""A GGUF file's tensor index, parsed once a process, and each tensor's bytes read on their own; and the
-transformers config and tokenizer its header makes, written once per file to a cache folder.
+"""Everything read from a GGUF file: its tensor index, parsed once a process, and each tensor's bytes read on
+their own; the transformers config and tokenizer its header makes, written once per file to a cache folder; and
+each quantized tensor type's blocks as the int4 format's state, exactly as stored (`BLOCK_TYPES`, `as_nbits`,
+`stored_linears`).
 
 gguf-py's GGUFReader memory-maps the whole file and parses its whole header (the vocabulary too: ~3-7 s
 for SmolLM2's, ~13 s for Gemma 3's 262k tokens); reading tensors through that mapping leaves every page read
@@ -125,3 +127,174 @@ def metadata_folder(path: Path) -> Path | None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+# ---- quantized tensors as MatMulNBits' state, never rounded ----------------------------------------------
+# Each GGUF block type as (weights a scale covers, MatMulNBits bits, unpacker). An unpacker takes a tensor's
+# blocks, (rows, blocks a row, bytes a block), and returns its codes in element order (rows, k_blocks, block),
+# one fp32 scale per k-block, integer zero points (uint8; None: the symmetric mid, 2**(bits-1)) and, where a type
+# has them, float minimums (w = q * scale + min; the product then subtracts the zero points and adds them back in
+# its correction, qlora_rt/base/packed_int4.py). Scales and minimums are computed as gguf-py computes them
+# (fp16 -> fp32, then one product where a k-quant's 6- or 8-bit sub-scale applies), so `packed_int4.dequantize`
+# of the result equals gguf-py's `dequantize` of the file bit for bit (tests/test_gguf_types.py). 5- and 6-bit
+# codes take a byte each (bits=8): MatMulNBits has no 5- or 6-bit kernel.
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """(..., 2) bytes -> (...) fp32, as gguf-py reads a block's fp16 scale."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(..., 16) bytes -> (..., 32) codes: element j is byte j's low nibble, element j + 16 its high nibble."""
+    return np.concatenate([qs & 0xF, qs >> 4], axis=-1)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """(..., 4) bytes of a little-endian uint32 -> (..., 32) bits (Q5_0/Q5_1: each element's fifth bit)."""
+    u = np.ascontiguousarray(qh).view("<u4")
+    return ((u >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+
+
+def _k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: 12 bytes -> eight 6-bit sub-block scales and eight 6-bit minimums."""
+    d, m, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc, mn
+
+
+def _q4_0(b):
+    return _nibbles(b[..., 2:]), _f16(b[..., 0:2]), None, None
+
+
+def _q4_1(b):
+    return _nibbles(b[..., 4:]), _f16(b[..., 0:2]), None, _f16(b[..., 2:4])
+
+
+def _q5_0(b):
+    d = _f16(b[..., 0:2])
+    return _nibbles(b[..., 6:]) | (_high_bits(b[..., 2:6]) << 4), d, np.full(d.shape, 16, np.uint8), None
+
+
+def _q5_1(b):  # zero points 0 (not the mid, 128): the kernel's terms stay the size of the weights
+    d = _f16(b[..., 0:2])
+    return _nibbles(b[..., 8:]) | (_high_bits(b[..., 4:8]) << 4), d, np.zeros(d.shape, np.uint8), _f16(b[..., 2:4])
+
+
+def _q8_0(b):  # int8 codes moved up by 128 (the symmetric mid): the same weights
+    return (np.ascontiguousarray(b[..., 2:]).view(np.int8).astype(np.int16) + 128).astype(np.uint8), \
+        _f16(b[..., 0:2]), None, None
+
+
+def _k_sub(b: np.ndarray, codes: np.ndarray, zero: bool):
+    """Q4_K/Q5_K: a super-block's eight sub-blocks of 32, scale d·sc and minimum -(dmin·m) each (zero: zero points 0,
+    as Q5_1)."""
+    rows, n = b.shape[:2]
+    sc, mn = _k_scale_min(b[..., 4:16])
+    scales = _f16(b[..., 0:2])[..., None] * sc.astype(np.float32)
+    mins = -(_f16(b[..., 2:4])[..., None] * mn.astype(np.float32))  # q·scale + (-dm) is q·scale - dm exactly
+    zeros = np.zeros((rows, n * 8), np.uint8) if zero else None
+    return codes.reshape(rows, n * 8, 32), scales.reshape(rows, -1), zeros, mins.reshape(rows, -1)
+
+
+def _low_nibbles_k(qs: np.ndarray) -> np.ndarray:
+    """(rows, n, 128) -> (rows, n, 8, 32): each 32 bytes hold two sub-blocks, low nibbles first."""
+    q = qs.reshape(*qs.shape[:2], 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+    return (q & 0xF).reshape(*qs.shape[:2], 8, 32)
+
+
+def _q4_k(b):
+    return _k_sub(b, _low_nibbles_k(b[..., 16:144]), zero=False)
+
+
+def _q5_k(b):
+    qh = b[..., 16:48].reshape(*b.shape[:2], 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)
+    return _k_sub(b, _low_nibbles_k(b[..., 48:176]) | ((qh & 1) << 4), zero=True)
+
+
+def _q6_k(b):
+    rows, n = b.shape[:2]
+    ql = b[..., 0:128].reshape(rows, n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+    qh = b[..., 128:192].reshape(rows, n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
+    codes = ((ql & 0xF).reshape(rows, n, 8, 32) | ((qh & 3).reshape(rows, n, 8, 32) << 4)).reshape(rows, n * 16, 16)
+    scales = _f16(b[..., 208:210])[..., None] * np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)
+    return codes, scales.reshape(rows, -1), np.full((rows, n * 16), 32, np.uint8), None
+
+
+# type name -> (weights a scale covers, MatMulNBits bits, bytes a GGUF block, unpacker)
+BLOCK_TYPES = {"Q4_0": (32, 4, 18, _q4_0), "Q4_1": (32, 4, 20, _q4_1), "Q5_0": (32, 8, 22, _q5_0),
+               "Q5_1": (32, 8, 24, _q5_1), "Q8_0": (32, 8, 34, _q8_0), "Q4_K": (32, 4, 144, _q4_k),
+               "Q5_K": (32, 8, 176, _q5_k), "Q6_K": (16, 8, 210, _q6_k)}
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def as_nbits(raw: np.ndarray, kind: str, K: int, compute: str = "fp32"):
+    """One tensor's raw blocks (rows, bytes a row) of GGUF type `kind` -> (packed, Int4) in the project's int4
+    format (qlora_rt/base/packed_int4.py): the file's codes and scales, reordered but never rounded."""
+    import torch
+
+    from qlora_rt.base.packed_int4 import Int4, pack
+
+    block, bits, nbytes, unpack = BLOCK_TYPES[kind]
+    rows = raw.shape[0]
+    codes, scales, zeros, mins = unpack(np.ascontiguousarray(raw).reshape(rows, -1, nbytes))
+    codes = torch.from_numpy(np.ascontiguousarray(codes, np.uint8))
+    state = Int4(torch.from_numpy(np.ascontiguousarray(scales, np.float32)),
+                 None if zeros is None else torch.from_numpy(np.ascontiguousarray(zeros)),
+                 None if mins is None else torch.from_numpy(np.ascontiguousarray(mins, np.float32)),
+                 K, block, compute, f"gguf-{kind.lower()}", bits)
+    return (pack(codes) if bits == 4 else codes), state
+
+
+def unpermute_rows(n_rows: int, heads: int):
+    """llama.cpp stores q/k rows interleaved for its RoPE; the index that puts them back in HF order."""
+    import torch
+
+    src = torch.arange(n_rows).view(heads, 2, n_rows // heads // 2).transpose(1, 2).reshape(-1)
+    return torch.argsort(src)
+
+
+def _take_rows(packed, s, idx):
+    from dataclasses import replace
+
+    return packed[idx].contiguous(), replace(s, scales=s.scales[idx], zeros=None if s.zeros is None else s.zeros[idx],
+                                             mins=None if s.mins is None else s.mins[idx])
+
+
+# the decoder Linears by their GGUF name inside a block (blk.N.<name>.weight)
+GGUF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"}
+HEADS = ("output.weight", "token_embd.weight")  # the head: its own tensor, else the tied embedding
+
+
+def stored_linears(path, config, kinds=tuple(BLOCK_TYPES), compute: str = "fp32", head: bool = False):
+    """The decoder Linears (and, with head=True, the output head as "lm_head") a GGUF file stores in one of
+    `kinds`, by Hugging Face module name, as (packed, Int4) exactly as stored; and the names of the others
+    (other types: float, or a block type not taken), which the caller quantizes from their float weights."""
+    from qlora_rt.architectures import architecture
+
+    out, other = {}, []
+    permute = architecture(config.model_type).gguf_qk_permuted
+    entries = index(path)
+    wanted = {}
+    for gname in entries:
+        parts = gname.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_LINEARS and parts[3] == "weight":
+            wanted[gname] = (f"model.layers.{parts[1]}.{GGUF_LINEARS[parts[2]]}", parts[2])
+    if head:
+        gname = next((h for h in HEADS if h in entries), None)
+        if gname is not None:
+            wanted[gname] = ("lm_head", None)
+    for gname, (name, role) in wanted.items():
+        entry = entries[gname]
+        kind = entry.kind.name
+        if kind not in kinds or entry.ne[0] % BLOCK_TYPES[kind][0]:
+            other.append(name)
+            continue
+        packed, s = as_nbits(read(Path(path), gname, entry), kind, entry.ne[0], compute)
+        if permute and role in ("attn_q", "attn_k"):
+            heads = config.num_attention_heads if role == "attn_q" else config.num_key_value_heads
+            packed, s = _take_rows(packed, s, unpermute_rows(packed.shape[0], heads))
+        out[name] = (packed, s)
+    return out, other

@@ -1,14 +1,18 @@
 """The project's int4 format: stored as onnxruntime's MatMulNBits stores it, computed as it computes.
 
-    packed  uint8 (N, k_blocks, block/2)   two 4-bit codes a byte, the even index in the low nibble
+    packed  uint8 (N, k_blocks, block/2)   bits=4: two 4-bit codes a byte, the even index in the low nibble
+            uint8 (N, k_blocks, block)     bits=8: a code a byte (a GGUF's 5-, 6- and 8-bit tensors)
     scales  fp32  (N, k_blocks)
     zeros   uint8 (N, k_blocks) codes       asymmetric: w = (q - zero) * scale
-            None                            symmetric:  w = (q - 8) * scale   (GGUF Q4_0 too)
-    mins    fp32  (N, k_blocks)             GGUF Q4_1:  w = q * scale + min
+            None                            symmetric:  w = (q - mid) * scale, mid = 2**(bits-1)
+                                            (8: GGUF Q4_0; 128: Q8_0 with its int8 codes moved up by 128)
+    mins    fp32  (N, k_blocks)             GGUF Q4_1, Q5_1, Q4_K, Q5_K:  w = q * scale + min
 
-Q4_1's min is no integer zero point, so it runs as symmetric MatMulNBits plus a per-block correction
-c = 8·scale + min applied to the block sums of x: exact, and still the fast kernel (float zero points
-take onnxruntime's CPU kernel off its fast path).
+A float minimum is no integer zero point, so such a weight runs as MatMulNBits on (q - zero)·scale (zero: the
+zero points, 0 for the 8-bit types, else the mid) plus a per-block correction c = zero·scale + min applied to
+the block sums of x: exact, and still the fast kernel (float zero
+points take onnxruntime's CPU kernel off its fast path). How each GGUF type becomes this state, bit for bit:
+qlora_rt/base/gguf_reader.py.
 
 compute="fp32" (the default) matches accuracy_level 0: the export equals PyTorch to ~3e-4 in SmolLM2's
 logits. compute="int8" reproduces MatMulNBits with accuracy_level 4, the faster CPU path: x is quantized to int8
@@ -29,8 +33,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qlora_rt.architectures import architecture
-
 COMPUTE = ("int8", "fp32")
 CHUNK = 1 << 22  # weights rounded or dequantized at a time (16 MB in fp32): a large weight goes a slice of rows
 
@@ -43,12 +45,21 @@ class Int4:
     K: int
     block: int
     compute: str = "fp32"
-    source: str = "rtn"  # rtn | gguf-q4_0 | gguf-q4_1 | gguf-q4_1-rounded
+    source: str = "rtn"  # rtn | gguf-<type> (as stored in the file) | gguf-<type>-rounded
+    bits: int = 4
+
+    @property
+    def mid(self) -> int:
+        """The symmetric zero point: MatMulNBits' default where a weight has no zero points."""
+        return 1 << (self.bits - 1)
 
     @property
     def correction(self) -> torch.Tensor | None:
-        """(N, k_blocks) per-block offsets of a Q4_1 weight over its symmetric part: 8·scale + min."""
-        return None if self.mins is None else 8 * self.scales + self.mins
+        """(N, k_blocks) per-block offsets of a weight with float minimums over its integer part (q - zero)·scale:
+        zero·scale + min (zero: the mid where there are no zero points)."""
+        if self.mins is None:
+            return None
+        return self.mins + (self.mid * self.scales if self.zeros is None else self.zeros.float() * self.scales)
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -146,20 +157,23 @@ def gptq(w: torch.Tensor, H: torch.Tensor, block: int = 32, damp: float = 0.01, 
 def dequantize(packed: torch.Tensor, s: Int4, symmetric_part: bool = False, dtype: torch.dtype = torch.float32
                ) -> torch.Tensor:
     """The (N, K) weight, computed in fp32 and stored in `dtype` (a bf16 result is the fp32 weight rounded once).
-    symmetric_part: for Q4_1, only (q - 8)·scale (what MatMulNBits holds).
+    symmetric_part: for a weight with float minimums, only (q - zero)·scale (what MatMulNBits holds).
 
     The codes are unpacked in 16-bit lanes (a byte's two nibbles become one int16's two bytes, in order on a
     little-endian machine), q - zero is taken in int8 (exact), then one product casts: bit for bit
     `((q.float() - zero) * scale)` in fewer and cheaper passes over the weight than float arithmetic on the
     codes."""
-    N, kb, half = packed.shape
-    q = _codes(packed).view(N, kb, 2 * half)
+    N, kb, width = packed.shape
+    q = packed if s.bits == 8 else _codes(packed).view(N, kb, 2 * width)
     if s.mins is not None and not symmetric_part:
         # gguf's own formula, bit for bit (not addcmul: a fused multiply-add rounds once, differently)
         out = torch.mul(q, s.scales[..., None]).add_(s.mins[..., None]).to(dtype)
     else:
-        out = torch.empty(N, kb, 2 * half, dtype=dtype, device=packed.device)
-        centred = torch.sub(q.view(torch.int8), 8 if s.zeros is None else s.zeros.view(torch.int8)[..., None])
+        out = torch.empty(q.shape, dtype=dtype, device=packed.device)
+        # q - zero exactly: 4-bit codes in int8, 8-bit ones in int16
+        lanes = torch.int8 if s.bits == 4 else torch.int16
+        zero = s.mid if s.zeros is None else s.zeros.to(lanes)[..., None]
+        centred = torch.sub(q.view(torch.int8) if s.bits == 4 else q.to(lanes), zero)
         torch.mul(centred, s.scales[..., None], out=out)
     return out.flatten(1)[:, : s.K]
 
@@ -256,59 +270,3 @@ def linear(x: torch.Tensor, packed: torch.Tensor, s: Int4, bias: torch.Tensor | 
            dtype: torch.dtype | None = None) -> torch.Tensor:
     y = _Linear.apply(x, packed, s, dtype or x.dtype)
     return y if bias is None else y + bias
-
-
-# ---- GGUF Q4_0 / Q4_1 blocks, imported without dequantizing ----------------------------------------
-GGUF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                "ffn_down": "mlp.down_proj"}
-
-
-def from_gguf_blocks(raw, kind: str, K: int, compute: str = "fp32") -> tuple[torch.Tensor, Int4]:
-    """One tensor's raw GGUF blocks (N, k_blocks * bytes) -> our format, bytes reordered but never rounded.
-
-    Q4_0 block: fp16 d, 16 bytes; Q4_1 block: fp16 d, fp16 m, 16 bytes. In a GGUF byte j the low
-    nibble is element j and the high nibble element j + 16; MatMulNBits pairs elements 2j and 2j + 1.
-    """
-    import numpy as np
-
-    head = 2 if kind == "q4_0" else 4
-    blocks = np.ascontiguousarray(raw).reshape(raw.shape[0], -1, head + 16)  # (N, kb, bytes)
-    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
-    qs = torch.from_numpy(blocks[..., head:].copy())  # (N, kb, 16)
-    codes = torch.cat([qs & 0xF, qs >> 4], dim=-1)  # (N, kb, 32) in element order
-    mins = None
-    if kind == "q4_1":
-        mins = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
-    return pack(codes), Int4(d, None, mins, K, 32, compute, f"gguf-{kind}")
-
-
-def unpermute_rows(n_rows: int, heads: int) -> torch.Tensor:
-    """llama.cpp stores q/k rows interleaved for its RoPE; the index that puts them back in HF order."""
-    src = torch.arange(n_rows).view(heads, 2, n_rows // heads // 2).transpose(1, 2).reshape(-1)
-    return torch.argsort(src)
-
-
-def read_gguf_linears(path, config, compute: str = "fp32") -> tuple[dict[str, tuple[torch.Tensor, Int4]], list[str]]:
-    """The decoder Linears stored as Q4_0/Q4_1 in a GGUF file, by HF module name; and the names of the
-    other Linears (other GGUF types), which the caller quantizes from their float weights instead."""
-    from qlora_rt.base import gguf_reader
-
-    out, other = {}, []
-    permute = architecture(config.model_type).gguf_qk_permuted
-    for gname, entry in gguf_reader.index(path).items():
-        parts = gname.split(".")
-        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in GGUF_LINEARS or parts[3] != "weight":
-            continue
-        name = f"model.layers.{parts[1]}.{GGUF_LINEARS[parts[2]]}"
-        kind = entry.kind.name.lower()
-        if kind not in ("q4_0", "q4_1"):
-            other.append(name)
-            continue
-        packed, s = from_gguf_blocks(gguf_reader.read(path, gname, entry), kind, entry.ne[0], compute)
-        if permute and parts[2] in ("attn_q", "attn_k"):
-            heads = config.num_attention_heads if parts[2] == "attn_q" else config.num_key_value_heads
-            idx = unpermute_rows(packed.shape[0], heads)
-            packed, s.scales, s.mins = packed[idx], s.scales[idx], None if s.mins is None else s.mins[idx]
-        out[name] = (packed.contiguous(), s)
-    return out, other

@@ -169,7 +169,7 @@ def quantize_model(
 
     The output head (and the tied embedding) stay in the compute dtype, as in QLoRA: they are the
     layers most sensitive to quantization and, tied, they are also the input embedding.
-    gguf: the file the weights came from; with int4 (block 32) its Q4_0/Q4_1 tensors are used as stored.
+    gguf: the file the weights came from; with int4 its tensors are used as stored (QuantConfig.gguf).
     split: called with each Linear's name and full-precision weight before it is freed; a Parameter it
     returns is the frozen base instead of quantize(W) (PiSSA/LoftQ residuals, qlora_rt/lora/svd_init.py).
     tensors: where a lazily loaded model's Linear weights are (`load(..., lazy=True)`): each is read, in
@@ -198,26 +198,27 @@ def quantize_model(
         if tensors is not None:
             release_freed_memory()
     if cfg.head:
-        quantize_head(model, cfg, device, tensors)
+        quantize_head(model, cfg, device, tensors, imported.pop("lm_head", None))
     return _move_unquantized(model, device, cfg.compute_dtype)
 
 
-def quantize_head(model: nn.Module, cfg: quant.QuantConfig, device: torch.device, tensors=None) -> None:
+def quantize_head(model: nn.Module, cfg: quant.QuantConfig, device: torch.device, tensors=None, own=None) -> None:
     """--quant-head: the decoder's output head becomes a frozen QuantLinear in the base's format. A head tied
     to the input embedding is untied: the embedding stays in full precision (a lookup reads one row a
     token), the head is quantized from the same values (`tie_word_embeddings` is then false, in the
     config a merge writes too). The head is the largest matrix of small models (SmolLM2-135M: 28M of
-    135M parameters) and every decoded token reads all of it."""
+    135M parameters) and every decoded token reads all of it. own: the head's bytes as a GGUF file stores them
+    (its Q8_0 or Q6_K head is kept so, not rounded to 4 bits)."""
     head = output_head(model)
     if not isinstance(head, nn.Linear) or model.get_input_embeddings() is None:
         raise QloraError("--quant-head: this model has no output head to quantize (an encoder's classification "
                          "head is trained in full)")
     full = head.weight.data
-    if full.is_meta:
+    if full.is_meta and own is None:
         full = tensors.get("lm_head.weight")
     bias = None if head.bias is None else nn.Parameter(head.bias.data.to(device, cfg.compute_dtype),
                                                        requires_grad=False)
-    layer = QuantLinear(quant.quantize(full, cfg, device), bias, head.in_features, head.out_features)
+    layer = QuantLinear(quant.quantize(full, cfg, device, own), bias, head.in_features, head.out_features)
     model.set_output_embeddings(layer)
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.tie_word_embeddings = False

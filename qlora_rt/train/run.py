@@ -119,9 +119,13 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
     cfg = _resolved(cfg)
     note = None  # said when a new run starts, not before every error
     if auto:
-        note = (f"--quant auto: {cfg.quant} base (block {cfg.block_size or DEFAULT_BLOCK[cfg.quant]}"
-                f"{', output head in 4 bits too' if cfg.quant_head else ''}): its int4 export runs these very bytes "
-                "(fast; exactly this model with --int4-compute fp32); --quant nf4 trains a bitsandbytes/PEFT base")
+        stored = cfg.quant == "int4" and cfg.gguf == "file" and check_model(cfg.model)[0].is_file()
+        base = ("the GGUF's tensors as it stores them (4-bit types in 4 bits, 5-, 6- and 8-bit types in 8"
+                f"{', the output head too' if cfg.quant_head else ''})" if stored else
+                f"{cfg.quant} base (block {cfg.block_size or DEFAULT_BLOCK[cfg.quant]}"
+                f"{', output head in 4 bits too' if cfg.quant_head else ''})")
+        note = (f"--quant auto: {base}: its int4 export runs these very bytes (fast; exactly this model with "
+                "--int4-compute fp32); --quant nf4 trains a bitsandbytes/PEFT base")
     device, dtype = _device_and_dtype(cfg)
     d = distributed.setup(device, cfg.dist_timeout)  # torchrun's processes join here; one process runs alone
     if cfg.fsdp and not d.on:  # recorded as it runs: run.yaml says fsdp false
@@ -201,7 +205,7 @@ class Trainer:
         self.cfg, self.icfg, self.device, self.d, self.note = cfg, icfg, device, d, note
         self.folder = RunFolder(cfg.out, d.main)
         self.qcfg = QuantConfig(cfg.quant, cfg.double_quant, cfg.block_size, dtype, cfg.symmetric, cfg.int4_compute,
-                                cfg.quant_head, cfg.gguf_q4_1)
+                                cfg.quant_head, cfg.gguf)
         self.lcfg = LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.targets)
         self.fsdp = cfg.fsdp and d.on
         self.last_checkpoint: int | None = None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from qlora_rt.config import LEGACY, TrainConfig, flag, portable_paths
+from qlora_rt.config import LEGACY, TrainConfig, flag, portable_paths, upgraded
 from qlora_rt.errors import QloraError
 from qlora_rt.files import write_yaml
 from qlora_rt.train import checkpoint
@@ -44,7 +44,8 @@ class RunFolder:
         if not self.path.is_dir():
             return None
         saved = checkpoint.progress(self.checkpoint)
-        return (saved or {}).get("config") or (read_settings(self.settings) if self.settings.is_file() else None)
+        found = (saved or {}).get("config") or (read_settings(self.settings) if self.settings.is_file() else None)
+        return None if found is None else upgraded(found)
 
     def open(self, cfg: TrainConfig) -> dict | None:
         """The checkpoint progress to resume from, or None to start at step 0.
@@ -76,7 +77,7 @@ class RunFolder:
             return None
         if not cfg.resume:
             raise QloraError(f"--out: {out} already holds a run; pass --resume to continue it or choose another folder")
-        before = saved.get("config") or read_settings(self.settings)
+        before = upgraded(saved.get("config") or read_settings(self.settings))
         now = cfg.saved()
         # what a run saved before a setting existed had
         defaults = {**TrainConfig(model="-", data="-", out="-").saved(), **LEGACY}
