@@ -47,12 +47,12 @@ def test_not_a_gguf(tmp_path):
 def test_gguf_header_architecture(tmp_path):
     import gguf
 
-    from qlora_rt.base.load import _gguf_architecture
+    from qlora_rt.base.gguf_reader import architecture_name
 
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "gpt2")
     w.add_array("tokenizer.ggml.tokens", ["a", "b"])  # a string array before it must be skipped
     w.write_header_to_file(), w.write_kv_data_to_file(), w.close()
-    assert _gguf_architecture(tmp_path / "m.gguf") == "gpt2"
+    assert architecture_name(tmp_path / "m.gguf") == "gpt2"
     with pytest.raises(QloraError, match="architecture 'gpt2' is not supported yet"):
         load(tmp_path / "m.gguf")
     (tmp_path / "t.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
@@ -109,7 +109,8 @@ def test_a_gguf_loads_lazily_into_the_same_model_as_transformers_whole_load():
     un-permuted), without the whole-file fp32 copy."""
     import torch
 
-    from qlora_rt.base.load import GGUFTensors, load
+    from qlora_rt.base.gguf_reader import GGUFTensors
+    from qlora_rt.base.load import load
 
     whole, lazy = load("smollm2-135m"), load("smollm2-135m", lazy=True)
     assert isinstance(lazy.tensors, GGUFTensors) and lazy.fingerprint == whole.fingerprint

