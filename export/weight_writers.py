@@ -389,7 +389,12 @@ def nbits_product(g: Graph, name: str, x: str, inputs: dict[str, np.ndarray], s:
     """x times a trained (or requantized) weight in MatMulNBits at its own bits and block; a weight with float
     minimums (GGUF Q4_1, Q5_1, Q4_K, Q5_K) adds (block sums of x) @ (mid·scale + min). `sums` keeps each
     input's block sums, made once (q/k/v and gate/up share theirs)."""
-    y = matmul_nbits(g, name, x, inputs, s.K, s.bits, s.block, accuracy)
+    if s.bits == 8 and accuracy == 0:  # fp32 activations: two fast 4-bit products, exactly the 8-bit weight
+        hi, lo = int4.nibble_halves(inputs)
+        y = g.op("Add", [matmul_nbits(g, f"{name}.hi", x, hi, s.K, 4, s.block, 0),
+                         matmul_nbits(g, f"{name}.lo", x, lo, s.K, 4, s.block, 0)])
+    else:
+        y = matmul_nbits(g, name, x, inputs, s.K, s.bits, s.block, accuracy)
     if "correction" not in inputs:
         return y
     key = (x, s.block)

@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType, quants
 
 from qlora_rt.base import gguf_reader
 from qlora_rt.base import packed_int4 as int4
-from tests.test_int4 import _matmul_nbits
+from tests.test_int4 import _matmul_inputs, _matmul_nbits
 
 TYPES = list(gguf_reader.BLOCK_TYPES)
 # byte offsets of each k-quant block's fp16 super-scales (d, and dmin where it has one)
@@ -66,6 +66,17 @@ def test_matmulnbits_runs_each_type_from_the_stored_codes(kind):
     scale = np.abs(ref).max()  # fp32 sums of 256 products: ~1e-6 of the largest output (5 seeds here: <= 1.8e-6)
     assert np.abs(y - ref).max() <= 1e-5 * scale
     assert np.abs(int4.linear(x, packed, s).double().numpy() - ref).max() <= 1e-5 * scale
+    if s.bits == 8:  # the fp32-activation export's form: two 4-bit products of the code's halves
+        from dataclasses import replace
+
+        from qlora_rt.export.int4_weights import nibble_halves
+
+        halves = nibble_halves(nbits_inputs(packed, s))
+        four = replace(s, bits=4, zeros=None, mins=None)
+        y2 = sum(_matmul_inputs(x.numpy(), h, four) for h in halves)
+        if s.mins is not None:
+            y2 = y2 + int4.block_sums(x, s.block).numpy() @ nbits_inputs(packed, s)["correction"]
+        assert np.abs(y2 - ref).max() <= 1e-5 * scale
 
 
 def test_a_file_gives_each_linear_and_the_head_in_its_own_type(tmp_path):

@@ -32,14 +32,19 @@ def test_rounding_error_is_at_most_half_a_step(symmetric, K, block):
 
 
 def _matmul_nbits(x: np.ndarray, packed, s: int4.Int4, accuracy: int) -> np.ndarray:
-    inputs = nbits_inputs(packed, s)
+    return _matmul_inputs(x, nbits_inputs(packed, s), s, accuracy)
+
+
+def _matmul_inputs(x: np.ndarray, inputs: dict, s: int4.Int4, accuracy: int = 0) -> np.ndarray:
+    """One MatMulNBits (s: K, bits, block) over its inputs (qweight, scales, zero_points) in onnxruntime."""
+    N = inputs["scales"].shape[0]
     names = ["x", "B", "s"] + (["z"] if "zero_points" in inputs else [])
     inits = [numpy_helper.from_array(inputs[k], n) for k, n in (("qweight", "B"), ("scales", "s"), ("zero_points", "z"))
              if k in inputs]
-    node = helper.make_node("MatMulNBits", names, ["y"], domain="com.microsoft", K=s.K, N=packed.shape[0], bits=s.bits,
+    node = helper.make_node("MatMulNBits", names, ["y"], domain="com.microsoft", K=s.K, N=N, bits=s.bits,
                             block_size=s.block, accuracy_level=accuracy)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, list(x.shape))],
-                              [helper.make_tensor_value_info("y", 1, [x.shape[0], packed.shape[0]])], initializer=inits)
+                              [helper.make_tensor_value_info("y", 1, [x.shape[0], N])], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)])
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
