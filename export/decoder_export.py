@@ -97,6 +97,7 @@ class DecoderFamily:
         # adapter-aware: LoRA inputs on the trained adapter's modules, or on every Linear for a bare base
         adapted = set(info.modules) if info else set(lora_layers(model))
         writer = linear_writer(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size, row_slots=True,
+                               requant_bits=cfg.requant_bits,
                                int4_compute=cfg.int4_compute)
         int8 = cfg.int4_compute == "int8" if cfg.int4_compute else any(
             formats.format_of(m.weight).approximate_in_onnx(m.weight) for m in writer.layers.values())

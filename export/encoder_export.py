@@ -49,6 +49,7 @@ class EncoderFamily:
         add_shared_tensors(g, self.model, self.spec)
         adapted = set(info.modules) if info else set(lora_layers(self.model))
         writer = linear_writer(g, self.model, cfg.mode, cfg.weights, adapted, cfg.block_size,
+                               requant_bits=cfg.requant_bits,
                                int4_compute=cfg.int4_compute)
         self.head = HeadWriter(g, self.model, self.spec, cfg.mode, self.labels)
         return writer

@@ -235,6 +235,9 @@ def _write(cfg: ExportConfig, trained: TrainedModel, t0: float, extra: dict | No
         if writer.requant_err:
             report["int4_relative_weight_error_mean"] = sum(writer.requant_err) / len(writer.requant_err)
             report["int4_rounding"] = f"{rounding}, block {'/'.join(map(str, sorted(writer.requant_blocks)))}"
+        if writer.requant8_err:
+            report["int8_requantized"] = len(writer.requant8_err)
+            report["int8_relative_weight_error_mean"] = sum(writer.requant8_err) / len(writer.requant8_err)
         judge(report, cfg, exact, trained.quant.format)
         write_json(tmp / "export_report.json", report)
     return report, family
@@ -253,6 +256,10 @@ def summary(r: dict, cfg: ExportConfig, family: Family) -> str:
     requant = "-"
     if "int4_relative_weight_error_mean" in r:
         requant = f"{r['int4_rounding']}: {100 * r['int4_relative_weight_error_mean']:.2f}% mean relative weight error"
+    if "int8_requantized" in r:
+        requant = ("" if requant == "-" else requant + "; ") + (
+            f"{r['int8_requantized']} 8-bit base weights to 8 bits (rtn, block 32): "
+            f"{100 * r['int8_relative_weight_error_mean']:.3f}% mean relative weight error")
     return table(f"export {cfg.out}", [
         ("family / mode / weights", f"{family.name} / {cfg.mode} / {cfg.weights}"),
         ("max |dlogit| vs PyTorch", f"{r['max_abs_logit_diff']:.2e} (tolerance "

@@ -43,14 +43,17 @@ def lora_arrays(A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[np.ndar
 
 def linear_writer(g: Graph, model: torch.nn.Module, mode: str, weights: str, adapted: set[str],
                   block_size: int | None = None, hessians: dict[str, torch.Tensor] | None = None,
-                  row_slots: bool = False, int4_compute: str | None = None) -> LinearWriter:
+                  row_slots: bool = False, int4_compute: str | None = None,
+                  requant_bits: str = "stored") -> LinearWriter:
     """The LinearWriter of one --weights (WRITERS) for one --mode. int4_compute: how the trained int4 bytes'
-    products are computed (fp32 or int8 activations); None: as trained."""
+    products are computed (fp32 or int8 activations); None: as trained. requant_bits: a requantized weight in
+    its base's bits (stored) or in 4."""
     if mode not in MODES or weights not in WRITERS:
         raise QloraError(f"--mode {mode} --weights {weights}: not supported; modes {', '.join(MODES)}, "
                          f"weights {', '.join(WRITERS)}")
     writer = WRITERS[weights](g, model, mode, adapted, block_size, hessians, row_slots)
     writer.int4_compute = int4_compute
+    writer.requant_bits = requant_bits
     return writer
 
 
@@ -76,6 +79,8 @@ class LinearWriter:
         self.g, self.mode, self.block_size = g, mode, block_size
         self.requant_err: list[float] = []  # int4: relative Frobenius error of each requantized weight
         self.requant_blocks: set[int] = set()  # ... and the block sizes they were rounded in
+        self.requant8_err: list[float] = []  # ... those rounded to 8 bits (an 8-bit base's, --requant-bits stored)
+        self.requant_bits = "stored"
         self.layers = lora_layers(model)
         self.adapted = adapted  # the Linears that get LoRA inputs in adapter-aware mode
         self._sums: dict = {}  # block sums of an input, for GGUF Q4_1 corrections
@@ -253,9 +258,20 @@ class Int4Writer(LinearWriter):
             packed, s = self._trained_nbits(name)
             return int4.nbits_inputs(packed, s), s, accuracy_level(s, self.int4_compute)
         w = self._float_weight(name)
+        if self._requant_bits(name) == 8:  # an 8-bit base (a GGUF's 5-, 6-, 8-bit tensor) stays 8-bit: symmetric,
+            # to nearest, block 32 (GPTQ's error feedback buys little at 8 bits)
+            self.hessians.pop(name, None)
+            inputs, _, err = int4.int8_head(w, 32)
+            self.requant8_err.append(err)
+            return inputs, int4.Int4(torch.from_numpy(inputs["scales"]), None, None, w.shape[1], 32, bits=8), \
+                INT4_ACCURACY
         inputs, s, err = int4.requantize(w, self.requant_block(name), self.hessians.pop(name, None))
         self.requant_err.append(err)
         return inputs, s, INT4_ACCURACY
+
+    def _requant_bits(self, name: str) -> int:
+        own = self._trained_nbits(name)
+        return 8 if self.requant_bits == "stored" and own is not None and own.state.bits == 8 else 4
 
     def requant_block(self, name: str) -> int:
         """The block a requantized weight is rounded in: --block-size, else 32, or twice the base's block where
@@ -271,7 +287,7 @@ class Int4Writer(LinearWriter):
         for n in names:
             s = None if self.requantizes(n) else self._trained_nbits(n).state
             kinds.add((s.K, s.block, s.bits, accuracy_level(s, self.int4_compute), s.zeros is None, s.mins is None)
-                      if s else ("requantized",))
+                      if s else ("requantized", self._requant_bits(n)))
         return len(kinds) == 1
 
     def _emit_nbits(self, name: str, x: str, inputs: dict[str, np.ndarray], s: int4.Int4, accuracy: int) -> str:

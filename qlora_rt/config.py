@@ -203,6 +203,9 @@ class ExportConfig:
                                     "base's own grid a merged weight would round back to the base and lose the "
                                     "adapter's change)",
                                     choices=(16, 32, 64, 128, 256))
+    requant_bits: str = option("stored", "--weights int4, a requantized (merged) weight: stored = in its base's bits "
+                               "(a GGUF's 5-, 6- and 8-bit tensors to 8 bits: less error, more bytes) or 4 = every "
+                               "one in 4 bits", choices=("stored", "4"))
     head: str = option("auto", "output head: fp32, int8 (8-bit MatMulNBits with int8 activations: ~1.7x faster "
                        "head, approximate), int4 (4-bit, GPTQ-rounded on the calibration data like the other "
                        "requantized weights: half int8's bytes, more error), or auto (a head trained in 4 bits with "
