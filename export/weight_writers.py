@@ -113,7 +113,8 @@ class LinearWriter:
     def many(self, names: list[str], x: str, packed: bool = False) -> list[str]:
         """The outputs of Linears that all read `x` (q/k/v, gate/up), each with its bias and (adapter-aware)
         LoRA added. They are computed as one product where the format allows, and their LoRA pairs as one
-        pair (`_lora`). packed=True returns that product's (rows, Σout) output whole instead of split."""
+        pair (`_lora`). packed=True returns their (rows, Σout) output whole instead of split (one product's
+        output as it is; separate products concatenated)."""
         ys = self.products(names, x)
         sizes = [self.layers[n].out_features for n in names]
         bias = self._bias(names)
@@ -137,6 +138,8 @@ class LinearWriter:
                 ys = [self.g.op("Add", [y, part]) for y, part in zip(ys, parts)]
         if lora is not None and not whole:  # each member's x·A_m·B_m + y_m as its own Gemm
             ys = [self.g.op("Gemm", [xa, b, y]) for xa, b, y in zip(*lora, ys)]
+        if packed:  # members that could not share one product (weights of different formats) side by side again
+            return [self.g.op("Concat", ys, axis=-1)]
         return ys
 
     def _bias(self, names: list[str]) -> str | None:
@@ -401,10 +404,11 @@ def matmul_nbits(g: Graph, name: str, x: str, inputs: dict[str, np.ndarray], K: 
 
 
 def nbits_product(g: Graph, name: str, x: str, inputs: dict[str, np.ndarray], s: int4.Int4, accuracy: int,
-                  sums: dict) -> str:
+                  sums: dict, rows: bool = True) -> str:
     """x times a trained (or requantized) weight in MatMulNBits at its own bits and block; a weight with float
-    minimums (GGUF Q4_1, Q5_1, Q4_K, Q5_K) adds (block sums of x) @ (mid·scale + min). `sums` keeps each
-    input's block sums, made once (q/k/v and gate/up share theirs)."""
+    minimums (GGUF Q4_1, Q5_1, Q4_K, Q5_K) adds (block sums of x) @ (zero·scale + min). `sums` keeps each
+    input's block sums, made once (q/k/v and gate/up share theirs). rows: x is (rows, K), as inside the decoder
+    layers; else of any rank (the head's (batch, sequence, K))."""
     if s.bits == 8 and accuracy == 0:  # fp32 activations: two fast 4-bit products, exactly the 8-bit weight
         hi, lo = int4.nibble_halves(inputs)
         y = g.op("Add", [matmul_nbits(g, f"{name}.hi", x, hi, s.K, 4, s.block, 0),
@@ -413,11 +417,16 @@ def nbits_product(g: Graph, name: str, x: str, inputs: dict[str, np.ndarray], s:
         y = matmul_nbits(g, name, x, inputs, s.K, s.bits, s.block, accuracy)
     if "correction" not in inputs:
         return y
+    correction = g.init(f"{name}.correction", inputs["correction"])
+    if not rows:  # x @ (K, kb) ones-per-block: block sums of an input of any rank
+        kb = -(-s.K // s.block)
+        ones = np.kron(np.eye(kb, dtype=np.float32), np.ones((s.block, 1), np.float32))[:s.K]
+        return g.op("Add", [y, g.op("MatMul", [g.op("MatMul", [x, g.init(f"{name}.block_ones", ones)]), correction])])
     key = (x, s.block)
     if key not in sums:
         blocks = g.op("Reshape", [x, g.const([0, -1, s.block])])  # (rows, kb, block)
         sums[key] = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)
-    return g.op("Gemm", [sums[key], g.init(f"{name}.correction", inputs["correction"]), y])
+    return g.op("Gemm", [sums[key], correction, y])
 
 
 def group_name(names: list[str]) -> str:
@@ -548,7 +557,7 @@ class HeadWriter:
         if self.trained is not None and self.weights == "int4":
             packed, s = self.trained
             return nbits_product(g, "lm_head", x, int4.nbits_inputs(packed, s), s, accuracy_level(s, self.int4_compute),
-                                 {})
+                                 {}, rows=False)
         if self.trained is not None:  # NF4/FP4 bytes
             packed, absmax, quant_type, block = self.trained
             return g.op("MatMulBnb4", [x, g.init("lm_head.qweight", packed.numpy()),

@@ -18,8 +18,8 @@ TYPES = list(gguf_reader.BLOCK_TYPES)
 K_FP16 = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
-def blocks_of(kind: str, rows: int, K: int, seed: int = 0) -> np.ndarray:
-    """A (rows, bytes) tensor of GGUF type `kind`, K weights a row."""
+def blocks_of(kind: str, rows: int, K: int, seed: int = 0, d: tuple[float, float] = (1e-4, 2e-3)) -> np.ndarray:
+    """A (rows, bytes) tensor of GGUF type `kind`, K weights a row (k-quants: super-scales drawn from `d`)."""
     rng = np.random.default_rng(seed)
     qtype = GGMLQuantizationType[kind]
     if kind not in K_FP16:
@@ -27,7 +27,7 @@ def blocks_of(kind: str, rows: int, K: int, seed: int = 0) -> np.ndarray:
     nbytes = gguf_reader.BLOCK_TYPES[kind][2]
     raw = rng.integers(0, 256, (rows, K // 256, nbytes), dtype=np.uint8)
     for at in K_FP16[kind]:
-        raw[..., at:at + 2] = (rng.uniform(1e-4, 2e-3, (rows, K // 256)).astype(np.float16)
+        raw[..., at:at + 2] = (rng.uniform(*d, (rows, K // 256)).astype(np.float16)
                                .view(np.uint8).reshape(rows, K // 256, 2))
     return raw.reshape(rows, -1)
 
@@ -114,3 +114,40 @@ def test_a_file_gives_each_linear_and_the_head_in_its_own_type(tmp_path):
         assert torch.equal(int4.dequantize(packed, s), w), name
     only4, other = stored_linears(tmp_path / "m.gguf", config, kinds=("Q4_0", "Q4_1", "Q4_K"))
     assert set(only4) == {"model.layers.0.self_attn.q_proj"} and len(other) == 3
+
+
+def test_a_base_of_every_type_exports_exactly_and_its_int8_form_passes_its_check(tmp_path):
+    """A small decoder whose Linears and head each hold one GGUF type (cycling through all eight; the q/k/v and
+    gate/up groups mix types, so the exporter meets fused and unfused products, corrections and 8-bit halves):
+    the exact export (fp32 activations) equals PyTorch within the export's own tolerance, and export's default
+    (int8 activations) passes its gate. Rows of 256 so the k-quants fit."""
+    from conftest import save_checkpoint
+
+    from qlora_rt.base import formats
+    from qlora_rt.config import ExportConfig
+    from qlora_rt.export.exporter import export
+    from qlora_rt.lora.layers import lora_layers, output_head
+    from qlora_rt.trained import open_trained
+
+    folder = save_checkpoint(tmp_path / "m", hidden_size=256, intermediate_size=512, head_dim=64)
+    trained = open_trained(str(folder), None, "int4")
+    model = trained.loaded.model
+    layers = [*lora_layers(model).values(), output_head(model)]
+    seen = set()
+    for i, layer in enumerate(layers):
+        kind = TYPES[i % len(TYPES)]
+        w = formats.dequantize(layer.weight).numpy()
+        if kind in K_FP16:  # hand-packed blocks: random codes and sub-scales, weights of the model's size (~0.02)
+            raw = blocks_of(kind, w.shape[0], w.shape[1], seed=i, d=(1e-5, 3e-5))
+        else:
+            raw = quants.quantize(w, GGMLQuantizationType[kind])
+        imported = gguf_reader.as_nbits(raw, kind, w.shape[1])
+        layer.weight = formats.quantize(None, trained.quant, torch.device("cpu"), imported)
+        assert torch.equal(formats.dequantize(layer.weight),
+                           torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[kind])))
+        seen.add(kind)
+    assert seen == set(TYPES)
+    exact = export(ExportConfig(model=str(folder), out=str(tmp_path / "exact"), int4_compute="fp32"), trained)
+    assert exact["tolerance"] is not None and exact["max_abs_logit_diff"] <= exact["tolerance"], exact
+    default = export(ExportConfig(model=str(folder), out=str(tmp_path / "default")), trained)
+    assert default["int4_activations"] == "int8" and default["mean_kl"] <= default["max_kl"], default
