@@ -1,12 +1,15 @@
 """onnxruntime's MatMulNBits at batch 1 on SmolLM2-135M's Linear shapes: fp32 vs int8 activations, by block size.
 
-    python bench/matmulnbits.py [--threads 2] [--rounds 3]
+    python bench/matmulnbits.py [--threads 2] [--rounds 3] [--corrections]
 
 A graph of the 210 decoder Linears of SmolLM2-135M (30 layers of q, k, v, o, gate, up, down; random 4-bit
 weights, speed does not depend on their values) as `MatMulNBits`, one token in, run for each
 accuracy_level (0: fp32 activations, what an exact export of an fp32-trained int4 base needs; 3: bf16,
 where the CPU has a kernel for it; 4: int8 activations, the fast path), block size (32, 64, 128) and
 with or without zero points. The configurations take turns for --rounds rounds; medians reported.
+--corrections: block 32 only, each Linear with and without the correction product a weight with float minimums
+needs (a GGUF's Q4_1, Q5_1, Q4_K, Q5_K: Reshape + ReduceSum of its input, then Gemm with (k_blocks, N) offsets),
+as the exporter writes it (export/weight_writers.py, nbits_product).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 HIDDEN, INTER, KV, LAYERS = 576, 1536, 192, 30
 
 
-def build(block: int, level: int, zero_points: bool, rng: np.random.Generator):
+def build(block: int, level: int, zero_points: bool, rng: np.random.Generator, correction: bool = False):
     nodes, inits, outs = [], [], []
 
     def linear(name: str, x: str, K: int, N: int) -> str:
@@ -35,7 +38,15 @@ def build(block: int, level: int, zero_points: bool, rng: np.random.Generator):
             inputs.append(name + ".Z")
         nodes.append(helper.make_node("MatMulNBits", inputs, [name + ".y"], domain="com.microsoft", K=K, N=N, bits=4,
                                       block_size=block, accuracy_level=level))
-        return name + ".y"
+        if not correction:
+            return name + ".y"
+        inits.append(numpy_helper.from_array(np.array([0, -1, block], np.int64), name + ".shape"))
+        inits.append(numpy_helper.from_array(np.array([-1], np.int64), name + ".axis"))
+        inits.append(numpy_helper.from_array(rng.standard_normal((kb, N), dtype=np.float32) * 1e-3, name + ".C"))
+        nodes.extend([helper.make_node("Reshape", [x, name + ".shape"], [name + ".blocks"]),
+                      helper.make_node("ReduceSum", [name + ".blocks", name + ".axis"], [name + ".sums"], keepdims=0),
+                      helper.make_node("Gemm", [name + ".sums", name + ".C", name + ".y"], [name + ".yc"])])
+        return name + ".yc"
 
     for layer in range(LAYERS):
         for n, K, N in (("q", HIDDEN, HIDDEN), ("k", HIDDEN, KV), ("v", HIDDEN, KV), ("o", HIDDEN, HIDDEN),
@@ -56,9 +67,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runs", type=int, default=50, help="timed runs a round")
+    p.add_argument("--corrections", action="store_true", help="block 32, with and without correction products")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     configs = [(b, level, z) for b in (32, 64, 128) for level in (0, 3, 4) for z in (False, True)]
+    if args.corrections:
+        configs = [(32, level, False, c) for level in (0, 4) for c in (False, True)]
     sessions = {}
     for c in configs:
         so = ort.SessionOptions()
@@ -75,10 +89,10 @@ def main() -> None:
                 s.run(None, {"x": x})
             times[c].append((time.perf_counter() - t) / args.runs * 1e3)
     print(f"SmolLM2-135M's 210 Linears as MatMulNBits, batch 1, {args.threads} threads, median of {args.rounds} rounds")
-    print("| block | accuracy_level | zero points | ms a token |\n|---|---|---|---|")
-    for (b, level, z), ts in times.items():
+    print("| block | accuracy_level | zero points | correction products | ms a token |\n|---|---|---|---|---|")
+    for (b, level, z, *c), ts in times.items():
         print(f"| {b} | {level} ({['fp32', '', '', 'bf16', 'int8'][level] or '-'}) | {'yes' if z else 'no'} "
-              f"| {np.median(ts):.2f} |")
+              f"| {'yes' if c and c[0] else 'no'} | {np.median(ts):.2f} |")
 
 
 if __name__ == "__main__":
