@@ -77,7 +77,8 @@ def main() -> None:
     for c in configs:
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
-        sessions[c] = ort.InferenceSession(build(*c, rng).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sessions[c] = ort.InferenceSession(build(*c[:3], rng, *c[3:]).SerializeToString(), so,
+                                           providers=["CPUExecutionProvider"])
     x = rng.standard_normal((1, HIDDEN), dtype=np.float32)
     times: dict = {c: [] for c in configs}
     for _ in range(args.rounds):
