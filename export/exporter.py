@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from qlora_rt import __version__
+from qlora_rt.base import formats
 from qlora_rt.base.encoders import is_classifier
 from qlora_rt.config import ExportConfig
 from qlora_rt.errors import QloraError
@@ -228,8 +229,8 @@ def _write(cfg: ExportConfig, trained: TrainedModel, t0: float, extra: dict | No
             if diff > ORT_TOLERANCE:
                 raise QloraError(f"--ort-format: {ORT_MODEL} differs from model.onnx by {diff:.2e} in the logits "
                                  f"(limit {ORT_TOLERANCE:g}); nothing was written to {cfg.out}")
-        report.update(export_seconds=export_s, base_quant=trained.quant.format, base_types=base_types(trained),
-                      mode=cfg.mode, weights=cfg.weights,
+        report.update(export_seconds=export_s, base_quant=trained.quant.format,
+                      base_types=formats.types_of(trained.loaded.model), mode=cfg.mode, weights=cfg.weights,
                       adapter=cfg.adapter, int4_activations=meta.int4_activations,
                       files_bytes={p.name: p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()},
                       **(extra or {}))
@@ -242,18 +243,6 @@ def _write(cfg: ExportConfig, trained: TrainedModel, t0: float, extra: dict | No
         judge(report, cfg, exact, trained.quant.format)
         write_json(tmp / "export_report.json", report)
     return report, family
-
-
-def base_types(trained: TrainedModel) -> dict[str, int]:
-    """How many frozen weights (Linears and a quantized head) the trained base holds in each type: a GGUF's
-    tensors each in their own (Q5_0 (8-bit), Q4_K (4-bit), ...), or the one format it was quantized to."""
-    from collections import Counter
-
-    from qlora_rt.base import formats
-
-    weights = [getattr(m, "weight", None) for m in trained.loaded.model.modules()]
-    return dict(sorted(Counter(formats.format_of(w).describe(w) for w in weights
-                               if w is not None and formats.is_quantized(w)).items()))
 
 
 def _products(r: dict) -> str:

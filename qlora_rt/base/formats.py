@@ -365,6 +365,16 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return format_of(weight) is not PLAIN
 
 
+def types_of(model: torch.nn.Module) -> dict[str, int]:
+    """How many frozen weights (Linears, a quantized head) a model holds in each type: a GGUF's tensors each in
+    their own ("Q4_K (4-bit)", "Q5_0 (8-bit)", ...), or the one format it was quantized to."""
+    from collections import Counter
+
+    weights = [getattr(m, "weight", None) for m in model.modules()]
+    return dict(sorted(Counter(format_of(w).describe(w) for w in weights
+                               if isinstance(w, torch.Tensor) and is_quantized(w)).items()))
+
+
 def quantize(weight: torch.Tensor, cfg: QuantConfig, device: torch.device,
              imported: tuple[torch.Tensor, int4.Int4] | None = None) -> torch.nn.Parameter:
     """Quantize an (out, in) weight to the configured format, frozen, on `device`.

@@ -6,6 +6,7 @@ safetensors file or an unsupported architecture becomes one clear line instead o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -169,17 +170,52 @@ def _model_type(p: Path) -> str:
 def family(path: str | os.PathLike) -> Family:
     """The model's family (qlora_rt/families.py), from the checkpoint's config (a GGUF file is a decoder), once
     `check_model` passed."""
-    p = check_model(path)[0]
-    return DECODER if p.is_file() else BY_MODEL_TYPE[_model_type(p)]
+    return open_checkpoint(path).family
 
 
-def check_model(path: str | os.PathLike) -> tuple[Path, dict, Path]:
-    """The checks that need no model loaded (files there, headers readable, architecture supported), so a
-    command can fail on them in a second: (the file or folder, transformers' kwargs, the folder)."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint is, answered once (`open_checkpoint`): its file or folder, transformers' kwargs for it,
+    the folder, its model_type and family."""
+    path: Path
+    kwargs: tuple[tuple[str, str], ...]
+    folder: Path
+    model_type: str
+    family: Family
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """The checks that need no model loaded (files there, headers readable, architecture supported), made once
+    per checkpoint as it is on disk: a run asks several times (settings, task, load), and the checks open every
+    safetensors shard. A changed file (size or modification time) is checked again."""
     p = resolve(path)
     if not p.exists():
         raise QloraError(f"--model: {p} does not exist (expected a Hugging Face checkpoint folder, a .gguf file, "
                          f"or one of {', '.join(BUNDLED)})")
+    return _checked(p, _signature(p))
+
+
+def _signature(p: Path) -> tuple:
+    files = [p] if p.is_file() else [p / "config.json", *sorted(p.glob("*.safetensors")),
+                                     p / "model.safetensors.index.json"]
+    stats = []
+    for f in files:
+        try:
+            st = f.stat()
+            stats.append((f.name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append((f.name, None, None))
+    return tuple(stats)
+
+
+def check_model(path: str | os.PathLike) -> tuple[Path, dict, Path]:
+    """`open_checkpoint`'s checks: (the file or folder, transformers' kwargs, the folder)."""
+    c = open_checkpoint(path)
+    return c.path, dict(c.kwargs), c.folder
+
+
+@functools.lru_cache(maxsize=8)
+def _checked(p: Path, signature: tuple) -> Checkpoint:
     if p.is_file():
         if p.suffix != ".gguf":
             raise QloraError(f"--model: {p} is a file but not a .gguf; pass the checkpoint folder instead")
@@ -196,7 +232,9 @@ def check_model(path: str | os.PathLike) -> tuple[Path, dict, Path]:
         _check_architecture(model_type, str(p / "config.json"))
         _check_safetensors(p)
         kwargs, folder = {}, p
-    return p, kwargs, folder
+    model_type = _model_type(p)
+    return Checkpoint(p, tuple(kwargs.items()), folder, model_type,
+                      DECODER if p.is_file() else BY_MODEL_TYPE[model_type])
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, lazy: bool = False,

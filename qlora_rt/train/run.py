@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from qlora_rt.base import formats
 from qlora_rt.base.encoders import train_head
 from qlora_rt.base.formats import DEFAULT_BLOCK, QuantConfig, storage_bytes
 from qlora_rt.base.linears import linear_names
@@ -354,12 +355,14 @@ class Trainer:
         procs = f" x {d.world} processes ({how}; global batch {cfg.batch_size * cfg.grad_accum * d.world})" \
             if d.on else ""
         base_mib = sum(storage_bytes(m.weight) for m in lora_layers(self.model).values()) / 2**20
+        types = formats.types_of(self.model)
+        kinds = "" if len(types) <= 1 else " [" + ", ".join(f"{n} {t}" for t, n in types.items()) + "]"
         if self.note and self.saved is None:
             print(self.note, file=sys.stderr)
         dropped_note = f" ({dropped} dropped: no target token left after truncation)" if dropped else ""
         trainable, total, steps = self.trainable, self.total, self.total_steps
-        print(f"base {built.loaded.source}: {total / 1e6:.1f}M params, {cfg.quant} linears in {base_mib:,.1f} MiB; "
-              f"{what}adapters on {len(built.targets)} layers, {trainable:,} trainable "
+        print(f"base {built.loaded.source}: {total / 1e6:.1f}M params, {cfg.quant} linears in {base_mib:,.1f} MiB"
+              f"{kinds}; {what}adapters on {len(built.targets)} layers, {trainable:,} trainable "
               f"({100 * trainable / total:.2f}%); {len(self.train_set)} examples{dropped_note}; "
               f"{steps} step{'s' if steps != 1 else ''} on {self.device.type}"
               f"{procs}{'; gradient checkpointing' if built.checkpointing else ''}"
