@@ -1,6 +1,8 @@
 """`GET /metrics`: the server's state in Prometheus' text format (prometheus_client), one registry per app.
 
-    qlora_rt_requests_total{model, status}            requests answered, by model name and HTTP status
+    qlora_rt_requests_total{model, status}            requests answered, by model name and HTTP status (a name
+                                                      that is not the base or a loaded adapter counts as
+                                                      "unknown": a client's names never become labels)
     qlora_rt_prompt_tokens_total{model}               prompt tokens taken in
     qlora_rt_generation_tokens_total{model}           tokens generated
     qlora_rt_prefix_cache_tokens_total                prompt tokens taken from the prefix cache, not run
@@ -23,6 +25,7 @@ _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 class Metrics:
     def __init__(self, state: State) -> None:
+        self.state = state
         self.registry = r = CollectorRegistry()
         self.requests = Counter("qlora_rt_requests", "requests answered", ["model", "status"], registry=r)
         self.prompt_tokens = Counter("qlora_rt_prompt_tokens", "prompt tokens taken in", ["model"], registry=r)
@@ -59,6 +62,12 @@ class Metrics:
         self.generated.labels(model).inc(completion_tokens)
 
     def answered(self, scope, status: int) -> None:
-        """Guard's callback once a response started: the model the route read from the body, if any."""
+        """Guard's callback once a response started: the model the route read from the body, if any, as a label
+        only where it names the base or a loaded adapter (each label value is kept for the server's life)."""
         model = scope.get("state", {}).get("model", "")
-        self.requests.labels(model if isinstance(model, str) else "", str(status)).inc()
+        self.requests.labels(self.label(model), str(status)).inc()
+
+    def label(self, model) -> str:
+        if not model or not isinstance(model, str):
+            return ""
+        return model if model == self.state.base_name or model in self.state.adapters.names() else "unknown"
