@@ -108,6 +108,29 @@ def test_a_tool_result_goes_back_and_is_answered(client):
     assert r.usage.prompt_tokens > alone.usage.prompt_tokens + 20  # the call and its result are in the prompt
 
 
+def test_parameters_with_defs_and_refs_as_pydantic_writes_them(client):
+    """A schema whose `$ref`s point into its own `$defs` (Pydantic's output) or at itself ("#", a recursive tree)
+    is held under the call's schema with its pointers kept meaning what they meant."""
+    class_city = {"type": "function", "function": {"name": "book", "parameters": {
+        "$defs": {"City": {"type": "object", "properties": {"name": {"enum": ["Paris", "Oslo"]}},
+                           "required": ["name"], "additionalProperties": False}},
+        "type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}, "required": ["city"],
+        "additionalProperties": False}}}
+    tree = {"type": "function", "function": {"name": "tree", "parameters": {
+        "type": "object", "properties": {"leaf": {"enum": [1, 2]}, "child": {"$ref": "#"}}, "required": ["leaf"],
+        "additionalProperties": False}}}
+    for tool, check in ((class_city, lambda a: a["city"]["name"] in ("Paris", "Oslo") and set(a) == {"city"}),
+                        (tree, lambda a: a["leaf"] in (1, 2))):
+        r = client.chat.completions.create(model="base", messages=ASK, tools=[tool], tool_choice="required",
+                                           max_tokens=120, temperature=0)
+        assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+        assert check(_call_args(r.choices[0].message.tool_calls[0], tool["function"]["name"]))
+    only_itself = {"type": "function", "function": {"name": "loop", "parameters": {"$ref": "#"}}}
+    with pytest.raises(openai.BadRequestError, match="refer only to themselves"):
+        client.chat.completions.create(model="base", messages=ASK, tools=[only_itself], tool_choice="required",
+                                       max_tokens=8)
+
+
 def test_bad_tool_requests_are_400s_naming_the_field(client):
     bad = [dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
            dict(tool_choice="required"),

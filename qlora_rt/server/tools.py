@@ -11,7 +11,8 @@ assistant's turns, and each tool result as the tool's turn in `<tool_response>` 
 
 The reply is decoded under a grammar (llguidance, runtime/constrained.py): `auto` lets the model answer in
 text or call; once its reply begins with `<tool_call>`, the call's JSON must name a given function and fit
-that function's `parameters` schema. `required` and a named function allow only a call. A reply that is
+that function's `parameters` schema (placed under the call's schema, its local `$ref`s, "#" included,
+rewritten to point inside it). `required` and a named function allow only a call. A reply that is
 a call becomes `tool_calls` with `finish_reason: "tool_calls"`.
 """
 
@@ -46,6 +47,13 @@ class Tools:
         else:
             self.callable, self.must_call = (self.tools if choice != "none" else []), choice == "required"
         self.active = bool(self.callable)
+        # each function's parameters under the call's wrapper schema, its local $refs pointing there
+        self.defs = {f"fn{i}": _rooted(f.parameters or {"type": "object"}, f"#/$defs/fn{i}")
+                     for i, f in enumerate(self.callable)}
+        for i, f in enumerate(self.callable):
+            if self.defs[f"fn{i}"] == {"$ref": f"#/$defs/fn{i}"}:
+                raise APIError(400, f"tools: the parameters of {f.name!r} refer only to themselves ($ref '#'), so "
+                               "no arguments fit them", "tools")
 
     # ---- the prompt --------------------------------------------------------------------------------
     def messages(self, messages: list[Message], template_takes_tools: bool) -> tuple[list[dict], dict]:
@@ -69,9 +77,8 @@ class Tools:
     def grammar(self) -> str:
         """The Lark grammar of the reply (llguidance's dialect)."""
         call = {"anyOf": [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                           "properties": {"name": {"const": f.name},
-                                          "arguments": f.parameters or {"type": "object"}}}
-                          for f in self.callable], "x-guidance": LAYOUT}
+                           "properties": {"name": {"const": f.name}, "arguments": {"$ref": f"#/$defs/fn{i}"}}}
+                          for i, f in enumerate(self.callable)], "$defs": self.defs, "x-guidance": LAYOUT}
         rules = [f"call: {json.dumps(OPEN)} body {json.dumps(CLOSE)}", f"body: %json {json.dumps(call)}"]
         if self.must_call:
             return "\n".join(["start: call", *rules])
@@ -98,6 +105,17 @@ class Tools:
         """Whether a reply so far could still be (or is) a call: held back from a stream until it is known."""
         t = text.lstrip()
         return t.startswith(OPEN) or OPEN.startswith(t)
+
+
+def _rooted(schema, where: str):
+    """A function's parameters schema moved under the call's wrapper at JSON pointer `where`: each local $ref
+    ("#", "#/$defs/City", what Pydantic writes) is rewritten to point inside it, since "#" now names the wrapper."""
+    if isinstance(schema, dict):
+        return {k: (where + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _rooted(v, where))
+                for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_rooted(v, where) for v in schema]
+    return schema
 
 
 def _arguments(text: str):
