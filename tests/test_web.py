@@ -186,11 +186,53 @@ def test_the_site_is_plain_files_with_the_export_beside_the_page(web_export, tmp
     assert (site / "vendor" / "onnxruntime-web" / "ort-wasm-simd-threaded.wasm").stat().st_size > 1e6
     assert {p.name for p in (site / "model" / "adapters").iterdir()} == {"default.onnx_adapter", "qv.onnx_adapter"}
     assert (site / "model" / "model.onnx").read_bytes() == (web_export / "model.onnx").read_bytes()
+    about = json.loads((site / "qlora_rt_site.json").read_text())
+    assert about["export"] == web_export.name, "the published site names no path of this machine"
     assert main(["web", str(web_export), "--out", str(site)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["web", str(web_export), "--out", str(site), "--overwrite"]) == 0
     assert main(["web", str(web_export), "--out", str(web_export.parent), "--overwrite"]) == 2
     assert "not written by `qlora-rt web`" in capsys.readouterr().err, "never replaces a folder it did not write"
+
+
+def test_serve_gives_the_sites_files_only_and_to_its_own_host_name(tmp_path):
+    """`web --serve`: no directory listings, nothing a symlink in the site points to outside it, and a request
+    whose Host is another name (DNS rebinding: a page elsewhere whose name now resolves to 127.0.0.1) is a 403."""
+    import http.client
+
+    site = tmp_path / "site"
+    (site / "model").mkdir(parents=True)
+    (site / "qlora_rt_site.json").write_text("{}")
+    (site / "index.html").write_text("<p>page</p>")
+    (site / "model" / "tokenizer.json").write_text("{}")
+    (tmp_path / "secret.txt").write_text("not the site's")
+    (site / "leak.txt").symlink_to(tmp_path / "secret.txt")
+    (site / "model" / "up").symlink_to(tmp_path)
+    server = make_server(site, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+
+    def get(path, host=None):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", path, headers={"Host": host or f"127.0.0.1:{port}"})
+        r = c.getresponse()
+        body = r.read()
+        c.close()
+        return r.status, body
+
+    try:
+        assert get("/") == (200, b"<p>page</p>") and get("/", f"localhost:{port}")[0] == 200
+        assert get("/model/tokenizer.json", f"[::1]:{port}")[0] == 200
+        assert get("/model/")[0] == 404 and get("/model")[0] in (301, 404)  # no listing
+        assert get("/leak.txt")[0] == 404 and get("/model/up/secret.txt")[0] == 404
+        assert get("/", "attacker.example")[0] == 403 and get("/", f"attacker.example:{port}")[0] == 403
+    finally:
+        server.shutdown()
+        server.server_close()
+    from qlora_rt.runtime.web import allowed_host
+
+    assert allowed_host("anything.example", "0.0.0.0") and allowed_host("192.168.1.5:8000", "192.168.1.5")
+    assert not allowed_host("other:8000", "192.168.1.5") and not allowed_host(None, "127.0.0.1")
 
 
 def test_a_model_too_large_for_wasm_is_said_when_the_site_is_written(web_export, tmp_path, monkeypatch, capsys):

@@ -109,7 +109,8 @@ def build_site(export: str | Path, out: str | Path, node_modules: str | None = N
         for name in names:
             _place(export / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}", model / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
         (model / "adapters.json").write_text(json.dumps(names))
-        (tmp / SITE).write_text(json.dumps({"format": SITE_FORMAT, "export": str(export.resolve()),
+        # the export's folder name only: the site is published, and a path on this machine is not the visitor's
+        (tmp / SITE).write_text(json.dumps({"format": SITE_FORMAT, "export": export.resolve().name,
                                             "mode": meta.mode, "adapters": names, "npm": versions}, indent=2))
     size = sum((export / name).stat().st_size for name in ("model.onnx", *meta.external_data))
     if size > WASM_MODEL_LIMIT:
@@ -136,19 +137,55 @@ def serve(site: str | Path, host: str = "127.0.0.1", port: int = 8000, announce:
         server.server_close()
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]", "::1")
+
+
+def allowed_host(header: str | None, host: str) -> bool:
+    """Whether a request's Host header names this server: a loopback bind answers only loopback names (a page on
+    another origin that rebinds its DNS name to 127.0.0.1 sends its own name, and is refused); a bind to one
+    address answers that address or name; a bind to every interface (0.0.0.0, ::) answers any."""
+    if host in ("0.0.0.0", "::", ""):
+        return True
+    if not header:
+        return False
+    name = header.strip().lower()
+    name = name[:name.rindex("]") + 1] if name.startswith("[") else name.rsplit(":", 1)[0] if ":" in name else name
+    if host in ("127.0.0.1", "::1", "localhost"):
+        return name in LOOPBACK_NAMES
+    return name in (host.lower(), f"[{host.lower()}]")
+
+
 def make_server(site: str | Path, host: str = "127.0.0.1", port: int = 0):
-    """A ThreadingHTTPServer for the site folder (port 0 = any free port: server.server_address[1])."""
+    """A ThreadingHTTPServer for the site folder (port 0 = any free port: server.server_address[1]). It serves the
+    site's files only: no directory listings, nothing a symlink inside points to outside it, and only requests
+    whose Host names this server (`allowed_host`)."""
     import functools
+    from http import HTTPStatus
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     site = Path(site)
     if not (site / SITE).is_file():
         raise QloraError(f"{site} is not a site written by `qlora-rt web` (no {SITE})")
+    root = os.path.realpath(site)
 
     class Handler(SimpleHTTPRequestHandler):
         extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript",
                           ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
                           ".onnx": "application/octet-stream", ".onnx_adapter": "application/octet-stream"}
+
+        def send_head(self):
+            if not allowed_host(self.headers.get("Host"), host):
+                self.send_error(HTTPStatus.FORBIDDEN, "this server answers requests for its own host name only")
+                return None
+            found = os.path.realpath(self.translate_path(self.path))
+            if found != root and not found.startswith(root + os.sep):  # a symlink in the site leads out of it
+                self.send_error(HTTPStatus.NOT_FOUND, "no such file")
+                return None
+            return super().send_head()
+
+        def list_directory(self, path):
+            self.send_error(HTTPStatus.NOT_FOUND, "no such file")
+            return None
 
         def end_headers(self):
             self.send_header("Cross-Origin-Opener-Policy", "same-origin")
