@@ -347,6 +347,45 @@ def test_adapters_load_only_from_inside_the_export_or_adapters_dir(tiny_export, 
         app.state.qlora.engine.close(5)
 
 
+def test_unloaded_adapters_leave_the_engine_whole(tiny_export, tmp_path):
+    """20 copies of an adapter loaded, used by one request each and unloaded: the engine then holds none of them,
+    not in the prefix cache's free slots (whose cached tokens were computed with one), not in its stacks."""
+    import shutil
+
+    from qlora_rt.server.app import create_app
+
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    for i in range(20):
+        shutil.copy(tiny_export / "adapters" / "b.onnx_adapter", folder / f"c{i}.onnx_adapter")
+    app = create_app(tiny_export, adapters_dir=folder, max_batch=4, served_model_name="tiny")
+    engine = app.state.qlora.engine
+
+    async def go():
+        async with _client(app) as c:
+            for i in range(20):
+                assert (await c.post("/v1/load_lora_adapter", json={"lora_name": f"c{i}",
+                                                                     "lora_path": f"c{i}.onnx_adapter"})).status_code == 200
+                r = await c.post("/v1/completions", json={"model": f"c{i}", "prompt": f"{i} one two", "max_tokens": 2})
+                assert r.status_code == 200
+                while engine.load != (0, 0):
+                    await asyncio.sleep(0.01)
+                assert (await c.post("/v1/unload_lora_adapter", json={"lora_name": f"c{i}"})).status_code == 200
+            # a request on a loaded one after, so the engine's loop has run since the last unload
+            assert (await c.post("/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2})).status_code \
+                == 200
+    try:
+        _run(go())
+        with engine.cond:
+            kept = {id(v) for v in engine.adapters.values()} | {id(engine._base)}
+            held = [p for p, _ in engine.held if p is not None]
+            assert all(id(p) in kept for p in held), "a free slot still holds an unloaded adapter"
+            assert all(i in kept for key in engine._stacks for i in key)
+            assert set(engine.adapters) == {"a", "b"}
+    finally:
+        engine.close(5)
+
+
 def test_unloading_an_adapter_in_use_lets_its_running_request_finish(tiny_export):
     """The stream on `b` started before the unload decodes to the end, the tokens it decodes alone; a request
     after it gets 404."""
