@@ -364,10 +364,10 @@ def test_unloaded_adapters_leave_the_engine_whole(tiny_export, tmp_path):
     async def go():
         async with _client(app) as c:
             for i in range(20):
-                assert (await c.post("/v1/load_lora_adapter", json={"lora_name": f"c{i}",
-                                                                     "lora_path": f"c{i}.onnx_adapter"})).status_code == 200
-                r = await c.post("/v1/completions", json={"model": f"c{i}", "prompt": f"{i} one two", "max_tokens": 2})
-                assert r.status_code == 200
+                loaded = await c.post("/v1/load_lora_adapter", json={"lora_name": f"c{i}",
+                                                                      "lora_path": f"c{i}.onnx_adapter"})
+                r = await c.post("/v1/completions", json={"model": f"c{i}", "prompt": f"{i} one", "max_tokens": 2})
+                assert loaded.status_code == r.status_code == 200
                 while engine.load != (0, 0):
                     await asyncio.sleep(0.01)
                 assert (await c.post("/v1/unload_lora_adapter", json={"lora_name": f"c{i}"})).status_code == 200

@@ -245,7 +245,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_llama,
         train(config(tiny_llama, tiny_data, run))
     monkeypatch.setattr(ck, "save_file", real)
     assert ck.progress(run / "checkpoint")["step"] == 3 and (run / "checkpoint").is_dir()
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "metrics.jsonl", "run.yaml"]  # no temp left
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoint", "metrics.jsonl", "run.yaml"]  # no temp
     train(config(tiny_llama, tiny_data, run, resume=True))  # space again: the run goes on from step 3
     train(config(tiny_llama, tiny_data, tmp_path / "full"))
     full, resumed = adapter(tmp_path / "full"), adapter(run)
@@ -417,3 +417,73 @@ def test_bf16_products_move_a_run_by_bf16_rounding_whatever_the_batch_shape(tiny
         for a, b in zip(ref, steps(other), strict=True):
             for key in {"loss", "grad_norm", "eval_loss"} & a.keys():
                 assert abs(a[key] - b[key]) <= 2**-8 * abs(b[key]), (other, key, a, b)
+
+
+def _flip(path, where: float = 0.5, n: int = 64, low_byte_only: bool = False) -> None:
+    """Change bytes of a file in place: n bytes from `where` of its length, or only the lowest byte of n fp32
+    values there (a change no reader notices)."""
+    data = bytearray(path.read_bytes())
+    at = int(len(data) * where) // 4 * 4
+    for i in range(n):
+        k = at + 4 * i if low_byte_only else at + i
+        data[k] ^= 0x01 if low_byte_only else 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("low_byte_only", [False, True])
+def test_a_damaged_checkpoint_is_passed_over_for_the_one_before_it(tiny_llama, tiny_data, tmp_path, capsys,
+                                                                    low_byte_only):
+    """Checkpoints at steps 3, 6 and 8 (the run's end), the last two kept. Bytes changed in the newest's adapter
+    file (a bad disk, a partial copy): the resume continues from step 6, says so in one line, and trains on
+    sane weights; with the prior one damaged too, it is refused, naming the file."""
+    kw = dict(eval_data=None, schedule="constant", warmup=0)
+    run = tmp_path / "run"
+    train(config(tiny_llama, tiny_data, run, **kw))
+    assert (run / "checkpoint" / "digests.json").is_file() and (run / "checkpoint.prior").is_dir()
+    _flip(run / "checkpoint" / "adapter_model.safetensors", low_byte_only=low_byte_only)
+    capsys.readouterr()
+    r = train(config(tiny_llama, tiny_data, run, steps=10, resume=True, **kw))
+    err = capsys.readouterr().err
+    assert "adapter_model.safetensors does not match its digest" in err
+    assert "continuing from the checkpoint before it, at step 6" in err
+    assert r.steps == 10 and math.isfinite(r.train_loss)
+    assert max(t.abs().max().item() for t in adapter(run).values()) < 1.0
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert steps == list(range(1, 11))  # steps 7-8 of the damaged checkpoint's run are not recorded twice
+    _flip(run / "checkpoint" / "trainer_state.pt")
+    _flip(run / "checkpoint.prior" / "adapter_model.safetensors")
+    with pytest.raises(QloraError, match=r"no whole checkpoint in .*checkpoint: .*trainer_state\.pt does not match "
+                                         r"its digest"):
+        train(config(tiny_llama, tiny_data, run, steps=12, resume=True, **kw))
+
+
+def test_a_run_folder_has_one_writer_and_a_dead_ones_lock_does_not_block(tiny_llama, tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    train(config(tiny_llama, tiny_data, run, steps=4, eval_data=None))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom qlora_rt.train.run_folder import "
+                               "RunFolder\nRunFolder(sys.argv[1]).lock()\nprint('locked', flush=True)\ntime.sleep(120)",
+                               str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(QloraError, match=rf"--out: .*run is in use by another training run \(process "
+                                             rf"{holder.pid}\); wait for it to end"):
+            train(config(tiny_llama, tiny_data, run, steps=6, eval_data=None, resume=True))
+    finally:
+        holder.kill()
+        holder.wait()
+    r = train(config(tiny_llama, tiny_data, run, steps=6, eval_data=None, resume=True))  # its lock went with it
+    assert r.steps == 6
+
+
+def test_a_resume_without_its_metrics_file_says_what_is_lost(tiny_llama, tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(config(tiny_llama, tiny_data, run, steps=4, eval_data=None))
+    (run / "metrics.jsonl").unlink()
+    capsys.readouterr()
+    train(config(tiny_llama, tiny_data, run, steps=6, eval_data=None, resume=True))
+    assert "metrics.jsonl is gone: the records of steps 1-4 are lost" in capsys.readouterr().err
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert steps == [5, 6]

@@ -4,18 +4,23 @@
     runs/X/checkpoint/trainer_state.pt            optimizer, scheduler, RNG states, data position, step
 
     runs/X/checkpoint/progress.json               step, data position, settings, base and data fingerprints
+    runs/X/checkpoint/digests.json                the SHA-256 of each file above, written with them
 
 The state file holds tensors and plain Python values only and is read with `weights_only=True`:
 nothing is unpickled. The folder is replaced atomically, so an interrupted save leaves the previous
 checkpoint in place.
 
-A checkpoint is trusted only once a step has run from it with a finite loss and gradient: until then
-the one before it stays beside it as `checkpoint.prior`. A run that diverges right after a checkpoint
-(its weights already blown up) falls back to the prior one instead of naming a dead end.
+The checkpoint before the newest stays beside it as `checkpoint.prior`. A resume checks the newest against its
+digests: a damaged one (a bad disk, a partial copy: bytes changed that no reader would notice) is passed over
+for the prior one, said in one line; where neither is whole, the resume is refused, naming the file. A run that
+diverges right after a checkpoint (its weights already blown up) falls back to the prior one too, instead of
+naming a dead end.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import json
 import os
@@ -32,7 +37,7 @@ from qlora_rt.files import atomic_dir, resolve, write_json
 from qlora_rt.lora.layers import lora_layers
 from qlora_rt.lora.peft_io import PREFIX, adapter_tensors
 
-ADAPTER, STATE, PROGRESS = "adapter_model.safetensors", "trainer_state.pt", "progress.json"
+ADAPTER, STATE, PROGRESS, DIGESTS = "adapter_model.safetensors", "trainer_state.pt", "progress.json", "digests.json"
 
 
 def rng_state() -> dict:
@@ -52,12 +57,61 @@ def _prior(folder: Path) -> Path:
     return folder.with_name(folder.name + ".prior")
 
 
+def damage(found: Path) -> str | None:
+    """What is wrong with a checkpoint folder's files against its digests (None: whole, or from before digests).
+    Checked once per folder as it is on disk (a resume asks several times; an 8B run's state is GBs)."""
+    try:
+        stats = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(found.iterdir()))
+    except OSError:
+        stats = ()
+    return _damage(found, stats)
+
+
+@functools.lru_cache(maxsize=8)
+def _damage(found: Path, stats: tuple) -> str | None:
+    try:
+        digests = json.loads((found / DIGESTS).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return f"{found / DIGESTS} is unreadable"
+    for name, want in digests.items():
+        try:
+            got = _sha256(found / name)
+        except OSError as e:
+            return f"{found / name} is unreadable ({e.strerror or e})"
+        if got != want:
+            return f"{found / name} does not match its digest (changed on disk since it was written)"
+    return None
+
+
+def candidates(folder: Path) -> list[Path]:
+    """The complete checkpoints, newest first: the folder (or its copy set aside mid-replace), the prior one."""
+    found = [p for p in (resolve(folder), _prior(folder)) if p is not None and (p / STATE).exists()]
+    return list(dict.fromkeys(found))
+
+
 def latest(folder: Path) -> Path | None:
-    """The newest complete checkpoint: the folder, its copy set aside mid-replace, or the prior one."""
-    found = resolve(folder)
-    if found is None and _prior(folder).exists():
-        found = _prior(folder)
-    return found if found is not None and (found / STATE).exists() else None
+    """The newest whole checkpoint (see `damage`); None where there is none. Where checkpoints exist but
+    none is whole, the resume is refused, naming what is damaged."""
+    found = candidates(folder)
+    for path in found:
+        if damage(path) is None:
+            return path
+    if found:
+        raise QloraError(f"--resume: no whole checkpoint in {folder}: {damage(found[0])}; the run cannot continue "
+                         "from it (start it again, or restore the folder from a copy)")
+    return None
+
+
+def passed_over(folder: Path) -> str | None:
+    """A line saying which damaged newer checkpoint `latest` passed over, if it did."""
+    found = candidates(folder)
+    chosen = latest(folder)
+    if not found or chosen == found[0]:
+        return None
+    step = progress(folder)["step"]
+    return f"{found[0]}: {damage(found[0])}; continuing from the checkpoint before it, at step {step}"
 
 
 def progress(folder: Path) -> dict | None:
@@ -82,26 +136,29 @@ def save(folder: Path, model: torch.nn.Module, optimizer_state: dict, scheduler,
         state["rng_ranks"] = rng
     buffer = io.BytesIO()  # serialized first, so that a full disk is a plain OSError, not torch's "unexpected pos"
     torch.save(state, buffer)
-    # every step since the current checkpoint ran finite: once the new one is in place, it is the fallback
+    # the current checkpoint becomes the fallback once the new one is in place
     with atomic_dir(folder, keep=_prior(folder)) as tmp:
         save_file(tensors, str(tmp / ADAPTER))
         (tmp / STATE).write_bytes(buffer.getvalue())
         write_json(tmp / PROGRESS, progress)
+        write_json(tmp / DIGESTS, {name: _sha256(tmp / name) for name in (ADAPTER, STATE, PROGRESS)})
 
 
-def confirm(folder: Path) -> None:
-    """A step ran from the newest checkpoint with a finite loss and gradient: the prior one is not needed."""
-    shutil.rmtree(_prior(folder), ignore_errors=True)
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def discard_latest(folder: Path) -> int | None:
     """The newest checkpoint led straight to a non-finite loss: drop it, restore the prior one; its step."""
-    found = latest(folder)  # the prior itself, when a crash left no newer one: then none is good
-    if found is not None:
-        shutil.rmtree(found)
+    found = candidates(folder)  # the prior itself, when a crash left no newer one: then none is good
+    if found:
+        shutil.rmtree(found[0])
     if _prior(folder).exists():
         os.replace(_prior(folder), folder)
-    saved = progress(folder)
+    try:
+        saved = progress(folder)
+    except QloraError:  # the prior is damaged too: nothing to fall back on
+        return None
     return saved["step"] if saved else None
 
 

@@ -215,6 +215,8 @@ class Trainer:
     def setup(self) -> None:
         cfg, d = self.cfg, self.d
         self.saved = self.folder.open(cfg)  # the checkpoint's progress, or None: a new run
+        if d.main:  # one writer: a second run (or resume) on a folder in use stops here, before any work
+            self.folder.lock()
         data = self._setup_data()
         torch.manual_seed(cfg.seed)
         built = self.built = self._setup_model(data)
@@ -305,10 +307,14 @@ class Trainer:
             folder.check_same_run(self.saved, built.loaded.fingerprint, data.digest, len(self.train_set), cfg)
             distributed.check_world(self.saved, d)
             found, saved_tensors, saved_state = checkpoint.read(folder.checkpoint)
+            passed = checkpoint.passed_over(folder.checkpoint) if d.main else None
+            if passed:
+                print(f"--resume: {passed}", file=sys.stderr)
             checkpoint.restore_weights(found, saved_tensors, self.model)
             return saved_state
         if d.main:  # before FSDP shards the weights the residual base is made of
             folder.path.mkdir(parents=True, exist_ok=True)
+            folder.lock()  # a new run's folder exists from here
             if built.residual:  # before run.yaml: a run that can be resumed always has its base
                 save_residual(self.model, built.targets, built.residual,
                               {"base.fingerprint": built.loaded.fingerprint, "init": self.icfg.describe(),
@@ -455,8 +461,6 @@ class Trainer:
                            for _ in range(cfg.grad_accum)]
                 t0 = time.perf_counter()
                 loss, norm, n = self._step(batches, step + 1)
-                if self.last_checkpoint == step and self.d.main:  # a finite step from the newest checkpoint: good
-                    checkpoint.confirm(self.folder.checkpoint)
                 step, tokens, step_time = step + 1, tokens + n, step_time + time.perf_counter() - t0
                 tps = tokens / step_time  # training throughput: evals and checkpoints not counted
                 record = {"step": step, "loss": loss, "grad_norm": norm, "lr": self.scheduler.get_last_lr()[0],

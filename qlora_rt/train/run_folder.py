@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -26,8 +27,9 @@ EXTENDABLE = ("steps", "epochs")
 # Compared by what they hold, not by how they are spelled: the base by its fingerprint, the data by its digest.
 BY_CONTENT = ("model", "data", "out")
 # What a run folder holds, temporary names included: a run killed before run.yaml may leave some of them.
-RUN_FILES = re.compile(r"\.?(run\.yaml|metrics\.jsonl|checkpoint|adapter|residual_base\.safetensors)"
+RUN_FILES = re.compile(r"\.?(run\.yaml|metrics\.jsonl|checkpoint|adapter|residual_base\.safetensors|lock)"
                        r"(\.tmp.*|\.previous|\.prior)?")
+LOCK = ".lock"  # held (flock) by the process writing the folder; the kernel lets go when it ends, however
 
 
 class RunFolder:
@@ -38,6 +40,32 @@ class RunFolder:
         self.metrics = self.path / "metrics.jsonl"
         self.settings = self.path / "run.yaml"
         self.adapter = self.path / "adapter"
+        self._lock = None  # the open lock file while this process writes the folder
+
+    def lock(self) -> None:
+        """Take the folder for this process (where it exists): a second `train` on it, or a second --resume,
+        fails at once with one line naming the process that has it. The lock goes with the process that holds
+        it, however it ends, so a killed run never blocks the next."""
+        if self._lock is not None or not self.path.is_dir():
+            return
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock
+            return
+        f = open(self.path / LOCK, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise QloraError(f"--out: {self.path} is in use by another training run (process {holder}); wait for "
+                             "it to end, or choose another folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lock = f
 
     def previous_settings(self) -> dict | None:
         """A run's saved settings, for --resume to keep its `auto` choices; None where there is no run."""
@@ -113,7 +141,10 @@ class RunFolder:
 
     def drop_records_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: forget their first, abandoned records (and a
-        last line cut short by a kill)."""
+        last line cut short by a kill). Where the file is gone, says so: the steps before are not recorded again."""
+        if self.main and step > 0 and not self.metrics.exists():
+            print(f"--resume: {self.metrics} is gone: the records of steps 1-{step} are lost; the steps from "
+                  f"{step + 1} on are recorded in a new one", file=sys.stderr)
         if self.main and self.metrics.exists():
             lines = []
             for line in self.metrics.read_text().splitlines():
