@@ -463,9 +463,9 @@ def test_a_run_folder_has_one_writer_and_a_dead_ones_lock_does_not_block(tiny_ll
 
     run = tmp_path / "run"
     train(config(tiny_llama, tiny_data, run, steps=4, eval_data=None))
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom qlora_rt.train.run_folder import "
-                               "RunFolder\nRunFolder(sys.argv[1]).lock()\nprint('locked', flush=True)\ntime.sleep(120)",
-                               str(run)], stdout=subprocess.PIPE, text=True)
+    script = ("import sys, time\nfrom qlora_rt.train.run_folder import RunFolder\nfolder = RunFolder(sys.argv[1])\n"
+              "folder.lock()\nprint('locked', flush=True)\ntime.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(QloraError, match=rf"--out: .*run is in use by another training run \(process "

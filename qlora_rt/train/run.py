@@ -133,6 +133,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
         print("--fsdp: one process, nothing to shard; training unsharded (run.yaml records fsdp: false)",
               file=sys.stderr)
         cfg = replace(cfg, fsdp=False)
+    trainer = None
     try:
         trainer = Trainer(cfg, icfg, device, dtype, d, note)
         trainer.setup()
@@ -144,6 +145,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
                              "is intact: run the same command with --resume") from None
         raise
     finally:
+        if trainer is not None:  # the folder is free for the next run as soon as this one returns
+            trainer.folder.unlock()
         distributed.teardown(d)
 
 

@@ -67,6 +67,11 @@ class RunFolder:
         f.flush()
         self._lock = f
 
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file lets go of its lock
+            self._lock = None
+
     def previous_settings(self) -> dict | None:
         """A run's saved settings, for --resume to keep its `auto` choices; None where there is no run."""
         if not self.path.is_dir():
