@@ -94,3 +94,33 @@ def test_merge_is_written_one_shard_at_a_time_and_loads_in_transformers(tmp_path
     shutil.copy(tiny_llama / "config.json", out)
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert (logits(plain) - logits(ours.model.eval())).abs().max().item() <= 1e-4
+
+
+def test_an_adapter_changed_on_disk_is_refused_by_merge_and_export(tmp_path):
+    """The adapter qlora-rt writes records its tensors' digest (safetensors metadata, which PEFT ignores): bytes
+    changed in the file since (a bad disk, a partial copy; here the lowest byte of a few fp32 values, which no
+    reader notices) make merge and export refuse it, naming the file. A PEFT adapter carries none: accepted."""
+    from conftest import save_checkpoint
+    from safetensors import safe_open
+
+    from qlora_rt.config import ExportConfig
+    from qlora_rt.export.exporter import export
+    from qlora_rt.lora.peft_io import DIGEST
+
+    base = save_checkpoint(tmp_path / "base")
+    ours = ours_with_random_adapter(base)
+    save_adapter(ours.model, tmp_path / "a", LoraConfig(rank=4, alpha=8), formats.QuantConfig(), str(base),
+                 ours.fingerprint)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    with safe_open(str(weights), framework="pt") as h:
+        assert len(h.metadata()[DIGEST]) == 64
+    data = bytearray(weights.read_bytes())
+    for k in range(len(data) - 400, len(data) - 200, 4):  # inside the last tensors' data, little-endian low bytes
+        data[k] ^= 1
+    weights.write_bytes(bytes(data))
+    for run in (lambda: merge(str(base), str(tmp_path / "a"), str(tmp_path / "merged")),
+                lambda: export(ExportConfig(model=str(base), adapter=str(tmp_path / "a"), out=str(tmp_path / "x")))):
+        with pytest.raises(QloraError, match=r"adapter_model\.safetensors: its tensors changed on disk since they "
+                                             r"were written"):
+            run()
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "x").exists()

@@ -13,6 +13,8 @@ label names) rides in the safetensors header metadata, which PEFT ignores.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import re
 import shutil
@@ -85,12 +87,48 @@ def save_adapter(model: torch.nn.Module, out: str | Path, cfg: LoraConfig, quant
             saved = h.metadata() or {}
         init = saved["init.method"]
         meta.update({"init": saved["init"], "base.residual": saved["residual.digest"]})
+    tensors = adapter_tensors(model)
+    meta[DIGEST] = tensors_digest(tensors)
     with atomic_dir(out) as tmp:
-        save_file(adapter_tensors(model), str(tmp / WEIGHTS), metadata=meta)
+        save_file(tensors, str(tmp / WEIGHTS), metadata=meta)
         write_json(tmp / CONFIG, peft_config(model, cfg, base, init))
         if residual is not None:
             shutil.copyfile(residual, tmp / residual.name)
     return Path(out)
+
+
+DIGEST = "tensors.sha256"  # metadata: the SHA-256 of the adapter's tensors (`tensors_digest`), where qlora-rt wrote it
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over each tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_digest(weights: Path, meta: dict[str, str]) -> None:
+    """An adapter file qlora-rt wrote holds the tensors it wrote: bytes changed on disk since (a bad disk, a
+    partial copy) are refused, naming the file. Files from elsewhere (PEFT) carry no digest: accepted."""
+    if DIGEST not in meta:
+        return
+    st = weights.stat()
+    try:
+        found = _digest_of(weights, st.st_size, st.st_mtime_ns)
+    except Exception:  # safetensors' own errors for a file cut short
+        found = None
+    if found != meta[DIGEST]:
+        raise QloraError(f"{weights}: its tensors changed on disk since they were written (their digest does not "
+                         "match); restore the adapter from a copy, or train it again")
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_of(weights: Path, size: int, mtime: int) -> str:
+    with safe_open(str(weights), framework="pt") as h:
+        return tensors_digest({key: h.get_tensor(key) for key in h.keys()})
 
 
 def read_adapter(path: str | Path) -> tuple[dict, dict[str, str]]:
@@ -127,6 +165,7 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, str]]:
             meta = h.metadata() or {}
     except Exception as e:
         raise QloraError(f"{p / WEIGHTS}: corrupt or unreadable safetensors file ({str(e).splitlines()[0]})") from None
+    check_digest(p / WEIGHTS, meta)
     return config, meta
 
 
