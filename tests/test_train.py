@@ -487,3 +487,29 @@ def test_a_resume_without_its_metrics_file_says_what_is_lost(tiny_llama, tiny_da
     assert "metrics.jsonl is gone: the records of steps 1-4 are lost" in capsys.readouterr().err
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert steps == [5, 6]
+
+
+def test_the_loss_in_chunks_of_positions_equals_the_loss_in_one(monkeypatch):
+    """token_losses with chunks of 7 positions (each chunk's logits made again in backward) against one product
+    over all 50: the loss and the gradients of the hidden states and of the head equal within fp32 summation
+    order (the head's product over 7 rows and over 50 rounds alike per row; only the sums' order differs)."""
+    from conftest import make_model
+
+    from qlora_rt.train import tasks
+
+    model = make_model(vocab=320)
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 64)
+    targets = torch.randint(0, 320, (50,))
+    results = []
+    for chunk in (1 << 30, 7 * 320):
+        monkeypatch.setattr(tasks, "LOSS_CHUNK", chunk)
+        model.zero_grad()
+        h = hidden.clone().requires_grad_(True)
+        loss = tasks.token_losses(model, h, targets)
+        loss.backward()
+        results.append((loss.detach(), h.grad, model.lm_head.weight.grad.clone()))
+    (l1, g1, w1), (l2, g2, w2) = results
+    assert torch.allclose(l1, l2, rtol=1e-6, atol=0)
+    assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-7) and torch.allclose(w1, w2, rtol=1e-5, atol=1e-7)
+    assert (g1 - g2).abs().max() < 1e-5 * g1.abs().max()

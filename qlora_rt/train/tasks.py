@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from qlora_rt.base.encoders import max_tokens, takes_token_types
 from qlora_rt.base.linears import output_logits
@@ -64,8 +65,7 @@ class CausalLM:
                                      attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, d)
         labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
         keep = labels != text_data.IGNORE
-        logits = output_logits(model, hidden[:, :-1][keep]).float()  # (N, vocab)
-        return F.cross_entropy(logits, labels[keep], reduction="sum") / n_units
+        return token_losses(model, hidden[:, :-1][keep], labels[keep]) / n_units
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, examples: list, batch_size: int, device: torch.device) -> dict:
@@ -82,6 +82,27 @@ class CausalLM:
     @staticmethod
     def describe(metrics: dict | None) -> str:
         return "-" if metrics is None else f"{metrics['eval_loss']:.4f} (ppl {metrics['eval_ppl']:.2f})"
+
+
+LOSS_CHUNK = 1 << 24  # logits made at a time (64 MiB in fp32): a chunk of positions, whatever the vocabulary
+
+
+def token_losses(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ cross-entropy of (N, d) hidden states against (N,) targets, the head applied a chunk of positions at a
+    time, each chunk's logits made again in backward instead of kept (torch.utils.checkpoint): the loss holds
+    LOSS_CHUNK logits at most, not N x vocabulary (Gemma 3's 262,144-token vocabulary: 1 GiB in fp32 for 4 x 256
+    positions, and as much again for their gradient). One chunk where they all fit: the plain product."""
+    step = max(1, LOSS_CHUNK // model.get_output_embeddings().out_features)
+    if hidden.shape[0] <= step:
+        return _chunk_loss(model, hidden, targets)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], step):
+        total = total + checkpoint(_chunk_loss, model, hidden[i:i + step], targets[i:i + step], use_reentrant=False)
+    return total
+
+
+def _chunk_loss(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output_logits(model, hidden).float(), targets, reduction="sum")
 
 
 class Classify:
