@@ -84,25 +84,53 @@ class CausalLM:
         return "-" if metrics is None else f"{metrics['eval_loss']:.4f} (ppl {metrics['eval_ppl']:.2f})"
 
 
-LOSS_CHUNK = 1 << 24  # logits made at a time (64 MiB in fp32): a chunk of positions, whatever the vocabulary
+LOSS_CHUNK = 1 << 26  # logits made at a time (256 MiB in fp32): a chunk of positions, whatever the vocabulary
 
 
 def token_losses(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Σ cross-entropy of (N, d) hidden states against (N,) targets, the head applied a chunk of positions at a
-    time, each chunk's logits made again in backward instead of kept (torch.utils.checkpoint): the loss holds
-    LOSS_CHUNK logits at most, not N x vocabulary (Gemma 3's 262,144-token vocabulary: 1 GiB in fp32 for 4 x 256
-    positions, and as much again for their gradient). One chunk where they all fit: the plain product."""
-    step = max(1, LOSS_CHUNK // model.get_output_embeddings().out_features)
+    """Σ cross-entropy of (N, d) hidden states against (N,) targets, the head applied LOSS_CHUNK logits at a time,
+    so the loss never holds N x vocabulary logits and their gradient (Gemma 3's 262,144-token vocabulary: 1 GiB
+    each in fp32 for 4 x 256 positions). A frozen head (QLoRA's) takes each chunk's forward and backward at once
+    and keeps only the gradient of its hidden states (`_ChunkedLoss`): the head runs as often as unchunked, per
+    chunk. One chunk where all positions fit: the plain product."""
+    head = model.get_output_embeddings()
+    step = max(1, LOSS_CHUNK // head.out_features)
     if hidden.shape[0] <= step:
         return _chunk_loss(model, hidden, targets)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, hidden.shape[0], step):
-        total = total + checkpoint(_chunk_loss, model, hidden[i:i + step], targets[i:i + step], use_reentrant=False)
-    return total
+    if any(p.requires_grad for p in head.parameters()):  # its own gradient needs the graph: recompute in backward
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, hidden.shape[0], step):
+            total = total + checkpoint(_chunk_loss, model, hidden[i:i + step], targets[i:i + step],
+                                       use_reentrant=False)
+        return total
+    return _ChunkedLoss.apply(hidden, targets, model, step)
 
 
 def _chunk_loss(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output_logits(model, hidden).float(), targets, reduction="sum")
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Forward: each chunk's loss and, at once, the gradient of its hidden states (the head frozen); backward:
+    those gradients times the incoming one."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, model: torch.nn.Module, step: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grads = torch.empty_like(hidden)
+        for i in range(0, hidden.shape[0], step):
+            with torch.enable_grad():
+                h = hidden[i:i + step].detach().requires_grad_(True)
+                loss = _chunk_loss(model, h, targets[i:i + step])
+                (grads[i:i + step],) = torch.autograd.grad(loss, h)
+            total += loss.detach()
+        ctx.save_for_backward(grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (grads,) = ctx.saved_tensors
+        return grads * grad.to(grads.dtype), None, None, None
 
 
 class Classify:
