@@ -513,6 +513,8 @@ def test_the_loss_in_chunks_of_positions_equals_the_loss_in_one(monkeypatch, hea
         results.append((loss.detach(), h.grad, model.lm_head.weight.grad))
     (l1, g1, w1), (l2, g2, w2) = results
     assert torch.allclose(l1, l2, rtol=1e-6, atol=0)
+    with torch.no_grad():  # evaluation takes the chunks' losses alone
+        assert torch.allclose(tasks.token_losses(model, hidden, targets) * 0.5, l1, rtol=1e-6, atol=0)
     assert (g1 - g2).abs().max() < 1e-5 * g1.abs().max()
     if head_trains:
         assert (w1 - w2).abs().max() < 1e-5 * w1.abs().max()

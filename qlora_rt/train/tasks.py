@@ -97,6 +97,9 @@ def token_losses(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
     step = max(1, LOSS_CHUNK // head.out_features)
     if hidden.shape[0] <= step:
         return _chunk_loss(model, hidden, targets)
+    if not (torch.is_grad_enabled() and hidden.requires_grad):  # evaluation: the losses alone
+        return sum(_chunk_loss(model, hidden[i:i + step], targets[i:i + step])
+                   for i in range(0, hidden.shape[0], step))
     if any(p.requires_grad for p in head.parameters()):  # its own gradient needs the graph: recompute in backward
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, hidden.shape[0], step):
