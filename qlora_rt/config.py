@@ -345,6 +345,14 @@ class ChatConfig(RuntimeConfig):
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # a server bound to one of these answers to these Host names only
+
+
+def host_name(value: str) -> str:
+    """The host part of a Host header: [::1]:8000 -> ::1, localhost:8000 -> localhost."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1: value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 API_KEY_ENV = "QLORA_RT_API_KEY"
 
 

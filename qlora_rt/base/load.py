@@ -219,7 +219,9 @@ def _checked(p: Path, signature: tuple) -> Checkpoint:
     if p.is_file():
         if p.suffix != ".gguf":
             raise QloraError(f"--model: {p} is a file but not a .gguf; pass the checkpoint folder instead")
-        _check_architecture(gguf_reader.architecture_name(p), str(p))
+        arch = gguf_reader.architecture_name(p)
+        _check_architecture(arch, str(p))
+        model_type = BY_GGUF[arch].model_type if arch in BY_GGUF else arch
         kwargs = {"gguf_file": p.name}
         folder = p.parent
     else:
@@ -232,7 +234,6 @@ def _checked(p: Path, signature: tuple) -> Checkpoint:
         _check_architecture(model_type, str(p / "config.json"))
         _check_safetensors(p)
         kwargs, folder = {}, p
-    model_type = _model_type(p)
     return Checkpoint(p, tuple(kwargs.items()), folder, model_type,
                       DECODER if p.is_file() else BY_MODEL_TYPE[model_type])
 

@@ -18,6 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from qlora_rt.config import LOOPBACK, host_name
 from qlora_rt.errors import QloraError
 from qlora_rt.files import atomic_dir, check_out
 from qlora_rt.runtime import manifest
@@ -137,22 +138,16 @@ def serve(site: str | Path, host: str = "127.0.0.1", port: int = 8000, announce:
         server.server_close()
 
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]", "::1")
-
-
 def allowed_host(header: str | None, host: str) -> bool:
     """Whether a request's Host header names this server: a loopback bind answers only loopback names (a page on
-    another origin that rebinds its DNS name to 127.0.0.1 sends its own name, and is refused); a bind to one
-    address answers that address or name; a bind to every interface (0.0.0.0, ::) answers any."""
+    another origin that rebinds its DNS name to 127.0.0.1 sends its own name, and is refused), as `serve` does;
+    a bind to one address answers that address or name; a bind to every interface (0.0.0.0, ::) answers any."""
     if host in ("0.0.0.0", "::", ""):
         return True
     if not header:
         return False
-    name = header.strip().lower()
-    name = name[:name.rindex("]") + 1] if name.startswith("[") else name.rsplit(":", 1)[0] if ":" in name else name
-    if host in ("127.0.0.1", "::1", "localhost"):
-        return name in LOOPBACK_NAMES
-    return name in (host.lower(), f"[{host.lower()}]")
+    name = host_name(header)
+    return name in LOOPBACK if host in LOOPBACK else name == host_name(host)
 
 
 def make_server(site: str | Path, host: str = "127.0.0.1", port: int = 0):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hmac
 import json
 
+from qlora_rt.config import host_name
+
 OPEN_PATHS = ("/health",)  # answered without the key: a load balancer's probe
 
 
@@ -27,7 +29,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.allowed_hosts is not None and _host(headers.get("host", "")) not in self.allowed_hosts:
+        if self.allowed_hosts is not None and host_name(headers.get("host", "")) not in self.allowed_hosts:
             return await _error(send, 400, f"the Host header {headers.get('host', '')!r} is not one this server "
                                 "answers to (it is bound to this machine; see docs/serving.md#security)",
                                 "host_not_allowed")
@@ -69,14 +71,6 @@ class Guard:
     def _too_large(self, size: str) -> str:
         return (f"the body is {size} bytes; this server takes at most {self.max_body >> 20} MiB (--max-body-mb; "
                 "a prompt longer than any context fits in far less)")
-
-
-def _host(value: str) -> str:
-    """The host part of a Host header: [::1]:8000 -> ::1, localhost:8000 -> localhost."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        return value[1: value.find("]")] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
 async def _error(send, status: int, message: str, code: str, kind: str = "invalid_request_error") -> None:
