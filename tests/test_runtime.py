@@ -323,3 +323,26 @@ def test_penalties_count_the_generated_tokens_and_bias_adds():
     assert Sampling().adjust(z, [1]) is z
     with pytest.raises(QloraError, match="frequency_penalty must be in"):
         Sampling(frequency_penalty=float("nan")).check()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the process's RSS from /proc")
+def test_the_kv_cache_takes_memory_as_its_rows_are_written_not_at_capacity():
+    """A server's cache is sized for --max-batch rows x --max-seq-len positions; what a row holds resident must
+    follow the positions it has written. 8 rows x 4,096 positions here is 256 MiB at capacity; one position
+    written in every row and head is 1 MiB in 4 KiB pages (in 2 MiB huge pages, numpy's choice for arrays this
+    large, it would be all 256 MiB), so the bound of 32 MiB leaves room for anything else the process does."""
+    from qlora_rt.runtime.kv_cache import KVCache
+
+    def rss_mib() -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    meta = manifest.Manifest(format=manifest.FORMAT, mode="merged", layers=4, base_fingerprint="-", base_quant="-",
+                             lora_inputs={}, kv_heads=4, head_dim=64)
+    before = rss_mib()
+    kv = KVCache(meta, rows=8, capacity=4096)
+    assert kv.nbytes == 256 << 20
+    for buffer in kv.buffers.values():
+        buffer[:, :, 0] = 1.0  # what GroupQueryAttention does to each row and head for a one-token prompt
+    assert rss_mib() - before < 32
+    assert all(float(b[:, :, 1:].max()) == 0.0 for b in kv.buffers.values())  # zeroed, as np.zeros was
