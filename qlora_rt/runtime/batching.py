@@ -1,10 +1,18 @@
 """Continuous batching over one decoder export: many independent streams, each with its own adapter.
 
 The engine owns one KV cache of `max_batch` rows (slots). A request takes a free slot, its prompt is
-run into that slot's cache in chunks (between decode steps, so running streams keep going; while any
-stream decodes, chunks of BUSY_CHUNK tokens, so none waits long), and from
-then on it is one row of every decode step until it finishes; then the slot is free for the next one,
-and what its cache holds stays there for a request that starts the same way (the prefix cache: `_slot_for`).
+run into that slot's cache one chunk a round (between decode steps, so running streams wait at most one
+chunk), and from then on it is one row of every decode step until it finishes; then the slot is free for
+the next one, and what its cache holds stays there for a request that starts the same way (the prefix
+cache: `_slot_for`).
+
+A reply depends on its request alone, not on what the cache held or what else ran: a prompt is always run
+in the same chunks, `prefill_chunk` positions each from position 0 (a chunk's products and attention then
+see the same rows however the prompt arrived), and the prefix cache keeps and reuses whole chunks of a
+prompt only, never the positions a decode step wrote (those were computed a row at a time, in another
+order). Every product whose rows could round differently with their number (onnxruntime's fp32 sgemm on
+one row takes another path than on several) then sees the same rows; the int4 products with int8
+activations are row-for-row the same at any batch size.
 Rows are right-aligned: each holds its own number of positions from 0 (the graph's `row_lengths`), so
 streams of any lengths share a step without padding, and a finished row leaves nothing to compact.
 
@@ -39,7 +47,7 @@ from qlora_rt.runtime.session import release_memory
 from qlora_rt.runtime.text import Text, held_back
 
 STOPPING = "the server is shutting down; retry on another"
-BUSY_CHUNK = 64  # prompt tokens a chunk while other streams decode: their longest wait is one such chunk
+PREFILL_CHUNK = 64  # prompt positions a chunk: the longest a running stream waits for a new prompt is one chunk
 STACKS = 2  # sets of adapters kept stacked (each a copy of its adapters' tensors), least recently used dropped
 
 
@@ -99,7 +107,7 @@ class _Live:
 
 
 class Engine:
-    def __init__(self, model: Model, max_batch: int = 8, max_seq_len: int = 2048, prefill_chunk: int = 256,
+    def __init__(self, model: Model, max_batch: int = 8, max_seq_len: int = 2048, prefill_chunk: int = PREFILL_CHUNK,
                  max_queue: int = 64) -> None:
         if max_batch < 1 or prefill_chunk < 1 or max_queue < 0:
             raise QloraError("--max-batch and the prefill chunk must be at least 1, the queue at least 0")
@@ -231,9 +239,7 @@ class Engine:
             try:
                 prefilling = [s for s in active if s.done_prompt < len(s.req.ids)]
                 if prefilling:  # one chunk of one prompt per round: running streams wait at most one chunk
-                    busy = any(s.next_token is not None and not s.finished for s in active)
-                    chunk = min(self.prefill_chunk, BUSY_CHUNK) if busy else self.prefill_chunk
-                    self._prefill(min(prefilling, key=lambda s: s.t_submit), chunk)
+                    self._prefill(min(prefilling, key=lambda s: s.t_submit))
                 decoding = [s for s in active if s.next_token is not None and not s.finished]
                 if decoding:
                     self._decode(decoding)
@@ -256,9 +262,12 @@ class Engine:
                 self._leave(i, live)
 
     def _leave(self, slot: int, live: _Live) -> None:
-        """A finished request frees its slot; what its cache holds stays there for a request with the same start."""
+        """A finished request frees its slot; the whole prompt chunks its cache holds stay there for a request
+        with the same start (a last partial chunk and the reply's positions are run again by the next one:
+        run as a whole chunk, they would round otherwise)."""
         self.slots[slot] = None
-        self.held[slot] = (live.params, (live.req.ids + live.tokens)[: live.length])
+        whole = min(live.done_prompt, live.length) // self.prefill_chunk * self.prefill_chunk
+        self.held[slot] = (live.params, live.req.ids[:whole])
 
     def _purge(self) -> None:
         """Drop the stacked copies of adapters that are neither loaded nor used by a row any more."""
@@ -292,9 +301,9 @@ class Engine:
             self.slots[i] = live
 
     def _slot_for(self, live: _Live) -> int:
-        """The free slot whose held tokens (same adapter) share the longest start with the prompt: those positions
-        are not run again (at least the prompt's last token is, for its logits). Without one, the slot used
-        least recently, so recent prefixes stay."""
+        """The free slot whose held tokens (same adapter) share the longest start with the prompt: those positions,
+        in whole chunks, are not run again (at least the prompt's last token is, for its logits). Without one,
+        the slot used least recently, so recent prefixes stay."""
         free = [i for i, s in enumerate(self.slots) if s is None]
         ids = live.req.ids
 
@@ -306,8 +315,9 @@ class Engine:
             a, b = np.asarray(held[:n]), np.asarray(ids[:n])
             differ = np.flatnonzero(a != b)
             return int(differ[0]) if differ.size else n
-        best = max(free, key=lambda i: (shared(i), -self.last_used[i]))
-        reuse = shared(best)
+        c = self.prefill_chunk
+        best = max(free, key=lambda i: (shared(i) // c, -self.last_used[i]))
+        reuse = shared(best) // c * c
         live.slot, live.done_prompt, live.length = best, reuse, reuse
         self.prefix_tokens += reuse
         self.held[best] = (None, [])  # from here the slot's cache is this request's
@@ -332,8 +342,9 @@ class Engine:
         self.m.session.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()[:, -1]
 
-    def _prefill(self, live: _Live, chunk: int) -> None:
-        ids = live.req.ids[live.done_prompt: live.done_prompt + chunk]
+    def _prefill(self, live: _Live) -> None:
+        """The prompt's next chunk: positions k*C .. (k+1)*C-1 (done_prompt is always a multiple of C)."""
+        ids = live.req.ids[live.done_prompt: live.done_prompt + self.prefill_chunk]
         live.length = live.done_prompt + len(ids)
         logits = self._run(live.slot, np.array([ids], np.int64), np.array([live.length], np.int64), live.params)
         live.done_prompt = live.length
@@ -373,7 +384,8 @@ class Engine:
         sets = {id(r.params): r.params for r in rows}
         if len(sets) == 1:
             return next(iter(sets.values()))
-        present = [p for p in sets.values() if p]
+        # one order for a set, whatever its rows' order: the same adapters make one stacked copy, not one an order
+        present = sorted((p for p in sets.values() if p), key=id)
         key = tuple(id(p) for p in present)
         if key in self._stacks:
             self._stacks[key] = self._stacks.pop(key)  # most recently used last
@@ -456,10 +468,10 @@ class Engine:
 def _stack(adapters: list[dict[str, ort.OrtValue]], groups: dict[str, list]
            ) -> tuple[dict[str, ort.OrtValue], list[tuple[np.ndarray, list[str]]]]:
     """Several adapters as one set of LoRA inputs: each group's A side by side and B stacked, and the slot
-    (1-based, in list order) of every rank column, once per column layout with the groups that have it;
-    groups none of them adapts keep their defaults. A group with a B per member (`groups`: the export's
-    lora_groups) keeps its A's columns in member blocks: member j's block is every adapter's j-th block,
-    side by side, and B_j stacks theirs."""
+    (1-based, in list order) of every rank column of x·A, once per
+    column layout with the groups that have it; groups none of them adapts keep their defaults. A group with
+    a B per member (`groups`: the export's lora_groups) keeps its A's ranks in member blocks: member j's block
+    is every adapter's j-th block, stacked, and B_j stacks theirs."""
     out: dict[str, np.ndarray] = {}
     layouts: dict[bytes, tuple[np.ndarray, list[str]]] = {}
     for g in {k[: -len(".lora_A")] for a in adapters for k in a if k.endswith(".lora_A")}:
