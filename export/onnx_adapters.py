@@ -1,6 +1,6 @@
 """LoRA adapters as onnxruntime `.onnx_adapter` files, bound to the graph's LoRA inputs by name.
 
-An adapter file holds `<module>.lora_A` (in, r) and `<module>.lora_B` (r, out, scale folded in) for
+An adapter file holds `<module>.lora_A` (r, in) and `<module>.lora_B` (r, out, scale folded in) for
 the modules it adapts (q/k/v and gate/up share an A, and a B or one B each: export/weight_writers.py
 `group_lora`, laid out as the export's LoRA inputs are); the
 graph's other LoRA inputs keep their rank-0 defaults. A plain session activates one per run with
@@ -19,7 +19,7 @@ from qlora_rt.errors import QloraError
 from qlora_rt.lora.peft_io import labels_of, read_head, read_lora
 from qlora_rt.runtime import manifest
 from qlora_rt.runtime.manifest import Manifest
-from qlora_rt.runtime.session import ADAPTER_DIR, adapter_model_version, check_fits
+from qlora_rt.runtime.session import ADAPTER_DIR, adapter_model_version, check_fits, legacy_lora
 from qlora_rt.runtime.session import ADAPTER_SUFFIX as SUFFIX
 
 from .encoder_graph import BASES, head_arrays
@@ -32,6 +32,8 @@ def adapter_arrays(adapter: str | Path, export_meta: Manifest) -> tuple[dict[str
     _, meta, lora = read_lora(adapter)
     pairs = {name: lora_arrays(A, B, scale) for name, (A, B, scale) in lora.items()}
     arrays = group_lora(pairs, export_meta.lora_groups, export_meta.lora_inputs)
+    if legacy_lora(export_meta.lora_inputs):  # an export of an older qlora-rt takes A as (in, r)
+        arrays = {k: v.T.copy() if k.endswith(".lora_A") else v for k, v in arrays.items()}
     if export_meta.family == "encoder":
         head = read_head(adapter)
         if not head:

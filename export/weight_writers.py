@@ -5,7 +5,7 @@
                    (bit-identical base), int4 = an int4-trained base's own bytes in MatMulNBits (any other
                    base requantized, error reported), fp32 | fp16 = dequantized;
                    each adapted Linear, or group of Linears reading one input (q/k/v, gate/up), gets
-                   graph inputs `<name>.lora_A` (in, r) and `<name>.lora_B` (r, out) with s folded
+                   graph inputs `<name>.lora_A` (r, in) and `<name>.lora_B` (r, out) with s folded
                    into B, whose rank-0 initializers mean "no adapter" by default; a group whose outputs
                    are used apart (gate/up) takes one B per member Linear (`LinearWriter._lora`).
 """
@@ -35,9 +35,15 @@ def lora_input_names(name: str) -> tuple[str, str]:
     return f"{name}.lora_A", f"{name}.lora_B"
 
 
+# Zero rows added below x·Aᵀ before its ·B product, so that the product never runs on fewer than 4 rows:
+# onnxruntime's fp32 MatMul on inputs that are not constants takes another path for one row than for several,
+# and splits 2 or 3 rows otherwise across threads, so a row's term rounded otherwise alone than in a batch
+LORA_PAD_ROWS = 3
+
+
 def lora_arrays(A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """A (r, in) and B (out, r) as the graph's MatMuls take them: A^T (in, r) and (s·B)^T (r, out), fp32."""
-    return (A.detach().float().T.contiguous().numpy(),
+    """A (r, in) and B (out, r) as the graph takes them: A as it is (PEFT's layout) and (s·B)ᵀ (r, out), fp32."""
+    return (A.detach().float().contiguous().numpy(),
             (B.detach().float() * scale).T.contiguous().numpy())
 
 
@@ -126,18 +132,18 @@ class LinearWriter:
             y = ys[0]
             if bias:
                 y = self.g.op("Add", [y, bias])
-            if whole:  # x·A·B + y as one Gemm (C = y): the add costs no node of its own
-                y = self.g.op("Gemm", [*lora[0], *lora[1], y])
+            if whole:
+                y = self.g.op("Add", [y, self._times_b(*lora[0], *lora[1])])
             if packed or len(names) == 1:
                 return [y]
             ys = list(self.g.op("Split", [y, self.g.const(sizes)], outputs=len(names), axis=-1))
         else:
-            extra = [bias, self.g.op("MatMul", [*lora[0], *lora[1]]) if whole else None]
+            extra = [bias, self._times_b(*lora[0], *lora[1]) if whole else None]
             for e in filter(None, extra):  # separate products: split what is added to them
                 parts = self.g.op("Split", [e, self.g.const(sizes)], outputs=len(names), axis=-1)
                 ys = [self.g.op("Add", [y, part]) for y, part in zip(ys, parts)]
-        if lora is not None and not whole:  # each member's x·A_m·B_m + y_m as its own Gemm
-            ys = [self.g.op("Gemm", [xa, b, y]) for xa, b, y in zip(*lora, ys)]
+        if lora is not None and not whole:  # each member's x·A_m·B_m + y_m
+            ys = [self.g.op("Add", [y, self._times_b(xa, b)]) for xa, b, y in zip(*lora, ys)]
         if packed:  # members that could not share one product (weights of different formats) side by side again
             return [self.g.op("Concat", ys, axis=-1)]
         return ys
@@ -151,22 +157,30 @@ class LinearWriter:
         return self.g.init(f"{group_name(names)}.bias", torch.cat(full).numpy())
 
     def _lora(self, names: list[str], x: str, per_member: bool = False) -> tuple[list[str], list[str]]:
-        """([x @ A], [B]) for a group of Linears reading x, with A (in, r) and B (r, Σout) overridable graph
-        inputs: an adapter's pairs for the group's Linears sit side by side in A and block-diagonally in B
+        """([x·Aᵀ], [B]) for a group of Linears reading x, with A (r, in) and B (r, Σout) overridable graph
+        inputs: an adapter's pairs for the group's Linears sit stacked in A and block-diagonally in B
         (`group_lora`), so q/k/v cost two small products, not six. Rank-0 defaults give zeros.
 
         per_member (a group whose outputs the graph uses apart, e.g. gate/up): one B per member Linear,
-        `<member>.lora_B` (r, out_m), and x @ A split into the members' equal column blocks, so no product
+        `<member>.lora_B` (r, out_m), and x·Aᵀ split into the members' equal column blocks, so no product
         reads the zero blocks of a block-diagonal B (half of gate/up's bytes). Returns the M column blocks
-        and the M Bs. (q/k/v feeding a packed attention keep one B: one Gemm into the packed output costs
+        and the M Bs. (q/k/v feeding a packed attention keep one B: one product into the packed output costs
         less than three and a Concat at small batch.)
 
-        row_slots: several adapters may be fed at once, their A side by side and their B stacked (per member:
-        member-major columns), with `<group>.lora_mask` (B*T, R) holding 1 where rank column r belongs to the
-        adapter of token row i and 0 elsewhere: x @ A is masked to each row's own columns, so each row gets
+        row_slots: several adapters may be fed at once, their A and their B stacked along their ranks (per
+        member: member-major), with `<group>.lora_mask` (B*T, R) holding 1 where rank r belongs to the adapter
+        of token row i and 0 elsewhere: x·Aᵀ is masked to each row's own ranks, so each row gets
         its own adapter's x·A·B in the same products (a base row: all zeros). The runtime makes the masks
         (one per column layout, shared by the groups that have it); the default, ones (1, 1), is one adapter
-        for every row: a single adapter fed as before needs none."""
+        for every row: a single adapter fed as before needs none.
+
+        A row's result never depends on the rows beside it. onnxruntime's fp32 MatMul on inputs that are not
+        constants rounds a row of x·A otherwise alone than beside others (one row takes another path, 2-3 rows
+        split otherwise across threads) and a column otherwise where A is wider (adapters stacked), so a row's
+        reply changed with the batch. Hence x·Aᵀ is taken as (A·xᵀ)ᵀ, the rows as the columns of a product
+        onnxruntime fuses into one FusedMatMul (transB), which rounds each the same whatever their number or
+        A's height; and ·B on at least 4 rows (`_times_b`; measured on 1..16 rows, 1 and 2 threads;
+        tests/test_prefix_cache.py checks whole replies)."""
         group = group_name(names)
         per_member = per_member and len(names) > 1
         a_name, b_name = lora_input_names(group)
@@ -174,7 +188,7 @@ class LinearWriter:
         # one rank symbol per group: an adapter may target some layers (rank r) and not others (rank 0),
         # and a shared symbol lets onnxruntime's memory planner assume they are equal
         rank = f"{group}.rank"
-        self._lora_input(a_name, k, rank)
+        self._lora_input(a_name, rank, k)
         if per_member:
             bs = [lora_input_names(m)[1] for m in names]
             for m, b in zip(names, bs):
@@ -184,11 +198,12 @@ class LinearWriter:
             self._lora_input(b_name, rank, sum(self.layers[m].out_features for m in names))
         if len(names) > 1:
             self.lora_groups[group] = [[m, self.layers[m].out_features] for m in names]
-        xa = self.g.op("MatMul", [x, a_name])  # (rows, R)
-        if self.row_slots:
-            mask = self.g.init(group + io.LORA_MASK, np.ones((1, 1), np.float32))
-            self.g.inputs.append(helper.make_tensor_value_info(mask, TensorProto.FLOAT, ["lora_rows", rank]))
-            xa = self.g.op("Mul", [xa, mask])  # (rows, R)
+        g = self.g
+        xa = g.op("Transpose", [g.op("MatMul", [a_name, g.op("Transpose", [x], perm=[1, 0])])], perm=[1, 0])
+        if self.row_slots:  # (rows, R)
+            mask = g.init(group + io.LORA_MASK, np.ones((1, 1), np.float32))
+            g.inputs.append(helper.make_tensor_value_info(mask, TensorProto.FLOAT, ["lora_rows", rank]))
+            xa = g.op("Mul", [xa, mask])  # (rows, R)
         if per_member:
             return self._split_equal(xa, a_name, len(names)), bs
         return [xa], bs
@@ -197,12 +212,20 @@ class LinearWriter:
         """xa (rows, R) in m equal column blocks, with the sizes spelled out: Split(num_outputs=m) is refused
         by older onnxruntime builds (node 1.30, web) when R is the rank-0 default.
 
-            Shape(A)[1:2] ─► Div m ─► Expand (m,) ─► Split(xa, sizes) ─► m × (rows, R/m)
+            Shape(A)[0:1] ─► Div m ─► Expand (m,) ─► Split(xa, sizes) ─► m × (rows, R/m)
         """
         g = self.g
-        width = g.op("Div", [g.op("Shape", [a_name], start=1, end=2), g.const([m])])  # (1,) R/m
+        width = g.op("Div", [g.op("Shape", [a_name], start=0, end=1), g.const([m])])  # (1,) R/m
         sizes = g.op("Expand", [width, g.const([m])])  # (m,)
         return list(g.op("Split", [xa, sizes], outputs=m, axis=-1))
+
+    def _times_b(self, xa: str, b: str) -> str:
+        """xa (rows, R) · B (R, out), taken on LORA_PAD_ROWS zero rows more and cut back to (rows, out).
+        (B·xaᵀ, rows as columns, also rounds each row alike, but 3x slower on one row: a column at a time.)
+        A Gemm, not a MatMul: onnxruntime-web's WebGPU MatMul fails on the rank-0 default (R = 0)."""
+        g = self.g
+        padded = g.op("Pad", [xa, g.const([0, 0, LORA_PAD_ROWS, 0])])
+        return g.op("Slice", [g.op("Gemm", [padded, b]), g.const([0]), g.const([-LORA_PAD_ROWS]), g.const([0])])
 
     def _lora_input(self, name: str, rows: int | str, cols: int | str) -> None:
         """An overridable (rows, cols) LoRA input, one dimension a rank symbol, whose rank-0 default is no
@@ -347,10 +370,10 @@ WRITERS: dict[str, type[LinearWriter]] = {c.weights: c for c in (FloatWriter, Fp
 
 def group_lora(pairs: dict[str, tuple[np.ndarray, np.ndarray]], groups: dict[str, list],
                inputs: dict[str, list] | None = None) -> dict[str, np.ndarray]:
-    """Per-Linear LoRA pairs {name: (A (in, r), B (r, out))} as the graph's inputs: the pairs of a group's
-    Linears (export metadata `lora_groups`: {group: [[name, out], ...]}) become one A side by side, and one
+    """Per-Linear LoRA pairs {name: (A (r, in), B (r, out))} as the graph's inputs: the pairs of a group's
+    Linears (export metadata `lora_groups`: {group: [[name, out], ...]}) become one A stacked, and one
     block-diagonal B, or, where the export takes one B per member (`inputs`, its `lora_inputs`, name
-    `<member>.lora_B`), a B per member with every member's block of A the same width (a Linear the adapter
+    `<member>.lora_B`), a B per member with every member's block of A the same height (a Linear the adapter
     leaves out, or gives a smaller rank, is padded with zeros). A Linear the adapter leaves out gets zero
     columns in a block-diagonal B."""
     out: dict[str, np.ndarray] = {}
@@ -368,19 +391,19 @@ def group_lora(pairs: dict[str, tuple[np.ndarray, np.ndarray]], groups: dict[str
                                  f"expects {o}: it was made for another model")
         if inputs is not None and f"{members[0][0]}.lora_B" in inputs:  # one B per member
             r = max(pairs[m][1].shape[0] for m in present)
-            k = pairs[present[0]][0].shape[0]
-            A = np.zeros((k, r * len(members)), np.float32)
+            k = pairs[present[0]][0].shape[1]
+            A = np.zeros((r * len(members), k), np.float32)
             for j, (m, o) in enumerate(members):
                 Bm = np.zeros((r, o), np.float32)
                 if m in pairs:
                     a, b = pairs[m]
-                    A[:, j * r: j * r + a.shape[1]] = a
+                    A[j * r: j * r + a.shape[0]] = a
                     Bm[: b.shape[0]] = b
                 out[f"{m}.lora_B"] = Bm
             out[f"{group}.lora_A"] = A
             continue
-        A = np.concatenate([pairs[m][0] for m in present], axis=1)  # (in, Σr)
-        B = np.zeros((A.shape[1], sum(o for _, o in members)), np.float32)  # (Σr, Σout)
+        A = np.concatenate([pairs[m][0] for m in present], axis=0)  # (Σr, in)
+        B = np.zeros((A.shape[0], sum(o for _, o in members)), np.float32)  # (Σr, Σout)
         row, col = 0, 0
         for m, o in members:
             if m in pairs:

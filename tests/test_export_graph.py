@@ -138,42 +138,42 @@ def test_rank0_default_is_the_base_and_adapters_of_different_ranks_share_a_sessi
         assert np.abs(got - ref).max() <= 1e-4
 
 
-def test_group_lora_lays_pairs_side_by_side_and_block_diagonal():
-    """q and v adapted, k not: A is [A_q | A_v], B is block-diagonal with zero columns for k."""
+def test_group_lora_stacks_pairs_and_lays_b_block_diagonal():
+    """q and v adapted, k not: A is [A_q; A_v] (ranks stacked), B is block-diagonal with zero columns for k."""
     from qlora_rt.errors import QloraError
 
     rng = np.random.default_rng(0)
-    pairs = {n: (rng.normal(size=(8, r)).astype(np.float32), rng.normal(size=(r, o)).astype(np.float32))
+    pairs = {n: (rng.normal(size=(r, 8)).astype(np.float32), rng.normal(size=(r, o)).astype(np.float32))
              for n, r, o in (("l.q", 2, 8), ("l.v", 3, 4), ("l.o", 2, 8))}
     groups = {"l.q_k_v": [["l.q", 8], ["l.k", 4], ["l.v", 4]]}
     out = group_lora(pairs, groups)
     assert sorted(out) == ["l.o.lora_A", "l.o.lora_B", "l.q_k_v.lora_A", "l.q_k_v.lora_B"]
     x = rng.normal(size=(5, 8)).astype(np.float32)
-    got = x @ out["l.q_k_v.lora_A"] @ out["l.q_k_v.lora_B"]  # (5, 16)
-    np.testing.assert_allclose(got[:, :8], x @ pairs["l.q"][0] @ pairs["l.q"][1], rtol=1e-5, atol=1e-5)
+    got = x @ out["l.q_k_v.lora_A"].T @ out["l.q_k_v.lora_B"]  # (5, 16)
+    np.testing.assert_allclose(got[:, :8], x @ pairs["l.q"][0].T @ pairs["l.q"][1], rtol=1e-5, atol=1e-5)
     assert not got[:, 8:12].any()
-    np.testing.assert_allclose(got[:, 12:], x @ pairs["l.v"][0] @ pairs["l.v"][1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[:, 12:], x @ pairs["l.v"][0].T @ pairs["l.v"][1], rtol=1e-5, atol=1e-5)
     with pytest.raises(QloraError, match="l.v.lora_B has 5 outputs, this export expects 4"):
-        group_lora({"l.v": (np.zeros((8, 1), np.float32), np.zeros((1, 5), np.float32))}, groups)
+        group_lora({"l.v": (np.zeros((1, 8), np.float32), np.zeros((1, 5), np.float32))}, groups)
 
 
 def test_group_lora_gives_each_member_its_own_b_where_the_export_takes_one():
     """gate/up as an export with a B per member takes them: up adapted at rank 3, gate at rank 2, a third
-    member not at all: A's column blocks are equal (padded with zeros), and x·A_m·B_m is each member's own
+    member not at all: A's rank blocks are equal (padded with zeros), and x·A_mᵀ·B_m is each member's own
     product, with no block of zeros to read."""
     rng = np.random.default_rng(1)
-    pairs = {n: (rng.normal(size=(8, r)).astype(np.float32), rng.normal(size=(r, 6)).astype(np.float32))
+    pairs = {n: (rng.normal(size=(r, 8)).astype(np.float32), rng.normal(size=(r, 6)).astype(np.float32))
              for n, r in (("l.gate", 2), ("l.up", 3))}
     groups = {"l.gate_up_x": [["l.gate", 6], ["l.up", 6], ["l.x", 6]]}
-    inputs = {"l.gate_up_x.lora_A": [8, None], "l.gate.lora_B": [None, 6], "l.up.lora_B": [None, 6],
+    inputs = {"l.gate_up_x.lora_A": [None, 8], "l.gate.lora_B": [None, 6], "l.up.lora_B": [None, 6],
               "l.x.lora_B": [None, 6]}
     out = group_lora(pairs, groups, inputs)
     assert sorted(out) == ["l.gate.lora_B", "l.gate_up_x.lora_A", "l.up.lora_B", "l.x.lora_B"]
-    assert out["l.gate_up_x.lora_A"].shape == (8, 9) and all(out[f"l.{m}.lora_B"].shape == (3, 6)
+    assert out["l.gate_up_x.lora_A"].shape == (9, 8) and all(out[f"l.{m}.lora_B"].shape == (3, 6)
                                                              for m in ("gate", "up", "x"))
     x = rng.normal(size=(5, 8)).astype(np.float32)
-    blocks = np.split(x @ out["l.gate_up_x.lora_A"], 3, axis=1)
+    blocks = np.split(x @ out["l.gate_up_x.lora_A"].T, 3, axis=1)
     for block, m in zip(blocks, ("gate", "up")):
-        np.testing.assert_allclose(block @ out[f"l.{m}.lora_B"], x @ pairs[f"l.{m}"][0] @ pairs[f"l.{m}"][1],
+        np.testing.assert_allclose(block @ out[f"l.{m}.lora_B"], x @ pairs[f"l.{m}"][0].T @ pairs[f"l.{m}"][1],
                                    rtol=1e-5, atol=1e-5)
     assert not (blocks[2] @ out["l.x.lora_B"]).any()

@@ -93,19 +93,26 @@ def test_steps_of_other_rows_do_not_overwrite_a_held_prefix(model):
 
 
 @pytest.fixture(scope="module")
-def int4_export(tiny_llama, tiny_data, tmp_path_factory):
+def int4_export(tiny_data, tmp_path_factory):
     """The default export of an int4-trained base (4-bit products with int8 activations) with adapters a (r4,
-    all-linear) and b (r8, q/v): what `qlora-rt export` writes when given no options."""
+    all-linear) and b (r8, q/v): what `qlora-rt export` writes when given no options. SmolLM2-135M's widths
+    (576, 1536; 9 heads of 64) in 6 layers, adapters trained hard: at the tiny model's widths, or with
+    small LoRA terms in 2 layers, a graph whose rows' LoRA terms depend on the batch passed (int8
+    activations round most such differences away; 16 tokens a reply give them room to show)."""
+    from conftest import save_checkpoint
+
     from qlora_rt.cli import main
     from qlora_rt.config import ExportConfig
     from qlora_rt.export.exporter import export
     from qlora_rt.runtime import manifest
 
     tmp = tmp_path_factory.mktemp("int4")
-    runs = {name: train_run(tiny_llama, tiny_data, tmp / name, rank, targets, seed)
+    base = save_checkpoint(tmp / "base", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                           num_key_value_heads=3, head_dim=64, num_hidden_layers=6)
+    runs = {name: train_run(base, tiny_data, tmp / name, rank, targets, seed)
             for name, rank, targets, seed in (("a", 4, "all-linear", 0), ("b", 8, "q_proj,v_proj", 1))}
     out = tmp / "export"
-    export(ExportConfig(model=str(tiny_llama), adapter=str(runs["a"]), out=str(out), name="a"))
+    export(ExportConfig(model=str(base), adapter=str(runs["a"]), out=str(out), name="a"))
     assert main(["export-adapter", "--adapter", str(runs["b"]), "--onnx", str(out), "--name", "b"]) == 0
     assert manifest.read(out).int4_activations == "int8"
     return out
@@ -116,11 +123,11 @@ def train_run(model, data, out, rank, targets, seed):
     from qlora_rt.train.run import train
 
     return train(TrainConfig(model=str(model), data=str(data / "train.jsonl"), out=str(out), quant="int4", steps=6,
-                             rank=rank, targets=targets, seed=seed, lr=1e-2, batch_size=2, seq_len=64,
+                             rank=rank, targets=targets, seed=seed, lr=5e-2, batch_size=2, seq_len=64,
                              checkpoint_every=0, eval_every=0)).adapter
 
 
-def _replies(engine: Engine, rows: list[tuple[list[int], str | None]], new: int = 8) -> list[tuple[list, list]]:
+def _replies(engine: Engine, rows: list[tuple[list[int], str | None]], new: int = 16) -> list[tuple[list, list]]:
     """Each row's greedy tokens and their log-probabilities (and the 3 runners-up's), all submitted at once."""
     queues = []
     for ids, adapter in rows:
@@ -142,8 +149,8 @@ def _replies(engine: Engine, rows: list[tuple[list[int], str | None]], new: int 
 
 def test_a_reply_depends_on_its_request_alone_not_on_the_cache_or_the_batch(int4_export):
     """The same greedy request alone on a fresh engine, after other requests that left a shared start in the
-    cache, and (on the base) as one of 8 rows over the base and two adapters in one batch: the same tokens and
-    the same log-probabilities, bit for bit, on the default export (int8 activations)."""
+    cache, and as one of 8 rows over the base and two adapters in one batch: the same tokens and the same
+    log-probabilities, bit for bit, on the default export (int8 activations)."""
     m = Model(int4_export)
     adapters = [None, "a", "b", None, "a", "b", "a", None]
     prompts = [m.encode(SHARED * 2 + end) for end in ("one", "two three", "four", "five six seven", "eight",
@@ -175,6 +182,4 @@ def test_a_reply_depends_on_its_request_alone_not_on_the_cache_or_the_batch(int4
         e.close(5)
     assert len({tuple(t) for t, _ in alone}) > 2, "the adapters and prompts give different replies"
     assert cached == alone
-    # in a batch, the base's rows bit for bit; an adapter's row's x·A·B product still rounds with the batch's
-    # make-up (its ·B product takes the rows as rows: docs/serving.md), so its tokens are compared alone
-    assert [r for r, a in zip(batch, adapters) if a is None] == [r for r, a in zip(alone, adapters) if a is None]
+    assert batch == alone

@@ -153,10 +153,16 @@ def test_adapter_of_another_model_is_refused(tmp_path, tiny_runs, exported):
     from qlora_rt.runtime import Model
 
     meta = manifest.read(exported)
-    arrays = {"model.layers.0.self_attn.o_proj.lora_A": np.zeros((128, 4), np.float32),
+    arrays = {"model.layers.0.self_attn.o_proj.lora_A": np.zeros((4, 128), np.float32),
               "model.layers.0.self_attn.o_proj.lora_B": np.zeros((4, 64), np.float32)}
     path = write_adapter(arrays, tmp_path / "other.onnx_adapter", meta)
-    with pytest.raises(QloraError, match=r"has shape \[128, 4\], this export expects \[64, None\]"):
+    with pytest.raises(QloraError, match=r"has shape \[4, 128\], this export expects \[None, 64\]"):
+        Model(exported).generate("hello", adapter=str(path))
+    arrays = {"model.layers.0.self_attn.o_proj.lora_A": np.zeros((64, 4), np.float32),  # an older qlora-rt's layout
+              "model.layers.0.self_attn.o_proj.lora_B": np.zeros((4, 64), np.float32)}
+    path = write_adapter(arrays, tmp_path / "older.onnx_adapter", meta)
+    with pytest.raises(QloraError, match=r"laid out as adapters written for exports of another qlora-rt.*"
+                                         r"`qlora-rt export-adapter`"):
         Model(exported).generate("hello", adapter=str(path))
 
 

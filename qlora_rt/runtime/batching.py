@@ -16,8 +16,8 @@ activations are row-for-row the same at any batch size.
 Rows are right-aligned: each holds its own number of positions from 0 (the graph's `row_lengths`), so
 streams of any lengths share a step without padding, and a finished row leaves nothing to compact.
 
-Rows with different adapters share each step: the adapters present in the step are fed side by side
-(A) and stacked (B), and each group's `lora_mask` (rows, R) keeps each row to its own adapter's columns
+Rows with different adapters share each step: the adapters present in the step are fed stacked along
+their ranks (A and B), and each group's `lora_mask` (rows, R) keeps each row to its own adapter's columns
 (export/weight_writers.py `_lora`); base rows keep none. A step whose rows all share one adapter feeds it
 alone, as `Model.generate` does.
 A graph without per-row adapter inputs (a merged export: no LoRA inputs at all) batches only rows of one
@@ -43,7 +43,7 @@ from qlora_rt.runtime import graph_io as io
 from qlora_rt.runtime.decoder import Model
 from qlora_rt.runtime.kv_cache import KVCache
 from qlora_rt.runtime.sampling import Sampling
-from qlora_rt.runtime.session import release_memory
+from qlora_rt.runtime.session import rank_axes, release_memory
 from qlora_rt.runtime.text import Text, held_back
 
 STOPPING = "the server is shutting down; retry on another"
@@ -122,7 +122,7 @@ class Engine:
         # an adapter-aware export takes a mask per group (one from before them batches one adapter at a time)
         self.mixed = any(n.endswith(io.LORA_MASK) for n in model.input_names)
         self.kv = KVCache(meta, max_batch, self.capacity)
-        self._stacks: dict[tuple[int, ...], tuple] = {}  # adapter sets fed side by side, and their column slots
+        self._stacks: dict[tuple[int, ...], tuple] = {}  # adapter sets fed stacked, and their column slots
         self.adapters: dict[str, dict[str, ort.OrtValue]] = {}
         self._base: dict[str, ort.OrtValue] = {}  # the base's LoRA inputs: none (one object, shared by its rows)
         self.slots: list[_Live | None] = [None] * max_batch
@@ -380,7 +380,7 @@ class Engine:
 
     def _lora(self, rows: list[_Live], first: int, n: int) -> dict[str, ort.OrtValue]:
         """The LoRA inputs of a step: one adapter's own when the rows share it, else the present adapters
-        side by side with each group's mask of each row's columns."""
+        stacked with each group's mask of each row's columns."""
         sets = {id(r.params): r.params for r in rows}
         if len(sets) == 1:
             return next(iter(sets.values()))
@@ -392,7 +392,9 @@ class Engine:
         else:
             while len(self._stacks) >= STACKS:
                 del self._stacks[next(iter(self._stacks))]
-            self._stacks[key] = (*_stack(present, self.m.meta.lora_groups), present)  # `present` pins the ids
+            meta = self.m.meta
+            self._stacks[key] = (*_stack(present, meta.lora_groups, rank_axes(meta.lora_inputs)),
+                                 present)  # `present` pins the ids
         stacked, layouts, _ = self._stacks[key]
         slot_of = {id(p): k + 1 for k, p in enumerate(present)}
         slots = np.zeros(n, np.int64)
@@ -465,10 +467,10 @@ class Engine:
                         completion_tokens=len(live.tokens)))
 
 
-def _stack(adapters: list[dict[str, ort.OrtValue]], groups: dict[str, list]
+def _stack(adapters: list[dict[str, ort.OrtValue]], groups: dict[str, list], axes: tuple[int, int] = (0, 0)
            ) -> tuple[dict[str, ort.OrtValue], list[tuple[np.ndarray, list[str]]]]:
-    """Several adapters as one set of LoRA inputs: each group's A side by side and B stacked, and the slot
-    (1-based, in list order) of every rank column of x·A, once per
+    """Several adapters as one set of LoRA inputs: each group's A and B stacked along their ranks (on `axes`:
+    session.rank_axes), and the slot (1-based, in list order) of every rank column of x·Aᵀ, once per
     column layout with the groups that have it; groups none of them adapts keep their defaults. A group with
     a B per member (`groups`: the export's lora_groups) keeps its A's ranks in member blocks: member j's block
     is every adapter's j-th block, stacked, and B_j stacks theirs."""
@@ -480,12 +482,12 @@ def _stack(adapters: list[dict[str, ort.OrtValue]], groups: dict[str, list]
             bs = [f"{g}.lora_B"]
         else:  # a B per member: each adapter's A is one equal block of columns per member
             bs = [f"{m}.lora_B" for m, _ in groups[g]]
-        parts = {slot: np.split(a[f"{g}.lora_A"].numpy(), len(bs), axis=1) for slot, a in having}
+        parts = {slot: np.split(a[f"{g}.lora_A"].numpy(), len(bs), axis=axes[0]) for slot, a in having}
         blocks = [(slot, parts[slot][j]) for j in range(len(bs)) for slot, _ in having]  # member-major
-        out[f"{g}.lora_A"] = np.concatenate([a for _, a in blocks], 1)
+        out[f"{g}.lora_A"] = np.concatenate([a for _, a in blocks], axes[0])
         for b in bs:
-            out[b] = np.concatenate([a[b].numpy() for _, a in having], 0)
-        columns = np.concatenate([np.full(a.shape[1], slot, np.int64) for slot, a in blocks])
+            out[b] = np.concatenate([a[b].numpy() for _, a in having], axes[1])
+        columns = np.concatenate([np.full(a.shape[axes[0]], slot, np.int64) for slot, a in blocks])
         layouts.setdefault(columns.tobytes(), (columns, []))[1].append(g)
     return ({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in out.items()},
             list(layouts.values()))

@@ -27,14 +27,33 @@ def adapter_model_version(meta: Manifest) -> int:
     return zlib.crc32(base.encode()) & 0x7FFFFFFF
 
 
+def legacy_lora(lora_inputs: dict[str, list]) -> bool:
+    """Whether an export takes its lora_A inputs as exports before 2026-12-07 did, (in, r), its x·A taken
+    row-wise (which rounded otherwise in a batch than alone); today's take PEFT's (r, in). B is (r, out) in both."""
+    fixed = next((f for k, f in lora_inputs.items() if k.endswith(".lora_A")), [None, 0])
+    return fixed[0] is not None
+
+
+def rank_axes(lora_inputs: dict[str, list]) -> tuple[int, int]:
+    """The axis that holds the rank in an export's lora_A and in its lora_B inputs."""
+    return (1, 0) if legacy_lora(lora_inputs) else (0, 0)
+
+
 def check_fits(shapes: dict[str, list[int]], lora_inputs: dict[str, list], where: str) -> None:
     """Every tensor of an adapter must name a LoRA input of the export and fit its fixed dimension."""
     for key, shape in shapes.items():
         if key not in lora_inputs:
             raise QloraError(f"{where}: adapts {key.rsplit('.', 1)[0]}, which has no LoRA input in this export "
                              "(made for another model, or exported for other target modules?)")
-        fixed = lora_inputs[key]  # (in, None) for A, (None, out) for B; a classifier head's: None = its labels
-        if len(shape) != len(fixed) or any(f is not None and f != d for f, d in zip(fixed, shape)):
+        fixed = lora_inputs[key]  # (None, in) for A, (None, out) for B; a classifier head's: None = its labels
+
+        def fits(dims) -> bool:
+            return len(dims) == len(fixed) and all(f is None or f == d for f, d in zip(fixed, dims))
+        if key.endswith(".lora_A") and not fits(shape) and fits(list(shape)[::-1]):
+            raise QloraError(f"{where}: {key} is laid out as adapters written for exports of another qlora-rt "
+                             "are (transposed); write the adapter again for this export with "
+                             "`qlora-rt export-adapter`")
+        if not fits(shape):
             raise QloraError(f"{where}: {key} has shape {list(shape)}, this export expects {fixed}: "
                              "it was made for another model")
 
@@ -107,15 +126,16 @@ def read_adapter_file(path: Path, meta: Manifest) -> dict[str, ort.OrtValue]:
     params = {k: ort.OrtValue.ortvalue_from_numpy(np.array(v.numpy())) for k, v in fmt.get_parameters().items()}
     where = f"--adapter: {path.name}"
     check_fits({k: v.shape() for k, v in params.items()}, meta.lora_inputs, where)
-    check_adapter_values(params, where, meta.lora_groups)
+    check_adapter_values(params, where, meta.lora_groups, rank_axes(meta.lora_inputs))
     return params
 
 
-def check_adapter_values(params: dict[str, ort.OrtValue], where: str, groups: dict[str, list] | None = None) -> None:
+def check_adapter_values(params: dict[str, ort.OrtValue], where: str, groups: dict[str, list] | None = None,
+                         axes: tuple[int, int] = (0, 0)) -> None:
     """What shapes alone do not say: fp32 tensors (the label names: UTF-8 JSON bytes), each A of the rank
-    of its B (of its members' Bs, side by side, where a group takes one B per member: `groups`, the export's
-    lora_groups), no NaN or infinity (which would answer `nan` or nothing, silently), and no value beyond
-    ±MAX_ADAPTER_VALUE."""
+    of its B (of its members' Bs, stacked, where a group takes one B per member: `groups`, the export's
+    lora_groups; the ranks on `axes` of A and B: rank_axes), no NaN or infinity (which would answer `nan`
+    or nothing, silently), and no value beyond ±MAX_ADAPTER_VALUE."""
     import json
 
     import numpy as np
@@ -133,9 +153,9 @@ def check_adapter_values(params: dict[str, ort.OrtValue], where: str, groups: di
             raise QloraError(f"{where}: {key} holds {v.data_type()[7:-1]}, this export takes float32 tensors")
         if key.endswith(".lora_A"):
             b = params.get(key[: -len("A")] + "B")
-            if b is not None and v.shape()[-1] != b.shape()[0]:
-                raise QloraError(f"{where}: {key} has rank {v.shape()[-1]} and its lora_B rank {b.shape()[0]}: "
-                                 "not one adapter")
+            if b is not None and v.shape()[axes[0]] != b.shape()[axes[1]]:
+                raise QloraError(f"{where}: {key} has rank {v.shape()[axes[0]]} and its lora_B rank "
+                                 f"{b.shape()[axes[1]]}: not one adapter")
         a = v.numpy()
         if not np.isfinite(a).all():
             raise QloraError(f"{where}: {key} holds NaN or infinite values (a diverged training run?); it would "
@@ -149,10 +169,10 @@ def check_adapter_values(params: dict[str, ort.OrtValue], where: str, groups: di
         bs = [f"{m}.lora_B" for m, _ in members]
         if f"{group}.lora_B" in params or not any(k in params for k in [f"{group}.lora_A", *bs]):
             continue
-        ranks = [params[b].shape()[0] if b in params else None for b in bs]
+        ranks = [params[b].shape()[axes[1]] if b in params else None for b in bs]
         a = params.get(f"{group}.lora_A")
-        if a is None or None in ranks or len(set(ranks)) > 1 or a.shape()[-1] != sum(ranks):
-            raise QloraError(f"{where}: {group}.lora_A has rank {a.shape()[-1] if a is not None else 'none'} and "
+        if a is None or None in ranks or len(set(ranks)) > 1 or a.shape()[axes[0]] != sum(ranks):
+            raise QloraError(f"{where}: {group}.lora_A has rank {a.shape()[axes[0]] if a is not None else 'none'} and "
                              f"its members' lora_B ranks {ranks}: not one adapter")
 
 
