@@ -5,6 +5,7 @@ import json
 import queue
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,6 +115,71 @@ def test_a_mixed_step_equals_single_row_runs(export_abc):
             assert i == 0 or np.abs(alone - base).max() > 1e-3, "each adapter changes its row's logits"
         engine._lora([Row(3 - i, p) for i, p in enumerate(params)], 0, 4)  # the same adapters, rows reordered
         assert len(engine._stacks) == 1, "a set of adapters is stacked once, whatever its rows' order"
+    finally:
+        engine.close(5)
+
+
+def _as_older_layout(folder: Path) -> None:
+    """Rewrite an export as qlora-rt wrote them before 2026-12-07: each lora_A input (in, r), transposed inside."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from qlora_rt.runtime import manifest
+
+    model = onnx.load(folder / "model.onnx")
+    g = model.graph
+    names = [i.name for i in g.input if i.name.endswith(".lora_A")]
+    for node in g.node:
+        node.input[:] = [f"{n}.t" if n in names else n for n in node.input]
+    for name in names:
+        inp = next(i for i in g.input if i.name == name)
+        dims = inp.type.tensor_type.shape.dim
+        first, second = onnx.TensorShapeProto.Dimension(), onnx.TensorShapeProto.Dimension()
+        first.CopyFrom(dims[1]), second.CopyFrom(dims[0])
+        dims[0].CopyFrom(first), dims[1].CopyFrom(second)
+        init = next(t for t in g.initializer if t.name == name)
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).T.copy(), name))
+        g.node.insert(0, helper.make_node("Transpose", [name], [f"{name}.t"], perm=[1, 0]))
+    onnx.save(model, folder / "model.onnx")
+    path = folder / manifest.NAME
+    meta = json.loads(path.read_text())
+    meta["lora_inputs"] = {k: v[::-1] if k.endswith(".lora_A") else v for k, v in meta["lora_inputs"].items()}
+    path.write_text(json.dumps(meta))
+
+
+def test_an_export_of_the_older_lora_layout_still_serves_mixed_adapters(tiny_llama, tiny_runs, tmp_path):
+    """Exports before 2026-12-07 take lora_A as (in, r): export-adapter writes that layout for them, a file of
+    the other layout is refused with the command that rewrites it, and mixed steps stack A on its own axis."""
+    from qlora_rt.cli import main
+    from qlora_rt.config import ExportConfig
+    from qlora_rt.errors import QloraError
+    from qlora_rt.export.exporter import export
+
+    out = tmp_path / "export"
+    export(ExportConfig(model=str(tiny_llama), out=str(out), quant="nf4", weights="fp32"))
+    new = tmp_path / "new"
+    shutil.copytree(out, new)
+    assert main(["export-adapter", "--adapter", str(tiny_runs[1]["a"]), "--onnx", str(new), "--name", "a"]) == 0
+    _as_older_layout(out)
+    for name in ("a", "b"):
+        assert main(["export-adapter", "--adapter", str(tiny_runs[1][name]), "--onnx", str(out), "--name", name]) == 0
+    m = Model(out)
+    a = m.load_adapter("a")["model.layers.0.self_attn.o_proj.lora_A"].shape()
+    assert a[0] == 64 and a[1] < 64, a  # (in, r), as the older export takes it
+    with pytest.raises(QloraError, match="laid out as adapters written for exports of another qlora-rt"):
+        m.load_adapter(new / "adapters" / "a.onnx_adapter")
+    engine = Engine(m, max_batch=3)
+    try:
+        for name in ("a", "b"):
+            engine.add_adapter(name, name)
+        jobs = []
+        for i, text in enumerate(PROMPTS[:6]):
+            q = queue.Queue()
+            engine.submit(Request(m.encode(text), (None, "a", "b")[i % 3], max_new_tokens=6, ignore_eos=True), q.put)
+            jobs.append((text, (None, "a", "b")[i % 3], q))
+        for text, adapter, q in jobs:
+            assert _events(q) == m.generate(text, adapter=adapter, max_new_tokens=6, ignore_eos=True).tokens
+        assert engine._stacks, "the rows of different adapters shared steps"
     finally:
         engine.close(5)
 
