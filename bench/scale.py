@@ -117,7 +117,7 @@ def child(verb: str, folder: str, work: str) -> dict:
         kind = verb[len("export-defaults-"):]
         export(ExportConfig(model=folder, adapter=str(Path(work).parent / "run-train-defaults" / "adapter"), out=work,
                             mode="merged" if kind == "merged" else "adapter-aware",
-                            int4_compute="int8" if kind.endswith("int8") else None, max_kl=1e9, min_top1=0))
+                            int4_compute="int8" if kind.endswith("int8") else "auto", max_kl=1e9, min_top1=0))
     elif verb in ("train", "train-whole"):
         import qlora_rt.train.run as tr
         from qlora_rt.config import TrainConfig
