@@ -119,6 +119,19 @@ def test_a_mixed_step_equals_single_row_runs(export_abc):
         engine.close(5)
 
 
+def _mixed_rows_decode_as_alone(engine: Engine, m: Model) -> None:
+    """Adapters a and b loaded; 6 prompts over the base, a and b at once: each decodes what `generate` does."""
+    for name in ("a", "b"):
+        engine.add_adapter(name, name)
+    jobs = []
+    for i, text in enumerate(PROMPTS[:6]):
+        q = queue.Queue()
+        engine.submit(Request(m.encode(text), (None, "a", "b")[i % 3], max_new_tokens=6, ignore_eos=True), q.put)
+        jobs.append((text, (None, "a", "b")[i % 3], q))
+    for text, adapter, q in jobs:
+        assert _events(q) == m.generate(text, adapter=adapter, max_new_tokens=6, ignore_eos=True).tokens
+
+
 def _as_older_layout(folder: Path) -> None:
     """Rewrite an export as qlora-rt wrote them before 2026-12-07: each lora_A input (in, r), transposed inside."""
     import onnx
@@ -170,15 +183,7 @@ def test_an_export_of_the_older_lora_layout_still_serves_mixed_adapters(tiny_lla
         m.load_adapter(new / "adapters" / "a.onnx_adapter")
     engine = Engine(m, max_batch=3)
     try:
-        for name in ("a", "b"):
-            engine.add_adapter(name, name)
-        jobs = []
-        for i, text in enumerate(PROMPTS[:6]):
-            q = queue.Queue()
-            engine.submit(Request(m.encode(text), (None, "a", "b")[i % 3], max_new_tokens=6, ignore_eos=True), q.put)
-            jobs.append((text, (None, "a", "b")[i % 3], q))
-        for text, adapter, q in jobs:
-            assert _events(q) == m.generate(text, adapter=adapter, max_new_tokens=6, ignore_eos=True).tokens
+        _mixed_rows_decode_as_alone(engine, m)
         assert engine._stacks, "the rows of different adapters shared steps"
     finally:
         engine.close(5)
@@ -205,15 +210,7 @@ def test_an_export_with_one_b_per_group_still_mixes_adapters(tiny_llama, tiny_ru
     assert "model.layers.0.mlp.gate_proj_up_proj.lora_B" in m.input_names
     engine = Engine(m, max_batch=3, prefill_chunk=3)
     try:
-        for name in ("a", "b"):
-            engine.add_adapter(name, name)
-        jobs = []
-        for i, text in enumerate(PROMPTS[:6]):
-            q = queue.Queue()
-            engine.submit(Request(m.encode(text), (None, "a", "b")[i % 3], max_new_tokens=6, ignore_eos=True), q.put)
-            jobs.append((text, (None, "a", "b")[i % 3], q))
-        for text, adapter, q in jobs:
-            assert _events(q) == m.generate(text, adapter=adapter, max_new_tokens=6, ignore_eos=True).tokens
+        _mixed_rows_decode_as_alone(engine, m)
     finally:
         engine.close(5)
 
