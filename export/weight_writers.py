@@ -221,7 +221,8 @@ class LinearWriter:
 
     def _times_b(self, xa: str, b: str) -> str:
         """xa (rows, R) · B (R, out), taken on LORA_PAD_ROWS zero rows more and cut back to (rows, out).
-        (B·xaᵀ, rows as columns, also rounds each row alike, but 3x slower on one row: a column at a time.)
+        (B·xaᵀ, the rows as columns, also rounds each row alike, but one row took 12.7 µs against 7.3 here
+        for a 576 -> 1728 B: a one-column product; the row-wise product without the rows added took 4.1.)
         A Gemm, not a MatMul: onnxruntime-web's WebGPU MatMul fails on the rank-0 default (R = 0)."""
         g = self.g
         padded = g.op("Pad", [xa, g.const([0, 0, LORA_PAD_ROWS, 0])])
