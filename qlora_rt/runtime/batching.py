@@ -43,7 +43,7 @@ from qlora_rt.runtime import graph_io as io
 from qlora_rt.runtime.decoder import Model
 from qlora_rt.runtime.kv_cache import KVCache
 from qlora_rt.runtime.sampling import Sampling
-from qlora_rt.runtime.session import rank_axes, release_memory
+from qlora_rt.runtime.session import a_rank_axis, release_memory
 from qlora_rt.runtime.text import Text, held_back
 
 STOPPING = "the server is shutting down; retry on another"
@@ -393,7 +393,7 @@ class Engine:
             while len(self._stacks) >= STACKS:
                 del self._stacks[next(iter(self._stacks))]
             meta = self.m.meta
-            self._stacks[key] = (*_stack(present, meta.lora_groups, rank_axes(meta.lora_inputs)),
+            self._stacks[key] = (*_stack(present, meta.lora_groups, a_rank_axis(meta.lora_inputs)),
                                  present)  # `present` pins the ids
         stacked, layouts, _ = self._stacks[key]
         slot_of = {id(p): k + 1 for k, p in enumerate(present)}
@@ -467,13 +467,13 @@ class Engine:
                         completion_tokens=len(live.tokens)))
 
 
-def _stack(adapters: list[dict[str, ort.OrtValue]], groups: dict[str, list], axes: tuple[int, int] = (0, 0)
+def _stack(adapters: list[dict[str, ort.OrtValue]], groups: dict[str, list], a_axis: int = 0
            ) -> tuple[dict[str, ort.OrtValue], list[tuple[np.ndarray, list[str]]]]:
-    """Several adapters as one set of LoRA inputs: each group's A and B stacked along their ranks (on `axes`:
-    session.rank_axes), and the slot (1-based, in list order) of every rank column of x·Aᵀ, once per
-    column layout with the groups that have it; groups none of them adapts keep their defaults. A group with
-    a B per member (`groups`: the export's lora_groups) keeps its A's ranks in member blocks: member j's block
-    is every adapter's j-th block, stacked, and B_j stacks theirs."""
+    """Several adapters as one set of LoRA inputs: each group's A and B stacked along their ranks (A's on
+    `a_axis`: session.a_rank_axis; B's on 0), and the slot (1-based, in list order) of every rank column of
+    x·Aᵀ, once per column layout with the groups that have it; groups none of them adapts keep their
+    defaults. A group with a B per member (`groups`: the export's lora_groups) keeps its A's ranks in member
+    blocks: member j's block is every adapter's j-th block, stacked, and B_j stacks theirs."""
     out: dict[str, np.ndarray] = {}
     layouts: dict[bytes, tuple[np.ndarray, list[str]]] = {}
     for g in {k[: -len(".lora_A")] for a in adapters for k in a if k.endswith(".lora_A")}:
@@ -482,12 +482,12 @@ def _stack(adapters: list[dict[str, ort.OrtValue]], groups: dict[str, list], axe
             bs = [f"{g}.lora_B"]
         else:  # a B per member: each adapter's A is one equal block of columns per member
             bs = [f"{m}.lora_B" for m, _ in groups[g]]
-        parts = {slot: np.split(a[f"{g}.lora_A"].numpy(), len(bs), axis=axes[0]) for slot, a in having}
+        parts = {slot: np.split(a[f"{g}.lora_A"].numpy(), len(bs), axis=a_axis) for slot, a in having}
         blocks = [(slot, parts[slot][j]) for j in range(len(bs)) for slot, _ in having]  # member-major
-        out[f"{g}.lora_A"] = np.concatenate([a for _, a in blocks], axes[0])
+        out[f"{g}.lora_A"] = np.concatenate([a for _, a in blocks], a_axis)
         for b in bs:
-            out[b] = np.concatenate([a[b].numpy() for _, a in having], axes[1])
-        columns = np.concatenate([np.full(a.shape[axes[0]], slot, np.int64) for slot, a in blocks])
+            out[b] = np.concatenate([a[b].numpy() for _, a in having], 0)
+        columns = np.concatenate([np.full(a.shape[a_axis], slot, np.int64) for slot, a in blocks])
         layouts.setdefault(columns.tobytes(), (columns, []))[1].append(g)
     return ({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in out.items()},
             list(layouts.values()))

@@ -1,10 +1,9 @@
 """The decoder's KV cache, shared by `Model` (runtime/decoder.py) and the serving engine (runtime/batching.py).
 
-One zeroed (rows, kv_heads, capacity, head_dim) buffer per past tensor, in the graph's cache type (fp32, or
-fp16 for an export written with `--kv-cache fp16`), bound by I/O binding as both `past_key_values.N.*` and
-`present.N.*`: GroupQueryAttention appends each step's keys and values in place, so nothing is copied
-between steps. A run binds all rows, or a window of them (the engine's slots first .. first+n-1: a view of
-the same memory, made once per window).
+One zeroed (rows, kv_heads, capacity, head_dim) fp32 buffer per past tensor, bound by I/O binding as both
+`past_key_values.N.*` and `present.N.*`: GroupQueryAttention appends each step's keys and values in place,
+so nothing is copied between steps. A run binds all rows, or a window of them (the engine's slots
+first .. first+n-1: a view of the same memory, made once per window).
 
 Memory follows use, not capacity: the buffers are anonymous pages the kernel zero-fills when first
 written, in 4 KiB pages (16 positions of a 64-wide fp32 head), never huge ones. numpy asks for 2 MiB pages
@@ -27,10 +26,9 @@ class KVCache:
     def __init__(self, meta: Manifest, rows: int, capacity: int) -> None:
         self.rows, self.capacity = rows, capacity
         self.names = io.past_names(meta.layers)
-        self.dtype = np.dtype(np.float16 if meta.kv_dtype == "fp16" else np.float32)
         shape = (rows, meta.kv_heads, capacity, meta.head_dim)
         # the arrays behind the bound values: they (and their pages) must outlive every binding of them
-        self.buffers = {n: _zeros(shape, self.dtype) for n in self.names}
+        self.buffers = {n: _zeros(shape, np.dtype(np.float32)) for n in self.names}
         self._windows: dict[tuple[int, int], list[ort.OrtValue]] = {}
 
     @property

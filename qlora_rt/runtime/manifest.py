@@ -57,7 +57,6 @@ class Manifest:
     max_context: int | None = None
     eos_token_ids: list[int] | None = None
     kv_cache: str | None = None
-    kv_dtype: str | None = None  # the cache's element type: fp32 (None: exports before the choice) or fp16
     int4_activations: str | None = None  # the 4-bit products' activations: fp32 (exact) or int8 (fast batched)
     min_onnxruntime: str | None = None  # the oldest onnxruntime that runs the graph
     chat_template: bool | None = None   # whether the folder holds one (a base model's file may have none)
@@ -129,9 +128,6 @@ def _check_values(m: Manifest, where: str) -> None:
         if not m.eos_token_ids or not all(0 <= t < m.vocab for t in m.eos_token_ids):
             raise QloraError(f"{where}: eos_token_ids {m.eos_token_ids} are not token ids of its vocabulary of "
                              f"{m.vocab} (a damaged file)")
-        if m.kv_dtype not in (None, "fp32", "fp16"):
-            raise QloraError(f"{where}: kv_dtype is {m.kv_dtype!r}; expected fp32 or fp16 (a damaged file, or a newer "
-                             "qlora-rt wrote it)")
         if m.pad_token_id is not None and not 0 <= m.pad_token_id < m.vocab:
             raise QloraError(f"{where}: pad_token_id {m.pad_token_id} is not a token id of its vocabulary of "
                              f"{m.vocab} (a damaged file)")

@@ -34,9 +34,9 @@ def legacy_lora(lora_inputs: dict[str, list]) -> bool:
     return fixed[0] is not None
 
 
-def rank_axes(lora_inputs: dict[str, list]) -> tuple[int, int]:
-    """The axis that holds the rank in an export's lora_A and in its lora_B inputs."""
-    return (1, 0) if legacy_lora(lora_inputs) else (0, 0)
+def a_rank_axis(lora_inputs: dict[str, list]) -> int:
+    """The axis that holds the rank in an export's lora_A inputs (lora_B's is 0 in every layout)."""
+    return 1 if legacy_lora(lora_inputs) else 0
 
 
 def check_fits(shapes: dict[str, list[int]], lora_inputs: dict[str, list], where: str) -> None:
@@ -126,15 +126,15 @@ def read_adapter_file(path: Path, meta: Manifest) -> dict[str, ort.OrtValue]:
     params = {k: ort.OrtValue.ortvalue_from_numpy(np.array(v.numpy())) for k, v in fmt.get_parameters().items()}
     where = f"--adapter: {path.name}"
     check_fits({k: v.shape() for k, v in params.items()}, meta.lora_inputs, where)
-    check_adapter_values(params, where, meta.lora_groups, rank_axes(meta.lora_inputs))
+    check_adapter_values(params, where, meta.lora_groups, a_rank_axis(meta.lora_inputs))
     return params
 
 
 def check_adapter_values(params: dict[str, ort.OrtValue], where: str, groups: dict[str, list] | None = None,
-                         axes: tuple[int, int] = (0, 0)) -> None:
+                         a_axis: int = 0) -> None:
     """What shapes alone do not say: fp32 tensors (the label names: UTF-8 JSON bytes), each A of the rank
     of its B (of its members' Bs, stacked, where a group takes one B per member: `groups`, the export's
-    lora_groups; the ranks on `axes` of A and B: rank_axes), no NaN or infinity (which would answer `nan`
+    lora_groups; A's rank on `a_axis`: a_rank_axis), no NaN or infinity (which would answer `nan`
     or nothing, silently), and no value beyond ±MAX_ADAPTER_VALUE."""
     import json
 
@@ -153,9 +153,9 @@ def check_adapter_values(params: dict[str, ort.OrtValue], where: str, groups: di
             raise QloraError(f"{where}: {key} holds {v.data_type()[7:-1]}, this export takes float32 tensors")
         if key.endswith(".lora_A"):
             b = params.get(key[: -len("A")] + "B")
-            if b is not None and v.shape()[axes[0]] != b.shape()[axes[1]]:
-                raise QloraError(f"{where}: {key} has rank {v.shape()[axes[0]]} and its lora_B rank "
-                                 f"{b.shape()[axes[1]]}: not one adapter")
+            if b is not None and v.shape()[a_axis] != b.shape()[0]:
+                raise QloraError(f"{where}: {key} has rank {v.shape()[a_axis]} and its lora_B rank "
+                                 f"{b.shape()[0]}: not one adapter")
         a = v.numpy()
         if not np.isfinite(a).all():
             raise QloraError(f"{where}: {key} holds NaN or infinite values (a diverged training run?); it would "
@@ -169,10 +169,10 @@ def check_adapter_values(params: dict[str, ort.OrtValue], where: str, groups: di
         bs = [f"{m}.lora_B" for m, _ in members]
         if f"{group}.lora_B" in params or not any(k in params for k in [f"{group}.lora_A", *bs]):
             continue
-        ranks = [params[b].shape()[axes[1]] if b in params else None for b in bs]
+        ranks = [params[b].shape()[0] if b in params else None for b in bs]
         a = params.get(f"{group}.lora_A")
-        if a is None or None in ranks or len(set(ranks)) > 1 or a.shape()[axes[0]] != sum(ranks):
-            raise QloraError(f"{where}: {group}.lora_A has rank {a.shape()[axes[0]] if a is not None else 'none'} and "
+        if a is None or None in ranks or len(set(ranks)) > 1 or a.shape()[a_axis] != sum(ranks):
+            raise QloraError(f"{where}: {group}.lora_A has rank {a.shape()[a_axis] if a is not None else 'none'} and "
                              f"its members' lora_B ranks {ranks}: not one adapter")
 
 
