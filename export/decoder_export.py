@@ -130,12 +130,13 @@ class DecoderFamily:
                         # PiSSA/LoftQ: the digest of the residual base the adapter was trained on (lora/svd_init.py)
                         base_residual=info.metadata.get("base.residual") if info else None, kv_cache=KV_CACHE,
                         inputs=[io.INPUT_IDS, io.ATTENTION_MASK, io.POSITION_IDS, io.PAST_KEY.replace("%d", "N"),
-                                io.PAST_VALUE.replace("%d", "N"), io.LOGITS_TO_KEEP],
+                                io.PAST_VALUE.replace("%d", "N"), io.LOGITS_TO_KEEP, io.ROW_LENGTHS],
                         outputs=[io.LOGITS, io.PRESENT_KEY.replace("%d", "N"), io.PRESENT_VALUE.replace("%d", "N")],
                         lora_inputs=writer.lora_inputs, lora_groups=writer.lora_groups,
                         int4_activations=("fp32" if 0 in writer.accuracy_levels else "int8")
                         if writer.accuracy_levels else None, min_onnxruntime=MIN_ONNXRUNTIME,
-                        chat_template=loaded.tokenizer.chat_template is not None)
+                        chat_template=loaded.tokenizer.chat_template is not None,
+                        long_rope_from=spec.long_rope_from or None)
 
     def save_files(self, folder: Path, meta: Manifest) -> None:
         tokenizer = self.trained.loaded.tokenizer

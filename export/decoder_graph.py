@@ -121,7 +121,7 @@ def _mask(g: Graph, attention_mask: str, batch: str, length: str) -> tuple[str, 
     causal mask itself).
 
     One graph takes both ways of padding a batch:
-    - left-padded rows (this project's runtime): [0 0 1 1 1]; the row's cache spans every position, its
+    - left-padded rows (Optimum, transformers.js): [0 0 1 1 1]; the row's cache spans every position, its
       leading pads hidden by the bias. The op's rotary takes a token's position from its cache row, so a
       padded row's tokens sit as many places further on as it has pads: rotary attention depends only on
       the distance between query and key, which that shift does not change.
@@ -131,7 +131,7 @@ def _mask(g: Graph, attention_mask: str, batch: str, length: str) -> tuple[str, 
     So seqlens_k = (ones in the row) + (its leading zeros) - 1, and the bias hides leading zeros only.
 
     `row_lengths` (B,) int64, when fed, says instead that each row's cache holds its own number of
-    positions from the start (right-aligned rows, as a server's batch of independent streams): row b's
+    positions from the start (rows without padding: qlora-rt's runtime, runtime/decode.py): row b's
     new tokens go to its positions row_lengths[b]-T .. row_lengths[b]-1, at their true rotary positions.
     Its default [-1] means "not fed"."""
     total = g.op("Shape", [attention_mask], start=1, end=2)  # (1,) P+T

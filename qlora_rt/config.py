@@ -298,7 +298,7 @@ class RuntimeConfig:
 
 @dataclass
 class GenerateConfig(RuntimeConfig):
-    prompt: list[str] = option(None, "the prompt; repeat --prompt for a batch (left-padded, one run)")
+    prompt: list[str] = option(None, "the prompt; repeat --prompt for a batch (decoded side by side)")
     chat: bool = option(False, "wrap the prompt in the folder's chat template as a user message")
     stop: list[str] = option(None, "stop when the text contains this string (repeatable)")
     stream: bool = option(True, "print tokens as they come (one prompt)")

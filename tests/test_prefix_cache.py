@@ -183,3 +183,19 @@ def test_a_reply_depends_on_its_request_alone_not_on_the_cache_or_the_batch(int4
     assert len({tuple(t) for t, _ in alone}) > 2, "the adapters and prompts give different replies"
     assert cached == alone
     assert batch == alone
+    # `Model.generate` runs the same decode core in the calling thread: at the engine's default chunk, its
+    # replies, the 8 rows side by side over one adapter each, are the engine's batch of 8 mixed rows
+    e = Engine(m, max_batch=8)
+    for name in ("a", "b"):
+        e.add_adapter(name, name)
+    try:
+        served = _replies(e, list(zip(prompts, adapters)))
+    finally:
+        e.close(5)
+    generated = [None] * len(prompts)
+    for adapter in (None, "a", "b"):
+        rows = [i for i, a in enumerate(adapters) if a == adapter]
+        for i, c in zip(rows, m.generate_ids([prompts[i] for i in rows], adapter=adapter, max_new_tokens=16,
+                                             ignore_eos=True, logprobs=3)):
+            generated[i] = (c.tokens, [(lp["logprob"], lp["top"]) for lp in c.logprobs])
+    assert generated == served

@@ -216,31 +216,40 @@ def _plain_session_logits(folder: Path, ids: np.ndarray, mask: np.ndarray, posit
 @pytest.mark.parametrize("lengths", [[1], [2], [3], [4], [1, 1], [1, 3], [4, 2]])
 @pytest.mark.parametrize("export_kind,adapter", [("merged", None), ("aware", None), ("aware", "a")])
 def test_runtime_equals_a_plain_session(exported, merged_export, export_kind, adapter, lengths):
-    """Any prompt length (one token too), any batch shape, every export mode: the runtime's logits for the
-    prompt and for the decoding steps after it are a plain onnxruntime session's."""
-    from qlora_rt.runtime import Model, Sampling
+    """Any prompt length (one token too), any batch shape, every export mode: the decode core's logits for
+    each row's prompt and for the steps the rows then take together (each its own cache length: row_lengths)
+    are a plain onnxruntime session's for the row alone; and the graph still takes a left-padded batch, as
+    Optimum and transformers.js feed it, with the same logits."""
+    from qlora_rt.runtime import Model
+    from qlora_rt.runtime.decode import Rows
 
     folder = merged_export if export_kind == "merged" else exported
     model = Model(folder)
     model.generate_ids([[5, 6, 7]], adapter=adapter, max_new_tokens=3)  # a previous call leaves its buffers behind
     prompts = [[(11 * i + 3 * j) % 300 + 3 for j in range(n)] for i, n in enumerate(lengths)]
-    steps = model._steps(prompts, adapter, 3, (), Sampling())
-    got = [steps.prompt().copy()]
+    params = model.load_adapter(adapter) if adapter else {}
+    rows = Rows(model.session, model.input_names, model.meta, len(prompts), max(lengths) + 2)
+    got = [np.stack([rows.run(i, np.array([p]), np.array([len(p)]), params)[0] for i, p in enumerate(prompts)])]
     new = [np.array([17 + k] * len(prompts), np.int64) for k in range(2)]
-    positions = steps.positions
+    sizes = np.array(lengths, np.int64)
     for tokens in new:
-        positions = positions[:, -1:] + 1
-        steps.mask = np.concatenate([steps.mask, np.ones((len(prompts), 1), np.int64)], 1)
-        got.append(steps.run(tokens[:, None], positions).copy())
+        sizes += 1
+        got.append(rows.run(0, tokens[:, None], sizes, params).copy())
     path = folder / "adapters" / f"{adapter}.onnx_adapter" if adapter else None
-    want = _plain_session_logits(folder, steps.ids, steps.mask[:, : steps.ids.shape[1]], steps.positions, path, new)
-    assert got[0].shape[1] == 1, "the prompt computes the head for its last position only (logits_to_keep)"
-    every_position, want[0] = want[0], want[0][:, -1:]
-    for g, w in zip(got, want):
-        assert g.shape == w.shape
-        assert np.abs(g - w).max() <= 1e-5
-    if len(prompts) == 1:
-        assert np.abs(model.logits(prompts[0], adapter) - every_position[0]).max() <= 1e-5
+    for i, p in enumerate(prompts):
+        n = len(p)
+        want = _plain_session_logits(folder, np.array([p]), np.ones((1, n), np.int64), np.arange(n)[None], path,
+                                     [t[i:i + 1] for t in new])
+        for step, (g, w) in enumerate(zip(got, want)):
+            assert np.abs(g[i] - w[0, -1]).max() <= 1e-5, (i, step)
+        if i == 0:
+            assert np.abs(model.logits(p, adapter) - want[0][0]).max() <= 1e-5
+    width = max(lengths)
+    ids = np.array([[0] * (width - len(p)) + p for p in prompts], np.int64)
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int64)
+    padded = _plain_session_logits(folder, ids, mask, np.maximum(np.cumsum(mask, 1) - 1, 0), path, new)
+    for g, w in zip(got, padded):
+        assert np.abs(g - w[:, -1]).max() <= 1e-5
 
 
 def test_chat_keeps_the_new_message_whole_and_drops_oldest_exchanges(runtime):

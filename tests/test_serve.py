@@ -99,7 +99,7 @@ def test_a_mixed_step_equals_single_row_runs(export_abc):
         params = [{}, engine.adapters["a"], engine.adapters["b"], engine.adapters["c"]]
         singles = []
         for slot, (ids, p) in enumerate(zip(prompts, params)):  # each prompt alone, into its own slot
-            singles.append(engine._run(slot, np.array([ids]), np.array([len(ids)]), p)[0])
+            singles.append(engine.rows.run(slot, np.array([ids]), np.array([len(ids)]), p)[0].copy())
 
         class Row:  # what _lora reads of a live request
             def __init__(self, slot, p):
@@ -107,7 +107,7 @@ def test_a_mixed_step_equals_single_row_runs(export_abc):
         lora = engine._lora([Row(i, p) for i, p in enumerate(params)], 0, 4)
         nxt = np.array([[int(s.argmax())] for s in singles])
         lengths = np.array([len(x) + 1 for x in prompts])
-        mixed = engine._run(0, nxt, lengths, lora)
+        mixed = engine.rows.run(0, nxt, lengths, lora)
         for i, (ids, p) in enumerate(zip(prompts, params)):
             alone = m.logits(ids + [int(nxt[i, 0])], adapter=(None, "a", "b", "c")[i])[-1]
             assert np.abs(mixed[i] - alone).max() <= 1e-4
@@ -356,8 +356,8 @@ def test_a_full_queue_is_429_with_retry_after(tiny_export):
 
     app = create_app(tiny_export, max_batch=1, max_queue=0, served_model_name="tiny")
     engine = app.state.qlora.engine
-    run = engine._run
-    engine._run = lambda *a: (time.sleep(0.02), run(*a))[1]  # a slow model: 40 steps take 0.8 s
+    run = engine.rows.run
+    engine.rows.run = lambda *a: (time.sleep(0.02), run(*a))[1]  # a slow model: 40 steps take 0.8 s
 
     async def go():
         async with _client(app) as c:
@@ -530,8 +530,8 @@ def test_64_concurrent_mixed_requests_all_complete(app):
 
 def test_a_client_that_disconnects_frees_its_row(tiny_export):
     engine, port, stop = _serve_in_thread(tiny_export)
-    run = engine._run
-    engine._run = lambda *a: (time.sleep(0.02), run(*a))[1]  # a slow model: 200 steps take 4 s
+    run = engine.rows.run
+    engine.rows.run = lambda *a: (time.sleep(0.02), run(*a))[1]  # a slow model: 200 steps take 4 s
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
             with c.stream("POST", "/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 200,

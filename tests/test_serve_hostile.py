@@ -37,8 +37,8 @@ def _app(folder, **kw):
 
 
 def _slow(engine, seconds=0.02):
-    run = engine._run
-    engine._run = lambda *a: (time.sleep(seconds), run(*a))[1]
+    run = engine.rows.run
+    engine.rows.run = lambda *a: (time.sleep(seconds), run(*a))[1]
 
 
 def _write_adapter(src, dst, change):

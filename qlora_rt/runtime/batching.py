@@ -33,21 +33,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
 
 from qlora_rt.errors import QloraError
 from qlora_rt.runtime import graph_io as io
+from qlora_rt.runtime.decode import PREFILL_CHUNK, Event, Reply, Request, Rows, prompt_chunk
 from qlora_rt.runtime.decoder import Model
-from qlora_rt.runtime.kv_cache import KVCache
-from qlora_rt.runtime.sampling import Sampling
 from qlora_rt.runtime.session import a_rank_axis, release_memory
-from qlora_rt.runtime.text import Text, held_back
 
 STOPPING = "the server is shutting down; retry on another"
-PREFILL_CHUNK = 64  # prompt positions a chunk: the longest a running stream waits for a new prompt is one chunk
 STACKS = 2  # sets of adapters kept stacked (each a copy of its adapters' tensors), least recently used dropped
 
 
@@ -59,51 +55,23 @@ class ShuttingDown(QloraError):
     """The engine takes no more requests: the server is stopping."""
 
 
-@dataclass
-class Request:
-    ids: list[int]
-    adapter: str | None = None           # an adapter loaded into the engine (Engine.add_adapter); None = base
-    max_new_tokens: int = 128
-    sampling: Sampling = field(default_factory=Sampling)
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None          # None: none; k >= 0: the chosen token's and the k most likely
-    ignore_eos: bool = False
-    constraint: object | None = None     # e.g. constrained.JsonConstraint: masks logits, follows the tokens
-
-
-@dataclass
-class Event:
-    """What a request gets, in order: pieces of text (`text`, `tokens`), then one with `finish` set
-    ("stop" or "length", or "error" with `error` saying why)."""
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[dict] = field(default_factory=list)   # per token: {"token", "logprob", "top": [(id, lp)]}
-    finish: str | None = None
-    error: str | None = None
-    code: str | None = None  # with an error: "shutting_down" (the server is stopping) or None (the model failed)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
 class _Live:
-    """A request in the engine: its slot, how much of its prompt is in the cache, what it has produced."""
+    """A request in the engine: its slot, how much of its prompt is in the cache, and its reply."""
 
-    def __init__(self, req: Request, emit: Callable[[Event], None], params: dict, tokenizer) -> None:
-        self.req, self.emit, self.params = req, emit, params
+    def __init__(self, req: Request, emit: Callable[[Event], None], params: dict, reply: Reply) -> None:
+        self.req, self.emit, self.params, self.reply = req, emit, params, reply
+        self.chunk = 0                # prompt positions a run (decode.prompt_chunk)
         self.slot = -1
         self.done_prompt = 0          # prompt tokens already in the cache
         self.length = 0               # positions in the cache
-        self.text = Text(tokenizer, req.stop)  # the tokens produced and their text
-        self.sent = 0                 # characters of text already emitted
-        self.next_token: int | None = None  # sampled, not yet in the cache
+        self.next_token: int | None = None  # picked, not yet in the cache
         self.cancelled = False
         self.finished = False
-        self.rng = np.random.default_rng(req.sampling.seed)
         self.t_submit = time.perf_counter()
 
     @property
     def tokens(self) -> list[int]:
-        return self.text.tokens
+        return self.reply.tokens
 
 
 class Engine:
@@ -121,7 +89,7 @@ class Engine:
                              "again with this qlora-rt to serve it")
         # an adapter-aware export takes a mask per group (one from before them batches one adapter at a time)
         self.mixed = any(n.endswith(io.LORA_MASK) for n in model.input_names)
-        self.kv = KVCache(meta, max_batch, self.capacity)
+        self.rows = Rows(model.session, model.input_names, meta, max_batch, self.capacity)
         self._stacks: dict[tuple[int, ...], tuple] = {}  # adapter sets fed stacked, and their column slots
         self.adapters: dict[str, dict[str, ort.OrtValue]] = {}
         self._base: dict[str, ort.OrtValue] = {}  # the base's LoRA inputs: none (one object, shared by its rows)
@@ -190,7 +158,9 @@ class Engine:
                                 f"{self.max_batch}, --max-queue {self.max_queue}); this request needs {len(reqs)}: "
                                 "retry shortly")
             lives = [_Live(req, emit, self.adapters[req.adapter] if req.adapter is not None else self._base,
-                           self.m.tokenizer) for req, emit in zip(reqs, emits)]
+                           Reply(req, self.m.tokenizer, self.m.eos, self.capacity)) for req, emit in zip(reqs, emits)]
+            for live in lives:
+                live.chunk = prompt_chunk(self.m.meta, len(live.req.ids), self.prefill_chunk)
             self.waiting.extend(lives)
             self.cond.notify()
         return lives
@@ -267,6 +237,8 @@ class Engine:
         run as a whole chunk, they would round otherwise)."""
         self.slots[slot] = None
         whole = min(live.done_prompt, live.length) // self.prefill_chunk * self.prefill_chunk
+        if live.chunk != self.prefill_chunk:  # run whole (LongRoPE's long tables): no chunk of it is another's
+            whole = 0
         self.held[slot] = (live.params, live.req.ids[:whole])
 
     def _purge(self) -> None:
@@ -316,37 +288,19 @@ class Engine:
             differ = np.flatnonzero(a != b)
             return int(differ[0]) if differ.size else n
         c = self.prefill_chunk
-        best = max(free, key=lambda i: (shared(i) // c, -self.last_used[i]))
-        reuse = shared(best) // c * c
+        best = max(free, key=lambda i: (shared(i) // c if live.chunk == c else 0, -self.last_used[i]))
+        reuse = shared(best) // c * c if live.chunk == c else 0
         live.slot, live.done_prompt, live.length = best, reuse, reuse
         self.prefix_tokens += reuse
         self.held[best] = (None, [])  # from here the slot's cache is this request's
         self.last_used[best] = time.perf_counter()
         return best
 
-    def _run(self, first: int, ids: np.ndarray, lengths: np.ndarray, lora: dict[str, ort.OrtValue]) -> np.ndarray:
-        """One run over the slots first .. first+B-1: ids (B, T) at the end of each row's cache (lengths (B,)
-        count them in); the last position's logits (B, V)."""
-        b = self.m.session.io_binding()
-        b.bind_output(io.LOGITS)
-        self.kv.bind(b, first, len(ids))
-        t = ids.shape[1]
-        width = int(lengths.max())
-        keep = [np.ascontiguousarray(a) for a in (
-            ids, (np.arange(width)[None] < lengths[:, None]).astype(np.int64),
-            lengths[:, None] - t + np.arange(t)[None], lengths, np.array(1, np.int64))]
-        for name, a in zip((io.INPUT_IDS, io.ATTENTION_MASK, io.POSITION_IDS, io.ROW_LENGTHS, io.LOGITS_TO_KEEP), keep):
-            b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(a))
-        for name, value in lora.items():
-            b.bind_ortvalue_input(name, value)
-        self.m.session.run_with_iobinding(b)
-        return b.get_outputs()[0].numpy()[:, -1]
-
     def _prefill(self, live: _Live) -> None:
         """The prompt's next chunk: positions k*C .. (k+1)*C-1 (done_prompt is always a multiple of C)."""
-        ids = live.req.ids[live.done_prompt: live.done_prompt + self.prefill_chunk]
+        ids = live.req.ids[live.done_prompt: live.done_prompt + live.chunk]
         live.length = live.done_prompt + len(ids)
-        logits = self._run(live.slot, np.array([ids], np.int64), np.array([live.length], np.int64), live.params)
+        logits = self.rows.run(live.slot, np.array([ids], np.int64), np.array([live.length], np.int64), live.params)
         live.done_prompt = live.length
         if live.done_prompt == len(live.req.ids):
             self._take(live, logits[0])
@@ -369,7 +323,7 @@ class Engine:
             elif other not in rows:  # a row still in its prompt: where its next chunk will write
                 lengths[i] = other.length + 1
         t0 = time.perf_counter()
-        logits = self._run(first, ids, lengths, self._lora(rows, first, n))
+        logits = self.rows.run(first, ids, lengths, self._lora(rows, first, n))
         self.steps += 1
         if self.on_step is not None:
             self.on_step(time.perf_counter() - t0)
@@ -408,56 +362,21 @@ class Engine:
         return {**stacked, **extra}
 
     def _take(self, live: _Live, logits: np.ndarray) -> None:
-        """The row's next token from its logits: emitted (as text that cannot be the start of a stop string),
-        and fed at the next step unless the row is done."""
+        """The row's next token (decode.Reply): its text emitted, and the token fed at the next step unless
+        the reply is done."""
         if live.cancelled:
             live.finished = True
             return
-        req = live.req
-        if not np.isfinite(logits).all():  # this row's own adapter overflowed: its reply alone says so
-            self._finish(live, "error", "the model's next-token scores for this request are not finite numbers"
-                         + (f" (adapter {req.adapter!r})" if req.adapter else ""))
-            return
-        raw = logits  # logprobs are the model's own
-        logits = req.sampling.adjust(logits, live.tokens)
-        if req.constraint is not None:
-            logits = logits.astype(np.float32, copy=logits is raw)
-            req.constraint.mask(logits)
-        token = int(req.sampling.pick(logits[None], live.rng)[0])
-        if req.constraint is not None and token not in self.m.eos:
-            req.constraint.accept(token)
-        info = []
-        if req.logprobs is not None:
-            z = raw.astype(np.float64)
-            lse = z.max() + np.log(np.exp(z - z.max()).sum())
-            top = np.argpartition(-z, req.logprobs)[: req.logprobs] if req.logprobs else np.array([], int)
-            top = top[np.argsort(-z[top])]
-            info = [{"token": token, "logprob": float(z[token] - lse),
-                     "top": [(int(t), float(z[t] - lse)) for t in top]}]
-        if token in self.m.eos and not req.ignore_eos:
-            self._finish(live, "stop")
-            return
-        finish = "stop" if live.text.add(token) else None
-        if finish is None and req.constraint is not None and req.constraint.done:
-            finish = "stop"
-        elif finish is None and (len(live.tokens) >= req.max_new_tokens or live.length + 1 >= self.capacity):
-            finish = "length"
-        if finish:
-            text = live.text.text  # the whole text, an incomplete last character included
-            end = len(text)
-        else:  # whole characters only, and none that could begin a stop string
-            text = live.text.done  # not done + pending: no copy of the whole text a token
-            end = len(text) - held_back(text, req.stop)
-        piece = text[live.sent:end] if end > live.sent else ""
-        live.sent = max(live.sent, end)
-        if len(live.tokens) == 1 and self.on_first_token is not None:
-            self.on_first_token(req.adapter, time.perf_counter() - live.t_submit)
-        live.emit(Event(text=piece, tokens=[token], logprobs=info, prompt_tokens=len(req.ids),
-                        completion_tokens=len(live.tokens)))
-        if finish:
-            self._finish(live, finish)
+        reply = live.reply
+        piece = reply.take(logits, f" (adapter {live.req.adapter!r})" if live.req.adapter else "")
+        if piece is not None:
+            if len(reply.tokens) == 1 and self.on_first_token is not None:
+                self.on_first_token(live.req.adapter, time.perf_counter() - live.t_submit)
+            live.emit(piece)
+        if reply.finish:
+            self._finish(live, reply.finish, reply.error)
         else:
-            live.next_token = token
+            live.next_token = reply.tokens[-1]
 
     def _finish(self, live: _Live, reason: str, error: str | None = None, code: str | None = None) -> None:
         if live.finished:

@@ -4,7 +4,9 @@
     model.generate("Rewrite 5 March 2021 as ISO 8601", chat=True, adapter="default")
     for piece in model.stream("Tell me a story", chat=True, temperature=0.7, seed=0): print(piece, end="")
 
-The KV cache lives in one max-length buffer per layer, appended in place (kv_cache.py). Adapters are
+Prompts and steps run through the decode core (decode.py), as the serving engine runs them, so a request
+gives the same tokens here as from `serve`. The KV cache lives in one buffer per layer, appended in place
+(kv_cache.py). Adapters are
 `.onnx_adapter` files read with onnxruntime's adapter API (once, and again when the file changes), and
 their tensors are bound per call as the graph's LoRA inputs; switching adapters never reloads the model.
 No adapter = the base. (`RunOptions.add_active_adapter` would do the same binding, but onnxruntime ignores
@@ -28,10 +30,9 @@ from qlora_rt.errors import QloraError
 from qlora_rt.runtime import graph_io as io
 from qlora_rt.runtime import manifest
 from qlora_rt.runtime.chat_template import ChatTemplate
-from qlora_rt.runtime.kv_cache import KVCache
+from qlora_rt.runtime.decode import Event, Reply, Request, Rows, prompt_chunk, prompt_chunks
 from qlora_rt.runtime.sampling import Sampling, stop_strings
 from qlora_rt.runtime.session import adapter_names, file_signature, find_adapter, open_session, read_adapter_file
-from qlora_rt.runtime.text import Text, held_back
 
 
 @dataclass
@@ -42,14 +43,7 @@ class Completion:
     prompt_tokens: int
     ttft_s: float = 0.0  # prompt in -> first token out
     decode_tokens_per_s: float = 0.0  # the tokens after the first, per second
-
-
-@dataclass
-class _Row:
-    text_state: Text | None = None
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish: str | None = None
+    logprobs: list[dict] = field(default_factory=list)  # with logprobs=k: per token {"token", "logprob", "top"}
 
 
 class Model:
@@ -120,10 +114,11 @@ class Model:
     # ---- generation -----------------------------------------------------------------------------
     def generate(self, prompts: str | list, *, chat: bool = False, system: str | None = None,
                  **kw) -> Completion | list[Completion]:
-        """Complete one prompt (-> Completion) or a list of them, batched with left padding (-> list).
+        """Complete one prompt (-> Completion) or a list of them, decoded side by side (-> list).
 
         kw: adapter (name or path; None = the base), max_new_tokens=128, stop=(), temperature=0 (greedy),
-        top_k=0, top_p=1, seed=None, presence_penalty=0, frequency_penalty=0, logit_bias=None ({token: bias}).
+        top_k=0, top_p=1, seed=None, presence_penalty=0, frequency_penalty=0, logit_bias=None ({token: bias}),
+        logprobs=None (k: each token's log-probability and the k most likely, in Completion.logprobs).
         """
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict))
         batch = [prompts] if single else list(prompts)
@@ -132,50 +127,55 @@ class Model:
         out = self.generate_ids([self.encode(p, chat, system) for p in batch], **kw)
         return out[0] if single else out
 
-    def generate_ids(self, ids: list[list[int]], *, adapter: str | Path | None = None, max_new_tokens: int = 128,
-                     stop: list[str] | tuple = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                     seed: int | None = None, ignore_eos: bool = False, presence_penalty: float = 0.0,
-                     frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None) -> list[Completion]:
-        """Completions of token-id prompts; ignore_eos decodes exactly max_new_tokens (benchmarks)."""
-        sampling = Sampling(temperature, top_k, top_p, seed, presence_penalty, frequency_penalty, logit_bias)
-        steps = self._steps(ids, adapter, max_new_tokens, stop_strings(stop), sampling, ignore_eos=ignore_eos)
-        for _ in steps:
+    def generate_ids(self, ids: list[list[int]], *, adapter: str | Path | None = None, **kw) -> list[Completion]:
+        """Completions of token-id prompts; ignore_eos=True decodes exactly max_new_tokens (benchmarks)."""
+        run = self._run(ids, adapter, **kw)
+        for _ in run:
             pass
-        return steps.result
+        return run.result
 
     def logits(self, ids: list[int], adapter: str | Path | None = None) -> np.ndarray:
         """(T, vocab) logits of one token sequence: the export self-check compares them with PyTorch's."""
         return self.logits_batch([ids], adapter)[0]
 
     def logits_batch(self, seqs: list[list[int]], adapter: str | Path | None = None) -> list[np.ndarray]:
-        """(T_i, vocab) logits of each sequence, in one run over the left-padded batch."""
-        out = self._steps(seqs, adapter, 1, (), Sampling(), all_logits=True).prompt()
-        return [out[i, out.shape[1] - len(s):] for i, s in enumerate(seqs)]
+        """(T_i, vocab) logits of each sequence, its prompt's chunks run as `generate` runs them."""
+        params = self.load_adapter(adapter) if adapter is not None else {}
+        out = []
+        for ids in seqs:
+            self._check_prompt(ids)
+            rows = Rows(self.session, self.input_names, self.meta, 1, len(ids))
+            out.append(np.concatenate([rows.run(0, np.array([chunk], np.int64), np.array([end], np.int64), params, 0)[0]
+                                       for end, chunk in prompt_chunks(ids, 0, prompt_chunk(self.meta, len(ids)))]))
+        return out
 
     def stream(self, prompt: str | list[dict], **kw) -> Stream:
         """Like generate() for one prompt, but iterate to get the text as it is produced; .result at the end."""
         return Stream(self, prompt, **kw)
 
-    def _steps(
-        self,
-        ids: list[list[int]],
-        adapter,
-        max_new: int,
-        stop: tuple,
-        sampling: Sampling,
-        ignore_eos: bool = False,
-        live_text: bool = False,
-        all_logits: bool = False,
-    ) -> _Steps:
-        sampling.check()
-        if max_new < 1:
-            raise QloraError(f"--max-new-tokens must be at least 1, got {max_new}")
-        longest, ctx = max(len(x) for x in ids), self.meta.max_context
-        if longest >= ctx:
-            raise QloraError(f"--prompt is {longest} tokens; this export's context is {ctx} tokens")
+    def _run(self, ids: list[list[int]], adapter, *, max_new_tokens: int = 128, stop: list[str] | tuple = (),
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             ignore_eos: bool = False, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             logit_bias: dict[int, float] | None = None, logprobs: int | None = None) -> _Run:
+        sampling = Sampling(temperature, top_k, top_p, seed, presence_penalty, frequency_penalty, logit_bias)
+        sampling.check(self.meta.vocab)
+        if max_new_tokens < 1:
+            raise QloraError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        if logprobs is not None and not 0 <= logprobs <= 20:
+            raise QloraError(f"logprobs must be in [0, 20], got {logprobs}")
+        if not ids:
+            raise QloraError("no prompts given")
+        for x in ids:
+            self._check_prompt(x)
         params = self.load_adapter(adapter) if adapter is not None else {}
-        return _Steps(self, ids, params, min(max_new, ctx - longest), stop, sampling,
-                      set() if ignore_eos else self.eos, live_text or bool(stop), all_logits)
+        reqs = [Request(list(x), None, max_new_tokens, sampling, stop_strings(stop), logprobs, ignore_eos) for x in ids]
+        return _Run(self, reqs, params)
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise QloraError("the prompt has no tokens")
+        if len(ids) >= self.meta.max_context:
+            raise QloraError(f"--prompt is {len(ids)} tokens; this export's context is {self.meta.max_context} tokens")
 
     def _check_session(self) -> None:
         names = self.input_names
@@ -187,132 +187,72 @@ class Model:
                              f"{' …' if len(missing) > 3 else ''}); was the folder mixed from two exports?")
 
 
-class _Steps:
-    """The decode loop as an iterator: each step yields the batch's new tokens (B,), until all rows finish.
+class _Run:
+    """Requests decoded in the calling thread with the decode core (decode.py), as the serving engine decodes
+    them: each prompt in its chunks, one row after another, then every unfinished row in each step. Iterate
+    for (row, Event) as tokens are picked; `result` holds the completions at the end."""
 
-    live_text: keep each row's text decoded as it grows (streaming, stop strings); otherwise the text
-    is decoded once at the end, off the per-token path."""
-
-    def __init__(self, model: Model, ids: list[list[int]], adapter: dict, max_new: int, stop: tuple,
-                 sampling: Sampling, eos: set[int], live_text: bool, all_logits: bool = False):
-        self.m, self.max_new, self.stop, self.sampling = model, max_new, stop, sampling
-        self.eos, self.live_text = eos, live_text
-        self.prompt_lens = [len(x) for x in ids]
-        width = max(self.prompt_lens)
-        self.ids = np.array([[model.pad] * (width - len(x)) + x for x in ids], np.int64)  # (B, T) left-padded
-        self.mask = np.array([[0] * (width - len(x)) + [1] * len(x) for x in ids], np.int64)  # (B, T)
-        self.positions = np.maximum(np.cumsum(self.mask, 1) - 1, 0)  # (B, T): pads share position 0
-        self.rows = [_Row() for _ in ids]
-        self.rng = np.random.default_rng(sampling.seed)
+    def __init__(self, model: Model, reqs: list[Request], params: dict) -> None:
+        self.m, self.params = model, params
+        capacity = min(model.meta.max_context, max(len(r.ids) + r.max_new_tokens for r in reqs))
+        self.rows = Rows(model.session, model.input_names, model.meta, len(reqs), capacity)
+        self.replies = [Reply(r, model.tokenizer, model.eos, capacity) for r in reqs]
+        self.logprobs: list[list[dict]] = [[] for _ in reqs]
         self.result: list[Completion] = []
-        self.binding = self._bind(adapter, width + max_new)
-        if not all_logits and io.LOGITS_TO_KEEP in model.input_names:  # exports before it compute every position's
-            # the last position only (an overridable input: bind_cpu_input does not find those, so the value
-            # is bound as an OrtValue, kept alive with the binding)
-            self._keep = ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64))
-            self.binding.bind_ortvalue_input(io.LOGITS_TO_KEEP, self._keep)
 
-    def _bind(self, adapter: dict, capacity: int):
-        """Outputs first (logits is output 0), then the cache (kv_cache.py: appended in place)."""
-        meta, b = self.m.meta, len(self.rows)
-        binding = self.m.session.io_binding()
-        binding.bind_output(io.LOGITS)
-        self.kv = KVCache(meta, b, capacity)
-        self.kv.bind(binding)
-        for name, value in adapter.items():
-            binding.bind_ortvalue_input(name, value)
-        logits = np.empty((b, 1, meta.vocab), np.float32)
-        self._step_logits = logits, ort.OrtValue.ortvalue_from_numpy(logits)
-        self._into_buffer = False  # True once the prompt ran: each step's logits land in _step_logits
-        return binding
+    def _take(self, i: int, logits: np.ndarray) -> Event | None:
+        reply = self.replies[i]
+        piece = reply.take(logits)
+        if reply.finish == "error":
+            raise QloraError(reply.error)
+        if piece is not None:
+            self.logprobs[i] += piece.logprobs
+        return piece
 
-    def run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One step over ids (B, T) at positions (B, T), the mask already covering them: logits (B, T, V)."""
-        b = self.binding
-        b.bind_cpu_input(io.INPUT_IDS, ids)
-        b.bind_cpu_input(io.ATTENTION_MASK, self.mask)
-        b.bind_cpu_input(io.POSITION_IDS, positions)
-        self.m.session.run_with_iobinding(b)
-        return self._step_logits[0] if self._into_buffer else b.get_outputs()[0].numpy()
-
-    def prompt(self) -> np.ndarray:
-        """The prompt's logits (B, 1, V), or (B, T, V) with all_logits, into an array onnxruntime allocates;
-        decoding steps after it write theirs into a (B, 1, V) buffer of our own, bound once here, not a
-        fresh array a step."""
-        logits = self.run(self.ids, self.positions)
-        self.binding.bind_ortvalue_output(io.LOGITS, self._step_logits[1])
-        self._into_buffer = True
-        return logits
-
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def __iter__(self) -> Iterator[tuple[int, Event]]:
+        replies, params = self.replies, self.params
         t0 = time.perf_counter()
-        logits = self.prompt()
-        positions, t_first = self.positions, None
-        for step in range(self.max_new):
-            last = logits[:, -1]
-            if self.sampling.adjusts:
-                last = np.stack([self.sampling.adjust(z, row.tokens) for z, row in zip(last, self.rows)])
-            tokens = self.sampling.pick(last, self.rng)  # (B,)
-            t_first = t_first or time.perf_counter()
-            self._record(tokens, step + 1 == self.max_new)
-            yield tokens
-            if all(r.finish for r in self.rows):
-                break
-            positions = positions[:, -1:] + 1  # (B, 1)
-            self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], 1)
-            logits = self.run(tokens[:, None].astype(np.int64), positions)
+        for i, reply in enumerate(replies):
+            ids = reply.req.ids
+            for end, chunk in prompt_chunks(ids, 0, prompt_chunk(self.m.meta, len(ids))):
+                logits = self.rows.run(i, np.array([chunk], np.int64), np.array([end], np.int64), params)
+            if (piece := self._take(i, logits[0])) is not None:
+                yield i, piece
+        lengths = np.array([len(r.req.ids) for r in replies], np.int64)  # positions in each row's cache
+        while live := [i for i, r in enumerate(replies) if not r.finish]:
+            # one run over the rows first .. last still decoding (each alone where the export has no
+            # row_lengths); a finished row between them writes its next position, never kept
+            windows = [(live[0], live[-1] + 1)] if self.rows.per_row else [(i, i + 1) for i in live]
+            for first, end in windows:
+                ids = np.array([[r.tokens[-1] if r.tokens else 0] for r in replies[first:end]], np.int64)
+                logits = self.rows.run(first, ids, lengths[first:end] + 1, params)
+                for k in range(first, end):
+                    if not replies[k].finish:
+                        lengths[k] += 1
+                        if (piece := self._take(k, logits[k - first])) is not None:
+                            yield k, piece
         t_end = time.perf_counter()
-        for row, n_prompt in zip(self.rows, self.prompt_lens):
-            n = len(row.tokens)
-            if not self.live_text:
-                row.text = self.m.tokenizer.decode(row.tokens)
-            self.result.append(Completion(row.text, row.tokens, row.finish or "length", n_prompt, t_first - t0,
-                                          (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else 0.0))
-
-    def _record(self, tokens: np.ndarray, last: bool) -> None:
-        for row, t in zip(self.rows, tokens.tolist()):
-            if row.finish:
-                continue
-            if t in self.eos:
-                row.finish = "stop"  # as OpenAI's API says it: the model ended its text (or a stop string did)
-                continue
-            row.tokens.append(t)
-            if self.live_text:
-                row.text_state = row.text_state or Text(self.m.tokenizer, self.stop)
-                stopped = row.text_state.add(t)
-                row.text = row.text_state.text
-                if stopped:
-                    row.finish = "stop"
-                    continue
-            if last:
-                row.finish = "length"
+        for reply, lps in zip(replies, self.logprobs):
+            n, t_first = len(reply.tokens), reply.t_first or t_end
+            self.result.append(Completion(reply.text.text, reply.tokens, reply.finish or "length", len(reply.req.ids),
+                                          t_first - t0, (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first
+                                          else 0.0, lps))
 
 
 class Stream:
     """Text pieces of one completion as they are produced; a piece that might start a stop string is held back."""
 
     def __init__(self, model: Model, prompt, *, chat: bool = False, system: str | None = None, adapter=None,
-                 max_new_tokens: int = 128, stop=(), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 logit_bias: dict[int, float] | None = None) -> None:
-        self.stop = stop_strings(stop)
-        sampling = Sampling(temperature, top_k, top_p, seed, presence_penalty, frequency_penalty, logit_bias)
-        self._steps = model._steps([model.encode(prompt, chat, system)], adapter, max_new_tokens, self.stop,
-                                   sampling, live_text=True)
+                 **kw) -> None:
+        """kw: as Model.generate's."""
+        self._run = model._run([model.encode(prompt, chat, system)], adapter, **kw)
         self.result: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
-        sent, row = 0, self._steps.rows[0]
-        for _ in self._steps:
-            text = row.text
-            if not row.finish:
-                if text.endswith("\ufffd"):  # a multi-byte character still incomplete
-                    continue
-                text = text[: len(text) - held_back(text, self.stop)]
-            if len(text) > sent:
-                yield text[sent:]
-                sent = len(text)
-        self.result = self._steps.result[0]
+        for _, piece in self._run:
+            if piece.text:
+                yield piece.text
+        self.result = self._run.result[0]
 
 
 def _special_tokens(folder: Path) -> dict:
