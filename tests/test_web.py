@@ -268,6 +268,106 @@ def test_the_browser_runtime_names_the_graph_io_as_the_python_runtime_does():
     assert all(lock[f"node_modules/{name}"]["version"] == v for name, v in pinned.items()), "the lockfile pins them"
 
 
+def _reply_cases() -> list[dict]:
+    """Rows of logits that drive a reply through each way its step can go: greedy to its length, a stop string
+    cut, a stop string's start released at the end of text, penalties and a logit bias that change the pick,
+    the row's cache filling up, end of text taken as a token (ignore_eos), logits that are not numbers."""
+    import numpy as np
+
+    vocab = ["<eos>", "a", "b", "E", "N", "D", " ", "c", "x", "y"]
+    rng = np.random.default_rng(0)
+
+    def rows(*best, gap=2.0):  # each row's pick `best[i]` (before any penalty), by `gap` over the rest
+        out = rng.normal(0, 0.5, (len(best), len(vocab))).astype(np.float32)
+        for r, t in zip(out, best):
+            r[t] = r.max() + np.float32(gap)
+        return out.tolist()
+    case = dict(vocab=vocab, ids=[1, 2, 3], eos=[0], capacity=64)
+    nan = rows(1, 2)
+    nan[1][4] = "NaN"  # JSON has no NaN: the script and the test each read it as one
+    return [
+        {**case, "options": {"maxNewTokens": 4}, "logits": rows(1, 2, 7, 8, 9)},
+        {**case, "options": {"maxNewTokens": 9, "stop": ["END"]}, "logits": rows(1, 6, 3, 4, 5, 2, 2)},
+        {**case, "options": {"maxNewTokens": 9, "stop": ["END", "xy"]}, "logits": rows(1, 3, 4, 8, 0)},
+        {**case, "options": {"maxNewTokens": 6, "frequencyPenalty": 1.5, "presencePenalty": 0.5},
+         "logits": rows(1, 1, 1, 1, 1, 1, gap=1.0)},
+        {**case, "options": {"maxNewTokens": 3, "logitBias": {"8": 5.0, "1": -3.0}}, "logits": rows(1, 1, 1)},
+        {**case, "capacity": 5, "options": {"maxNewTokens": 9}, "logits": rows(1, 2, 7, 8)},
+        {**case, "options": {"maxNewTokens": 3, "ignoreEos": True}, "logits": rows(0, 1, 0)},
+        {**case, "options": {"maxNewTokens": 3}, "logits": nan},
+    ]
+
+
+def test_the_browser_runtime_feeds_and_steps_as_the_python_decode_core():
+    """qlora-rt.mjs mirrors runtime/decode.py: the same feeds for a run and the same prompt chunks, and, from
+    the same logits, the same picks, text pieces (a stop string's start held back, then released or cut) and
+    finish. Greedy: the seeded samplers' generators differ (mulberry32, numpy's PCG64)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from qlora_rt.runtime.decode import FEEDS, PREFILL_CHUNK, Reply, Request, feeds, prompt_chunk, prompt_chunks
+    from qlora_rt.runtime.sampling import Sampling
+
+    if not shutil.which("node"):
+        _needs_browser()
+    source = (WEB / "qlora-rt.mjs").read_text()
+    assert json.loads(re.search(r"export const FEEDS = (\[.*?\]);", source).group(1)) == list(FEEDS)
+    assert int(re.search(r"export const PREFILL_CHUNK = (\d+);", source).group(1)) == PREFILL_CHUNK
+    runs = [([5], 1, 1), ([5, 6, 7], 3, 1), ([9], 130, 1), (list(range(64)), 128, 0)]
+    chunks = [(list(range(3)), 0, {}), (list(range(130)), 0, {}), (list(range(200)), 128, {}),
+              (list(range(130)), 0, {"long_rope_from": 100}), (list(range(90)), 0, {"long_rope_from": 100})]
+    cases = _reply_cases()
+    spec = Path(os.environ.get("TMPDIR", "/tmp")) / f"decode-core-{os.getpid()}.json"
+    spec.write_text(json.dumps({"feeds": runs, "chunks": chunks, "replies": cases}))
+    try:
+        done = subprocess.run(["node", str(Path(__file__).parent / "web" / "decode_core.mjs"), str(spec)],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "NODE_NO_WARNINGS": "1"})
+    finally:
+        spec.unlink()
+    assert done.returncode == 0, done.stderr[-2000:]
+    js = json.loads(done.stdout)
+    for (ids, length, keep), got in zip(runs, js["feeds"]):
+        want = feeds(np.array([ids]), np.array([length]), keep)
+        assert set(got) == set(want)
+        for name, (values, dims) in got.items():
+            assert values == want[name].ravel().tolist() and dims == list(want[name].shape), (name, ids, length)
+    for (ids, start, meta), got in zip(chunks, js["chunks"]):
+        chunk = prompt_chunk(SimpleNamespace(long_rope_from=meta.get("long_rope_from")), len(ids))
+        assert got == [[end, list(c)] for end, c in prompt_chunks(ids, start, chunk)]
+    assert [len(c) for c in js["chunks"]] == [1, 3, 2, 1, 2], "a prompt past LongRoPE's switch runs whole"
+
+    class Tokens:  # the vocabulary's strings, joined
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def decode(self, tokens):
+            return "".join(self.vocab[t] for t in tokens)
+
+    finishes = set()
+    for case, got in zip(cases, js["replies"]):
+        o = case["options"]
+        bias = {int(t): b for t, b in o.get("logitBias", {}).items()} or None
+        req = Request(case["ids"], max_new_tokens=o["maxNewTokens"], stop=tuple(o.get("stop", ())),
+                      ignore_eos=o.get("ignoreEos", False),
+                      sampling=Sampling(presence_penalty=o.get("presencePenalty", 0.0),
+                                        frequency_penalty=o.get("frequencyPenalty", 0.0), logit_bias=bias))
+        reply = Reply(req, Tokens(case["vocab"]), set(case["eos"]), case["capacity"])
+        pieces = []
+        for row in case["logits"]:
+            event = reply.take(np.array([float(v) for v in row], np.float32))
+            pieces.append(event.text if event is not None else None)
+            if reply.finish:
+                break
+        assert got == {"pieces": pieces, "tokens": reply.tokens, "finish": reply.finish, "text": reply.text.text}, o
+        finishes.add(reply.finish)
+    assert finishes == {"stop", "length", "error"}
+    held = js["replies"][2]
+    assert held["pieces"] == ["a", "", "", "EN", "x"] and held["finish"] == "stop", "held while a stop may begin, " \
+        "released at the end of text"
+    assert js["replies"][3]["tokens"] != [1] * 6, "the penalties change the picks"
+
+
 @pytest.mark.slow
 def test_the_page_gives_generates_tokens_on_smollm2(tmp_path):
     """The bundled SmolLM2-135M, trained a few steps with the defaults and exported adapter-aware: the page's

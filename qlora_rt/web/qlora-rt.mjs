@@ -11,6 +11,13 @@
 // The imports are bare names: the page maps them to files (`qlora-rt web` writes that import map).
 // onnxruntime-web comes in two builds, loaded when a model is: "onnxruntime-web" (wasm, the CPU) and
 // "onnxruntime-web/webgpu" (WebGPU, with the CPU for what WebGPU does not run).
+//
+// The decode loop mirrors qlora_rt/runtime/decode.py, the Python runtime's one decode core: the same feeds
+// (FEEDS, feedValues: the prompt in chunks of PREFILL_CHUNK from position 0, then a token a run, each run
+// with the row's cache length and the last position's logits only) and the same step (Reply.take: logit
+// bias and penalties, greedy or seeded sampling, end of text, stop strings, length, the text a token adds).
+// A fix to one is a fix to both (tests/test_web.py runs them side by side). Not here: logprobs and JSON
+// constraints (the server's), and the seeded sampler's generator (mulberry32, not numpy's).
 import { Tokenizer } from "@huggingface/tokenizers";
 import { Template } from "@huggingface/jinja";
 
@@ -26,6 +33,10 @@ export const IO = {
   "present_key": "present.%d.key",
   "present_value": "present.%d.value"
 };
+// What every run feeds besides the cache (decode.py's FEEDS; an export from before row_lengths or
+// logits_to_keep is fed the others: its manifest's `inputs` say which it takes).
+export const FEEDS = ["input_ids", "attention_mask", "position_ids", "row_lengths", "logits_to_keep"];
+export const PREFILL_CHUNK = 64;  // prompt positions a run (decode.py's): a prompt's chunks start at multiples of it
 const MANIFEST = "qlora_rt_export.json", FORMAT = "qlora-rt-onnx", KV_CACHE = "in-place";
 const ADAPTER_SUFFIX = ".onnx_adapter";
 
@@ -101,7 +112,7 @@ export function pick(logits, { temperature = 0, topK = 0, topP = 1 } = {}, rando
 }
 
 /**
- * A reply's text as its tokens arrive, decoded incrementally (as qlora_rt/runtime/decoder.py's Text): each token
+ * A reply's text as its tokens arrive, decoded incrementally (qlora_rt/runtime/text.py's Text): each token
  * decodes a window from the previous token boundary, not the whole reply, and stop strings are looked for only
  * where the new text could complete one.
  */
@@ -147,13 +158,109 @@ function heldBack(text, stops) {
   return k;
 }
 
-function checkSampling({ temperature = 0, topK = 0, topP = 1, maxNewTokens = 128 }) {
+function checkSampling({ temperature = 0, topK = 0, topP = 1, maxNewTokens = 128, presencePenalty = 0,
+                        frequencyPenalty = 0, logitBias = null }, vocab) {
   if (!(temperature >= 0) || !Number.isFinite(temperature))
     throw new QloraError(`temperature must be >= 0 (0 = greedy), got ${temperature}`);
   if (!(topP > 0 && topP <= 1)) throw new QloraError(`topP must be in (0, 1], got ${topP}`);
   if (!(Number.isInteger(topK) && topK >= 0)) throw new QloraError(`topK must be an integer >= 0 (0 = off), got ${topK}`);
   if (!(Number.isInteger(maxNewTokens) && maxNewTokens >= 1))
     throw new QloraError(`maxNewTokens must be an integer >= 1, got ${maxNewTokens}`);
+  for (const [name, v] of [["presencePenalty", presencePenalty], ["frequencyPenalty", frequencyPenalty]])
+    if (!(v >= -2 && v <= 2)) throw new QloraError(`${name} must be in [-2, 2], got ${v}`);
+  for (const [t, b] of Object.entries(logitBias ?? {})) {
+    if (!(b >= -100 && b <= 100)) throw new QloraError("logitBias: each bias must be in [-100, 100]");
+    if (!(Number.isInteger(Number(t)) && t >= 0 && t < vocab)) throw new QloraError(`logitBias: token ids must be in [0, ${vocab})`);
+  }
+}
+
+/**
+ * The values of one run's feeds (decode.py's `feeds`, for one row): `ids` go to the end of the row's cache, which
+ * then holds `length` positions; keep: logits of the last `keep` positions (0: all). { name: [values, dims] }.
+ */
+export function feedValues(ids, length, keep = 1) {
+  const t = ids.length;
+  return {
+    [IO.input_ids]: [ids, [1, t]],
+    [IO.attention_mask]: [new Array(length).fill(1), [1, length]],
+    [IO.position_ids]: [ids.map((_, k) => length - t + k), [1, t]],
+    row_lengths: [[length], [1]],
+    [IO.logits_to_keep]: [[keep], []],
+  };
+}
+
+/**
+ * The positions a run of an n-token prompt takes (decode.py's prompt_chunk): `chunk`, or the whole prompt where it
+ * passes a LongRoPE export's switch length (the long tables apply to a run's positions only when they run together).
+ */
+export function promptChunk(meta, n, chunk = PREFILL_CHUNK) {
+  return meta.long_rope_from && n > meta.long_rope_from ? n : chunk;
+}
+
+/** A prompt's runs from position `start` (decode.py's prompt_chunks): [end, tokens] each. */
+export function promptChunks(ids, start = 0, chunk = PREFILL_CHUNK) {
+  const out = [];
+  for (let k = start; k < ids.length; k += chunk) out.push([Math.min(k + chunk, ids.length), ids.slice(k, k + chunk)]);
+  return out;
+}
+
+/**
+ * A row's logits with OpenAI's logit bias added and, for each token already generated, the presence penalty
+ * subtracted once and the frequency penalty once per time (sampling.py's Sampling.adjust): a copy, or the row.
+ */
+export function adjust(logits, generated, { presencePenalty = 0, frequencyPenalty = 0, logitBias = null } = {}) {
+  const bias = Object.entries(logitBias ?? {});
+  if (!presencePenalty && !frequencyPenalty && !bias.length) return logits;
+  const z = Float32Array.from(logits);
+  for (const [t, b] of bias) z[Number(t)] += b;
+  if (presencePenalty || frequencyPenalty) {
+    const counts = new Map();
+    for (const t of generated) counts.set(t, (counts.get(t) ?? 0) + 1);
+    for (const [t, n] of counts) z[t] -= frequencyPenalty * n + presencePenalty;
+  }
+  return z;
+}
+
+/**
+ * One reply as it is decoded (decode.py's Reply): `take` the row's logits after each run; it returns the piece the
+ * picked token adds ({ token, text }: whole characters only, none that could begin a stop string, until it ends;
+ * token null: what was held back, released at the end of text), or null, and sets `finish` once the reply is done
+ * ("stop": end of text or a stop string; "length": maxNewTokens, or the row's cache is full; "error").
+ */
+export class Reply {
+  constructor(ids, options, decode, eos, capacity) {
+    const { maxNewTokens = 128, stop = [], seed = null, ignoreEos = false } = options;
+    Object.assign(this, { ids, options, eos, capacity, maxNewTokens, stop, ignoreEos, sent: 0, finish: null, error: null });
+    this.text = new Text(decode, stop);
+    this.random = randomFrom(seed);
+  }
+
+  get tokens() { return this.text.tokens; }
+
+  take(logits) {
+    this.tFirst ??= performance.now();
+    let finite = true;
+    for (let i = 0; i < logits.length && finite; i++) finite = Number.isFinite(logits[i]);
+    if (!finite) {
+      Object.assign(this, { finish: "error", error: "the model's next-token scores are not finite numbers" });
+      return null;
+    }
+    const token = pick(adjust(logits, this.tokens, this.options), this.options, this.random);
+    if (this.eos.has(token) && !this.ignoreEos) {
+      this.finish = "stop";  // the model ended its text: what was held back is its end
+      const rest = this.text.text.slice(this.sent);
+      this.sent += rest.length;
+      return rest ? { token: null, text: rest } : null;
+    }
+    if (this.text.add(token)) this.finish = "stop";
+    else if (this.tokens.length >= this.maxNewTokens || this.ids.length + this.tokens.length >= this.capacity)
+      this.finish = "length";
+    let text = this.finish ? this.text.text : this.text.done, end = text.length;
+    if (!this.finish) end -= heldBack(text, this.stop);
+    const piece = end > this.sent ? text.slice(this.sent, end) : "";
+    this.sent = Math.max(this.sent, end);
+    return { token, text: piece };
+  }
 }
 
 export class Model {
@@ -260,74 +367,60 @@ export class Model {
   /**
    * The completion as it is produced: yields { token, text } per token (text: what the token adds; empty while
    * a character is incomplete or the text may be starting a stop string; a last { token: null, text } releases
-   * what was held back when the reply ends at its end-of-text token), and returns { text, tokens, finishReason, promptTokens, ttftSeconds,
-   * decodeTokensPerSecond }.
+   * what was held back when the reply ends at its end-of-text token), and returns { text, tokens, finishReason,
+   * promptTokens, ttftSeconds, decodeTokensPerSecond } (finishReason "stop", "length" or "abort").
    * options: chat, system, adapter (a name; null = the base), maxNewTokens (128), temperature (0 = greedy),
-   * topK (0 = off), topP (1), seed, stop (strings), ids (token ids instead of a prompt), signal (an AbortSignal),
-   * ignoreEos (decode exactly maxNewTokens: benchmarks).
+   * topK (0 = off), topP (1), seed, presencePenalty, frequencyPenalty, logitBias ({ token: bias }), stop (strings),
+   * ids (token ids instead of a prompt), signal (an AbortSignal), ignoreEos (decode exactly maxNewTokens: benchmarks).
    */
   async *stream(prompt, options = {}) {
-    const { chat = false, system = null, adapter = null, maxNewTokens = 128, stop = [], seed = null, signal } = options;
-    checkSampling(options);
+    const { chat = false, system = null, adapter = null, signal } = options;
+    const { layers, kv_heads: kvHeads, head_dim: headDim, vocab, max_context: ctx } = this.meta;
+    checkSampling(options, vocab);
     const ids = options.ids ?? this.encode(prompt, { chat, system });
-    const ctx = this.meta.max_context;
     if (ids.length < 1) throw new QloraError("the prompt has no tokens");
     if (ids.length >= ctx) throw new QloraError(`the prompt is ${ids.length} tokens; this export's context is ${ctx} tokens`);
     const runOptions = adapter ? { activeLoraAdapters: [await this.adapter(adapter)] } : {};
-    const random = randomFrom(seed);
-    const steps = Math.min(maxNewTokens, ctx - ids.length);
-    const { layers, kv_heads: kvHeads, head_dim: headDim, vocab } = this.meta;
+    const reply = new Reply(ids, options, (t) => this.decode(t), this.eos, ctx);
     const names = [];
     for (let i = 0; i < layers; i++) names.push(IO.past_key.replace("%d", i), IO.past_value.replace("%d", i));
     const { Tensor } = this.ort;
-    const int64 = (values, dims) => new Tensor("int64", BigInt64Array.from(values, BigInt), dims);
+    const fed = new Set(this.meta.inputs ?? [IO.input_ids, IO.attention_mask, IO.position_ids]);
     let past = Object.fromEntries(names.map((n) => [n, new Tensor("float32", new Float32Array(0), [1, kvHeads, 0, headDim])]));
-    const tokens = [];
-    const state = new Text((t) => this.decode(t), stop);
-    let sent = 0, finishReason = "length", input = ids, done = 0;
+    // one run: `tokens` at the end of the row's cache, which then holds `length` positions; the last position's logits
+    const run = async (tokens, length) => {
+      const feeds = { ...past };
+      for (const [name, [values, dims]] of Object.entries(feedValues(tokens, length)))
+        if (fed.has(name)) feeds[name] = new Tensor("int64", BigInt64Array.from(values, BigInt), dims);
+      const out = await this.session.run(feeds, runOptions);
+      const logits = out[IO.logits], rows = logits.dims[1];
+      const last = (await logits.getData()).slice((rows - 1) * vocab, rows * vocab);
+      logits.dispose();
+      for (const t of Object.values(past)) t.dispose();
+      past = Object.fromEntries(names.map((n) => [n, out[n.replace("past_key_values.", "present.")]]));
+      return last;
+    };
+    let finishReason = null, length = ids.length;
     const t0 = performance.now();
-    let tFirst = null;
     try {
-      for (let step = 0; step < steps; step++) {
+      let logits;
+      for (const [end, chunk] of promptChunks(ids, 0, promptChunk(this.meta, ids.length))) logits = await run(chunk, end);
+      for (;;) {
         if (signal?.aborted) { finishReason = "abort"; break; }
-        const feeds = {
-          [IO.input_ids]: int64(input, [1, input.length]),
-          [IO.attention_mask]: int64(new Array(done + input.length).fill(1), [1, done + input.length]),
-          [IO.position_ids]: int64(input.map((_, k) => done + k), [1, input.length]),
-          ...past,
-        };
-        const out = await this.session.run(feeds, runOptions);
-        const logits = out[IO.logits];
-        const rows = logits.dims[1];
-        const last = (await logits.getData()).subarray((rows - 1) * vocab, rows * vocab);
-        const token = pick(last, options, random);
-        logits.dispose();
-        for (const t of Object.values(past)) t.dispose();
-        past = Object.fromEntries(names.map((n) => [n, out[n.replace("past_key_values.", "present.")]]));
-        done += input.length;
-        input = [token];
-        tFirst ??= performance.now();
-        if (this.eos.has(token) && !options.ignoreEos) { finishReason = "eos"; break; }
-        tokens.push(token);
-        const stopped = state.add(token);
-        let shown = state.text;
-        if (!stopped && step + 1 < steps) {  // hold back an incomplete character, or what may start a stop string
-          shown = shown.endsWith("\ufffd") ? shown.slice(0, sent) : shown.slice(0, shown.length - heldBack(shown, stop));
-        }
-        yield { token, text: shown.length > sent ? shown.slice(sent) : "" };
-        sent = Math.max(sent, shown.length);
-        if (stopped) { finishReason = "stop"; break; }
+        const piece = reply.take(logits);
+        if (piece) yield piece;
+        if (reply.finish === "error") throw new QloraError(reply.error);
+        if (reply.finish) break;
+        logits = await run([reply.tokens.at(-1)], ++length);
       }
     } finally {
       for (const t of Object.values(past)) t.dispose();
     }
-    const tEnd = performance.now();
-    const text = finishReason === "stop" ? state.text : this.decode(tokens);
-    if (text.length > sent) yield { token: null, text: text.slice(sent) };
+    const tEnd = performance.now(), tFirst = reply.tFirst ?? tEnd, n = reply.tokens.length;
     return {
-      text, tokens, finishReason, promptTokens: ids.length,
-      ttftSeconds: ((tFirst ?? tEnd) - t0) / 1000,
-      decodeTokensPerSecond: tokens.length > 1 && tEnd > tFirst ? ((tokens.length - 1) * 1000) / (tEnd - tFirst) : 0,
+      text: reply.text.text, tokens: reply.tokens, finishReason: finishReason ?? reply.finish, promptTokens: ids.length,
+      ttftSeconds: (tFirst - t0) / 1000,
+      decodeTokensPerSecond: n > 1 && tEnd > tFirst ? ((n - 1) * 1000) / (tEnd - tFirst) : 0,
     };
   }
 
