@@ -53,8 +53,8 @@ def batches(lengths: list[int], vocab: int, budget: int = LOGITS_PER_BATCH) -> l
 @torch.no_grad()
 def torch_logits(model, sequences: list[list[int]], alone: bool = False) -> list[np.ndarray]:
     """(T, V) float32 logits of each token sequence, from one right-padded forward: no real position
-    attends to a pad. alone: a forward per sequence (LongRoPE picks its tables on the batch's width, so a
-    sequence's logits depend on the longest beside it; the runtime runs each alone)."""
+    attends to a pad. alone: a forward per sequence (LongRoPE picks its tables on a forward's length, so
+    in a batch a sequence's logits depend on the longest beside it; the runtime runs each alone)."""
     if alone and len(sequences) > 1:
         return [out for seq in sequences for out in torch_logits(model, [seq])]
     width = max(map(len, sequences))
@@ -135,10 +135,10 @@ def weights_on_disk(model: torch.nn.Module, scratch: Path, min_bytes: int | None
 
 def verify(folder: Path, meta, model, tokenizer, adapter: Path | None, new_tokens: int = 32,
            samples: list[list[int]] = (), budget: int = LOGITS_PER_BATCH) -> dict:
-    """max/mean |dlogit| over the prompts' positions and onnxruntime's greedy continuation of each (up to
-    `new_tokens` tokens; 8 after the one-token prompt), PyTorch's greedy agreement with that continuation,
-    and the next-token distributions' mean KL and top-1 agreement over those positions and `samples`'
-    (token ids of examples like the ones the model serves: the calibration data).
+    """max/mean |dlogit| over the prompts' positions, greedy agreement over up to `new_tokens` tokens (8
+    after the one-token prompt), and the next-token distributions' mean KL and top-1 agreement over the
+    prompts' and `samples`' positions (token ids of examples like the ones the model serves: the
+    calibration data).
 
     onnxruntime's side runs first, with PyTorch's weights waiting on disk, and its logits wait on disk
     too, a batch of at most `budget` a file; its session is closed before PyTorch's side, so the two
@@ -147,6 +147,7 @@ def verify(folder: Path, meta, model, tokenizer, adapter: Path | None, new_token
     # a one-token prompt last, alone: no past, the first step writes the cache (a few steps after it
     # suffice: longer decodes are the path the other prompts take)
     prompts.append(prompts[0][-1:])
+    inputs = [list(s) for s in samples] + prompts  # what onnxruntime computes logits of
     kl, top1, diffs, agree, identical = [], [], [], [], 0
     with tempfile.TemporaryDirectory(prefix="qlora-rt-verify-") as scratch:
         with weights_on_disk(model, Path(scratch)):
@@ -154,26 +155,28 @@ def verify(folder: Path, meta, model, tokenizer, adapter: Path | None, new_token
             runs = runtime.generate_ids(prompts[:-1], adapter=adapter, max_new_tokens=new_tokens)
             runs += runtime.generate_ids(prompts[-1:], adapter=adapter,
                                          max_new_tokens=min(new_tokens, ONE_TOKEN_STEPS))
-            # what both sides compute logits of: the samples, and each prompt with onnxruntime's continuation
-            forced = [list(s) for s in samples] + [ids + run.tokens for ids, run in zip(prompts, runs)]
+            forced = inputs[:len(samples)] + [ids + run.tokens for ids, run in zip(prompts, runs)]  # + continuation
             plan = batches([len(s) for s in forced], meta.vocab, budget)
             for b, batch in enumerate(plan):
-                np.savez(Path(scratch) / f"{b}.npz", *runtime.logits_batch([forced[i] for i in batch], adapter))
+                np.savez(Path(scratch) / f"{b}.npz", *runtime.logits_batch([inputs[i] for i in batch], adapter))
             del runtime
             gc.collect()
         for b, batch in enumerate(plan):
-            refs = torch_logits(model, [forced[i] for i in batch], alone=bool(meta.long_rope_from))
+            long_rope = bool(meta.long_rope_from)
+            refs = torch_logits(model, [forced[i] for i in batch], alone=long_rope)
             with np.load(Path(scratch) / f"{b}.npz") as saved:
                 gots = [saved[f"arr_{j}"] for j in range(len(batch))]
             for i, ref, got in zip(batch, refs, gots):
-                k, t = distribution_gap(ref[:len(got)], got)
+                # LongRoPE: the prompt's logits as the runtime computed them, from the prompt alone (with its
+                # continuation the sequence may pass the switch and every position take the long tables)
+                mine = torch_logits(model, [inputs[i]])[0] if long_rope and len(forced[i]) > len(got) else ref
+                k, t = distribution_gap(mine[:len(got)], got)
                 kl.append(k)
                 top1.append(t)
                 if i >= len(samples):
                     run = runs[i - len(samples)]
-                    diffs.append(np.abs(got - ref[:len(got)]))
-                    same, steps = greedy_prefix(ref, len(prompts[i - len(samples)]), run.tokens, run.finish_reason,
-                                                meta.eos_token_ids)
+                    diffs.append(np.abs(got - mine[:len(got)]))
+                    same, steps = greedy_prefix(ref, len(got), run.tokens, run.finish_reason, meta.eos_token_ids)
                     agree.append(same / steps if steps else 1.0)
                     identical += same == steps
             del refs, gots

@@ -13,8 +13,8 @@
 // "onnxruntime-web/webgpu" (WebGPU, with the CPU for what WebGPU does not run).
 //
 // The decode loop mirrors qlora_rt/runtime/decode.py, the Python runtime's one decode core: the same feeds
-// (FEEDS, feedValues: the prompt in chunks of PREFILL_CHUNK from position 0, then a token a run, each run
-// with the row's cache length and the last position's logits only) and the same step (Reply.take: logit
+// (FEEDS, feedValues: the prompt in chunks of PREFILL_CHUNK from position 0, then a token a run; see FEEDS for
+// the two onnxruntime-web cannot take) and the same step (Reply.take: logit
 // bias and penalties, greedy or seeded sampling, end of text, stop strings, length, the text a token adds).
 // A fix to one is a fix to both (tests/test_web.py runs them side by side). Not here: logprobs and JSON
 // constraints (the server's), and the seeded sampler's generator (mulberry32, not numpy's).
@@ -33,8 +33,11 @@ export const IO = {
   "present_key": "present.%d.key",
   "present_value": "present.%d.value"
 };
-// What every run feeds besides the cache (decode.py's FEEDS; an export from before row_lengths or
-// logits_to_keep is fed the others: its manifest's `inputs` say which it takes).
+// What every run feeds besides the cache (decode.py's FEEDS), where the session takes them: row_lengths and
+// logits_to_keep are inputs with defaults (initializers), which onnxruntime-web does not let a run feed ("invalid
+// input"), so the page feeds the other three. For its one row that is the same run: without row_lengths the
+// graph counts the row's cache from its mask, all ones; without logits_to_keep every position's logits come
+// back and the last is read.
 export const FEEDS = ["input_ids", "attention_mask", "position_ids", "row_lengths", "logits_to_keep"];
 export const PREFILL_CHUNK = 64;  // prompt positions a run (decode.py's): a prompt's chunks start at multiples of it
 const MANIFEST = "qlora_rt_export.json", FORMAT = "qlora-rt-onnx", KV_CACHE = "in-place";
@@ -385,8 +388,9 @@ export class Model {
     const names = [];
     for (let i = 0; i < layers; i++) names.push(IO.past_key.replace("%d", i), IO.past_value.replace("%d", i));
     const { Tensor } = this.ort;
-    const fed = new Set(this.meta.inputs ?? [IO.input_ids, IO.attention_mask, IO.position_ids]);
-    let past = Object.fromEntries(names.map((n) => [n, new Tensor("float32", new Float32Array(0), [1, kvHeads, 0, headDim])]));
+    const fed = new Set(this.session.inputNames);  // onnxruntime-web feeds no initializer: row_lengths, logits_to_keep
+    const empty = this.meta.kv_cache_dtype === "float16" ? ["float16", new Uint16Array(0)] : ["float32", new Float32Array(0)];
+    let past = Object.fromEntries(names.map((n) => [n, new Tensor(...empty, [1, kvHeads, 0, headDim])]));
     // one run: `tokens` at the end of the row's cache, which then holds `length` positions; the last position's logits
     const run = async (tokens, length) => {
       const feeds = { ...past };
