@@ -3,6 +3,7 @@ its self-check (verify.py: onnxruntime generates, PyTorch checks each choice).""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from qlora_rt import __version__
@@ -85,7 +86,7 @@ class DecoderFamily:
     def __init__(self, cfg: ExportConfig, trained: TrainedModel) -> None:
         self.cfg, self.trained = cfg, trained
         self.model = trained.loaded.model.eval()
-        self.spec = spec_of(self.model.config)
+        self.spec = replace(spec_of(self.model.config), kv_fp16=cfg.kv_cache == "fp16")
         self.max_context = min(self.model.config.max_position_embeddings, MAX_ROPE_TABLE)
         self.head_kind = "fp32"
         self.head: HeadWriter | None = None
@@ -136,7 +137,8 @@ class DecoderFamily:
                         int4_activations=("fp32" if 0 in writer.accuracy_levels else "int8")
                         if writer.accuracy_levels else None, min_onnxruntime=MIN_ONNXRUNTIME,
                         chat_template=loaded.tokenizer.chat_template is not None,
-                        long_rope_from=spec.long_rope_from or None)
+                        long_rope_from=spec.long_rope_from or None,
+                        kv_cache_dtype="float16" if spec.kv_fp16 else "float32")
 
     def save_files(self, folder: Path, meta: Manifest) -> None:
         tokenizer = self.trained.loaded.tokenizer
@@ -146,9 +148,10 @@ class DecoderFamily:
         write_device_files(folder, meta, self.model, tokenizer)
 
     def exact(self, writer: LinearWriter) -> bool:
-        # int8 activations are chaotic at the 1e-3 level (qlora_rt/base/packed_int4.py): never exact
+        # int8 activations are chaotic at the 1e-3 level (qlora_rt/base/packed_int4.py): never exact; nor is
+        # attention over an fp16 cache
         return not writer.requant_err and self.trained.quant.int4_compute == "fp32" \
-            and self.cfg.int4_compute in (None, "fp32")
+            and self.cfg.int4_compute in (None, "fp32") and not self.spec.kv_fp16
 
     def check(self, folder: Path, meta: Manifest, adapter_file: Path | None, distributions: bool) -> dict:
         # the calibration examples' distributions judge approximate exports; an exact one is judged by its

@@ -65,6 +65,7 @@ class DecoderSpec:
     rotary_dim: int = 0                  # dims of a head that rotate (partial rotary, Phi-4-mini); 0: all
     long_rope_from: int = 0              # LongRoPE: past this total length, the long tables (0: one set)
     fused: bool = False                  # q/k/v one Linear `qkv_proj`, gate/up one `gate_up_proj` (Phi-3)
+    kv_fp16: bool = False                # the KV cache (past/present) in fp16: attention runs in fp16
 
     def window(self, i: int) -> int:
         return self.windows[i] if self.windows else 0
@@ -115,7 +116,7 @@ def _head_norm(g: Graph, x: str, weight: str, n: int, hd: int, eps: float) -> st
     return g.op("Reshape", [_rms_norm(g, heads, weight, eps), g.const([0, 0, n * hd])])
 
 
-def _mask(g: Graph, attention_mask: str, batch: str, length: str) -> tuple[str, str, str]:
+def _mask(g: Graph, attention_mask: str, batch: str, length: str, fp16: bool = False) -> tuple[str, str, str]:
     """What GroupQueryAttention takes in place of a mask: seqlens_k (B,) int32, each row's last cache
     position; total_sequence_length () int32, P+T; an additive bias (B, 1, T, P+T) (the op applies the
     causal mask itself).
@@ -146,8 +147,9 @@ def _mask(g: Graph, attention_mask: str, batch: str, length: str) -> tuple[str, 
     seqlens = g.op("Where", [given, lengths, own])
     seqlens = g.op("Cast", [g.op("Sub", [seqlens, g.const([1])])], to=TensorProto.INT32)
     keep = g.op("Unsqueeze", [started, g.const([1, 2])])  # (B,1,1,P+T)
-    # not float32's min: the op adds the score to it, and a row of -inf would be NaN
-    bias = g.op("Where", [keep, g.const(0.0, np.float32), g.const(-1e30, np.float32)])
+    # not the type's min: the op adds the score to it, and a row of -inf would be NaN (fp16: its largest)
+    kind = np.float16 if fp16 else np.float32
+    bias = g.op("Where", [keep, g.const(0.0, kind), g.const(-65504.0 if fp16 else -1e30, kind)])
     bias = g.op("Expand", [bias, g.op("Concat", [batch, g.const([1]), length, total], axis=0)])  # (B,1,T,P+T)
     total = g.op("Cast", [g.op("Squeeze", [total, g.const([0])])], to=TensorProto.INT32)
     return seqlens, total, bias
@@ -173,6 +175,10 @@ def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, mask: tuple[str
     else:  # one (B, T, (n+2kv)*hd) tensor: the op's packed form, and a fused qkv_proj's own layout
         qkv, rotary = [g.op("Reshape", [lin.many(names, x, packed=True)[0], rows3])], int(bool(table))
     table = table or "rope"  # the op takes its tables as inputs even where it does no rotary
+    cos, sin = f"{table}.cos", f"{table}.sin"
+    if spec.kv_fp16:  # the op takes its inputs in the cache's type (a table's cast is folded at load)
+        qkv = [g.op("Cast", [t], to=TensorProto.FLOAT16) for t in qkv]
+        cos, sin = (g.op("Cast", [t], to=TensorProto.FLOAT16) for t in (cos, sin))
     seqlens, total, bias = mask
     past = [io.PAST_KEY % i, io.PAST_VALUE % i]
     # a sliding window of w positions: the query and the w - 1 before it, as transformers' sliding_window = w
@@ -180,11 +186,12 @@ def _attention(g: Graph, spec: DecoderSpec, lin, i: int, x: str, mask: tuple[str
     extra = {"local_window_size": spec.window(i)} if spec.window(i) else {}
     if spec.attn_softcap:
         extra["softcap"] = spec.attn_softcap
-    out, _, _ = g.op("GroupQueryAttention", [*qkv, *[""] * (3 - len(qkv)), *past, seqlens, total, f"{table}.cos",
-                                             f"{table}.sin", "", bias],
+    out, _, _ = g.op("GroupQueryAttention", [*qkv, *[""] * (3 - len(qkv)), *past, seqlens, total, cos, sin, "", bias],
                      [f"attn_{i}", *map(io.present_of, past)], domain=MS, num_heads=spec.heads,
                      kv_num_heads=spec.kv_heads, do_rotary=rotary, rotary_interleaved=0,
                      scale=spec.scale or hd ** -0.5, **extra)
+    if spec.kv_fp16:
+        out = g.op("Cast", [out], to=TensorProto.FLOAT)
     return lin(f"{p}.o_proj", g.op("Reshape", [out, g.const([-1, spec.heads * spec.head_dim])]))
 
 
@@ -214,11 +221,12 @@ def _io(g: Graph, spec: DecoderSpec) -> None:
     g.init(io.LOGITS_TO_KEEP, np.array(0, np.int64))
     g.inputs.append(helper.make_tensor_value_info(io.LOGITS_TO_KEEP, i64, []))
     g.outputs.append(helper.make_tensor_value_info(io.LOGITS, f32, [io.BATCH, "logits_sequence_length", spec.vocab]))
+    kv = TensorProto.FLOAT16 if spec.kv_fp16 else f32
     for past, present in zip(io.past_names(spec.layers), map(io.present_of, io.past_names(spec.layers))):
-        g.inputs.append(helper.make_tensor_value_info(past, f32, [io.BATCH, spec.kv_heads, io.PAST_SEQUENCE,
-                                                                  spec.head_dim]))
-        g.outputs.append(helper.make_tensor_value_info(present, f32, [io.BATCH, spec.kv_heads, io.TOTAL_SEQUENCE,
-                                                                      spec.head_dim]))
+        g.inputs.append(helper.make_tensor_value_info(past, kv, [io.BATCH, spec.kv_heads, io.PAST_SEQUENCE,
+                                                                 spec.head_dim]))
+        g.outputs.append(helper.make_tensor_value_info(present, kv, [io.BATCH, spec.kv_heads, io.TOTAL_SEQUENCE,
+                                                                     spec.head_dim]))
 
 
 def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
@@ -234,7 +242,7 @@ def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
     h = g.op("Gather", ["model.embed_tokens.weight", g.op("Reshape", [io.INPUT_IDS, g.const([-1])])])  # (B*T, d)
     if spec.embed_scale is not None:
         h = g.op("Mul", [h, g.const(spec.embed_scale, np.float32)])
-    mask = _mask(g, io.ATTENTION_MASK, batch, length)
+    mask = _mask(g, io.ATTENTION_MASK, batch, length, spec.kv_fp16)
     if spec.long_rope_from:
         _long_rope(g, spec, {spec.rope_of(i) for i in range(spec.layers)} - {""})
     x = _rms_norm(g, h, "model.layers.0.input_layernorm.weight", spec.eps)

@@ -77,7 +77,7 @@ def transformers_js_config(meta: Manifest) -> dict:
     (transformers.js names it `model.onnx_data`), and the cache's precision."""
     data = [name for name in meta.external_data if name.startswith("model.onnx")]
     return {"use_external_data_format": {"model.onnx": len(data)} if data == ["model.onnx_data"] else {},
-            "kv_cache_dtype": "float32", "dtype": "fp32"}
+            "kv_cache_dtype": meta.kv_cache_dtype or "float32", "dtype": "fp32"}
 
 
 def write_device_files(folder: Path, meta: Manifest, model: torch.nn.Module, tokenizer) -> None:
@@ -122,7 +122,8 @@ def _probe(model: Path, adapter_file: Path | None) -> np.ndarray:
         elif i.name == io.ATTENTION_MASK:
             feed[i.name] = np.ones(shape, np.int64)
         elif i.name.startswith("past_key_values.") or i.name == "token_type_ids":
-            feed[i.name] = np.zeros(shape, np.float32 if "float" in i.type else np.int64)
+            feed[i.name] = np.zeros(shape, {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(i.type,
+                                                                                                        np.int64))
     options = ort.RunOptions()
     if adapter_file is not None:
         lora = ort.LoraAdapter()

@@ -15,6 +15,7 @@ import torch
 
 from qlora_rt import __version__
 from qlora_rt.config import ExportConfig
+from qlora_rt.errors import QloraError
 from qlora_rt.lora.layers import lora_layers
 from qlora_rt.merge import save_tokenizer
 from qlora_rt.runtime.classifier import Classifier
@@ -37,6 +38,8 @@ class EncoderFamily:
     name = "encoder"
 
     def __init__(self, cfg: ExportConfig, trained: TrainedModel) -> None:
+        if cfg.kv_cache != "fp32":
+            raise QloraError(f"--kv-cache {cfg.kv_cache}: {cfg.model} is an encoder, which keeps no KV cache")
         self.cfg, self.trained = cfg, trained
         self.model = trained.loaded.model.eval()
         self.spec = spec_of(self.model)

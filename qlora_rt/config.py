@@ -219,6 +219,10 @@ class ExportConfig:
                                "the trained model; what a browser page computes) or auto (a decoder: int8, and fp32 "
                                "where int8 fails the check; an encoder: as trained)",
                                choices=("auto", "fp32", "int8"))
+    kv_cache: str = option("fp32", "decoders: the KV cache's type. fp16 halves its memory (a server's rows, a "
+                           "device's long context); attention then runs in fp16, which onnxruntime's CPU kernels "
+                           "compute slower than fp32 where many rows share a step (docs/benchmarks.md)",
+                           choices=("fp32", "fp16"))
     int4_rounding: str = option("gptq", "requantized int4 weights: gptq (error feedback on calibration inputs, keeps "
                                 "the layer outputs close) or rtn (round to nearest)", choices=("gptq", "rtn"))
     calibration: str | None = option(None, "JSONL for gptq rounding (default: the training data named in the "

@@ -5,12 +5,13 @@ loaders (config.json, tokenizer files), and onnxruntime's ORT format."""
 from __future__ import annotations
 
 import json
+import queue
 
 import numpy as np
 import onnx
 import onnxruntime_genai as og  # the test extra installs it: a missing one fails, never skips
 import pytest
-from conftest import CORPUS, save_checkpoint, write_jsonl
+from conftest import CORPUS, genai_greedy, save_checkpoint, write_jsonl
 
 from qlora_rt.runtime import Model
 from qlora_rt.runtime import graph_io as io
@@ -36,8 +37,44 @@ def int4_export(tmp_path_factory):
     return d / "onnx"
 
 
+
+def test_an_fp16_kv_cache_keeps_the_logits_and_runs_in_genai_and_the_server(int4_export, tmp_path):
+    """`export --kv-cache fp16`: past and present in fp16 (half the cache's memory), attention computed in fp16.
+    Our logits stay within what fp16 rounding explains of the fp32 cache's: each layer rounds q, k, v and the
+    attention output to 11 significant bits (2^-11 of a value each), allowed 4 x 2^-11 of the logits' largest
+    magnitude a layer; genai and the serving engine give our runtime's tokens (the same kernels)."""
+    from qlora_rt.config import ExportConfig
+    from qlora_rt.export.exporter import export
+    from qlora_rt.runtime.batching import Engine, Request
+
+    out = tmp_path / "kv16"
+    export(ExportConfig(model=str(int4_export.parent / "tiny"), adapter=str(int4_export.parent / "run" / "adapter"),
+                        out=str(out), int4_compute="fp32", kv_cache="fp16"))
+    m16, m32 = Model(out), Model(int4_export)
+    assert m16.meta.kv_cache_dtype == "float16"
+    assert {i.type for i in m16.session.get_inputs() if i.name.startswith("past_key_values.")} == {"tensor(float16)"}
+    assert json.loads((out / "config.json").read_text())["transformers.js_config"]["kv_cache_dtype"] == "float16"
+    ids, ours = _ours(out, "default")
+    for x, tokens in zip(ids, ours):
+        seq = x + tokens
+        want = m32.logits(seq, "default")
+        bound = 4 * 2**-11 * np.abs(want).max() * m16.meta.layers
+        assert np.abs(m16.logits(seq, "default") - want).max() <= bound
+        assert genai_greedy(out, x, NEW, "default")[:len(tokens)] == tokens
+    engine = Engine(m16, max_batch=2)
+    engine.add_adapter("default", "default")
+    try:
+        q = queue.Queue()
+        engine.submit(Request(ids[0], "default", NEW, ignore_eos=True), q.put)
+        served = []
+        while not (ev := q.get(timeout=60)).finish:
+            served += ev.tokens
+        assert served == ours[0]
+    finally:
+        engine.close(5)
+
 def _ours(folder, adapter=None, prompts=PROMPTS, chat=False):
-    """Our runtime's greedy tokens (a left-padded batch) and the prompts' token ids."""
+    """Our runtime's greedy tokens (the prompts' rows decoded side by side) and the prompts' token ids."""
     m = Model(folder)
     ids = [m.encode(p, chat=chat) if chat else m.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
     return ids, [c.tokens for c in m.generate_ids(ids, adapter=adapter, max_new_tokens=NEW, ignore_eos=True)]

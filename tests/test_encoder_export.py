@@ -152,6 +152,9 @@ def test_families_and_verbs_do_not_mix(families, tiny_export, capsys):
     assert main(["classify", str(tiny_export), "--text", "hi"]) == 2
     assert "is a decoder (causal-lm) export; `qlora-rt classify` runs encoders: use `qlora-rt generate` or" in \
         capsys.readouterr().err
+    assert main(["export", "--model", str(base), "--adapter", str(adapter), "--out", str(tmp / "onnx-kv"),
+                 "--kv-cache", "fp16"]) == 2
+    assert "is an encoder, which keeps no KV cache" in capsys.readouterr().err and not (tmp / "onnx-kv").exists()
 
 
 def test_the_plain_op_graph_is_the_same_model(families, tmp_path, monkeypatch):

@@ -158,6 +158,22 @@ def test_the_page_stops_at_eos_and_stop_strings_and_says_bad_options_in_one_line
     assert r[4]["error"] == "QloraError: the prompt is 300 tokens; this export's context is 256 tokens"
 
 
+
+def test_an_fp16_kv_cache_export_runs_in_the_page(web_export, tmp_path):
+    """`export --kv-cache fp16`: the page feeds and carries an fp16 cache (wasm), and its greedy tokens are
+    `generate`'s, with and without the adapter."""
+    from qlora_rt.config import ExportConfig
+    from qlora_rt.export.exporter import export
+
+    folder = tmp_path / "kv16"
+    export(ExportConfig(model=str(web_export.parent / "tiny"), adapter=str(web_export.parent / "default" / "adapter"),
+                        out=str(folder), int4_compute="fp32", kv_cache="fp16"))
+    site = build_site(folder, tmp_path / "site")
+    order = [None, "default"]
+    cases = [{"api": {"prompt": "the quick brown", "options": {"maxNewTokens": NEW, "adapter": a}}} for a in order]
+    for adapter, got in zip(order, run_page(site, cases, tmp_path)["results"]):
+        assert got.get("tokens") == _ours(folder, "the quick brown", adapter)[1].tokens, (adapter, got)
+
 def test_a_merged_export_runs_in_the_page(merged_export, tmp_path, capsys):
     """A merged export (no adapters to choose): the page's tokens equal ours where the export's 4-bit products
     take fp32 activations; an int8-activation export is said to differ on the web when the site is written."""

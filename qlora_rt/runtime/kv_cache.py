@@ -1,6 +1,7 @@
 """The decoder's KV cache, shared by `Model` (runtime/decoder.py) and the serving engine (runtime/batching.py).
 
-One zeroed (rows, kv_heads, capacity, head_dim) fp32 buffer per past tensor, bound by I/O binding as both
+One zeroed (rows, kv_heads, capacity, head_dim) buffer per past tensor, of the export's cache type (fp32, or
+fp16: `export --kv-cache`), bound by I/O binding as both
 `past_key_values.N.*` and `present.N.*`: GroupQueryAttention appends each step's keys and values in place,
 so nothing is copied between steps. A run binds all rows, or a window of them (the engine's slots
 first .. first+n-1: a view of the same memory, made once per window).
@@ -28,7 +29,8 @@ class KVCache:
         self.names = io.past_names(meta.layers)
         shape = (rows, meta.kv_heads, capacity, meta.head_dim)
         # the arrays behind the bound values: they (and their pages) must outlive every binding of them
-        self.buffers = {n: _zeros(shape, np.dtype(np.float32)) for n in self.names}
+        dtype = np.dtype(meta.kv_cache_dtype or "float32")
+        self.buffers = {n: _zeros(shape, dtype) for n in self.names}
         self._windows: dict[tuple[int, int], list[ort.OrtValue]] = {}
 
     @property

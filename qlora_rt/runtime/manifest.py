@@ -61,6 +61,7 @@ class Manifest:
     min_onnxruntime: str | None = None  # the oldest onnxruntime that runs the graph
     chat_template: bool | None = None   # whether the folder holds one (a base model's file may have none)
     long_rope_from: int | None = None   # LongRoPE: a run whose total length passes it takes the long tables
+    kv_cache_dtype: str | None = None   # the past/present tensors' type: float32 (also when absent) or float16
     # encoder
     max_length: int | None = None       # longest input in tokens (position table); longer texts are truncated
     token_type_ids: bool | None = None  # whether the graph takes them (BERT does; RoBERTa, DistilBERT do not)
