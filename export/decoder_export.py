@@ -103,7 +103,8 @@ class DecoderFamily:
         int8 = cfg.int4_compute == "int8" if cfg.int4_compute else any(
             formats.format_of(m.weight).approximate_in_onnx(m.weight) for m in writer.layers.values())
         approximate = cfg.weights == "int4" and (any(map(writer.requantizes, writer.layers)) or int8)
-        self.head_kind = head_format(cfg.head, approximate, trained_head(model, cfg.weights))
+        self.head_kind = "dynamic" if cfg.weights == "int8" and cfg.head == "auto" else \
+            head_format(cfg.head, approximate, trained_head(model, cfg.weights))
         return writer
 
     def calibration_targets(self, writer: LinearWriter) -> set[str]:
@@ -150,7 +151,7 @@ class DecoderFamily:
     def exact(self, writer: LinearWriter) -> bool:
         # int8 activations are chaotic at the 1e-3 level (qlora_rt/base/packed_int4.py): never exact; nor is
         # attention over an fp16 cache
-        return not writer.requant_err and self.trained.quant.int4_compute == "fp32" \
+        return not writer.requant_err and not writer.requant8_err and self.trained.quant.int4_compute == "fp32" \
             and self.cfg.int4_compute in (None, "fp32") and not self.spec.kv_fp16
 
     def check(self, folder: Path, meta: Manifest, adapter_file: Path | None, distributions: bool) -> dict:

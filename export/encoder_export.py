@@ -84,7 +84,7 @@ class EncoderFamily:
         save_tokenizer(self.trained.loaded.tokenizer, folder)
 
     def exact(self, writer: LinearWriter) -> bool:
-        return not writer.requant_err and self.trained.quant.int4_compute == "fp32" \
+        return not writer.requant_err and not writer.requant8_err and self.trained.quant.int4_compute == "fp32" \
             and self.cfg.int4_compute in (None, "fp32")
 
     def check(self, folder: Path, meta: Manifest, adapter_file: Path | None, distributions: bool) -> dict:

@@ -137,7 +137,7 @@ def _stage(t0: float, what: str) -> None:
 def _calibrate(cfg: ExportConfig, family: Family, writer: LinearWriter, t0: float) -> str:
     """GPTQ statistics for what this export requantizes to int4; returns how it is rounded."""
     names = family.calibration_targets(writer)
-    if not names or cfg.int4_rounding == "rtn":
+    if not names or cfg.int4_rounding == "rtn" or cfg.weights == "int8":  # int8 per column: to nearest
         return "rtn"
     data = calibration_data(cfg)
     if data is not None:
@@ -259,9 +259,10 @@ def summary(r: dict, cfg: ExportConfig, family: Family) -> str:
     if "int4_relative_weight_error_mean" in r:
         requant = f"{r['int4_rounding']}: {100 * r['int4_relative_weight_error_mean']:.2f}% mean relative weight error"
     if "int8_requantized" in r:
+        what = "weights to int8 per column" if cfg.weights == "int8" else "8-bit base weights to 8 bits (rtn, block 32)"
         requant = ("" if requant == "-" else requant + "; ") + (
-            f"{r['int8_requantized']} 8-bit base weights to 8 bits (rtn, block 32): "
-            f"{100 * r['int8_relative_weight_error_mean']:.3f}% mean relative weight error")
+            f"{r['int8_requantized']} {what}: {100 * r['int8_relative_weight_error_mean']:.3f}% mean relative weight "
+            "error")
     return table(f"export {cfg.out}", [
         ("family / mode / weights", f"{family.name} / {cfg.mode} / {cfg.weights}"),
         ("max |dlogit| vs PyTorch", f"{r['max_abs_logit_diff']:.2e} (tolerance "
@@ -271,7 +272,7 @@ def summary(r: dict, cfg: ExportConfig, family: Family) -> str:
                            f"over {r['positions']} positions{limits}"),
         *([("base weights", ", ".join(f"{n} {t}" for t, n in r["base_types"].items()))] if r.get("base_types")
           else []),
-        ("int4 requantization", requant),
+        ("requantization", requant),
         *([("4-bit products", _products(r))] if r.get("int4_activations") else []),
         *family.summary_rows(r),
         *([("ORT format", f"{ORT_MODEL}: max |dlogit| vs model.onnx {r['ort_format_max_abs_logit_diff']:.2e}")]

@@ -195,9 +195,11 @@ class ExportConfig:
                        "LoRA graph inputs, adapters as .onnx_adapter files", choices=("merged", "adapter-aware"))
     weights: str = option("auto", "weight format: fp32 | fp16 | int4 (MatMulNBits: an int4-trained base's own bytes "
                           "and exact; any other base or a merged weight is requantized and its error reported) | "
-                          "nf4 (adapter-aware: the trained NF4 bytes in MatMulBnb4) | auto (int4 for an int4-trained "
-                          "base, the default of `train`; fp32 for any other)",
-                          choices=("auto", "fp32", "fp16", "int4", "nf4"))
+                          "nf4 (adapter-aware: the trained NF4 bytes in MatMulBnb4) | int8 (every weight and the head "
+                          "rounded to int8 per column, computed with dynamic int8 activations: what a browser page "
+                          "runs fast, `qlora-rt web`; approximate) | auto (int4 for an int4-trained base, the "
+                          "default of `train`; fp32 for any other)",
+                          choices=("auto", "fp32", "fp16", "int4", "int8", "nf4"))
     block_size: int | None = option(None, "int4 block size for requantized weights (an int4-trained base keeps its "
                                     "own). Default 32, or twice an int4-trained base's block for a merge (on the "
                                     "base's own grid a merged weight would round back to the base and lose the "

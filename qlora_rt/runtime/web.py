@@ -117,6 +117,11 @@ def build_site(export: str | Path, out: str | Path, node_modules: str | None = N
     if size > WASM_MODEL_LIMIT:
         print(f"note: {export}'s model is {size / 2**30:.1f} GiB; onnxruntime-web's wasm build (the CPU) addresses "
               "4 GB in all and will not load it: the page needs WebGPU (docs/devices.md#browser)", file=sys.stderr)
+    if meta.weights in ("int4", "nf4"):
+        print(f"note: {export} holds {meta.weights} weights, which onnxruntime-web's wasm build (the CPU) has no "
+              "kernel for: it dequantizes them every step, so the page decodes a few tokens a second there. "
+              "`qlora-rt export --weights int8` writes the page's fast format (docs/devices.md#browser)",
+              file=sys.stderr)
     if meta.int4_activations == "int8":
         print(f"note: {export} computes its 4-bit products with int8 activations natively (export's default), and "
               "onnxruntime-web computes them with fp32 ones: the page's tokens can part from `qlora-rt generate`'s "
