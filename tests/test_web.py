@@ -159,24 +159,27 @@ def test_the_page_stops_at_eos_and_stop_strings_and_says_bad_options_in_one_line
 
 
 
-def test_an_fp16_kv_cache_export_runs_in_the_page(web_export, tmp_path):
-    """`export --kv-cache fp16`: the page feeds and carries an fp16 cache (wasm), and its greedy tokens are
-    `generate`'s, with and without the adapter."""
+def _page_replies(web_export: Path, tmp_path: Path, **export_kw) -> tuple[Path, list[tuple[str | None, dict]]]:
+    """web_export's base and its `default` adapter exported with export_kw, as a site: the folder, and the page's
+    greedy replies (adapter, result) to one prompt, base and adapter."""
     from qlora_rt.config import ExportConfig
     from qlora_rt.export.exporter import export
 
-    folder = tmp_path / "kv16"
+    folder = tmp_path / "export"
     export(ExportConfig(model=str(web_export.parent / "tiny"), adapter=str(web_export.parent / "default" / "adapter"),
-                        out=str(folder), int4_compute="fp32", kv_cache="fp16"))
+                        out=str(folder), **export_kw))
     site = build_site(folder, tmp_path / "site")
     order = [None, "default"]
     cases = [{"api": {"prompt": "the quick brown", "options": {"maxNewTokens": NEW, "adapter": a}}} for a in order]
-    ours = Model(folder)
-    for adapter, got in zip(order, run_page(site, cases, tmp_path)["results"]):
-        assert len(got.get("tokens", [])) == NEW, got
-        z = ours.logits(got["promptIds"] + got["tokens"], adapter)[len(got["promptIds"]) - 1:-1]  # each pick's logits
-        best, span = z.max(-1), z.max(-1) - z.min(-1)
-        assert all(z[i, t] >= best[i] - 0.01 * span[i] for i, t in enumerate(got["tokens"])), (adapter, got)
+    return folder, list(zip(order, run_page(site, cases, tmp_path)["results"]))
+
+
+def test_an_fp16_kv_cache_export_runs_in_the_page(web_export, tmp_path):
+    """`export --kv-cache fp16`: the page feeds and carries an fp16 cache (wasm), and its greedy tokens are
+    `generate`'s, with and without the adapter."""
+    folder, replies = _page_replies(web_export, tmp_path, int4_compute="fp32", kv_cache="fp16")
+    for adapter, got in replies:
+        assert got.get("tokens") == _ours(folder, "the quick brown", adapter)[1].tokens, (adapter, got)
 
 
 def test_an_int8_export_runs_in_the_page_as_generate_does(web_export, tmp_path, capsys):
@@ -186,27 +189,21 @@ def test_an_int8_export_runs_in_the_page_as_generate_does(web_export, tmp_path, 
     rounds the other way where the fp32 arithmetic before it differs in its last bit between the two builds; such a
     flip moves a logit by about one step of a weight's int8 grid times an activation's, far below 1% of the range,
     so a tie may go either way, nothing more); `web` tells an int4 export's owner about the format."""
-    from qlora_rt.config import ExportConfig
-    from qlora_rt.export.exporter import export
-
-    folder = tmp_path / "int8"
-    report = export(ExportConfig(model=str(web_export.parent / "tiny"), out=str(folder), weights="int8",
-                                 adapter=str(web_export.parent / "default" / "adapter")))
+    folder, replies = _page_replies(web_export, tmp_path, weights="int8")
+    report = json.loads((folder / "export_report.json").read_text())
     assert report["tolerance"] is None and report["int8_requantized"] > 0, "approximate: judged by its distributions"
     graph = (folder / "model.onnx").read_bytes()
     assert b"MatMulInteger" in graph and b"MatMulNBits" not in graph
-    site = build_site(folder, tmp_path / "site")
     assert "--weights int8" not in capsys.readouterr().err
     build_site(web_export, tmp_path / "site4")
     assert "`qlora-rt export --weights int8` writes the page's fast format" in capsys.readouterr().err
-    order = [None, "default"]
-    cases = [{"api": {"prompt": "the quick brown", "options": {"maxNewTokens": NEW, "adapter": a}}} for a in order]
     ours = Model(folder)
-    for adapter, got in zip(order, run_page(site, cases, tmp_path)["results"]):
+    for adapter, got in replies:
         assert len(got.get("tokens", [])) == NEW, got
         z = ours.logits(got["promptIds"] + got["tokens"], adapter)[len(got["promptIds"]) - 1:-1]  # each pick's logits
         best, span = z.max(-1), z.max(-1) - z.min(-1)
         assert all(z[i, t] >= best[i] - 0.01 * span[i] for i, t in enumerate(got["tokens"])), (adapter, got)
+
 
 def test_a_merged_export_runs_in_the_page(merged_export, tmp_path, capsys):
     """A merged export (no adapters to choose): the page's tokens equal ours where the export's 4-bit products
