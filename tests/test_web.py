@@ -286,7 +286,7 @@ def test_a_model_too_large_for_wasm_is_said_when_the_site_is_written(web_export,
     import qlora_rt.runtime.web as web
 
     build_site(web_export, tmp_path / "a")
-    assert "wasm" not in capsys.readouterr().err
+    assert "addresses 4 GB" not in capsys.readouterr().err
     monkeypatch.setattr(web, "WASM_MODEL_LIMIT", 1000)
     build_site(web_export, tmp_path / "b")
     assert "addresses 4 GB in all and will not load it: the page needs WebGPU" in capsys.readouterr().err
@@ -366,7 +366,11 @@ def test_the_browser_runtime_feeds_and_steps_as_the_python_decode_core():
               (list(range(130)), 0, {"long_rope_from": 100}), (list(range(90)), 0, {"long_rope_from": 100})]
     cases = _reply_cases()
     spec = Path(os.environ.get("TMPDIR", "/tmp")) / f"decode-core-{os.getpid()}.json"
-    spec.write_text(json.dumps({"feeds": runs, "chunks": chunks, "replies": cases}))
+    rng = np.random.default_rng(1)
+    picks = [{"logits": (rng.normal(0, scale, 3000)).astype(np.float32).tolist(),
+              "options": {"temperature": t, "topK": k, "topP": p}}
+             for scale, t, k, p in ((1, 0.7, 0, 0.9), (6, 1.0, 40, 0.95), (3, 0.5, 200, 1.0), (0.3, 1.3, 0, 0.5))]
+    spec.write_text(json.dumps({"feeds": runs, "chunks": chunks, "replies": cases, "picks": picks}))
     try:
         done = subprocess.run(["node", str(Path(__file__).parent / "web" / "decode_core.mjs"), str(spec)],
                               capture_output=True, text=True, timeout=120, env={**os.environ, "NODE_NO_WARNINGS": "1"})
@@ -379,6 +383,13 @@ def test_the_browser_runtime_feeds_and_steps_as_the_python_decode_core():
         assert set(got) == set(want)
         for name, (values, dims) in got.items():
             assert values == want[name].ravel().tolist() and dims == list(want[name].shape), (name, ids, length)
+    for case, got in zip(picks, js["picks"]):  # the sampler keeps what sampling.py's keeps (top_k, then top_p)
+        o, z = case["options"], np.array(case["logits"], np.float32).astype(np.float64) / case["options"]["temperature"]
+        order = np.argsort(-z, kind="stable")[: o["topK"] or None]
+        p = np.exp(z[order] - z[order[0]])
+        p /= p.sum()
+        kept = order[: int(np.sum(np.cumsum(p) - p < o["topP"]))]
+        assert got == [int(kept[0]), int(kept[-1])], (o, len(kept))
     for (ids, start, meta), got in zip(chunks, js["chunks"]):
         chunk = prompt_chunk(SimpleNamespace(long_rope_from=meta.get("long_rope_from")), len(ids))
         assert got == [[end, list(c)] for end, c in prompt_chunks(ids, start, chunk)]
