@@ -86,32 +86,67 @@ function randomFrom(seed) {
   };
 }
 
-/** One token from a row of logits: greedy at temperature 0, else softmax(z / T) cut to top_k, then to top_p mass. */
+/**
+ * One token from a row of logits: greedy at temperature 0, else softmax(z / T) cut to top_k, then to the smallest
+ * set of the most likely tokens whose mass reaches top_p, sampled. No whole-vocabulary sort: top_k's cut comes from
+ * a partial selection, and top_p sorts only the tokens above a weight whose set already holds top_p of the mass.
+ */
 export function pick(logits, { temperature = 0, topK = 0, topP = 1 } = {}, random = Math.random) {
-  if (temperature === 0) {
-    let best = 0;
-    for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
-    return best;
-  }
-  let order = Array.from(logits.keys()).sort((i, j) => logits[j] - logits[i]);
-  if (topK > 0 && topK < order.length) order = order.slice(0, topK);
-  const top = logits[order[0]];
-  let p = order.map((i) => Math.exp((logits[i] - top) / temperature));
-  let total = p.reduce((s, x) => s + x, 0);
-  p = p.map((x) => x / total);
-  if (topP < 1) {  // keep the smallest head of the sorted tokens whose mass reaches top_p
+  const n = logits.length;
+  let best = 0;
+  for (let i = 1; i < n; i++) if (logits[i] > logits[best]) best = i;
+  if (temperature === 0) return best;
+  const w = new Float64Array(n);  // each token's weight, exp((z - max) / T): the best one's is 1
+  for (let i = 0; i < n; i++) w[i] = Math.exp((logits[i] - logits[best]) / temperature);
+  const byWeight = (ids) => ids.sort((i, j) => w[j] - w[i] || i - j);
+  const sum = (ids) => ids.reduce((s, i) => s + w[i], 0);
+  let kept = null;  // the candidates, most likely first; null: every token
+  if (topK > 0 && topK < n) kept = byWeight(above(w, kthLargest(w, topK))).slice(0, topK);
+  if (topP < 1) {
+    const pool = kept ?? Array.from(w.keys()), goal = topP * sum(pool);
+    let head = [];
+    for (let floor = 2 ** -10; ; floor /= 64) {  // the tokens above `floor` suffice once they hold top_p of the mass
+      head = floor > 1e-300 ? pool.filter((i) => w[i] >= floor) : pool;
+      if (sum(head) >= goal || head.length === pool.length) break;
+    }
     let mass = 0, keep = 0;
-    while (keep < p.length && mass < topP) mass += p[keep++];
-    order = order.slice(0, keep);
-    p = p.slice(0, keep);
-    total = mass;
+    byWeight(head);
+    while (keep < head.length && mass < goal) mass += w[head[keep++]];
+    kept = head.slice(0, keep);
   }
-  let r = random() * total;
-  for (let k = 0; k < p.length; k++) {
-    r -= p[k];
-    if (r <= 0) return order[k];
+  const ids = kept ?? Array.from(w.keys());
+  let r = random() * sum(ids);
+  for (const i of ids) {
+    r -= w[i];
+    if (r <= 0) return i;
   }
-  return order[order.length - 1];
+  return ids[ids.length - 1];
+}
+
+/** The indices whose value is at least `floor`. */
+function above(values, floor) {
+  const out = [];
+  for (let i = 0; i < values.length; i++) if (values[i] >= floor) out.push(i);
+  return out;
+}
+
+/** The k-th largest of `values` (quickselect on a copy: linear on average, no sort). */
+function kthLargest(values, k) {
+  const a = Float64Array.from(values);
+  let lo = 0, hi = a.length - 1, target = k - 1;
+  while (lo < hi) {
+    const pivot = a[(lo + hi) >> 1];
+    let i = lo, j = hi;
+    while (i <= j) {
+      while (a[i] > pivot) i++;
+      while (a[j] < pivot) j--;
+      if (i <= j) { [a[i], a[j]] = [a[j], a[i]]; i++; j--; }
+    }
+    if (target <= j) hi = j;
+    else if (target >= i) lo = i;
+    else break;
+  }
+  return a[target];
 }
 
 /**
