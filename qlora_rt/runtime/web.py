@@ -21,6 +21,7 @@ from pathlib import Path
 from qlora_rt.config import LOOPBACK, host_name
 from qlora_rt.errors import QloraError
 from qlora_rt.files import atomic_dir, check_out
+from qlora_rt.runtime import graph_io as io
 from qlora_rt.runtime import manifest
 from qlora_rt.runtime.session import ADAPTER_DIR, ADAPTER_SUFFIX, adapter_names, read_adapter_file
 
@@ -75,6 +76,23 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def _page_graph(src: Path, dst: Path) -> None:
+    """model.onnx for the page: `logits_to_keep`'s default, 0 (every position's logits), set to 1 (the last
+    position's, all the page reads). onnxruntime-web lets a run feed no input that has a default (an
+    initializer), so the page cannot ask for it; without it a prompt's chunk computes the head for each of its
+    positions (Gemma 3: 262,144 logits, 1 MiB, a position). The initializer is the graph's 0-d int64 tensor as
+    onnx writes it (data_type 7, name, 8 bytes of raw data): those 8 bytes are rewritten in place. A graph
+    without it (an export from before) is copied as it is."""
+    name = io.LOGITS_TO_KEEP.encode()
+    default = b"\x10\x07" + b"\x42" + bytes([len(name)]) + name + b"\x4a\x08"  # data_type, name, raw_data (8 bytes)
+    data = src.read_bytes()
+    if data.count(default + (0).to_bytes(8, "little")) != 1:
+        _place(src, dst)
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(data.replace(default + (0).to_bytes(8, "little"), default + (1).to_bytes(8, "little")))
+
+
 def build_site(export: str | Path, out: str | Path, node_modules: str | None = None, overwrite: bool = False) -> Path:
     """Write the site for a decoder export; returns its folder."""
     export, out = Path(export), Path(out)
@@ -104,9 +122,10 @@ def build_site(export: str | Path, out: str | Path, node_modules: str | None = N
         (tmp / "index.html").write_text(page.replace(marker, '<script type="importmap">' +
                                                      json.dumps({"imports": imports}) + "</script>"))
         model = tmp / "model"
-        for name in (*MODEL_FILES, *OPTIONAL_FILES, "model.onnx", *meta.external_data):
+        for name in (*MODEL_FILES, *OPTIONAL_FILES, *meta.external_data):
             if (export / name).is_file():
                 _place(export / name, model / name)
+        _page_graph(export / "model.onnx", model / "model.onnx")
         for name in names:
             _place(export / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}", model / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
         (model / "adapters.json").write_text(json.dumps(names))
