@@ -23,6 +23,9 @@ alone, as `Model.generate` does.
 A graph without per-row adapter inputs (a merged export: no LoRA inputs at all) batches only rows of one
 adapter at a time, which for a merged export is every row.
 
+The runs themselves and each row's token choice, finish and text are the decode core's (decode.py: `Rows`,
+`Reply`), which `Model.generate` runs too; the engine decides what runs when.
+
 The engine runs in one thread of its own; onnxruntime releases the GIL while a step runs. Callers hand
 it a `Request` and an `emit` callable that receives the request's `Event`s from the engine's thread.
 """
