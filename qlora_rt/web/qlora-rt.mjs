@@ -14,8 +14,8 @@
 //
 // The decode loop mirrors qlora_rt/runtime/decode.py, the Python runtime's one decode core: the same feeds
 // (FEEDS, feedValues: the prompt in chunks of PREFILL_CHUNK from position 0, then a token a run; see FEEDS for
-// the two onnxruntime-web cannot take) and the same step (Reply.take: logit
-// bias and penalties, greedy or seeded sampling, end of text, stop strings, length, the text a token adds).
+// the two onnxruntime-web cannot take) and the same step (Reply.take: logit bias and penalties, greedy or seeded
+// sampling, end of text, stop strings, length, the text a token adds).
 // A fix to one is a fix to both (tests/test_web.py runs them side by side). Not here: logprobs and JSON
 // constraints (the server's), and the seeded sampler's generator (mulberry32, not numpy's).
 import { Tokenizer } from "@huggingface/tokenizers";
