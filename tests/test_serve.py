@@ -115,8 +115,22 @@ def test_a_mixed_step_equals_single_row_runs(export_abc):
             assert i == 0 or np.abs(alone - base).max() > 1e-3, "each adapter changes its row's logits"
         engine._lora([Row(3 - i, p) for i, p in enumerate(params)], 0, 4)  # the same adapters, rows reordered
         assert len(engine._stacks) == 1, "a set of adapters is stacked once, whatever its rows' order"
+        # two other sets: the first stack is dropped (STACKS = 2), and so is the window that last ran with it
+        for pair in ((1, 2), (2, 3)):
+            rows = [Row(i, params[k]) for i, k in enumerate(pair)]
+            engine.rows.run(0, nxt[:2], lengths[:2], engine._lora(rows, 0, 2))
+        assert len(engine._stacks) == 2 and _windows_hold_only_kept_inputs(engine)
     finally:
         engine.close(5)
+
+
+def _windows_hold_only_kept_inputs(engine: Engine) -> bool:
+    """Every I/O binding the engine's rows keep holds LoRA inputs of a loaded adapter, the base, a kept stack or
+    a step's row masks: none of an unloaded adapter or a dropped stack (which it would keep in memory)."""
+    kept = {id(v) for p in [*engine.adapters.values(), engine._base] for v in p.values()}
+    kept |= {id(v) for stack in engine._stacks.values() for v in stack[0].values()}
+    return all(id(v) in kept or name.endswith(".lora_mask")
+               for window in engine.rows._windows.values() for name, v in window[1].items())
 
 
 def _mixed_rows_decode_as_alone(engine: Engine, m: Model) -> None:
@@ -414,7 +428,8 @@ def test_adapters_load_only_from_inside_the_export_or_adapters_dir(tiny_export, 
 
 def test_unloaded_adapters_leave_the_engine_whole(tiny_export, tmp_path):
     """20 copies of an adapter loaded, used by one request each and unloaded: the engine then holds none of them,
-    not in the prefix cache's free slots (whose cached tokens were computed with one), not in its stacks."""
+    not in the prefix cache's free slots (whose cached tokens were computed with one), not in its stacks, not in
+    its rows' I/O bindings."""
     import shutil
 
     from qlora_rt.server.app import create_app
@@ -447,6 +462,7 @@ def test_unloaded_adapters_leave_the_engine_whole(tiny_export, tmp_path):
             assert all(id(p) in kept for p in held), "a free slot still holds an unloaded adapter"
             assert all(i in kept for key in engine._stacks for i in key)
             assert set(engine.adapters) == {"a", "b"}
+            assert _windows_hold_only_kept_inputs(engine), "a row's I/O binding still holds an unloaded adapter"
     finally:
         engine.close(5)
 

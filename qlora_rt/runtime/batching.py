@@ -109,6 +109,7 @@ class Engine:
         self.cond = threading.Condition()
         self.closing = False
         self._removed = False  # an adapter was unloaded: stacks holding it are dropped once no row uses it
+        self._unloaded: list[dict] = []  # adapters unloaded whose windows are not yet forgotten (_purge)
         self.steps = 0
         self.thread = threading.Thread(target=self._loop, name="qlora-rt-engine", daemon=True)
         self.thread.start()
@@ -124,7 +125,7 @@ class Engine:
         """Unknown to new requests at once; running requests that use it finish with it (they hold it), and
         its memory is freed when the last of them has (stacked copies included: _purge)."""
         with self.cond:
-            self.adapters.pop(name)
+            self._unloaded.append(self.adapters.pop(name))
             self._removed = True
             self.cond.notify()
 
@@ -251,7 +252,12 @@ class Engine:
         loaded = {id(p) for p in self.adapters.values()}
         rows = [*filter(None, self.slots), *self.waiting]
         used = loaded | {id(r.params) for r in rows}
-        self._stacks = {k: v for k, v in self._stacks.items() if all(i in used for i in k)}
+        for k in [k for k in self._stacks if not all(i in used for i in k)]:
+            self.rows.forget(self._stacks.pop(k)[0].values())
+        for p in self._unloaded:  # rows' windows that last ran with an adapter now gone
+            if id(p) not in used:
+                self.rows.forget(p.values())
+        self._unloaded = [p for p in self._unloaded if id(p) in used]
         self.held = [(p, h) if p is None or id(p) in used else (None, []) for p, h in self.held]
         self._removed = any(r.params and id(r.params) not in loaded for r in rows)  # purge again when they end
         if not self._removed:
@@ -348,7 +354,7 @@ class Engine:
             self._stacks[key] = self._stacks.pop(key)  # most recently used last
         else:
             while len(self._stacks) >= STACKS:
-                del self._stacks[next(iter(self._stacks))]
+                self.rows.forget(self._stacks.pop(next(iter(self._stacks)))[0].values())
             meta = self.m.meta
             self._stacks[key] = (*_stack(present, meta.lora_groups, a_rank_axis(meta.lora_inputs)),
                                  present)  # `present` pins the ids

@@ -127,6 +127,14 @@ class Rows:
         binding.bind_ortvalue_output(io.LOGITS, window[3])  # back to the buffer for the next run
         return out if keep == 0 else out[:, -1]
 
+    def forget(self, values) -> None:
+        """Drop the windows whose binding holds any of these LoRA inputs (an adapter unloaded, a stack of
+        adapters no longer kept): a window holds the last inputs it ran with, so a window not run since would
+        keep them, and their memory, alive. A dropped window is bound afresh when next run."""
+        gone = {id(v) for v in values}
+        for key in [k for k, w in self._windows.items() if any(id(v) in gone for v in w[1].values())]:
+            del self._windows[key]
+
     def _window(self, first: int, n: int, lora: dict[str, ort.OrtValue]) -> list:
         window = self._windows.get((first, n))
         if window is not None and window[1] is lora:  # the same inputs as the last run (one adapter's, or none)
