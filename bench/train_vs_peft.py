@@ -9,6 +9,9 @@ peak RSS is its own. The runs:
   qlora-rt int4 / nf4          `train` with its defaults (--dtype auto: bf16 products on a CPU with bf16
                                matrix units)
   qlora-rt int4 / nf4 fp32     the same with --dtype float32 (fp32 products): the reference loss curve
+  qlora-rt int4 packed (fp32)  `train --packing`: --batch-size rows of up to --seq-len tokens, each holding
+                               whole examples (no padding): more tokens a step than the padded runs, so its
+                               loss curve compares with its own fp32 run only
   PEFT nf4 fp32 / bf16         transformers + PEFT + bitsandbytes NF4 + double quant, bnb_4bit_compute_dtype
                                float32 / bfloat16 (PEFT at its own best on this CPU)
 
@@ -62,13 +65,14 @@ def batches(tokenizer, data: str, steps: int, batch_size: int, seq_len: int, see
 
 
 def run_ours(model_dir: str, data: str, steps: int, batch_size: int, seq_len: int, out: str, quant: str,
-             dtype: str) -> dict:
+             dtype: str, packing: bool = False) -> dict:
     from qlora_rt.config import TrainConfig
     from qlora_rt.train.run import train
 
     r = train(TrainConfig(model=model_dir, data=data, out=out, steps=steps, batch_size=batch_size,
                           seq_len=seq_len, rank=16, alpha=32, dropout=0.05, targets="all-linear", quant=quant,
-                          double_quant=True, dtype=dtype, checkpoint_every=0, eval_every=0, log_every=10))
+                          double_quant=True, dtype=dtype, checkpoint_every=0, eval_every=0, log_every=10,
+                          packing=packing))
     losses = [json.loads(l)["loss"] for l in open(Path(out) / "metrics.jsonl") if '"loss"' in l]
     return {"tokens_per_s": r.tokens_per_s, "losses": losses}
 
@@ -102,10 +106,12 @@ def run_peft(model_dir: str, data: str, steps: int, batch_size: int, seq_len: in
     return {"tokens_per_s": tokens / (time.perf_counter() - start), "losses": losses}
 
 
-RUNS = {  # name: (side, quant or PEFT's compute dtype, qlora-rt's --dtype)
-    "qlora-rt int4": ("ours", "int4", "auto"), "qlora-rt nf4": ("ours", "nf4", "auto"),
-    "qlora-rt int4 fp32": ("ours", "int4", "float32"), "qlora-rt nf4 fp32": ("ours", "nf4", "float32"),
-    "PEFT nf4 fp32": ("peft", "float32", None), "PEFT nf4 bf16": ("peft", "bfloat16", None),
+RUNS = {  # name: (side, quant or PEFT's compute dtype, qlora-rt's --dtype, --packing)
+    "qlora-rt int4": ("ours", "int4", "auto", False), "qlora-rt nf4": ("ours", "nf4", "auto", False),
+    "qlora-rt int4 fp32": ("ours", "int4", "float32", False), "qlora-rt nf4 fp32": ("ours", "nf4", "float32", False),
+    "qlora-rt int4 packed": ("ours", "int4", "auto", True),
+    "qlora-rt int4 packed fp32": ("ours", "int4", "float32", True),
+    "PEFT nf4 fp32": ("peft", "float32", None, False), "PEFT nf4 bf16": ("peft", "bfloat16", None, False),
 }
 
 
@@ -115,10 +121,10 @@ def child(args: argparse.Namespace) -> None:
     from qlora_rt.train.report import peak_rss_mib
 
     torch.set_num_threads(args.threads)
-    side, what, dtype = RUNS[args.run]
+    side, what, dtype, packing = RUNS[args.run]
     if side == "ours":
         result = run_ours(args.model_dir, args.data, args.steps, args.batch_size, args.seq_len,
-                          tempfile.mkdtemp() + "/run", what, dtype)
+                          tempfile.mkdtemp() + "/run", what, dtype, packing)
     else:
         result = run_peft(args.model_dir, args.data, args.steps, args.batch_size, args.seq_len, what)
     result["peak_rss_mib"] = peak_rss_mib()

@@ -95,6 +95,28 @@ def test_the_training_loss_is_the_models_own(tiny):
     assert abs(ours.item() - theirs.item()) <= 1e-5 * abs(theirs.item())
 
 
+def test_packed_rows_give_each_architecture_the_padded_loss(tiny):
+    """`train --packing`: examples packed into one row, each attending to itself (the model's own mask from the
+    positions: sliding windows and soft-caps included), give the loss of the same examples right-padded, to fp32
+    summation order (the products' shapes differ)."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_rt.train import text_data
+    from qlora_rt.train.tasks import CausalLM
+
+    name, model_dir, _, _ = tiny
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = torch.cat([IDS, IDS.flip(1)]).tolist()
+    examples = [text_data.Example(r[:n], r[:n]) for r, n in zip(rows, (16, 5, 11, 3))]
+    padded = text_data.collate(examples, pad_id=0)
+    packed = text_data.collate(text_data.pack(examples, capacity=64), pad_id=0)
+    assert packed["input_ids"].shape == (1, 35)
+    n = text_data.count_targets(padded)
+    with torch.no_grad():
+        ours, theirs = CausalLM.loss(model, packed, n), CausalLM.loss(model, padded, n)
+    assert abs(ours.item() - theirs.item()) <= 1e-5 * abs(theirs.item()), (name, ours, theirs)
+
+
 @pytest.fixture(scope="module", params=list(TINY))
 def tiny(request, tmp_path_factory):
     model_type, over, window = TINY[request.param]

@@ -520,3 +520,67 @@ def test_the_loss_in_chunks_of_positions_equals_the_loss_in_one(monkeypatch, hea
         assert (w1 - w2).abs().max() < 1e-5 * w1.abs().max()
     else:
         assert w1 is None and w2 is None
+
+
+def test_pack_fills_rows_best_fit_and_keeps_each_example_whole():
+    from qlora_rt.train.text_data import IGNORE, Example, pack
+
+    examples = [Example(list(range(10 * k, 10 * k + n)), list(range(10 * k, 10 * k + n))) for k, n in
+                enumerate([5, 8, 3, 7, 2, 5])]
+    rows = pack(examples, capacity=10)
+    assert sorted(len(r.input_ids) for r in rows) == [10, 10, 10]  # 30 tokens in three full rows
+    for r in rows:  # each member whole, its own positions from 0, its first token without a label
+        starts = [i for i, p in enumerate(r.positions) if p == 0]
+        for s, e in zip(starts, starts[1:] + [len(r.positions)]):
+            member = next(x for x in examples if x.input_ids == r.input_ids[s:e])
+            assert r.positions[s:e] == list(range(e - s))
+            assert r.labels[s:e] == [IGNORE] + member.labels[1:]
+    assert sorted(t for r in rows for t in r.input_ids) == sorted(t for x in examples for t in x.input_ids)
+    assert [r.input_ids for r in pack(examples, 10)] == [r.input_ids for r in rows], "the same data packs the same"
+
+
+def test_a_packed_step_equals_the_padded_step_on_the_same_examples(tiny_llama, tiny_data, tmp_path):
+    """The same 8 examples (the 4 shortest, the 4 longest) as a right-padded batch and packed into rows of 64: the
+    loss and every adapter gradient agree to fp32 summation order (the products' shapes differ, so their rounding
+    does: 1e-5 of the loss, 1e-4 of each gradient's largest entry), and the packed rows hold fewer slots."""
+    from qlora_rt.lora.svd_init import InitConfig
+    from qlora_rt.train import distributed
+    from qlora_rt.train.run import Trainer, _device_and_dtype, _resolved
+
+    cfg = _resolved(config(tiny_llama, tiny_data, tmp_path / "run", dropout=0.0, dtype="float32"))
+    device, dtype = _device_and_dtype(cfg)
+    t = Trainer(cfg, InitConfig(cfg.init, cfg.loftq_iters, cfg.svd), device, dtype,
+                distributed.setup(device, cfg.dist_timeout))
+    t.setup()
+    for p in t.params:  # B starts at zero: a random adapter, so every gradient is non-trivial
+        torch.nn.init.normal_(p, std=0.05)
+    by_length = sorted(t.train_set, key=lambda e: len(e.input_ids))
+    examples = by_length[:4] + by_length[-4:]  # short and long: the padded batch is mostly padding
+
+    def step(batch):
+        t.model.zero_grad(set_to_none=True)
+        loss = t.task.loss(t.model, batch, t.task.units(batch))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in t.params]
+
+    padded = t.task.collate(examples)
+    packed = t.task.collate(t.task.pack(examples))
+    assert t.task.units(packed) == t.task.units(padded)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    (l1, g1), (l2, g2) = step(padded), step(packed)
+    assert torch.allclose(l1, l2, rtol=1e-5, atol=0), (l1, l2)
+    for a, b in zip(g1, g2):
+        assert a.abs().max() > 0 and (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+
+def test_packing_trains_and_resumes_and_an_encoder_refuses_it(tiny_llama, tiny_data, tiny_bert, sentiment, tmp_path,
+                                                              capsys):
+    run = tmp_path / "run"
+    train(config(tiny_llama, tiny_data, run, steps=4, packing=True, eval_data=None))
+    assert "72 examples packed into" in capsys.readouterr().err
+    result = train(config(tiny_llama, tiny_data, run, steps=6, packing=True, eval_data=None, resume=True))
+    assert result.steps == 6 and math.isfinite(result.train_loss)
+    encoder = TrainConfig(model=str(tiny_bert), data=str(sentiment / "train.jsonl"), out=str(tmp_path / "enc"),
+                          steps=1, packing=True)
+    with pytest.raises(QloraError, match="--packing: an encoder classifies one example a row"):
+        train(encoder)

@@ -227,7 +227,11 @@ class Trainer:
         self.task = data.task.build(built.loaded.tokenizer, self.model, cfg.seq_len, data.labels)
         self.train_set, dropped = self.task.examples(cfg.data, data.rows, data.lines)
         self.eval_set = self.task.examples(cfg.eval_data, data.eval_rows, data.eval_lines)[0] if data.eval_rows else []
-        data.digest["examples"] = len(self.train_set)
+        data.digest["examples"] = self.examples = len(self.train_set)
+        if cfg.packing:
+            if not hasattr(self.task, "pack"):
+                raise QloraError("--packing: an encoder classifies one example a row; packing is for decoders")
+            self.train_set = self.task.pack(self.train_set)
         self.total_steps = cfg.steps or steps_for_epochs(cfg.epochs or 1.0, len(self.train_set), cfg.batch_size,
                                                          cfg.grad_accum)
         distributed.broadcast_parameters(d, trainable_parameters(self.model))
@@ -307,7 +311,7 @@ class Trainer:
         checkpoint's optimizer state for later. A new run: its folder, run.yaml and residual base written."""
         cfg, d, folder = self.cfg, self.d, self.folder
         if self.saved is not None:
-            folder.check_same_run(self.saved, built.loaded.fingerprint, data.digest, len(self.train_set), cfg)
+            folder.check_same_run(self.saved, built.loaded.fingerprint, data.digest, self.examples, cfg)
             distributed.check_world(self.saved, d)
             found, saved_tensors, saved_state = checkpoint.read(folder.checkpoint)
             passed = checkpoint.passed_over(folder.checkpoint) if d.main else None
@@ -369,10 +373,11 @@ class Trainer:
         if self.note and self.saved is None:
             print(self.note, file=sys.stderr)
         dropped_note = f" ({dropped} dropped: no target token left after truncation)" if dropped else ""
+        packed = f" packed into {len(self.train_set)} rows" if self.cfg.packing else ""
         trainable, total, steps = self.trainable, self.total, self.total_steps
         print(f"base {built.loaded.source}: {total / 1e6:.1f}M params, {cfg.quant} linears in {base_mib:,.1f} MiB"
               f"{kinds}; {what}adapters on {len(built.targets)} layers, {trainable:,} trainable "
-              f"({100 * trainable / total:.2f}%); {len(self.train_set)} examples{dropped_note}; "
+              f"({100 * trainable / total:.2f}%); {self.examples} examples{dropped_note}{packed}; "
               f"{steps} step{'s' if steps != 1 else ''} on {self.device.type}"
               f"{procs}{'; gradient checkpointing' if built.checkpointing else ''}"
               f"{'; the 4-bit products in bf16 (this CPU has bf16 matrix units)' if built.bf16_products else ''}",

@@ -51,6 +51,10 @@ class CausalLM:
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
         return text_data.collate(examples, self.pad_id)
 
+    def pack(self, examples: list) -> list:
+        """--packing: the examples in rows of up to --seq-len tokens (text_data.pack)."""
+        return text_data.pack(examples, self.seq_len)
+
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return text_data.count_targets(batch)
 
@@ -61,8 +65,12 @@ class CausalLM:
         The head of a small model is a large share of its compute (SmolLM2-135M: 49k x 576), and in chat
         data most positions carry no loss: skipping them makes a step faster for the same loss.
         """
-        hidden = model.get_decoder()(input_ids=batch["input_ids"],
-                                     attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, d)
+        if "position_ids" in batch:  # packed rows: the mask made block-diagonal from the positions (no 2-D mask)
+            hidden = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                         use_cache=False).last_hidden_state
+        else:
+            hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         use_cache=False).last_hidden_state  # (B, T, d)
         labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
         keep = labels != text_data.IGNORE
         return token_losses(model, hidden[:, :-1][keep], labels[keep]) / n_units

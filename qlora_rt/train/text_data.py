@@ -10,6 +10,7 @@ Labels use -100 for "no loss" (the convention transformers' loss functions share
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ IGNORE = -100
 class Example:
     input_ids: list[int]
     labels: list[int]
+    # packed rows (`pack`): each token's position within its own example, restarting at 0 where one begins
+    positions: list[int] | None = None
 
 
 SHAPES = {"messages": {"messages"}, "prompt": {"prompt", "completion"}, "text": {"text"}}
@@ -132,7 +135,8 @@ def load_examples(path: str | Path, tokenizer, seq_len: int,
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids, attention_mask, labels, each (B, T)."""
+    """Right-pad to the longest example: input_ids, attention_mask, labels, each (B, T). Packed rows add
+    position_ids (B, T): each example's own positions, a row's padding a sequence of its own after them."""
     T = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
@@ -142,7 +146,47 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.positions is not None for e in examples):
+        positions = torch.arange(T).repeat(len(examples), 1)
+        for i, e in enumerate(examples):
+            n = len(e.input_ids)
+            positions[i, :n] = torch.tensor(e.positions if e.positions is not None else range(n))
+            positions[i, n:] = torch.arange(T - n)
+        batch["position_ids"] = positions
+    return batch
+
+
+def pack(examples: list[Example], capacity: int) -> list[Example]:
+    """The examples packed whole into rows of at most `capacity` tokens, best fit, longest first (fewest rows
+    for the tokens, no example split). A row's examples attend each to itself only: each keeps its own positions
+    (0, 1, ... from its start: `positions`), from which the model's mask is block-diagonal, and the first token of
+    each gets no label, so no example learns to predict the next one's start. The rows are in a fixed order (the
+    same data packs the same), the examples within a row in their order in the file."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    room: list[tuple[int, int]] = []  # (free tokens, row), kept sorted: the tightest row that fits is a bisect
+    rows: list[list[int]] = []
+    for i in order:
+        n = len(examples[i].input_ids)
+        at = bisect.bisect_left(room, (n, -1))
+        if at == len(room):
+            rows.append([i])
+            free, row = capacity - n, len(rows) - 1
+        else:
+            free, row = room.pop(at)
+            rows[row].append(i)
+            free -= n
+        bisect.insort(room, (free, row))
+    packed = []
+    for members in rows:
+        ids, labels, positions = [], [], []
+        for i in sorted(members):
+            e = examples[i]
+            ids += e.input_ids
+            labels += [IGNORE] + e.labels[1:]
+            positions += range(len(e.input_ids))
+        packed.append(Example(ids, labels, positions))
+    return packed
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
