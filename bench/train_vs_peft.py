@@ -9,9 +9,9 @@ peak RSS is its own. The runs:
   qlora-rt int4 / nf4          `train` with its defaults (--dtype auto: bf16 products on a CPU with bf16
                                matrix units)
   qlora-rt int4 / nf4 fp32     the same with --dtype float32 (fp32 products): the reference loss curve
-  qlora-rt int4 packed (fp32)  `train --packing`: --batch-size rows of up to --seq-len tokens, each holding
-                               whole examples (no padding): more tokens a step than the padded runs, so its
-                               loss curve compares with its own fp32 run only
+  qlora-rt int4 / nf4 packed   `train --packing`: each step's examples packed into rows of up to --seq-len
+                               tokens (no padding computed); the same examples a step, so the same loss curve
+                               (int4 packed fp32: its fp32 reference)
   PEFT nf4 fp32 / bf16         transformers + PEFT + bitsandbytes NF4 + double quant, bnb_4bit_compute_dtype
                                float32 / bfloat16 (PEFT at its own best on this CPU)
 
@@ -111,6 +111,7 @@ RUNS = {  # name: (side, quant or PEFT's compute dtype, qlora-rt's --dtype, --pa
     "qlora-rt int4 fp32": ("ours", "int4", "float32", False), "qlora-rt nf4 fp32": ("ours", "nf4", "float32", False),
     "qlora-rt int4 packed": ("ours", "int4", "auto", True),
     "qlora-rt int4 packed fp32": ("ours", "int4", "float32", True),
+    "qlora-rt nf4 packed": ("ours", "nf4", "auto", True),
     "PEFT nf4 fp32": ("peft", "float32", None, False), "PEFT nf4 bf16": ("peft", "bfloat16", None, False),
 }
 

@@ -97,9 +97,10 @@ class TrainConfig:
     grad_accum: int = option(1, "micro-batches per optimizer step", at_least=1)
     seq_len: int = option(512, "truncate examples to this many tokens (encoders: at most their position table)",
                           at_least=2)
-    packing: bool = option(False, "decoders: pack the examples whole into rows of up to --seq-len tokens, each "
-                           "attending to itself only, so a step's rows hold no padding; --batch-size then counts "
-                           "rows, each holding several short examples (more tokens a step, fewer steps an epoch)")
+    packing: bool = option(True, "decoders: pack a micro-batch's examples whole into fewer, fuller rows (up to "
+                           "--seq-len tokens), each example attending to itself only, where that computes at least "
+                           "1/8 fewer positions than padding them to the longest (examples of mixed lengths): the "
+                           "same examples a step, the same loss to fp32 summation order")
     lr: float | None = option(None, "peak learning rate (default: 2e-4 for a decoder, 5e-4 for an encoder)", above=0)
     warmup: float = option(0.03, "warm-up: a fraction of the steps (<1) or a number of steps", at_least=0)
     schedule: str = option("cosine", "the learning rate after warm-up: cosine (down to 0 at the last step) or "

@@ -573,14 +573,18 @@ def test_a_packed_step_equals_the_padded_step_on_the_same_examples(tiny_llama, t
         assert a.abs().max() > 0 and (a - b).abs().max() <= 1e-4 * a.abs().max()
 
 
-def test_packing_trains_and_resumes_and_an_encoder_refuses_it(tiny_llama, tiny_data, tiny_bert, sentiment, tmp_path,
-                                                              capsys):
+def test_packing_trains_resumes_and_packs_only_where_lengths_differ(tiny_llama, tiny_data, tmp_path, capsys):
+    from qlora_rt.train.tasks import CausalLM
+    from qlora_rt.train.text_data import Example
+
     run = tmp_path / "run"
-    train(config(tiny_llama, tiny_data, run, steps=4, packing=True, eval_data=None))
-    assert "72 examples packed into" in capsys.readouterr().err
-    result = train(config(tiny_llama, tiny_data, run, steps=6, packing=True, eval_data=None, resume=True))
+    train(config(tiny_llama, tiny_data, run, steps=4, eval_data=None))  # on by default
+    assert "72 examples (packed into rows where lengths differ)" in capsys.readouterr().err
+    result = train(config(tiny_llama, tiny_data, run, steps=6, eval_data=None, resume=True))
     assert result.steps == 6 and math.isfinite(result.train_loss)
-    encoder = TrainConfig(model=str(tiny_bert), data=str(sentiment / "train.jsonl"), out=str(tmp_path / "enc"),
-                          steps=1, packing=True)
-    with pytest.raises(QloraError, match="--packing: an encoder classifies one example a row"):
-        train(encoder)
+    task = CausalLM(__import__("types").SimpleNamespace(pad_token_id=0), seq_len=64)
+    alike = [Example([1] * n, [1] * n) for n in (30, 31, 29, 30)]
+    assert task.pack(alike) is alike, "examples of like length stay padded: packing them saves nothing"
+    mixed = [Example([1] * n, [1] * n) for n in (60, 5, 6, 40)]
+    rows = task.pack(mixed)
+    assert len(rows) * max(len(r.input_ids) for r in rows) <= 0.875 * 4 * 60 and all(r.positions for r in rows)

@@ -228,10 +228,6 @@ class Trainer:
         self.train_set, dropped = self.task.examples(cfg.data, data.rows, data.lines)
         self.eval_set = self.task.examples(cfg.eval_data, data.eval_rows, data.eval_lines)[0] if data.eval_rows else []
         data.digest["examples"] = self.examples = len(self.train_set)
-        if cfg.packing:
-            if not hasattr(self.task, "pack"):
-                raise QloraError("--packing: an encoder classifies one example a row; packing is for decoders")
-            self.train_set = self.task.pack(self.train_set)
         self.total_steps = cfg.steps or steps_for_epochs(cfg.epochs or 1.0, len(self.train_set), cfg.batch_size,
                                                          cfg.grad_accum)
         distributed.broadcast_parameters(d, trainable_parameters(self.model))
@@ -373,7 +369,7 @@ class Trainer:
         if self.note and self.saved is None:
             print(self.note, file=sys.stderr)
         dropped_note = f" ({dropped} dropped: no target token left after truncation)" if dropped else ""
-        packed = f" packed into {len(self.train_set)} rows" if self.cfg.packing else ""
+        packed = " (packed into rows where lengths differ)" if self.cfg.packing and hasattr(self.task, "pack") else ""
         trainable, total, steps = self.trainable, self.total, self.total_steps
         print(f"base {built.loaded.source}: {total / 1e6:.1f}M params, {cfg.quant} linears in {base_mib:,.1f} MiB"
               f"{kinds}; {what}adapters on {len(built.targets)} layers, {trainable:,} trainable "
@@ -414,6 +410,12 @@ class Trainer:
         if self.fsdp:
             self.root.set_requires_gradient_sync(last)
         return contextlib.nullcontext() if last or not self.d.on or self.fsdp else self.forward.no_sync()
+
+    def _collate(self, examples: list) -> dict[str, torch.Tensor]:
+        """A micro-batch's tensors: its examples right-padded, or with --packing packed into as few rows as hold
+        them (the same examples, the same loss: no padding computed)."""
+        return self.task.collate(self.task.pack(examples) if self.cfg.packing and hasattr(self.task, "pack")
+                                 else examples)
 
     def _step(self, batches: list[dict], step: int) -> tuple[float, float, int]:
         """One optimizer step over the micro-batches: (loss, grad norm, tokens), over all ranks."""
@@ -465,7 +467,7 @@ class Trainer:
             while step < total_steps:
                 # every rank walks the global order and takes its slice of each global micro-batch
                 b, r = cfg.batch_size, self.d.rank
-                batches = [self.task.collate([train_set[i] for i in order.take(b * self.d.world)[r * b:(r + 1) * b]])
+                batches = [self._collate([train_set[i] for i in order.take(b * self.d.world)[r * b:(r + 1) * b]])
                            for _ in range(cfg.grad_accum)]
                 t0 = time.perf_counter()
                 loss, norm, n = self._step(batches, step + 1)

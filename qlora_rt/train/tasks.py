@@ -51,9 +51,24 @@ class CausalLM:
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
         return text_data.collate(examples, self.pad_id)
 
+    PACK_SAVING = 1 / 8  # pack a micro-batch where that computes at least this much fewer slots than padding it
+
     def pack(self, examples: list) -> list:
-        """--packing: the examples in rows of up to --seq-len tokens (text_data.pack)."""
-        return text_data.pack(examples, self.seq_len)
+        """--packing: a micro-batch's examples in rows (text_data.pack) of the length, between the longest example
+        and --seq-len, whose rows hold the fewest slots (rows x the longest row), where those are at least
+        PACK_SAVING fewer than the padded batch's; else the examples as they are (examples of like length gain
+        nothing, and packed rows cost a little more a slot: their attention mask is built from the positions)."""
+        lengths = [len(e.input_ids) for e in examples]
+        longest, total = max(lengths), sum(lengths)
+        best = (len(examples) * longest * (1 - self.PACK_SAVING), examples)
+        for capacity in sorted({longest, *(-(-total // k) for k in range(1, len(examples) + 1))}):
+            if not longest <= capacity <= max(self.seq_len, longest):
+                continue
+            rows = text_data.pack(examples, capacity)
+            slots = len(rows) * max(len(r.input_ids) for r in rows)
+            if slots <= best[0]:
+                best = slots, rows
+        return best[1]
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return text_data.count_targets(batch)
