@@ -27,6 +27,8 @@ from .weight_writers import (
     HeadWriter,
     LinearWriter,
     add_shared_tensors,
+    embedding_blocks,
+    gather_blocks,
     head_format,
     linear_writer,
     trained_head,
@@ -90,11 +92,10 @@ class DecoderFamily:
         self.max_context = min(self.model.config.max_position_embeddings, MAX_ROPE_TABLE)
         self.head_kind = "fp32"
         self.head: HeadWriter | None = None
+        self.embed_blocks: dict | None = None
 
     def start(self, g: Graph) -> LinearWriter:
         cfg, model, info = self.cfg, self.model, self.trained.adapter
-        add_shared_tensors(g, model, self.max_context, architecture_of(model.config).norm_offset,
-                           rope_tables(model.config), long_rope_from(model.config))
         # adapter-aware: LoRA inputs on the trained adapter's modules, or on every Linear for a bare base
         adapted = set(info.modules) if info else set(lora_layers(model))
         writer = linear_writer(g, model, cfg.mode, cfg.weights, adapted, cfg.block_size, row_slots=True,
@@ -105,6 +106,13 @@ class DecoderFamily:
         approximate = cfg.weights == "int4" and (any(map(writer.requantizes, writer.layers)) or int8)
         self.head_kind = "dynamic" if cfg.weights == "int8" and cfg.head == "auto" else \
             head_format(cfg.head, approximate, trained_head(model, cfg.weights))
+        # the embedding as stored (8-bit blocks) where the export is 8- or 4-bit and no fp32 head reads the table
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is model.get_input_embeddings().weight
+        self.embed_blocks = embedding_blocks(model) if cfg.weights in ("int4", "int8") and not (
+            tied and self.head_kind == "fp32") else None
+        add_shared_tensors(g, model, self.max_context, architecture_of(model.config).norm_offset,
+                           rope_tables(model.config), long_rope_from(model.config), embedding=not self.embed_blocks)
         return writer
 
     def calibration_targets(self, writer: LinearWriter) -> set[str]:
@@ -116,7 +124,9 @@ class DecoderFamily:
     def build(self, g: Graph, writer: LinearWriter) -> None:
         self.head = HeadWriter(g, self.model, self.cfg.weights, self.head_kind,
                                H=lambda: writer.hessians.pop(HEAD, None), int4_compute=self.cfg.int4_compute)
-        build_decoder(self.spec, g, writer, self.head)
+        blocks = self.embed_blocks
+        build_decoder(self.spec, g, writer, self.head,
+                      embed=(lambda ids: gather_blocks(g, ids, blocks, self.spec.hidden)) if blocks else None)
 
     def manifest(self, writer: LinearWriter) -> Manifest:
         loaded, info, spec, cfg = self.trained.loaded, self.trained.adapter, self.spec, self.cfg

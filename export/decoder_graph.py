@@ -229,17 +229,20 @@ def _io(g: Graph, spec: DecoderSpec) -> None:
                                                                      spec.head_dim]))
 
 
-def build_decoder(spec: DecoderSpec, g: Graph, lin, head) -> None:
-    """Wire the whole decoder into `g`. `lin(name, x)` emits a Linear; `head(x)` emits the output head.
+def build_decoder(spec: DecoderSpec, g: Graph, lin, head, embed=None) -> None:
+    """Wire the whole decoder into `g`. `lin(name, x)` emits a Linear; `head(x)` emits the output head;
+    `embed(ids)` the embedding rows of the (n,) token ids (default: a Gather from `model.embed_tokens.weight`).
 
-    Norm weights (`model.layers.N.input_layernorm.weight`, ...), `model.embed_tokens.weight` and the
-    rotary tables `rope.cos` / `rope.sin` (max_positions, head_dim/2) must already be initializers.
+    Norm weights (`model.layers.N.input_layernorm.weight`, ...), `model.embed_tokens.weight` (unless `embed`
+    reads the table otherwise) and the rotary tables `rope.cos` / `rope.sin` (max_positions, head_dim/2) must
+    already be initializers.
     """
     _io(g, spec)
     batch = g.op("Shape", [io.INPUT_IDS], start=0, end=1)  # (1,) B
     length = g.op("Shape", [io.INPUT_IDS], start=1, end=2)  # (1,) T
     rows3 = g.op("Concat", [batch, length, g.const([-1])], axis=0)  # (B*T, n) -> (B, T, n)
-    h = g.op("Gather", ["model.embed_tokens.weight", g.op("Reshape", [io.INPUT_IDS, g.const([-1])])])  # (B*T, d)
+    ids = g.op("Reshape", [io.INPUT_IDS, g.const([-1])])
+    h = embed(ids) if embed else g.op("Gather", ["model.embed_tokens.weight", ids])  # (B*T, d)
     if spec.embed_scale is not None:
         h = g.op("Mul", [h, g.const(spec.embed_scale, np.float32)])
     mask = _mask(g, io.ATTENTION_MASK, batch, length, spec.kv_fp16)

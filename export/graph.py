@@ -44,6 +44,8 @@ class Graph:
 
     def init(self, name: str, array: np.ndarray) -> str:
         a = np.ascontiguousarray(array) if np.ndim(array) else np.asarray(array)  # keeps 0-d
+        if name in self.names:  # two tensors under one name: the graph would read one of them for both
+            raise ValueError(f"initializer {name!r} written twice")
         self.names.add(name)
         if self._data is None or a.nbytes < EXTERNAL_MIN:
             self.initializers.append(numpy_helper.from_array(a, name))

@@ -498,8 +498,51 @@ def group_name(names: list[str]) -> str:
         n.rpartition(".")[2] for n in names)
 
 
+def embedding_blocks(model: torch.nn.Module) -> dict[str, np.ndarray] | None:
+    """The input embedding as 8-bit blocks with a scale each, where it is stored so (a GGUF's Q8_0, or a 5- or
+    6-bit type kept in 8): its own bytes, or the output head's where the head holds the same table (a GGUF's
+    tied `token_embd`, untied for --quant-head: its dequantized bytes equal the embedding exactly, checked).
+    MatMulNBits-layout inputs (`qweight` (N, blocks, block), `scales`, maybe `zero_points`), which
+    GatherBlockQuantized reads exactly at a quarter of the fp32 table's bytes. None for any other embedding."""
+    table = model.get_input_embeddings()
+    emb, head = table.weight, model.get_output_embeddings()
+    same_shape = head is not None and (head.out_features, head.in_features) == (table.num_embeddings,
+                                                                                table.embedding_dim)
+    for w in (emb, head.weight if same_shape else None):  # (a quantized weight's shape is its bytes')
+        if w is None or not formats.is_quantized(w):
+            continue
+        stored = formats.format_of(w).nbits(w)
+        if stored is None or stored[1].bits != 8:
+            continue
+        inputs = int4.nbits_inputs(*stored)
+        if "correction" in inputs:
+            continue
+        if w is emb or torch.equal(formats.dequantize(w), emb.detach().float()):
+            return inputs
+    return None
+
+
+def gather_blocks(g: Graph, ids: str, inputs: dict[str, np.ndarray], K: int) -> str:
+    """Rows `ids` (n,) of an 8-bit block-quantized table (`embedding_blocks`) as (n, K) fp32: GatherBlockQuantized
+    over the (N, blocks, block) bytes, each block scaled along its last axis (MatMulNBits' 8-bit default zero
+    point, 128, where the table has none). The bytes are an initializer of their own even where the head
+    multiplies by the same ones: onnxruntime reads an initializer only its Gather uses from the mapped file, a
+    page as a row is asked for, where one the head's MatMulNBits shares is held whole in memory (SmolLM2-135M:
+    28 MB more resident, for 28 MB less on disk)."""
+    N, blocks, block = inputs["qweight"].shape
+    operands = [g.init("model.embed_tokens.qweight", inputs["qweight"]), ids,
+                g.init("model.embed_tokens.scales", inputs["scales"].reshape(N, blocks, 1))]
+    if "zero_points" in inputs:
+        operands.append(g.init("model.embed_tokens.zero_points", inputs["zero_points"].reshape(N, blocks, 1)))
+    rows = g.op("GatherBlockQuantized", operands, domain=MS, bits=8, block_size=block, gather_axis=0,
+                quantize_axis=2)  # (n, blocks, block)
+    rows = g.op("Reshape", [rows, g.const([-1, blocks * block])])
+    return rows if blocks * block == K else g.op("Slice", [rows, g.const([0]), g.const([K]), g.const([1])])
+
+
 def add_shared_tensors(g: Graph, model: torch.nn.Module, max_positions: int, norm_offset: float = 0.0,
-                       rope_tables: dict[str | None, str] | None = None, long_rope_from: int = 0) -> None:
+                       rope_tables: dict[str | None, str] | None = None, long_rope_from: int = 0,
+                       embedding: bool = True) -> None:
     """Embedding, norms and the rotary tables, as initializers the graph refers to by name.
 
     norm_offset: added to every RMSNorm weight (Gemma's norms scale by 1 + w; the sum is the one transformers
@@ -508,11 +551,12 @@ def add_shared_tensors(g: Graph, model: torch.nn.Module, max_positions: int, nor
     rotary (Phi-4-mini) makes rotary_dim < head_dim. long_rope_from (LongRoPE, Phi-3.x): the model's own
     rotary module switches to its long factors for every position once a sequence passes this length, so two
     tables go in, `<name>.long.*` and `<name>.short.*` (short factors up to that length, the long rows after:
-    never read), and the graph picks one a run (decoder_graph._long_rope)."""
+    never read), and the graph picks one a run (decoder_graph._long_rope). embedding: False where the graph reads
+    the embedding from its stored blocks instead (`gather_blocks`)."""
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             g.init(name, (p.detach().float() + norm_offset).numpy())
-        elif name == "model.embed_tokens.weight":
+        elif name == "model.embed_tokens.weight" and embedding:
             g.init(name, p.detach().float().numpy())
     rotary = model.model.rotary_emb
     positions = torch.arange(max_positions)[None]  # (1, P)

@@ -117,7 +117,12 @@ def test_genai_gives_our_tokens_on_smollm2(tmp_path):
     adapter = train(TrainConfig(model="smollm2-135m", data=str(data), out=str(tmp_path / "run"), steps=6,
                                 batch_size=2, seq_len=128, lr=2e-3, eval_every=0, checkpoint_every=0)).adapter
     folder = tmp_path / "onnx"
-    export(ExportConfig(model="smollm2-135m", adapter=str(adapter), out=str(folder), int4_compute="fp32"))
+    report = export(ExportConfig(model="smollm2-135m", adapter=str(adapter), out=str(folder), int4_compute="fp32"))
+    # the tied Q8_0 embedding read from its stored bytes (GatherBlockQuantized), exactly: no fp32 table
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == 1
+    assert "model.embed_tokens.weight" not in {t.name for t in graph.initializer}
+    assert report["max_abs_logit_diff"] <= report["tolerance"]
     prompts = ["Rewrite 4 July 2047 as ISO 8601.", "What is the capital of France?", "Hi"]
     eos = set(json.loads((folder / "qlora_rt_export.json").read_text())["eos_token_ids"])
 
