@@ -9,14 +9,16 @@ peak RSS is its own. The runs:
   qlora-rt int4 / nf4          `train` with its defaults (--dtype auto: bf16 products on a CPU with bf16
                                matrix units)
   qlora-rt int4 / nf4 fp32     the same with --dtype float32 (fp32 products): the reference loss curve
-  qlora-rt int4 / nf4 packed   `train --packing`: each step's examples packed into rows of up to --seq-len
-                               tokens (no padding computed); the same examples a step, so the same loss curve
-                               (int4 packed fp32: its fp32 reference)
+  qlora-rt int4 / nf4 unpacked `--no-packing`: every micro-batch right-padded (the default packs one where that
+                               computes 1/8 fewer positions; the same examples a step either way)
   PEFT nf4 fp32 / bf16         transformers + PEFT + bitsandbytes NF4 + double quant, bnb_4bit_compute_dtype
                                float32 / bfloat16 (PEFT at its own best on this CPU)
 
     python bench/train_vs_peft.py [--model smollm2-135m] [--steps 30] [--batch-size 4] [--seq-len 256]
-                                  [--threads 2] [--runs a,b]
+                                  [--threads 2] [--runs a,b] [--mixed]
+
+--mixed: examples of mixed lengths (1 to 3 of the dates examples joined into one text example, 80-250
+tokens), where padding a batch to its longest example computes many empty positions.
 
 Prints tokens/s, peak RSS and first/last loss with each run's ratio to the faster PEFT run, and how far
 each qlora-rt curve lies from its fp32 reference (the largest per-step loss difference).
@@ -54,6 +56,23 @@ def export_fp32(model: str, folder: Path) -> Path:
                                         "completion": r["messages"][1]["content"]}) + "\n"
                             for r in read_examples(DATA)))
     return data
+
+
+def mixed_lengths(data: Path, out: Path) -> Path:
+    """1, 2 or 3 consecutive examples of `data` as one text example each (question and answer lines), in turn."""
+    from qlora_rt.train.text_data import read_examples
+
+    def text(r: dict) -> str:
+        return (f"{r['messages'][0]['content']}\n{r['messages'][1]['content']}" if "messages" in r
+                else r["prompt"] + r["completion"])
+
+    rows, i, k = read_examples(data), 0, 0
+    with open(out, "w") as f:
+        while i < len(rows):
+            n = 1 + k % 3
+            f.write(json.dumps({"text": "\n\n".join(text(r) for r in rows[i:i + n])}) + "\n")
+            i, k = i + n, k + 1
+    return out
 
 
 def batches(tokenizer, data: str, steps: int, batch_size: int, seq_len: int, seed: int = 0):
@@ -107,11 +126,9 @@ def run_peft(model_dir: str, data: str, steps: int, batch_size: int, seq_len: in
 
 
 RUNS = {  # name: (side, quant or PEFT's compute dtype, qlora-rt's --dtype, --packing)
-    "qlora-rt int4": ("ours", "int4", "auto", False), "qlora-rt nf4": ("ours", "nf4", "auto", False),
-    "qlora-rt int4 fp32": ("ours", "int4", "float32", False), "qlora-rt nf4 fp32": ("ours", "nf4", "float32", False),
-    "qlora-rt int4 packed": ("ours", "int4", "auto", True),
-    "qlora-rt int4 packed fp32": ("ours", "int4", "float32", True),
-    "qlora-rt nf4 packed": ("ours", "nf4", "auto", True),
+    "qlora-rt int4": ("ours", "int4", "auto", True), "qlora-rt nf4": ("ours", "nf4", "auto", True),
+    "qlora-rt int4 fp32": ("ours", "int4", "float32", True), "qlora-rt nf4 fp32": ("ours", "nf4", "float32", True),
+    "qlora-rt int4 unpacked": ("ours", "int4", "auto", False), "qlora-rt nf4 unpacked": ("ours", "nf4", "auto", False),
     "PEFT nf4 fp32": ("peft", "float32", None, False), "PEFT nf4 bf16": ("peft", "bfloat16", None, False),
 }
 
@@ -140,6 +157,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma list among: {', '.join(RUNS)}")
+    p.add_argument("--mixed", action="store_true", help="examples of mixed lengths (see above)")
     p.add_argument("--run", choices=list(RUNS), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -154,6 +172,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = str(Path(tmp) / f"{args.model}-fp32")
         data = export_fp32(args.model, Path(tmp))
+        if args.mixed:
+            data = mixed_lengths(data, Path(tmp) / "mixed.jsonl")
         for run in runs:
             cmd = [sys.executable, __file__, "--run", run, "--model-dir", tmp, "--data", str(data),
                    "--steps", str(args.steps),
@@ -167,7 +187,8 @@ def main() -> None:
     peft = [results[r] for r in results if RUNS[r][0] == "peft"]
     best = max(peft, key=lambda r: r["tokens_per_s"]) if peft else None
     print(f"\nr=16 all-linear, dropout 0.05, {args.steps} steps, batch {args.batch_size}, seq {args.seq_len}, "
-          f"{args.threads} threads, {args.model}; ratios to the faster PEFT run")
+          f"{args.threads} threads, {args.model}, {'mixed lengths' if args.mixed else 'the dates data'}; "
+          "ratios to the faster PEFT run")
     print("| run | tokens/s | x PEFT | peak RSS MiB | x PEFT | first loss | last loss | max loss diff vs fp32 |")
     print("|---|---|---|---|---|---|---|---|")
     for run, r in results.items():
