@@ -116,15 +116,19 @@ FILLER = ["the", "movie", "was", "really", "quite", "food", "service", "day", "a
 
 def make_encoder_tokenizer():
     """A WordPiece tokenizer with BERT's special tokens and [CLS] A [SEP] (B [SEP]) template, token types."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # the vocabulary written out, not trained: tokenizers' WordPieceTrainer breaks ties in its own hash order, so
+    # each process got another vocabulary (230-232 tokens), another base and another training run
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     corpus = CORPUS + [" ".join(w) for w in WORDS.values()] + [" ".join(FILLER)]
-    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=400, special_tokens=special))
+    words = {w for text in corpus for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text))}
+    chars = sorted({c for w in words for c in w})
+    vocab = special + chars + [f"##{c}" for c in chars] + sorted(words - set(chars))
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])

@@ -46,10 +46,9 @@ def test_each_encoder_learns_sentiment_on_a_4bit_base(model_type, quant, heads, 
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [x for x in records if "eval_accuracy" in x]
     assert [e["step"] for e in evals] == [0, 56]
-    # 0.8, not 0.9: the same run is not bit for bit the same from process to process (cause not found yet; 28 to
-    # 32 of 32 in repeated runs of this test on 2026-12-07, from 0.44 to 0.56 at step 0), and 26 of 32 is still
-    # far above what the untrained head gets
-    assert evals[-1]["eval_accuracy"] >= 0.8 > evals[0]["eval_accuracy"], evals
+    # 31-32 of 32 on an AMD EPYC (the run is the same in every process: conftest's tokenizer is written out,
+    # not trained); 0.9 leaves each a margin of two examples for another CPU's fp32 kernels
+    assert evals[-1]["eval_accuracy"] >= 0.9 > evals[0]["eval_accuracy"], evals
     assert sum(map(sum, evals[-1]["eval_confusion"])) == 32 and 0 <= evals[-1]["eval_macro_f1"] <= 1
     config_json = json.loads((r.adapter / "adapter_config.json").read_text())
     assert config_json["task_type"] == "SEQ_CLS" and config_json["modules_to_save"]
