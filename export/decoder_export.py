@@ -14,7 +14,7 @@ from qlora_rt.errors import QloraError
 from qlora_rt.lora.layers import lora_layers
 from qlora_rt.merge import save_tokenizer
 from qlora_rt.runtime import graph_io as io
-from qlora_rt.runtime.manifest import FORMAT, KV_CACHE, MIN_ONNXRUNTIME, Manifest
+from qlora_rt.runtime.manifest import FORMAT, KV_CACHE, MIN_ONNXRUNTIME, MIN_ONNXRUNTIME_8BIT_GATHER, Manifest
 from qlora_rt.train.text_data import load_examples
 from qlora_rt.trained import TrainedModel
 
@@ -146,7 +146,8 @@ class DecoderFamily:
                         outputs=[io.LOGITS, io.PRESENT_KEY.replace("%d", "N"), io.PRESENT_VALUE.replace("%d", "N")],
                         lora_inputs=writer.lora_inputs, lora_groups=writer.lora_groups,
                         int4_activations=("fp32" if 0 in writer.accuracy_levels else "int8")
-                        if writer.accuracy_levels else None, min_onnxruntime=MIN_ONNXRUNTIME,
+                        if writer.accuracy_levels else None,
+                        min_onnxruntime=MIN_ONNXRUNTIME_8BIT_GATHER if self.embed_blocks else MIN_ONNXRUNTIME,
                         chat_template=loaded.tokenizer.chat_template is not None,
                         long_rope_from=spec.long_rope_from or None,
                         kv_cache_dtype="float16" if spec.kv_fp16 else "float32")

@@ -122,6 +122,8 @@ def test_genai_gives_our_tokens_on_smollm2(tmp_path):
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == 1
     assert "model.embed_tokens.weight" not in {t.name for t in graph.initializer}
+    from qlora_rt.runtime.manifest import MIN_ONNXRUNTIME_8BIT_GATHER  # which onnxruntime 1.22 refuses
+    assert json.loads((folder / "qlora_rt_export.json").read_text())["min_onnxruntime"] == MIN_ONNXRUNTIME_8BIT_GATHER
     assert report["max_abs_logit_diff"] <= report["tolerance"]
     prompts = ["Rewrite 4 July 2047 as ISO 8601.", "What is the capital of France?", "Hi"]
     eos = set(json.loads((folder / "qlora_rt_export.json").read_text())["eos_token_ids"])

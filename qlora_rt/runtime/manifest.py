@@ -22,6 +22,9 @@ NAME, FORMAT = "qlora_rt_export.json", "qlora-rt-onnx"
 # the oldest onnxruntime that runs the graphs export writes (GroupQueryAttention's attention_bias input; tested
 # in tests/test_runtime_install.py); pyproject.toml requires it too
 MIN_ONNXRUNTIME = "1.22.0"
+# an export that reads its embedding as stored (GatherBlockQuantized with 8-bit blocks, its `bits` attribute):
+# onnxruntime 1.22.0 refuses the attribute, 1.23.2 runs it (checked 2026-12-07)
+MIN_ONNXRUNTIME_8BIT_GATHER = "1.23.2"
 KV_CACHE = "in-place"  # decoders: the graph appends to a bound max-length cache; older ones concatenated
 TASKS = {f.name: (f.task,) for f in FAMILIES.values()}
 # What each family's runtime cannot do without (beyond the common fields without a default).
