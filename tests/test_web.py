@@ -123,7 +123,8 @@ def test_the_page_gives_generates_tokens_switching_adapters(web_export, tmp_path
 
 def test_the_page_on_webgpu_gives_the_same_tokens(web_export, tmp_path):
     """The WebGPU build (software Vulkan here, a GPU on a device): greedy tokens equal `qlora-rt generate`'s for
-    the base and both adapters, switched back and forth."""
+    the base and both adapters, switched back and forth (the adapters' tensors uploaded once, fed from the GPU),
+    with the KV cache kept on the GPU from step to step."""
     site = build_site(web_export, tmp_path / "site")
     order = [None, "default", "qv", "default", None]
     cases = [{"api": {"prompt": "the quick brown", "options": {"maxNewTokens": NEW, "adapter": a}}} for a in order]
@@ -131,11 +132,22 @@ def test_the_page_on_webgpu_gives_the_same_tokens(web_export, tmp_path):
     assert out["page"]["device"] == "webgpu", out["page"]
     for adapter, got in zip(order, out["results"]):
         assert got.get("tokens") == _ours(web_export, "the quick brown", adapter)[1].tokens, (adapter, got)
+        assert got["cacheLocation"] == "gpu-buffer", "the KV cache stays on the GPU between steps"
 
 
 def test_the_page_stops_at_eos_and_stop_strings_and_says_bad_options_in_one_line(web_export, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
     site = build_site(web_export, tmp_path / "site")
     ids, long = _ours(web_export, "the quick brown", "default", new=NEW)
+    # adapters the page is pointed at by URL (not checked when the site was written): cut short, and of another model
+    good = (site / "model" / "adapters" / "qv.onnx_adapter").read_bytes()
+    (site / "model" / "adapters" / "cut.onnx_adapter").write_bytes(good[: len(good) // 2])
+    other = ort.AdapterFormat()
+    other.set_parameters({"model.layers.0.self_attn.o_proj.lora_A": ort.OrtValue.ortvalue_from_numpy(
+        np.zeros((4, 7), np.float32))})
+    other.export_adapter(str(site / "model" / "adapters" / "other.onnx_adapter"))
     stop = long.text[3:6]
     cases = [{"api": {"prompt": "the quick brown", "options": {"maxNewTokens": NEW, "adapter": "default",
                                                                "stop": [stop]}}},
@@ -145,8 +157,15 @@ def test_the_page_stops_at_eos_and_stop_strings_and_says_bad_options_in_one_line
              {"api": {"prompt": "x", "options": {"ids": list(range(300))}}},
              {"api": {"prompt": "the quick brown", "stream": True,
                       "options": {"maxNewTokens": NEW, "adapter": "default", "stop": [stop]}}},
-             {"api": {"prompt": "the quick brown", "stream": True, "options": {"maxNewTokens": NEW}}}]
+             {"api": {"prompt": "the quick brown", "stream": True, "options": {"maxNewTokens": NEW}}},
+             {"api": {"prompt": "x", "options": {"adapter": "adapters/cut.onnx_adapter"}}},
+             {"api": {"prompt": "x", "options": {"adapter": "adapters/other.onnx_adapter"}}}]
     r = run_page(site, cases, tmp_path)["results"]
+    assert re.fullmatch(r"QloraError: http://127\.0\.0\.1:\d+/model/adapters/cut\.onnx_adapter: not a readable "
+                        r"\.onnx_adapter file \(.+\)", r[7]["error"]), r[7]
+    assert r[8]["error"].endswith("other.onnx_adapter: model.layers.0.self_attn.o_proj.lora_A [4,7] is not a LoRA "
+                                  "input of this export (an adapter of another model?)"), r[8]
+    assert r[6]["cacheLocation"] == "cpu", "wasm: the cache is the CPU's"
     want = Model(web_export).generate_ids([ids], adapter="default", max_new_tokens=NEW, stop=[stop])[0]
     # streamed pieces add up to the reply (a stop string's start held back, never sent then taken back)
     assert (r[5]["streamed"], r[5]["finishReason"]) == (want.text, "stop"), r[5]
@@ -232,18 +251,28 @@ def test_the_site_is_plain_files_with_the_export_beside_the_page(web_export, tmp
     assert all((site / path).is_file() for path in imports.values()), "every import resolves to a file of the site"
     assert (site / "vendor" / "onnxruntime-web" / "ort-wasm-simd-threaded.wasm").stat().st_size > 1e6
     assert {p.name for p in (site / "model" / "adapters").iterdir()} == {"default.onnx_adapter", "qv.onnx_adapter"}
-    mine, theirs = (site / "model" / "model.onnx").read_bytes(), (web_export / "model.onnx").read_bytes()
-    assert len(mine) == len(theirs) and sum(a != b for a, b in zip(mine, theirs)) == 1, "one byte: logits_to_keep 1"
     import numpy as np
+    import onnx
     import onnxruntime as ort
 
     meta = Model(web_export).meta
+    mine, theirs = (onnx.load(f / "model.onnx", load_external_data=False) for f in (site / "model", web_export))
+    assert (mine.graph.node, mine.graph.input, mine.graph.output, mine.opset_import) == \
+        (theirs.graph.node, theirs.graph.input, theirs.graph.output, theirs.opset_import), "the same graph"
+    kept = {t.name: t for t in mine.graph.initializer}
+    assert {t.name for t in theirs.graph.initializer} - set(kept) == set(meta.lora_inputs), \
+        "the LoRA inputs' defaults gone (the page feeds them), nothing else"
+    assert all(t == kept[t.name] for t in theirs.graph.initializer if t.name in kept and t.name != io.LOGITS_TO_KEEP)
+    assert onnx.numpy_helper.to_array(kept[io.LOGITS_TO_KEEP]) == 1
     past = {n: np.zeros((1, meta.kv_heads, 0, meta.head_dim), np.float32) for n in io.past_names(meta.layers)}
     feeds = {io.INPUT_IDS: np.array([[5, 6, 7]]), io.ATTENTION_MASK: np.ones((1, 3), np.int64),
              io.POSITION_IDS: np.arange(3)[None], **past}
-    shapes = [ort.InferenceSession(str(folder / "model.onnx")).run([io.LOGITS], feeds)[0].shape
-              for folder in (site / "model", web_export)]
-    assert shapes == [(1, 1, meta.vocab), (1, 3, meta.vocab)], "the page's graph gives the last position's logits"
+    base = {n: np.zeros([d or 0 for d in meta.lora_inputs[n]], np.float32) for n in meta.lora_inputs}
+    last = {io.LOGITS_TO_KEEP: np.array(1, np.int64)}
+    runs = ((web_export, feeds), (web_export, {**feeds, **last}), (site / "model", {**feeds, **base}))
+    ours, ours_last, page = (ort.InferenceSession(str(d / "model.onnx")).run([io.LOGITS], f)[0] for d, f in runs)
+    assert (ours.shape, page.shape) == ((1, 3, meta.vocab), (1, 1, meta.vocab)), "the last position's logits only"
+    assert np.array_equal(page, ours_last), "fed rank-0 LoRA inputs, the base's logits as the defaults gave"
     about = json.loads((site / "qlora_rt_site.json").read_text())
     assert about["export"] == web_export.name, "the published site names no path of this machine"
     assert main(["web", str(web_export), "--out", str(site)]) == 2

@@ -1,8 +1,9 @@
 """`qlora-rt web EXPORT --out SITE`: a static site that runs a decoder export in the visitor's browser.
 
-The site is plain files: the page (index.html, app.mjs), the browser runtime (qlora-rt.mjs: onnxruntime-web
-with ort.LoraAdapter, on WebGPU or wasm; tokenizers.js, jinja), those npm packages' browser builds under vendor/, and
-the export under model/ (its adapters checked as `generate` checks them). Any static host serves it; the
+The site is plain files: the page (index.html, app.mjs), the browser runtime (qlora-rt.mjs: onnxruntime-web on
+WebGPU or wasm, an adapter's tensors fed as the graph's LoRA inputs; tokenizers.js, jinja), those npm packages'
+browser builds under vendor/, and the export under model/ (its adapters checked as `generate` checks them; its
+graph with two inputs' defaults changed for the page, `_page_graph`). Any static host serves it; the
 host computes nothing. `--serve` serves it here, with the two headers that let onnxruntime-web use several
 threads (cross-origin isolation). Torch-free.
 
@@ -76,21 +77,89 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _page_graph(src: Path, dst: Path) -> None:
-    """model.onnx for the page: `logits_to_keep`'s default, 0 (every position's logits), set to 1 (the last
-    position's, all the page reads). onnxruntime-web lets a run feed no input that has a default (an
-    initializer), so the page cannot ask for it; without it a prompt's chunk computes the head for each of its
-    positions (Gemma 3: 262,144 logits, 1 MiB, a position). The initializer is the graph's 0-d int64 tensor as
-    onnx writes it (data_type 7, name, 8 bytes of raw data): those 8 bytes are rewritten in place. A graph
-    without it (an export from before) is copied as it is."""
-    name = io.LOGITS_TO_KEEP.encode()
-    default = b"\x10\x07" + b"\x42" + bytes([len(name)]) + name + b"\x4a\x08"  # data_type, name, raw_data (8 bytes)
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """A protobuf varint at `at`: (value, the position after it)."""
+    value = shift = 0
+    while True:
+        if at >= len(data):
+            raise QloraError("model.onnx: the graph ends inside a field (a damaged file?); export it again")
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _fields(data: bytes):
+    """A protobuf message's fields in order: (number, wire type, start, value start, end); a length-delimited
+    field's value is data[value start:end]. (ONNX writes no groups, wire types 3 and 4.)"""
+    at = 0
+    while at < len(data):
+        start = at
+        key, at = _varint(data, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, end = _varint(data, at)
+        elif wire == 2:
+            size, at = _varint(data, at)
+            end = at + size
+        elif wire in (1, 5):
+            end = at + (8 if wire == 1 else 4)
+        else:
+            raise QloraError(f"model.onnx: protobuf wire type {wire} where ONNX writes none; export it again")
+        if end > len(data):
+            raise QloraError("model.onnx: the graph ends inside a field (a damaged file?); export it again")
+        yield number, wire, start, at, end
+        at = end
+
+
+def _tensor_name(tensor: bytes) -> str | None:
+    return next((tensor[v:e].decode() for n, w, _, v, e in _fields(tensor) if n == 8 and w == 2), None)  # name
+
+
+def _page_graph(src: Path, dst: Path, lora_inputs: set[str]) -> None:
+    """model.onnx for the page, its weights untouched, two of its inputs' defaults (initializers) changed:
+
+    - `logits_to_keep`'s, 0 (every position's logits), set to 1 (the last position's, all the page reads).
+      onnxruntime-web lets a run feed no input that has a default, so the page cannot ask for it; without it a
+      prompt's chunk computes the head for each of its positions (Gemma 3: 262,144 logits, 1 MiB, a position).
+    - the LoRA inputs' rank-0 defaults removed: the inputs become ones a run feeds (for the same reason), so on
+      WebGPU the page feeds an adapter's weights as tensors already on the GPU, and the cache can stay there
+      (onnxruntime-web binds a run's outputs to the GPU only where the run feeds every input itself); the
+      base is fed the same rank-0 tensors the defaults were.
+
+    Done on the protobuf's bytes (ModelProto field 7, the graph; GraphProto field 5, its initializers; a
+    TensorProto's name, field 8): the runtime does not depend on the onnx package."""
     data = src.read_bytes()
-    if data.count(default + (0).to_bytes(8, "little")) != 1:
-        _place(src, dst)
-        return
+    name = io.LOGITS_TO_KEEP.encode()  # a 0-d int64 tensor (data_type 7) holding 1, as raw data (8 bytes)
+    keep = b"\x10\x07" + b"\x42" + _encode_varint(len(name)) + name + b"\x4a\x08" + (1).to_bytes(8, "little")
+    out = bytearray()
+    for number, wire, start, value, end in _fields(data):
+        if number != 7 or wire != 2:  # not the graph
+            out += data[start:end]
+            continue
+        graph, old = bytearray(), data[value:end]
+        for g_number, g_wire, g_start, g_value, g_end in _fields(old):
+            field = old[g_start:g_end]
+            if g_number == 5 and g_wire == 2:  # an initializer
+                found = _tensor_name(field[g_value - g_start:])
+                if found in lora_inputs:
+                    continue
+                if found == io.LOGITS_TO_KEEP:
+                    field = _encode_varint(5 << 3 | 2) + _encode_varint(len(keep)) + keep
+            graph += field
+        out += _encode_varint(7 << 3 | 2) + _encode_varint(len(graph)) + graph
     dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_bytes(data.replace(default + (0).to_bytes(8, "little"), default + (1).to_bytes(8, "little")))
+    dst.write_bytes(bytes(out))
 
 
 def build_site(export: str | Path, out: str | Path, node_modules: str | None = None, overwrite: bool = False) -> Path:
@@ -125,7 +194,7 @@ def build_site(export: str | Path, out: str | Path, node_modules: str | None = N
         for name in (*MODEL_FILES, *OPTIONAL_FILES, *meta.external_data):
             if (export / name).is_file():
                 _place(export / name, model / name)
-        _page_graph(export / "model.onnx", model / "model.onnx")
+        _page_graph(export / "model.onnx", model / "model.onnx", set(meta.lora_inputs or {}))
         for name in names:
             _place(export / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}", model / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
         (model / "adapters.json").write_text(json.dumps(names))

@@ -1,6 +1,7 @@
 // qlora-rt in the browser: a qlora-rt decoder export (model.onnx, its adapters, tokenizer files) run by
-// onnxruntime-web on the page's own CPU (wasm). No server computes anything; adapters are switched per
-// request with ort.LoraAdapter, without reloading the base.
+// onnxruntime-web on the page's own GPU (WebGPU) or CPU (wasm). No server computes anything; adapters are switched
+// per request without reloading the base: an adapter's tensors are fed as the graph's LoRA inputs (on WebGPU
+// uploaded to the GPU once), so that on WebGPU the KV cache stays on the GPU from step to step.
 //
 //   import { Model } from "./qlora-rt.mjs";
 //   const model = await Model.load("./model/");
@@ -84,6 +85,45 @@ function randomFrom(seed) {
     t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
+}
+
+/**
+ * The tensors of an .onnx_adapter file (onnxruntime's adapter format: a FlatBuffer, file identifier "TORT", root
+ * table Adapter {format_version, adapter_version, model_version, parameters: [Parameter {name, dims: [int64],
+ * data_type, raw_data: [uint8]}]}, onnxruntime/lora/adapter_format/adapter_schema.fbs). Returns
+ * { modelVersion, params: Map(name -> { dims, data: Float32Array }) }; float32 tensors only (what the exporter
+ * writes). Every offset is read through a DataView, so a damaged file throws, never reads past its end.
+ */
+export function readAdapter(bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const u32 = (at) => view.getUint32(at, true);
+  const ref = (at) => at + u32(at);  // a uoffset: relative to where it is stored
+  const table = (at) => {  // field i's position in the table at `at`, or 0 where the field is absent
+    const vtable = at - view.getInt32(at, true), size = view.getUint16(vtable, true);
+    return (i) => (4 + 2 * i < size && view.getUint16(vtable + 4 + 2 * i, true) ? at + view.getUint16(vtable + 4 + 2 * i, true) : 0);
+  };
+  const vector = (at) => { const start = ref(at); return [start + 4, u32(start)]; };  // [first element, length]
+  const utf8 = new TextDecoder("utf-8", { fatal: true });
+  if (bytes.byteLength < 8 || utf8.decode(bytes.subarray(4, 8)) !== "TORT") throw new Error("no TORT file identifier");
+  const root = table(ref(0));
+  const params = new Map();
+  const [first, count] = root(3) ? vector(root(3)) : [0, 0];
+  for (let i = 0; i < count; i++) {
+    const p = table(ref(first + 4 * i));
+    if (!p(0) || !p(3)) throw new Error(`parameter ${i} has no name or no data`);
+    const [nameAt, nameLength] = vector(p(0));
+    if (nameAt + nameLength > bytes.byteLength) throw new RangeError("a name runs past the end of the file");
+    const name = utf8.decode(bytes.subarray(nameAt, nameAt + nameLength));
+    const [dimsAt, rank] = p(1) ? vector(p(1)) : [0, 0];
+    const dims = Array.from({ length: rank }, (_, k) => Number(view.getBigInt64(dimsAt + 8 * k, true)));
+    const type = p(2) ? view.getInt32(p(2), true) : 0;
+    if (type !== 1) throw new Error(`${name}: data type ${type}, not float32 (1)`);
+    const [dataAt, size] = vector(p(3));
+    if (size !== 4 * dims.reduce((a, b) => a * b, 1) || dataAt + size > bytes.byteLength)
+      throw new Error(`${name}: ${size} bytes of data for dims [${dims}]`);
+    params.set(name, { dims, data: new Float32Array(bytes.slice(dataAt, dataAt + size).buffer) });
+  }
+  return { modelVersion: root(2) ? view.getInt32(root(2), true) : 0, params };
 }
 
 /**
@@ -337,12 +377,17 @@ export class Model {
     onProgress("model", at("model.onnx"));
     const modelBytes = new Uint8Array(await (await fetchOk(at("model.onnx"), "the model", fetchFn)).arrayBuffer());
     const externalData = Object.keys(meta.external_data ?? {}).map((path) => ({ path, data: at(path) }));
-    // The cache comes back to the CPU after each step, on WebGPU too: onnxruntime-web refuses LoRA adapters in
-    // a session whose outputs stay on the GPU ("preferredOutputLocation").
+    // On WebGPU the cache stays on the GPU: each step's present.* come back as GPU buffers and go in as the next
+    // step's past. (onnxruntime-web binds outputs to the GPU only in a run that feeds every input itself: the
+    // site's graph takes the LoRA inputs without defaults, and the page feeds them, `loraFeeds`.)
+    const gpuCache = device === "webgpu" ? Object.fromEntries(
+      Array.from({ length: meta.layers }, (_, i) => [IO.present_key, IO.present_value].map((p) => [p.replace("%d", i), "gpu-buffer"]))
+        .flat()) : undefined;
     let session;
     try {
       session = await ort.InferenceSession.create(modelBytes, {
         executionProviders: [device], externalData, graphOptimizationLevel: "all", logSeverityLevel: 3,
+        preferredOutputLocation: gpuCache,
       });
     } catch (e) {
       throw new QloraError(`${at("model.onnx")}: onnxruntime-web (${device}) cannot load it (${String(e.message ?? e).split("\n")[0]})`);
@@ -361,10 +406,32 @@ export class Model {
     this.specialTokens = Object.fromEntries(
       ["bos_token", "eos_token", "pad_token", "unk_token"].map((k) => [k, tokenizerConfig[k] ?? null]));
     this.eos = new Set(meta.eos_token_ids);
-    this._adapters = new Map();  // name -> Promise<ort.LoraAdapter>
+    this._adapters = new Map();  // name -> Promise<{ input name: ort.Tensor }>
+    // the LoRA inputs a run feeds (the site's graph has no defaults for them), and the base's: rank 0, no adapter
+    this.loraInputs = session.inputNames.filter((n) => meta.lora_inputs?.[n]);
+    this._zeros = null;
   }
 
-  /** The ort.LoraAdapter of adapters/NAME.onnx_adapter (fetched once), or a URL ending in .onnx_adapter. */
+  /** A LoRA input's tensor for the base (or an adapter that leaves its layer alone): rank 0, as the export's default. */
+  zero(name) {
+    this._zeros ??= new Map(this.loraInputs.map((n) =>
+      [n, new this.ort.Tensor("float32", new Float32Array(0), this.meta.lora_inputs[n].map((d) => d ?? 0))]));
+    return this._zeros.get(name);
+  }
+
+  /**
+   * A run's LoRA feeds for an adapter (null: the base): every LoRA input of the graph, the adapter's own tensors
+   * where it has them (on WebGPU already on the GPU), rank-0 zeros elsewhere.
+   */
+  async loraFeeds(adapter) {
+    const tensors = adapter ? await this.adapter(adapter) : {};
+    return Object.fromEntries(this.loraInputs.map((n) => [n, tensors[n] ?? this.zero(n)]));
+  }
+
+  /**
+   * The tensors of adapters/NAME.onnx_adapter (or a URL ending in .onnx_adapter), fetched and checked once
+   * against the export's LoRA inputs: { input name: ort.Tensor }, on WebGPU uploaded to the GPU once.
+   */
   adapter(name) {
     if (this.meta.mode !== "adapter-aware")
       throw new QloraError(`adapter ${name}: ${this.url} is a merged export; its adapter is already in the weights`);
@@ -375,7 +442,7 @@ export class Model {
       const url = new URL(name.endsWith(ADAPTER_SUFFIX) ? name : `adapters/${name}${ADAPTER_SUFFIX}`, this.url).href;
       const loading = fetchOk(url, "the adapter", this.fetchFn)
         .then((r) => r.arrayBuffer())
-        .then((bytes) => this.ort.LoraAdapter.create(new Uint8Array(bytes)))
+        .then((bytes) => this._prepareAdapter(url, new Uint8Array(bytes)))
         .catch((e) => {
           this._adapters.delete(name);
           throw e instanceof QloraError ? e : new QloraError(`${url}: not a readable .onnx_adapter file (${e.message ?? e})`);
@@ -383,6 +450,34 @@ export class Model {
       this._adapters.set(name, loading);
     }
     return this._adapters.get(name);
+  }
+
+  async _prepareAdapter(url, bytes) {
+    let params;
+    try {
+      params = readAdapter(bytes).params;
+    } catch (e) {
+      throw new QloraError(`${url}: not a readable .onnx_adapter file (${e.message ?? e})`);
+    }
+    const shapes = this.meta.lora_inputs ?? {};
+    for (const [n, { dims }] of params) {  // each tensor one of the export's LoRA inputs, its fixed dimension equal
+      const fixed = shapes[n];
+      if (!fixed || dims.length !== 2 || fixed.some((d, k) => d !== null && d !== dims[k]))
+        throw new QloraError(`${url}: ${n} [${dims}] is not a LoRA input of this export (an adapter of another model?)`);
+    }
+    const { Tensor } = this.ort, tensors = {};
+    if (this.device !== "webgpu") {
+      for (const [n, { dims, data }] of params) tensors[n] = new Tensor("float32", data, dims);
+      return tensors;
+    }
+    const gpu = this.ort.env.webgpu.device;
+    for (const [n, { dims, data }] of params) {
+      const buffer = gpu.createBuffer({ size: Math.max(16, Math.ceil(data.byteLength / 16) * 16),
+                                        usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST });
+      gpu.queue.writeBuffer(buffer, 0, data);
+      tensors[n] = Tensor.fromGpuBuffer(buffer, { dataType: "float32", dims, dispose: () => buffer.destroy() });
+    }
+    return tensors;
   }
 
   /** Token ids of a prompt; chat (or a list of messages) renders the folder's chat template first. */
@@ -406,7 +501,8 @@ export class Model {
    * The completion as it is produced: yields { token, text } per token (text: what the token adds; empty while
    * a character is incomplete or the text may be starting a stop string; a last { token: null, text } releases
    * what was held back when the reply ends at its end-of-text token), and returns { text, tokens, finishReason,
-   * promptTokens, ttftSeconds, decodeTokensPerSecond } (finishReason "stop", "length" or "abort").
+   * promptTokens, ttftSeconds, decodeTokensPerSecond, cacheLocation } (finishReason "stop", "length" or "abort";
+   * cacheLocation: where the KV cache stayed between steps, "gpu-buffer" on WebGPU, "cpu" on wasm).
    * options: chat, system, adapter (a name; null = the base), maxNewTokens (128), temperature (0 = greedy),
    * topK (0 = off), topP (1), seed, presencePenalty, frequencyPenalty, logitBias ({ token: bias }), stop (strings),
    * ids (token ids instead of a prompt), signal (an AbortSignal), ignoreEos (decode exactly maxNewTokens: benchmarks).
@@ -418,7 +514,7 @@ export class Model {
     const ids = options.ids ?? this.encode(prompt, { chat, system });
     if (ids.length < 1) throw new QloraError("the prompt has no tokens");
     if (ids.length >= ctx) throw new QloraError(`the prompt is ${ids.length} tokens; this export's context is ${ctx} tokens`);
-    const runOptions = adapter ? { activeLoraAdapters: [await this.adapter(adapter)] } : {};
+    const lora = await this.loraFeeds(adapter);
     const reply = new Reply(ids, options, (t) => this.decode(t), this.eos, ctx);
     const names = [];
     for (let i = 0; i < layers; i++) names.push(IO.past_key.replace("%d", i), IO.past_value.replace("%d", i));
@@ -428,18 +524,19 @@ export class Model {
     let past = Object.fromEntries(names.map((n) => [n, new Tensor(...empty, [1, kvHeads, 0, headDim])]));
     // one run: `tokens` at the end of the row's cache, which then holds `length` positions; the last position's logits
     const run = async (tokens, length) => {
-      const feeds = { ...past };
+      const feeds = { ...past, ...lora };
       for (const [name, [values, dims]] of Object.entries(feedValues(tokens, length)))
         if (fed.has(name)) feeds[name] = new Tensor("int64", BigInt64Array.from(values, BigInt), dims);
-      const out = await this.session.run(feeds, runOptions);
+      const out = await this.session.run(feeds);
       const logits = out[IO.logits], rows = logits.dims[1];
       const last = (await logits.getData()).slice((rows - 1) * vocab, rows * vocab);
       logits.dispose();
       for (const t of Object.values(past)) t.dispose();
       past = Object.fromEntries(names.map((n) => [n, out[n.replace("past_key_values.", "present.")]]));
+      cacheLocation = past[names[0]].location;
       return last;
     };
-    let finishReason = null, length = ids.length;
+    let finishReason = null, length = ids.length, cacheLocation = null;
     const t0 = performance.now();
     try {
       let logits;
@@ -460,6 +557,7 @@ export class Model {
       text: reply.text.text, tokens: reply.tokens, finishReason: finishReason ?? reply.finish, promptTokens: ids.length,
       ttftSeconds: (tFirst - t0) / 1000,
       decodeTokensPerSecond: n > 1 && tEnd > tFirst ? ((n - 1) * 1000) / (tEnd - tFirst) : 0,
+      cacheLocation,
     };
   }
 
