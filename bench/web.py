@@ -49,18 +49,23 @@ def main() -> None:
     page = out["page"]
     print(f"page: loaded in {page['loadSeconds']:.2f} s ({page['pageSeconds']:.2f} s to ready), "
           f"cross-origin isolated: {page['crossOriginIsolated']}; {page['status']}")
-    print(f"{'runtime':<22}{'adapter':<10}{'decode tok/s':>13}{'first token s':>15}  tokens equal")
+    print(f"{'runtime':<26}{'adapter':<10}{'decode tok/s':>13}{'ms/token':>10}{'first token s':>15}  tokens equal")
     for i, name in enumerate(names):
         web = out["results"][i::len(names)]
         py = [ours.generate_ids([ids], adapter=name, max_new_tokens=args.new, ignore_eos=True)[0]
               for _ in range(args.repeats)]
-        equal = all(r["tokens"] == py[0].tokens for r in web)
+        # the page's replies against the native one: equal, or how many leading tokens are
+        same = min(next((k for k, (a, b) in enumerate(zip(r["tokens"], py[0].tokens)) if a != b), len(r["tokens"]))
+                   for r in web)
+        equal = "yes" if all(r["tokens"] == py[0].tokens for r in web) else f"the first {same} of {args.new}"
+
         for label, tps, ttft in (
                 (f"onnxruntime-web ({page['device']})", [r["decodeTokensPerSecond"] for r in web],
                  [r["ttftSeconds"] for r in web]),
                 ("qlora-rt (native)", [c.decode_tokens_per_s for c in py], [c.ttft_s for c in py])):
-            print(f"{label:<22}{name or 'base':<10}{statistics.median(tps):>13.1f}{statistics.median(ttft):>15.2f}"
-                  f"  {equal}")
+            rate = statistics.median(tps)
+            print(f"{label:<26}{name or 'base':<10}{rate:>13.2f}{1000 / rate if rate else 0:>10.1f}"
+                  f"{statistics.median(ttft):>15.2f}  {equal if label.startswith('onnx') else ''}")
     print(json.dumps({"page": page}), file=sys.stderr)
 
 
