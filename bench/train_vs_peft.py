@@ -13,6 +13,8 @@ peak RSS is its own. The runs:
                                computes 1/8 fewer positions; the same examples a step either way)
   PEFT nf4 fp32 / bf16         transformers + PEFT + bitsandbytes NF4 + double quant, bnb_4bit_compute_dtype
                                float32 / bfloat16 (PEFT at its own best on this CPU)
+  TRL nf4 bf16 padding-free    TRL's SFTTrainer (`pip install trl`) on PEFT's bf16 model: padding_free=True
+  TRL nf4 bf16 packed          ... packing=True (rows of seq-len: more tokens a step); see run_trl
 
     python bench/train_vs_peft.py [--model smollm2-135m] [--steps 30] [--batch-size 4] [--seq-len 256]
                                   [--threads 2] [--runs a,b] [--mixed]
@@ -125,11 +127,72 @@ def run_peft(model_dir: str, data: str, steps: int, batch_size: int, seq_len: in
     return {"tokens_per_s": tokens / (time.perf_counter() - start), "losses": losses}
 
 
+def run_trl(model_dir: str, data: str, steps: int, batch_size: int, seq_len: int, packing: bool) -> dict:
+    """TRL's SFTTrainer on the PEFT bf16 run's model (NF4 + double quant, bf16 compute), with TRL's own defaults
+    but for what makes the runs alike: the same LoRA, optimizer settings, steps, rows a step, maximum length, no
+    gradient checkpointing (TRL's default turns it on: slower), no checkpoints saved. packing=False: padding-free
+    batches (each step's examples joined into one row, positions restarting: as qlora-rt's packing); True: TRL's
+    packing (best-fit decreasing into rows of seq_len: more tokens a step). (TRL refuses a max_length padding-free
+    without packing: the examples are shorter than seq_len here.)"""
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from qlora_rt.train.text_data import read_examples
+
+    torch.manual_seed(0)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, device_map="cpu",
+                                                 dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    # prompt and completion (TRL's conversational form for the chat rows): its loss on the completion only, as ours
+    rows = datasets.Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}
+                                       if "messages" in r else r for r in read_examples(data)])
+    seen = {"tokens": 0, "losses": []}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            seen["start"] = time.perf_counter()
+
+        def on_train_end(self, *a, **k):
+            seen["seconds"] = time.perf_counter() - seen["start"]
+
+        def on_log(self, args, state, control, logs=None, **k):
+            if logs and "loss" in logs:
+                seen["losses"].append(logs["loss"])
+
+    config = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch_size,
+                       max_length=seq_len if packing else None, learning_rate=2e-4, lr_scheduler_type="cosine",
+                       warmup_steps=math.ceil(0.03 * steps), max_grad_norm=1.0, weight_decay=0.0, logging_steps=1,
+                       save_strategy="no", report_to="none", gradient_checkpointing=False, use_cpu=True,
+                       packing=packing, padding_free=not packing, dataloader_num_workers=0, seed=0)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=rows, processing_class=tok, callbacks=[Clock()],
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"))
+    collate = trainer.data_collator
+
+    def counting(features):
+        batch = collate(features)
+        seen["tokens"] += int(batch["input_ids"].numel()) if "attention_mask" not in batch \
+            else int(batch["attention_mask"].sum())
+        return batch
+
+    trainer.data_collator = counting
+    trainer.train()
+    return {"tokens_per_s": seen["tokens"] / seen["seconds"], "losses": seen["losses"],
+            "tokens_per_step": seen["tokens"] / steps, "bf16_autocast": bool(config.bf16)}
+
+
 RUNS = {  # name: (side, quant or PEFT's compute dtype, qlora-rt's --dtype, --packing)
     "qlora-rt int4": ("ours", "int4", "auto", True), "qlora-rt nf4": ("ours", "nf4", "auto", True),
     "qlora-rt int4 fp32": ("ours", "int4", "float32", True), "qlora-rt nf4 fp32": ("ours", "nf4", "float32", True),
     "qlora-rt int4 unpacked": ("ours", "int4", "auto", False), "qlora-rt nf4 unpacked": ("ours", "nf4", "auto", False),
     "PEFT nf4 fp32": ("peft", "float32", None, False), "PEFT nf4 bf16": ("peft", "bfloat16", None, False),
+    "TRL nf4 bf16 padding-free": ("trl", "bfloat16", None, False),
+    "TRL nf4 bf16 packed": ("trl", "bfloat16", None, True),
 }
 
 
@@ -143,6 +206,8 @@ def child(args: argparse.Namespace) -> None:
     if side == "ours":
         result = run_ours(args.model_dir, args.data, args.steps, args.batch_size, args.seq_len,
                           tempfile.mkdtemp() + "/run", what, dtype, packing)
+    elif side == "trl":
+        result = run_trl(args.model_dir, args.data, args.steps, args.batch_size, args.seq_len, packing)
     else:
         result = run_peft(args.model_dir, args.data, args.steps, args.batch_size, args.seq_len, what)
     result["peak_rss_mib"] = peak_rss_mib()
@@ -156,7 +221,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--runs", default=",".join(RUNS), help=f"comma list among: {', '.join(RUNS)}")
+    import importlib.util
+
+    default = [r for r in RUNS if RUNS[r][0] != "trl" or importlib.util.find_spec("trl")]  # TRL where installed
+    p.add_argument("--runs", default=",".join(default), help=f"comma list among: {', '.join(RUNS)}")
     p.add_argument("--mixed", action="store_true", help="examples of mixed lengths (see above)")
     p.add_argument("--run", choices=list(RUNS), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -183,12 +251,14 @@ def main() -> None:
             if out.returncode or not line:
                 sys.exit(f"{run} failed:\n{out.stderr[-3000:]}")
             results[run] = json.loads(line[0][7:])
-            print(f"{run}: {results[run]['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
-    peft = [results[r] for r in results if RUNS[r][0] == "peft"]
+            per_step = results[run].get("tokens_per_step")
+            print(f"{run}: {results[run]['tokens_per_s']:.1f} tokens/s"
+                  + (f", {per_step:.0f} tokens a step" if per_step else ""), file=sys.stderr, flush=True)
+    peft = [results[r] for r in results if RUNS[r][0] in ("peft", "trl")]
     best = max(peft, key=lambda r: r["tokens_per_s"]) if peft else None
     print(f"\nr=16 all-linear, dropout 0.05, {args.steps} steps, batch {args.batch_size}, seq {args.seq_len}, "
           f"{args.threads} threads, {args.model}, {'mixed lengths' if args.mixed else 'the dates data'}; "
-          "ratios to the faster PEFT run")
+          "ratios to the fastest PEFT or TRL run")
     print("| run | tokens/s | x PEFT | peak RSS MiB | x PEFT | first loss | last loss | max loss diff vs fp32 |")
     print("|---|---|---|---|---|---|---|---|")
     for run, r in results.items():
