@@ -115,6 +115,7 @@ export function readAdapter(bytes) {
     if (nameAt + nameLength > bytes.byteLength) throw new RangeError("a name runs past the end of the file");
     const name = utf8.decode(bytes.subarray(nameAt, nameAt + nameLength));
     const [dimsAt, rank] = p(1) ? vector(p(1)) : [0, 0];
+    if (rank !== 2) throw new Error(`${name}: ${rank} dimensions, not 2 (a LoRA matrix)`);
     const dims = Array.from({ length: rank }, (_, k) => Number(view.getBigInt64(dimsAt + 8 * k, true)));
     const type = p(2) ? view.getInt32(p(2), true) : 0;
     if (type !== 1) throw new Error(`${name}: data type ${type}, not float32 (1)`);
