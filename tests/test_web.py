@@ -66,9 +66,10 @@ SOFTWARE_WEBGPU = ["--enable-unsafe-webgpu", "--enable-features=Vulkan", "--use-
                    "--use-webgpu-adapter=swiftshader"]
 
 
-def run_page(site: Path, cases: list[dict], tmp_path: Path, timeout: float = 600, **options) -> dict:
-    """Serve the site on a free port, drive it in headless Chromium, return the driver's JSON.
-    options: chromiumArgs, query (tests/web/drive.mjs)."""
+def run_page(site: Path, cases: list[dict], tmp_path: Path, timeout: float = 600, loads: bool = True,
+             **options) -> dict:
+    """Serve the site on a free port, drive it in headless Chromium, return the driver's JSON (loads: the page
+    must load and log no error). options: chromiumArgs, query (tests/web/drive.mjs)."""
     _needs_browser()
     server = make_server(site, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -83,6 +84,8 @@ def run_page(site: Path, cases: list[dict], tmp_path: Path, timeout: float = 600
         server.server_close()
     assert done.returncode == 0, f"the driver failed:\n{done.stderr[-3000:]}"
     out = json.loads(done.stdout)
+    if not loads:
+        return out
     assert out["page"]["error"] is None, out
     errors = [line for line in out["console"] if line.startswith(("error", "pageerror", "crash"))]
     assert not errors, errors
@@ -178,9 +181,10 @@ def test_the_page_stops_at_eos_and_stop_strings_and_says_bad_options_in_one_line
 
 
 
-def _page_replies(web_export: Path, tmp_path: Path, **export_kw) -> tuple[Path, list[tuple[str | None, dict]]]:
+def _page_replies(web_export: Path, tmp_path: Path, page: dict | None = None, **export_kw
+                  ) -> tuple[Path, list[tuple[str | None, dict]]]:
     """web_export's base and its `default` adapter exported with export_kw, as a site: the folder, and the page's
-    greedy replies (adapter, result) to one prompt, base and adapter."""
+    greedy replies (adapter, result) to one prompt, base and adapter (page: run_page's options)."""
     from qlora_rt.config import ExportConfig
     from qlora_rt.export.exporter import export
 
@@ -190,15 +194,22 @@ def _page_replies(web_export: Path, tmp_path: Path, **export_kw) -> tuple[Path, 
     site = build_site(folder, tmp_path / "site")
     order = [None, "default"]
     cases = [{"api": {"prompt": "the quick brown", "options": {"maxNewTokens": NEW, "adapter": a}}} for a in order]
-    return folder, list(zip(order, run_page(site, cases, tmp_path)["results"]))
+    return folder, list(zip(order, run_page(site, cases, tmp_path, **(page or {}))["results"]))
 
 
 def test_an_fp16_kv_cache_export_runs_in_the_page(web_export, tmp_path):
-    """`export --kv-cache fp16`: the page feeds and carries an fp16 cache (wasm), and its greedy tokens are
-    `generate`'s, with and without the adapter."""
-    folder, replies = _page_replies(web_export, tmp_path, int4_compute="fp32", kv_cache="fp16")
+    """`export --kv-cache fp16`: the page feeds and carries an fp16 cache, and its greedy tokens are `generate`'s,
+    with and without the adapter. A WebGPU adapter without fp16 shaders (Chromium's software one) cannot run it:
+    the page's default device then takes wasm, and ?device=webgpu says why in one line."""
+    folder, replies = _page_replies(web_export, tmp_path, {"chromiumArgs": SOFTWARE_WEBGPU},
+                                    int4_compute="fp32", kv_cache="fp16")
     for adapter, got in replies:
         assert got.get("tokens") == _ours(folder, "the quick brown", adapter)[1].tokens, (adapter, got)
+        assert got["cacheLocation"] == "cpu", "no shader-f16 on the software adapter: wasm"
+    out = run_page(tmp_path / "site", [], tmp_path, loads=False, chromiumArgs=SOFTWARE_WEBGPU, query="?device=webgpu")
+    assert out["page"]["error"].endswith("keeps its KV cache in fp16, which this browser's WebGPU adapter cannot "
+                                         "compute (no shader-f16): open the page with ?device=wasm, or export with "
+                                         "--kv-cache fp32"), out["page"]
 
 
 def test_an_int8_export_runs_in_the_page_as_generate_does(web_export, tmp_path, capsys):
@@ -231,12 +242,15 @@ def test_a_merged_export_runs_in_the_page(merged_export, tmp_path, capsys):
     int8 = Model(merged_export).meta.int4_activations == "int8"
     assert ("Export with --int4-compute fp32 for native tokens equal to the page's" in capsys.readouterr().err) == int8
     assert json.loads((site / "model" / "adapters.json").read_text()) == []
-    out = run_page(site, [{"api": {"prompt": "the capital of", "options": {"maxNewTokens": NEW}}}], tmp_path)
+    case = [{"api": {"prompt": "the capital of", "options": {"maxNewTokens": NEW}}}]
     ids, want = _ours(merged_export, "the capital of", None)
-    if not int8:
-        assert out["results"][0]["tokens"] == want.tokens
-    else:
-        assert len(out["results"][0]["tokens"]) == NEW
+    for page in ({}, {"chromiumArgs": SOFTWARE_WEBGPU, "query": "?device=webgpu"}):  # wasm, then WebGPU
+        got = run_page(site, case, tmp_path, **page)["results"][0]
+        assert got["cacheLocation"] == ("gpu-buffer" if page else "cpu")
+        if not int8:
+            assert got["tokens"] == want.tokens, page
+        else:
+            assert len(got["tokens"]) == NEW
 
 
 def test_the_site_is_plain_files_with_the_export_beside_the_page(web_export, tmp_path, capsys):

@@ -60,13 +60,22 @@ async function fetchOk(url, what, fetchFn) {
   return response;
 }
 
-/** "webgpu" where the browser offers a WebGPU adapter, else "wasm". */
-export async function bestDevice() {
+/** The browser's WebGPU adapter, or null. */
+async function gpuAdapter() {
   try {
-    return (await globalThis.navigator?.gpu?.requestAdapter()) ? "webgpu" : "wasm";
+    return (await globalThis.navigator?.gpu?.requestAdapter()) ?? null;
   } catch {
-    return "wasm";
+    return null;
   }
+}
+
+/**
+ * "webgpu" where the browser offers a WebGPU adapter that can run the export, else "wasm". needF16: the export
+ * computes in fp16 (its KV cache), which a WebGPU adapter runs only with the "shader-f16" feature.
+ */
+export async function bestDevice(needF16 = false) {
+  const adapter = await gpuAdapter();
+  return adapter && (!needF16 || adapter.features.has("shader-f16")) ? "webgpu" : "wasm";
 }
 
 /** The onnxruntime-web build for a device ("wasm" or "webgpu"), imported once. */
@@ -372,7 +381,11 @@ export class Model {
       : await fetchFn(at("chat_template.jinja")).then((r) => (r.ok ? r.text() : null), () => null);
     template ??= typeof tokenizerConfig.chat_template === "string" ? tokenizerConfig.chat_template : null;
     const adapters = await fetchFn(at("adapters.json")).then((r) => (r.ok ? r.json() : []), () => []);
-    if (device === "auto") device = await bestDevice();
+    const needF16 = meta.kv_cache_dtype === "float16";
+    if (device === "auto") device = await bestDevice(needF16);
+    else if (device === "webgpu" && needF16 && !(await gpuAdapter())?.features.has("shader-f16"))
+      throw new QloraError(`${base.href} keeps its KV cache in fp16, which this browser's WebGPU adapter cannot compute ` +
+                           "(no shader-f16): open the page with ?device=wasm, or export with --kv-cache fp32");
     const ort = await runtime(device);
     if (threads > 0) ort.env.wasm.numThreads = threads;
     onProgress("model", at("model.onnx"));
