@@ -183,9 +183,9 @@ VERBS = {
               "/v1/classify for encoder exports). The model name of a request picks its adapter; requests with "
               "different adapters are decoded together. Binds 127.0.0.1 unless --host says otherwise."),
     "web": (_web, WebConfig, "a static web page that runs an export in the browser (no server compute)",
-            "Write a site folder: a page and its JavaScript runtime (onnxruntime-web, adapters swapped with "
-            "ort.LoraAdapter, the tokenizer and chat template) with the export beside them. Any static host serves "
-            "it; --serve serves it here."),
+            "Write a site folder: a page and its JavaScript runtime (onnxruntime-web on WebGPU or wasm, adapters "
+            "swapped per request, the tokenizer and chat template) with the export beside them. Any static host "
+            "serves it; --serve serves it here."),
     "chat": (_chat, ChatConfig, "talk to an export interactively (no torch needed)",
              "An interactive conversation with an exported folder, using its chat template. "
              "/adapter NAME switches adapters without reloading; /reset forgets; /exit quits."),
