@@ -476,7 +476,7 @@ export class Model {
     const shapes = this.meta.lora_inputs ?? {};
     for (const [n, { dims }] of params) {  // each tensor one of the export's LoRA inputs, its fixed dimension equal
       const fixed = shapes[n];
-      if (!fixed || dims.length !== 2 || fixed.some((d, k) => d !== null && d !== dims[k]))
+      if (!fixed || fixed.some((d, k) => d !== null && d !== dims[k]))
         throw new QloraError(`${url}: ${n} [${dims}] is not a LoRA input of this export (an adapter of another model?)`);
     }
     const { Tensor } = this.ort, tensors = {};
