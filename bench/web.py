@@ -58,7 +58,6 @@ def main() -> None:
         same = min(next((k for k, (a, b) in enumerate(zip(r["tokens"], py[0].tokens)) if a != b), len(r["tokens"]))
                    for r in web)
         equal = "yes" if all(r["tokens"] == py[0].tokens for r in web) else f"the first {same} of {args.new}"
-
         for label, tps, ttft in (
                 (f"onnxruntime-web ({page['device']})", [r["decodeTokensPerSecond"] for r in web],
                  [r["ttftSeconds"] for r in web]),

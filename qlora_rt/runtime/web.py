@@ -122,8 +122,8 @@ def _fields(data: bytes):
         at = end
 
 
-def _tensor_name(tensor: bytes) -> str | None:
-    return next((tensor[v:e].decode() for n, w, _, v, e in _fields(tensor) if n == 8 and w == 2), None)  # name
+def _tensor_name(tensor: memoryview) -> str | None:
+    return next((bytes(tensor[v:e]).decode() for n, w, _, v, e in _fields(tensor) if n == 8 and w == 2), None)
 
 
 def _page_graph(src: Path, dst: Path, lora_inputs: set[str]) -> None:
@@ -139,7 +139,7 @@ def _page_graph(src: Path, dst: Path, lora_inputs: set[str]) -> None:
 
     Done on the protobuf's bytes (ModelProto field 7, the graph; GraphProto field 5, its initializers; a
     TensorProto's name, field 8): the runtime does not depend on the onnx package."""
-    data = src.read_bytes()
+    data = memoryview(src.read_bytes())  # slices of it are views: an inline weight is copied once, into `out`
     name = io.LOGITS_TO_KEEP.encode()  # a 0-d int64 tensor (data_type 7) holding 1, as raw data (8 bytes)
     keep = b"\x10\x07" + b"\x42" + _encode_varint(len(name)) + name + b"\x4a\x08" + (1).to_bytes(8, "little")
     out = bytearray()
